@@ -1,0 +1,328 @@
+"""The module's configuration (DESIGN §4): frozen attrs classes and their parser.
+
+Every problem is reported as a ``ConfigError`` whose ``path`` names the offending
+key (``fhir.base_url``); Synapse prefixes it with ``modules.<n>.config`` so the
+operator sees exactly which line of ``homeserver.yaml`` to fix.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import attr
+from synapse.module_api.errors import ConfigError
+
+Path = tuple[str, ...]
+T = TypeVar("T")
+
+
+class EncryptedRoomsPolicy(str, Enum):
+    """What happens to messages the module cannot read (``m.room.encrypted``)."""
+
+    METADATA_ONLY = "metadata_only"
+    SKIP = "skip"
+    FORBID = "forbid"
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True, repr=False)
+class FhirAuthConfig:
+    bearer_token: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def __repr__(self) -> str:
+        # Never print credentials, not even in a debugger or a crash report.
+        kind = "bearer" if self.bearer_token else "basic" if self.username else "none"
+        return f"FhirAuthConfig(<{kind}>)"
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class FhirConfig:
+    base_url: str
+    auth: FhirAuthConfig = FhirAuthConfig()
+    timeout: float = 10.0  # seconds
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class WebhookConfig:
+    # None: nobody may push to /notify (every call is refused with 401).
+    secret: str | None = attr.ib(default=None, repr=False)
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class EnforcementConfig:
+    enabled: bool = True
+    fail_closed: bool = True
+    cache_ttl: float = 300.0  # seconds
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class CommunicationConfig:
+    enabled: bool = True
+    encrypted_rooms: EncryptedRoomsPolicy = EncryptedRoomsPolicy.METADATA_ONLY
+    batch_size: int = 50
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class SyncConfig:
+    enabled: bool = True
+    poll_interval: float = 60.0  # seconds
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class AccountValidityConfig:
+    enabled: bool = True
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class RegistrationConfig:
+    require_fhir_identity: bool = False
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class ModuleConfig:
+    fhir: FhirConfig
+    service_user: str = "fhir"
+    webhook: WebhookConfig = WebhookConfig()
+    enforcement: EnforcementConfig = EnforcementConfig()
+    communication: CommunicationConfig = CommunicationConfig()
+    sync: SyncConfig = SyncConfig()
+    account_validity: AccountValidityConfig = AccountValidityConfig()
+    registration: RegistrationConfig = RegistrationConfig()
+    # Name of the Synapse worker that runs background work; None = main process.
+    worker: str | None = None
+
+
+def parse_module_config(raw: Any) -> ModuleConfig:
+    """Turn the ``config:`` mapping of the ``modules:`` entry into a ModuleConfig."""
+    section = _Section(raw, ())
+    config = ModuleConfig(
+        fhir=_parse_fhir(section.required_section("fhir")),
+        service_user=section.value("service_user", _localpart, "fhir"),
+        webhook=_parse_webhook(section.section("webhook")),
+        enforcement=_parse_enforcement(section.section("enforcement")),
+        communication=_parse_communication(section.section("communication")),
+        sync=_parse_sync(section.section("sync")),
+        account_validity=AccountValidityConfig(
+            enabled=section.section("account_validity").flag("enabled", True)
+        ),
+        registration=RegistrationConfig(
+            require_fhir_identity=section.section("registration").flag(
+                "require_fhir_identity", False
+            )
+        ),
+        worker=section.value("worker", _nonempty_string, None),
+    )
+    section.reject_unknown_keys()
+    return config
+
+
+def _parse_fhir(section: _Section) -> FhirConfig:
+    auth_section = section.section("auth")
+    auth = FhirAuthConfig(
+        bearer_token=auth_section.value("bearer_token", _nonempty_string, None),
+        username=auth_section.value("username", _nonempty_string, None),
+        password=auth_section.value("password", _string, None),
+    )
+    auth_section.reject_unknown_keys()
+    if auth.bearer_token and (auth.username or auth.password):
+        raise ConfigError(
+            "give either bearer_token or username/password, not both",
+            path=auth_section.path,
+        )
+    if (auth.username is None) != (auth.password is None):
+        missing = "password" if auth.password is None else "username"
+        raise ConfigError(
+            "basic auth needs both username and password",
+            path=auth_section.path + (missing,),
+        )
+    config = FhirConfig(
+        base_url=section.required_value("base_url", _base_url),
+        auth=auth,
+        timeout=section.value("timeout", _positive_duration, 10.0),
+    )
+    section.reject_unknown_keys()
+    return config
+
+
+def _parse_webhook(section: _Section) -> WebhookConfig:
+    config = WebhookConfig(secret=section.value("secret", _nonempty_string, None))
+    section.reject_unknown_keys()
+    return config
+
+
+def _parse_enforcement(section: _Section) -> EnforcementConfig:
+    config = EnforcementConfig(
+        enabled=section.flag("enabled", True),
+        fail_closed=section.flag("fail_closed", True),
+        cache_ttl=section.value("cache_ttl", _positive_duration, 300.0),
+    )
+    section.reject_unknown_keys()
+    return config
+
+
+def _parse_communication(section: _Section) -> CommunicationConfig:
+    config = CommunicationConfig(
+        enabled=section.flag("enabled", True),
+        encrypted_rooms=section.value(
+            "encrypted_rooms", _enum(EncryptedRoomsPolicy), EncryptedRoomsPolicy.METADATA_ONLY
+        ),
+        batch_size=section.value("batch_size", _int_between(1, 1000), 50),
+    )
+    section.reject_unknown_keys()
+    return config
+
+
+def _parse_sync(section: _Section) -> SyncConfig:
+    config = SyncConfig(
+        enabled=section.flag("enabled", True),
+        poll_interval=section.value("poll_interval", _positive_duration, 60.0),
+    )
+    section.reject_unknown_keys()
+    return config
+
+
+class _Section:
+    """One mapping of the config, remembering its path and which keys were read."""
+
+    def __init__(self, raw: Any, path: Path) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError("expected a mapping", path=path)
+        self._raw: Mapping[str, Any] = raw
+        self.path = path
+        self._read: set[str] = set()
+
+    def section(self, key: str) -> _Section:
+        self._read.add(key)
+        return _Section(self._raw.get(key), self.path + (key,))
+
+    def required_section(self, key: str) -> _Section:
+        if self._raw.get(key) is None:
+            raise ConfigError("this section is required", path=self.path + (key,))
+        return self.section(key)
+
+    def value(self, key: str, convert: Callable[[Any], T], default: T) -> T:
+        self._read.add(key)
+        if key not in self._raw or self._raw[key] is None:
+            return default
+        return self._convert(key, convert)
+
+    def required_value(self, key: str, convert: Callable[[Any], T]) -> T:
+        self._read.add(key)
+        if self._raw.get(key) is None:
+            raise ConfigError("this key is required", path=self.path + (key,))
+        return self._convert(key, convert)
+
+    def flag(self, key: str, default: bool) -> bool:
+        return self.value(key, _boolean, default)
+
+    def reject_unknown_keys(self) -> None:
+        # A typo such as `fail_close` must not silently fall back to a default.
+        for key in self._raw:
+            if key not in self._read:
+                raise ConfigError("unknown key", path=self.path + (str(key),))
+
+    def _convert(self, key: str, convert: Callable[[Any], T]) -> T:
+        try:
+            return convert(self._raw[key])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e), path=self.path + (key,)) from None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_LOCALPART = re.compile(r"^[a-z0-9._=/+-]+$")
+
+
+def parse_duration(value: Any) -> float:
+    """``"10s"``, ``"5m"``, ``"250ms"`` → seconds.
+
+    A bare number is refused: Synapse reads bare numbers as milliseconds while
+    people often mean seconds, and a 10 ms FHIR timeout would fail every request.
+    """
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(
+            f"expected a duration with a unit such as '10s', '5m' or '250ms', got {value!r}"
+        )
+    match = _DURATION.match(value)
+    if match is None:
+        raise ValueError(f"expected a duration such as '10s', '5m' or '250ms', got {value!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("the duration must be more than zero")
+    return seconds
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _nonempty_string(value: Any) -> str:
+    text = _string(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _localpart(value: Any) -> str:
+    text = _nonempty_string(value)
+    if not _LOCALPART.match(text):
+        raise ValueError(
+            "expected a Matrix user localpart (lower-case letters, digits and ._=/+-), "
+            f"got {text!r}"
+        )
+    return text
+
+
+def _base_url(value: Any) -> str:
+    text = _nonempty_string(value).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"expected an http(s) URL such as http://127.0.0.1:8080/fhir, got {text!r}"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError("the FHIR base URL must not have a query or fragment")
+    return text.rstrip("/")
+
+
+def _int_between(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}, got {value}")
+        return value
+
+    return convert
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def _enum(kind: type[E]) -> Callable[[Any], E]:
+    def convert(value: Any) -> E:
+        choices = [member.value for member in kind]
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return kind(value)
+
+    return convert

@@ -1,0 +1,88 @@
+"""``GET /_synapse/client/fhir/health`` (DESIGN §5).
+
+Answers ``{"status": "ok"|"degraded", "fhir": {"reachable": bool},
+"outbox": {"pending": int, "dead": int}}``. Reachability comes from FHIR's
+``/metadata`` with a short timeout and is remembered for a few seconds, so a
+monitoring system polling the endpoint does not turn into load on FHIR.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import attr
+from synapse.module_api import DirectServeJsonResource, SynapseRequest
+
+from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_errors import FhirError
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATH = "/_synapse/client/fhir/health"
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class OutboxCounts:
+    pending: int = 0
+    dead: int = 0
+
+
+async def no_outbox() -> OutboxCounts:
+    """Until the outbox exists there is nothing pending and nothing dead."""
+    return OutboxCounts()
+
+
+class FhirReachability:
+    """Whether FHIR answered ``/metadata`` lately; probes at most once per ``cache_for``."""
+
+    def __init__(
+        self,
+        fhir: FhirClient,
+        *,
+        probe_timeout: float = 2.0,
+        cache_for: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fhir = fhir
+        self._probe_timeout = probe_timeout
+        self._cache_for = cache_for
+        self._clock = clock
+        self._checked_at: float | None = None
+        self._reachable = False
+
+    async def is_reachable(self) -> bool:
+        now = self._clock()
+        if self._checked_at is not None and now - self._checked_at < self._cache_for:
+            return self._reachable
+        try:
+            await self._fhir.capabilities(timeout=self._probe_timeout)
+            reachable = True
+        except FhirError as e:
+            if self._reachable or self._checked_at is None:
+                logger.warning("FHIR server at %s not reachable: %s", self._fhir.base_url, e)
+            reachable = False
+        self._checked_at = self._clock()
+        self._reachable = reachable
+        return reachable
+
+
+class HealthResource(DirectServeJsonResource):
+    def __init__(
+        self,
+        reachability: FhirReachability,
+        outbox_counts: Callable[[], Awaitable[OutboxCounts]] = no_outbox,
+    ) -> None:
+        super().__init__()
+        self._reachability = reachability
+        self._outbox_counts = outbox_counts
+
+    async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
+        reachable = await self._reachability.is_reachable()
+        outbox = await self._outbox_counts()
+        return 200, {
+            "status": "ok" if reachable else "degraded",
+            "fhir": {"reachable": reachable},
+            "outbox": {"pending": outbox.pending, "dead": outbox.dead},
+        }
