@@ -15,7 +15,7 @@ DISPLAY_NAME = "Care network (FHIR)"
 async def ensure_service_user(api: ModuleApi, localpart: str) -> str:
     """Register the service user if it does not exist yet; return its user id."""
     user_id = api.get_qualified_user_id(localpart)
-    if await api.check_user_exists(user_id) is not None:
+    if await api.get_userinfo_by_id(user_id) is not None:
         return user_id
     try:
         await api.register_user(localpart, displayname=DISPLAY_NAME)

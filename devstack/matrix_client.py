@@ -1,0 +1,97 @@
+"""A minimal Matrix client over HTTP, for tests, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from devstack.synapse import SynapseServer
+
+_txn_ids = itertools.count()
+
+
+class MatrixError(AssertionError):
+    def __init__(self, response: requests.Response) -> None:
+        self.status = response.status_code
+        try:
+            self.body: dict[str, Any] = response.json()
+        except ValueError:
+            self.body = {"raw": response.text}
+        super().__init__(f"HTTP {self.status}: {self.body}")
+
+    @property
+    def errcode(self) -> str | None:
+        return self.body.get("errcode")
+
+    @property
+    def reason(self) -> str | None:
+        """The module's denial reason (``org.synapse_fhir.reason``)."""
+        return self.body.get("org.synapse_fhir.reason")
+
+
+class MatrixUser:
+    """A logged-in user acting through the client-server API."""
+
+    def __init__(self, server: SynapseServer, user_id: str, access_token: str) -> None:
+        self.server = server
+        self.user_id = user_id
+        self.access_token = access_token
+        self._session = requests.Session()
+        self._session.headers["Authorization"] = f"Bearer {access_token}"
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        response = self._session.request(method, self.server.url(path), json=body, timeout=30)
+        if response.status_code >= 400:
+            raise MatrixError(response)
+        return response.json() if response.content else None
+
+    def create_room(self, **body: Any) -> str:
+        return str(self.request("POST", "/_matrix/client/v3/createRoom", body)["room_id"])
+
+    def invite(self, room_id: str, user_id: str) -> None:
+        self.request(
+            "POST", f"/_matrix/client/v3/rooms/{quote(room_id)}/invite", {"user_id": user_id}
+        )
+
+    def join(self, room_id: str) -> None:
+        self.request("POST", f"/_matrix/client/v3/join/{quote(room_id)}", {})
+
+    def send(
+        self, room_id: str, content: dict[str, Any], event_type: str = "m.room.message"
+    ) -> str:
+        txn = f"t{next(_txn_ids)}"
+        path = f"/_matrix/client/v3/rooms/{quote(room_id)}/send/{event_type}/{txn}"
+        return str(self.request("PUT", path, content)["event_id"])
+
+    def send_text(self, room_id: str, text: str) -> str:
+        return self.send(room_id, {"msgtype": "m.text", "body": text})
+
+
+def register_user(server: SynapseServer, localpart: str, *, admin: bool = False) -> MatrixUser:
+    """Register through the shared-secret admin API and return the logged-in user."""
+    register_url = server.url("/_synapse/admin/v1/register")
+    nonce = requests.get(register_url, timeout=10).json()["nonce"]
+    password = f"pw-{localpart}"
+    mac = hmac.new(server.registration_secret.encode(), digestmod=hashlib.sha1)
+    mac.update(
+        b"\x00".join(
+            part.encode() for part in (nonce, localpart, password, "admin" if admin else "notadmin")
+        )
+    )
+    body = {
+        "nonce": nonce,
+        "username": localpart,
+        "password": password,
+        "admin": admin,
+        "mac": mac.hexdigest(),
+    }
+    response = requests.post(register_url, json=body, timeout=30)
+    if response.status_code >= 400:
+        raise MatrixError(response)
+    data = response.json()
+    return MatrixUser(server, data["user_id"], data["access_token"])

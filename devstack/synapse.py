@@ -1,0 +1,200 @@
+"""Synapse with the module loaded, as a managed subprocess on SQLite.
+
+A subprocess rather than an in-process homeserver: tests need to SIGKILL and
+restart it, run several side by side with different configs, and see a bad
+config stop it exactly as an operator would (``bench/synapse_start.py`` measures
+both ways of starting).
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+from signedjson.key import generate_signing_key, write_signing_keys
+
+from devstack.ports import free_port
+from devstack.processes import ManagedProcess
+from devstack.waiting import StopWaiting, wait_until
+
+SERVER_NAME = "example.org"
+START_TIMEOUT = 60.0
+# Generous limits: the tests and benchmarks act faster than any person.
+_NO_RATE_LIMIT = {"per_second": 10000, "burst_count": 10000}
+
+
+def module_config(fhir_base_url: str, **overrides: Any) -> dict[str, Any]:
+    """A ``modules:`` config for FhirModule; ``overrides`` replace top-level keys."""
+    config: dict[str, Any] = {
+        "fhir": {"base_url": fhir_base_url, "timeout": "5s"},
+        "service_user": "fhir",
+        "webhook": {"secret": "test-webhook-secret"},
+    }
+    config.update(overrides)
+    return config
+
+
+class SynapseServer:
+    """One homeserver in ``workdir``; ``fhir_module`` None runs Synapse without the module."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        fhir_module: dict[str, Any] | None,
+        *,
+        port: int | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.server_name = SERVER_NAME
+        self.registration_secret = secrets.token_hex(16)
+        self.config_path = self.workdir / "homeserver.yaml"
+        self._write_config(fhir_module, extra_config or {})
+        self.process = ManagedProcess(
+            "synapse",
+            [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
+            self.workdir / "console.log",
+            cwd=self.workdir,
+        )
+        self.start_seconds: float | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "homeserver.log"
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        self.process.start()
+        wait_until(
+            self._ready,
+            timeout=timeout,
+            what=f"Synapse answering {self.base_url}/health (logs in {self.workdir})",
+            interval=0.05,
+        )
+        self.start_seconds = time.monotonic() - self.process.started_at
+
+    def start_expecting_failure(self, timeout: float = START_TIMEOUT) -> str:
+        """Start and wait for Synapse to exit; return what it printed."""
+        self.process.start()
+        assert self.process.process is not None
+        self.process.process.wait(timeout)
+        return self.process.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def user_id(self, localpart: str) -> str:
+        return f"@{localpart}:{self.server_name}"
+
+    def _ready(self) -> bool:
+        if not self.process.running:
+            raise StopWaiting(
+                f"Synapse exited with code {self.process.exit_code()}:\n{self.process.log_tail()}"
+            )
+        try:
+            return requests.get(self.url("/health"), timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _write_config(self, fhir_module: dict[str, Any] | None, extra: dict[str, Any]) -> None:
+        signing_key = self.workdir / "signing.key"
+        if not signing_key.exists():
+            with open(signing_key, "w") as f:
+                write_signing_keys(f, [generate_signing_key("a_dev")])
+        log_config = self.workdir / "log.config"
+        log_config.write_text(yaml.safe_dump(_log_config(self.log_path)))
+        config: dict[str, Any] = {
+            "server_name": SERVER_NAME,
+            "public_baseurl": f"{self.base_url}/",
+            "pid_file": str(self.workdir / "homeserver.pid"),
+            "listeners": [
+                {
+                    "port": self.port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": False,
+                    "resources": [{"names": ["client"], "compress": False}],
+                }
+            ],
+            "database": {
+                "name": "sqlite3",
+                "args": {"database": str(self.workdir / "homeserver.db")},
+            },
+            "log_config": str(log_config),
+            "media_store_path": str(self.workdir / "media"),
+            "signing_key_path": str(signing_key),
+            "registration_shared_secret": self.registration_secret,
+            "macaroon_secret_key": secrets.token_hex(16),
+            "form_secret": secrets.token_hex(16),
+            "report_stats": False,
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            # Tests and demos never leave this machine.
+            "federation_domain_whitelist": [],
+            "enable_metrics": False,
+            "rc_message": _NO_RATE_LIMIT,
+            "rc_registration": _NO_RATE_LIMIT,
+            "rc_login": {
+                "address": _NO_RATE_LIMIT,
+                "account": _NO_RATE_LIMIT,
+                "failed_attempts": _NO_RATE_LIMIT,
+            },
+            "rc_joins": {"local": _NO_RATE_LIMIT, "remote": _NO_RATE_LIMIT},
+            "rc_invites": {
+                "per_room": _NO_RATE_LIMIT,
+                "per_user": _NO_RATE_LIMIT,
+                "per_issuer": _NO_RATE_LIMIT,
+            },
+            "rc_admin_redaction": _NO_RATE_LIMIT,
+            "room_prejoin_state": {
+                "additional_event_types": ["org.synapse_fhir.care_team", "org.synapse_fhir.thread"]
+            },
+            "modules": [],
+        }
+        if fhir_module is not None:
+            config["modules"] = [
+                {"module": "synapse_fhir_module.FhirModule", "config": fhir_module}
+            ]
+        config.update(extra)
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _log_config(log_path: Path) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "formatters": {
+            "precise": {
+                "format": "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(message)s"
+            }
+        },
+        "handlers": {
+            "file": {
+                "class": "logging.FileHandler",
+                "formatter": "precise",
+                "filename": str(log_path),
+                "encoding": "utf8",
+            }
+        },
+        "loggers": {
+            "synapse": {"level": "INFO"},
+            "synapse.storage.SQL": {"level": "WARNING"},
+            "synapse.access": {"level": "WARNING"},
+            "synapse_fhir_module": {"level": "DEBUG"},
+        },
+        "root": {"level": "INFO", "handlers": ["file"]},
+        "disable_existing_loggers": False,
+    }
