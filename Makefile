@@ -1,0 +1,46 @@
+# The two commands a newcomer runs: `make demo` and `make test` (see README.md).
+# Both set up everything they need on a fresh machine: a Python venv and the HAPI jars.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MVN := mvn -B -q -f hapi/pom.xml
+HAPI_JARS := hapi/interceptor/target/synapse-notify-interceptor.jar hapi/server/target/fhir-dev-server.jar
+HAPI_SOURCES := $(shell find hapi -name pom.xml -o -path '*/src/*' -type f 2>/dev/null | grep -v /target/)
+
+.PHONY: demo test test-python test-java lint bench setup clean
+
+demo: setup
+	$(PY) -m demo
+
+test: setup
+	$(MVN) verify
+	$(PY) -m pytest tests
+
+test-python: setup
+	$(PY) -m pytest tests
+
+test-java:
+	$(MVN) verify
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) -m bench.synapse_start
+
+setup: $(VENV)/.installed $(HAPI_JARS)
+
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,dev]'
+	touch $@
+
+$(HAPI_JARS) &: $(HAPI_SOURCES)
+	$(MVN) package -DskipTests
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	$(MVN) clean

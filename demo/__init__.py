@@ -1,0 +1,1 @@
+"""`make demo`: the HAPI dev server and Synapse with the module, on the embedded defaults."""
