@@ -34,6 +34,32 @@ record Notification(String resourceType, String id, String versionId, Action act
 		return new Notification(type, idElement.getIdPart(), idElement.getVersionIdPart(), action);
 	}
 
+	/**
+	 * The notification for a delete. A delete stores a new ("deleted") version, one past the
+	 * version it removes; HAPI 8.8 still shows the removed version at the pre-commit hook, so the
+	 * deleted version is taken as the larger of the resource's and the removed one's plus one.
+	 */
+	static Notification ofDelete(IBaseResource resource, IIdType idBeforeDelete) {
+		Notification n = of(resource, Action.DELETE);
+		if (n == null || idBeforeDelete == null) {
+			return n;
+		}
+		Long shown = parseVersion(n.versionId());
+		Long removed = parseVersion(idBeforeDelete.getVersionIdPart());
+		if (shown == null || removed == null) {
+			return n;
+		}
+		return new Notification(n.resourceType(), n.id(), Long.toString(Math.max(shown, removed + 1)), Action.DELETE);
+	}
+
+	private static Long parseVersion(String version) {
+		try {
+			return version == null ? null : Long.parseLong(version);
+		} catch (NumberFormatException e) {
+			return null;
+		}
+	}
+
 	/** Same resource, whatever the version: used to keep one notification per resource per transaction. */
 	String resourceKey() {
 		return resourceType + "/" + id;

@@ -4,6 +4,7 @@ import ca.uhn.fhir.interceptor.api.Hook;
 import ca.uhn.fhir.interceptor.api.Interceptor;
 import ca.uhn.fhir.interceptor.api.Pointcut;
 import org.hl7.fhir.instance.model.api.IBaseResource;
+import org.hl7.fhir.instance.model.api.IIdType;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 import org.springframework.transaction.support.TransactionSynchronizationManager;
@@ -51,17 +52,17 @@ public class SynapseNotifyInterceptor {
 
 	@Hook(Pointcut.STORAGE_PRECOMMIT_RESOURCE_CREATED)
 	public void resourceCreated(IBaseResource theResource) {
-		observe(theResource, Notification.Action.CREATE);
+		observe(theResource, null, Notification.Action.CREATE);
 	}
 
 	@Hook(Pointcut.STORAGE_PRECOMMIT_RESOURCE_UPDATED)
 	public void resourceUpdated(IBaseResource theOldResource, IBaseResource theNewResource) {
-		observe(theNewResource, Notification.Action.UPDATE);
+		observe(theNewResource, null, Notification.Action.UPDATE);
 	}
 
 	@Hook(Pointcut.STORAGE_PRECOMMIT_RESOURCE_DELETED)
-	public void resourceDeleted(IBaseResource theResource) {
-		observe(theResource, Notification.Action.DELETE);
+	public void resourceDeleted(IBaseResource theResource, IIdType theIdBeforeDelete) {
+		observe(theResource, theIdBeforeDelete, Notification.Action.DELETE);
 	}
 
 	public boolean isActive() {
@@ -80,7 +81,7 @@ public class SynapseNotifyInterceptor {
 		}
 	}
 
-	private void observe(IBaseResource resource, Notification.Action action) {
+	private void observe(IBaseResource resource, IIdType idBeforeDelete, Notification.Action action) {
 		if (notifier == null || resource == null) {
 			return;
 		}
@@ -88,7 +89,9 @@ public class SynapseNotifyInterceptor {
 			if (!settings.reports(resource.fhirType())) {
 				return;
 			}
-			Notification notification = Notification.of(resource, action);
+			Notification notification = action == Notification.Action.DELETE
+					? Notification.ofDelete(resource, idBeforeDelete)
+					: Notification.of(resource, action);
 			if (notification == null) {
 				return;
 			}

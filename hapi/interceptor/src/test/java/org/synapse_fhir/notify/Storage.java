@@ -55,11 +55,12 @@ final class Storage {
 				common(new HookParams().add(IBaseResource.class, previous).add(IBaseResource.class, resource)));
 	}
 
-	void delete(IBaseResource resource) {
+	/** Fires STORAGE_PRECOMMIT_RESOURCE_DELETED with the resource as HAPI shows it and the id it removes. */
+	void delete(IBaseResource resource, IIdType idBeforeDelete) {
 		store(resource);
 		interceptors.callHooks(
 				Pointcut.STORAGE_PRECOMMIT_RESOURCE_DELETED,
-				common(new HookParams().add(IBaseResource.class, resource).add(IIdType.class, resource.getIdElement())));
+				common(new HookParams().add(IBaseResource.class, resource).add(IIdType.class, idBeforeDelete)));
 	}
 
 	/** {@link #create} in its own committed transaction. */

@@ -81,10 +81,16 @@ class SynapseNotifyInterceptorTest {
 		install(settings());
 
 		storage.transactions.executeWithoutResult(s -> storage.update(careTeam("t1", "3"), careTeam("t1", "4")));
-		storage.transactions.executeWithoutResult(s -> storage.delete(careTeam("t1", "5")));
+		// HAPI 8.8 shows the removed version (4) on both; the delete itself is version 5.
+		storage.transactions.executeWithoutResult(
+				s -> storage.delete(careTeam("t1", "4"), new IdType("CareTeam", "t1", "4")));
+		// Should HAPI ever show the deleted version itself, it is taken as is.
+		storage.transactions.executeWithoutResult(
+				s -> storage.delete(careTeam("t2", "8"), new IdType("CareTeam", "t2", "7")));
 
 		assertEquals(Map.of("resourceType", "CareTeam", "id", "t1", "versionId", "4", "action", "update"), body(1));
 		assertEquals(Map.of("resourceType", "CareTeam", "id", "t1", "versionId", "5", "action", "delete"), body(2));
+		assertEquals(Map.of("resourceType", "CareTeam", "id", "t2", "versionId", "8", "action", "delete"), body(3));
 	}
 
 	@Test
