@@ -1,0 +1,192 @@
+"""Membership of a CareTeam from its FHIR data: periods, active flags, roles, nesting."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from synapse_fhir_module.care_team import resolve_membership
+
+NOW = datetime(2026, 5, 15, 12, 0, tzinfo=timezone.utc)
+SNOMED = "http://snomed.info/sct"
+
+
+def person(resource_type: str, rid: str, localpart: str, active: bool = True) -> dict[str, Any]:
+    return {
+        "resourceType": resource_type,
+        "id": rid,
+        "active": active,
+        "telecom": [{"system": "url", "value": f"matrix:u/{localpart}:example.org"}],
+    }
+
+
+def participant(ref: str, period: dict | None = None, role: str | None = None) -> dict[str, Any]:
+    p: dict[str, Any] = {"member": {"reference": ref}}
+    if period:
+        p["period"] = period
+    if role:
+        p["role"] = [{"coding": [{"system": SNOMED, "code": role}]}]
+    return p
+
+
+def team(rid: str, *participants: dict, status: str = "active") -> dict[str, Any]:
+    return {
+        "resourceType": "CareTeam",
+        "id": rid,
+        "status": status,
+        "participant": list(participants),
+    }
+
+
+def by_ref(*resources: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {f"{r['resourceType']}/{r['id']}": r for r in resources}
+
+
+def test_direct_members_of_every_person_type() -> None:
+    resources = by_ref(
+        team(
+            "t",
+            participant("Patient/pat"),
+            participant("Practitioner/gp", role="62247001"),
+            participant("RelatedPerson/dau"),
+        ),
+        person("Patient", "pat", "henk"),
+        person("Practitioner", "gp", "anna"),
+        person("RelatedPerson", "dau", "carla"),
+    )
+    membership = resolve_membership("CareTeam/t", resources, NOW)
+    assert membership.admits_members
+    assert set(membership.members) == {
+        "@henk:example.org",
+        "@anna:example.org",
+        "@carla:example.org",
+    }
+    anna = membership.members["@anna:example.org"]
+    assert (anna.person, anna.member_type, anna.roles) == (
+        "Practitioner/gp",
+        "Practitioner",
+        frozenset({f"{SNOMED}|62247001"}),
+    )
+
+
+def test_periods_and_inactive_people_keep_members_out() -> None:
+    resources = by_ref(
+        team(
+            "t",
+            participant("Practitioner/past", {"end": "2026-05-01"}),
+            participant("Practitioner/future", {"start": "2026-06-01"}),
+            participant("Practitioner/inactive"),
+            participant("Practitioner/missing"),
+            participant("Practitioner/current", {"start": "2026-01-01", "end": "2026-12-31"}),
+        ),
+        person("Practitioner", "past", "past"),
+        person("Practitioner", "future", "future"),
+        person("Practitioner", "inactive", "inactive", active=False),
+        person("Practitioner", "current", "current"),
+    )
+    assert set(resolve_membership("CareTeam/t", resources, NOW).members) == {"@current:example.org"}
+
+
+def test_practitioner_role_resolves_to_its_practitioner_when_active_and_current() -> None:
+    resources = by_ref(
+        team(
+            "t",
+            participant("PractitionerRole/ok", role="224535009"),
+            participant("PractitionerRole/ended"),
+            participant("PractitionerRole/off"),
+        ),
+        {
+            "resourceType": "PractitionerRole",
+            "id": "ok",
+            "practitioner": {"reference": "Practitioner/n"},
+        },
+        {
+            "resourceType": "PractitionerRole",
+            "id": "ended",
+            "period": {"end": "2025"},
+            "practitioner": {"reference": "Practitioner/x"},
+        },
+        {
+            "resourceType": "PractitionerRole",
+            "id": "off",
+            "active": False,
+            "practitioner": {"reference": "Practitioner/y"},
+        },
+        person("Practitioner", "n", "nurse"),
+        person("Practitioner", "x", "x"),
+        person("Practitioner", "y", "y"),
+    )
+    members = resolve_membership("CareTeam/t", resources, NOW).members
+    assert set(members) == {"@nurse:example.org"}
+    assert members["@nurse:example.org"].member_type == "Practitioner"
+
+
+def test_nested_team_members_count_and_cycles_terminate() -> None:
+    resources = by_ref(
+        team("outer", participant("Practitioner/gp"), participant("CareTeam/inner")),
+        team("inner", participant("Practitioner/pharmacist"), participant("CareTeam/outer")),
+        person("Practitioner", "gp", "anna"),
+        person("Practitioner", "pharmacist", "piet"),
+    )
+    members = resolve_membership("CareTeam/outer", resources, NOW).members
+    assert set(members) == {"@anna:example.org", "@piet:example.org"}
+
+
+def test_inactive_nested_team_lends_nobody() -> None:
+    resources = by_ref(
+        team("outer", participant("CareTeam/inner")),
+        team("inner", participant("Practitioner/p"), status="inactive"),
+        person("Practitioner", "p", "piet"),
+    )
+    assert resolve_membership("CareTeam/outer", resources, NOW).members == {}
+
+
+def test_deep_nesting_stops() -> None:
+    chain = [team(f"t{i}", participant(f"CareTeam/t{i + 1}")) for i in range(10)]
+    chain.append(team("t10", participant("Practitioner/deep")))
+    resources = by_ref(*chain, person("Practitioner", "deep", "deep"))
+    assert resolve_membership("CareTeam/t0", resources, NOW).members == {}
+    assert set(resolve_membership("CareTeam/t7", resources, NOW).members) == {"@deep:example.org"}
+
+
+def test_inactive_team_admits_nobody_new() -> None:
+    resources = by_ref(
+        team("t", participant("Practitioner/p"), status="suspended"),
+        person("Practitioner", "p", "p"),
+    )
+    membership = resolve_membership("CareTeam/t", resources, NOW)
+    assert membership.status == "suspended"
+    assert not membership.admits_members
+
+
+def test_one_account_claimed_by_two_people_is_unmapped() -> None:
+    resources = by_ref(
+        team(
+            "t",
+            participant("Practitioner/a"),
+            participant("Practitioner/b"),
+            participant("Patient/c"),
+        ),
+        person("Practitioner", "a", "shared"),
+        person("Practitioner", "b", "shared"),
+        person("Patient", "c", "henk"),
+    )
+    assert set(resolve_membership("CareTeam/t", resources, NOW).members) == {"@henk:example.org"}
+
+
+def test_same_person_twice_merges_roles() -> None:
+    resources = by_ref(
+        team(
+            "t",
+            participant("Practitioner/a", role="1"),
+            participant("PractitionerRole/r", role="2"),
+        ),
+        {
+            "resourceType": "PractitionerRole",
+            "id": "r",
+            "practitioner": {"reference": "Practitioner/a"},
+        },
+        person("Practitioner", "a", "anna"),
+    )
+    member = resolve_membership("CareTeam/t", resources, NOW).members["@anna:example.org"]
+    assert member.roles == frozenset({f"{SNOMED}|1", f"{SNOMED}|2"})

@@ -1,0 +1,61 @@
+"""FHIR dates and Periods: partial dates stand for whole periods; unreadable fails closed."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from synapse_fhir_module.fhir_time import (
+    format_fhir_instant,
+    parse_fhir_datetime,
+    period_covers,
+)
+
+NOW = datetime(2026, 5, 15, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("text", "end", "expected"),
+    [
+        ("2026", False, datetime(2026, 1, 1, tzinfo=timezone.utc)),
+        ("2026", True, datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)),
+        ("2024-02", True, datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=timezone.utc)),
+        ("2026-05-15", False, datetime(2026, 5, 15, tzinfo=timezone.utc)),
+        ("2026-05-15T14:30:00+02:00", False, datetime(2026, 5, 15, 12, 30, tzinfo=timezone.utc)),
+        ("2026-05-15T12:00:00.25Z", False, datetime(2026, 5, 15, 12, 0, 0, 250000, timezone.utc)),
+    ],
+)
+def test_parse(text: str, end: bool, expected: datetime) -> None:
+    assert parse_fhir_datetime(text, end_of_period=end) == expected
+
+
+@pytest.mark.parametrize("text", ["", "yesterday", "2026-13", "26-05-01", "2026-05-15T25:00:00Z"])
+def test_unreadable_is_an_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_fhir_datetime(text)
+
+
+@pytest.mark.parametrize(
+    ("period", "covers"),
+    [
+        (None, True),
+        ({}, True),
+        ({"start": "2026-01-01"}, True),
+        ({"start": "2026-05-16"}, False),  # future
+        ({"end": "2026-05-14"}, False),  # past
+        ({"end": "2026-05-15"}, True),  # ends today: the whole day counts
+        ({"end": "2026-05"}, True),
+        ({"start": "2025", "end": "2025"}, False),
+        ({"start": "2026-05-15T11:59:00Z", "end": "2026-05-15T12:01:00Z"}, True),
+        ({"start": "sometime"}, False),  # unreadable: fail closed
+        ("2026", False),
+    ],
+)
+def test_period_covers(period: object, covers: bool) -> None:
+    assert period_covers(period, NOW) is covers
+
+
+def test_format_instant() -> None:
+    moment = datetime(2026, 5, 15, 12, 0, 1, 234567, tzinfo=timezone.utc)
+    assert format_fhir_instant(moment) == "2026-05-15T12:00:01.234Z"

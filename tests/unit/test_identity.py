@@ -1,0 +1,58 @@
+"""Both forms of a Matrix identity on a FHIR person are recognised."""
+
+from __future__ import annotations
+
+from synapse_fhir_module.identity import (
+    is_active,
+    matrix_ids_of,
+    matrix_uri,
+    person_searches,
+    user_id_from_uri,
+)
+
+
+def test_telecom_uri_form() -> None:
+    person = {"telecom": [{"system": "url", "value": "matrix:u/alice:example.org"}]}
+    assert matrix_ids_of(person) == {"@alice:example.org"}
+
+
+def test_identifier_form() -> None:
+    person = {"identifier": [{"system": "https://matrix.org/user-id", "value": "@bob:example.org"}]}
+    assert matrix_ids_of(person) == {"@bob:example.org"}
+
+
+def test_both_forms_and_noise() -> None:
+    person = {
+        "telecom": [
+            {"system": "email", "value": "matrix:u/not-this:example.org"},
+            {"system": "url", "value": "https://example.org/alice"},
+            {"system": "url", "value": "matrix:u/alice:example.org?action=chat"},
+            "garbage",
+        ],
+        "identifier": [
+            {"system": "http://fhir.nl/fhir/NamingSystem/bsn", "value": "123456782"},
+            {"system": "https://matrix.org/user-id", "value": "not-a-user-id"},
+            {"system": "https://matrix.org/user-id", "value": "@alice2:example.org"},
+        ],
+    }
+    assert matrix_ids_of(person) == {"@alice:example.org", "@alice2:example.org"}
+
+
+def test_uri_round_trip() -> None:
+    assert matrix_uri("@alice:example.org") == "matrix:u/alice:example.org"
+    assert user_id_from_uri("matrix:u/alice:example.org:8448") == "@alice:example.org:8448"
+    assert user_id_from_uri("matrix:r/room:example.org") is None
+    assert user_id_from_uri("matrix:u/nolocalpart") is None
+
+
+def test_active_defaults_to_true() -> None:
+    assert is_active({}) is True
+    assert is_active({"active": True}) is True
+    assert is_active({"active": False}) is False
+
+
+def test_searches_cover_every_person_type_and_both_forms() -> None:
+    searches = person_searches("@alice:example.org")
+    assert len(searches) == 6
+    assert ("Practitioner", {"telecom": "url|matrix:u/alice:example.org"}) in searches
+    assert ("Patient", {"identifier": "https://matrix.org/user-id|@alice:example.org"}) in searches
