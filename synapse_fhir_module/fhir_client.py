@@ -157,13 +157,14 @@ class FhirClient:
             "resourceType": "Parameters",
             "parameter": [{"name": "resource", "resource": to_json(resource)}],
         }
-        # HAPI answers 412 when the resource has errors; that is a result, not a failure.
+        # An invalid resource is a result, not a failure: HAPI answers 412 (or 400 when
+        # the resource cannot even be parsed) with the OperationOutcome listing the errors.
         _, body = await self._exchange(
             "POST",
             self._url(f"{resource.get_resource_type()}/$validate"),
             what,
             raw_body=parameters,
-            accept_statuses=(412, 422),
+            accept_statuses=(400, 412, 422),
         )
         return parse_resource(body)
 
@@ -248,13 +249,16 @@ class FhirClient:
         d.addCallback(read_body)
         # One deadline for connect + headers + body, so a server that trickles
         # its answer cannot hold the caller longer than the configured timeout.
-        d.addTimeout(timeout, reactor)
+        deadline = reactor.callLater(timeout, d.cancel)
         try:
             return await make_deferred_yieldable(d)
         except _TRANSPORT_ERRORS as e:
-            timed_out = isinstance(e, (defer.TimeoutError, defer.CancelledError))
-            reason = "timed out" if timed_out else type(e).__name__
+            # Cancelling surfaces as CancelledError or as a ResponseNeverReceived around it.
+            reason = "timed out" if not deadline.active() else type(e).__name__
             raise FhirTransientError(f"{what}: FHIR server unreachable ({reason})") from e
+        finally:
+            if deadline.active():
+                deadline.cancel()
 
     def _url(self, path: str) -> str:
         return f"{self._base_url}/{path}"

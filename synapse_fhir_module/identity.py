@@ -41,8 +41,9 @@ def matrix_ids_of(person: Mapping[str, Any]) -> set[str]:
                 found.add(user_id)
     for identifier in _dicts(person.get("identifier")):
         value = identifier.get("value")
-        if identifier.get("system") == MATRIX_ID_SYSTEM and _looks_like_user_id(value):
-            found.add(value)
+        if identifier.get("system") == MATRIX_ID_SYSTEM and isinstance(value, str):
+            if value.startswith("@") and ":" in value:
+                found.add(value)
     return found
 
 
@@ -58,10 +59,6 @@ def person_searches(user_id: str) -> list[tuple[str, dict[str, str]]]:
         searches.append((resource_type, {"identifier": f"{MATRIX_ID_SYSTEM}|{user_id}"}))
         searches.append((resource_type, {"telecom": f"url|{matrix_uri(user_id)}"}))
     return searches
-
-
-def _looks_like_user_id(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith("@") and ":" in value
 
 
 def _dicts(value: Any) -> Iterable[Mapping[str, Any]]:
