@@ -71,6 +71,18 @@ class MatrixUser:
     def send_text(self, room_id: str, text: str) -> str:
         return self.send(room_id, {"msgtype": "m.text", "body": text})
 
+    def send_state(
+        self, room_id: str, event_type: str, content: dict[str, Any], state_key: str = ""
+    ) -> str:
+        path = f"/_matrix/client/v3/rooms/{quote(room_id)}/state/{event_type}/{quote(state_key)}"
+        return str(self.request("PUT", path, content)["event_id"])
+
+    def leave(self, room_id: str) -> None:
+        self.request("POST", f"/_matrix/client/v3/rooms/{quote(room_id)}/leave", {})
+
+    def whoami(self) -> str:
+        return str(self.request("GET", "/_matrix/client/v3/account/whoami")["user_id"])
+
 
 def register_user(server: SynapseServer, localpart: str, *, admin: bool = False) -> MatrixUser:
     """Register through the shared-secret admin API and return the logged-in user."""
@@ -95,3 +107,11 @@ def register_user(server: SynapseServer, localpart: str, *, admin: bool = False)
         raise MatrixError(response)
     data = response.json()
     return MatrixUser(server, data["user_id"], data["access_token"])
+
+
+def login_as(admin: MatrixUser, user_id: str) -> MatrixUser:
+    """A session for ``user_id`` through the admin API (e.g. to act as the service user)."""
+    token = admin.request("POST", f"/_synapse/admin/v1/users/{quote(user_id)}/login", {})[
+        "access_token"
+    ]
+    return MatrixUser(admin.server, user_id, token)

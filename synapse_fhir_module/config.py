@@ -58,6 +58,8 @@ class EnforcementConfig:
     enabled: bool = True
     fail_closed: bool = True
     cache_ttl: float = 300.0  # seconds
+    # Matrix users let into every care-team room besides the members (e.g. an audit bot).
+    exempt_users: tuple[str, ...] = ()
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -76,6 +78,8 @@ class SyncConfig:
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class AccountValidityConfig:
     enabled: bool = True
+    # Whether an account that no FHIR person names counts as expired.
+    expire_unmapped: bool = False
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -107,9 +111,7 @@ def parse_module_config(raw: Any) -> ModuleConfig:
         enforcement=_parse_enforcement(section.section("enforcement")),
         communication=_parse_communication(section.section("communication")),
         sync=_parse_sync(section.section("sync")),
-        account_validity=AccountValidityConfig(
-            enabled=section.section("account_validity").flag("enabled", True)
-        ),
+        account_validity=_parse_account_validity(section.section("account_validity")),
         registration=RegistrationConfig(
             require_fhir_identity=section.section("registration").flag(
                 "require_fhir_identity", False
@@ -160,6 +162,16 @@ def _parse_enforcement(section: _Section) -> EnforcementConfig:
         enabled=section.flag("enabled", True),
         fail_closed=section.flag("fail_closed", True),
         cache_ttl=section.value("cache_ttl", _positive_duration, 300.0),
+        exempt_users=section.value("exempt_users", _user_ids, ()),
+    )
+    section.reject_unknown_keys()
+    return config
+
+
+def _parse_account_validity(section: _Section) -> AccountValidityConfig:
+    config = AccountValidityConfig(
+        enabled=section.flag("enabled", True),
+        expire_unmapped=section.flag("expire_unmapped", False),
     )
     section.reject_unknown_keys()
     return config
@@ -238,6 +250,7 @@ class _Section:
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _LOCALPART = re.compile(r"^[a-z0-9._=/+-]+$")
+_USER_ID = re.compile(r"^@[a-z0-9._=/+-]+:[A-Za-z0-9.:\[\]-]+$")
 
 
 def parse_duration(value: Any) -> float:
@@ -290,6 +303,17 @@ def _localpart(value: Any) -> str:
             f"got {text!r}"
         )
     return text
+
+
+def _user_ids(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of Matrix user ids such as '@audit:example.org'")
+    for item in value:
+        if not isinstance(item, str) or not _USER_ID.match(item):
+            raise ValueError(
+                f"expected a Matrix user id such as '@audit:example.org', got {item!r}"
+            )
+    return tuple(value)
 
 
 def _base_url(value: Any) -> str:

@@ -5,12 +5,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from synapse.module_api import ModuleApi
+from synapse.module_api import NOT_SPAM, EventBase, ModuleApi, StateMap
+from synapse.spam_checker_api import RegistrationBehaviour
 
+from synapse_fhir_module.account_validity import AccountValidity
+from synapse_fhir_module.callback_guard import access_decision, never_raises
 from synapse_fhir_module.config import ModuleConfig, parse_module_config
+from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.health import HEALTH_PATH, FhirReachability, HealthResource
+from synapse_fhir_module.person_directory import PersonDirectory
+from synapse_fhir_module.registration_gate import RegistrationGate
+from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.service_user import ensure_service_user
+from synapse_fhir_module.team_directory import CareTeamDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +32,32 @@ class FhirModule:
         self._api = api
         self._config = config
         self._fhir = FhirClient(config.fhir)
+        self._service_user_id = api.get_qualified_user_id(config.service_user)
+        exempt = {self._service_user_id, *config.enforcement.exempt_users}
         # Background work (registration, outbox, reconcile) runs on exactly one instance.
         self._runs_background_work = api.worker_name == config.worker
 
+        self._persons = PersonDirectory(self._fhir)
+        self._teams = CareTeamDirectory(api, self._fhir, ttl=config.enforcement.cache_ttl)
+        self._bindings = RoomBindings(api, self._fhir, self._service_user_id)
+        self._validity: AccountValidity | None = None
+
         api.register_web_resource(HEALTH_PATH, HealthResource(FhirReachability(self._fhir)))
+        api.register_third_party_rules_callbacks(on_new_event=self._on_new_event)
+
+        if config.enforcement.enabled:
+            self._register_enforcement(exempt)
+        if config.account_validity.enabled:
+            self._register_account_validity(exempt)
+        if config.registration.require_fhir_identity:
+            gate = RegistrationGate(api, self._fhir, self._persons, exempt_users=exempt)
+            api.register_spam_checker_callbacks(
+                check_registration_for_spam=access_decision(
+                    gate.check_registration_for_spam,
+                    fail_closed=True,
+                    allow=RegistrationBehaviour.ALLOW,
+                )
+            )
 
         if self._runs_background_work:
             api.delayed_background_call(0, self._register_service_user, desc="fhir_service_user")
@@ -35,6 +65,61 @@ class FhirModule:
     @staticmethod
     def parse_config(config: dict[str, Any]) -> ModuleConfig:
         return parse_module_config(config)
+
+    async def invalidate(self, reference: str) -> None:
+        """Forget what the module knows about a FHIR resource (``CareTeam/12``, ...),
+        because it changed; the next decision asks FHIR again."""
+        if reference.startswith("CareTeam/"):
+            await self._teams.invalidate_team(reference)
+        await self._teams.invalidate_resource(reference)
+        if self._validity is not None:
+            for user_id in self._persons.users_of_person(reference):
+                self._validity.look_up_soon(user_id)
+
+    def _register_enforcement(self, exempt: set[str]) -> None:
+        config = self._config.enforcement
+        gate = CareTeamGate(
+            self._bindings,
+            self._teams,
+            service_user_id=self._service_user_id,
+            exempt_users=exempt,
+            fail_closed=config.fail_closed,
+        )
+
+        def decision(callback: Any, allow: Any = NOT_SPAM) -> Any:
+            return access_decision(callback, fail_closed=config.fail_closed, allow=allow)
+
+        self._api.register_spam_checker_callbacks(
+            user_may_invite=decision(gate.user_may_invite),
+            user_may_join_room=decision(gate.user_may_join_room),
+            user_may_create_room=decision(gate.user_may_create_room),
+            check_event_for_spam=decision(gate.check_event_for_spam),
+        )
+        self._api.register_third_party_rules_callbacks(
+            check_event_allowed=decision(gate.check_event_allowed, allow=(True, None)),
+        )
+
+    def _register_account_validity(self, exempt: set[str]) -> None:
+        validity = self._validity = AccountValidity(
+            self._api,
+            self._persons,
+            exempt_users=exempt,
+            expire_unmapped=self._config.account_validity.expire_unmapped,
+        )
+        self._api.register_account_validity_callbacks(
+            is_user_expired=never_raises(validity.is_user_expired, fallback=None),
+            on_user_registration=never_raises(validity.on_user_registration, fallback=None),
+        )
+        # Every instance answers requests from its own memory, so each one refreshes it.
+        self._api.looping_background_call(
+            validity.refresh_known,
+            self._config.enforcement.cache_ttl * 1000,
+            desc="fhir_refresh_persons",
+            run_on_all_instances=True,
+        )
+
+    async def _on_new_event(self, event: EventBase, state_events: StateMap[EventBase]) -> None:
+        self._bindings.forget_for_event(event)
 
     async def _register_service_user(self) -> None:
         try:

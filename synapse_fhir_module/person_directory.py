@@ -1,0 +1,129 @@
+"""Matrix user id → the FHIR person that names it, and whether that person is active.
+
+Looked up with FHIR token searches on both identity forms over the three person types,
+sent as one ``batch`` Bundle per group of users. Answers are remembered (positive and
+negative) so that account validity, which runs on every request, reads memory only;
+``refresh`` re-asks FHIR in the background, and while FHIR is unreachable the last known
+answer stands.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import urlencode
+
+import attr
+from fhir.resources.R4B.bundle import Bundle
+
+from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_errors import FhirError, error_for_status
+from synapse_fhir_module.identity import is_active, matrix_ids_of, person_searches
+
+logger = logging.getLogger(__name__)
+
+USERS_PER_BATCH = 10
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class PersonRecord:
+    """What FHIR said about one Matrix account."""
+
+    user_id: str
+    person: str | None  # "Practitioner/12"; None when no single person names the account
+    active: bool
+    checked_at: float
+    ambiguous: bool = False
+
+    @property
+    def mapped(self) -> bool:
+        return self.person is not None
+
+
+class PersonDirectory:
+    def __init__(self, fhir: FhirClient, *, monotonic: Callable[[], float] = time.monotonic):
+        self._fhir = fhir
+        self._monotonic = monotonic
+        self._records: dict[str, PersonRecord] = {}
+
+    def remembered(self, user_id: str) -> PersonRecord | None:
+        """The last answer for ``user_id``, from memory only."""
+        return self._records.get(user_id)
+
+    def remembered_users(self) -> list[str]:
+        return list(self._records)
+
+    def users_of_person(self, person_ref: str) -> list[str]:
+        return [r.user_id for r in self._records.values() if r.person == person_ref]
+
+    async def lookup(self, user_id: str) -> PersonRecord:
+        """Ask FHIR now (raises FhirError when it can't answer)."""
+        (record,) = await self.refresh([user_id])
+        return record
+
+    async def refresh(self, user_ids: Iterable[str]) -> list[PersonRecord]:
+        """Ask FHIR about these users, in batches; remember and return the answers."""
+        users = list(dict.fromkeys(user_ids))
+        records = []
+        for start in range(0, len(users), USERS_PER_BATCH):
+            records.extend(await self._lookup_batch(users[start : start + USERS_PER_BATCH]))
+        for record in records:
+            self._records[record.user_id] = record
+        return records
+
+    async def _lookup_batch(self, user_ids: Sequence[str]) -> list[PersonRecord]:
+        searches = [
+            (user_id, search) for user_id in user_ids for search in person_searches(user_id)
+        ]
+        bundle = Bundle.model_validate(
+            {
+                "resourceType": "Bundle",
+                "type": "batch",
+                "entry": [
+                    {"request": {"method": "GET", "url": f"{rtype}?{urlencode(params)}"}}
+                    for _, (rtype, params) in searches
+                ],
+            }
+        )
+        response = await self._fhir.transaction(bundle)
+        found: dict[str, dict[str, dict[str, Any]]] = {user_id: {} for user_id in user_ids}
+        for (user_id, _), entry in zip(searches, response.entry or [], strict=False):
+            page = entry.resource
+            if not isinstance(page, Bundle):
+                raise _batch_error(entry)
+            for match in page.entry or []:
+                if match.resource is None:
+                    continue
+                person = match.resource.model_dump(mode="json", exclude_none=True)
+                # The token search matched; check the identity really is this user.
+                if user_id in matrix_ids_of(person):
+                    found[user_id][f"{person['resourceType']}/{person['id']}"] = person
+        now = self._monotonic()
+        return [_record(user_id, persons, now) for user_id, persons in found.items()]
+
+
+def _record(user_id: str, persons: dict[str, dict[str, Any]], now: float) -> PersonRecord:
+    active = sorted(ref for ref, person in persons.items() if is_active(person))
+    if len(active) == 1:
+        return PersonRecord(user_id, active[0], True, now)
+    if len(active) > 1:
+        # A data error in the directory: nobody may act as either person.
+        logger.warning(
+            "One Matrix account is named by %d active persons (%s); treating it as unmapped",
+            len(active),
+            ", ".join(active),
+        )
+        return PersonRecord(user_id, None, False, now, ambiguous=True)
+    if persons:
+        return PersonRecord(user_id, sorted(persons)[0], False, now)
+    return PersonRecord(user_id, None, False, now)
+
+
+def _batch_error(entry: Any) -> FhirError:
+    status_text = (entry.response.status if entry.response else None) or "500"
+    status = int(status_text[:3]) if status_text[:3].isdigit() else 500
+    outcome = entry.response.outcome if entry.response else None
+    body = outcome.model_dump(mode="json", exclude_none=True) if outcome else None
+    return error_for_status(status, "person lookup (one search of the batch)", body)

@@ -1,0 +1,119 @@
+"""Which care team a room belongs to (DESIGN §3), from room state the service user wrote.
+
+- A space bound with ``org.synapse_fhir.care_team`` belongs to that CareTeam.
+- A room belongs to a bound space only when that space lists it: ``m.space.child``
+  with this room as state key, sent by the service user. The room's own
+  ``m.space.parent`` is only the hint of where to look, never proof — otherwise
+  anyone could attach a room to a patient's record.
+- A room with ``org.synapse_fhir.thread`` belongs to the CareTeam its
+  CommunicationRequest is addressed to.
+
+Only events whose sender is the service user count. Answers are kept per room and
+dropped when one of these state events changes (``forget_for_event``, called from
+``on_new_event`` on every worker).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from synapse.module_api import EventBase, ModuleApi
+
+from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_errors import FhirError
+from synapse_fhir_module.team_directory import UNRESOLVED_TEAM, DirectoryUnavailable
+
+logger = logging.getLogger(__name__)
+
+CARE_TEAM_STATE = "org.synapse_fhir.care_team"
+THREAD_STATE = "org.synapse_fhir.thread"
+SPACE_PARENT = "m.space.parent"
+SPACE_CHILD = "m.space.child"
+BINDING_STATE_TYPES = frozenset({CARE_TEAM_STATE, THREAD_STATE, SPACE_PARENT, SPACE_CHILD})
+MAX_REMEMBERED_ROOMS = 100_000
+
+
+class RoomBindings:
+    def __init__(self, api: ModuleApi, fhir: FhirClient, service_user_id: str) -> None:
+        self._api = api
+        self._fhir = fhir
+        self._service_user_id = service_user_id
+        self._team_of_room: dict[str, str | None] = {}
+
+    async def care_team_of(self, room_id: str) -> str | None:
+        """``CareTeam/<id>`` the room belongs to, or None for an ordinary room."""
+        if room_id in self._team_of_room:
+            return self._team_of_room[room_id]
+        team = await self._resolve(room_id)
+        if len(self._team_of_room) >= MAX_REMEMBERED_ROOMS:
+            self._team_of_room.clear()
+        self._team_of_room[room_id] = team
+        return team
+
+    def forget_for_event(self, event: EventBase) -> None:
+        """Drop remembered answers that a state event may have changed."""
+        if not event.is_state() or event.type not in BINDING_STATE_TYPES:
+            return
+        self._team_of_room.pop(event.room_id, None)
+        if event.type == SPACE_CHILD:
+            self._team_of_room.pop(event.state_key, None)
+        elif event.type == CARE_TEAM_STATE:
+            # Every room hanging off this space may have changed team.
+            self._team_of_room.clear()
+
+    async def _resolve(self, room_id: str) -> str | None:
+        state = await self._api.get_room_state(
+            room_id, [(CARE_TEAM_STATE, ""), (THREAD_STATE, ""), (SPACE_PARENT, None)]
+        )
+        own = self._trusted_reference(state.get((CARE_TEAM_STATE, "")), "CareTeam/")
+        if own:
+            return own
+        for (event_type, parent_id), event in state.items():
+            if event_type == SPACE_PARENT and _has_via(event.content):
+                team = await self._team_of_listing_space(parent_id, room_id)
+                if team:
+                    return team
+        thread = self._trusted_reference(state.get((THREAD_STATE, "")), "CommunicationRequest/")
+        if thread:
+            return await self._team_of_thread(thread)
+        return None
+
+    async def _team_of_listing_space(self, space_id: str, room_id: str) -> str | None:
+        state = await self._api.get_room_state(
+            space_id, [(CARE_TEAM_STATE, ""), (SPACE_CHILD, room_id)]
+        )
+        child = state.get((SPACE_CHILD, room_id))
+        if child is None or child.sender != self._service_user_id or not _has_via(child.content):
+            return None
+        return self._trusted_reference(state.get((CARE_TEAM_STATE, "")), "CareTeam/")
+
+    async def _team_of_thread(self, thread_ref: str) -> str:
+        """The CareTeam among the CommunicationRequest's recipients."""
+        try:
+            thread_id = thread_ref.split("/", 1)[1]
+            request = await self._fhir.search_json("CommunicationRequest", {"_id": thread_id})
+        except FhirError as e:
+            raise DirectoryUnavailable(f"{thread_ref}: {e}") from e
+        for resource in request:
+            for recipient in resource.get("recipient") or []:
+                ref = recipient.get("reference") if isinstance(recipient, Mapping) else None
+                if isinstance(ref, str) and ref.startswith("CareTeam/"):
+                    return ref
+        # A thread whose request names no team: nobody can be shown to belong.
+        return UNRESOLVED_TEAM
+
+    def _trusted_reference(self, event: EventBase | None, prefix: str) -> str | None:
+        if event is None or event.sender != self._service_user_id:
+            return None
+        reference = event.content.get("reference")
+        if isinstance(reference, str) and reference.startswith(prefix) and "/" in reference:
+            return reference
+        return None
+
+
+def _has_via(content: Mapping[str, Any]) -> bool:
+    # An m.space.parent/child without `via` is a removed link.
+    via = content.get("via")
+    return isinstance(via, list) and len(via) > 0

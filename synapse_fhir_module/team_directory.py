@@ -1,0 +1,148 @@
+"""Current CareTeam memberships, from FHIR, kept in memory for access decisions.
+
+One FHIR search per team fetches the CareTeam with everything it reaches
+(``_include:iterate`` over participants and PractitionerRole practitioners), and
+``care_team.resolve_membership`` turns it into members. Answers are reused for
+``enforcement.cache_ttl``; after half of that a background refresh replaces them
+before they expire, so busy rooms never wait on FHIR. The cache is a Synapse
+``@cached`` function registered with the ModuleApi, so an invalidation on one
+worker reaches every worker through Synapse's replication.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import attr
+from synapse.module_api import ModuleApi, cached
+from synapse.util.clock import Clock
+from twisted.internet import reactor
+
+from synapse_fhir_module.care_team import TeamMembership, resolve_membership
+from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_errors import FhirError, FhirTransientError
+
+logger = logging.getLogger(__name__)
+
+# After a failed fetch, answer "unavailable" at once for this long instead of making
+# every decision wait for another FHIR timeout.
+UNREACHABLE_BACKOFF = 5.0
+
+# Stands for "a care-team room whose team cannot be named": it has no members.
+UNRESOLVED_TEAM = "CareTeam/#unresolved"
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+_INCLUDES = [
+    ("_include", "CareTeam:participant"),
+    ("_include:iterate", "CareTeam:participant"),
+    ("_include:iterate", "PractitionerRole:practitioner"),
+]
+
+
+class DirectoryUnavailable(Exception):
+    """FHIR cannot be asked and nothing recent enough is remembered."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class _Fetched:
+    membership: TeamMembership
+    fetched_at: float
+    references: frozenset[str]  # every resource the answer depended on
+
+
+class CareTeamDirectory:
+    def __init__(
+        self,
+        api: ModuleApi,
+        fhir: FhirClient,
+        *,
+        ttl: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._api = api
+        self._fhir = fhir
+        self._ttl = ttl
+        self._monotonic = monotonic
+        self._unreachable_until = 0.0
+        self._refreshing: set[str] = set()
+        # Which teams' answers depend on a resource, for invalidation by person.
+        self._dependents: dict[str, set[str]] = {}
+        # `@cached` needs these two attributes on its owner.
+        self.server_name = api.server_name
+        self.clock = Clock(reactor, server_name=api.server_name)  # type: ignore[arg-type]
+        api.register_cached_function(self.care_team_membership)
+
+    async def membership(self, team_ref: str) -> TeamMembership:
+        """The team's members now; DirectoryUnavailable when FHIR can't tell us."""
+        # Fast path: a completed answer, read without going through a Deferred.
+        fetched = self.care_team_membership.cache.get_immediate(team_ref, None)
+        if fetched is None:
+            fetched = await self._cached_or_fetch(team_ref)
+        age = self._monotonic() - fetched.fetched_at
+        if age >= self._ttl:
+            self.care_team_membership.invalidate((team_ref,))
+            fetched = await self._cached_or_fetch(team_ref)
+        elif age >= self._ttl / 2 and team_ref not in self._refreshing:
+            self._refreshing.add(team_ref)
+            self._api.run_as_background_process("fhir_refresh_care_team", self._refresh, team_ref)
+        return fetched.membership
+
+    async def invalidate_team(self, team_ref: str) -> None:
+        """Forget a team's answer on every worker (its CareTeam changed)."""
+        await self._api.invalidate_cache(self.care_team_membership, (team_ref,))
+
+    async def invalidate_resource(self, reference: str) -> None:
+        """Forget every answer that depended on ``reference`` (e.g. ``Practitioner/12``)."""
+        for team_ref in sorted(self._dependents.pop(reference, set())):
+            await self.invalidate_team(team_ref)
+
+    async def _cached_or_fetch(self, team_ref: str) -> _Fetched:
+        if self._monotonic() < self._unreachable_until:
+            raise DirectoryUnavailable(f"{team_ref}: FHIR was unreachable moments ago")
+        try:
+            # (mypy does not see through `@cached`; Synapse types it with its own plugin)
+            return await self.care_team_membership(team_ref)  # type: ignore[call-arg, arg-type]
+        except FhirTransientError as e:
+            self._unreachable_until = self._monotonic() + UNREACHABLE_BACKOFF
+            raise DirectoryUnavailable(f"{team_ref}: {e}") from e
+        except FhirError as e:
+            # FHIR answered but refused: nobody can be shown to be a member.
+            raise DirectoryUnavailable(f"{team_ref}: {e}") from e
+
+    @cached()
+    async def care_team_membership(self, team_ref: str) -> _Fetched:
+        # The name is the cache's name in Synapse's cross-worker invalidation.
+        return await self._load(team_ref)
+
+    async def _refresh(self, team_ref: str) -> None:
+        try:
+            self.care_team_membership.prefill((team_ref,), await self._load(team_ref))
+        except FhirError as e:
+            logger.info("Background refresh of %s failed: %s", team_ref, e)
+        finally:
+            self._refreshing.discard(team_ref)
+
+    async def _load(self, team_ref: str) -> _Fetched:
+        team_id = team_ref.split("/", 1)[1]
+        if not _FHIR_ID.match(team_id):
+            membership = TeamMembership(team=team_ref, status="missing", members={})
+            return _Fetched(membership, self._monotonic(), frozenset())
+        resources = await self._fhir.search_json("CareTeam", [("_id", team_id), *_INCLUDES])
+        by_ref = {
+            f"{r['resourceType']}/{r['id']}": r
+            for r in resources
+            if isinstance(r.get("resourceType"), str) and isinstance(r.get("id"), str)
+        }
+        if team_ref in by_ref:
+            membership = resolve_membership(team_ref, by_ref, datetime.now(timezone.utc))
+        else:
+            # Deleted or never existed: a team without members that admits nobody.
+            membership = TeamMembership(team=team_ref, status="missing", members={})
+        references = frozenset(by_ref) | {team_ref}
+        for reference in references:
+            self._dependents.setdefault(reference, set()).add(team_ref)
+        return _Fetched(membership, self._monotonic(), references)
