@@ -1,12 +1,18 @@
 package org.synapse_fhir.devserver;
 
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+import org.springframework.beans.factory.annotation.Value;
 import org.springframework.boot.SpringApplication;
 import org.springframework.boot.SpringBootConfiguration;
 import org.springframework.boot.autoconfigure.ImportAutoConfiguration;
 import org.springframework.boot.autoconfigure.context.PropertyPlaceholderAutoConfiguration;
 import org.springframework.boot.autoconfigure.jdbc.DataSourceAutoConfiguration;
 import org.springframework.boot.autoconfigure.web.servlet.ServletWebServerFactoryAutoConfiguration;
+import org.springframework.boot.web.context.WebServerInitializedEvent;
+import org.springframework.context.ApplicationListener;
 import org.springframework.context.ConfigurableApplicationContext;
+import org.springframework.context.annotation.Bean;
 import org.springframework.context.annotation.Import;
 
 /**
@@ -22,8 +28,16 @@ import org.springframework.context.annotation.Import;
 	ServletWebServerFactoryAutoConfiguration.class,
 	DataSourceAutoConfiguration.class
 })
-@Import({JpaStorageConfig.class, SubscriptionConfig.class, RestServerConfig.class, NotifyConfig.class})
+@Import({
+	DataSourceConfig.class,
+	JpaStorageConfig.class,
+	SubscriptionConfig.class,
+	RestServerConfig.class,
+	NotifyConfig.class
+})
 public class DevServerApplication {
+
+	private static final Logger LOG = LoggerFactory.getLogger(DevServerApplication.class);
 
 	public static void main(String[] args) {
 		start(args);
@@ -31,5 +45,12 @@ public class DevServerApplication {
 
 	public static ConfigurableApplicationContext start(String... args) {
 		return SpringApplication.run(DevServerApplication.class, args);
+	}
+
+	/** One line that says where to point clients, whatever port was asked for (0 = random). */
+	@Bean
+	public ApplicationListener<WebServerInitializedEvent> announceBaseUrl(
+			@Value("${server.address:127.0.0.1}") String address) {
+		return event -> LOG.info("FHIR R4 server at http://{}:{}/fhir", address, event.getWebServer().getPort());
 	}
 }

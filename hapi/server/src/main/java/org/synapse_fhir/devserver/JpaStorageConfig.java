@@ -41,6 +41,9 @@ public class JpaStorageConfig {
 		settings.setResourceServerIdStrategy(JpaStorageSettings.IdStrategyEnum.UUID);
 		// References to resources on other servers (e.g. a practitioner directory) are allowed.
 		settings.setAllowExternalReferences(true);
+		// HAPI reuses an identical search's results for 60 s by default, so a search right after a
+		// write can miss it. A dev/test server must answer with what is stored now.
+		settings.setReuseCachedSearchResultsForMillis(null);
 		return settings;
 	}
 

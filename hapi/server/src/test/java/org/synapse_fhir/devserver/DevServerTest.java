@@ -185,6 +185,18 @@ class DevServerTest {
 	}
 
 	@Test
+	void aSearchRightAfterAWriteSeesIt() throws Exception {
+		String search = "/CareTeam?_tag=urn:test|fresh-" + UUID.randomUUID() + "&_summary=count";
+		String tag = search.substring(search.indexOf('|') + 1, search.indexOf('&'));
+		String careTeam = "{\"resourceType\":\"CareTeam\",\"meta\":{\"tag\":[{\"system\":\"urn:test\",\"code\":\"" + tag + "\"}]}}";
+
+		for (int expected = 0; expected < 3; expected++) {
+			assertEquals(expected, get(search).json().path("total").asInt(), "stale (cached) search result");
+			assertEquals(201, send("POST", "/CareTeam", careTeam).status());
+		}
+	}
+
+	@Test
 	void restHookSubscriptionDeliversToTheEndpoint() throws Exception {
 		String hookPath = "/hook-" + UUID.randomUUID();
 		Response subscription = send("POST", "/Subscription", """
