@@ -5,6 +5,7 @@ import com.fasterxml.jackson.databind.ObjectMapper;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
+import ca.uhn.fhir.rest.server.RestfulServer;
 import org.springframework.boot.web.context.WebServerApplicationContext;
 import org.springframework.context.ConfigurableApplicationContext;
 
@@ -109,6 +110,47 @@ class DevServerTest {
 		assertEquals(
 				Map.of("resourceType", "CareTeam", "id", id, "versionId", "1", "action", "create"),
 				JSON.readValue(notification.body(), Map.class));
+	}
+
+	/**
+	 * The official hapiproject/hapi image loads {@code hapi.fhir.custom-interceptor-classes} by
+	 * class name, through the public no-arg constructor (settings from the environment), and
+	 * registers the instance on the REST server. Do the same here and see it notify.
+	 */
+	@Test
+	void loadsByClassNameAndNotifiesFromTheRestServerLikeTheOfficialImage() throws Exception {
+		String imagePath = "/image-style" + NOTIFY_PATH;
+		Object interceptor;
+		System.setProperty("SYNAPSE_NOTIFY_URL", receiver.baseUrl() + imagePath);
+		System.setProperty("SYNAPSE_NOTIFY_SECRET", "image-secret");
+		System.setProperty("SYNAPSE_NOTIFY_TYPES", "RelatedPerson");
+		try {
+			interceptor = Class.forName("org.synapse_fhir.notify.SynapseNotifyInterceptor").getConstructor().newInstance();
+		} finally {
+			System.clearProperty("SYNAPSE_NOTIFY_URL");
+			System.clearProperty("SYNAPSE_NOTIFY_SECRET");
+			System.clearProperty("SYNAPSE_NOTIFY_TYPES");
+		}
+		RestfulServer restServer = server.getBean(RestfulServer.class);
+		restServer.registerInterceptor(interceptor);
+		try {
+			String id = "rp-" + UUID.randomUUID();
+			assertEquals(201, send("PUT", "/Patient/image-" + id, "{\"resourceType\":\"Patient\",\"id\":\"image-" + id + "\"}").status());
+			assertEquals(201, send("PUT", "/RelatedPerson/" + id, "{\"resourceType\":\"RelatedPerson\",\"id\":\"" + id
+					+ "\",\"patient\":{\"reference\":\"Patient/image-" + id + "\"}}").status());
+
+			HookReceiver.Request notification = receiver.await(
+					r -> r.path().equals(imagePath) && r.body().contains(id), DEADLINE, "notification via the REST-registered shim");
+			assertEquals("Bearer image-secret", notification.authorization());
+			assertEquals(Map.of("resourceType", "RelatedPerson", "id", id, "versionId", "1", "action", "create"),
+					JSON.readValue(notification.body(), Map.class));
+			// Its own type filter applies: the Patient went to the JPA-registered shim only.
+			receiver.await(isNotifyFor("image-" + id), DEADLINE, "Patient notification via the JPA-registered shim");
+			assertEquals(1, receiver.matching(r -> r.path().equals(imagePath)).size());
+		} finally {
+			restServer.unregisterInterceptor(interceptor);
+			((org.synapse_fhir.notify.SynapseNotifyInterceptor) interceptor).shutdown();
+		}
 	}
 
 	@Test
