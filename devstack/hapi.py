@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,11 @@ from devstack.processes import ManagedProcess
 from devstack.waiting import StopWaiting, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
-DEV_SERVER_JAR = REPO / "hapi" / "server" / "target" / "fhir-dev-server.jar"
+# SFM_DEV_SERVER_JAR points at another build (e.g. a copy kept while hapi/ is rebuilt).
+DEV_SERVER_JAR = Path(
+    os.environ.get("SFM_DEV_SERVER_JAR")
+    or REPO / "hapi" / "server" / "target" / "fhir-dev-server.jar"
+)
 START_TIMEOUT = 240.0
 
 

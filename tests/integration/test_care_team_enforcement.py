@@ -1,0 +1,269 @@
+"""Care-team enforcement with a real Synapse and the real HAPI dev server: only current
+members of a room's CareTeam get in, as FHIR says, on every path."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from devstack.fhir_seed import FhirSeeder
+from devstack.hapi import HapiDevServer
+from devstack.matrix_client import MatrixError, MatrixUser, login_as, register_user
+from devstack.synapse import SynapseServer, module_config
+from devstack.waiting import wait_until
+from tests.conftest import SERVER_LOGS
+from tests.integration.care_network import (
+    CareNetwork,
+    create_bound_space,
+    create_room_in_space,
+)
+
+CACHE_TTL = 2.0  # seconds: FHIR changes show within a few seconds without a push
+
+
+@pytest.fixture(scope="module")
+def enforcing(hapi: HapiDevServer, run_dir: Path) -> Iterator[SynapseServer]:
+    config = module_config(hapi.base_url, enforcement={"cache_ttl": f"{CACHE_TTL}s"})
+    server = SynapseServer(run_dir / "synapse-enforcing", config)
+    SERVER_LOGS.extend([server.log_path, server.process.log_path])
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def network(hapi: HapiDevServer) -> CareNetwork:
+    net = CareNetwork(uuid.uuid4().hex[:8])
+    net.seed(FhirSeeder(hapi.base_url))
+    return net
+
+
+@pytest.fixture(scope="module")
+def users(enforcing: SynapseServer, network: CareNetwork) -> Callable[..., MatrixUser]:
+    registered: dict[str, MatrixUser] = {}
+
+    def user(name: str, *, admin: bool = False) -> MatrixUser:
+        if name not in registered:
+            registered[name] = register_user(enforcing, network.localpart(name), admin=admin)
+        return registered[name]
+
+    return user
+
+
+@pytest.fixture(scope="module")
+def service(enforcing: SynapseServer, users: Callable[..., MatrixUser]) -> MatrixUser:
+    root = users("root", admin=True)
+    wait_until(
+        lambda: root.request("GET", "/_synapse/admin/v2/users/@fhir:example.org"),
+        timeout=10,
+        what="the service user registered",
+    )
+    return login_as(root, "@fhir:example.org")
+
+
+@pytest.fixture(scope="module")
+def space(service: MatrixUser, network: CareNetwork) -> str:
+    return create_bound_space(service, network.team)
+
+
+def refused(action: Callable[[], object]) -> MatrixError:
+    with pytest.raises(MatrixError) as caught:
+        action()
+    return caught.value
+
+
+def assert_denied(error: MatrixError, reason: str) -> None:
+    assert error.status == 403, error
+    assert error.errcode == "M_FORBIDDEN", error
+    assert error.reason == reason, error
+
+
+def test_members_are_invited_and_join(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser], network: CareNetwork
+) -> None:
+    room = create_room_in_space(service, space)
+    anna, bram, carla, henk = (users(n) for n in ("anna", "bram", "carla", "henk"))
+    service.invite(room, anna.user_id)
+    anna.join(room)
+    # A practitioner reached through a PractitionerRole, a related person, the patient.
+    for member in (bram, carla, henk):
+        anna.invite(room, member.user_id)
+        member.join(room)
+    members = service.request("GET", f"/_matrix/client/v3/rooms/{room}/joined_members")["joined"]
+    assert {anna.user_id, bram.user_id, carla.user_id, henk.user_id} <= set(members)
+
+
+def test_non_member_cannot_be_invited(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser]
+) -> None:
+    room = create_room_in_space(service, space)
+    anna = users("anna")
+    service.invite(room, anna.user_id)
+    anna.join(room)
+    for outsider in ("mallory", "eve"):  # a practitioner elsewhere; nobody in FHIR
+        error = refused(lambda o=outsider: anna.invite(room, users(o).user_id))
+        assert_denied(error, "not_in_care_team")
+        assert "care team" in error.body["error"]
+
+
+def test_non_member_cannot_join_a_public_bound_room(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser]
+) -> None:
+    room = create_room_in_space(service, space, public=True)
+    assert_denied(refused(lambda: users("mallory").join(room)), "not_in_care_team")
+    # The same public room lets a member straight in.
+    users("carla").join(room)
+
+
+def test_server_admin_inviting_a_non_member_is_still_refused(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser]
+) -> None:
+    """Spam checkers skip server admins; check_event_allowed does not."""
+    room = create_room_in_space(service, space)
+    # The GP happens to be a server admin of this homeserver.
+    anna_admin = users("anna")
+    users("root").request("PUT", f"/_synapse/admin/v2/users/{anna_admin.user_id}", {"admin": True})
+    service.invite(room, anna_admin.user_id)
+    anna_admin.join(room)
+    assert_denied(
+        refused(lambda: anna_admin.invite(room, users("mallory").user_id)), "not_in_care_team"
+    )
+
+
+def test_expired_and_future_participation_and_inactive_person_are_refused(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser]
+) -> None:
+    room = create_room_in_space(service, space)
+    for name in ("olga", "fred", "ivo"):
+        assert_denied(
+            refused(lambda n=name: service.invite(room, users(n).user_id)), "not_in_care_team"
+        )
+
+
+def test_nested_team_member_is_admitted_despite_a_cycle(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser]
+) -> None:
+    room = create_room_in_space(service, space)
+    piet = users("piet")  # in the pharmacy team, which lists the home team back
+    service.invite(room, piet.user_id)
+    piet.join(room)
+
+
+def test_inactive_person_is_expired_until_reactivated(
+    hapi: HapiDevServer,
+    service: MatrixUser,
+    space: str,
+    users: Callable[..., MatrixUser],
+    network: CareNetwork,
+) -> None:
+    ivo = users("ivo")  # active: false in FHIR
+    expired = wait_until(
+        lambda: _expired_error(ivo),
+        timeout=15,
+        what="the inactive practitioner's account reported expired",
+    )
+    assert expired.status == 403
+    room = create_room_in_space(service, space)
+    assert_denied(refused(lambda: service.invite(room, ivo.user_id)), "not_in_care_team")
+
+    FhirSeeder(hapi.base_url).patch_active(network.ref("Practitioner", "inactive"), True)
+    wait_until(lambda: ivo.whoami(), timeout=15, what="the reactivated account usable again")
+    wait_until(
+        lambda: service.invite(room, ivo.user_id) is None,
+        timeout=15,
+        what="the reactivated practitioner admitted",
+    )
+    ivo.join(room)
+
+
+def test_person_who_leaves_the_team_can_no_longer_act_or_invite(
+    hapi: HapiDevServer,
+    service: MatrixUser,
+    space: str,
+    users: Callable[..., MatrixUser],
+    network: CareNetwork,
+) -> None:
+    fhir = FhirSeeder(hapi.base_url)
+    lena_ref = network.ref("Practitioner", "leaver")
+    participants = network.standard_participants()
+    fhir.put(network.care_team(*participants, network.participant(lena_ref)))
+    room = create_room_in_space(service, space)
+    lena = users("lena")
+    wait_until(
+        lambda: service.invite(room, lena.user_id) is None,
+        timeout=15,
+        what="the new participant admitted",
+    )
+    lena.join(room)
+    lena.send_text(room, "Hello team")
+
+    # Her participation ends today-minus-one: she is still joined, but no longer a member.
+    fhir.put(network.care_team(*participants, network.participant(lena_ref, {"end": "2021-01-01"})))
+    error = wait_until(
+        lambda: _send_error(lena, room),
+        timeout=15,
+        what="the former participant refused when sending",
+    )
+    assert_denied(error, "not_in_care_team")
+    assert_denied(
+        refused(lambda: lena.invite(room, users("carla").user_id)), "inviter_not_in_care_team"
+    )
+    lena.leave(room)  # leaving is always allowed
+
+
+def test_regular_users_cannot_touch_protected_state(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser], network: CareNetwork
+) -> None:
+    eve = users("eve")
+    # Not even in a room of her own, where she has every power.
+    own_room = eve.create_room(name="Mine")
+    for event_type in ("org.synapse_fhir.care_team", "org.synapse_fhir.thread"):
+        error = refused(
+            lambda t=event_type: eve.send_state(own_room, t, {"reference": network.team})
+        )
+        assert_denied(error, "protected_state")
+    # Nor pre-bind a room when creating it.
+    error = refused(
+        lambda: eve.create_room(
+            initial_state=[
+                {
+                    "type": "org.synapse_fhir.thread",
+                    "state_key": "",
+                    "content": {"reference": "CommunicationRequest/x"},
+                }
+            ]
+        )
+    )
+    assert_denied(error, "protected_state")
+    # A room's own m.space.parent claim does not attach it to the patient's record.
+    eve.send_state(own_room, "m.space.parent", {"via": ["example.org"]}, state_key=space)
+    eve.invite(own_room, users("mallory").user_id)
+
+
+def _expired_error(user: MatrixUser) -> MatrixError | None:
+    try:
+        user.whoami()
+    except MatrixError as e:
+        if e.errcode == "ORG_MATRIX_EXPIRED_ACCOUNT":
+            return e
+        raise
+    return None
+
+
+def _send_error(user: MatrixUser, room: str) -> MatrixError | None:
+    try:
+        user.send_text(room, "still here?")
+    except MatrixError as e:
+        return e
+    return None
+
+
+def test_health_still_ok(enforcing: SynapseServer) -> None:
+    assert (
+        requests.get(enforcing.url("/_synapse/client/fhir/health"), timeout=10).json()["status"]
+        == "ok"
+    )
