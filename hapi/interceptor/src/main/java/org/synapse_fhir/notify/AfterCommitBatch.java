@@ -1,5 +1,6 @@
 package org.synapse_fhir.notify;
 
+import org.slf4j.LoggerFactory;
 import org.springframework.transaction.support.TransactionSynchronization;
 import org.springframework.transaction.support.TransactionSynchronizationManager;
 
@@ -55,7 +56,12 @@ final class AfterCommitBatch implements TransactionSynchronization {
 
 	@Override
 	public void afterCommit() {
-		pending.values().forEach(notifier::submit);
+		// An exception here would reach the writer although its data is committed: never throw.
+		try {
+			pending.values().forEach(notifier::submit);
+		} catch (RuntimeException e) {
+			LoggerFactory.getLogger(AfterCommitBatch.class).warn("Could not hand over notifications: {}", e.toString());
+		}
 	}
 
 	@Override

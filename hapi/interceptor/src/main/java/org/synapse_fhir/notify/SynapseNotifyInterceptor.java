@@ -101,7 +101,8 @@ public class SynapseNotifyInterceptor {
 				// No transaction to wait for: the change is already stored.
 				notifier.submit(notification);
 			}
-		} catch (RuntimeException e) {
+		} catch (RuntimeException | LinkageError e) {
+			// Even a broken deployment (e.g. no spring-tx on the class path) must not fail the write.
 			LOG.warn("Could not schedule Synapse notification for {}: {}", resource.fhirType(), e.toString());
 		}
 	}

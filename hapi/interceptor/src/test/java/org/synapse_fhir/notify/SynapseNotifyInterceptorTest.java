@@ -10,6 +10,8 @@ import org.junit.jupiter.api.BeforeEach;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.params.ParameterizedTest;
 import org.junit.jupiter.params.provider.ValueSource;
+import org.springframework.transaction.TransactionDefinition;
+import org.springframework.transaction.support.TransactionTemplate;
 
 import java.io.IOException;
 import java.net.ServerSocket;
@@ -111,6 +113,25 @@ class SynapseNotifyInterceptorTest {
 		storage.createCommitted(patient("committed", "1"));
 		assertEquals("committed", body(1).get("id"));
 		assertEquals(1, receiver.count());
+	}
+
+	@Test
+	void anInnerRequiresNewTransactionIsReportedOnItsOwn() throws Exception {
+		install(settings());
+		TransactionTemplate requiresNew = new TransactionTemplate(storage.transactions.getTransactionManager());
+		requiresNew.setPropagationBehavior(TransactionDefinition.PROPAGATION_REQUIRES_NEW);
+
+		storage.transactions.executeWithoutResult(outer -> {
+			storage.create(patient("outer", "1"));
+			requiresNew.executeWithoutResult(inner -> storage.create(patient("inner", "1")));
+			// The inner transaction has committed: its notification may go, the outer one may not.
+			assertEquals("inner", body(1).get("id"));
+			outer.setRollbackOnly();
+		});
+		storage.createCommitted(patient("sentinel", "1"));
+
+		assertEquals("sentinel", body(2).get("id"));
+		assertEquals(2, receiver.count());
 	}
 
 	@Test
