@@ -109,6 +109,20 @@ def register_user(server: SynapseServer, localpart: str, *, admin: bool = False)
     return MatrixUser(server, data["user_id"], data["access_token"])
 
 
+def register_publicly(server: SynapseServer, localpart: str) -> requests.Response:
+    """Register through the public client API (dummy auth), as a person's app would.
+
+    Returns the final response, whatever its status, for tests to inspect.
+    """
+    url = server.url("/_matrix/client/v3/register")
+    body: dict[str, Any] = {"username": localpart, "password": f"pw-{localpart}"}
+    first = requests.post(url, json=body, timeout=30)
+    if first.status_code != 401 or "session" not in first.json():
+        return first
+    body["auth"] = {"type": "m.login.dummy", "session": first.json()["session"]}
+    return requests.post(url, json=body, timeout=30)
+
+
 def login_as(admin: MatrixUser, user_id: str) -> MatrixUser:
     """A session for ``user_id`` through the admin API (e.g. to act as the service user)."""
     token = admin.request("POST", f"/_synapse/admin/v1/users/{quote(user_id)}/login", {})[

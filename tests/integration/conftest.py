@@ -37,6 +37,26 @@ def hapi(run_dir: Path) -> Iterator[HapiDevServer]:
 
 
 @pytest.fixture(scope="session")
+def own_hapi(run_dir: Path) -> Iterator[HapiDevServer]:
+    """A second HAPI, on an H2 file database, for the tests that stop and start it."""
+    server = HapiDevServer(run_dir / "own-hapi", database_file=run_dir / "own-hapi" / "fhir")
+    SERVER_LOGS.append(server.process.log_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def hapi_running(own_hapi: HapiDevServer) -> Iterator[HapiDevServer]:
+    """Whatever a test does to HAPI, the next test finds it running."""
+    yield own_hapi
+    if not own_hapi.process.running:
+        own_hapi.start()
+
+
+@pytest.fixture(scope="session")
 def synapse(hapi: HapiDevServer, run_dir: Path) -> Iterator[SynapseServer]:
     """A Synapse with the module, default config, talking to the session's HAPI."""
     with started_synapse(run_dir / "synapse-main", module_config(hapi.base_url)) as server:

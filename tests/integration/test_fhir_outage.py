@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import pytest_twisted
@@ -20,27 +19,6 @@ from devstack.waiting import wait_until
 from synapse_fhir_module.config import FhirConfig
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirTransientError
-from tests.conftest import SERVER_LOGS
-
-
-@pytest.fixture(scope="module")
-def own_hapi(run_dir: Path) -> Iterator[HapiDevServer]:
-    """A HAPI of this module's own, on an H2 file database, that the tests stop and start."""
-    server = HapiDevServer(run_dir / "own-hapi", database_file=run_dir / "own-hapi" / "fhir")
-    SERVER_LOGS.append(server.process.log_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def hapi_running(own_hapi: HapiDevServer) -> Iterator[HapiDevServer]:
-    """Whatever a test does to HAPI, the next test finds it running."""
-    yield own_hapi
-    if not own_hapi.process.running:
-        own_hapi.start()
 
 
 def health(server: SynapseServer) -> dict:
