@@ -37,6 +37,7 @@ from synapse_fhir_module.fhir_errors import (
 logger = logging.getLogger(__name__)
 
 SearchParams = Mapping[str, str] | Sequence[tuple[str, str]]
+_NO_CACHE = {"Cache-Control": "no-cache"}
 
 FHIR_JSON = "application/fhir+json"
 
@@ -104,7 +105,11 @@ class FhirClient:
         query = urlencode(list(params.items()) if isinstance(params, Mapping) else list(params))
         url: str | None = self._url(f"{resource_type}?{query}" if query else resource_type)
         while url is not None:
-            page = await self._call_url("GET", url, f"search {resource_type}")
+            # HAPI reuses an identical search's results for a minute unless told not to;
+            # access decisions must see writes made a moment ago.
+            _, page = await self._exchange(
+                "GET", url, f"search {resource_type}", extra_headers=_NO_CACHE
+            )
             if not isinstance(page, dict) or page.get("resourceType") != "Bundle":
                 raise FhirPermanentError(f"search {resource_type} did not answer with a Bundle")
             yield page
@@ -211,10 +216,6 @@ class FhirClient:
             resource=resource,
             prefer_representation=prefer_representation,
         )
-        return body
-
-    async def _call_url(self, method: str, url: str, what: str) -> Any:
-        _, body = await self._exchange(method, url, what)
         return body
 
     async def _exchange(

@@ -37,6 +37,7 @@ class Scripted(resource.Resource):
                 "path": request.uri.decode(),
                 "authorization": (request.getHeader("authorization") or ""),
                 "if-none-exist": request.getHeader("if-none-exist"),
+                "cache-control": request.getHeader("cache-control"),
             }
         )
         status, body = self.answers.pop(0)
@@ -148,3 +149,12 @@ async def test_next_link_to_another_host_is_refused(scripted: tuple[Scripted, st
     with pytest.raises(FhirPermanentError, match="another host"):
         await fhir.search("Patient")
     assert len(root.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_searches_ask_for_fresh_results(scripted: tuple[Scripted, str]) -> None:
+    """HAPI would otherwise reuse an identical search's results for a minute."""
+    root, url = scripted
+    root.answers.append((200, {"resourceType": "Bundle", "type": "searchset"}))
+    assert await client(url).search_json("CareTeam", {"_id": "1"}) == []
+    assert root.requests[0]["cache-control"] == "no-cache"
