@@ -30,6 +30,7 @@ lint: $(VENV)/.installed
 
 bench: setup
 	$(PY) -m bench.synapse_start
+	$(PY) -m bench.membership_decision
 
 setup: $(VENV)/.installed $(HAPI_JARS)
 

@@ -36,7 +36,7 @@ UNREACHABLE_BACKOFF = 5.0
 UNRESOLVED_TEAM = "CareTeam/#unresolved"
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
-_INCLUDES = [
+MEMBERSHIP_INCLUDES = [
     ("_include", "CareTeam:participant"),
     ("_include:iterate", "CareTeam:participant"),
     ("_include:iterate", "PractitionerRole:practitioner"),
@@ -131,7 +131,9 @@ class CareTeamDirectory:
         if not _FHIR_ID.match(team_id):
             membership = TeamMembership(team=team_ref, status="missing", members={})
             return _Fetched(membership, self._monotonic(), frozenset())
-        resources = await self._fhir.search_json("CareTeam", [("_id", team_id), *_INCLUDES])
+        resources = await self._fhir.search_json(
+            "CareTeam", [("_id", team_id), *MEMBERSHIP_INCLUDES]
+        )
         by_ref = {
             f"{r['resourceType']}/{r['id']}": r
             for r in resources
