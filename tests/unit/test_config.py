@@ -73,10 +73,15 @@ def test_every_key_is_read() -> None:
         },
         "service_user": "care-bot",
         "webhook": {"secret": "s3cret"},
-        "enforcement": {"enabled": False, "fail_closed": False, "cache_ttl": "90s"},
+        "enforcement": {
+            "enabled": False,
+            "fail_closed": False,
+            "cache_ttl": "90s",
+            "exempt_users": ["@audit:example.org"],
+        },
         "communication": {"enabled": False, "encrypted_rooms": "forbid", "batch_size": 200},
         "sync": {"enabled": False, "poll_interval": "2m"},
-        "account_validity": {"enabled": False},
+        "account_validity": {"enabled": False, "expire_unmapped": True},
         "registration": {"require_fhir_identity": True},
         "worker": "background_worker",
     }
@@ -88,10 +93,12 @@ def test_every_key_is_read() -> None:
     assert config.webhook.secret == "s3cret"
     assert (config.enforcement.enabled, config.enforcement.fail_closed) == (False, False)
     assert config.enforcement.cache_ttl == 90.0
+    assert config.enforcement.exempt_users == ("@audit:example.org",)
     assert config.communication.encrypted_rooms is EncryptedRoomsPolicy.FORBID
     assert (config.communication.enabled, config.communication.batch_size) == (False, 200)
     assert (config.sync.enabled, config.sync.poll_interval) == (False, 120.0)
     assert config.account_validity.enabled is False
+    assert config.account_validity.expire_unmapped is True
     assert config.registration.require_fhir_identity is True
     assert config.worker == "background_worker"
 
@@ -148,6 +155,12 @@ def test_durations(text: str, seconds: float) -> None:
         (with_key("communication", "batch_size", 5000), ("communication", "batch_size")),
         (with_key("communication", "batch_size", "50"), ("communication", "batch_size")),
         (with_key("sync", "poll_interval", "-1s"), ("sync", "poll_interval")),
+        (with_key("enforcement", "exempt_users", "@a:b"), ("enforcement", "exempt_users")),
+        (with_key("enforcement", "exempt_users", ["audit"]), ("enforcement", "exempt_users")),
+        (
+            with_key("account_validity", "expire_unmapped", "no"),
+            ("account_validity", "expire_unmapped"),
+        ),
         (with_key("webhook", "secret", ""), ("webhook", "secret")),
         (
             with_key("registration", "require_fhir_identity", 1),
