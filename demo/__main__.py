@@ -16,9 +16,12 @@ import requests
 
 from demo.care_network import as_transaction, care_network
 from devstack.hapi import HapiDevServer
-from devstack.matrix_client import register_user
+from devstack.matrix_client import MatrixError, login_as, register_user
+from devstack.rooms import create_bound_space, create_room_in_space
 from devstack.synapse import SynapseServer, module_config
+from devstack.waiting import wait_until
 
+SERVICE_USER = "@fhir:example.org"
 WORKDIR = Path(__file__).resolve().parent.parent / ".run" / "demo"
 
 
@@ -59,14 +62,43 @@ def main() -> int:
         say("GET /_synapse/client/fhir/health ->")
         say("  " + json.dumps(health))
 
-        say("A short conversation between the GP and the district nurse ...")
-        anna = register_user(synapse, "anna")
-        bram = register_user(synapse, "bram")
-        room = anna.create_room(name="Home care team", invite=[bram.user_id])
-        bram.join(room)
+        say("The care team's space and a room in it, as the module's service user ...")
+        root = register_user(synapse, "root", admin=True)
+        wait_until(
+            lambda: root.request("GET", f"/_synapse/admin/v2/users/{SERVICE_USER}"),
+            timeout=15,
+            what="the service user registered",
+        )
+        service = login_as(root, SERVICE_USER)
+        space = create_bound_space(service, "CareTeam/demo-careteam")
+        room = create_room_in_space(service, space)
+        say(f"  space {space} bound to CareTeam/demo-careteam, room {room}")
+
+        say("Members of the CareTeam join; someone outside it is refused ...")
+        anna, bram, carla = (register_user(synapse, n) for n in ("anna", "bram", "carla"))
+        service.invite(room, anna.user_id)
+        anna.join(room)
+        for member in (bram, carla):
+            anna.invite(room, member.user_id)
+            member.join(room)
+            say(f"  {member.user_id} invited by the GP and joined")
+        mallory = register_user(synapse, "mallory")
+        try:
+            anna.invite(room, mallory.user_id)
+            say("  UNEXPECTED: an outsider was let in")
+            return 1
+        except MatrixError as refused:
+            say(
+                f"  inviting {mallory.user_id}: HTTP {refused.status} {refused.errcode}, "
+                f"reason {refused.reason}"
+            )
+            say(f'    "{refused.body["error"]}"')
+
+        say("A short conversation ...")
         for user, text in (
             (anna, "Blood pressure is up again; can you check it tomorrow morning?"),
             (bram, "Will do, I'm there at 8:30."),
+            (carla, "I'll make sure Dad is up by then."),
         ):
             event_id = user.send_text(room, text)
             say(f"  {user.user_id} sent {event_id}")
@@ -76,8 +108,8 @@ def main() -> int:
         ).json()["total"]
         say(f"Communications in FHIR: {communications}")
         say(
-            "  (recording each message as a FHIR Communication, and care-team spaces and\n"
-            "   rooms from the CareTeam, arrive with the next issues; this demo grows with them)"
+            "  (recording each message as a FHIR Communication, and the module creating spaces\n"
+            "   and rooms from the CareTeam itself, arrive with the next issues)"
         )
 
         if args.keep_running:

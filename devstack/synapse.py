@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import requests
 import yaml
 from signedjson.key import generate_signing_key, write_signing_keys
 
+from devstack.federation import federation_config, loopback_server_name
 from devstack.ports import free_port
 from devstack.processes import ManagedProcess
 from devstack.waiting import StopWaiting, wait_until
@@ -40,7 +42,12 @@ def module_config(fhir_base_url: str, **overrides: Any) -> dict[str, Any]:
 
 
 class SynapseServer:
-    """One homeserver in ``workdir``; ``fhir_module`` None runs Synapse without the module."""
+    """One homeserver in ``workdir``; ``fhir_module`` None runs Synapse without the module.
+
+    By default it is ``example.org`` and never federates. With ``federation_port`` it is
+    ``127.0.0.1:<federation_port>``, serves federation over TLS on that port and federates
+    with the servers named in ``federation_peers`` (see ``devstack.federation``).
+    """
 
     def __init__(
         self,
@@ -49,12 +56,18 @@ class SynapseServer:
         *,
         port: int | None = None,
         extra_config: dict[str, Any] | None = None,
+        federation_port: int | None = None,
+        federation_peers: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server_name = SERVER_NAME
+        self.federation_port = federation_port
+        self.federation_peers = tuple(federation_peers)
+        self.server_name = (
+            loopback_server_name(federation_port) if federation_port is not None else SERVER_NAME
+        )
         self.registration_secret = secrets.token_hex(16)
         self.config_path = self.workdir / "homeserver.yaml"
         self._write_config(fhir_module, extra_config or {})
@@ -117,7 +130,7 @@ class SynapseServer:
         log_config = self.workdir / "log.config"
         log_config.write_text(yaml.safe_dump(_log_config(self.log_path)))
         config: dict[str, Any] = {
-            "server_name": SERVER_NAME,
+            "server_name": self.server_name,
             "public_baseurl": f"{self.base_url}/",
             "pid_file": str(self.workdir / "homeserver.pid"),
             "listeners": [
@@ -169,6 +182,12 @@ class SynapseServer:
             config["modules"] = [
                 {"module": "synapse_fhir_module.FhirModule", "config": fhir_module}
             ]
+        if self.federation_port is not None:
+            federation = federation_config(
+                self.workdir, self.federation_port, self.federation_peers
+            )
+            config["listeners"].append(federation["listener"])
+            config.update(federation["config"])
         config.update(extra)
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 

@@ -8,7 +8,6 @@ from typing import Any
 import attr
 
 from devstack.fhir_seed import FhirSeeder
-from devstack.matrix_client import MatrixUser
 from devstack.synapse import SERVER_NAME
 
 MATRIX_ID_SYSTEM = "https://matrix.org/user-id"
@@ -116,35 +115,3 @@ class CareNetwork:
 
     def seed(self, fhir: FhirSeeder) -> None:
         fhir.put_all(self.resources())
-
-
-def create_bound_space(service: MatrixUser, team_ref: str) -> str:
-    """A space bound to ``team_ref``, created the way the module's service user does it."""
-    return service.create_room(
-        name="Home care team",
-        creation_content={"type": "m.space"},
-        initial_state=[
-            {
-                "type": "org.synapse_fhir.care_team",
-                "state_key": "",
-                "content": {"reference": team_ref},
-            }
-        ],
-    )
-
-
-def create_room_in_space(service: MatrixUser, space_id: str, *, public: bool = False) -> str:
-    """A room listed by the space (m.space.child by the service user) and pointing back."""
-    room_id = service.create_room(
-        name="Thread",
-        preset="public_chat" if public else "private_chat",
-        initial_state=[
-            {
-                "type": "m.space.parent",
-                "state_key": space_id,
-                "content": {"via": [SERVER_NAME], "canonical": True},
-            }
-        ],
-    )
-    service.send_state(space_id, "m.space.child", {"via": [SERVER_NAME]}, state_key=room_id)
-    return room_id

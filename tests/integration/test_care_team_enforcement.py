@@ -13,14 +13,11 @@ import requests
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, login_as, register_user
+from devstack.rooms import create_bound_space, create_room_in_space
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
-from tests.integration.care_network import (
-    CareNetwork,
-    create_bound_space,
-    create_room_in_space,
-)
+from tests.integration.care_network import CareNetwork
 
 CACHE_TTL = 2.0  # seconds: FHIR changes show within a few seconds without a push
 

@@ -1,0 +1,293 @@
+"""Care-team enforcement across federation: two real homeservers on 127.0.0.1.
+
+Server A runs the module and holds the care-team rooms; server B is a plain Synapse
+(no module), as another organisation's homeserver would be: whatever B runs, A must
+decide who enters A's care-team rooms. Users of B try to join A's *public* bound room
+over federation, so Synapse's own rules would let anyone in and only the module can
+say no.
+
+Where the module gets to decide (Synapse 1.163): a remote user's first join goes
+through A's ``/make_join``, where A builds the join event with
+``create_new_client_event`` — which runs ``check_event_allowed``. Spam-checker
+callbacks (``user_may_join_room``) only see local users, so a refusal carrying
+``org.synapse_fhir.reason`` on a federated join can only come from
+``check_event_allowed``. B relays A's error to its client (``ProxiedRequestError``
+keeps the extra fields).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import attr
+import pytest
+
+from devstack.federation import free_ports, loopback_server_name
+from devstack.fhir_seed import FhirSeeder
+from devstack.hapi import HapiDevServer
+from devstack.matrix_client import MatrixError, MatrixUser, login_as, register_user
+from devstack.synapse import SynapseServer, module_config
+from devstack.waiting import wait_until
+from tests.conftest import SERVER_LOGS
+from tests.integration.care_network import MATRIX_ID_SYSTEM
+
+FEDERATION_TIMEOUT = 30.0
+REFUSAL_TEXT = "This room belongs to a care team"
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class Federation:
+    a: SynapseServer  # with the module, holds the care-team rooms
+    b: SynapseServer  # plain Synapse, another organisation's homeserver
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class RemoteCareNetwork:
+    """A care team in FHIR whose patient is on A and whose GP's account is on B."""
+
+    tag: str
+    a_name: str
+    b_name: str
+
+    def localpart(self, name: str) -> str:
+        return f"{name}_{self.tag}"
+
+    def on_a(self, name: str) -> str:
+        return f"@{self.localpart(name)}:{self.a_name}"
+
+    def on_b(self, name: str) -> str:
+        return f"@{self.localpart(name)}:{self.b_name}"
+
+    def ref(self, resource_type: str, name: str) -> str:
+        return f"{resource_type}/{name}-{self.tag}"
+
+    @property
+    def team(self) -> str:
+        return self.ref("CareTeam", "team")
+
+    def resources(self) -> list[dict[str, Any]]:
+        def person(resource_type: str, name: str, identity: dict[str, Any]) -> dict[str, Any]:
+            return {"resourceType": resource_type, "id": f"{name}-{self.tag}", **identity}
+
+        def member(ref: str) -> dict[str, Any]:
+            return {"member": {"reference": ref, "type": ref.split("/")[0]}}
+
+        patient = self.on_a("henk")
+        return [
+            person(
+                "Patient",
+                "patient",
+                {"identifier": [{"system": MATRIX_ID_SYSTEM, "value": patient}]},
+            ),
+            # The GP's Matrix account lives on B (a MSC2312 URI with a server name and port).
+            person("Practitioner", "gp", telecom(self.on_b("gp"))),
+            # A practitioner in the same FHIR server, on B too, but not in this team.
+            person("Practitioner", "outsider", telecom(self.on_b("mallory"))),
+            {
+                "resourceType": "CareTeam",
+                "id": f"team-{self.tag}",
+                "status": "active",
+                "name": "Home care team",
+                "subject": {"reference": self.ref("Patient", "patient"), "type": "Patient"},
+                "participant": [
+                    member(self.ref("Patient", "patient")),
+                    member(self.ref("Practitioner", "gp")),
+                ],
+            },
+        ]
+
+
+def telecom(user_id: str) -> dict[str, Any]:
+    return {"telecom": [{"system": "url", "value": f"matrix:u/{user_id.removeprefix('@')}"}]}
+
+
+@pytest.fixture(scope="module")
+def federation(hapi: HapiDevServer, run_dir: Path) -> Iterator[Federation]:
+    port_a, port_b = free_ports(2)
+    name_a, name_b = loopback_server_name(port_a), loopback_server_name(port_b)
+    a = SynapseServer(
+        run_dir / "synapse-federation-a",
+        module_config(hapi.base_url),
+        federation_port=port_a,
+        federation_peers=[name_b],
+    )
+    b = SynapseServer(
+        run_dir / "synapse-federation-b",
+        None,
+        federation_port=port_b,
+        federation_peers=[name_a],
+    )
+    started: list[SynapseServer] = []
+    try:
+        for server in (a, b):
+            SERVER_LOGS.extend([server.log_path, server.process.log_path])
+            started.append(server)
+            server.start()
+        yield Federation(a, b)
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def network(hapi: HapiDevServer, federation: Federation) -> RemoteCareNetwork:
+    net = RemoteCareNetwork(
+        uuid.uuid4().hex[:8], federation.a.server_name, federation.b.server_name
+    )
+    FhirSeeder(hapi.base_url).put_all(net.resources())
+    return net
+
+
+@pytest.fixture(scope="module")
+def users(federation: Federation, network: RemoteCareNetwork) -> Callable[[str], MatrixUser]:
+    """Users of B, registered once each."""
+    registered: dict[str, MatrixUser] = {}
+
+    def user(name: str) -> MatrixUser:
+        if name not in registered:
+            registered[name] = register_user(federation.b, network.localpart(name))
+        return registered[name]
+
+    return user
+
+
+@pytest.fixture(scope="module")
+def service(federation: Federation, network: RemoteCareNetwork) -> MatrixUser:
+    """A's service user (@fhir:<A>), the only one who may bind rooms to the care record."""
+    a = federation.a
+    root = register_user(a, network.localpart("root"), admin=True)
+    service_user = a.user_id("fhir")
+    wait_until(
+        lambda: root.request("GET", f"/_synapse/admin/v2/users/{quote(service_user)}"),
+        timeout=10,
+        what="the service user registered on A",
+    )
+    return login_as(root, service_user)
+
+
+@pytest.fixture(scope="module")
+def space(service: MatrixUser, network: RemoteCareNetwork) -> str:
+    return service.create_room(
+        name="Home care team",
+        creation_content={"type": "m.space"},
+        initial_state=[
+            {
+                "type": "org.synapse_fhir.care_team",
+                "state_key": "",
+                "content": {"reference": network.team},
+            }
+        ],
+    )
+
+
+def public_room(service: MatrixUser, space_id: str | None = None) -> str:
+    """A public room on A; listed by the bound space when ``space_id`` is given."""
+    server_name = service.server.server_name
+    initial_state = []
+    if space_id is not None:
+        initial_state.append(
+            {
+                "type": "m.space.parent",
+                "state_key": space_id,
+                "content": {"via": [server_name], "canonical": True},
+            }
+        )
+    room_id = service.create_room(
+        name="Thread", preset="public_chat", initial_state=initial_state
+    )
+    if space_id is not None:
+        service.send_state(space_id, "m.space.child", {"via": [server_name]}, state_key=room_id)
+    return room_id
+
+
+def join_over_federation(user: MatrixUser, room_id: str, via: str) -> None:
+    query = urlencode({"via": via, "server_name": via})
+    user.request("POST", f"/_matrix/client/v3/join/{quote(room_id)}?{query}", {})
+
+
+def membership_on(viewer: MatrixUser, room_id: str, user_id: str) -> str | None:
+    """``user_id``'s membership in ``room_id`` as ``viewer``'s server holds it."""
+    path = f"/_matrix/client/v3/rooms/{quote(room_id)}/state/m.room.member/{quote(user_id)}"
+    try:
+        return str(viewer.request("GET", path)["membership"])
+    except MatrixError as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def refused(action: Callable[[], object]) -> MatrixError:
+    with pytest.raises(MatrixError) as caught:
+        action()
+    return caught.value
+
+
+def test_remote_outsiders_are_refused_by_check_event_allowed(
+    federation: Federation,
+    service: MatrixUser,
+    space: str,
+    users: Callable[[str], MatrixUser],
+) -> None:
+    a = federation.a
+    room = public_room(service, space)
+    # A practitioner known to FHIR but not in the team, and someone FHIR has never heard of.
+    for name in ("mallory", "eve"):
+        outsider = users(name)
+        started = time.monotonic()
+        error = refused(lambda u=outsider: join_over_federation(u, room, a.server_name))
+        elapsed = time.monotonic() - started
+        # A's refusal, relayed by B to its client as is.
+        assert error.status == 403, error
+        assert error.errcode == "M_FORBIDDEN", error
+        assert error.reason == "not_in_care_team", error
+        assert REFUSAL_TEXT in error.body["error"], error
+        assert elapsed < 10, f"the federated join took {elapsed:.1f} s to be refused"
+        # A never let them in.
+        assert membership_on(service, room, outsider.user_id) is None
+    # A refused while building the join in /make_join (create_new_client_event, where
+    # check_event_allowed runs), not for a federation or signature problem.
+    log = a.log_path.read_text(errors="replace")
+    refusals = [
+        line
+        for line in log.splitlines()
+        if f"Failed to create join to {room} because 403: {REFUSAL_TEXT}" in line
+    ]
+    assert len(refusals) == 2, "\n".join(refusals)
+
+
+def test_control_remote_outsider_joins_an_ordinary_public_room_on_the_same_server(
+    federation: Federation, service: MatrixUser, users: Callable[[str], MatrixUser]
+) -> None:
+    """The same join into a room bound to no care team works: federation is fine, and
+    the refusal above is the module's doing."""
+    room = public_room(service)
+    mallory = users("mallory")
+    join_over_federation(mallory, room, federation.a.server_name)
+    assert membership_on(service, room, mallory.user_id) == "join"
+    assert membership_on(mallory, room, mallory.user_id) == "join"
+
+
+def test_remote_care_team_member_is_admitted(
+    federation: Federation,
+    service: MatrixUser,
+    space: str,
+    users: Callable[[str], MatrixUser],
+) -> None:
+    room = public_room(service, space)
+    gp = users("gp")  # a Practitioner in the CareTeam naming @gp_<tag>:<B>
+    join_over_federation(gp, room, federation.a.server_name)
+    assert membership_on(service, room, gp.user_id) == "join"
+    # And A delivers the room's traffic to B.
+    event_id = service.send_text(room, "welcome")
+    wait_until(
+        lambda: gp.request(
+            "GET", f"/_matrix/client/v3/rooms/{quote(room)}/event/{quote(event_id)}"
+        ),
+        timeout=FEDERATION_TIMEOUT,
+        what="A's message in the room on B",
+    )
