@@ -71,9 +71,7 @@ def write_self_signed_certificate(cert_path: Path, key_path: Path) -> None:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def federation_config(
-    workdir: Path, federation_port: int, peers: Sequence[str]
-) -> dict[str, Any]:
+def federation_config(workdir: Path, federation_port: int, peers: Sequence[str]) -> dict[str, Any]:
     """Top-level ``homeserver.yaml`` keys for a server federating on ``federation_port``.
 
     ``peers`` are the server names it may federate with (its own is added). The

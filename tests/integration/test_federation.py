@@ -13,6 +13,13 @@ callbacks (``user_may_join_room``) only see local users, so a refusal carrying
 ``org.synapse_fhir.reason`` on a federated join can only come from
 ``check_event_allowed``. B relays A's error to its client (``ProxiedRequestError``
 keeps the extra fields).
+
+Where it does not (the xfail test at the end): once B is in the room (a team member of B
+joined), B makes its other users' joins itself and sends them to A as PDUs in a
+``/send`` transaction. Synapse 1.163 calls ``check_event_allowed`` on no received PDU
+(on ``/send_join`` only for knocks), and the module's ``check_event_for_spam`` — which
+Synapse does run on received PDUs — lets ``m.room.member`` events through. An outsider
+on B then stays joined on A and on B.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -32,7 +40,7 @@ from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, login_as, register_user
 from devstack.synapse import SynapseServer, module_config
-from devstack.waiting import wait_until
+from devstack.waiting import NeverHappened, wait_until
 from tests.conftest import SERVER_LOGS
 from tests.integration.care_network import MATRIX_ID_SYSTEM
 
@@ -197,9 +205,7 @@ def public_room(service: MatrixUser, space_id: str | None = None) -> str:
                 "content": {"via": [server_name], "canonical": True},
             }
         )
-    room_id = service.create_room(
-        name="Thread", preset="public_chat", initial_state=initial_state
-    )
+    room_id = service.create_room(name="Thread", preset="public_chat", initial_state=initial_state)
     if space_id is not None:
         service.send_state(space_id, "m.space.child", {"via": [server_name]}, state_key=room_id)
     return room_id
@@ -239,7 +245,7 @@ def test_remote_outsiders_are_refused_by_check_event_allowed(
     for name in ("mallory", "eve"):
         outsider = users(name)
         started = time.monotonic()
-        error = refused(lambda u=outsider: join_over_federation(u, room, a.server_name))
+        error = refused(partial(join_over_federation, outsider, room, a.server_name))
         elapsed = time.monotonic() - started
         # A's refusal, relayed by B to its client as is.
         assert error.status == 403, error
@@ -291,3 +297,55 @@ def test_remote_care_team_member_is_admitted(
         timeout=FEDERATION_TIMEOUT,
         what="A's message in the room on B",
     )
+
+
+class OutsiderStillInRoom(Exception):
+    """The expected failure of the gap test below, and nothing else."""
+
+
+@pytest.mark.xfail(
+    raises=OutsiderStillInRoom,
+    strict=True,
+    reason=(
+        "Gap: once B is in the room, B joins its other users itself and sends the join to A "
+        "in a /send transaction; Synapse 1.163 runs check_event_allowed on no received PDU, "
+        "and the module's check_event_for_spam lets m.room.member events through"
+    ),
+)
+def test_remote_outsider_cannot_join_once_their_server_is_in_the_room(
+    federation: Federation,
+    service: MatrixUser,
+    space: str,
+    users: Callable[[str], MatrixUser],
+) -> None:
+    room = public_room(service, space)
+    gp, mallory = users("gp"), users("mallory")
+    join_over_federation(gp, room, federation.a.server_name)  # admitted: a team member
+    # B joined with partial state (faster joins) and would still ask A's /make_join for
+    # a second user. Listing every member waits until B holds the room's full state.
+    gp.request("GET", f"/_matrix/client/v3/rooms/{quote(room)}/members")
+    # So B does mallory's join itself, without asking A: it succeeds on B.
+    join_over_federation(mallory, room, federation.a.server_name)
+    assert membership_on(mallory, room, mallory.user_id) == "join"
+    # Something B sends after her join: once A has it, A has processed her join too.
+    after = gp.send_text(room, "after mallory's join")
+    wait_until(
+        lambda: service.request(
+            "GET", f"/_matrix/client/v3/rooms/{quote(room)}/event/{quote(after)}"
+        ),
+        timeout=FEDERATION_TIMEOUT,
+        what="B's event after the join received by A",
+    )
+    try:
+        wait_until(
+            lambda: (
+                membership_on(service, room, mallory.user_id) != "join"
+                and membership_on(mallory, room, mallory.user_id) != "join"
+            ),
+            timeout=3,  # a kick by A's service user would take well under a second
+            what="the outsider out of the care-team room, on A and on B",
+        )
+    except NeverHappened as e:
+        on_a = membership_on(service, room, mallory.user_id)
+        on_b = membership_on(mallory, room, mallory.user_id)
+        raise OutsiderStillInRoom(f"{e}: membership on A {on_a!r}, on B {on_b!r}") from None
