@@ -84,6 +84,8 @@ class FhirModule:
             service_user_id=self._service_user_id,
             exempt_users=exempt,
             fail_closed=config.fail_closed,
+            is_local=self._api.is_mine,
+            remove_member_soon=self._remove_member_soon,
         )
 
         def decision(callback: Any, allow: Any = NOT_SPAM) -> Any:
@@ -117,6 +119,29 @@ class FhirModule:
             desc="fhir_refresh_persons",
             run_on_all_instances=True,
         )
+
+    def _remove_member_soon(self, room_id: str, user_id: str) -> None:
+        self._api.run_as_background_process(
+            "fhir_remove_member", self._remove_member, room_id, user_id
+        )
+
+    async def _remove_member(self, room_id: str, user_id: str) -> None:
+        """The service user bans someone whose server let them into a care-team room.
+
+        A ban, not a kick: under state resolution the other server would re-apply their
+        earlier join after a kick, and keep showing them the room. (When FHIR later makes
+        them a member, the module lifts the ban before inviting them.)
+        """
+        try:
+            await self._api.update_room_membership(
+                self._service_user_id,
+                user_id,
+                room_id,
+                "ban",
+                {"reason": "Not a current member of this room's care team"},
+            )
+        except Exception as e:  # e.g. the room is gone: nothing to undo
+            logger.warning("Could not remove %s from %s: %s", user_id, room_id, e)
 
     async def _on_new_event(self, event: EventBase, state_events: StateMap[EventBase]) -> None:
         self._bindings.forget_for_event(event)

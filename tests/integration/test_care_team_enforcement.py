@@ -241,6 +241,37 @@ def test_regular_users_cannot_touch_protected_state(
     eve.invite(own_room, users("mallory").user_id)
 
 
+def test_room_bound_by_its_thread_belongs_to_the_request_s_care_team(
+    hapi: HapiDevServer, service: MatrixUser, users: Callable[..., MatrixUser], network: CareNetwork
+) -> None:
+    """No space needed: the CommunicationRequest's recipient names the team."""
+    thread_id = f"thread-{network.tag}"
+    FhirSeeder(hapi.base_url).put(
+        {
+            "resourceType": "CommunicationRequest",
+            "id": thread_id,
+            "status": "active",
+            "subject": {"reference": network.ref("Patient", "patient")},
+            "recipient": [{"reference": network.team}],
+        }
+    )
+    room = service.create_room(
+        initial_state=[
+            {
+                "type": "org.synapse_fhir.thread",
+                "state_key": "",
+                "content": {"reference": f"CommunicationRequest/{thread_id}"},
+            }
+        ]
+    )
+    assert_denied(
+        refused(lambda: service.invite(room, users("mallory").user_id)), "not_in_care_team"
+    )
+    carla = users("carla")
+    service.invite(room, carla.user_id)
+    carla.join(room)
+
+
 def _expired_error(user: MatrixUser) -> MatrixError | None:
     try:
         user.whoami()

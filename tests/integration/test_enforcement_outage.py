@@ -53,6 +53,12 @@ def test_cached_answers_hold_for_cache_ttl_then_fail_closed(
     service.invite(room, gp.user_id)
     gp.join(room)
     gp.send_text(room, "before the outage")  # the team's membership is now remembered
+    inactive = register_user(server, network.localpart("ivo"))
+    wait_until(
+        lambda: _is_expired(inactive),
+        timeout=20,
+        what="the inactive practitioner's account expired before the outage",
+    )
 
     hapi_running.stop()
     stopped_at = time.monotonic()
@@ -67,6 +73,10 @@ def test_cached_answers_hold_for_cache_ttl_then_fail_closed(
     assert error.status == 403
     assert error.reason == "directory_unavailable"
     assert "try again" in error.body["error"]
+    # Account validity was refreshed (every cache_ttl) during the outage and kept what it
+    # knew: an outage never expires the active, nor revives the inactive.
+    assert gp.whoami() == gp.user_id
+    assert _is_expired(inactive)
 
     hapi_running.start()
     wait_until(
@@ -96,3 +106,13 @@ def test_unknown_team_while_fhir_is_down_fails_closed_or_open_as_configured(
     gp_open = register_user(opened, network.localpart("anna"))
     open_service.invite(open_room, gp_open.user_id)  # fail_closed: false lets it through
     gp_open.join(open_room)
+
+
+def _is_expired(user: MatrixUser) -> bool:
+    try:
+        user.whoami()
+    except MatrixError as e:
+        if e.errcode == "ORG_MATRIX_EXPIRED_ACCOUNT":
+            return True
+        raise
+    return False
