@@ -129,8 +129,9 @@ class FhirModule:
         """The service user bans someone whose server let them into a care-team room.
 
         A ban, not a kick: under state resolution the other server would re-apply their
-        earlier join after a kick, and keep showing them the room. (When FHIR later makes
-        them a member, the module lifts the ban before inviting them.)
+        earlier join after a kick, and keep showing them the room. (The FHIR → Matrix
+        membership sync, still to come, must lift such a ban before inviting someone FHIR
+        later admits.)
         """
         try:
             await self._api.update_room_membership(
