@@ -9,6 +9,7 @@ never expire every account.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -76,7 +77,7 @@ class AccountValidity:
     async def _drain(self) -> None:
         try:
             while self._pending:
-                batch = sorted(self._pending)[:USERS_PER_BATCH]
+                batch = list(itertools.islice(self._pending, USERS_PER_BATCH))
                 try:
                     await self._persons.refresh(batch)
                 except FhirError as e:
