@@ -7,7 +7,7 @@ A person (Practitioner, RelatedPerson or Patient) names its Matrix account eithe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 MATRIX_ID_SYSTEM = "https://matrix.org/user-id"
@@ -52,12 +52,18 @@ def is_active(resource: Mapping[str, Any]) -> bool:
     return resource.get("active", True) is not False
 
 
-def person_searches(user_id: str) -> list[tuple[str, dict[str, str]]]:
-    """FHIR token searches that find the persons naming ``user_id``, in both forms."""
+def person_searches(user_ids: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """FHIR token searches that find the persons naming any of ``user_ids``, in both forms.
+
+    Six searches whatever the number of users: a comma ORs token values (Matrix ids
+    contain no commas).
+    """
+    identifiers = ",".join(f"{MATRIX_ID_SYSTEM}|{user_id}" for user_id in user_ids)
+    uris = ",".join(f"url|{matrix_uri(user_id)}" for user_id in user_ids)
     searches = []
     for resource_type in PERSON_TYPES:
-        searches.append((resource_type, {"identifier": f"{MATRIX_ID_SYSTEM}|{user_id}"}))
-        searches.append((resource_type, {"telecom": f"url|{matrix_uri(user_id)}"}))
+        searches.append((resource_type, {"identifier": identifiers}))
+        searches.append((resource_type, {"telecom": uris}))
     return searches
 
 

@@ -1,7 +1,7 @@
 """Matrix user id → the FHIR person that names it, and whether that person is active.
 
 Looked up with FHIR token searches on both identity forms over the three person types,
-sent as one ``batch`` Bundle per group of users. Answers are remembered (positive and
+six searches per group of users. Answers are remembered (positive and
 negative) so that account validity, which runs on every request, reads memory only;
 ``refresh`` re-asks FHIR in the background, and while FHIR is unreachable the last known
 answer stands.
@@ -13,18 +13,16 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-from urllib.parse import urlencode
 
 import attr
-from fhir.resources.R4B.bundle import Bundle
 
 from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.fhir_errors import FhirError, error_for_status
 from synapse_fhir_module.identity import is_active, matrix_ids_of, person_searches
 
 logger = logging.getLogger(__name__)
 
-USERS_PER_BATCH = 10
+# Users asked about in one round of searches (their ids are ORed into each search URL).
+USERS_PER_BATCH = 25
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -74,32 +72,16 @@ class PersonDirectory:
         return records
 
     async def _lookup_batch(self, user_ids: Sequence[str]) -> list[PersonRecord]:
-        searches = [
-            (user_id, search) for user_id in user_ids for search in person_searches(user_id)
-        ]
-        bundle = Bundle.model_validate(
-            {
-                "resourceType": "Bundle",
-                "type": "batch",
-                "entry": [
-                    {"request": {"method": "GET", "url": f"{rtype}?{urlencode(params)}"}}
-                    for _, (rtype, params) in searches
-                ],
-            }
-        )
-        response = await self._fhir.transaction(bundle)
+        # Plain searches one after another, not a `batch` Bundle of them: HAPI runs batch
+        # entries in parallel, and many searches at once can exhaust its database pool.
         found: dict[str, dict[str, dict[str, Any]]] = {user_id: {} for user_id in user_ids}
-        for (user_id, _), entry in zip(searches, response.entry or [], strict=False):
-            page = entry.resource
-            if not isinstance(page, Bundle):
-                raise _batch_error(entry)
-            for match in page.entry or []:
-                if match.resource is None:
+        for resource_type, params in person_searches(user_ids):
+            for person in await self._fhir.search_json(resource_type, params):
+                if person.get("resourceType") != resource_type or not person.get("id"):
                     continue
-                person = match.resource.model_dump(mode="json", exclude_none=True)
-                # The token search matched; check the identity really is this user.
-                if user_id in matrix_ids_of(person):
-                    found[user_id][f"{person['resourceType']}/{person['id']}"] = person
+                # The token search matched; check which of our users it really names.
+                for user_id in matrix_ids_of(person) & found.keys():
+                    found[user_id][f"{resource_type}/{person['id']}"] = person
         now = self._monotonic()
         return [_record(user_id, persons, now) for user_id, persons in found.items()]
 
@@ -119,11 +101,3 @@ def _record(user_id: str, persons: dict[str, dict[str, Any]], now: float) -> Per
     if persons:
         return PersonRecord(user_id, sorted(persons)[0], False, now)
     return PersonRecord(user_id, None, False, now)
-
-
-def _batch_error(entry: Any) -> FhirError:
-    status_text = (entry.response.status if entry.response else None) or "500"
-    status = int(status_text[:3]) if status_text[:3].isdigit() else 500
-    outcome = entry.response.outcome if entry.response else None
-    body = outcome.model_dump(mode="json", exclude_none=True) if outcome else None
-    return error_for_status(status, "person lookup (one search of the batch)", body)

@@ -52,7 +52,16 @@ def test_active_defaults_to_true() -> None:
 
 
 def test_searches_cover_every_person_type_and_both_forms() -> None:
-    searches = person_searches("@alice:example.org")
+    searches = person_searches(["@alice:example.org"])
     assert len(searches) == 6
     assert ("Practitioner", {"telecom": "url|matrix:u/alice:example.org"}) in searches
     assert ("Patient", {"identifier": "https://matrix.org/user-id|@alice:example.org"}) in searches
+
+
+def test_searches_or_several_users_together() -> None:
+    searches = person_searches(["@a:example.org", "@b:example.org"])
+    assert len(searches) == 6
+    assert (
+        "RelatedPerson",
+        {"telecom": "url|matrix:u/a:example.org,url|matrix:u/b:example.org"},
+    ) in searches
