@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 MVN := mvn -B -q -f hapi/pom.xml
+# Tests print Surefire's per-class summaries (no download progress).
+MVN_TEST := mvn -B -ntp -f hapi/pom.xml
 HAPI_JARS := hapi/interceptor/target/synapse-notify-interceptor.jar hapi/server/target/fhir-dev-server.jar
 HAPI_SOURCES := $(shell find hapi -name pom.xml -o -path '*/src/*' -type f 2>/dev/null | grep -v /target/)
 
@@ -14,14 +16,14 @@ demo: setup
 	$(PY) -m demo
 
 test: setup
-	$(MVN) verify
+	$(MVN_TEST) verify
 	$(PY) -m pytest tests
 
 test-python: setup
 	$(PY) -m pytest tests
 
 test-java:
-	$(MVN) verify
+	$(MVN_TEST) verify
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
