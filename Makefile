@@ -10,7 +10,7 @@ MVN_TEST := mvn -B -ntp -f hapi/pom.xml
 HAPI_JARS := hapi/interceptor/target/synapse-notify-interceptor.jar hapi/server/target/fhir-dev-server.jar
 HAPI_SOURCES := $(shell find hapi -name pom.xml -o -path '*/src/*' -type f 2>/dev/null | grep -v /target/)
 
-.PHONY: demo test test-python test-java lint bench setup clean
+.PHONY: demo test test-python test-java lint bench bench-smoke setup clean
 
 demo: setup
 	$(PY) -m demo
@@ -33,6 +33,11 @@ lint: $(VENV)/.installed
 bench: setup
 	$(PY) -m bench.synapse_start
 	$(PY) -m bench.membership_decision
+
+# Tiny sizes, so CI notices when a benchmark breaks (its numbers are not judged).
+bench-smoke: setup
+	$(PY) -m bench.synapse_start --runs 1
+	$(PY) -m bench.membership_decision --runs 200
 
 setup: $(VENV)/.installed $(HAPI_JARS)
 

@@ -96,6 +96,8 @@ async def run(fhir_url: str, runs: int) -> dict[str, Any]:
         service_user_id="@fhir:example.org",
         exempt_users=(),
         fail_closed=True,
+        is_local=lambda user_id: user_id.endswith(":example.org"),
+        remove_member_soon=lambda room_id, user_id: None,
     )
     member = network.user_id("anna")
 
@@ -156,12 +158,13 @@ def main() -> None:
         hapi = HapiDevServer(Path(tempfile.mkdtemp(prefix="bench-decision-")))
         hapi.start()
         fhir_url = hapi.base_url
+    result: dict[str, Any] = {}
     try:
-        result: dict[str, Any] = {}
 
         async def go(reactor: Any) -> None:
             result.update(await run(fhir_url, args.runs))
 
+        # react() ends with SystemExit: 0 on success, 1 when run() raised.
         task.react(lambda reactor: defer.ensureDeferred(go(reactor)))
     except SystemExit as e:
         if e.code:
