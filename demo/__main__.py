@@ -14,14 +14,13 @@ from pathlib import Path
 
 import requests
 
-from demo.care_network import as_transaction, care_network
+from demo.care_network import care_network
+from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
-from devstack.matrix_client import MatrixError, login_as, register_user
-from devstack.rooms import create_bound_space, create_room_in_space
+from devstack.matrix_client import MatrixError, register_user
+from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer, module_config
-from devstack.waiting import wait_until
 
-SERVICE_USER = "@fhir:example.org"
 WORKDIR = Path(__file__).resolve().parent.parent / ".run" / "demo"
 
 
@@ -44,15 +43,10 @@ def main() -> int:
 
         synapse = SynapseServer(WORKDIR / "synapse", module_config(hapi.base_url))
         say("Seeding an OZO-style care network in FHIR ...")
-        seed = requests.post(
-            hapi.base_url,
-            json=as_transaction(care_network(synapse.server_name)),
-            headers={"Content-Type": "application/fhir+json"},
-            timeout=60,
-        )
-        seed.raise_for_status()
-        for entry in seed.json()["entry"]:
-            say(f"  {entry['response']['location'].rsplit('/_history', 1)[0]}")
+        network = care_network(synapse.server_name)
+        FhirSeeder(hapi.base_url).put_all(network)
+        for resource in network:
+            say(f"  {resource['resourceType']}/{resource['id']}")
 
         say(f"Starting Synapse (SQLite) with synapse_fhir_module at {synapse.base_url} ...")
         synapse.start()
@@ -63,13 +57,7 @@ def main() -> int:
         say("  " + json.dumps(health))
 
         say("The care team's space and a room in it, as the module's service user ...")
-        root = register_user(synapse, "root", admin=True)
-        wait_until(
-            lambda: root.request("GET", f"/_synapse/admin/v2/users/{SERVICE_USER}"),
-            timeout=15,
-            what="the service user registered",
-        )
-        service = login_as(root, SERVICE_USER)
+        service = service_session(register_user(synapse, "root", admin=True))
         space = create_bound_space(service, "CareTeam/demo-careteam")
         room = create_room_in_space(service, space)
         say(f"  space {space} bound to CareTeam/demo-careteam, room {room}")

@@ -76,17 +76,3 @@ def care_network(server_name: str) -> list[dict[str, Any]]:
             ],
         },
     ]
-
-
-def as_transaction(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {
-                "resource": r,
-                "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"},
-            }
-            for r in resources
-        ],
-    }

@@ -3,8 +3,21 @@ module creates them itself from FHIR, the tests and the demo act as the service 
 
 from __future__ import annotations
 
-from devstack.matrix_client import MatrixUser
-from devstack.synapse import SERVER_NAME
+from urllib.parse import quote
+
+from devstack.matrix_client import MatrixUser, login_as
+from devstack.waiting import wait_until
+
+
+def service_session(admin: MatrixUser) -> MatrixUser:
+    """A session as the module's service user (@fhir:<server>), once it is registered."""
+    service_user = admin.server.user_id("fhir")
+    wait_until(
+        lambda: admin.request("GET", f"/_synapse/admin/v2/users/{quote(service_user)}"),
+        timeout=15,
+        what=f"the service user {service_user} registered",
+    )
+    return login_as(admin, service_user)
 
 
 def create_bound_space(service: MatrixUser, team_ref: str) -> str:
@@ -31,9 +44,11 @@ def create_room_in_space(service: MatrixUser, space_id: str, *, public: bool = F
             {
                 "type": "m.space.parent",
                 "state_key": space_id,
-                "content": {"via": [SERVER_NAME], "canonical": True},
+                "content": {"via": [service.server.server_name], "canonical": True},
             }
         ],
     )
-    service.send_state(space_id, "m.space.child", {"via": [SERVER_NAME]}, state_key=room_id)
+    service.send_state(
+        space_id, "m.space.child", {"via": [service.server.server_name]}, state_key=room_id
+    )
     return room_id

@@ -12,8 +12,8 @@ import requests
 
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
-from devstack.matrix_client import MatrixError, MatrixUser, login_as, register_user
-from devstack.rooms import create_bound_space, create_room_in_space
+from devstack.matrix_client import MatrixError, MatrixUser, register_user
+from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
@@ -53,13 +53,7 @@ def users(enforcing: SynapseServer, network: CareNetwork) -> Callable[..., Matri
 
 @pytest.fixture(scope="module")
 def service(enforcing: SynapseServer, users: Callable[..., MatrixUser]) -> MatrixUser:
-    root = users("root", admin=True)
-    wait_until(
-        lambda: root.request("GET", "/_synapse/admin/v2/users/@fhir:example.org"),
-        timeout=10,
-        what="the service user registered",
-    )
-    return login_as(root, "@fhir:example.org")
+    return service_session(users("root", admin=True))
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
-from devstack.matrix_client import MatrixError, MatrixUser, login_as, register_user
-from devstack.rooms import create_bound_space, create_room_in_space
+from devstack.matrix_client import MatrixError, MatrixUser, register_user
+from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.integration.care_network import CareNetwork
@@ -22,13 +22,7 @@ CACHE_TTL = 8.0
 
 def bound_room(server: SynapseServer, network: CareNetwork) -> tuple[MatrixUser, str]:
     """A room bound to the network's team, made by the service user; nothing fetched yet."""
-    root = register_user(server, network.localpart("root"), admin=True)
-    wait_until(
-        lambda: root.request("GET", "/_synapse/admin/v2/users/@fhir:example.org"),
-        timeout=10,
-        what="the service user registered",
-    )
-    service = login_as(root, "@fhir:example.org")
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
     return service, create_room_in_space(service, create_bound_space(service, network.team))
 
 

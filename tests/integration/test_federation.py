@@ -38,7 +38,8 @@ import pytest
 from devstack.federation import free_ports, loopback_server_name
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
-from devstack.matrix_client import MatrixError, MatrixUser, login_as, register_user
+from devstack.matrix_client import MatrixError, MatrixUser, register_user
+from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
@@ -167,48 +168,19 @@ def users(federation: Federation, network: RemoteCareNetwork) -> Callable[[str],
 @pytest.fixture(scope="module")
 def service(federation: Federation, network: RemoteCareNetwork) -> MatrixUser:
     """A's service user (@fhir:<A>), the only one who may bind rooms to the care record."""
-    a = federation.a
-    root = register_user(a, network.localpart("root"), admin=True)
-    service_user = a.user_id("fhir")
-    wait_until(
-        lambda: root.request("GET", f"/_synapse/admin/v2/users/{quote(service_user)}"),
-        timeout=10,
-        what="the service user registered on A",
-    )
-    return login_as(root, service_user)
+    return service_session(register_user(federation.a, network.localpart("root"), admin=True))
 
 
 @pytest.fixture(scope="module")
 def space(service: MatrixUser, network: RemoteCareNetwork) -> str:
-    return service.create_room(
-        name="Home care team",
-        creation_content={"type": "m.space"},
-        initial_state=[
-            {
-                "type": "org.synapse_fhir.care_team",
-                "state_key": "",
-                "content": {"reference": network.team},
-            }
-        ],
-    )
+    return create_bound_space(service, network.team)
 
 
 def public_room(service: MatrixUser, space_id: str | None = None) -> str:
-    """A public room on A; listed by the bound space when ``space_id`` is given."""
-    server_name = service.server.server_name
-    initial_state = []
+    """A public room on A; in the bound space when ``space_id`` is given."""
     if space_id is not None:
-        initial_state.append(
-            {
-                "type": "m.space.parent",
-                "state_key": space_id,
-                "content": {"via": [server_name], "canonical": True},
-            }
-        )
-    room_id = service.create_room(name="Thread", preset="public_chat", initial_state=initial_state)
-    if space_id is not None:
-        service.send_state(space_id, "m.space.child", {"via": [server_name]}, state_key=room_id)
-    return room_id
+        return create_room_in_space(service, space_id, public=True)
+    return service.create_room(name="Ordinary", preset="public_chat")
 
 
 def join_over_federation(user: MatrixUser, room_id: str, via: str) -> None:
