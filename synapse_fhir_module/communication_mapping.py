@@ -1,0 +1,200 @@
+"""A Matrix message as a FHIR ``Communication`` (DESIGN §3, OZO ``OZOCommunication``), as
+pure functions: plain event data and the room's care-team context in, FHIR JSON out.
+
+What the outbox writes for an event is a :class:`CommunicationWrite`: either a
+conditional create (a new message: ``ifNoneExist`` on the event-id identifier, so a
+retry never makes a second Communication) or a conditional update of the original
+message's Communication (an edit, or a redaction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import attr
+
+from synapse_fhir_module.fhir_time import format_fhir_instant
+
+EVENT_ID_SYSTEM = "https://matrix.org/event-id"
+# Marks what this module wrote, so it is never relayed back into Matrix (no loops).
+ORIGIN_TAG = {"system": "urn:synapse-fhir-module:origin", "code": "matrix"}
+# Marks a Communication recorded from an encrypted event: it has no payload on purpose.
+ENCRYPTED_TAG = {"system": "urn:synapse-fhir-module:content", "code": "encrypted"}
+
+FILE_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RoomContext:
+    """The FHIR side of a care-team room."""
+
+    thread: str  # "CommunicationRequest/<id>"
+    care_team: str  # "CareTeam/<id>"
+    patient: str | None  # "Patient/<id>", when the CareTeam has a subject
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class CommunicationWrite:
+    """One entry of the transaction Bundle the outbox sends."""
+
+    method: str  # "POST" (conditional create) or "PUT" (conditional update)
+    url: str  # "Communication" or "Communication?identifier=..."
+    resource: dict[str, Any]
+    if_none_exist: str | None = None
+
+    def bundle_entry(self) -> dict[str, Any]:
+        request: dict[str, Any] = {"method": self.method, "url": self.url}
+        if self.if_none_exist:
+            request["ifNoneExist"] = self.if_none_exist
+        return {"resource": self.resource, "request": request}
+
+
+class NotRecorded(Exception):
+    """This event does not become a Communication (not a message, or policy says skip)."""
+
+
+def identifier_search(event_id: str) -> str:
+    return f"identifier={EVENT_ID_SYSTEM}|{event_id}"
+
+
+def communication_reference(event_id: str) -> str:
+    """A conditional reference to the Communication of ``event_id`` (resolved by FHIR)."""
+    return f"Communication?{identifier_search(event_id)}"
+
+
+def message_write(
+    event: Mapping[str, Any],
+    room: RoomContext,
+    sender_person: str,
+    *,
+    encrypted_policy: str = "metadata_only",
+) -> CommunicationWrite:
+    """The write for a new ``m.room.message``/``m.room.encrypted`` event, or its edit.
+
+    ``sender_person`` is ``Practitioner/<id>`` (or RelatedPerson/Patient). Raises
+    NotRecorded for events that are not recorded.
+    """
+    event_type = event.get("type")
+    content = event.get("content") or {}
+    if not isinstance(content, Mapping):
+        raise NotRecorded("content is not an object")
+    if event_type == "m.room.encrypted":
+        if encrypted_policy != "metadata_only":
+            raise NotRecorded(f"encrypted events: policy {encrypted_policy}")
+        resource = _communication(event, room, sender_person, payload=None)
+        resource["meta"]["tag"].append(dict(ENCRYPTED_TAG))
+        return _create(event, resource)
+    if event_type != "m.room.message":
+        raise NotRecorded(f"{event_type} is not a message")
+
+    relates_to = content.get("m.relates_to") or {}
+    if isinstance(relates_to, Mapping) and relates_to.get("rel_type") == "m.replace":
+        original = relates_to.get("event_id")
+        new_content = content.get("m.new_content")
+        if not isinstance(original, str) or not isinstance(new_content, Mapping):
+            raise NotRecorded("an edit without the original event or new content")
+        payload = _payload(new_content)
+        # The edit replaces the original's Communication with a new version of it.
+        resource = _communication(
+            {**event, "event_id": original}, room, sender_person, payload=payload
+        )
+        return CommunicationWrite(
+            method="PUT", url=communication_reference(original), resource=resource
+        )
+
+    resource = _communication(event, room, sender_person, payload=_payload(content))
+    reply_to = _reply_target(relates_to)
+    if reply_to:
+        resource["inResponseTo"] = [{"reference": communication_reference(reply_to)}]
+    return _create(event, resource)
+
+
+def redaction_write(
+    original: Mapping[str, Any], room: RoomContext, sender_person: str
+) -> CommunicationWrite:
+    """The original message's Communication, marked entered-in-error, without payload."""
+    resource = _communication(original, room, sender_person, payload=None)
+    resource["status"] = "entered-in-error"
+    return CommunicationWrite(
+        method="PUT", url=communication_reference(str(original["event_id"])), resource=resource
+    )
+
+
+def _create(event: Mapping[str, Any], resource: dict[str, Any]) -> CommunicationWrite:
+    return CommunicationWrite(
+        method="POST",
+        url="Communication",
+        resource=resource,
+        if_none_exist=identifier_search(str(event["event_id"])),
+    )
+
+
+def _communication(
+    event: Mapping[str, Any],
+    room: RoomContext,
+    sender_person: str,
+    *,
+    payload: dict[str, Any] | None,
+) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "Communication",
+        "meta": {"tag": [dict(ORIGIN_TAG)]},
+        "identifier": [{"system": EVENT_ID_SYSTEM, "value": str(event["event_id"])}],
+        "status": "completed",
+        "partOf": [_reference(room.thread)],
+        "sent": _sent(event.get("origin_server_ts")),
+        "recipient": [_reference(room.care_team)],
+        "sender": _reference(sender_person),
+    }
+    if room.patient:
+        resource["subject"] = _reference(room.patient)
+    if payload is not None:
+        resource["payload"] = [payload]
+    return resource
+
+
+def _payload(content: Mapping[str, Any]) -> dict[str, Any]:
+    msgtype = content.get("msgtype")
+    body = content.get("body")
+    if msgtype in FILE_MSGTYPES:
+        url = content.get("url")
+        if not isinstance(url, str) or not url.startswith("mxc://"):
+            # Encrypted attachments carry their URL in `file`; the module cannot read them.
+            raise NotRecorded("an attachment without a plain mxc:// URL")
+        raw_info = content.get("info")
+        info: Mapping[str, Any] = raw_info if isinstance(raw_info, Mapping) else {}
+        attachment: dict[str, Any] = {"url": url}
+        if isinstance(info.get("mimetype"), str):
+            attachment["contentType"] = info["mimetype"]
+        if isinstance(info.get("size"), int) and info["size"] >= 0:
+            attachment["size"] = info["size"]
+        title = content.get("filename") or body
+        if isinstance(title, str) and title:
+            attachment["title"] = title
+        return {"contentAttachment": attachment}
+    if not isinstance(body, str):
+        raise NotRecorded("a message without a text body")
+    # m.text, m.notice, m.emote — and unknown msgtypes, whose `body` is the readable
+    # fallback every client must send.
+    return {"contentString": body}
+
+
+def _reply_target(relates_to: Any) -> str | None:
+    if not isinstance(relates_to, Mapping):
+        return None
+    in_reply_to = relates_to.get("m.in_reply_to")
+    if isinstance(in_reply_to, Mapping) and isinstance(in_reply_to.get("event_id"), str):
+        return str(in_reply_to["event_id"])
+    return None
+
+
+def _reference(ref: str) -> dict[str, str]:
+    return {"reference": ref, "type": ref.split("/", 1)[0]}
+
+
+def _sent(origin_server_ts: Any) -> str:
+    if not isinstance(origin_server_ts, int):
+        raise NotRecorded("an event without origin_server_ts")
+    return format_fhir_instant(datetime.fromtimestamp(origin_server_ts / 1000, timezone.utc))
