@@ -77,6 +77,18 @@ class MatrixUser:
         path = f"/_matrix/client/v3/rooms/{quote(room_id)}/state/{event_type}/{quote(state_key)}"
         return str(self.request("PUT", path, content)["event_id"])
 
+    def redact(self, room_id: str, event_id: str) -> str:
+        txn = f"t{next(_txn_ids)}"
+        path = f"/_matrix/client/v3/rooms/{quote(room_id)}/redact/{quote(event_id)}/{txn}"
+        return str(self.request("PUT", path, {})["event_id"])
+
+    def state_event_id(self, room_id: str, event_type: str, state_key: str = "") -> str:
+        """The id of a current state event (from the room's full state)."""
+        for event in self.request("GET", f"/_matrix/client/v3/rooms/{quote(room_id)}/state"):
+            if event["type"] == event_type and event["state_key"] == state_key:
+                return str(event["event_id"])
+        raise KeyError((event_type, state_key))
+
     def leave(self, room_id: str) -> None:
         self.request("POST", f"/_matrix/client/v3/rooms/{quote(room_id)}/leave", {})
 

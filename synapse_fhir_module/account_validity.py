@@ -82,7 +82,12 @@ class AccountValidity:
                     await self._persons.refresh(batch)
                 except FhirError as e:
                     # Keep what we knew; try again later.
-                    logger.warning("Person lookup failed, keeping last known state: %s", e)
+                    # (The error text may quote the Matrix ids searched for: not logged.)
+                    logger.warning(
+                        "Person lookup failed (%s, HTTP %s); keeping last known state",
+                        type(e).__name__,
+                        e.status,
+                    )
                     self._paused_until = self._monotonic() + RETRY_AFTER
                     return
                 self._pending.difference_update(batch)

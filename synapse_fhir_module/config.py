@@ -325,6 +325,9 @@ def _base_url(value: Any) -> str:
         )
     if parts.query or parts.fragment:
         raise ValueError("the FHIR base URL must not have a query or fragment")
+    if parts.username or parts.password:
+        # It would end up in logs; credentials belong in fhir.auth.
+        raise ValueError("put credentials in fhir.auth, not in the URL")
     return text.rstrip("/")
 
 

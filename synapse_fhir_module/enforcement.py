@@ -6,9 +6,11 @@
   ``/make_join`` and ``/make_knock``.
 - Events that arrive over federation are *not* given to ``check_event_allowed`` by
   Synapse (1.163): a server already in the room builds its users' joins itself. Synapse
-  does run ``check_event_for_spam`` on every received event, so there a refused entry
-  is soft-failed (it never becomes room state here) and the service user removes the
-  person, so the other server sees them leave too.
+  does run ``check_event_for_spam`` on every received event, so there a refused event
+  is soft-failed (it never becomes room state here), and someone who joined by
+  themselves is banned by the service user, so their own server drops them too.
+- What binds a room to the care record (``org.synapse_fhir.*`` state, the space links
+  of a bound room, and redactions of those events) only the service user may change.
 
 Every "no" to a local user is a ``Denied`` carrying its reason (DESIGN §5).
 """
@@ -24,13 +26,14 @@ from synapse.module_api.errors import Codes
 
 from synapse_fhir_module.care_team import TeamMembership
 from synapse_fhir_module.denials import Denied, Reason
-from synapse_fhir_module.room_bindings import RoomBindings
+from synapse_fhir_module.room_bindings import SPACE_CHILD, SPACE_PARENT, RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
 
 logger = logging.getLogger(__name__)
 
 PROTECTED_PREFIX = "org.synapse_fhir."
 ENTERING = frozenset({"invite", "join", "knock"})
+SPACE_LINKS = frozenset({SPACE_PARENT, SPACE_CHILD})
 
 # remove_member_soon(room_id, user_id): have the service user take someone out of a
 # care-team room, in the background.
@@ -76,34 +79,44 @@ class CareTeamGate:
         return NOT_SPAM
 
     async def check_event_for_spam(self, event: EventBase) -> str | Codes:
-        """Local senders: someone who left the care team may not keep acting in its rooms
-        (leaving is fine). Received over federation: the same, and entries too."""
-        if event.sender in self._exempt or event.type.startswith(PROTECTED_PREFIX):
-            return NOT_SPAM  # protected state is check_event_allowed's job
-        if event.type == "m.room.member":
-            # Synapse hands local membership events to check_event_allowed, not here.
-            if self._is_local(event.sender) or not _is_entry(event):
-                return NOT_SPAM
-            reason = await self._entry_refusal(
-                event.room_id,
-                entering=event.state_key,
-                inviter=event.sender if event.content["membership"] == "invite" else None,
-            )
-        else:
-            reason = await self._acting_refusal(event.room_id, event.sender)
-        if reason is None:
+        """A person not (or no longer) in the care team may not act in its rooms.
+
+        Local senders get a Denied (their client shows it). Events received over
+        federation are soft-failed instead (returning a code): they never become room
+        state here. For those, only a definite "no" counts — an unreachable directory
+        lets them through, since a soft-failed event is stripped for good.
+        """
+        if event.sender in self._exempt:
             return NOT_SPAM
         if self._is_local(event.sender):
-            raise Denied(reason)
-        return self._refuse_received(event, reason)
+            # Local membership and state changes are check_event_allowed's job.
+            if event.type == "m.room.member" or event.is_state():
+                return NOT_SPAM
+            _raise_if(await self._acting_refusal(event.room_id, event.sender))
+            return NOT_SPAM
+        reason = await self._received_refusal(event)
+        if reason is None or reason is Reason.DIRECTORY_UNAVAILABLE:
+            return NOT_SPAM
+        logger.warning(
+            "Refusing %s (%s) received over federation in %s: %s",
+            event.event_id,
+            event.type,
+            event.room_id,
+            reason.value,
+        )
+        if (
+            reason is Reason.NOT_IN_CARE_TEAM
+            and _is_entry(event)
+            and event.state_key == event.sender
+        ):
+            # Soft-failing keeps them out of this server's view; the ban tells theirs.
+            self._remove_member_soon(event.room_id, event.sender)
+        return Codes.FORBIDDEN
 
     async def check_event_allowed(
         self, event: EventBase, state_events: StateMap[EventBase]
     ) -> tuple[bool, dict | None]:
-        if event.is_state() and event.type.startswith(PROTECTED_PREFIX):
-            if event.sender != self._service_user_id:
-                raise Denied(Reason.PROTECTED_STATE)
-            return True, None
+        _raise_if(await self._protected_change_refusal(event))
         if not _is_entry(event) or _is_profile_change(event, state_events):
             return True, None
         inviter = event.sender if event.content["membership"] == "invite" else None
@@ -111,6 +124,44 @@ class CareTeamGate:
             await self._entry_refusal(event.room_id, entering=event.state_key, inviter=inviter)
         )
         return True, None
+
+    async def _received_refusal(self, event: EventBase) -> Reason | None:
+        protected = await self._protected_change_refusal(event)
+        if protected is not None:
+            return protected
+        if event.type == "m.room.member":
+            if not _is_entry(event):
+                return None
+            previous = await self._bindings.membership_of(event.room_id, event.state_key)
+            if event.content["membership"] == "join" and previous == "join":
+                return None  # a profile change
+            inviter = event.sender if event.content["membership"] == "invite" else None
+            return await self._entry_refusal(
+                event.room_id, entering=event.state_key, inviter=inviter
+            )
+        return await self._acting_refusal(event.room_id, event.sender)
+
+    async def _protected_change_refusal(self, event: EventBase) -> Reason | None:
+        """Only the service user may change what binds a room to the care record."""
+        if event.sender == self._service_user_id:
+            return None
+        if event.is_state() and event.type.startswith(PROTECTED_PREFIX):
+            return Reason.PROTECTED_STATE
+        if event.is_state() and event.type in SPACE_LINKS:
+            if await self._is_bound(event.room_id):
+                return Reason.PROTECTED_STATE
+        if event.type == "m.room.redaction" and isinstance(event.redacts, str):
+            if event.redacts in await self._bindings.binding_event_ids(
+                event.room_id
+            ) and await self._is_bound(event.room_id):
+                return Reason.PROTECTED_STATE
+        return None
+
+    async def _is_bound(self, room_id: str) -> bool:
+        try:
+            return await self._bindings.care_team_of(room_id) is not None
+        except DirectoryUnavailable:
+            return True  # a thread-bound room whose request FHIR can't show right now
 
     async def _entry_refusal(
         self, room_id: str, *, entering: str, inviter: str | None = None
@@ -150,20 +201,6 @@ class CareTeamGate:
                 return None, Reason.DIRECTORY_UNAVAILABLE
             logger.warning("Allowing in %s without a care team check (fail_open): %s", room_id, e)
             return None, None
-
-    def _refuse_received(self, event: EventBase, reason: Reason) -> Codes:
-        """Soft-fail an event from another server, and take its person out of the room."""
-        logger.warning(
-            "Refusing %s (%s) received over federation in %s: %s",
-            event.event_id,
-            event.type,
-            event.room_id,
-            reason.value,
-        )
-        if event.type == "m.room.member" and reason is not Reason.DIRECTORY_UNAVAILABLE:
-            # Soft-failing keeps them out of this server's view; the removal tells theirs.
-            self._remove_member_soon(event.room_id, event.state_key)
-        return Codes.FORBIDDEN
 
 
 def _raise_if(reason: Reason | None) -> None:

@@ -21,8 +21,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 from synapse.module_api import make_deferred_yieldable
-from twisted.internet import defer, error, reactor
-from twisted.web import _newclient
+from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
@@ -40,18 +39,6 @@ SearchParams = Mapping[str, str] | Sequence[tuple[str, str]]
 _NO_CACHE = {"Cache-Control": "no-cache"}
 
 FHIR_JSON = "application/fhir+json"
-
-# Failures below HTTP: the server may well answer next time.
-_TRANSPORT_ERRORS = (
-    error.ConnectError,
-    error.ConnectionLost,
-    error.DNSLookupError,
-    _newclient.ResponseNeverReceived,
-    _newclient.RequestTransmissionFailed,
-    _newclient.ResponseFailed,
-    defer.TimeoutError,
-    defer.CancelledError,
-)
 
 
 class FhirClient:
@@ -274,7 +261,9 @@ class FhirClient:
         deadline = reactor.callLater(timeout, d.cancel)
         try:
             return await make_deferred_yieldable(d)
-        except _TRANSPORT_ERRORS as e:
+        except Exception as e:
+            # Anything from below HTTP (refused, reset, DNS, TLS, a connect or answer cut
+            # off by the deadline — Twisted has many names for these) may work next time.
             # Cancelling surfaces as CancelledError or as a ResponseNeverReceived around it.
             reason = "timed out" if not deadline.active() else type(e).__name__
             raise FhirTransientError(f"{what}: FHIR server unreachable ({reason})") from e

@@ -71,6 +71,8 @@ class FhirModule:
         because it changed; the next decision asks FHIR again."""
         if reference.startswith("CareTeam/"):
             await self._teams.invalidate_team(reference)
+        if reference.startswith("CommunicationRequest/"):
+            self._bindings.forget_all()
         await self._teams.invalidate_resource(reference)
         if self._validity is not None:
             for user_id in self._persons.users_of_person(reference):
@@ -142,7 +144,8 @@ class FhirModule:
                 {"reason": "Not a current member of this room's care team"},
             )
         except Exception as e:  # e.g. the room is gone: nothing to undo
-            logger.warning("Could not remove %s from %s: %s", user_id, room_id, e)
+            # (The user id is left out: it can name a patient.)
+            logger.warning("Could not ban a non-member from %s: %s", room_id, type(e).__name__)
 
     async def _on_new_event(self, event: EventBase, state_events: StateMap[EventBase]) -> None:
         self._bindings.forget_for_event(event)

@@ -53,7 +53,11 @@ class RegistrationGate:
                 if await self._active_person_with_email(str(email)):
                     return RegistrationBehaviour.ALLOW
         except FhirError as e:
-            logger.warning("Refusing a registration: FHIR could not be asked (%s)", e)
+            logger.warning(
+                "Refusing a registration: FHIR could not be asked (%s, HTTP %s)",
+                type(e).__name__,
+                e.status,
+            )
             raise Denied(Reason.DIRECTORY_UNAVAILABLE) from None
         logger.info("Refusing a registration: no active FHIR person matches it")
         raise Denied(Reason.NO_FHIR_IDENTITY)

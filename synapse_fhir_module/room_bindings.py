@@ -41,21 +41,45 @@ class RoomBindings:
         self._fhir = fhir
         self._service_user_id = service_user_id
         self._team_of_room: dict[str, str | None] = {}
+        # Bumped by every forget: an answer resolved across a forget is not kept.
+        self._generation = 0
 
     async def care_team_of(self, room_id: str) -> str | None:
         """``CareTeam/<id>`` the room belongs to, or None for an ordinary room."""
         if room_id in self._team_of_room:
             return self._team_of_room[room_id]
+        generation = self._generation
         team = await self._resolve(room_id)
-        if len(self._team_of_room) >= MAX_REMEMBERED_ROOMS:
-            self._team_of_room.clear()
-        self._team_of_room[room_id] = team
+        # An unresolved thread may resolve once FHIR shows its request: don't keep that.
+        if generation == self._generation and team != UNRESOLVED_TEAM:
+            if len(self._team_of_room) >= MAX_REMEMBERED_ROOMS:
+                self._team_of_room.clear()
+            self._team_of_room[room_id] = team
         return team
+
+    async def binding_event_ids(self, room_id: str) -> set[str]:
+        """Ids of the current state events that bind this room (to redact-protect them)."""
+        state = await self._api.get_room_state(
+            room_id, [(event_type, None) for event_type in sorted(BINDING_STATE_TYPES)]
+        )
+        return {event.event_id for event in state.values()}
+
+    async def membership_of(self, room_id: str, user_id: str) -> str | None:
+        """The user's current membership in the room, as this server holds it."""
+        state = await self._api.get_room_state(room_id, [("m.room.member", user_id)])
+        event = state.get(("m.room.member", user_id))
+        return None if event is None else event.content.get("membership")
+
+    def forget_all(self) -> None:
+        """Forget every answer (e.g. a CommunicationRequest changed its recipients)."""
+        self._generation += 1
+        self._team_of_room.clear()
 
     def forget_for_event(self, event: EventBase) -> None:
         """Drop remembered answers that a state event may have changed."""
         if not event.is_state() or event.type not in BINDING_STATE_TYPES:
             return
+        self._generation += 1
         self._team_of_room.pop(event.room_id, None)
         if event.type == SPACE_CHILD:
             self._team_of_room.pop(event.state_key, None)

@@ -119,8 +119,12 @@ class CareTeamDirectory:
         return await self._load(team_ref)
 
     async def _refresh(self, team_ref: str) -> None:
+        before = self.care_team_membership.cache.get_immediate(team_ref, None)
         try:
-            self.care_team_membership.prefill((team_ref,), await self._load(team_ref))
+            fresh = await self._load(team_ref)
+            # Invalidated (and perhaps re-fetched) meanwhile: what we loaded may be stale.
+            if self.care_team_membership.cache.get_immediate(team_ref, None) is before:
+                self.care_team_membership.prefill((team_ref,), fresh)
         except FhirError as e:
             logger.info("Background refresh of %s failed: %s", team_ref, e)
         finally:

@@ -235,6 +235,29 @@ def test_regular_users_cannot_touch_protected_state(
     eve.invite(own_room, users("mallory").user_id)
 
 
+def test_members_with_power_cannot_unbind_a_room(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser]
+) -> None:
+    """Practitioners get power level 50 (enough for state and redactions by default),
+    yet the links that bind a room to the care record stay the service user's."""
+    room = create_room_in_space(service, space)
+    anna = users("anna")
+    service.invite(room, anna.user_id)
+    anna.join(room)
+    levels = service.request("GET", f"/_matrix/client/v3/rooms/{room}/state/m.room.power_levels")
+    levels.setdefault("users", {})[anna.user_id] = 50
+    service.send_state(room, "m.room.power_levels", levels)
+
+    anna.send_state(room, "m.room.topic", {"topic": "Wound care"})  # power she does have
+    for attempt in (
+        lambda: anna.send_state(room, "m.space.parent", {}, state_key=space),
+        lambda: anna.redact(room, service.state_event_id(room, "m.space.parent", space)),
+    ):
+        assert_denied(refused(attempt), "protected_state")
+    # Still a care-team room: an outsider stays out.
+    assert_denied(refused(lambda: anna.invite(room, users("mallory").user_id)), "not_in_care_team")
+
+
 def test_room_bound_by_its_thread_belongs_to_the_request_s_care_team(
     hapi: HapiDevServer, service: MatrixUser, users: Callable[..., MatrixUser], network: CareNetwork
 ) -> None:

@@ -136,6 +136,7 @@ def test_durations(text: str, seconds: float) -> None:
         ({"fhir": {"base_url": "ftp://x/fhir"}}, ("fhir", "base_url")),
         ({"fhir": {"base_url": "not a url"}}, ("fhir", "base_url")),
         ({"fhir": {"base_url": 12}}, ("fhir", "base_url")),
+        ({"fhir": {"base_url": "http://u:pw@127.0.0.1/fhir"}}, ("fhir", "base_url")),
         (with_key("fhir", "timeout", 10), ("fhir", "timeout")),
         (with_key("fhir", "timeout", "10 parsecs"), ("fhir", "timeout")),
         (with_key("fhir", "timeout", "0s"), ("fhir", "timeout")),

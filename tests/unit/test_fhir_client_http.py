@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from fhir.resources.R4B.patient import Patient
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError, DNSLookupError
 from twisted.web import resource, server
 
 from synapse_fhir_module.config import FhirAuthConfig, FhirConfig
@@ -158,3 +160,25 @@ async def test_searches_ask_for_fresh_results(scripted: tuple[Scripted, str]) ->
     root.answers.append((200, {"resourceType": "Bundle", "type": "searchset"}))
     assert await client(url).search_json("CareTeam", {"_id": "1"}) == []
     assert root.requests[0]["cache-control"] == "no-cache"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ConnectingCancelledError(IPv4Address("TCP", "127.0.0.1", 1)),
+        ConnectionRefusedError(),
+        DNSLookupError("nowhere"),
+    ],
+)
+async def test_any_failure_below_http_is_transient(failure: Exception) -> None:
+    """E.g. the deadline cutting off a TCP connect raises ConnectingCancelledError."""
+    fhir = client("http://127.0.0.1:1/fhir")
+
+    class FailingHttp:
+        def request(self, *args: Any, **kwargs: Any) -> defer.Deferred:
+            return defer.fail(failure)
+
+    fhir._http = FailingHttp()  # type: ignore[assignment]
+    with pytest.raises(FhirTransientError, match="unreachable"):
+        await fhir.read("Patient", "p1")

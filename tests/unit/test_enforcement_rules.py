@@ -1,0 +1,168 @@
+"""CareTeamGate's rules on the paths a two-server test can't easily reach: remote invites,
+profile changes in suspended teams, an unreachable directory on the federation path, and
+changes to what binds a room. (Stand-ins for room state and the directory; the same rules
+run against real Synapse and HAPI in tests/integration.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from synapse.module_api import NOT_SPAM
+from synapse.module_api.errors import Codes
+
+from synapse_fhir_module.care_team import Member, TeamMembership
+from synapse_fhir_module.denials import Denied
+from synapse_fhir_module.enforcement import CareTeamGate
+from synapse_fhir_module.team_directory import DirectoryUnavailable
+
+SERVICE = "@fhir:a.org"
+ROOM = "!room:a.org"
+MEMBER_REMOTE = "@gp:b.org"
+OUTSIDER_REMOTE = "@mallory:b.org"
+MEMBER_LOCAL = "@anna:a.org"
+
+
+class Event:
+    """Just the EventBase attributes the gate reads."""
+
+    def __init__(
+        self,
+        event_type: str,
+        sender: str,
+        content: dict,
+        state_key: str | None = None,
+        redacts: str | None = None,
+    ) -> None:
+        self.type = event_type
+        self.sender = sender
+        self.content = content
+        self.state_key = state_key
+        self.redacts = redacts
+        self.room_id = ROOM
+        self.event_id = "$e"
+
+    def is_state(self) -> bool:
+        return self.state_key is not None
+
+
+class Bindings:
+    def __init__(self, team: str | None = "CareTeam/t", memberships: dict | None = None) -> None:
+        self.team = team
+        self.memberships = memberships or {}
+
+    async def care_team_of(self, room_id: str) -> str | None:
+        return self.team
+
+    async def membership_of(self, room_id: str, user_id: str) -> str | None:
+        return self.memberships.get(user_id)
+
+    async def binding_event_ids(self, room_id: str) -> set[str]:
+        return {"$binding"}
+
+
+class Teams:
+    def __init__(self, status: str = "active", unavailable: bool = False) -> None:
+        self.status = status
+        self.unavailable = unavailable
+
+    async def membership(self, team_ref: str) -> TeamMembership:
+        if self.unavailable:
+            raise DirectoryUnavailable("down")
+        members = {
+            u: Member(u, f"Practitioner/{u}", "Practitioner") for u in (MEMBER_REMOTE, MEMBER_LOCAL)
+        }
+        return TeamMembership(team=team_ref, status=self.status, members=members)
+
+
+def gate(bindings: Any = None, teams: Any = None) -> tuple[CareTeamGate, list[tuple[str, str]]]:
+    banned: list[tuple[str, str]] = []
+    g = CareTeamGate(
+        bindings or Bindings(),
+        teams or Teams(),
+        service_user_id=SERVICE,
+        exempt_users=(),
+        fail_closed=True,
+        is_local=lambda user_id: user_id.endswith(":a.org"),
+        remove_member_soon=lambda room, user: banned.append((room, user)),
+    )
+    return g, banned
+
+
+def member_event(sender: str, target: str, membership: str) -> Event:
+    return Event("m.room.member", sender, {"membership": membership}, state_key=target)
+
+
+@pytest_twisted.ensureDeferred
+async def test_remote_outsider_joining_is_soft_failed_and_banned() -> None:
+    g, banned = gate()
+    result = await g.check_event_for_spam(member_event(OUTSIDER_REMOTE, OUTSIDER_REMOTE, "join"))
+    assert result == Codes.FORBIDDEN
+    assert banned == [(ROOM, OUTSIDER_REMOTE)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_remote_outsider_inviting_a_member_bans_nobody() -> None:
+    g, banned = gate()
+    result = await g.check_event_for_spam(member_event(OUTSIDER_REMOTE, MEMBER_LOCAL, "invite"))
+    assert result == Codes.FORBIDDEN
+    assert banned == []  # the invitee did nothing wrong
+
+
+@pytest_twisted.ensureDeferred
+async def test_remote_member_profile_change_in_a_suspended_team_passes() -> None:
+    g, banned = gate(Bindings(memberships={MEMBER_REMOTE: "join"}), Teams(status="suspended"))
+    result = await g.check_event_for_spam(member_event(MEMBER_REMOTE, MEMBER_REMOTE, "join"))
+    assert result == NOT_SPAM
+    assert banned == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_directory_never_strips_received_events() -> None:
+    g, banned = gate(teams=Teams(unavailable=True))
+    message = Event("m.room.message", MEMBER_REMOTE, {"msgtype": "m.text", "body": "x"})
+    assert await g.check_event_for_spam(message) == NOT_SPAM
+    join = member_event(OUTSIDER_REMOTE, OUTSIDER_REMOTE, "join")
+    assert await g.check_event_for_spam(join) == NOT_SPAM
+    assert banned == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_directory_refuses_local_senders() -> None:
+    g, _ = gate(teams=Teams(unavailable=True))
+    with pytest.raises(Denied) as caught:
+        await g.check_event_for_spam(Event("m.room.message", MEMBER_LOCAL, {"body": "x"}))
+    assert caught.value.reason.value == "directory_unavailable"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Event("m.space.parent", MEMBER_LOCAL, {}, state_key="!space:a.org"),
+        Event("m.space.child", MEMBER_LOCAL, {}, state_key="!other:a.org"),
+        Event("org.synapse_fhir.thread", MEMBER_LOCAL, {"reference": "x"}, state_key=""),
+        Event("m.room.redaction", MEMBER_LOCAL, {}, redacts="$binding"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_only_the_service_user_changes_what_binds_a_room(event: Event) -> None:
+    g, _ = gate()
+    with pytest.raises(Denied) as caught:
+        await g.check_event_allowed(event, {})  # type: ignore[arg-type]
+    assert caught.value.reason.value == "protected_state"
+    # Received over federation: soft-failed.
+    event.sender = MEMBER_REMOTE
+    assert await g.check_event_for_spam(event) == Codes.FORBIDDEN  # type: ignore[arg-type]
+    # The service user may.
+    event.sender = SERVICE
+    assert await g.check_event_allowed(event, {}) == (True, None)  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_space_links_of_ordinary_rooms_are_free() -> None:
+    g, _ = gate(Bindings(team=None))
+    event = Event("m.space.parent", MEMBER_LOCAL, {}, state_key="!space:a.org")
+    assert await g.check_event_allowed(event, {}) == (True, None)  # type: ignore[arg-type]
+    redaction = Event("m.room.redaction", MEMBER_LOCAL, {}, redacts="$binding")
+    assert await g.check_event_allowed(redaction, {}) == (True, None)  # type: ignore[arg-type]
