@@ -41,6 +41,8 @@ class TeamMembership:
     team: str  # "CareTeam/12"
     status: str
     members: Mapping[str, Member]  # by Matrix user id
+    # Participants whose person is marked inactive (they are not members).
+    inactive: frozenset[str] = frozenset()
 
     @property
     def admits_members(self) -> bool:
@@ -55,7 +57,8 @@ def resolve_membership(team_ref: str, resources: Resources, now: datetime) -> Te
     team = resources[team_ref]
     found: dict[str, Member] = {}
     claimed_by: dict[str, set[str]] = {}
-    _collect(team_ref, resources, now, found, claimed_by, visiting=set(), depth=0)
+    inactive: set[str] = set()
+    _collect(team_ref, resources, now, found, claimed_by, inactive, visiting=set(), depth=0)
     for user_id, persons in claimed_by.items():
         if len(persons) > 1:
             # Two people claiming one account is a data error: admit neither.
@@ -66,7 +69,12 @@ def resolve_membership(team_ref: str, resources: Resources, now: datetime) -> Te
                 ", ".join(sorted(persons)),
             )
             found.pop(user_id, None)
-    return TeamMembership(team=team_ref, status=str(team.get("status") or "unknown"), members=found)
+    return TeamMembership(
+        team=team_ref,
+        status=str(team.get("status") or "unknown"),
+        members=found,
+        inactive=frozenset(inactive - found.keys()),
+    )
 
 
 def _collect(
@@ -75,6 +83,7 @@ def _collect(
     now: datetime,
     found: dict[str, Member],
     claimed_by: dict[str, set[str]],
+    inactive: set[str],
     *,
     visiting: set[str],
     depth: int,
@@ -97,14 +106,21 @@ def _collect(
         member_type = member_ref.split("/", 1)[0]
         if member_type == "CareTeam":
             _collect(
-                member_ref, resources, now, found, claimed_by, visiting=visiting, depth=depth + 1
+                member_ref,
+                resources,
+                now,
+                found,
+                claimed_by,
+                inactive,
+                visiting=visiting,
+                depth=depth + 1,
             )
         elif member_type == "PractitionerRole":
             practitioner_ref = _active_role_practitioner(resources.get(member_ref), now)
             if practitioner_ref:
-                _add_person(practitioner_ref, resources, roles, found, claimed_by)
+                _add_person(practitioner_ref, resources, roles, found, claimed_by, inactive)
         elif member_type in PERSON_TYPES:
-            _add_person(member_ref, resources, roles, found, claimed_by)
+            _add_person(member_ref, resources, roles, found, claimed_by, inactive)
 
 
 def _add_person(
@@ -113,9 +129,13 @@ def _add_person(
     roles: frozenset[str],
     found: dict[str, Member],
     claimed_by: dict[str, set[str]],
+    inactive: set[str],
 ) -> None:
     person = resources.get(person_ref)
-    if person is None or not is_active(person):
+    if person is None:
+        return
+    if not is_active(person):
+        inactive.update(matrix_ids_of(person))
         return
     member_type = person_ref.split("/", 1)[0]
     for user_id in matrix_ids_of(person):

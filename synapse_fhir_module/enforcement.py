@@ -178,6 +178,8 @@ class CareTeamGate:
         if not team.admits_members:
             return Reason.CARE_TEAM_INACTIVE
         if not team.is_member(entering):
+            if entering in team.inactive:
+                return Reason.ACCOUNT_INACTIVE
             return Reason.NOT_IN_CARE_TEAM
         return None
 

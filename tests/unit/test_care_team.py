@@ -84,7 +84,9 @@ def test_periods_and_inactive_people_keep_members_out() -> None:
         person("Practitioner", "inactive", "inactive", active=False),
         person("Practitioner", "current", "current"),
     )
-    assert set(resolve_membership("CareTeam/t", resources, NOW).members) == {"@current:example.org"}
+    membership = resolve_membership("CareTeam/t", resources, NOW)
+    assert set(membership.members) == {"@current:example.org"}
+    assert membership.inactive == frozenset({"@inactive:example.org"})
 
 
 def test_practitioner_role_resolves_to_its_practitioner_when_active_and_current() -> None:
