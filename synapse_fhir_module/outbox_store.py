@@ -1,0 +1,142 @@
+"""The outbox table in Synapse's own database: events waiting to become FHIR Communications.
+
+Each function takes a database cursor (Synapse's ``LoggingTransaction`` inside
+``run_db_interaction``) and runs plain SQL that SQLite and PostgreSQL both accept
+(Synapse rewrites ``?`` placeholders for PostgreSQL). Rows are keyed by event id, so
+enqueueing an event twice keeps one row; a row leaves the table once FHIR has it, or
+turns ``dead`` with the reason FHIR gave.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import attr
+
+TABLE = "synapse_fhir_outbox"
+PENDING = "pending"
+DEAD = "dead"
+MAX_ERROR_LENGTH = 1000
+
+SCHEMA = (
+    f"""
+    CREATE TABLE IF NOT EXISTS {TABLE} (
+        event_id TEXT NOT NULL PRIMARY KEY,
+        room_id TEXT NOT NULL,
+        enqueued_ms BIGINT NOT NULL,
+        event_json TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms BIGINT NOT NULL,
+        last_error TEXT
+    )
+    """,
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_due ON {TABLE} (state, next_attempt_ms)",
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_room ON {TABLE} (room_id, enqueued_ms)",
+)
+
+
+class Cursor(Protocol):
+    def execute(self, sql: str, args: Sequence[Any] = ...) -> Any: ...
+    def fetchall(self) -> list[tuple[Any, ...]]: ...
+    def fetchone(self) -> tuple[Any, ...] | None: ...
+
+    @property
+    def rowcount(self) -> int: ...
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class OutboxRow:
+    event_id: str
+    room_id: str
+    enqueued_ms: int
+    event: dict[str, Any]
+    attempts: int
+
+
+def create_schema(txn: Cursor) -> None:
+    for statement in SCHEMA:
+        txn.execute(statement)
+
+
+def enqueue(txn: Cursor, event: dict[str, Any], now_ms: int) -> bool:
+    """Add an event; False when it was already there (a repeated callback or a retry)."""
+    txn.execute(
+        f"INSERT INTO {TABLE} (event_id, room_id, enqueued_ms, event_json, state, attempts,"
+        f" next_attempt_ms) VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT (event_id) DO NOTHING",
+        (event["event_id"], event["room_id"], now_ms, json.dumps(event), PENDING, now_ms),
+    )
+    return txn.rowcount == 1
+
+
+def due_rows(txn: Cursor, now_ms: int, limit: int) -> list[OutboxRow]:
+    """Pending rows whose time has come, oldest first, keeping each room's order: a row
+    waits while an earlier row of its room is backing off (a reply after its parent)."""
+    txn.execute(
+        f"""
+        SELECT o.event_id, o.room_id, o.enqueued_ms, o.event_json, o.attempts
+        FROM {TABLE} o
+        WHERE o.state = ? AND o.next_attempt_ms <= ?
+          AND NOT EXISTS (
+            SELECT 1 FROM {TABLE} e
+            WHERE e.room_id = o.room_id AND e.state = ? AND e.next_attempt_ms > ?
+              AND (e.enqueued_ms < o.enqueued_ms
+                   OR (e.enqueued_ms = o.enqueued_ms AND e.event_id < o.event_id))
+          )
+        ORDER BY o.enqueued_ms, o.event_id
+        LIMIT ?
+        """,
+        (PENDING, now_ms, PENDING, now_ms, limit),
+    )
+    return [
+        OutboxRow(event_id, room_id, int(enqueued_ms), json.loads(event_json), int(attempts))
+        for event_id, room_id, enqueued_ms, event_json, attempts in txn.fetchall()
+    ]
+
+
+def mark_written(txn: Cursor, event_ids: Iterable[str]) -> None:
+    for event_id in event_ids:
+        txn.execute(f"DELETE FROM {TABLE} WHERE event_id = ?", (event_id,))
+
+
+def mark_retry(txn: Cursor, event_ids: Iterable[str], next_attempt_ms: int, error: str) -> None:
+    for event_id in event_ids:
+        txn.execute(
+            f"UPDATE {TABLE} SET attempts = attempts + 1, next_attempt_ms = ?, last_error = ?"
+            " WHERE event_id = ?",
+            (next_attempt_ms, error[:MAX_ERROR_LENGTH], event_id),
+        )
+
+
+def mark_dead(txn: Cursor, event_id: str, reason: str) -> None:
+    txn.execute(
+        f"UPDATE {TABLE} SET state = ?, attempts = attempts + 1, last_error = ? WHERE event_id = ?",
+        (DEAD, reason[:MAX_ERROR_LENGTH], event_id),
+    )
+
+
+def counts(txn: Cursor) -> tuple[int, int]:
+    """(pending, dead)."""
+    txn.execute(f"SELECT state, COUNT(*) FROM {TABLE} GROUP BY state")
+    by_state = {state: int(count) for state, count in txn.fetchall()}
+    return by_state.get(PENDING, 0), by_state.get(DEAD, 0)
+
+
+def dead_letters(txn: Cursor, limit: int = 100) -> list[tuple[str, str]]:
+    """(event id, reason) of rows FHIR refused for good."""
+    txn.execute(
+        f"SELECT event_id, last_error FROM {TABLE} WHERE state = ? ORDER BY enqueued_ms LIMIT ?",
+        (DEAD, limit),
+    )
+    return [(event_id, reason or "") for event_id, reason in txn.fetchall()]
+
+
+def retry_delay_ms(
+    attempts: int, *, base_ms: int = 500, cap_ms: int = 60_000, rng: random.Random | None = None
+) -> int:
+    """Exponential backoff with jitter: half to all of min(cap, base · 2^attempts)."""
+    ceiling = min(cap_ms, base_ms * 2 ** min(attempts, 20))
+    return int(ceiling * (0.5 + 0.5 * (rng or random).random()))
