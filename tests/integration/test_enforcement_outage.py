@@ -17,7 +17,7 @@ from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.integration.care_network import CareNetwork
 
-CACHE_TTL = 8.0
+CACHE_TTL = 12.0  # long enough that "right after the stop" is clearly within it
 
 
 def bound_room(server: SynapseServer, network: CareNetwork) -> tuple[MatrixUser, str]:
