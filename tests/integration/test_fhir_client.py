@@ -12,7 +12,7 @@ from fhir.resources.R4B.practitioner import Practitioner
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirNotFoundError, FhirPermanentError
 
-TAG_SYSTEM = "https://synapse-fhir.test/run"
+TAG_SYSTEM = "urn:synapse-fhir-module:test-run"
 
 
 def tagged_patient(tag: str, n: int) -> dict:
