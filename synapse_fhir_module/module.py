@@ -43,7 +43,6 @@ class FhirModule:
         self._validity: AccountValidity | None = None
 
         api.register_web_resource(HEALTH_PATH, HealthResource(FhirReachability(self._fhir)))
-        api.register_third_party_rules_callbacks(on_new_event=self._on_new_event)
 
         if config.enforcement.enabled:
             self._register_enforcement(exempt)
@@ -101,6 +100,9 @@ class FhirModule:
         )
         self._api.register_third_party_rules_callbacks(
             check_event_allowed=decision(gate.check_event_allowed, allow=(True, None)),
+            # Keeps the room-binding answers current. (Synapse loads a room's state for
+            # every event once any module listens here: register only when needed.)
+            on_new_event=self._on_new_event,
         )
 
     def _register_account_validity(self, exempt: set[str]) -> None:
