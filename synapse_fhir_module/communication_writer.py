@@ -1,0 +1,72 @@
+"""Writes a batch of Communications to FHIR as one ``transaction`` Bundle.
+
+Every new message is a conditional create (``ifNoneExist`` on its event id), so sending
+the same batch twice — a retry after a timeout whose answer was lost — changes nothing.
+When FHIR refuses the transaction for good (a 4xx other than 408/429), the batch is
+split in halves until the entries it refuses are alone: those become dead letters with
+FHIR's reason, and everything else is written. Transient errors are raised for the
+caller to retry the whole batch later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import attr
+from fhir.resources.R4B.bundle import Bundle
+
+from synapse_fhir_module.communication_mapping import CommunicationWrite
+from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_errors import FhirPermanentError
+
+logger = logging.getLogger(__name__)
+
+
+@attr.s(auto_attribs=True)
+class WriteResult:
+    written: list[str] = attr.Factory(list)  # event ids FHIR now has
+    dead: dict[str, str] = attr.Factory(dict)  # event id -> why FHIR refused it
+
+
+class CommunicationWriter:
+    def __init__(self, fhir: FhirClient) -> None:
+        self._fhir = fhir
+
+    async def write(self, writes: Sequence[tuple[str, CommunicationWrite]]) -> WriteResult:
+        """``writes``: (event id, write) in the order they must be applied."""
+        result = WriteResult()
+        await self._write_part(list(writes), result)
+        return result
+
+    async def _write_part(
+        self, writes: list[tuple[str, CommunicationWrite]], result: WriteResult
+    ) -> None:
+        if not writes:
+            return
+        try:
+            await self._fhir.transaction(_bundle(writes))
+        except FhirPermanentError as e:
+            if len(writes) == 1:
+                event_id = writes[0][0]
+                reason = f"HTTP {e.status}: {e.outcome or e}"
+                logger.warning(
+                    "FHIR refused the Communication for %s (HTTP %s)", event_id, e.status
+                )
+                result.dead[event_id] = reason
+                return
+            middle = len(writes) // 2
+            await self._write_part(writes[:middle], result)
+            await self._write_part(writes[middle:], result)
+            return
+        result.written.extend(event_id for event_id, _ in writes)
+
+
+def _bundle(writes: Sequence[tuple[str, CommunicationWrite]]) -> Bundle:
+    return Bundle.model_validate(
+        {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [write.bundle_entry() for _, write in writes],
+        }
+    )
