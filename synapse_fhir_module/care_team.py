@@ -43,6 +43,7 @@ class TeamMembership:
     members: Mapping[str, Member]  # by Matrix user id
     # Participants whose person is marked inactive (they are not members).
     inactive: frozenset[str] = frozenset()
+    subject: str | None = None  # "Patient/<id>", the team's patient
 
     @property
     def admits_members(self) -> bool:
@@ -74,6 +75,7 @@ def resolve_membership(team_ref: str, resources: Resources, now: datetime) -> Te
         status=str(team.get("status") or "unknown"),
         members=found,
         inactive=frozenset(inactive - found.keys()),
+        subject=_reference(team.get("subject")),
     )
 
 

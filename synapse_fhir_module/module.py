@@ -10,10 +10,11 @@ from synapse.spam_checker_api import RegistrationBehaviour
 
 from synapse_fhir_module.account_validity import AccountValidity
 from synapse_fhir_module.callback_guard import access_decision, never_raises
+from synapse_fhir_module.communication_recorder import CommunicationRecorder
 from synapse_fhir_module.config import ModuleConfig, parse_module_config
 from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.health import HEALTH_PATH, FhirReachability, HealthResource
+from synapse_fhir_module.health import HEALTH_PATH, FhirReachability, HealthResource, no_outbox
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.registration_gate import RegistrationGate
 from synapse_fhir_module.room_bindings import RoomBindings
@@ -41,8 +42,29 @@ class FhirModule:
         self._teams = CareTeamDirectory(api, self._fhir, ttl=config.enforcement.cache_ttl)
         self._bindings = RoomBindings(api, self._fhir, self._service_user_id)
         self._validity: AccountValidity | None = None
+        self._recorder: CommunicationRecorder | None = None
+        if config.communication.enabled:
+            self._recorder = CommunicationRecorder(
+                api,
+                config.communication,
+                self._fhir,
+                self._bindings,
+                self._teams,
+                self._persons,
+                service_user_id=self._service_user_id,
+            )
 
-        api.register_web_resource(HEALTH_PATH, HealthResource(FhirReachability(self._fhir)))
+        api.register_web_resource(
+            HEALTH_PATH,
+            HealthResource(
+                FhirReachability(self._fhir),
+                self._recorder.counts if self._recorder else no_outbox,
+            ),
+        )
+        if config.enforcement.enabled or self._recorder is not None:
+            # (Synapse loads a room's state for every event once any module listens here:
+            # register only when needed.)
+            api.register_third_party_rules_callbacks(on_new_event=self._on_new_event)
 
         if config.enforcement.enabled:
             self._register_enforcement(exempt)
@@ -60,6 +82,10 @@ class FhirModule:
 
         if self._runs_background_work:
             api.delayed_background_call(0, self._register_service_user, desc="fhir_service_user")
+            if self._recorder is not None:
+                api.delayed_background_call(0, self._recorder.start, desc="fhir_outbox_start")
+                # Rows waiting for a retry are picked up by this periodic wake-up.
+                api.looping_background_call(self._recorder.wake, 1000, desc="fhir_outbox_wake")
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> ModuleConfig:
@@ -100,9 +126,6 @@ class FhirModule:
         )
         self._api.register_third_party_rules_callbacks(
             check_event_allowed=decision(gate.check_event_allowed, allow=(True, None)),
-            # Keeps the room-binding answers current. (Synapse loads a room's state for
-            # every event once any module listens here: register only when needed.)
-            on_new_event=self._on_new_event,
         )
 
     def _register_account_validity(self, exempt: set[str]) -> None:
@@ -151,6 +174,8 @@ class FhirModule:
 
     async def _on_new_event(self, event: EventBase, state_events: StateMap[EventBase]) -> None:
         self._bindings.forget_for_event(event)
+        if self._recorder is not None and self._runs_background_work:
+            await self._recorder.on_new_event(event)
 
     async def _register_service_user(self) -> None:
         try:

@@ -57,6 +57,15 @@ class RoomBindings:
             self._team_of_room[room_id] = team
         return team
 
+    async def thread_of(self, room_id: str) -> str | None:
+        """``CommunicationRequest/<id>`` the room is bound to, if the service user set one."""
+        state = await self._api.get_room_state(room_id, [(THREAD_STATE, "")])
+        return self._trusted_reference(state.get((THREAD_STATE, "")), "CommunicationRequest/")
+
+    def remembered(self, room_id: str) -> str | bool | None:
+        """The remembered answer for a room, or False when there is none (no I/O)."""
+        return self._team_of_room.get(room_id, False)
+
     async def binding_event_ids(self, room_id: str) -> set[str]:
         """Ids of the current state events that bind this room (to redact-protect them)."""
         state = await self._api.get_room_state(

@@ -1,0 +1,239 @@
+"""Records care-team messages as FHIR Communications through the outbox.
+
+``on_new_event`` only enqueues (one small write into Synapse's database) and wakes the
+drain; everything that needs the network — which room belongs to which team, the
+sender's FHIR person, the thread, the FHIR write itself — happens in the drain, a
+background process on the one instance that runs background work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fhir.resources.R4B.communicationrequest import CommunicationRequest
+from synapse.module_api import EventBase, ModuleApi
+
+from synapse_fhir_module import outbox_store
+from synapse_fhir_module.communication_mapping import (
+    ORIGIN_TAG,
+    CommunicationWrite,
+    NotRecorded,
+    RoomContext,
+    message_write,
+)
+from synapse_fhir_module.communication_writer import CommunicationWriter
+from synapse_fhir_module.config import CommunicationConfig
+from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_errors import FhirError, FhirTransientError
+from synapse_fhir_module.health import OutboxCounts
+from synapse_fhir_module.person_directory import PersonDirectory
+from synapse_fhir_module.room_bindings import THREAD_STATE, RoomBindings
+from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
+
+logger = logging.getLogger(__name__)
+
+RECORDED_TYPES = frozenset({"m.room.message", "m.room.encrypted"})
+ROOM_ID_SYSTEM = "https://matrix.org/room-id"
+
+
+class _Retry(Exception):
+    """Something the drain needs is unreachable for now: try the batch again later."""
+
+
+class _Dead(Exception):
+    """This row can never be written as it is (the reason is kept with it)."""
+
+
+class CommunicationRecorder:
+    def __init__(
+        self,
+        api: ModuleApi,
+        config: CommunicationConfig,
+        fhir: FhirClient,
+        bindings: RoomBindings,
+        teams: CareTeamDirectory,
+        persons: PersonDirectory,
+        *,
+        service_user_id: str,
+    ) -> None:
+        self._api = api
+        self._config = config
+        self._fhir = fhir
+        self._bindings = bindings
+        self._teams = teams
+        self._persons = persons
+        self._writer = CommunicationWriter(fhir)
+        self._service_user_id = service_user_id
+        self._draining = False
+        self._again = False
+        self._schema_ready = False
+
+    async def start(self) -> None:
+        """Create the outbox table if needed, then write whatever a restart left pending."""
+        await self._api.run_db_interaction("fhir_outbox_schema", outbox_store.create_schema)
+        self._schema_ready = True
+        self.wake()
+
+    async def on_new_event(self, event: EventBase) -> None:
+        """Enqueue a message of a (possibly) care-team room. No network I/O here."""
+        if event.type not in RECORDED_TYPES or event.sender == self._service_user_id:
+            return
+        if not self._schema_ready or self._bindings.remembered(event.room_id) is None:
+            return  # a room known to be ordinary (or the table is not there yet)
+        row = {
+            "event_id": event.event_id,
+            "room_id": event.room_id,
+            "type": event.type,
+            "sender": event.sender,
+            "origin_server_ts": event.origin_server_ts,
+            "content": dict(event.content),
+        }
+        await self._api.run_db_interaction(
+            "fhir_outbox_enqueue", outbox_store.enqueue, row, _now_ms()
+        )
+        self.wake()
+
+    async def counts(self) -> OutboxCounts:
+        try:
+            pending, dead = await self._api.run_db_interaction(
+                "fhir_outbox_counts", outbox_store.counts
+            )
+        except Exception:  # e.g. the background instance has not created the table yet
+            logger.debug("Outbox counts unavailable", exc_info=True)
+            return OutboxCounts()
+        return OutboxCounts(pending=pending, dead=dead)
+
+    def wake(self) -> None:
+        """Drain now (or again right after the drain under way)."""
+        if self._draining:
+            self._again = True
+            return
+        self._draining = True
+        self._api.run_as_background_process("fhir_outbox_drain", self._drain)
+
+    async def _drain(self) -> None:
+        try:
+            while True:
+                self._again = False
+                rows = await self._api.run_db_interaction(
+                    "fhir_outbox_due", outbox_store.due_rows, _now_ms(), self._config.batch_size
+                )
+                if not rows:
+                    if self._again:
+                        continue
+                    return
+                if not await self._write_rows(rows):
+                    return  # backing off; the periodic wake-up tries again
+        except Exception:
+            logger.exception("Outbox drain failed; it runs again on the next wake-up")
+        finally:
+            self._draining = False
+
+    async def _write_rows(self, rows: list[outbox_store.OutboxRow]) -> bool:
+        """Write one batch; False when FHIR is unreachable (rows rescheduled)."""
+        writes: list[tuple[str, CommunicationWrite]] = []
+        done: list[str] = []
+        dead: dict[str, str] = {}
+        try:
+            for row in rows:
+                try:
+                    write = await self._write_for(row)
+                except NotRecorded:
+                    done.append(row.event_id)  # not a care-team message: nothing to write
+                    continue
+                except _Dead as e:
+                    dead[row.event_id] = str(e)
+                    continue
+                writes.append((row.event_id, write))
+            result = await self._writer.write(writes)
+        except (_Retry, FhirTransientError) as e:
+            delay = outbox_store.retry_delay_ms(rows[0].attempts)
+            logger.warning("FHIR unreachable for the outbox (%s); retrying in %d ms", e, delay)
+            await self._api.run_db_interaction(
+                "fhir_outbox_retry",
+                outbox_store.mark_retry,
+                [row.event_id for row in rows],
+                _now_ms() + delay,
+                str(e),
+            )
+            return False
+        dead.update(result.dead)
+        await self._api.run_db_interaction(
+            "fhir_outbox_done", outbox_store.mark_written, [*done, *result.written]
+        )
+        for event_id, reason in dead.items():
+            logger.warning("Outbox: %s cannot be written to FHIR; kept as a dead letter", event_id)
+            await self._api.run_db_interaction(
+                "fhir_outbox_dead", outbox_store.mark_dead, event_id, reason
+            )
+        return True
+
+    async def _write_for(self, row: outbox_store.OutboxRow) -> CommunicationWrite:
+        try:
+            team_ref = await self._bindings.care_team_of(row.room_id)
+            if team_ref is None:
+                raise NotRecorded("not a care-team room")
+            team = await self._teams.membership(team_ref)
+            person = await self._sender_person(row.event["sender"])
+            thread = await self._bindings.thread_of(row.room_id) or await self._open_thread(
+                row.room_id, team_ref, team.subject
+            )
+        except DirectoryUnavailable as e:
+            raise _Retry(str(e)) from e
+        room = RoomContext(thread=thread, care_team=team_ref, patient=team.subject)
+        return message_write(
+            row.event, room, person, encrypted_policy=self._config.encrypted_rooms.value
+        )
+
+    async def _sender_person(self, user_id: str) -> str:
+        record = self._persons.remembered(user_id)
+        if record is None or not record.mapped:
+            try:
+                record = await self._persons.lookup(user_id)
+            except FhirTransientError as e:
+                raise _Retry(str(e)) from e
+        if record.person is None:
+            raise _Dead("the sender has no (single) FHIR person")
+        return record.person
+
+    async def _open_thread(self, room_id: str, team_ref: str, patient: str | None) -> str:
+        """Create the room's CommunicationRequest (once: keyed by the room id) and bind it."""
+        request: dict[str, Any] = {
+            "resourceType": "CommunicationRequest",
+            "meta": {"tag": [dict(ORIGIN_TAG)]},
+            "identifier": [{"system": ROOM_ID_SYSTEM, "value": room_id}],
+            "status": "active",
+            "recipient": [{"reference": team_ref, "type": "CareTeam"}],
+        }
+        if patient:
+            request["subject"] = {"reference": patient, "type": "Patient"}
+        try:
+            stored, _ = await self._fhir.create_if_none_exist(
+                CommunicationRequest.model_validate(request),
+                f"identifier={ROOM_ID_SYSTEM}|{room_id}",
+            )
+        except FhirTransientError as e:
+            raise _Retry(str(e)) from e
+        except FhirError as e:
+            raise _Dead(f"could not open a thread for the room: {e}") from e
+        thread = f"CommunicationRequest/{stored.id}"
+        try:
+            await self._api.create_and_send_event_into_room(
+                {
+                    "type": THREAD_STATE,
+                    "state_key": "",
+                    "room_id": room_id,
+                    "sender": self._service_user_id,
+                    "content": {"reference": thread},
+                }
+            )
+        except Exception as e:  # the service user may not be in the room: the CR still serves
+            logger.warning("Could not bind %s to %s: %s", room_id, thread, type(e).__name__)
+        logger.info("Opened %s for %s", thread, room_id)
+        return thread
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,100 @@
+"""Messages in a care-team room become FHIR Communications (real Synapse, real HAPI)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import requests
+
+from devstack.fhir_seed import FhirSeeder
+from devstack.hapi import HapiDevServer
+from devstack.matrix_client import MatrixUser, register_user
+from devstack.rooms import create_bound_space, create_room_in_space, service_session
+from devstack.synapse import SynapseServer
+from devstack.waiting import wait_until
+from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
+from tests.integration.care_network import CareNetwork
+
+
+def communication_of(hapi: HapiDevServer, event_id: str) -> dict[str, Any] | None:
+    bundle = requests.get(
+        f"{hapi.base_url}/Communication",
+        params={"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"},
+        headers={"Cache-Control": "no-cache"},
+        timeout=30,
+    ).json()
+    entries = bundle.get("entry", [])
+    assert len(entries) <= 1, f"{len(entries)} Communications for one event"
+    return entries[0]["resource"] if entries else None
+
+
+def health(server: SynapseServer) -> dict[str, Any]:
+    return requests.get(server.url("/_synapse/client/fhir/health"), timeout=10).json()
+
+
+def member_in_room(
+    synapse: SynapseServer, service: MatrixUser, room: str, network: CareNetwork
+) -> MatrixUser:
+    gp = register_user(synapse, network.localpart("anna"))
+    service.invite(room, gp.user_id)
+    gp.join(room)
+    return gp
+
+
+def test_message_in_a_care_team_room_becomes_a_communication(
+    hapi: HapiDevServer, synapse: SynapseServer
+) -> None:
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    network.seed(FhirSeeder(hapi.base_url))
+    service = service_session(register_user(synapse, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = member_in_room(synapse, service, room, network)
+
+    # The room has no thread yet: the module opens one for it.
+    event_id = gp.send_text(room, "Blood pressure 150/95 this morning")
+    c = wait_until(
+        lambda: communication_of(hapi, event_id),
+        timeout=30,
+        what="the message written to FHIR as a Communication",
+    )
+    assert c["status"] == "completed"
+    assert c["payload"] == [{"contentString": "Blood pressure 150/95 this morning"}]
+    assert c["sender"] == {"reference": network.ref("Practitioner", "gp"), "type": "Practitioner"}
+    assert c["subject"]["reference"] == network.ref("Patient", "patient")
+    assert c["recipient"] == [{"reference": network.team, "type": "CareTeam"}]
+    (part_of,) = c["partOf"]
+    assert part_of["type"] == "CommunicationRequest"
+    # ...and bound the room to that thread.
+    thread_state = service.request(
+        "GET", f"/_matrix/client/v3/rooms/{room}/state/org.synapse_fhir.thread"
+    )
+    assert thread_state == {"reference": part_of["reference"]}
+
+    # The next message lands in the same thread, and nothing stays behind in the outbox.
+    second = gp.send_text(room, "Rechecked: 140/90")
+    c2 = wait_until(lambda: communication_of(hapi, second), timeout=30, what="second message")
+    assert c2["partOf"] == c["partOf"]
+    wait_until(
+        lambda: health(synapse)["outbox"] == {"pending": 0, "dead": 0},
+        timeout=30,
+        what="the outbox empty",
+    )
+
+
+def test_messages_of_ordinary_rooms_are_not_recorded(
+    hapi: HapiDevServer, synapse: SynapseServer
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    alice = register_user(synapse, f"alice_{tag}")
+    room = alice.create_room(name="Coffee")
+    first = alice.send_text(room, "lunch?")
+    # A care-team message sent after it is written; the ordinary one never is.
+    network = CareNetwork(tag)
+    network.seed(FhirSeeder(hapi.base_url))
+    service = service_session(register_user(synapse, network.localpart("root"), admin=True))
+    care_room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = member_in_room(synapse, service, care_room, network)
+    later = gp.send_text(care_room, "after the coffee message")
+    wait_until(lambda: communication_of(hapi, later), timeout=30, what="the care-team message")
+    assert communication_of(hapi, first) is None
