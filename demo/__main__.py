@@ -20,6 +20,8 @@ from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, register_user
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer, module_config
+from devstack.waiting import wait_until
+from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
 
 WORKDIR = Path(__file__).resolve().parent.parent / ".run" / "demo"
 
@@ -83,21 +85,32 @@ def main() -> int:
             say(f'    "{refused.body["error"]}"')
 
         say("A short conversation ...")
+        sent: list[str] = []
         for user, text in (
             (anna, "Blood pressure is up again; can you check it tomorrow morning?"),
             (bram, "Will do, I'm there at 8:30."),
             (carla, "I'll make sure Dad is up by then."),
         ):
             event_id = user.send_text(room, text)
+            sent.append(event_id)
             say(f"  {user.user_id} sent {event_id}")
 
-        communications = requests.get(
-            f"{hapi.base_url}/Communication", params={"_summary": "count"}, timeout=10
-        ).json()["total"]
-        say(f"Communications in FHIR: {communications}")
+        say("The Communications the module wrote to FHIR ...")
+        written = wait_until(
+            lambda: _communications(hapi.base_url, sent),
+            timeout=60,
+            what="every message written to FHIR",
+        )
+        for c in written:
+            payload = c.get("payload", [{}])[0].get("contentString", "")
+            say(
+                f"  Communication/{c['id']}  sent {c['sent']}  from {c['sender']['reference']}"
+                f"  partOf {c['partOf'][0]['reference']}"
+            )
+            say(f'    "{payload}"')
         say(
-            "  (recording each message as a FHIR Communication, and the module creating spaces\n"
-            "   and rooms from the CareTeam itself, arrive with the next issues)"
+            "  (the module creating spaces and rooms from the CareTeam itself arrives with "
+            "the next issue)"
         )
 
         if args.keep_running:
@@ -113,6 +126,22 @@ def main() -> int:
             synapse.stop()
         hapi.stop()
         say(f"Logs are in {WORKDIR}")
+
+
+def _communications(base_url: str, event_ids: list[str]) -> list[dict] | None:
+    """The Communications of these events, in order, once FHIR has all of them."""
+    found = []
+    for event_id in event_ids:
+        bundle = requests.get(
+            f"{base_url}/Communication",
+            params={"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"},
+            headers={"Cache-Control": "no-cache"},
+            timeout=10,
+        ).json()
+        if not bundle.get("entry"):
+            return None
+        found.append(bundle["entry"][0]["resource"])
+    return found
 
 
 def say(text: str) -> None:
