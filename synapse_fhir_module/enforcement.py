@@ -51,6 +51,7 @@ class CareTeamGate:
         fail_closed: bool,
         is_local: Callable[[str], bool],
         remove_member_soon: RemoveMember,
+        forbid_encryption: bool = False,
     ) -> None:
         self._bindings = bindings
         self._teams = teams
@@ -59,6 +60,7 @@ class CareTeamGate:
         self._fail_closed = fail_closed
         self._is_local = is_local
         self._remove_member_soon = remove_member_soon
+        self._forbid_encryption = forbid_encryption
 
     async def user_may_invite(self, inviter: str, invitee: str, room_id: str) -> str:
         _raise_if(await self._entry_refusal(room_id, entering=invitee, inviter=inviter))
@@ -150,6 +152,10 @@ class CareTeamGate:
         if event.is_state() and event.type in SPACE_LINKS:
             if await self._is_bound(event.room_id):
                 return Reason.PROTECTED_STATE
+        if event.type == "m.room.encryption" and self._forbid_encryption:
+            # communication.encrypted_rooms: forbid — the record must be able to read it.
+            if await self._is_bound(event.room_id):
+                return Reason.ENCRYPTION_FORBIDDEN
         if event.type == "m.room.redaction" and isinstance(event.redacts, str):
             if event.redacts in await self._bindings.binding_event_ids(
                 event.room_id

@@ -11,7 +11,7 @@ from synapse.spam_checker_api import RegistrationBehaviour
 from synapse_fhir_module.account_validity import AccountValidity
 from synapse_fhir_module.callback_guard import access_decision, never_raises
 from synapse_fhir_module.communication_recorder import CommunicationRecorder
-from synapse_fhir_module.config import ModuleConfig, parse_module_config
+from synapse_fhir_module.config import EncryptedRoomsPolicy, ModuleConfig, parse_module_config
 from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.health import HEALTH_PATH, FhirReachability, HealthResource, no_outbox
@@ -113,6 +113,9 @@ class FhirModule:
             fail_closed=config.fail_closed,
             is_local=self._api.is_mine,
             remove_member_soon=self._remove_member_soon,
+            forbid_encryption=(
+                self._config.communication.encrypted_rooms is EncryptedRoomsPolicy.FORBID
+            ),
         )
 
         def decision(callback: Any, allow: Any = NOT_SPAM) -> Any:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import pytest
 import requests
 
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
-from devstack.matrix_client import MatrixUser, register_user
+from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
-from devstack.synapse import SynapseServer
+from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
 from tests.integration.care_network import CareNetwork
@@ -98,3 +99,28 @@ def test_messages_of_ordinary_rooms_are_not_recorded(
     later = gp.send_text(care_room, "after the coffee message")
     wait_until(lambda: communication_of(hapi, later), timeout=30, what="the care-team message")
     assert communication_of(hapi, first) is None
+
+
+def test_encryption_is_refused_in_care_team_rooms_when_forbidden(
+    hapi: HapiDevServer, start_synapse: Any
+) -> None:
+    server = start_synapse(
+        module_config(hapi.base_url, communication={"encrypted_rooms": "forbid"})
+    )
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    network.seed(FhirSeeder(hapi.base_url))
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = member_in_room(server, service, room, network)
+    # Enough power to turn encryption on, were it not for the rule.
+    levels = service.request("GET", f"/_matrix/client/v3/rooms/{room}/state/m.room.power_levels")
+    levels.setdefault("users", {})[gp.user_id] = 100
+    service.send_state(room, "m.room.power_levels", levels)
+
+    with pytest.raises(MatrixError) as caught:
+        gp.send_state(room, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+    assert caught.value.status == 403
+    assert caught.value.reason == "encryption_forbidden"
+    # Ordinary rooms on the same server may still be encrypted.
+    own = gp.create_room(name="Private")
+    gp.send_state(own, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
