@@ -122,6 +122,17 @@ def redaction_write(
     )
 
 
+def redacted_write(stored: Mapping[str, Any], original_event_id: str) -> CommunicationWrite:
+    """The stored Communication of a redacted message, entered-in-error, without payload."""
+    resource = {k: v for k, v in stored.items() if k not in ("payload", "text")}
+    meta = stored.get("meta")
+    resource["meta"] = {"tag": list(meta.get("tag") or [])} if isinstance(meta, Mapping) else {}
+    resource["status"] = "entered-in-error"
+    return CommunicationWrite(
+        method="PUT", url=communication_reference(original_event_id), resource=resource
+    )
+
+
 def _create(event: Mapping[str, Any], resource: dict[str, Any]) -> CommunicationWrite:
     return CommunicationWrite(
         method="POST",

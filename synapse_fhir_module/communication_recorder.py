@@ -17,11 +17,13 @@ from synapse.module_api import EventBase, ModuleApi
 
 from synapse_fhir_module import outbox_store
 from synapse_fhir_module.communication_mapping import (
+    EVENT_ID_SYSTEM,
     ORIGIN_TAG,
     CommunicationWrite,
     NotRecorded,
     RoomContext,
     message_write,
+    redacted_write,
 )
 from synapse_fhir_module.communication_writer import CommunicationWriter
 from synapse_fhir_module.config import CommunicationConfig
@@ -34,7 +36,7 @@ from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnava
 
 logger = logging.getLogger(__name__)
 
-RECORDED_TYPES = frozenset({"m.room.message", "m.room.encrypted"})
+RECORDED_TYPES = frozenset({"m.room.message", "m.room.encrypted", "m.room.redaction"})
 ROOM_ID_SYSTEM = "https://matrix.org/room-id"
 
 
@@ -89,6 +91,7 @@ class CommunicationRecorder:
             "sender": event.sender,
             "origin_server_ts": event.origin_server_ts,
             "content": dict(event.content),
+            "redacts": event.redacts,
         }
         await self._api.run_db_interaction(
             "fhir_outbox_enqueue", outbox_store.enqueue, row, _now_ms()
@@ -136,8 +139,10 @@ class CommunicationRecorder:
         writes: list[tuple[str, CommunicationWrite]] = []
         done: list[str] = []
         dead: dict[str, str] = {}
+        messages = [row for row in rows if row.event["type"] != "m.room.redaction"]
+        redactions = [row for row in rows if row.event["type"] == "m.room.redaction"]
         try:
-            for row in rows:
+            for row in messages:
                 try:
                     write = await self._write_for(row)
                 except NotRecorded:
@@ -148,6 +153,17 @@ class CommunicationRecorder:
                     continue
                 writes.append((row.event_id, write))
             result = await self._writer.write(writes)
+            # Redactions after the messages: the original may be in this very batch.
+            redaction_writes = []
+            for row in redactions:
+                redaction = await self._redaction_for(row)
+                if redaction is None:
+                    done.append(row.event_id)  # the redacted event was never recorded
+                else:
+                    redaction_writes.append((row.event_id, redaction))
+            redacted = await self._writer.write(redaction_writes)
+            result.written.extend(redacted.written)
+            result.dead.update(redacted.dead)
         except (_Retry, FhirTransientError) as e:
             delay = outbox_store.retry_delay_ms(rows[0].attempts)
             logger.warning("FHIR unreachable for the outbox (%s); retrying in %d ms", e, delay)
@@ -186,6 +202,16 @@ class CommunicationRecorder:
         return message_write(
             row.event, room, person, encrypted_policy=self._config.encrypted_rooms.value
         )
+
+    async def _redaction_for(self, row: outbox_store.OutboxRow) -> CommunicationWrite | None:
+        """The redacted message's Communication marked entered-in-error, if it has one."""
+        original = row.event.get("redacts")
+        if not isinstance(original, str) or await self._bindings.care_team_of(row.room_id) is None:
+            return None
+        stored = await self._fhir.search_json(
+            "Communication", {"identifier": f"{EVENT_ID_SYSTEM}|{original}"}
+        )
+        return redacted_write(stored[0], original) if stored else None
 
     async def _sender_person(self, user_id: str) -> str:
         record = self._persons.remembered(user_id)

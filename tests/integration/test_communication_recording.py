@@ -82,6 +82,16 @@ def test_message_in_a_care_team_room_becomes_a_communication(
         what="the outbox empty",
     )
 
+    # Redacting a message marks its Communication entered-in-error and drops the payload.
+    gp.redact(room, second)
+    redacted = wait_until(
+        lambda: (r := communication_of(hapi, second)) and r["status"] == "entered-in-error" and r,
+        timeout=30,
+        what="the redacted message's Communication entered-in-error",
+    )
+    assert "payload" not in redacted
+    assert redacted["id"] == c2["id"]
+
 
 def test_messages_of_ordinary_rooms_are_not_recorded(
     hapi: HapiDevServer, synapse: SynapseServer

@@ -14,6 +14,7 @@ from synapse_fhir_module.communication_mapping import (
     NotRecorded,
     RoomContext,
     message_write,
+    redacted_write,
     redaction_write,
 )
 
@@ -155,3 +156,15 @@ def test_encrypted_event_not_recorded_otherwise(policy: str) -> None:
 def test_what_is_not_recorded(bad: dict[str, Any]) -> None:
     with pytest.raises(NotRecorded):
         message_write(bad, ROOM, GP)
+
+
+def test_a_stored_communication_redacted() -> None:
+    stored = message_write(event({"msgtype": "m.text", "body": "wrong patient"}), ROOM, GP).resource
+    stored = stored | {"id": "c1", "meta": stored["meta"] | {"versionId": "3"}}
+    write = redacted_write(stored, "$ev1")
+    assert (write.method, write.url) == ("PUT", f"Communication?identifier={EVENT_ID_SYSTEM}|$ev1")
+    c = valid(write.resource)
+    assert c["status"] == "entered-in-error"
+    assert "payload" not in c and "wrong patient" not in str(c)
+    assert c["meta"] == {"tag": [ORIGIN_TAG]}
+    assert c["id"] == "c1"
