@@ -58,6 +58,7 @@ class SynapseServer:
         extra_config: dict[str, Any] | None = None,
         federation_port: int | None = None,
         federation_peers: Sequence[str] = (),
+        metrics: bool = False,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +70,11 @@ class SynapseServer:
             loopback_server_name(federation_port) if federation_port is not None else SERVER_NAME
         )
         self.registration_secret = secrets.token_hex(16)
+        # A Prometheus listener of its own, when asked for (`metrics_url`).
+        self.metrics_port = free_port() if metrics else None
+        self.metrics_url = (
+            f"http://127.0.0.1:{self.metrics_port}/_synapse/metrics" if metrics else None
+        )
         self.config_path = self.workdir / "homeserver.yaml"
         self._write_config(fhir_module, extra_config or {})
         self.process = ManagedProcess(
@@ -181,6 +187,11 @@ class SynapseServer:
             },
             "modules": [],
         }
+        if self.metrics_port is not None:
+            config["enable_metrics"] = True
+            config["listeners"].append(
+                {"port": self.metrics_port, "bind_addresses": ["127.0.0.1"], "type": "metrics"}
+            )
         if fhir_module is not None:
             config["modules"] = [
                 {"module": "synapse_fhir_module.FhirModule", "config": fhir_module}

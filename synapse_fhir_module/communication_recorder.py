@@ -30,6 +30,14 @@ from synapse_fhir_module.config import CommunicationConfig
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError, FhirTransientError
 from synapse_fhir_module.health import OutboxCounts
+from synapse_fhir_module.outbox_metrics import (
+    COMMUNICATION_LAG,
+    COMMUNICATIONS_FAILED,
+    COMMUNICATIONS_WRITTEN,
+    OUTBOX_DEAD,
+    OUTBOX_PENDING,
+    WRITE_RETRIES,
+)
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.room_bindings import THREAD_STATE, RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
@@ -106,6 +114,8 @@ class CommunicationRecorder:
         except Exception:  # e.g. the background instance has not created the table yet
             logger.debug("Outbox counts unavailable", exc_info=True)
             return OutboxCounts()
+        OUTBOX_PENDING.set(pending)
+        OUTBOX_DEAD.set(dead)
         return OutboxCounts(pending=pending, dead=dead)
 
     def wake(self) -> None:
@@ -126,6 +136,7 @@ class CommunicationRecorder:
                 if not rows:
                     if self._again:
                         continue
+                    await self.counts()  # refresh the gauges
                     return
                 if not await self._write_rows(rows):
                     return  # backing off; the periodic wake-up tries again
@@ -167,6 +178,7 @@ class CommunicationRecorder:
         except (_Retry, FhirTransientError) as e:
             delay = outbox_store.retry_delay_ms(rows[0].attempts)
             logger.warning("FHIR unreachable for the outbox (%s); retrying in %d ms", e, delay)
+            WRITE_RETRIES.inc()
             await self._api.run_db_interaction(
                 "fhir_outbox_retry",
                 outbox_store.mark_retry,
@@ -179,6 +191,14 @@ class CommunicationRecorder:
         await self._api.run_db_interaction(
             "fhir_outbox_done", outbox_store.mark_written, [*done, *result.written]
         )
+        committed_ms = _now_ms()
+        by_id = {row.event_id: row for row in rows}
+        for event_id in result.written:
+            COMMUNICATIONS_WRITTEN.inc()
+            sent_ms = by_id[event_id].event.get("origin_server_ts")
+            if isinstance(sent_ms, int):
+                COMMUNICATION_LAG.observe(max(0.0, (committed_ms - sent_ms) / 1000))
+        COMMUNICATIONS_FAILED.inc(len(dead))
         for event_id, reason in dead.items():
             logger.warning("Outbox: %s cannot be written to FHIR; kept as a dead letter", event_id)
             await self._api.run_db_interaction(

@@ -134,3 +134,38 @@ def test_encryption_is_refused_in_care_team_rooms_when_forbidden(
     # Ordinary rooms on the same server may still be encrypted.
     own = gp.create_room(name="Private")
     gp.send_state(own, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"})
+
+
+def test_recording_is_visible_in_prometheus_metrics(
+    hapi: HapiDevServer, start_synapse: Any
+) -> None:
+    server = start_synapse(module_config(hapi.base_url), metrics=True)
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    network.seed(FhirSeeder(hapi.base_url))
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = member_in_room(server, service, room, network)
+    event_ids = [gp.send_text(room, f"observation {n}") for n in range(3)]
+    for event_id in event_ids:
+        wait_until(lambda e=event_id: communication_of(hapi, e), timeout=30, what="written")
+
+    def metric(name: str) -> float | None:
+        assert server.metrics_url is not None
+        text = requests.get(server.metrics_url, timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    wait_until(
+        lambda: metric("synapse_fhir_communications_written_total") == 3.0,
+        timeout=15,
+        what="3 written Communications counted",
+    )
+    assert metric("synapse_fhir_communication_lag_seconds_count") == 3.0
+    assert metric("synapse_fhir_communications_failed_total") == 0.0
+    wait_until(
+        lambda: metric("synapse_fhir_outbox_pending") == 0.0,
+        timeout=15,
+        what="the pending gauge back at 0",
+    )

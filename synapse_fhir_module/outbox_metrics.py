@@ -1,0 +1,26 @@
+"""Prometheus metrics of Communication recording (served on Synapse's metrics listener)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+OUTBOX_PENDING = Gauge(
+    "synapse_fhir_outbox_pending", "Messages waiting in the outbox to be written to FHIR"
+)
+OUTBOX_DEAD = Gauge(
+    "synapse_fhir_outbox_dead", "Messages FHIR refused for good (dead letters, with a reason)"
+)
+COMMUNICATIONS_WRITTEN = Counter(
+    "synapse_fhir_communications_written", "Outbox rows written to FHIR as Communications"
+)
+COMMUNICATIONS_FAILED = Counter(
+    "synapse_fhir_communications_failed", "Outbox rows turned into dead letters"
+)
+WRITE_RETRIES = Counter(
+    "synapse_fhir_outbox_retries", "Outbox batches put back because FHIR was unreachable"
+)
+COMMUNICATION_LAG = Histogram(
+    "synapse_fhir_communication_lag_seconds",
+    "From a message's origin_server_ts until FHIR committed its Communication",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
+)
