@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 RECORDED_TYPES = frozenset({"m.room.message", "m.room.encrypted", "m.room.redaction"})
 ROOM_ID_SYSTEM = "https://matrix.org/room-id"
+RETRY_CAP_MS = 10_000
 
 
 class _Retry(Exception):
@@ -176,7 +177,8 @@ class CommunicationRecorder:
             result.written.extend(redacted.written)
             result.dead.update(redacted.dead)
         except (_Retry, FhirTransientError) as e:
-            delay = outbox_store.retry_delay_ms(rows[0].attempts)
+            # Capped low: after an outage the backlog should flow within seconds.
+            delay = outbox_store.retry_delay_ms(rows[0].attempts, cap_ms=RETRY_CAP_MS)
             logger.warning("FHIR unreachable for the outbox (%s); retrying in %d ms", e, delay)
             WRITE_RETRIES.inc()
             await self._api.run_db_interaction(

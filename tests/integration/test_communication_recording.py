@@ -169,3 +169,50 @@ def test_recording_is_visible_in_prometheus_metrics(
         timeout=15,
         what="the pending gauge back at 0",
     )
+
+
+def test_messages_sent_while_fhir_is_down_are_all_written_once_after_it_returns(
+    hapi_running: HapiDevServer, start_synapse: Any
+) -> None:
+    server = start_synapse(module_config(hapi_running.base_url))
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    network.seed(FhirSeeder(hapi_running.base_url))
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = member_in_room(server, service, room, network)
+    first = gp.send_text(room, "before the outage")
+    thread = wait_until(
+        lambda: (c := communication_of(hapi_running, first)) and c["partOf"][0]["reference"],
+        timeout=30,
+        what="the first message written",
+    )
+
+    hapi_running.stop()
+    sent = [gp.send_text(room, f"during the outage {n}") for n in range(200)]
+    wait_until(
+        lambda: health(server)["outbox"]["pending"] == 200,
+        timeout=30,
+        what="200 messages waiting in the outbox",
+    )
+    hapi_running.start()
+
+    def written() -> list[str] | None:
+        ids: list[str] = []
+        url: str | None = f"{hapi_running.base_url}/Communication"
+        params: dict[str, str] | None = {"part-of": thread, "_count": "100"}
+        while url:  # every page
+            bundle = requests.get(
+                url, params=params, headers={"Cache-Control": "no-cache"}, timeout=30
+            ).json()
+            ids += [e["resource"]["identifier"][0]["value"] for e in bundle.get("entry", [])]
+            url = next((k["url"] for k in bundle.get("link", []) if k["relation"] == "next"), None)
+            params = None
+        return ids if len(ids) >= 201 else None
+
+    ids = wait_until(written, timeout=30, what="all 200 messages written within 30 s of restart")
+    assert sorted(ids) == sorted([first, *sent]), "missing or duplicate Communications"
+    wait_until(
+        lambda: health(server)["outbox"] == {"pending": 0, "dead": 0},
+        timeout=30,
+        what="the outbox empty",
+    )
