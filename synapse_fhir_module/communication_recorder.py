@@ -128,6 +128,7 @@ class CommunicationRecorder:
         self._api.run_as_background_process("fhir_outbox_drain", self._drain)
 
     async def _drain(self) -> None:
+        worked = False
         try:
             while True:
                 self._again = False
@@ -137,8 +138,10 @@ class CommunicationRecorder:
                 if not rows:
                     if self._again:
                         continue
-                    await self.counts()  # refresh the gauges
+                    if worked:
+                        await self.counts()  # refresh the gauges (not on idle wake-ups)
                     return
+                worked = True
                 if not await self._write_rows(rows):
                     return  # backing off; the periodic wake-up tries again
         except Exception:

@@ -34,6 +34,17 @@ def health(server: SynapseServer) -> dict[str, Any]:
     return requests.get(server.url("/_synapse/client/fhir/health"), timeout=10).json()
 
 
+def care_room(
+    server: SynapseServer, fhir_url: str
+) -> tuple[CareNetwork, MatrixUser, str, MatrixUser]:
+    """A seeded care network, its bound room (made by the service user), and the GP in it."""
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    network.seed(FhirSeeder(fhir_url))
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    return network, service, room, member_in_room(server, service, room, network)
+
+
 def member_in_room(
     synapse: SynapseServer, service: MatrixUser, room: str, network: CareNetwork
 ) -> MatrixUser:
@@ -46,11 +57,7 @@ def member_in_room(
 def test_message_in_a_care_team_room_becomes_a_communication(
     hapi: HapiDevServer, synapse: SynapseServer
 ) -> None:
-    network = CareNetwork(uuid.uuid4().hex[:8])
-    network.seed(FhirSeeder(hapi.base_url))
-    service = service_session(register_user(synapse, network.localpart("root"), admin=True))
-    room = create_room_in_space(service, create_bound_space(service, network.team))
-    gp = member_in_room(synapse, service, room, network)
+    network, service, room, gp = care_room(synapse, hapi.base_url)
 
     # The room has no thread yet: the module opens one for it.
     event_id = gp.send_text(room, "Blood pressure 150/95 this morning")
@@ -117,11 +124,7 @@ def test_encryption_is_refused_in_care_team_rooms_when_forbidden(
     server = start_synapse(
         module_config(hapi.base_url, communication={"encrypted_rooms": "forbid"})
     )
-    network = CareNetwork(uuid.uuid4().hex[:8])
-    network.seed(FhirSeeder(hapi.base_url))
-    service = service_session(register_user(server, network.localpart("root"), admin=True))
-    room = create_room_in_space(service, create_bound_space(service, network.team))
-    gp = member_in_room(server, service, room, network)
+    _network, service, room, gp = care_room(server, hapi.base_url)
     # Enough power to turn encryption on, were it not for the rule.
     levels = service.request("GET", f"/_matrix/client/v3/rooms/{room}/state/m.room.power_levels")
     levels.setdefault("users", {})[gp.user_id] = 100
@@ -140,11 +143,7 @@ def test_recording_is_visible_in_prometheus_metrics(
     hapi: HapiDevServer, start_synapse: Any
 ) -> None:
     server = start_synapse(module_config(hapi.base_url), metrics=True)
-    network = CareNetwork(uuid.uuid4().hex[:8])
-    network.seed(FhirSeeder(hapi.base_url))
-    service = service_session(register_user(server, network.localpart("root"), admin=True))
-    room = create_room_in_space(service, create_bound_space(service, network.team))
-    gp = member_in_room(server, service, room, network)
+    _network, _service, room, gp = care_room(server, hapi.base_url)
     event_ids = [gp.send_text(room, f"observation {n}") for n in range(3)]
     for event_id in event_ids:
         wait_until(lambda e=event_id: communication_of(hapi, e), timeout=30, what="written")
@@ -175,11 +174,7 @@ def test_messages_sent_while_fhir_is_down_are_all_written_once_after_it_returns(
     hapi_running: HapiDevServer, start_synapse: Any
 ) -> None:
     server = start_synapse(module_config(hapi_running.base_url))
-    network = CareNetwork(uuid.uuid4().hex[:8])
-    network.seed(FhirSeeder(hapi_running.base_url))
-    service = service_session(register_user(server, network.localpart("root"), admin=True))
-    room = create_room_in_space(service, create_bound_space(service, network.team))
-    gp = member_in_room(server, service, room, network)
+    _network, _service, room, gp = care_room(server, hapi_running.base_url)
     first = gp.send_text(room, "before the outage")
     thread = wait_until(
         lambda: (c := communication_of(hapi_running, first)) and c["partOf"][0]["reference"],
