@@ -9,6 +9,7 @@ message's Communication (an edit, or a redaction).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -24,6 +25,9 @@ ORIGIN_TAG = {"system": "urn:synapse-fhir-module:origin", "code": "matrix"}
 ENCRYPTED_TAG = {"system": "urn:synapse-fhir-module:content", "code": "encrypted"}
 
 FILE_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
+# FHIR's `code` and `unsignedInt` limits (what Attachment.contentType and .size accept).
+FHIR_CODE = re.compile(r"[^\s]+( [^\s]+)*")
+MAX_UNSIGNED_INT = 2**31 - 1
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -31,7 +35,7 @@ class RoomContext:
     """The FHIR side of a care-team room."""
 
     thread: str  # "CommunicationRequest/<id>"
-    care_team: str  # "CareTeam/<id>"
+    care_team: str | None  # "CareTeam/<id>"; None for an ordinary room (rooms: all)
     patient: str | None  # "Patient/<id>", when the CareTeam has a subject
 
 
@@ -156,9 +160,10 @@ def _communication(
         "status": "completed",
         "partOf": [_reference(room.thread)],
         "sent": _sent(event.get("origin_server_ts")),
-        "recipient": [_reference(room.care_team)],
         "sender": _reference(sender_person),
     }
+    if room.care_team:
+        resource["recipient"] = [_reference(room.care_team)]
     if room.patient:
         resource["subject"] = _reference(room.patient)
     if payload is not None:
@@ -171,16 +176,20 @@ def _payload(content: Mapping[str, Any]) -> dict[str, Any]:
     body = content.get("body")
     if msgtype in FILE_MSGTYPES:
         url = content.get("url")
-        if not isinstance(url, str) or not url.startswith("mxc://"):
+        if not isinstance(url, str) or not url.startswith("mxc://") or _has_space(url):
             # Encrypted attachments carry their URL in `file`; the module cannot read them.
             raise NotRecorded("an attachment without a plain mxc:// URL")
         raw_info = content.get("info")
         info: Mapping[str, Any] = raw_info if isinstance(raw_info, Mapping) else {}
         attachment: dict[str, Any] = {"url": url}
-        if isinstance(info.get("mimetype"), str):
-            attachment["contentType"] = info["mimetype"]
-        if isinstance(info.get("size"), int) and info["size"] >= 0:
-            attachment["size"] = info["size"]
+        # Clients fill `info` as they like; keep only what FHIR can hold, so one odd
+        # field never costs the message its record.
+        mimetype = info.get("mimetype")
+        if isinstance(mimetype, str) and FHIR_CODE.fullmatch(mimetype):
+            attachment["contentType"] = mimetype
+        size = info.get("size")
+        if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_UNSIGNED_INT:
+            attachment["size"] = size
         title = content.get("filename") or body
         if isinstance(title, str) and title:
             attachment["title"] = title
@@ -190,6 +199,10 @@ def _payload(content: Mapping[str, Any]) -> dict[str, Any]:
     # m.text, m.notice, m.emote — and unknown msgtypes, whose `body` is the readable
     # fallback every client must send.
     return {"contentString": body}
+
+
+def _has_space(text: str) -> bool:
+    return any(c.isspace() for c in text)
 
 
 def _reply_target(relates_to: Any) -> str | None:

@@ -26,7 +26,7 @@ from synapse_fhir_module.communication_mapping import (
     redacted_write,
 )
 from synapse_fhir_module.communication_writer import CommunicationWriter
-from synapse_fhir_module.config import CommunicationConfig
+from synapse_fhir_module.config import CommunicationConfig, RecordedRooms
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError, FhirTransientError
 from synapse_fhir_module.health import OutboxCounts
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 RECORDED_TYPES = frozenset({"m.room.message", "m.room.encrypted", "m.room.redaction"})
 ROOM_ID_SYSTEM = "https://matrix.org/room-id"
 RETRY_CAP_MS = 10_000
+MAX_REMEMBERED_THREADS = 100_000
 
 
 class _Retry(Exception):
@@ -77,6 +78,9 @@ class CommunicationRecorder:
         self._persons = persons
         self._writer = CommunicationWriter(fhir)
         self._service_user_id = service_user_id
+        self._all_rooms = config.rooms is RecordedRooms.ALL
+        # Threads opened but not bound in room state (the service user is not in the room).
+        self._opened_threads: dict[str, str] = {}
         self._draining = False
         self._again = False
         self._schema_ready = False
@@ -91,8 +95,10 @@ class CommunicationRecorder:
         """Enqueue a message of a (possibly) care-team room. No network I/O here."""
         if event.type not in RECORDED_TYPES or event.sender == self._service_user_id:
             return
-        if not self._schema_ready or self._bindings.remembered(event.room_id) is None:
-            return  # a room known to be ordinary (or the table is not there yet)
+        if not self._schema_ready:
+            return  # the table is not there yet (start-up)
+        if not self._all_rooms and self._bindings.remembered(event.room_id) is None:
+            return  # a room known to be ordinary
         row = {
             "event_id": event.event_id,
             "room_id": event.room_id,
@@ -103,7 +109,7 @@ class CommunicationRecorder:
             "redacts": event.redacts,
         }
         await self._api.run_db_interaction(
-            "fhir_outbox_enqueue", outbox_store.enqueue, row, _now_ms()
+            "fhir_outbox_enqueue", outbox_store.enqueue, row, now_ms()
         )
         self.wake()
 
@@ -133,7 +139,7 @@ class CommunicationRecorder:
             while True:
                 self._again = False
                 rows = await self._api.run_db_interaction(
-                    "fhir_outbox_due", outbox_store.due_rows, _now_ms(), self._config.batch_size
+                    "fhir_outbox_due", outbox_store.due_rows, now_ms(), self._config.batch_size
                 )
                 if not rows:
                     if self._again:
@@ -166,6 +172,15 @@ class CommunicationRecorder:
                 except _Dead as e:
                     dead[row.event_id] = str(e)
                     continue
+                except (_Retry, FhirTransientError):
+                    raise
+                except Exception as e:
+                    # A row the module cannot handle must not hold up every row behind it.
+                    logger.warning(
+                        "Outbox: %s could not be mapped (%s)", row.event_id, type(e).__name__
+                    )
+                    dead[row.event_id] = f"could not be mapped: {type(e).__name__}"
+                    continue
                 writes.append((row.event_id, write))
             result = await self._writer.write(writes)
             # Redactions after the messages: the original may be in this very batch.
@@ -188,7 +203,7 @@ class CommunicationRecorder:
                 "fhir_outbox_retry",
                 outbox_store.mark_retry,
                 [row.event_id for row in rows],
-                _now_ms() + delay,
+                now_ms() + delay,
                 str(e),
             )
             return False
@@ -196,7 +211,7 @@ class CommunicationRecorder:
         await self._api.run_db_interaction(
             "fhir_outbox_done", outbox_store.mark_written, [*done, *result.written]
         )
-        committed_ms = _now_ms()
+        committed_ms = now_ms()
         by_id = {row.event_id: row for row in rows}
         for event_id in result.written:
             COMMUNICATIONS_WRITTEN.inc()
@@ -214,16 +229,14 @@ class CommunicationRecorder:
     async def _write_for(self, row: outbox_store.OutboxRow) -> CommunicationWrite:
         try:
             team_ref = await self._bindings.care_team_of(row.room_id)
-            if team_ref is None:
+            if team_ref is None and not self._all_rooms:
                 raise NotRecorded("not a care-team room")
-            team = await self._teams.membership(team_ref)
+            patient = (await self._teams.membership(team_ref)).subject if team_ref else None
             person = await self._sender_person(row.event["sender"])
-            thread = await self._bindings.thread_of(row.room_id) or await self._open_thread(
-                row.room_id, team_ref, team.subject
-            )
+            thread = await self._thread_of(row.room_id, team_ref, patient)
         except DirectoryUnavailable as e:
             raise _Retry(str(e)) from e
-        room = RoomContext(thread=thread, care_team=team_ref, patient=team.subject)
+        room = RoomContext(thread=thread, care_team=team_ref, patient=patient)
         return message_write(
             row.event, room, person, encrypted_policy=self._config.encrypted_rooms.value
         )
@@ -231,7 +244,9 @@ class CommunicationRecorder:
     async def _redaction_for(self, row: outbox_store.OutboxRow) -> CommunicationWrite | None:
         """The redacted message's Communication marked entered-in-error, if it has one."""
         original = row.event.get("redacts")
-        if not isinstance(original, str) or await self._bindings.care_team_of(row.room_id) is None:
+        if not isinstance(original, str):
+            return None
+        if not self._all_rooms and await self._bindings.care_team_of(row.room_id) is None:
             return None
         stored = await self._fhir.search_json(
             "Communication", {"identifier": f"{EVENT_ID_SYSTEM}|{original}"}
@@ -249,15 +264,26 @@ class CommunicationRecorder:
             raise _Dead("the sender has no (single) FHIR person")
         return record.person
 
-    async def _open_thread(self, room_id: str, team_ref: str, patient: str | None) -> str:
+    async def _thread_of(self, room_id: str, team_ref: str | None, patient: str | None) -> str:
+        bound = await self._bindings.thread_of(room_id)
+        if bound:
+            return bound
+        if room_id not in self._opened_threads:
+            if len(self._opened_threads) >= MAX_REMEMBERED_THREADS:
+                self._opened_threads.clear()
+            self._opened_threads[room_id] = await self._open_thread(room_id, team_ref, patient)
+        return self._opened_threads[room_id]
+
+    async def _open_thread(self, room_id: str, team_ref: str | None, patient: str | None) -> str:
         """Create the room's CommunicationRequest (once: keyed by the room id) and bind it."""
         request: dict[str, Any] = {
             "resourceType": "CommunicationRequest",
             "meta": {"tag": [dict(ORIGIN_TAG)]},
             "identifier": [{"system": ROOM_ID_SYSTEM, "value": room_id}],
             "status": "active",
-            "recipient": [{"reference": team_ref, "type": "CareTeam"}],
         }
+        if team_ref:
+            request["recipient"] = [{"reference": team_ref, "type": "CareTeam"}]
         if patient:
             request["subject"] = {"reference": patient, "type": "Patient"}
         try:
@@ -270,6 +296,10 @@ class CommunicationRecorder:
         except FhirError as e:
             raise _Dead(f"could not open a thread for the room: {e}") from e
         thread = f"CommunicationRequest/{stored.id}"
+        if team_ref is None:
+            # An ordinary room stays unbound: a thread binding would make it a care-team
+            # room whose request names no team, which nobody may use.
+            return thread
         try:
             await self._api.create_and_send_event_into_room(
                 {
@@ -286,5 +316,5 @@ class CommunicationRecorder:
         return thread
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import attr
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.communication import Communication
+from pydantic import ValidationError
 
 from synapse_fhir_module.communication_mapping import CommunicationWrite
 from synapse_fhir_module.fhir_client import FhirClient
@@ -36,7 +38,16 @@ class CommunicationWriter:
     async def write(self, writes: Sequence[tuple[str, CommunicationWrite]]) -> WriteResult:
         """``writes``: (event id, write) in the order they must be applied."""
         result = WriteResult()
-        await self._write_part(list(writes), result)
+        valid = []
+        for event_id, write in writes:
+            problem = invalid_fhir(write)
+            if problem:
+                # Checked one by one: a single invalid entry would fail the whole Bundle.
+                logger.warning("The Communication for %s is not valid FHIR", event_id)
+                result.dead[event_id] = problem
+            else:
+                valid.append((event_id, write))
+        await self._write_part(valid, result)
         return result
 
     async def _write_part(
@@ -60,6 +71,22 @@ class CommunicationWriter:
             await self._write_part(writes[middle:], result)
             return
         result.written.extend(event_id for event_id, _ in writes)
+
+
+def invalid_fhir(write: CommunicationWrite) -> str | None:
+    """Why the write's resource is not a valid R4B Communication, or None when it is.
+
+    The reason names the fields and rules only, never their values (message text).
+    """
+    try:
+        Communication.model_validate(write.resource)
+    except ValidationError as e:
+        problems = (
+            f"{'.'.join(str(part) for part in error['loc']) or 'resource'}: {error['msg']}"
+            for error in e.errors(include_input=False, include_url=False)
+        )
+        return "not valid FHIR: " + "; ".join(problems)
+    return None
 
 
 def _bundle(writes: Sequence[tuple[str, CommunicationWrite]]) -> Bundle:

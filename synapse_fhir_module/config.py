@@ -28,6 +28,13 @@ class EncryptedRoomsPolicy(str, Enum):
     FORBID = "forbid"
 
 
+class RecordedRooms(str, Enum):
+    """Whose messages become Communications."""
+
+    CARE_TEAM = "care_team"  # rooms bound to a CareTeam (DESIGN §3)
+    ALL = "all"  # every room on this server (senders still need a FHIR person)
+
+
 @attr.s(frozen=True, auto_attribs=True, kw_only=True, repr=False)
 class FhirAuthConfig:
     bearer_token: str | None = None
@@ -67,6 +74,7 @@ class CommunicationConfig:
     enabled: bool = True
     encrypted_rooms: EncryptedRoomsPolicy = EncryptedRoomsPolicy.METADATA_ONLY
     batch_size: int = 50
+    rooms: RecordedRooms = RecordedRooms.CARE_TEAM
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -184,6 +192,7 @@ def _parse_communication(section: _Section) -> CommunicationConfig:
             "encrypted_rooms", _enum(EncryptedRoomsPolicy), EncryptedRoomsPolicy.METADATA_ONLY
         ),
         batch_size=section.value("batch_size", _int_between(1, 1000), 50),
+        rooms=section.value("rooms", _enum(RecordedRooms), RecordedRooms.CARE_TEAM),
     )
     section.reject_unknown_keys()
     return config

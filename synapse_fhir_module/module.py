@@ -10,11 +10,17 @@ from synapse.spam_checker_api import RegistrationBehaviour
 
 from synapse_fhir_module.account_validity import AccountValidity
 from synapse_fhir_module.callback_guard import access_decision, never_raises
-from synapse_fhir_module.communication_recorder import CommunicationRecorder
+from synapse_fhir_module.communication_recorder import CommunicationRecorder, now_ms
 from synapse_fhir_module.config import EncryptedRoomsPolicy, ModuleConfig, parse_module_config
 from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.health import HEALTH_PATH, FhirReachability, HealthResource, no_outbox
+from synapse_fhir_module.outbox_admin import (
+    DEAD_LETTERS_PATH,
+    RETRY_PATH,
+    DeadLettersResource,
+    RetryDeadLettersResource,
+)
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.registration_gate import RegistrationGate
 from synapse_fhir_module.room_bindings import RoomBindings
@@ -61,6 +67,11 @@ class FhirModule:
                 self._recorder.counts if self._recorder else no_outbox,
             ),
         )
+        if self._recorder is not None:
+            api.register_web_resource(DEAD_LETTERS_PATH, DeadLettersResource(api))
+            api.register_web_resource(
+                RETRY_PATH, RetryDeadLettersResource(api, now_ms, self._recorder.wake)
+            )
         if config.enforcement.enabled or self._recorder is not None:
             # (Synapse loads a room's state for every event once any module listens here:
             # register only when needed.)

@@ -107,14 +107,14 @@ def mark_retry(txn: Cursor, event_ids: Iterable[str], next_attempt_ms: int, erro
         txn.execute(
             f"UPDATE {TABLE} SET attempts = attempts + 1, next_attempt_ms = ?, last_error = ?"
             " WHERE event_id = ?",
-            (next_attempt_ms, error[:MAX_ERROR_LENGTH], event_id),
+            (next_attempt_ms, _storable(error), event_id),
         )
 
 
 def mark_dead(txn: Cursor, event_id: str, reason: str) -> None:
     txn.execute(
         f"UPDATE {TABLE} SET state = ?, attempts = attempts + 1, last_error = ? WHERE event_id = ?",
-        (DEAD, reason[:MAX_ERROR_LENGTH], event_id),
+        (DEAD, _storable(reason), event_id),
     )
 
 
@@ -125,13 +125,45 @@ def counts(txn: Cursor) -> tuple[int, int]:
     return by_state.get(PENDING, 0), by_state.get(DEAD, 0)
 
 
-def dead_letters(txn: Cursor, limit: int = 100) -> list[tuple[str, str]]:
-    """(event id, reason) of rows FHIR refused for good."""
+@attr.s(frozen=True, auto_attribs=True)
+class DeadLetter:
+    event_id: str
+    room_id: str
+    enqueued_ms: int
+    attempts: int
+    reason: str
+
+
+def dead_letters(txn: Cursor, limit: int = 100) -> list[DeadLetter]:
+    """Rows FHIR (or the mapping) refused for good, oldest first."""
     txn.execute(
-        f"SELECT event_id, last_error FROM {TABLE} WHERE state = ? ORDER BY enqueued_ms LIMIT ?",
+        f"SELECT event_id, room_id, enqueued_ms, attempts, last_error FROM {TABLE}"
+        " WHERE state = ? ORDER BY enqueued_ms, event_id LIMIT ?",
         (DEAD, limit),
     )
-    return [(event_id, reason or "") for event_id, reason in txn.fetchall()]
+    return [
+        DeadLetter(event_id, room_id, int(enqueued_ms), int(attempts), reason or "")
+        for event_id, room_id, enqueued_ms, attempts, reason in txn.fetchall()
+    ]
+
+
+def requeue_dead(txn: Cursor, event_ids: Iterable[str] | None, now_ms: int) -> int:
+    """Make dead letters pending again (all of them when ``event_ids`` is None); how many."""
+    reset = f"UPDATE {TABLE} SET state = ?, attempts = 0, next_attempt_ms = ? WHERE state = ?"
+    if event_ids is None:
+        txn.execute(reset, (PENDING, now_ms, DEAD))
+        return txn.rowcount
+    requeued = 0
+    for event_id in event_ids:
+        txn.execute(reset + " AND event_id = ?", (PENDING, now_ms, DEAD, event_id))
+        requeued += txn.rowcount
+    return requeued
+
+
+def _storable(text: str) -> str:
+    """An error text cut to size, without U+0000: PostgreSQL's TEXT refuses it (SQLite's
+    does not), and FHIR's error may echo what a message contained."""
+    return text[:MAX_ERROR_LENGTH].replace("\x00", "\ufffd")
 
 
 def retry_delay_ms(

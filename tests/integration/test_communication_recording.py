@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from typing import Any
 
@@ -15,7 +17,10 @@ from devstack.rooms import create_bound_space, create_room_in_space, service_ses
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
-from tests.integration.care_network import CareNetwork
+from tests.integration.care_network import CareNetwork, via_telecom
+
+DEAD_LETTERS = "/_synapse/client/fhir/outbox/dead"
+RETRY_DEAD_LETTERS = "/_synapse/client/fhir/outbox/dead/retry"
 
 
 def communication_of(hapi: HapiDevServer, event_id: str) -> dict[str, Any] | None:
@@ -28,6 +33,21 @@ def communication_of(hapi: HapiDevServer, event_id: str) -> dict[str, Any] | Non
     entries = bundle.get("entry", [])
     assert len(entries) <= 1, f"{len(entries)} Communications for one event"
     return entries[0]["resource"] if entries else None
+
+
+def event_ids_in_thread(hapi: HapiDevServer, thread: str) -> list[str]:
+    """The event ids of every Communication in the thread (duplicates included)."""
+    ids: list[str] = []
+    url: str | None = f"{hapi.base_url}/Communication"
+    params: dict[str, str] | None = {"part-of": thread, "_count": "100"}
+    while url:  # every page
+        bundle = requests.get(
+            url, params=params, headers={"Cache-Control": "no-cache"}, timeout=30
+        ).json()
+        ids += [e["resource"]["identifier"][0]["value"] for e in bundle.get("entry", [])]
+        url = next((k["url"] for k in bundle.get("link", []) if k["relation"] == "next"), None)
+        params = None
+    return ids
 
 
 def health(server: SynapseServer) -> dict[str, Any]:
@@ -192,16 +212,7 @@ def test_messages_sent_while_fhir_is_down_are_all_written_once_after_it_returns(
     hapi_running.start()
 
     def written() -> list[str] | None:
-        ids: list[str] = []
-        url: str | None = f"{hapi_running.base_url}/Communication"
-        params: dict[str, str] | None = {"part-of": thread, "_count": "100"}
-        while url:  # every page
-            bundle = requests.get(
-                url, params=params, headers={"Cache-Control": "no-cache"}, timeout=30
-            ).json()
-            ids += [e["resource"]["identifier"][0]["value"] for e in bundle.get("entry", [])]
-            url = next((k["url"] for k in bundle.get("link", []) if k["relation"] == "next"), None)
-            params = None
+        ids = event_ids_in_thread(hapi_running, thread)
         return ids if len(ids) >= 201 else None
 
     ids = wait_until(written, timeout=30, what="all 200 messages written within 30 s of restart")
@@ -211,3 +222,134 @@ def test_messages_sent_while_fhir_is_down_are_all_written_once_after_it_returns(
         timeout=30,
         what="the outbox empty",
     )
+
+
+def test_messages_pending_when_synapse_is_killed_are_written_once_after_restart(
+    hapi_running: HapiDevServer, start_synapse: Any
+) -> None:
+    server = start_synapse(module_config(hapi_running.base_url))
+    _network, _service, room, gp = care_room(server, hapi_running.base_url)
+    first = gp.send_text(room, "before the crash")
+    thread = wait_until(
+        lambda: (c := communication_of(hapi_running, first)) and c["partOf"][0]["reference"],
+        timeout=30,
+        what="the first message written",
+    )
+
+    # HAPI frozen: the drain's transaction is left in flight, and HAPI may still commit it
+    # after Synapse is gone — the restarted Synapse sends those rows again.
+    os.kill(hapi_running.process.pid, signal.SIGSTOP)
+    try:
+        sent = [gp.send_text(room, f"pending at the crash {n}") for n in range(50)]
+        wait_until(
+            lambda: health(server)["outbox"]["pending"] == 50,
+            timeout=30,
+            what="50 messages waiting in the outbox",
+        )
+        server.kill()  # SIGKILL: no clean shutdown
+    finally:
+        os.kill(hapi_running.process.pid, signal.SIGCONT)
+    server.start()
+
+    def written() -> list[str] | None:
+        ids = event_ids_in_thread(hapi_running, thread)
+        return ids if len(ids) >= 51 else None
+
+    ids = wait_until(written, timeout=60, what="all 50 pending messages written after restart")
+    assert sorted(ids) == sorted([first, *sent]), "missing or duplicate Communications"
+    wait_until(
+        lambda: health(server)["outbox"] == {"pending": 0, "dead": 0},
+        timeout=30,
+        what="the outbox empty",
+    )
+
+
+def test_a_message_fhir_refuses_is_a_dead_letter_and_the_rest_are_written(
+    hapi: HapiDevServer, synapse: SynapseServer
+) -> None:
+    network, _service, room, gp = care_room(synapse, hapi.base_url)
+    ops = register_user(synapse, network.localpart("ops"), admin=True)
+    before = gp.send_text(room, "first")
+    # A reply to an event that has no Communication: HAPI cannot resolve `inResponseTo`.
+    poison = gp.send(
+        room,
+        {
+            "msgtype": "m.text",
+            "body": "> quoted\n\nreply",
+            "m.relates_to": {"m.in_reply_to": {"event_id": f"$never-recorded-{network.tag}"}},
+        },
+    )
+    # An attachment whose `info` FHIR cannot hold is still written (without those fields).
+    odd_file = gp.send(
+        room,
+        {
+            "msgtype": "m.file",
+            "body": "scan.pdf",
+            "url": "mxc://example.org/scan",
+            "info": {"mimetype": "", "size": 3_000_000_000},
+        },
+    )
+    after = gp.send_text(room, "after the poison")
+
+    for event_id in (before, odd_file, after):
+        wait_until(lambda e=event_id: communication_of(hapi, e), timeout=30, what="written")
+    dead = wait_until(
+        lambda: [d for d in dead_letters(ops) if d["room_id"] == room] or None,
+        timeout=30,
+        what="the refused message listed as a dead letter",
+    )
+    assert [d["event_id"] for d in dead] == [poison]
+    assert dead[0]["reason"].startswith("HTTP 4")
+    assert "Communication?identifier=" in dead[0]["reason"]  # HAPI's own words
+    assert communication_of(hapi, poison) is None
+    assert health(synapse)["outbox"]["dead"] >= 1
+
+    # Dead letters are for admins only.
+    with pytest.raises(MatrixError) as caught:
+        gp.request("GET", DEAD_LETTERS)
+    assert caught.value.status == 403
+
+
+def test_all_rooms_are_recorded_when_configured_and_dead_letters_can_be_retried(
+    hapi: HapiDevServer, start_synapse: Any
+) -> None:
+    server = start_synapse(module_config(hapi.base_url, communication={"rooms": "all"}))
+    tag = uuid.uuid4().hex[:8]
+    network = CareNetwork(tag)
+    seeder = FhirSeeder(hapi.base_url)
+    network.seed(seeder)
+    ops = register_user(server, network.localpart("ops"), admin=True)
+    gp = register_user(server, network.localpart("anna"))  # has a Practitioner
+    newcomer = register_user(server, f"newcomer_{tag}")  # has no FHIR person yet
+    room = gp.create_room(name="Ordinary room")
+    gp.invite(room, newcomer.user_id)
+    newcomer.join(room)
+
+    mapped = gp.send_text(room, "an ordinary room, recorded too")
+    c = wait_until(lambda: communication_of(hapi, mapped), timeout=30, what="written")
+    assert c["sender"]["reference"] == network.ref("Practitioner", "gp")
+    assert "recipient" not in c and "subject" not in c
+    (part_of,) = c["partOf"]
+    # The ordinary room is not bound to its thread (that would make it a care-team room).
+    with pytest.raises(MatrixError):
+        gp.request("GET", f"/_matrix/client/v3/rooms/{room}/state/org.synapse_fhir.thread")
+
+    unmapped = newcomer.send_text(room, "who am I in FHIR?")
+    (dead,) = wait_until(
+        lambda: [d for d in dead_letters(ops) if d["event_id"] == unmapped] or None,
+        timeout=30,
+        what="the unmapped sender's message as a dead letter",
+    )
+    assert "no (single) FHIR person" in dead["reason"]
+
+    # The operator gives the newcomer a FHIR person, then retries the dead letter.
+    seeder.put(network.person("Practitioner", "newcomer", via_telecom(f"newcomer_{tag}")))
+    assert ops.request("POST", RETRY_DEAD_LETTERS, {"event_ids": [unmapped]}) == {"requeued": 1}
+    retried = wait_until(lambda: communication_of(hapi, unmapped), timeout=30, what="retried")
+    assert retried["sender"]["reference"] == network.ref("Practitioner", "newcomer")
+    assert retried["partOf"] == [part_of]
+    assert [d for d in dead_letters(ops) if d["event_id"] == unmapped] == []
+
+
+def dead_letters(admin: MatrixUser) -> list[dict[str, Any]]:
+    return list(admin.request("GET", DEAD_LETTERS + "?limit=1000")["dead"])

@@ -127,6 +127,28 @@ def test_files_become_attachments(msgtype: str) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"mimetype": "", "size": -1},
+        {"mimetype": "image/ jpeg  x", "size": 3_000_000_000},
+        {"mimetype": 7, "size": True},
+        {"mimetype": "image/jpeg\n", "size": "12"},
+    ],
+)
+def test_attachment_info_fhir_cannot_hold_is_left_out(info: dict[str, Any]) -> None:
+    content = {"msgtype": "m.file", "body": "a.pdf", "url": "mxc://example.org/x", "info": info}
+    c = valid(message_write(event(content), ROOM, GP).resource)
+    assert c["payload"] == [{"contentAttachment": {"url": "mxc://example.org/x", "title": "a.pdf"}}]
+
+
+def test_ordinary_room_has_no_recipient() -> None:
+    room = RoomContext(thread="CommunicationRequest/t", care_team=None, patient=None)
+    c = valid(message_write(event({"msgtype": "m.text", "body": "hi"}), room, GP).resource)
+    assert "recipient" not in c
+    assert "subject" not in c
+
+
 def test_encrypted_event_metadata_only() -> None:
     encrypted = event(
         {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "xyz"}, "m.room.encrypted"
@@ -148,6 +170,7 @@ def test_encrypted_event_not_recorded_otherwise(policy: str) -> None:
     [
         event({"msgtype": "m.text"}),  # no body
         event({"msgtype": "m.image", "body": "x", "file": {"url": "mxc://e/1"}}),  # encrypted file
+        event({"msgtype": "m.file", "body": "x", "url": "mxc://e/a b"}),  # not a URL
         event({"membership": "join"}, "m.room.member"),
         event({"msgtype": "m.text", "body": "x"}, origin_server_ts="yesterday"),
         event({"m.relates_to": {"rel_type": "m.replace"}, "body": "x"}),  # edit of nothing

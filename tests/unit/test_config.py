@@ -14,6 +14,7 @@ from synapse_fhir_module.config import (
     EncryptedRoomsPolicy,
     FhirConfig,
     ModuleConfig,
+    RecordedRooms,
     parse_duration,
 )
 
@@ -47,6 +48,7 @@ def test_minimal_config_takes_the_documented_defaults() -> None:
     assert config.enforcement.cache_ttl == 300.0
     assert config.communication.encrypted_rooms is EncryptedRoomsPolicy.METADATA_ONLY
     assert config.communication.batch_size == 50
+    assert config.communication.rooms is RecordedRooms.CARE_TEAM
     assert (config.sync.enabled, config.sync.poll_interval) == (True, 60.0)
     assert config.account_validity.enabled is True
     assert config.registration.require_fhir_identity is False
@@ -79,7 +81,12 @@ def test_every_key_is_read() -> None:
             "cache_ttl": "90s",
             "exempt_users": ["@audit:example.org"],
         },
-        "communication": {"enabled": False, "encrypted_rooms": "forbid", "batch_size": 200},
+        "communication": {
+            "enabled": False,
+            "encrypted_rooms": "forbid",
+            "batch_size": 200,
+            "rooms": "all",
+        },
         "sync": {"enabled": False, "poll_interval": "2m"},
         "account_validity": {"enabled": False, "expire_unmapped": True},
         "registration": {"require_fhir_identity": True},
@@ -96,6 +103,7 @@ def test_every_key_is_read() -> None:
     assert config.enforcement.exempt_users == ("@audit:example.org",)
     assert config.communication.encrypted_rooms is EncryptedRoomsPolicy.FORBID
     assert (config.communication.enabled, config.communication.batch_size) == (False, 200)
+    assert config.communication.rooms is RecordedRooms.ALL
     assert (config.sync.enabled, config.sync.poll_interval) == (False, 120.0)
     assert config.account_validity.enabled is False
     assert config.account_validity.expire_unmapped is True
@@ -153,6 +161,7 @@ def test_durations(text: str, seconds: float) -> None:
             ("communication", "encrypted_rooms"),
         ),
         (with_key("communication", "batch_size", 0), ("communication", "batch_size")),
+        (with_key("communication", "rooms", "some"), ("communication", "rooms")),
         (with_key("communication", "batch_size", 5000), ("communication", "batch_size")),
         (with_key("communication", "batch_size", "50"), ("communication", "batch_size")),
         (with_key("sync", "poll_interval", "-1s"), ("sync", "poll_interval")),

@@ -64,10 +64,29 @@ def test_written_rows_leave_and_dead_rows_stay_with_their_reason(txn: sqlite3.Cu
     store.mark_dead(txn, "$1", "HTTP 422: error: Communication.sender: minimum required = 1")
     assert store.counts(txn) == (1, 1)
     assert store.dead_letters(txn) == [
-        ("$1", "HTTP 422: error: Communication.sender: minimum required = 1")
+        store.DeadLetter(
+            "$1",
+            "!a:example.org",
+            1001,
+            1,
+            "HTTP 422: error: Communication.sender: minimum required = 1",
+        )
     ]
     # A dead row does not hold back the rest of its room.
     assert [r.event_id for r in store.due_rows(txn, 5000, limit=10)] == ["$2"]
+
+
+def test_dead_letters_can_be_requeued_one_by_one_or_all(txn: sqlite3.Cursor) -> None:
+    for n in range(4):
+        store.enqueue(txn, event(f"${n}"), 1000 + n)
+        store.mark_dead(txn, f"${n}", "HTTP 400")
+    assert store.requeue_dead(txn, ["$1", "$unknown"], 7000) == 1
+    assert store.counts(txn) == (1, 3)
+    (row,) = store.due_rows(txn, 7000, limit=10)
+    assert (row.event_id, row.attempts) == ("$1", 0)
+    assert store.requeue_dead(txn, None, 8000) == 3
+    assert store.counts(txn) == (4, 0)
+    assert store.requeue_dead(txn, ["$1"], 9000) == 0  # already pending: untouched
 
 
 def test_backoff_grows_with_jitter_and_a_cap() -> None:

@@ -1,0 +1,64 @@
+"""The writer keeps entries FHIR could never accept out of the Bundle (no FHIR server here:
+the client is a recording stand-in; tests/integration/test_communication_writer.py uses HAPI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+
+from synapse_fhir_module.communication_mapping import (
+    CommunicationWrite,
+    RoomContext,
+    message_write,
+)
+from synapse_fhir_module.communication_writer import CommunicationWriter, invalid_fhir
+
+ROOM = RoomContext(thread="CommunicationRequest/t", care_team="CareTeam/c", patient=None)
+
+
+def write_of(event_id: str, body: str = "hello") -> CommunicationWrite:
+    event = {
+        "type": "m.room.message",
+        "event_id": event_id,
+        "origin_server_ts": 1_779_000_000_000,
+        "content": {"msgtype": "m.text", "body": body},
+    }
+    return message_write(event, ROOM, "Practitioner/gp")
+
+
+def broken(write: CommunicationWrite, text: str) -> CommunicationWrite:
+    """The write with a payload no FHIR server accepts (a negative attachment size)."""
+    resource = dict(write.resource, payload=[{"contentAttachment": {"title": text, "size": -5}}])
+    return CommunicationWrite(write.method, write.url, resource, write.if_none_exist)
+
+
+class RecordingFhir:
+    def __init__(self) -> None:
+        self.bundles: list[dict[str, Any]] = []
+
+    async def transaction(self, bundle: Any) -> dict[str, Any]:
+        self.bundles.append(bundle.model_dump(mode="json"))
+        return {}
+
+
+def test_invalid_fhir_names_fields_but_never_values() -> None:
+    reason = invalid_fhir(broken(write_of("$a"), "secret diagnosis"))
+    assert reason is not None
+    assert "payload.0.contentAttachment.size" in reason
+    assert "secret diagnosis" not in reason
+    assert "-5" not in reason
+    assert invalid_fhir(write_of("$b")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_invalid_entry_is_a_dead_letter_and_the_rest_is_written() -> None:
+    fhir = RecordingFhir()
+    writes = [("$1", write_of("$1")), ("$2", broken(write_of("$2"), "x")), ("$3", write_of("$3"))]
+    result = await CommunicationWriter(fhir).write(writes)  # type: ignore[arg-type]
+    assert result.written == ["$1", "$3"]
+    assert list(result.dead) == ["$2"]
+    assert result.dead["$2"].startswith("not valid FHIR: ")
+    (bundle,) = fhir.bundles
+    sent = [e["resource"]["identifier"][0]["value"] for e in bundle["entry"]]
+    assert sent == ["$1", "$3"]
