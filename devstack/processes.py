@@ -19,12 +19,16 @@ class ManagedProcess:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
+        # What `stop` sends first (PostgreSQL shuts down at once on SIGINT; SIGTERM waits
+        # for its clients to leave).
+        self.stop_signal = stop_signal
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
@@ -63,11 +67,11 @@ class ManagedProcess:
         return None if self.process is None else self.process.poll()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        """``stop_signal`` (SIGTERM), then SIGKILL if it has not exited within ``timeout``."""
         if not self.running:
             return
         assert self.process is not None
-        self._signal(signal.SIGTERM)
+        self._signal(self.stop_signal)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -1,4 +1,4 @@
-"""Synapse with the module loaded, as a managed subprocess on SQLite.
+"""Synapse with the module loaded, as a managed subprocess on SQLite (or PostgreSQL).
 
 A subprocess rather than an in-process homeserver: tests need to SIGKILL and
 restart it, run several side by side with different configs, and see a bad
@@ -21,6 +21,7 @@ from signedjson.key import generate_signing_key, write_signing_keys
 
 from devstack.federation import federation_config, loopback_server_name
 from devstack.ports import free_port
+from devstack.postgres import PostgresDatabase
 from devstack.processes import ManagedProcess
 from devstack.waiting import StopWaiting, wait_until
 
@@ -47,6 +48,7 @@ class SynapseServer:
     By default it is ``example.org`` and never federates. With ``federation_port`` it is
     ``127.0.0.1:<federation_port>``, serves federation over TLS on that port and federates
     with the servers named in ``federation_peers`` (see ``devstack.federation``).
+    Its database is SQLite in ``workdir``, or ``postgres`` (see ``devstack.postgres``).
     """
 
     def __init__(
@@ -59,8 +61,10 @@ class SynapseServer:
         federation_port: int | None = None,
         federation_peers: Sequence[str] = (),
         metrics: bool = False,
+        postgres: PostgresDatabase | None = None,
     ) -> None:
         self.workdir = workdir
+        self.postgres = postgres
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -149,10 +153,11 @@ class SynapseServer:
                     "resources": [{"names": ["client"], "compress": False}],
                 }
             ],
-            "database": {
-                "name": "sqlite3",
-                "args": {"database": str(self.workdir / "homeserver.db")},
-            },
+            "database": (
+                self.postgres.synapse_config()
+                if self.postgres is not None
+                else {"name": "sqlite3", "args": {"database": str(self.workdir / "homeserver.db")}}
+            ),
             "log_config": str(log_config),
             "media_store_path": str(self.workdir / "media"),
             "signing_key_path": str(signing_key),

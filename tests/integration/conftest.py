@@ -13,6 +13,7 @@ import pytest
 
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixUser, register_user
+from devstack.postgres import PostgresCluster, PostgresDatabase
 from devstack.synapse import SynapseServer, module_config
 from synapse_fhir_module.config import FhirConfig
 from synapse_fhir_module.fhir_client import FhirClient
@@ -54,6 +55,26 @@ def hapi_running(own_hapi: HapiDevServer) -> Iterator[HapiDevServer]:
     yield own_hapi
     if not own_hapi.process.running:
         own_hapi.start()
+
+
+@pytest.fixture(scope="session")
+def postgres(run_dir: Path) -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster shared by the session (Debian's server binaries).
+
+    Missing PostgreSQL is an error, never a skip: install it (.ci/run does)."""
+    cluster = PostgresCluster(run_dir)
+    SERVER_LOGS.append(cluster.process.log_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()  # also after a failed start: no server or data directory left behind
+
+
+@pytest.fixture
+def postgres_database(postgres: PostgresCluster) -> PostgresDatabase:
+    """A new, empty database of the session's cluster, as Synapse requires it."""
+    return postgres.create_database(f"test_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="session")
