@@ -1,0 +1,338 @@
+"""Message → Communication readable in HAPI, at a fixed send rate (issue 4).
+
+    python -m bench.communication_latency [--smoke] [--rate 50] [--seconds 20] [--runs 3]
+
+An open-loop sender sends text messages at ``--rate`` into a bound care-team room of a
+real Synapse with the module; a poller asks HAPI, as fast as it answers (at most every
+10 ms), for the Communications of every sent event not seen yet (one ``_search`` OR-ing
+their identifiers ``https://matrix.org/event-id|<event_id>``).
+
+Latency of a message = the moment the poll that first returns its Communication
+answered - the moment its send request started (both this machine's clock). It
+overstates the true value by at most one poll cycle (the resolution, reported), and
+includes everything the module does: enqueue, drain, mapping, the FHIR transaction.
+Also reported: ``meta.lastUpdated`` - send start (HAPI stamps it when it starts the
+write, so it is a lower bound: the commit is later), the send request itself, and the
+outbox depth (``/_synapse/client/fhir/health`` ``outbox.pending``) sampled every 250 ms.
+
+Baseline, same run, same poller: the bench itself writes the same Communication straight
+to HAPI (one conditional create, as soon as the "send" starts) at the same rate — what
+the outbox adds over writing synchronously, poller resolution included in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+import uuid
+from typing import Any
+
+import requests
+
+from bench._common import (
+    CareRoom,
+    PerThreadUser,
+    Row,
+    Sent,
+    Stack,
+    Target,
+    add_stack_arguments,
+    care_room,
+    fhir_instant_seconds,
+    find_communications,
+    open_loop,
+    outbox_pending,
+    percentile,
+    report,
+    stack,
+    text_message,
+    thread_of_event,
+    wait_outbox_empty,
+)
+from devstack.synapse import module_config
+from devstack.waiting import wait_until
+from synapse_fhir_module.communication_mapping import RoomContext, message_write
+
+NAME = "communication_latency"
+MIN_POLL_PERIOD = 0.01
+
+
+class CommunicationWatcher:
+    """Notes when each expected event's Communication first shows up in HAPI."""
+
+    def __init__(self, fhir_url: str) -> None:
+        self._fhir_url = fhir_url
+        self._session = requests.Session()
+        self._lock = threading.Lock()
+        self._expected: dict[str, float] = {}  # event id → send start
+        self.seen: dict[str, tuple[float, float]] = {}  # event id → (seen, lastUpdated)
+        self.cycles: list[float] = []  # seconds between consecutive poll starts
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watcher", daemon=True)
+
+    def expect(self, event_id: str, started: float) -> None:
+        with self._lock:
+            self._expected[event_id] = started
+
+    def all_seen(self) -> bool:
+        with self._lock:
+            return len(self.seen) == len(self._expected)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        previous: float | None = None
+        while not self._stop.is_set():
+            cycle_start = time.monotonic()
+            with self._lock:
+                waiting = [e for e in self._expected if e not in self.seen]
+            if waiting:
+                if previous is not None:
+                    self.cycles.append(cycle_start - previous)
+                previous = cycle_start
+                try:
+                    found = find_communications(self._session, self._fhir_url, waiting)
+                except requests.RequestException:
+                    self.errors += 1
+                    found = {}
+                answered = time.time()
+                with self._lock:
+                    for event_id, last_updated in found.items():
+                        if event_id not in self.seen:
+                            self.seen[event_id] = (answered, fhir_instant_seconds(last_updated))
+            else:
+                previous = None  # idle time is not a poll cycle
+            # Polling pace (an upper bound on load on HAPI), not a wait for a result.
+            self._stop.wait(max(0.0, MIN_POLL_PERIOD - (time.monotonic() - cycle_start)))
+
+
+class OutboxSampler:
+    """``outbox.pending`` from the health endpoint, every ``period`` seconds."""
+
+    def __init__(self, room: CareRoom, period: float = 0.25) -> None:
+        self._room = room
+        self._period = period
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pending = outbox_pending(self._room.server)
+                self.samples.append((round(time.monotonic() - self._started, 3), pending))
+            except requests.RequestException:
+                pass
+            self._stop.wait(self._period)  # sampling period
+
+
+def measure_arm(
+    fhir_url: str, action: Any, *, rate: float, count: int, sampler: OutboxSampler | None
+) -> dict[str, Any]:
+    watcher = CommunicationWatcher(fhir_url)
+
+    def sent(s: Sent) -> None:
+        if s.result is not None:
+            watcher.expect(s.result, s.started)
+
+    watcher.start()
+    if sampler:
+        sampler.start()
+    try:
+        sends = open_loop(action, rate=rate, count=count, on_done=sent)
+        failed = [s for s in sends if s.error]
+        if failed:
+            raise RuntimeError(f"{len(failed)} sends failed, e.g. {failed[0].error}")
+        wait_until(
+            watcher.all_seen, timeout=120, what="every Communication readable", interval=0.05
+        )
+    finally:
+        watcher.stop()
+        if sampler:
+            sampler.stop()
+    by_id = {s.result: s for s in sends}
+    readable = [(seen - by_id[e].started) * 1000 for e, (seen, _) in watcher.seen.items()]
+    stamped = [(stamp - by_id[e].started) * 1000 for e, (_, stamp) in watcher.seen.items()]
+    send_ms = [s.seconds * 1000 for s in sends]
+    late = [s for s in sends if s.started - s.due > 0.05]
+    return {
+        "readable_raw": readable,  # pooled over runs, then dropped
+        "messages": count,
+        "readable_ms": {
+            "p50": percentile(readable, 50),
+            "p99": percentile(readable, 99),
+            "max": max(readable),
+        },
+        "last_updated_ms": {"p50": percentile(stamped, 50), "p99": percentile(stamped, 99)},
+        "send_ms": {"p50": percentile(send_ms, 50), "p99": percentile(send_ms, 99)},
+        "poll_cycle_ms": {
+            "p50": percentile(watcher.cycles, 50) * 1000,
+            "p99": percentile(watcher.cycles, 99) * 1000,
+        },
+        "poll_errors": watcher.errors,
+        "sends_started_late_50ms": len(late),
+        "achieved_rate": count / (max(s.started for s in sends) - min(s.started for s in sends))
+        if count > 1
+        else rate,
+    }
+
+
+def run(the_stack: Stack, *, rate: float, seconds: float, runs: int) -> None:
+    fhir_url = the_stack.fhir_url
+    server = the_stack.start_synapse("synapse", module_config(fhir_url))
+    room = care_room(server, fhir_url, module=True)
+    # The first message opens the room's thread (a FHIR write and a state event): not timed.
+    first = room.sender.send_text(room.room_id, "first")
+    thread = thread_of_event(fhir_url, first)
+    senders = PerThreadUser(room.sender)
+    context = RoomContext(
+        thread=thread, care_team=room.network.team, patient=room.network.ref("Patient", "patient")
+    )
+    gp = room.network.ref("Practitioner", "gp")
+    direct_session = threading.local()
+
+    def send_message(n: int) -> str:
+        return senders.get().send(room.room_id, text_message(n))
+
+    def write_directly(n: int) -> str:
+        # The baseline: what the module writes for a message, written at once by the sender.
+        event = {
+            "type": "m.room.message",
+            "event_id": f"$direct-{uuid.uuid4().hex}",
+            "origin_server_ts": int(time.time() * 1000),
+            "content": text_message(n),
+        }
+        write = message_write(event, context, gp)
+        session = getattr(direct_session, "s", None) or requests.Session()
+        direct_session.s = session
+        response = session.post(
+            f"{fhir_url}/Communication",
+            json=write.resource,
+            headers={
+                "Content-Type": "application/fhir+json",
+                "If-None-Exist": write.if_none_exist or "",
+            },
+            timeout=30,
+        )
+        response.raise_for_status()
+        return str(event["event_id"])
+
+    count = max(2, int(rate * seconds))
+    warmup = max(2, int(rate * (0.5 if the_stack.smoke else 5)))
+    # Warm both paths up (JIT in HAPI, connection pools), not counted.
+    measure_arm(fhir_url, send_message, rate=rate, count=warmup, sampler=None)
+    measure_arm(fhir_url, write_directly, rate=rate, count=warmup, sampler=None)
+
+    module_runs: list[dict[str, Any]] = []
+    direct_runs: list[dict[str, Any]] = []
+    for i in range(runs):
+        arms = [("module", send_message), ("direct", write_directly)]
+        for arm, action in arms if i % 2 == 0 else arms[::-1]:
+            wait_outbox_empty(server)
+            sampler = OutboxSampler(room) if arm == "module" else None
+            result = measure_arm(fhir_url, action, rate=rate, count=count, sampler=sampler)
+            if sampler:
+                depths = [p for _, p in sampler.samples] or [0]
+                result["outbox_pending"] = {
+                    "max": max(depths),
+                    "median": statistics.median(depths),
+                    "samples": sampler.samples,
+                }
+                module_runs.append(result)
+            else:
+                direct_runs.append(result)
+
+    def samples(runs_: list[dict[str, Any]], key: str, q: str) -> list[float]:
+        return [r[key][q] for r in runs_]
+
+    base_p50 = Row("direct write → readable, p50", "ms", samples(direct_runs, "readable_ms", "p50"))
+    base_p99 = Row("direct write → readable, p99", "ms", samples(direct_runs, "readable_ms", "p99"))
+    cycle = samples(module_runs, "poll_cycle_ms", "p50")
+    rows = [
+        Row(
+            "message → Communication readable, p50",
+            "ms",
+            samples(module_runs, "readable_ms", "p50"),
+            baseline=base_p50,
+            target=Target("<=", 100),
+            note=f"resolution: one poll cycle, median {statistics.median(cycle):.1f} ms",
+        ),
+        Row(
+            "message → Communication readable, p99",
+            "ms",
+            samples(module_runs, "readable_ms", "p99"),
+            baseline=base_p99,
+            target=Target("<=", 300),
+        ),
+        Row(
+            "message → Communication readable, max",
+            "ms",
+            samples(module_runs, "readable_ms", "max"),
+        ),
+        base_p50,
+        base_p99,
+        Row(
+            "message → HAPI lastUpdated, p50",
+            "ms",
+            samples(module_runs, "last_updated_ms", "p50"),
+            note="lastUpdated is stamped when HAPI starts the write: a lower bound",
+        ),
+        Row(
+            "message → HAPI lastUpdated, p99", "ms", samples(module_runs, "last_updated_ms", "p99")
+        ),
+        Row("send request, p50", "ms", samples(module_runs, "send_ms", "p50")),
+        Row("send request, p99", "ms", samples(module_runs, "send_ms", "p99")),
+        Row("outbox pending, max", "rows", [r["outbox_pending"]["max"] for r in module_runs]),
+        Row("outbox pending, median", "rows", [r["outbox_pending"]["median"] for r in module_runs]),
+        Row("poll cycle (resolution), p50", "ms", cycle),
+        Row("poll cycle (resolution), p99", "ms", samples(module_runs, "poll_cycle_ms", "p99")),
+    ]
+    pooled: dict[str, Any] = {}
+    for arm, arm_runs in (("module", module_runs), ("direct", direct_runs)):
+        everything = [x for r in arm_runs for x in r.pop("readable_raw")]
+        pooled[arm] = {"p50": percentile(everything, 50), "p99": percentile(everything, 99)}
+    report(
+        NAME,
+        f"Message → FHIR Communication at {rate:g} msg/s, {count} messages x {runs} runs",
+        rows,
+        the_stack=the_stack,
+        parameters={"rate": rate, "messages_per_run": count, "runs": runs, "warmup": warmup},
+        details={
+            "readable_ms_pooled_over_runs": pooled,
+            "module_runs": module_runs,
+            "direct_runs": direct_runs,
+        },
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    add_stack_arguments(parser)
+    parser.add_argument("--rate", type=float, default=50.0, help="messages per second")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each run")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if args.smoke:
+        args.rate, args.seconds, args.runs = 20.0, 1.0, 1
+    with stack(NAME, args) as the_stack:
+        run(the_stack, rate=args.rate, seconds=args.seconds, runs=args.runs)
+
+
+if __name__ == "__main__":
+    main()
