@@ -26,6 +26,7 @@ from synapse_fhir_module.registration_gate import RegistrationGate
 from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.service_user import ensure_service_user
 from synapse_fhir_module.team_directory import CareTeamDirectory
+from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResource
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,11 @@ class FhirModule:
                 )
             )
 
+        # FHIR says what changed (DESIGN §5); for now that only refreshes caches.
+        api.register_web_resource(
+            NOTIFY_PATH, NotifyResource(config.webhook.secret, self._on_notification)
+        )
+
         if self._runs_background_work:
             api.delayed_background_call(0, self._register_service_user, desc="fhir_service_user")
             if self._recorder is not None:
@@ -113,6 +119,11 @@ class FhirModule:
         if self._validity is not None:
             for user_id in self._persons.users_of_person(reference):
                 self._validity.look_up_soon(user_id)
+
+    def _on_notification(self, notification: Notification) -> None:
+        """A FHIR resource changed: forget it, in the background (the webhook answers at
+        once). The FHIR → Matrix sync will take over from here."""
+        self._api.run_as_background_process("fhir_notify", self.invalidate, notification.reference)
 
     def _register_enforcement(self, exempt: set[str]) -> None:
         config = self._config.enforcement
