@@ -33,7 +33,7 @@ lint: $(VENV)/.installed
 bench: setup
 	$(PY) -m bench.synapse_start
 	$(PY) -m bench.membership_decision
-	$(PY) -m bench.communication_recording
+	$(PY) -m bench.communication_recording --databases sqlite postgres
 
 # Tiny sizes, so CI notices when a benchmark breaks (its numbers are not judged).
 bench-smoke: setup

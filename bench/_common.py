@@ -34,6 +34,7 @@ import requests
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixUser, register_user
+from devstack.postgres import PostgresCluster
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer
 from devstack.waiting import wait_until
@@ -119,20 +120,64 @@ class Stack:
     pinning: Pinning
     workdir: Path
     smoke: bool
+    database: str  # Synapse's: "sqlite" or "postgres"
     servers: list[SynapseServer] = field(default_factory=list)
+    postgres: PostgresCluster | None = None
 
     def start_synapse(self, name: str, fhir_module: dict[str, Any] | None) -> SynapseServer:
-        server = SynapseServer(self.workdir / name, fhir_module)
+        database = None
+        if self.database == "postgres":
+            if self.postgres is None:
+                self.postgres = PostgresCluster(self.workdir)
+                self.postgres.start()
+                # Synapse's database works for Synapse: on its CPU (backends inherit it).
+                self.pinning.pin_local(self.postgres.process.pid)
+            database = self.postgres.create_database(f"bench_{uuid.uuid4().hex[:12]}")
+        server = SynapseServer(self.workdir / name, fhir_module, postgres=database)
         self.servers.append(server)
         server.start()
         self.pinning.pin_local(server.process.pid)
         return server
+
+    def cpu_seconds(self, server: SynapseServer) -> float:
+        """CPU time Synapse (and its PostgreSQL, when it has one) has used so far."""
+        used = process_group_cpu_seconds(server.process.pid)
+        if self.postgres is not None:
+            used += process_group_cpu_seconds(self.postgres.process.pid)
+        return used
+
+    def result_name(self, name: str) -> str:
+        return name if self.database == "sqlite" else f"{name}-{self.database}"
+
+
+def process_group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU time of the live processes in a process group (our servers each
+    lead one: a PostgreSQL backend counts towards its postmaster's)."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        # After the command: state, ppid, pgrp, ... utime (14th field), stime (15th).
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     parser.add_argument("--fhir", help="use this FHIR base URL instead of starting HAPI")
     parser.add_argument("--hapi-pid", type=int, help="pid of the HAPI behind --fhir, to pin it")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="Synapse's database (postgres: a throwaway cluster, see devstack.postgres)",
+    )
 
 
 @contextlib.contextmanager
@@ -152,12 +197,14 @@ def stack(name: str, args: argparse.Namespace) -> Iterator[Stack]:
             fhir_url, hapi_pid = hapi.base_url, hapi.process.pid
         pinning.pin_hapi(hapi_pid)
         pinning.pin_local(os.getpid())
-        the_stack = Stack(fhir_url, pinning, workdir, bool(args.smoke))
+        the_stack = Stack(fhir_url, pinning, workdir, bool(args.smoke), args.database)
         yield the_stack
         ok = True
     finally:
         for server in the_stack.servers if the_stack else []:
             server.stop()
+        if the_stack is not None and the_stack.postgres is not None:
+            the_stack.postgres.stop()
         if hapi is not None:
             hapi.stop()
         if ok:
@@ -468,7 +515,10 @@ def report(
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     print(f"\n{title}")
-    print(f"pinning: {the_stack.pinning.describe()}")
+    database = the_stack.database + (
+        " (its server on the Synapse CPU)" if the_stack.database == "postgres" else ""
+    )
+    print(f"pinning: {the_stack.pinning.describe()}; Synapse database: {database}")
     for i, line in enumerate(table):
         print(
             "  ".join(
@@ -492,13 +542,14 @@ def report(
             "loadavg_1m_at_end": os.getloadavg()[0],
             "python": platform.python_version(),
         },
+        "synapse_database": the_stack.database,
         "pinning": asdict(the_stack.pinning) | {"description": the_stack.pinning.describe()},
         "parameters": parameters,
         "rows": [row.as_json() for row in rows],
         "details": details or {},
     }
     RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{now.strftime('%Y-%m-%dT%H%M%S')}.json"
+    path = RESULTS_DIR / f"{the_stack.result_name(name)}-{now.strftime('%Y-%m-%dT%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {path.relative_to(RESULTS_DIR.parent.parent)}")
     return path

@@ -1,6 +1,6 @@
 """Send latency while FHIR stalls every request vs while it answers at once (issue 4).
 
-    python -m bench.send_fhir_stall [--smoke] [--stall 10] [--rate 20] [--seconds 30]
+    python -m bench.send_fhir_stall [--smoke] [--stall 10] [--rate 20] [--seconds 20]
 
 One Synapse with the module (recording and enforcement on) reaches HAPI through a
 ``devstack.stalling_proxy.StallingProxy``: in the healthy phases it passes requests
@@ -164,8 +164,8 @@ def main() -> None:
     add_stack_arguments(parser)
     parser.add_argument("--stall", type=float, default=10.0, help="seconds each request waits")
     parser.add_argument("--rate", type=float, default=20.0, help="messages per second")
-    parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
-    parser.add_argument("--rounds", type=int, default=2, help="phases per mode")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--rounds", type=int, default=3, help="phases per mode")
     args = parser.parse_args()
     if args.smoke:
         args.stall, args.rate, args.seconds, args.rounds = 1.0, 10.0, 1.5, 1

@@ -1,6 +1,6 @@
 """Synapse send throughput with the module recording vs the module absent (issue 4).
 
-    python -m bench.send_throughput [--smoke] [--messages 300] [--rounds 5]
+    python -m bench.send_throughput [--smoke] [--messages 250] [--rounds 6]
 
 Three Synapse subprocesses side by side, same version, same config but for the module,
 each with the same room shape (a space bound to a CareTeam, a room the space lists, the
@@ -18,6 +18,10 @@ turns, in an order that rotates every round; before every round the recording ar
 outbox is drained (its FHIR writes of the previous round would otherwise load the next
 arm's CPU). A warm-up round comes first and is not counted. At the end every recorded
 message must be in HAPI once.
+
+Also reported: Synapse's CPU time per message (user + system, from /proc, with its
+PostgreSQL's when it has one), for the recording arm until its outbox is empty again —
+what each arm costs, less sensitive than throughput to whatever else the machine runs.
 """
 
 from __future__ import annotations
@@ -74,18 +78,26 @@ def run(the_stack: Stack, *, messages: int, rounds: int) -> None:
     arms = list(rooms)
     sent = 0
     throughput: dict[str, list[float]] = {arm: [] for arm in arms}
+    # CPU per message: what an arm costs whatever else the machine runs meanwhile.
+    cpu_ms: dict[str, list[float]] = {arm: [] for arm in arms}
     warmup = max(10, messages // 5)
     for r in range(-1, rounds):  # round -1 warms up
         order = arms[r % len(arms) :] + arms[: r % len(arms)]
         for arm in order:
             wait_outbox_empty(recording.server)
             count = warmup if r < 0 else messages
+            cpu_before = the_stack.cpu_seconds(rooms[arm].server)
             rate = send_sequentially(rooms[arm], count, sent)
+            if arm == RECORDING:
+                # The Communications of this round are written before it counts as done.
+                wait_outbox_empty(recording.server)
+            cpu_used = the_stack.cpu_seconds(rooms[arm].server) - cpu_before
             sent += count
             if arm == RECORDING:
                 recorded += count
             if r >= 0:
                 throughput[arm].append(rate)
+                cpu_ms[arm].append(cpu_used * 1000 / count)
 
     # Correctness: exactly the recorded messages are in HAPI, once each.
     wait_until(
@@ -107,6 +119,14 @@ def run(the_stack: Stack, *, messages: int, rounds: int) -> None:
             note=f"all {recorded} messages of this arm found in HAPI once",
         ),
     ]
+    cpu_baseline = Row(f"Synapse CPU per message, {ABSENT}", "ms", cpu_ms[ABSENT])
+    rows += [
+        cpu_baseline,
+        *(
+            Row(f"Synapse CPU per message, {arm}", "ms", cpu_ms[arm], baseline=cpu_baseline)
+            for arm in (NO_RECORDING, RECORDING)
+        ),
+    ]
     report(
         NAME,
         f"Synapse sequential sends, {messages} messages x {rounds} rounds per arm",
@@ -116,7 +136,6 @@ def run(the_stack: Stack, *, messages: int, rounds: int) -> None:
             "messages_per_round": messages,
             "rounds": rounds,
             "warmup": warmup,
-            "synapse_database": "sqlite3 (devstack)",
         },
     )
 
@@ -124,8 +143,8 @@ def run(the_stack: Stack, *, messages: int, rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     add_stack_arguments(parser)
-    parser.add_argument("--messages", type=int, default=300, help="messages per arm and round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--messages", type=int, default=250, help="messages per arm and round")
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
     if args.smoke:
         args.messages, args.rounds = 10, 1
