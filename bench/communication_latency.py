@@ -66,16 +66,19 @@ class CommunicationWatcher:
         self._fhir_url = fhir_url
         self._session = requests.Session()
         self._lock = threading.Lock()
-        self._expected: dict[str, float] = {}  # event id → send start
+        self._expected: set[str] = set()
+        self._waiting: dict[str, None] = {}  # expected and not seen yet, in send order
         self.seen: dict[str, tuple[float, float]] = {}  # event id → (seen, lastUpdated)
         self.cycles: list[float] = []  # seconds between consecutive poll starts
         self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watcher", daemon=True)
 
-    def expect(self, event_id: str, started: float) -> None:
+    def expect(self, event_id: str) -> None:
         with self._lock:
-            self._expected[event_id] = started
+            self._expected.add(event_id)
+            if event_id not in self.seen:
+                self._waiting[event_id] = None
 
     def all_seen(self) -> bool:
         with self._lock:
@@ -93,7 +96,7 @@ class CommunicationWatcher:
         while not self._stop.is_set():
             cycle_start = time.monotonic()
             with self._lock:
-                waiting = [e for e in self._expected if e not in self.seen]
+                waiting = list(self._waiting)
             if waiting:
                 if previous is not None:
                     self.cycles.append(cycle_start - previous)
@@ -108,6 +111,7 @@ class CommunicationWatcher:
                     for event_id, last_updated in found.items():
                         if event_id not in self.seen:
                             self.seen[event_id] = (answered, fhir_instant_seconds(last_updated))
+                            self._waiting.pop(event_id, None)
             else:
                 previous = None  # idle time is not a poll cycle
             # Polling pace (an upper bound on load on HAPI), not a wait for a result.
@@ -120,7 +124,8 @@ class OutboxSampler:
     def __init__(self, room: CareRoom, period: float = 0.25) -> None:
         self._room = room
         self._period = period
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, int]] = []  # (seconds since start, pending)
+        self._started = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-sampler", daemon=True)
 
@@ -149,7 +154,7 @@ def measure_arm(
 
     def sent(s: Sent) -> None:
         if s.result is not None:
-            watcher.expect(s.result, s.started)
+            watcher.expect(s.result)
 
     watcher.start()
     if sampler:
