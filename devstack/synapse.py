@@ -37,6 +37,9 @@ def module_config(fhir_base_url: str, **overrides: Any) -> dict[str, Any]:
         "fhir": {"base_url": fhir_base_url, "timeout": "5s"},
         "service_user": "fhir",
         "webhook": {"secret": "test-webhook-secret"},
+        # Off unless a test or the demo turns it on: most tests make their spaces by hand,
+        # and a sweep making spaces for every team in a shared HAPI would get in the way.
+        "sync": {"enabled": False},
     }
     config.update(overrides)
     return config

@@ -44,6 +44,7 @@ class TeamMembership:
     # Participants whose person is marked inactive (they are not members).
     inactive: frozenset[str] = frozenset()
     subject: str | None = None  # "Patient/<id>", the team's patient
+    name: str | None = None  # CareTeam.name (room names; never the patient's)
 
     @property
     def admits_members(self) -> bool:
@@ -76,6 +77,7 @@ def resolve_membership(team_ref: str, resources: Resources, now: datetime) -> Te
         members=found,
         inactive=frozenset(inactive - found.keys()),
         subject=_reference(team.get("subject")),
+        name=team["name"] if isinstance(team.get("name"), str) else None,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
 from synapse.module_api import EventBase, ModuleApi
 
-from synapse_fhir_module import outbox_store
+from synapse_fhir_module import outbox_store, sync_store
 from synapse_fhir_module.communication_mapping import (
     EVENT_ID_SYSTEM,
     ORIGIN_TAG,
@@ -39,6 +39,7 @@ from synapse_fhir_module.outbox_metrics import (
     WRITE_RETRIES,
 )
 from synapse_fhir_module.person_directory import PersonDirectory
+from synapse_fhir_module.relay_content import source_of
 from synapse_fhir_module.room_bindings import THREAD_STATE, RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
 
@@ -88,6 +89,8 @@ class CommunicationRecorder:
     async def start(self) -> None:
         """Create the outbox table if needed, then write whatever a restart left pending."""
         await self._api.run_db_interaction("fhir_outbox_schema", outbox_store.create_schema)
+        # (The relay's table too: the drain asks it which messages came from FHIR.)
+        await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
         self._schema_ready = True
         self.wake()
 
@@ -227,6 +230,8 @@ class CommunicationRecorder:
         return True
 
     async def _write_for(self, row: outbox_store.OutboxRow) -> CommunicationWrite:
+        if await self._is_relayed(row):
+            raise NotRecorded("posted from a FHIR Communication: FHIR has it already")
         try:
             team_ref = await self._bindings.care_team_of(row.room_id)
             if team_ref is None and not self._all_rooms:
@@ -239,6 +244,18 @@ class CommunicationRecorder:
         room = RoomContext(thread=thread, care_team=team_ref, patient=patient)
         return message_write(
             row.event, room, person, encrypted_policy=self._config.encrypted_rooms.value
+        )
+
+    async def _is_relayed(self, row: outbox_store.OutboxRow) -> bool:
+        content = row.event.get("content")
+        source = source_of(content) if isinstance(content, dict) else None
+        if source is None:
+            return False
+        # The claim is checked, not the content: anyone can put the key in a message.
+        return bool(
+            await self._api.run_db_interaction(
+                "fhir_relay_check", sync_store.is_relay_event, source, row.room_id, row.event_id
+            )
         )
 
     async def _redaction_for(self, row: outbox_store.OutboxRow) -> CommunicationWrite | None:

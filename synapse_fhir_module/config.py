@@ -77,10 +77,22 @@ class CommunicationConfig:
     rooms: RecordedRooms = RecordedRooms.CARE_TEAM
 
 
+DEFAULT_POWER_LEVELS = {"Practitioner": 50, "RelatedPerson": 0, "Patient": 0}
+
+
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class SyncConfig:
     enabled: bool = True
     poll_interval: float = 60.0  # seconds
+    # Register rest-hook Subscriptions on FHIR (for a FHIR server without the shim).
+    subscription: bool = False
+    # The URL FHIR reaches this Synapse at, for those Subscriptions (public_baseurl if None).
+    subscription_base_url: str | None = None
+    # Space name when the CareTeam has none (CareTeam.name is used when present).
+    default_space_name: str = "Care team"
+    # DESIGN §3 defaults, by member type; role codes ("system|code") take precedence.
+    power_levels: Mapping[str, int] = attr.Factory(lambda: dict(DEFAULT_POWER_LEVELS))
+    role_power_levels: Mapping[str, int] = attr.Factory(dict)
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -202,6 +214,14 @@ def _parse_sync(section: _Section) -> SyncConfig:
     config = SyncConfig(
         enabled=section.flag("enabled", True),
         poll_interval=section.value("poll_interval", _positive_duration, 60.0),
+        subscription=section.flag("subscription", False),
+        subscription_base_url=section.value("subscription_base_url", _base_url, None),
+        default_space_name=section.value("default_space_name", _nonempty_string, "Care team"),
+        power_levels={
+            **DEFAULT_POWER_LEVELS,
+            **section.value("power_levels", _levels_by_type, {}),
+        },
+        role_power_levels=section.value("role_power_levels", _levels_by_role, {}),
     )
     section.reject_unknown_keys()
     return config
@@ -349,6 +369,29 @@ def _int_between(low: int, high: int) -> Callable[[Any], int]:
         return value
 
     return convert
+
+
+_level = _int_between(0, 99)  # below the service user's 100
+
+
+def _levels_by_type(value: Any) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping of member type to power level")
+    unknown = sorted(set(value) - set(DEFAULT_POWER_LEVELS))
+    if unknown:
+        raise ValueError(
+            f"unknown member type {unknown[0]!r}; expected {', '.join(DEFAULT_POWER_LEVELS)}"
+        )
+    return {str(kind): _level(level) for kind, level in value.items()}
+
+
+def _levels_by_role(value: Any) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping of role code ('system|code') to power level")
+    for role in value:
+        if not isinstance(role, str) or role.count("|") != 1 or role.startswith("|"):
+            raise ValueError(f"expected role codes as 'system|code', got {role!r}")
+    return {str(role): _level(level) for role, level in value.items()}
 
 
 E = TypeVar("E", bound=Enum)

@@ -10,10 +10,13 @@ from synapse.spam_checker_api import RegistrationBehaviour
 
 from synapse_fhir_module.account_validity import AccountValidity
 from synapse_fhir_module.callback_guard import access_decision, never_raises
+from synapse_fhir_module.care_rooms import CareRooms
+from synapse_fhir_module.change_queue import ChangeQueue
 from synapse_fhir_module.communication_recorder import CommunicationRecorder, now_ms
 from synapse_fhir_module.config import EncryptedRoomsPolicy, ModuleConfig, parse_module_config
 from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_sync import FhirSync
 from synapse_fhir_module.health import HEALTH_PATH, FhirReachability, HealthResource, no_outbox
 from synapse_fhir_module.outbox_admin import (
     DEAD_LETTERS_PATH,
@@ -22,6 +25,7 @@ from synapse_fhir_module.outbox_admin import (
     RetryDeadLettersResource,
 )
 from synapse_fhir_module.person_directory import PersonDirectory
+from synapse_fhir_module.reconcile import Reconciler
 from synapse_fhir_module.registration_gate import RegistrationGate
 from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.service_user import ensure_service_user
@@ -92,10 +96,28 @@ class FhirModule:
                 )
             )
 
-        # FHIR says what changed (DESIGN §5); for now that only refreshes caches.
+        # FHIR says what changed (DESIGN §5); the background instance makes Matrix match.
         api.register_web_resource(
             NOTIFY_PATH, NotifyResource(config.webhook.secret, self._on_notification)
         )
+        self._sync: FhirSync | None = None
+        self._changes: ChangeQueue | None = None
+        if config.sync.enabled and self._runs_background_work:
+            rooms = CareRooms(
+                api, config.sync, service_user_id=self._service_user_id, exempt_users=exempt
+            )
+            self._sync = FhirSync(
+                api,
+                config.sync,
+                self._fhir,
+                self._teams,
+                rooms,
+                invalidate=self.invalidate,
+                service_user_id=self._service_user_id,
+                exempt_users=frozenset(exempt),
+            )
+            self._changes = ChangeQueue(api, self._sync.apply)
+            self._reconciler = Reconciler(api, self._fhir, self._changes.push)
 
         if self._runs_background_work:
             api.delayed_background_call(0, self._register_service_user, desc="fhir_service_user")
@@ -103,6 +125,8 @@ class FhirModule:
                 api.delayed_background_call(0, self._recorder.start, desc="fhir_outbox_start")
                 # Rows waiting for a retry are picked up by this periodic wake-up.
                 api.looping_background_call(self._recorder.wake, 1000, desc="fhir_outbox_wake")
+            if self._sync is not None:
+                api.delayed_background_call(0, self._start_sync, desc="fhir_sync_start")
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> ModuleConfig:
@@ -121,9 +145,34 @@ class FhirModule:
                 self._validity.look_up_soon(user_id)
 
     def _on_notification(self, notification: Notification) -> None:
-        """A FHIR resource changed: forget it, in the background (the webhook answers at
-        once). The FHIR → Matrix sync will take over from here."""
-        self._api.run_as_background_process("fhir_notify", self.invalidate, notification.reference)
+        """A FHIR resource changed (the webhook answers at once; the work is queued)."""
+        if self._changes is not None:
+            self._changes.push(notification.reference)  # the sync invalidates first
+        else:
+            self._api.run_as_background_process(
+                "fhir_notify", self.invalidate, notification.reference
+            )
+
+    async def _start_sync(self) -> None:
+        """Tables, then the first sweep (which makes the spaces FHIR has and Matrix lacks),
+        then a sweep every ``sync.poll_interval``."""
+        assert self._sync is not None and self._changes is not None
+        try:
+            await ensure_service_user(self._api, self._config.service_user)
+            await self._sync.start()
+        except Exception:
+            logger.exception("Could not start the FHIR sync; trying again in 30 s")
+            self._api.delayed_background_call(
+                SERVICE_USER_RETRY_MS, self._start_sync, desc="fhir_sync_start"
+            )
+            return
+        self._changes.open()
+        await self._reconciler.sweep()
+        self._api.looping_background_call(
+            self._reconciler.sweep,
+            self._config.sync.poll_interval * 1000,
+            desc="fhir_reconcile",
+        )
 
     def _register_enforcement(self, exempt: set[str]) -> None:
         config = self._config.enforcement

@@ -87,7 +87,15 @@ def test_every_key_is_read() -> None:
             "batch_size": 200,
             "rooms": "all",
         },
-        "sync": {"enabled": False, "poll_interval": "2m"},
+        "sync": {
+            "enabled": False,
+            "poll_interval": "2m",
+            "subscription": True,
+            "subscription_base_url": "https://matrix.example.org/",
+            "default_space_name": "Zorgteam",
+            "power_levels": {"RelatedPerson": 10},
+            "role_power_levels": {"http://snomed.info/sct|62247001": 75},
+        },
         "account_validity": {"enabled": False, "expire_unmapped": True},
         "registration": {"require_fhir_identity": True},
         "worker": "background_worker",
@@ -105,6 +113,11 @@ def test_every_key_is_read() -> None:
     assert (config.communication.enabled, config.communication.batch_size) == (False, 200)
     assert config.communication.rooms is RecordedRooms.ALL
     assert (config.sync.enabled, config.sync.poll_interval) == (False, 120.0)
+    assert config.sync.subscription is True
+    assert config.sync.subscription_base_url == "https://matrix.example.org"
+    assert config.sync.default_space_name == "Zorgteam"
+    assert config.sync.power_levels == {"Practitioner": 50, "RelatedPerson": 10, "Patient": 0}
+    assert config.sync.role_power_levels == {"http://snomed.info/sct|62247001": 75}
     assert config.account_validity.enabled is False
     assert config.account_validity.expire_unmapped is True
     assert config.registration.require_fhir_identity is True
@@ -162,6 +175,10 @@ def test_durations(text: str, seconds: float) -> None:
         ),
         (with_key("communication", "batch_size", 0), ("communication", "batch_size")),
         (with_key("communication", "rooms", "some"), ("communication", "rooms")),
+        (with_key("sync", "power_levels", {"Nurse": 50}), ("sync", "power_levels")),
+        (with_key("sync", "power_levels", {"Patient": 100}), ("sync", "power_levels")),
+        (with_key("sync", "role_power_levels", {"62247001": 75}), ("sync", "role_power_levels")),
+        (with_key("sync", "subscription", "yes"), ("sync", "subscription")),
         (with_key("communication", "batch_size", 5000), ("communication", "batch_size")),
         (with_key("communication", "batch_size", "50"), ("communication", "batch_size")),
         (with_key("sync", "poll_interval", "-1s"), ("sync", "poll_interval")),

@@ -1,0 +1,302 @@
+"""FHIR drives Matrix (DESIGN §3): what a changed FHIR resource means for the rooms.
+
+Given a reference — from the webhook, a Subscription, or the reconcile sweep — the sync
+reads the resource's *current* state from FHIR (a notification is only a hint) and makes
+Matrix match it:
+
+- ``CareTeam``: its space exists while the team is active, holds exactly the members,
+  with their power levels; the team's rooms follow. Inactive or suspended: read-only and
+  nobody new; ``entered-in-error`` or deleted: everyone but the service user leaves.
+- ``CommunicationRequest`` addressed to a CareTeam: a room in the team's space, its
+  payload posted as the first message.
+- ``Communication`` written by another system (no origin mark) in a thread with a room:
+  posted into the room once, never written back.
+- A person (Practitioner, PractitionerRole, RelatedPerson, Patient): the teams it belongs
+  to are synced again.
+
+Applying the same reference twice changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from synapse.module_api import ModuleApi
+
+from synapse_fhir_module import sync_store
+from synapse_fhir_module.care_rooms import CareRooms
+from synapse_fhir_module.care_team import TeamMembership
+from synapse_fhir_module.communication_mapping import ORIGIN_TAG
+from synapse_fhir_module.config import SyncConfig
+from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_errors import FhirNotFoundError
+from synapse_fhir_module.identity import matrix_ids_of
+from synapse_fhir_module.membership_plan import plan_membership
+from synapse_fhir_module.relay_content import relay_content
+from synapse_fhir_module.team_directory import CareTeamDirectory
+
+logger = logging.getLogger(__name__)
+
+ROOM_ID_SYSTEM = "https://matrix.org/room-id"
+PERSON_TYPES = ("Practitioner", "PractitionerRole", "RelatedPerson", "Patient")
+SYNCED_TYPES = ("CareTeam", "CommunicationRequest", "Communication", *PERSON_TYPES)
+# Team statuses under which the team's rooms are emptied (DESIGN: entered-in-error, deleted).
+EMPTIED_STATUSES = frozenset({"entered-in-error", "missing"})
+DEFAULT_ROOM_NAME = "Conversation"
+
+
+class FhirSync:
+    def __init__(
+        self,
+        api: ModuleApi,
+        config: SyncConfig,
+        fhir: FhirClient,
+        teams: CareTeamDirectory,
+        rooms: CareRooms,
+        *,
+        invalidate: Callable[[str], Awaitable[None]],
+        service_user_id: str,
+        exempt_users: frozenset[str],
+    ) -> None:
+        self._api = api
+        self._config = config
+        self._fhir = fhir
+        self._teams = teams
+        self._rooms = rooms
+        self._invalidate = invalidate
+        self._service_user_id = service_user_id
+        self._keep = exempt_users | {service_user_id}
+
+    async def start(self) -> None:
+        await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
+
+    async def apply(self, reference: str) -> None:
+        """Make Matrix match the current state of ``reference`` (``Type/id``)."""
+        resource_type = reference.split("/", 1)[0]
+        # Decisions must never use what this change made stale.
+        await self._invalidate(reference)
+        if resource_type == "CareTeam":
+            await self.apply_care_team(reference)
+        elif resource_type == "CommunicationRequest":
+            await self._apply_request(reference)
+        elif resource_type == "Communication":
+            await self._relay(reference)
+        elif resource_type in PERSON_TYPES:
+            for team_ref in await self._teams_of_person(reference):
+                await self.apply_care_team(team_ref)
+
+    async def apply_care_team(self, team_ref: str) -> str | None:
+        """Sync the team's space and rooms; the space's room id, if it has one."""
+        team = await self._teams.membership(team_ref)
+        space = await self._room_of(team_ref)
+        if space is None:
+            if not team.admits_members:
+                return None  # no space for a team nobody may join
+            space = await self._rooms.create_space(
+                team_ref, team.name or self._config.default_space_name
+            )
+            await self._remember_room(team_ref, space)
+            logger.info("Made a space for %s: %s", team_ref, space)
+        for room_id in [space, *await self._rooms.rooms_of_space(space)]:
+            await self._sync_room(room_id, team)
+        return space
+
+    async def _sync_room(self, room_id: str, team: TeamMembership) -> None:
+        emptied = team.status in EMPTIED_STATUSES
+        members = {} if emptied else team.members
+        plan = plan_membership(
+            members,
+            await self._rooms.memberships(room_id),
+            keep=self._keep,
+            admit_new=team.admits_members and not emptied,
+        )
+        # Power levels first: a kicked practitioner keeps no level; an invitee has theirs.
+        await self._rooms.set_power_levels(
+            room_id, list(members.values()), read_only=not team.admits_members
+        )
+        if not plan.empty:
+            logger.info(
+                "%s: inviting %d, removing %d in %s",
+                team.team,
+                len(plan.invite),
+                len(plan.remove),
+                room_id,
+            )
+            await self._rooms.apply_plan(room_id, plan)
+
+    async def _apply_request(self, request_ref: str) -> None:
+        request = await self._read(request_ref)
+        if request is None or _is_own(request):
+            return  # gone, or a thread the module opened for an existing room
+        if request.get("status") not in ("active", "draft", "on-hold", None):
+            return
+        team_ref = _care_team_recipient(request)
+        if team_ref is None or await self._room_of(request_ref) is not None:
+            return
+        space = await self.apply_care_team(team_ref)
+        if space is None:
+            return
+        room_id = await self._rooms.create_thread_room(space, request_ref, _request_name(request))
+        await self._remember_room(request_ref, room_id)
+        logger.info("Made a room for %s: %s", request_ref, room_id)
+        # The request's own words first, so whoever is invited finds them there.
+        first = relay_content(request.get("payload"), source=request_ref, sender_name=None)
+        if first is not None:
+            await self._rooms.post(room_id, self._service_user_id, first)
+        await self._sync_room(room_id, await self._teams.membership(team_ref))
+
+    async def _relay(self, communication_ref: str) -> None:
+        communication = await self._read(communication_ref)
+        if communication is None or _is_own(communication):
+            return  # ours came from Matrix: relaying it would echo the message
+        if communication.get("status") == "entered-in-error":
+            return
+        room_id = await self._room_of_thread(communication.get("partOf"))
+        if room_id is None:
+            return
+        sender_ref = _reference(communication.get("sender"))
+        sender = await self._read(sender_ref) if sender_ref else None
+        local_user = await self._local_member(sender, room_id)
+        content = relay_content(
+            communication.get("payload"),
+            source=communication_ref,
+            sender_name=None if local_user else _display_name(sender),
+        )
+        if content is None:
+            return
+        claimed = await self._api.run_db_interaction(
+            "fhir_relay_claim", sync_store.claim_relay, communication_ref, room_id
+        )
+        if not claimed:
+            return  # relayed before
+        event_id = await self._rooms.post(room_id, local_user or self._service_user_id, content)
+        await self._api.run_db_interaction(
+            "fhir_relay_done", sync_store.relayed_as, communication_ref, event_id
+        )
+        logger.info("Relayed %s into %s", communication_ref, room_id)
+
+    async def is_relayed(self, communication_ref: str, room_id: str, event_id: str) -> bool:
+        """Whether the event is the relay of ``communication_ref`` (so not recorded again)."""
+        return bool(
+            await self._api.run_db_interaction(
+                "fhir_relay_check",
+                sync_store.is_relay_event,
+                communication_ref,
+                room_id,
+                event_id,
+            )
+        )
+
+    async def _room_of_thread(self, part_of: Any) -> str | None:
+        for item in part_of if isinstance(part_of, list) else []:
+            reference = _reference(item)
+            if not reference or not reference.startswith("CommunicationRequest/"):
+                continue
+            room_id = await self._room_of(reference)
+            if room_id:
+                return room_id
+            # A thread the module opened for a room users made carries that room's id.
+            request = await self._read(reference)
+            for identifier in (request or {}).get("identifier") or []:
+                if isinstance(identifier, Mapping) and identifier.get("system") == ROOM_ID_SYSTEM:
+                    value = identifier.get("value")
+                    if isinstance(value, str) and value.startswith("!"):
+                        return value
+        return None
+
+    async def _local_member(self, person: Mapping[str, Any] | None, room_id: str) -> str | None:
+        """The sender's own local account, when it is joined to the room."""
+        if person is None:
+            return None
+        memberships = await self._rooms.memberships(room_id)
+        for user_id in sorted(matrix_ids_of(person)):
+            if self._api.is_mine(user_id) and memberships.get(user_id) == "join":
+                return user_id
+        return None
+
+    async def _teams_of_person(self, person_ref: str) -> list[str]:
+        found = await self._fhir.search_json(
+            "CareTeam", {"participant": person_ref, "_elements": "id"}
+        )
+        teams = {f"CareTeam/{r['id']}" for r in found if isinstance(r.get("id"), str)}
+        if person_ref.startswith("Practitioner/"):
+            roles = await self._fhir.search_json(
+                "PractitionerRole", {"practitioner": person_ref, "_elements": "id"}
+            )
+            for role in roles:
+                if isinstance(role.get("id"), str):
+                    teams |= set(await self._teams_of_person(f"PractitionerRole/{role['id']}"))
+        return sorted(teams)
+
+    async def _read(self, reference: str) -> dict[str, Any] | None:
+        resource_type, _, resource_id = reference.partition("/")
+        try:
+            found = await self._fhir.search_json(resource_type, {"_id": resource_id})
+        except FhirNotFoundError:
+            return None
+        return found[0] if found else None
+
+    async def _room_of(self, reference: str) -> str | None:
+        room_id = await self._api.run_db_interaction(
+            "fhir_sync_room_of", sync_store.room_of, reference
+        )
+        return str(room_id) if room_id else None
+
+    async def _remember_room(self, reference: str, room_id: str) -> None:
+        await self._api.run_db_interaction(
+            "fhir_sync_remember_room", sync_store.remember_room, reference, room_id
+        )
+
+
+def _is_own(resource: Mapping[str, Any]) -> bool:
+    meta = resource.get("meta")
+    tags = meta.get("tag") if isinstance(meta, Mapping) else None
+    return any(
+        isinstance(tag, Mapping)
+        and tag.get("system") == ORIGIN_TAG["system"]
+        and tag.get("code") == ORIGIN_TAG["code"]
+        for tag in tags or []
+    )
+
+
+def _reference(value: Any) -> str | None:
+    if isinstance(value, Mapping) and isinstance(value.get("reference"), str):
+        return str(value["reference"])
+    return None
+
+
+def _care_team_recipient(request: Mapping[str, Any]) -> str | None:
+    for recipient in request.get("recipient") or []:
+        reference = _reference(recipient)
+        if reference and reference.startswith("CareTeam/"):
+            return reference
+    return None
+
+
+def _request_name(request: Mapping[str, Any]) -> str:
+    """A name from the request's category (never its payload: that can name the patient)."""
+    for category in request.get("category") or []:
+        if not isinstance(category, Mapping):
+            continue
+        if isinstance(category.get("text"), str) and category["text"]:
+            return str(category["text"])
+        for coding in category.get("coding") or []:
+            if isinstance(coding, Mapping) and isinstance(coding.get("display"), str):
+                return str(coding["display"])
+    return DEFAULT_ROOM_NAME
+
+
+def _display_name(person: Mapping[str, Any] | None) -> str:
+    """How a sender without a local account is shown: their name as FHIR has it."""
+    for name in (person or {}).get("name") or []:
+        if not isinstance(name, Mapping):
+            continue
+        if isinstance(name.get("text"), str) and name["text"]:
+            return str(name["text"])
+        parts = [*(name.get("given") or []), name.get("family")]
+        text = " ".join(p for p in parts if isinstance(p, str) and p)
+        if text:
+            return text
+    return "Someone outside Matrix"

@@ -1,0 +1,117 @@
+"""The reconcile sweep: at start-up and every ``sync.poll_interval``, ask FHIR what changed
+since the last sweep (``_lastUpdated``) and queue it, so a lost push is only late.
+
+The watermark — the newest ``meta.lastUpdated`` seen per type, FHIR's own clock — is kept
+in Synapse's database, so a restart resumes where the last sweep ended. Each sweep looks
+back a little before it, for writes committed after a sweep that carry an earlier time.
+
+On the very first sweep CareTeams and CommunicationRequests are read in full (their spaces
+and rooms must exist); Communications and persons start from now (old messages are not
+replayed into rooms).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from synapse.module_api import ModuleApi
+
+from synapse_fhir_module import sync_store
+from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_errors import FhirError
+from synapse_fhir_module.fhir_sync import SYNCED_TYPES
+from synapse_fhir_module.fhir_time import format_fhir_instant, parse_fhir_datetime
+
+logger = logging.getLogger(__name__)
+
+FULL_FIRST_SWEEP = frozenset({"CareTeam", "CommunicationRequest"})
+LOOK_BACK = timedelta(seconds=10)
+PAGE_SIZE = "200"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class Reconciler:
+    def __init__(self, api: ModuleApi, fhir: FhirClient, push: Callable[[str], None]) -> None:
+        self._api = api
+        self._fhir = fhir
+        self._push = push
+        self._sweeping = False
+
+    async def sweep(self) -> None:
+        if self._sweeping:
+            return  # the previous sweep is still going (a slow FHIR)
+        self._sweeping = True
+        try:
+            for resource_type in SYNCED_TYPES:
+                try:
+                    await self._sweep_type(resource_type)
+                except FhirError as e:
+                    logger.warning("Reconcile sweep of %s failed: %s", resource_type, e)
+        finally:
+            self._sweeping = False
+
+    async def _sweep_type(self, resource_type: str) -> None:
+        name = f"watermark:{resource_type}"
+        since = await self._api.run_db_interaction(
+            "fhir_sync_watermark", sync_store.get_value, name
+        )
+        if since is None and resource_type not in FULL_FIRST_SWEEP:
+            newest = await self._newest(resource_type)
+            await self._save(name, newest or format_fhir_instant(EPOCH))
+            return
+        params: list[tuple[str, str]] = [
+            ("_sort", "_lastUpdated"),
+            ("_count", PAGE_SIZE),
+            ("_elements", "id"),
+        ]
+        if since:
+            start = parse_fhir_datetime(since) - LOOK_BACK
+            params.append(("_lastUpdated", f"ge{format_fhir_instant(start)}"))
+        newest = since
+        queued = 0
+        async for page in self._fhir.search_pages_json(resource_type, params):
+            for resource in _resources(page):
+                self._push(f"{resource_type}/{resource['id']}")
+                queued += 1
+                updated = _last_updated(resource)
+                if updated and (newest is None or _later(updated, newest)):
+                    newest = updated
+        if queued:
+            logger.info("Reconcile: %d %s changed since the last sweep", queued, resource_type)
+        if newest and newest != since:
+            await self._save(name, newest)
+
+    async def _newest(self, resource_type: str) -> str | None:
+        page = await self._fhir.search_json(
+            resource_type, [("_sort", "-_lastUpdated"), ("_count", "1"), ("_elements", "id")]
+        )
+        return _last_updated(page[0]) if page else None
+
+    async def _save(self, name: str, value: str) -> None:
+        await self._api.run_db_interaction(
+            "fhir_sync_watermark_set", sync_store.set_value, name, value
+        )
+
+
+def _resources(page: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        entry["resource"]
+        for entry in page.get("entry") or []
+        if isinstance(entry, dict)
+        and isinstance(entry.get("resource"), dict)
+        and isinstance(entry["resource"].get("id"), str)
+        and (entry.get("search") or {}).get("mode", "match") == "match"
+    ]
+
+
+def _last_updated(resource: dict[str, Any]) -> str | None:
+    meta = resource.get("meta")
+    value = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _later(a: str, b: str) -> bool:
+    return parse_fhir_datetime(a) > parse_fhir_datetime(b)

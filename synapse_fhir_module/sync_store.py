@@ -1,0 +1,99 @@
+"""Tables of the FHIR → Matrix sync in Synapse's own database (SQLite and PostgreSQL).
+
+- ``synapse_fhir_rooms``: the space or room made for a FHIR resource (``CareTeam/12`` →
+  its space, ``CommunicationRequest/7`` → its room), so each is made once.
+- ``synapse_fhir_relayed``: Communications from other systems already posted into Matrix,
+  so each appears once.
+- ``synapse_fhir_sync_state``: small named values (the reconcile sweep's watermarks).
+
+Functions take a cursor (Synapse's ``LoggingTransaction`` in ``run_db_interaction``).
+"""
+
+from __future__ import annotations
+
+from synapse_fhir_module.outbox_store import Cursor
+
+ROOMS = "synapse_fhir_rooms"
+RELAYED = "synapse_fhir_relayed"
+STATE = "synapse_fhir_sync_state"
+
+SCHEMA = (
+    f"""
+    CREATE TABLE IF NOT EXISTS {ROOMS} (
+        fhir_reference TEXT NOT NULL PRIMARY KEY,
+        room_id TEXT NOT NULL
+    )
+    """,
+    f"""
+    CREATE TABLE IF NOT EXISTS {RELAYED} (
+        communication TEXT NOT NULL PRIMARY KEY,
+        room_id TEXT NOT NULL,
+        event_id TEXT
+    )
+    """,
+    f"""
+    CREATE TABLE IF NOT EXISTS {STATE} (
+        name TEXT NOT NULL PRIMARY KEY,
+        value TEXT NOT NULL
+    )
+    """,
+)
+
+
+def create_schema(txn: Cursor) -> None:
+    for statement in SCHEMA:
+        txn.execute(statement)
+
+
+def room_of(txn: Cursor, fhir_reference: str) -> str | None:
+    txn.execute(f"SELECT room_id FROM {ROOMS} WHERE fhir_reference = ?", (fhir_reference,))
+    row = txn.fetchone()
+    return None if row is None else str(row[0])
+
+
+def remember_room(txn: Cursor, fhir_reference: str, room_id: str) -> None:
+    txn.execute(
+        f"INSERT INTO {ROOMS} (fhir_reference, room_id) VALUES (?, ?)"
+        " ON CONFLICT (fhir_reference) DO UPDATE SET room_id = excluded.room_id",
+        (fhir_reference, room_id),
+    )
+
+
+def claim_relay(txn: Cursor, communication: str, room_id: str) -> bool:
+    """Claim a Communication for relaying; False when it was claimed before."""
+    txn.execute(
+        f"INSERT INTO {RELAYED} (communication, room_id) VALUES (?, ?)"
+        " ON CONFLICT (communication) DO NOTHING",
+        (communication, room_id),
+    )
+    return txn.rowcount == 1
+
+
+def relayed_as(txn: Cursor, communication: str, event_id: str) -> None:
+    txn.execute(
+        f"UPDATE {RELAYED} SET event_id = ? WHERE communication = ?", (event_id, communication)
+    )
+
+
+def get_value(txn: Cursor, name: str) -> str | None:
+    txn.execute(f"SELECT value FROM {STATE} WHERE name = ?", (name,))
+    row = txn.fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_value(txn: Cursor, name: str, value: str) -> None:
+    txn.execute(
+        f"INSERT INTO {STATE} (name, value) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (name, value),
+    )
+
+
+def is_relay_event(txn: Cursor, communication: str, room_id: str, event_id: str) -> bool:
+    """Whether ``event_id`` is (or, mid-relay, is about to be recorded as) the relay."""
+    txn.execute(
+        f"SELECT event_id FROM {RELAYED} WHERE communication = ? AND room_id = ?",
+        (communication, room_id),
+    )
+    row = txn.fetchone()
+    return row is not None and row[0] in (None, event_id)

@@ -1,0 +1,415 @@
+"""FHIR drives Matrix (issue 5): a real HAPI whose shim posts to a real Synapse.
+
+Each test seeds its own care network (ids carry a tag) and watches what the members see
+through the client API: invites, joins, kicks, the first message of a thread, relayed
+Communications.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from devstack.fhir_seed import FhirSeeder
+from devstack.hapi import HapiDevServer
+from devstack.matrix_client import MatrixError, MatrixUser, register_user
+from devstack.ports import free_port
+from devstack.synapse import SynapseServer, module_config
+from devstack.waiting import wait_until
+from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
+from tests.conftest import SERVER_LOGS
+from tests.integration.care_network import CareNetwork
+
+SECRET = "test-webhook-secret"
+CARE_TEAM_STATE = "org.synapse_fhir.care_team"
+THREAD_STATE = "org.synapse_fhir.thread"
+# Acceptance: a CareTeam change reaches Matrix within 2 s.
+APPLIED_WITHIN = 2.0
+
+
+class ShimStack:
+    """A HAPI whose shim notifies a Synapse, and that Synapse."""
+
+    def __init__(self, workdir: Path) -> None:
+        synapse_port = free_port()
+        self.hapi = HapiDevServer(
+            workdir / "hapi",
+            notify_url=f"http://127.0.0.1:{synapse_port}/_synapse/client/fhir/notify",
+            notify_secret=SECRET,
+        )
+        # A sweep every hour: whatever happens within a test came through the shim.
+        self.synapse = SynapseServer(
+            workdir / "synapse",
+            module_config(self.hapi.base_url, sync={"poll_interval": "1h"}),
+            port=synapse_port,
+        )
+        SERVER_LOGS.extend(
+            [self.hapi.process.log_path, self.synapse.log_path, self.synapse.process.log_path]
+        )
+
+
+@pytest.fixture(scope="module")
+def stack(run_dir: Path) -> Iterator[ShimStack]:
+    stack = ShimStack(run_dir / "shim-stack")
+    stack.hapi.start()
+    try:
+        stack.synapse.start()
+        try:
+            yield stack
+        finally:
+            stack.synapse.stop()
+    finally:
+        stack.hapi.stop()
+
+
+class Team:
+    """A seeded care network whose members have Matrix accounts."""
+
+    def __init__(self, stack: ShimStack) -> None:
+        self.stack = stack
+        self.network = CareNetwork(uuid.uuid4().hex[:8])
+        self.fhir = FhirSeeder(stack.hapi.base_url)
+        # Accounts first: FHIR then names people who exist in Matrix.
+        self.users = {
+            name: register_user(stack.synapse, self.network.localpart(name))
+            for name in ("anna", "bram", "carla", "henk", "piet", "mallory", "lena")
+        }
+
+    def seed(self) -> None:
+        self.network.seed(self.fhir)
+
+    def care_team(self) -> dict[str, Any]:
+        return self.fhir.read(self.network.team)
+
+    def put_team(self, team: dict[str, Any]) -> None:
+        self.fhir.put(team)
+
+
+# Per user: the last /sync token and the open invites (room → CareTeam it is bound to).
+# Incremental syncs: Synapse answers a repeated initial /sync from a cache for minutes.
+_since: dict[str, str] = {}
+_invites: dict[str, dict[str, str | None]] = {}
+
+
+def invited_space(user: MatrixUser, team_ref: str) -> str | None:
+    """The room the user is invited to whose invite state binds it to ``team_ref``."""
+    invites = open_invites(user)
+    return next((room for room, ref in sorted(invites.items()) if ref == team_ref), None)
+
+
+def open_invites(user: MatrixUser) -> dict[str, str | None]:
+    """Room → the CareTeam or CommunicationRequest its invite state binds it to."""
+    since = _since.get(user.user_id)
+    sync = user.request(
+        "GET", "/_matrix/client/v3/sync?timeout=0" + (f"&since={since}" if since else "")
+    )
+    _since[user.user_id] = sync["next_batch"]
+    invites = _invites.setdefault(user.user_id, {})
+    rooms = sync.get("rooms", {})
+    for room_id in [*rooms.get("join", {}), *rooms.get("leave", {})]:
+        invites.pop(room_id, None)
+    for room_id, room in rooms.get("invite", {}).items():
+        invites[room_id] = next(
+            (
+                e["content"].get("reference")
+                for e in room.get("invite_state", {}).get("events", [])
+                if e["type"] in (CARE_TEAM_STATE, THREAD_STATE)
+            ),
+            None,
+        )
+    return invites
+
+
+def membership(user: MatrixUser, room_id: str, of: str) -> str | None:
+    try:
+        state = user.request("GET", f"/_matrix/client/v3/rooms/{room_id}/state/m.room.member/{of}")
+    except MatrixError:
+        return None
+    return str(state["membership"])
+
+
+def joined_space(team: Team, name: str) -> str:
+    user = team.users[name]
+    space = wait_until(
+        lambda: invited_space(user, team.network.team),
+        timeout=APPLIED_WITHIN,
+        what=f"{name} invited to the team's space",
+    )
+    user.join(space)
+    return space
+
+
+def test_a_new_care_team_gets_a_space_with_every_member_invited(stack: ShimStack) -> None:
+    team = Team(stack)
+    team.seed()
+    # Within 2 s of the write, each current member has an invite to a space bound to the team.
+    spaces = {
+        name: wait_until(
+            lambda n=name: invited_space(team.users[n], team.network.team),
+            timeout=APPLIED_WITHIN,
+            what=f"{name} invited to the team's space",
+        )
+        for name in ("anna", "bram", "carla", "henk", "piet")
+    }
+    assert len(set(spaces.values())) == 1, "one space per team"
+    space = spaces["anna"]
+    # Outsiders, past and inactive participants are not invited.
+    for name in ("mallory", "lena"):
+        assert invited_space(team.users[name], team.network.team) is None
+    team.users["anna"].join(space)
+    levels = team.users["anna"].request(
+        "GET", f"/_matrix/client/v3/rooms/{space}/state/m.room.power_levels"
+    )
+    assert levels["users"][team.users["anna"].user_id] == 50  # practitioner
+    assert team.users["carla"].user_id not in levels["users"]  # related person: 0
+
+
+def test_participants_added_and_removed_in_fhir_are_invited_and_kicked(
+    stack: ShimStack,
+) -> None:
+    team = Team(stack)
+    team.seed()
+    space = joined_space(team, "anna")
+    lena = team.users["lena"]
+
+    care_team = team.care_team()
+    care_team["participant"].append(
+        team.network.participant(team.network.ref("Practitioner", "leaver"))
+    )
+    team.put_team(care_team)
+    wait_until(
+        lambda: invited_space(lena, team.network.team) == space,
+        timeout=APPLIED_WITHIN,
+        what="the new participant invited",
+    )
+    lena.join(space)
+
+    # Her participation ends: she is removed and cannot come back.
+    care_team = team.care_team()
+    for participant in care_team["participant"]:
+        if participant["member"]["reference"] == team.network.ref("Practitioner", "leaver"):
+            participant["period"] = {"end": "2020-01-01"}
+    team.put_team(care_team)
+    anna = team.users["anna"]
+    wait_until(
+        lambda: membership(anna, space, lena.user_id) == "leave",
+        timeout=APPLIED_WITHIN,
+        what="the leaver kicked",
+    )
+    with pytest.raises(MatrixError) as caught:
+        lena.join(space)
+    assert caught.value.status == 403
+
+
+def test_an_inactive_team_is_read_only_and_entered_in_error_empties_it(
+    stack: ShimStack,
+) -> None:
+    team = Team(stack)
+    team.seed()
+    space = joined_space(team, "anna")
+    anna = team.users["anna"]
+    anna.send_text(space, "before")
+
+    care_team = team.care_team()
+    care_team["status"] = "inactive"
+    team.put_team(care_team)
+
+    def refused() -> bool:
+        try:
+            anna.send_text(space, "still here?")
+        except MatrixError as e:
+            return e.status == 403
+        return False
+
+    wait_until(refused, timeout=APPLIED_WITHIN, what="members no longer able to send")
+
+    care_team = team.care_team()
+    care_team["status"] = "entered-in-error"
+    team.put_team(care_team)
+    service = stack.synapse.user_id("fhir")
+    wait_until(
+        lambda: membership(team.users["anna"], space, team.users["anna"].user_id) == "leave",
+        timeout=APPLIED_WITHIN,
+        what="members removed from the space",
+    )
+    # Pending invites are withdrawn too.
+    wait_until(
+        lambda: invited_space(team.users["bram"], team.network.team) is None,
+        timeout=APPLIED_WITHIN,
+        what="bram's invite withdrawn",
+    )
+    # The service user stays: the space is not abandoned, and nobody else is left.
+    members = service_session_members(stack, space)
+    assert members == {service: "join"}
+
+
+def test_a_communication_request_opens_a_room_and_outside_communications_appear_once(
+    stack: ShimStack,
+) -> None:
+    team = Team(stack)
+    team.seed()
+    space = joined_space(team, "anna")
+    anna = team.users["anna"]
+    request_id = f"cr-{team.network.tag}"
+    team.fhir.put(
+        {
+            "resourceType": "CommunicationRequest",
+            "id": request_id,
+            "status": "active",
+            "category": [{"text": "Wound care"}],
+            "subject": {"reference": team.network.ref("Patient", "patient")},
+            "recipient": [{"reference": team.network.team, "type": "CareTeam"}],
+            "payload": [{"contentString": "Please photograph the wound daily"}],
+        }
+    )
+
+    thread = f"CommunicationRequest/{request_id}"
+    room = wait_until(
+        lambda: next((r for r, ref in open_invites(anna).items() if ref == thread), None),
+        timeout=APPLIED_WITHIN,
+        what="anna invited to a room for the request",
+    )
+    # The room hangs off the team's space.
+    children = anna.request("GET", f"/_matrix/client/v1/rooms/{space}/hierarchy")["rooms"]
+    assert room in [r["room_id"] for r in children]
+    anna.join(room)
+    assert messages(anna, room) == ["Please photograph the wound daily"]
+    bram = team.users["bram"]
+    wait_until(lambda: room in open_invites(bram), timeout=APPLIED_WITHIN, what="bram invited")
+    bram.join(room)
+
+    # Another system writes a Communication in that thread.
+    team.fhir.put(
+        {
+            "resourceType": "Communication",
+            "id": f"lab-{team.network.tag}",
+            "status": "completed",
+            "partOf": [{"reference": f"CommunicationRequest/{request_id}"}],
+            "sender": {"reference": team.network.ref("Practitioner", "nurse")},
+            "payload": [{"contentString": "Photo taken, looks better"}],
+        }
+    )
+    wait_until(lambda: len(messages(anna, room)) == 2, timeout=APPLIED_WITHIN, what="the relay")
+    # Pushed again (a duplicate notification): still once.
+    notify(stack, "Communication", f"lab-{team.network.tag}")
+    anna.send_text(room, "thanks")  # a later message, to know the relay would have shown
+    wait_until(lambda: len(messages(anna, room)) == 3, timeout=10, what="anna's reply")
+    assert messages(anna, room) == [
+        "Please photograph the wound daily",
+        "Photo taken, looks better",
+        "thanks",
+    ]
+    relayed_event = events(anna, room)[1]
+    # The nurse has a local account in the room: the message is posted as hers.
+    assert relayed_event["sender"] == bram.user_id
+    # Not echoed back: only anna's own message became a Communication here.
+    wait_until(
+        lambda: communication_of(stack, events(anna, room)[2]["event_id"]),
+        timeout=30,
+        what="anna's reply recorded",
+    )
+    assert communication_of(stack, relayed_event["event_id"]) is None
+
+
+def test_a_pushed_body_is_never_trusted(stack: ShimStack) -> None:
+    team = Team(stack)
+    team.seed()
+    joined_space(team, "anna")
+    forged = team.care_team()
+    forged["participant"].append(
+        team.network.participant(team.network.ref("Practitioner", "outsider"))
+    )
+    response = requests.put(
+        stack.synapse.url(f"/_synapse/client/fhir/notify/CareTeam/team-{team.network.tag}"),
+        json=forged,
+        headers={"Authorization": f"Bearer {SECRET}"},
+        timeout=10,
+    )
+    assert response.status_code in (200, 202)
+    # A real change afterwards proves the sync ran since; mallory was never invited.
+    care_team = team.care_team()
+    care_team["participant"].append(
+        team.network.participant(team.network.ref("Practitioner", "leaver"))
+    )
+    team.put_team(care_team)
+    wait_until(
+        lambda: invited_space(team.users["lena"], team.network.team),
+        timeout=APPLIED_WITHIN,
+        what="the real change applied",
+    )
+    assert invited_space(team.users["mallory"], team.network.team) is None
+
+
+def test_changes_made_while_synapse_is_down_are_applied_after_restart(
+    stack: ShimStack,
+) -> None:
+    team = Team(stack)
+    team.seed()
+    space = joined_space(team, "anna")
+    stack.synapse.stop()
+    try:
+        care_team = team.care_team()
+        care_team["participant"].append(
+            team.network.participant(team.network.ref("Practitioner", "leaver"))
+        )
+        team.put_team(care_team)  # the shim's posts fail: nobody is listening
+    finally:
+        stack.synapse.start()
+    wait_until(
+        lambda: invited_space(team.users["lena"], team.network.team) == space,
+        timeout=30,
+        what="the reconcile sweep at start-up applying the missed change",
+    )
+
+
+def service_session_members(stack: ShimStack, room_id: str) -> dict[str, str]:
+    """Who is joined or invited, as the service user sees it."""
+    admin = register_user(stack.synapse, f"ops_{uuid.uuid4().hex[:8]}", admin=True)
+    state = admin.request("GET", f"/_synapse/admin/v1/rooms/{room_id}/state")["state"]
+    return {
+        e["state_key"]: e["content"]["membership"]
+        for e in state
+        if e["type"] == "m.room.member" and e["content"]["membership"] in ("join", "invite")
+    }
+
+
+def notify(stack: ShimStack, resource_type: str, resource_id: str) -> None:
+    response = requests.post(
+        stack.synapse.url("/_synapse/client/fhir/notify"),
+        json={
+            "resourceType": resource_type,
+            "id": resource_id,
+            "versionId": "1",
+            "action": "update",
+        },
+        headers={"Authorization": f"Bearer {SECRET}"},
+        timeout=10,
+    )
+    assert response.status_code == 202
+
+
+def events(user: MatrixUser, room_id: str) -> list[dict[str, Any]]:
+    chunk = user.request("GET", f"/_matrix/client/v3/rooms/{room_id}/messages?dir=f&limit=100")[
+        "chunk"
+    ]
+    return [e for e in chunk if e["type"] == "m.room.message"]
+
+
+def messages(user: MatrixUser, room_id: str) -> list[str]:
+    return [str(e["content"].get("body")) for e in events(user, room_id)]
+
+
+def communication_of(stack: ShimStack, event_id: str) -> dict[str, Any] | None:
+    bundle = requests.get(
+        f"{stack.hapi.base_url}/Communication",
+        params={"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"},
+        headers={"Cache-Control": "no-cache"},
+        timeout=30,
+    ).json()
+    entries = bundle.get("entry", [])
+    return entries[0]["resource"] if entries else None
