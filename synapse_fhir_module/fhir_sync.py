@@ -79,6 +79,10 @@ class FhirSync:
         await self._invalidate(reference)
         if resource_type == "CareTeam":
             await self.apply_care_team(reference)
+            # Teams that list this one as a participant change with it (one level up).
+            for parent in await self._teams_of_person(reference):
+                if parent != reference:
+                    await self.apply_care_team(parent)
         elif resource_type == "CommunicationRequest":
             await self._apply_request(reference)
         elif resource_type == "Communication":
@@ -171,7 +175,14 @@ class FhirSync:
         )
         if not claimed:
             return  # relayed before
-        event_id = await self._rooms.post(room_id, local_user or self._service_user_id, content)
+        try:
+            event_id = await self._rooms.post(room_id, local_user or self._service_user_id, content)
+        except Exception:
+            # Not posted: give the claim back, so a retry or the next sweep posts it.
+            await self._api.run_db_interaction(
+                "fhir_relay_release", sync_store.release_relay, communication_ref
+            )
+            raise
         await self._api.run_db_interaction(
             "fhir_relay_done", sync_store.relayed_as, communication_ref, event_id
         )
@@ -217,6 +228,7 @@ class FhirSync:
         return None
 
     async def _teams_of_person(self, person_ref: str) -> list[str]:
+        """The CareTeams listing ``person_ref`` (a person, role or team) as a participant."""
         found = await self._fhir.search_json(
             "CareTeam", {"participant": person_ref, "_elements": "id"}
         )

@@ -69,6 +69,10 @@ def claim_relay(txn: Cursor, communication: str, room_id: str) -> bool:
     return txn.rowcount == 1
 
 
+def release_relay(txn: Cursor, communication: str) -> None:
+    txn.execute(f"DELETE FROM {RELAYED} WHERE communication = ?", (communication,))
+
+
 def relayed_as(txn: Cursor, communication: str, event_id: str) -> None:
     txn.execute(
         f"UPDATE {RELAYED} SET event_id = ? WHERE communication = ?", (event_id, communication)
