@@ -74,10 +74,14 @@ def message_write(
     sender_person: str,
     *,
     encrypted_policy: str = "metadata_only",
+    parent_source: str | None = None,
 ) -> CommunicationWrite:
     """The write for a new ``m.room.message``/``m.room.encrypted`` event, or its edit.
 
-    ``sender_person`` is ``Practitioner/<id>`` (or RelatedPerson/Patient). Raises
+    ``sender_person`` is ``Practitioner/<id>`` (or RelatedPerson/Patient).
+    ``parent_source``: for a reply to a message the module posted from FHIR, the resource
+    it came from (``Communication/7``, or ``CommunicationRequest/3`` for a thread's first
+    message); such a parent has no Communication under its event id. Raises
     NotRecorded for events that are not recorded.
     """
     event_type = event.get("type")
@@ -109,9 +113,13 @@ def message_write(
         )
 
     resource = _communication(event, room, sender_person, payload=_payload(content))
-    reply_to = _reply_target(relates_to)
+    reply_to = reply_target(content)
     if reply_to:
-        resource["inResponseTo"] = [{"reference": communication_reference(reply_to)}]
+        if parent_source is None:
+            resource["inResponseTo"] = [{"reference": communication_reference(reply_to)}]
+        elif parent_source.startswith("Communication/"):
+            resource["inResponseTo"] = [{"reference": parent_source, "type": "Communication"}]
+        # (A reply to a thread's first message: the request is already its partOf.)
     return _create(event, resource)
 
 
@@ -203,6 +211,11 @@ def _payload(content: Mapping[str, Any]) -> dict[str, Any]:
 
 def _has_space(text: str) -> bool:
     return any(c.isspace() for c in text)
+
+
+def reply_target(content: Mapping[str, Any]) -> str | None:
+    """The event id a message replies to, if it is a reply."""
+    return _reply_target(content.get("m.relates_to"))
 
 
 def _reply_target(relates_to: Any) -> str | None:

@@ -24,6 +24,7 @@ from synapse_fhir_module.communication_mapping import (
     RoomContext,
     message_write,
     redacted_write,
+    reply_target,
 )
 from synapse_fhir_module.communication_writer import CommunicationWriter
 from synapse_fhir_module.config import CommunicationConfig, RecordedRooms
@@ -243,8 +244,23 @@ class CommunicationRecorder:
             raise _Retry(str(e)) from e
         room = RoomContext(thread=thread, care_team=team_ref, patient=patient)
         return message_write(
-            row.event, room, person, encrypted_policy=self._config.encrypted_rooms.value
+            row.event,
+            room,
+            person,
+            encrypted_policy=self._config.encrypted_rooms.value,
+            parent_source=await self._parent_source(row),
         )
+
+    async def _parent_source(self, row: outbox_store.OutboxRow) -> str | None:
+        """For a reply to a message posted from FHIR: the resource it came from."""
+        content = row.event.get("content")
+        parent = reply_target(content) if isinstance(content, dict) else None
+        if parent is None:
+            return None
+        source = await self._api.run_db_interaction(
+            "fhir_relay_source", sync_store.source_of_event, parent
+        )
+        return str(source) if source else None
 
     async def _is_relayed(self, row: outbox_store.OutboxRow) -> bool:
         content = row.event.get("content")

@@ -148,7 +148,14 @@ class FhirSync:
         # The request's own words first, so whoever is invited finds them there.
         first = relay_content(request.get("payload"), source=request_ref, sender_name=None)
         if first is not None:
-            await self._rooms.post(room_id, self._service_user_id, first)
+            event_id = await self._rooms.post(room_id, self._service_user_id, first)
+            # Remembered like a relay, so a reply to it is linked to the request, not lost.
+            await self._api.run_db_interaction(
+                "fhir_relay_claim", sync_store.claim_relay, request_ref, room_id
+            )
+            await self._api.run_db_interaction(
+                "fhir_relay_done", sync_store.relayed_as, request_ref, event_id
+            )
         await self._sync_room(room_id, await self._teams.membership(team_ref))
 
     async def _relay(self, communication_ref: str) -> None:

@@ -69,6 +69,13 @@ def claim_relay(txn: Cursor, communication: str, room_id: str) -> bool:
     return txn.rowcount == 1
 
 
+def source_of_event(txn: Cursor, event_id: str) -> str | None:
+    """The FHIR resource the module posted ``event_id`` from, if it did."""
+    txn.execute(f"SELECT communication FROM {RELAYED} WHERE event_id = ?", (event_id,))
+    row = txn.fetchone()
+    return None if row is None else str(row[0])
+
+
 def release_relay(txn: Cursor, communication: str) -> None:
     txn.execute(f"DELETE FROM {RELAYED} WHERE communication = ?", (communication,))
 

@@ -79,6 +79,21 @@ def test_reply_points_at_the_parent_communication() -> None:
     ]
 
 
+def test_a_reply_to_a_message_posted_from_fhir_points_at_its_source() -> None:
+    content = {
+        "msgtype": "m.text",
+        "body": "Thanks",
+        "m.relates_to": {"m.in_reply_to": {"event_id": "$relayed"}},
+    }
+    relayed = message_write(event(content), ROOM, GP, parent_source="Communication/lab-1")
+    assert valid(relayed.resource)["inResponseTo"] == [
+        {"reference": "Communication/lab-1", "type": "Communication"}
+    ]
+    # A reply to a thread's first message (the request's payload): partOf says it all.
+    first = message_write(event(content), ROOM, GP, parent_source="CommunicationRequest/t")
+    assert "inResponseTo" not in valid(first.resource)
+
+
 def test_edit_is_a_new_version_of_the_original() -> None:
     content = {
         "msgtype": "m.text",

@@ -37,6 +37,8 @@ def test_a_communication_is_relayed_once(txn: sqlite3.Cursor) -> None:
     # ...and afterwards no other event, nor the same claim in another room.
     assert store.is_relay_event(txn, "Communication/9", "!r:x", "$forged") is False
     assert store.is_relay_event(txn, "Communication/9", "!other:x", "$e1") is False
+    assert store.source_of_event(txn, "$e1") == "Communication/9"
+    assert store.source_of_event(txn, "$forged") is None
 
 
 def test_a_released_claim_can_be_claimed_again(txn: sqlite3.Cursor) -> None:
