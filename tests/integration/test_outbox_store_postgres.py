@@ -21,6 +21,7 @@ from synapse.storage.engines import PostgresEngine, create_engine
 from devstack.postgres import PostgresDatabase
 from devstack.waiting import wait_until
 from synapse_fhir_module import outbox_store as store
+from synapse_fhir_module import sync_store
 
 T = TypeVar("T")
 
@@ -224,3 +225,23 @@ def test_a_reason_with_a_nul_character_is_kept(db: SynapseStyleDb) -> None:
     db.run(store.mark_dead, "$2", "HTTP 400: cannot parse 'a\x00b'")
     assert db.run(store.counts) == (2, 1)
     assert dead_letters(db) == [("$2", "HTTP 400: cannot parse 'a\ufffdb'")]
+
+
+def test_the_sync_tables_work_on_postgresql(db: SynapseStyleDb) -> None:
+    """sync_store's upserts and claims, same cases as tests/unit/test_sync_store.py."""
+    db.run(sync_store.create_schema)
+    db.run(sync_store.create_schema)
+    db.run(sync_store.remember_room, "CareTeam/1", "!a:x")
+    db.run(sync_store.remember_room, "CareTeam/1", "!b:x")
+    assert db.run(sync_store.room_of, "CareTeam/1") == "!b:x"
+    assert db.run(sync_store.claim_relay, "Communication/9", "!r:x") is True
+    assert db.run(sync_store.claim_relay, "Communication/9", "!r:x") is False
+    db.run(sync_store.relayed_as, "Communication/9", "$e1")
+    assert db.run(sync_store.is_relay_event, "Communication/9", "!r:x", "$e1") is True
+    assert db.run(sync_store.is_relay_event, "Communication/9", "!r:x", "$forged") is False
+    assert db.run(sync_store.source_of_event, "$e1") == "Communication/9"
+    db.run(sync_store.release_relay, "Communication/9")
+    assert db.run(sync_store.claim_relay, "Communication/9", "!r:x") is True
+    db.run(sync_store.set_value, "watermark:CareTeam", "2026-11-25T10:00:00.000Z")
+    db.run(sync_store.set_value, "watermark:CareTeam", "2026-11-25T11:00:00.000Z")
+    assert db.run(sync_store.get_value, "watermark:CareTeam") == "2026-11-25T11:00:00.000Z"
