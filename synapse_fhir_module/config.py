@@ -140,6 +140,12 @@ def parse_module_config(raw: Any) -> ModuleConfig:
         worker=section.value("worker", _nonempty_string, None),
     )
     section.reject_unknown_keys()
+    if config.sync.subscription and config.webhook.secret is None:
+        raise ConfigError(
+            "sync.subscription is true: the Subscriptions send this secret, and without it "
+            "the notify endpoint refuses every call",
+            path=("webhook", "secret"),
+        )
     return config
 
 

@@ -29,6 +29,7 @@ from synapse_fhir_module.reconcile import Reconciler
 from synapse_fhir_module.registration_gate import RegistrationGate
 from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.service_user import ensure_service_user
+from synapse_fhir_module.subscriptions import SubscriptionRegistrar
 from synapse_fhir_module.team_directory import CareTeamDirectory
 from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResource
 
@@ -167,6 +168,8 @@ class FhirModule:
             )
             return
         self._changes.open()
+        if self._config.sync.subscription:  # in the background: FHIR may be away
+            SubscriptionRegistrar(self._api, self._fhir, self._config).start()
         await self._reconciler.sweep()
         self._api.looping_background_call(
             self._reconciler.sweep,

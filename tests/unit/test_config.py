@@ -211,3 +211,15 @@ def test_error_message_says_what_is_expected() -> None:
     with pytest.raises(ConfigError) as caught:
         parse(with_key("fhir", "timeout", 10))
     assert "'10s'" in str(caught.value)
+
+
+def test_subscriptions_need_the_webhook_secret() -> None:
+    """Registered Subscriptions send webhook.secret; without one /notify refuses them all."""
+    raw = {**BASE, "sync": {"subscription": True}}
+    with pytest.raises(ConfigError) as caught:
+        parse(raw)
+    assert tuple(caught.value.path or ()) == ("webhook", "secret")
+    assert "sync.subscription" in str(caught.value)
+    config = parse({**raw, "webhook": {"secret": "s3cret"}})
+    assert config.sync.subscription is True
+    assert config.sync.subscription_base_url is None  # public_baseurl, then
