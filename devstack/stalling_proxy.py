@@ -112,7 +112,8 @@ class StallingProxy:
         finally:
             for task in list(self._connections):
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*self._connections, return_exceptions=True))
+            if self._connections:  # (gather() of nothing needs a current loop: none here)
+                loop.run_until_complete(asyncio.gather(*self._connections, return_exceptions=True))
             loop.close()
 
     async def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
