@@ -34,12 +34,14 @@ bench: setup
 	$(PY) -m bench.synapse_start
 	$(PY) -m bench.membership_decision
 	$(PY) -m bench.communication_recording --databases sqlite postgres
+	$(PY) -m bench.membership_sync
 
 # Tiny sizes, so CI notices when a benchmark breaks (its numbers are not judged).
 bench-smoke: setup
 	$(PY) -m bench.synapse_start --runs 1
 	$(PY) -m bench.membership_decision --runs 200
 	$(PY) -m bench.communication_recording --smoke
+	$(PY) -m bench.membership_sync --smoke
 
 setup: $(VENV)/.installed $(HAPI_JARS)
 

@@ -81,6 +81,12 @@ class Pinning:
         if self.local_cpus is not None:
             _pin(pid, self.local_cpus, self.method)
 
+    def unpin(self, pid: int) -> None:
+        """Back on every CPU the plan shares out (e.g. this process, before it starts a
+        JVM that would otherwise inherit one CPU)."""
+        if self.hapi_cpus is not None and self.local_cpus is not None:
+            _pin(pid, sorted({*self.hapi_cpus, *self.local_cpus}), self.method)
+
     def short(self) -> str:
         if self.local_cpus is None:
             return "unpinned"
@@ -446,6 +452,10 @@ class Row:
         return statistics.median(self.samples)
 
     @property
+    def p95(self) -> float:
+        return percentile(self.samples, 95)
+
+    @property
     def ratio(self) -> float | None:
         if self.baseline is None or not self.baseline.median:
             return None
@@ -462,6 +472,7 @@ class Row:
             "measure": self.measure,
             "unit": self.unit,
             "median": self.median,
+            "p95": self.p95,
             "min": min(self.samples),
             "max": max(self.samples),
             "samples": self.samples,
@@ -491,9 +502,14 @@ def report(
     the_stack: Stack,
     parameters: dict[str, Any],
     details: dict[str, Any] | None = None,
+    show_p95: bool = False,
 ) -> Path:
-    """Print the table and write ``bench/results/<name>-<date>.json``."""
+    """Print the table and write ``bench/results/<name>-<date>.json``.
+
+    ``show_p95``: a p95 column (nearest rank) after the median."""
     header = ["measure", "unit", "median", "min", "max", "vs baseline", "target", "pinned"]
+    if show_p95:
+        header.insert(3, "p95")
     table = [header]
     for row in rows:
         ratio = row.ratio
@@ -501,18 +517,19 @@ def report(
         target = row.target.text(row.unit) if row.target else ""
         if met is not None:
             target += " ok" if met else " MISSED"
-        table.append(
-            [
-                row.measure,
-                row.unit,
-                _fmt(row.median),
-                _fmt(min(row.samples)),
-                _fmt(max(row.samples)),
-                "" if ratio is None else f"{ratio:.2f}x",
-                target,
-                the_stack.pinning.short(),
-            ]
-        )
+        cells = [
+            row.measure,
+            row.unit,
+            _fmt(row.median),
+            _fmt(min(row.samples)),
+            _fmt(max(row.samples)),
+            "" if ratio is None else f"{ratio:.2f}x",
+            target,
+            the_stack.pinning.short(),
+        ]
+        if show_p95:
+            cells.insert(3, _fmt(row.p95))
+        table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     print(f"\n{title}")
     database = the_stack.database + (
