@@ -318,4 +318,9 @@ def _display_name(person: Mapping[str, Any] | None) -> str:
         text = " ".join(p for p in parts if isinstance(p, str) and p)
         if text:
             return text
-    return "Someone outside Matrix"
+    # No name: their Matrix account (room members see it anyway), else what they are.
+    accounts = sorted(matrix_ids_of(person)) if person else []
+    if accounts:
+        return accounts[0]
+    kind = str((person or {}).get("resourceType") or "").lower()
+    return f"A {kind} outside Matrix" if kind else "Someone outside Matrix"

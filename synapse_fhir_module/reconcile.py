@@ -20,6 +20,7 @@ from typing import Any
 from synapse.module_api import ModuleApi
 
 from synapse_fhir_module import sync_store
+from synapse_fhir_module.communication_mapping import ORIGIN_TAG
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError
 from synapse_fhir_module.fhir_sync import SYNCED_TYPES
@@ -28,6 +29,7 @@ from synapse_fhir_module.fhir_time import format_fhir_instant, parse_fhir_dateti
 logger = logging.getLogger(__name__)
 
 FULL_FIRST_SWEEP = frozenset({"CareTeam", "CommunicationRequest"})
+OWN_WRITES = frozenset({"Communication", "CommunicationRequest"})
 LOOK_BACK = timedelta(seconds=10)
 PAGE_SIZE = "200"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -67,6 +69,9 @@ class Reconciler:
             ("_count", PAGE_SIZE),
             ("_elements", "id"),
         ]
+        if resource_type in OWN_WRITES:
+            # What the module wrote itself needs nothing in Matrix: leave it out at FHIR.
+            params.append(("_tag:not", f"{ORIGIN_TAG['system']}|{ORIGIN_TAG['code']}"))
         if since:
             start = parse_fhir_datetime(since) - LOOK_BACK
             params.append(("_lastUpdated", f"ge{format_fhir_instant(start)}"))

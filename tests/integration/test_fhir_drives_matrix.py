@@ -293,20 +293,59 @@ def test_changes_made_while_synapse_is_down_are_applied_after_restart(
     team = Team(stack)
     team.seed()
     space = joined_space(team, "anna")
+    anna = team.users["anna"]
+    thread = f"CommunicationRequest/cr-{team.network.tag}"
+    team.fhir.put(
+        {
+            "resourceType": "CommunicationRequest",
+            "id": thread.split("/")[1],
+            "status": "active",
+            "recipient": [{"reference": team.network.team, "type": "CareTeam"}],
+        }
+    )
+    room = wait_until(
+        lambda: next((r for r, ref in open_invites(anna).items() if ref == thread), None),
+        timeout=FOLLOWS_WITHIN,
+        what="a room for the request",
+    )
+    anna.join(room)
+    anna.send_text(room, "recorded before the restart")  # (own writes are not swept back)
+
     stack.synapse.stop()
     try:
+        # The shim's posts fail meanwhile: nobody is listening.
         care_team = team.care_team()
         care_team["participant"].append(
             team.network.participant(team.network.ref("Practitioner", "leaver"))
         )
-        team.put_team(care_team)  # the shim's posts fail: nobody is listening
+        team.put_team(care_team)
+        team.fhir.put(
+            {
+                "resourceType": "Communication",
+                "id": f"while-down-{team.network.tag}",
+                "status": "completed",
+                "partOf": [{"reference": thread}],
+                "sender": {"reference": team.network.ref("Practitioner", "pharmacist")},
+                "payload": [{"contentString": "Sent while Matrix was down"}],
+            }
+        )
     finally:
         stack.synapse.start()
     wait_until(
         lambda: invited_space(team.users["lena"], team.network.team) == space,
         timeout=30,
-        what="the reconcile sweep at start-up applying the missed change",
+        what="the reconcile sweep at start-up applying the missed membership change",
     )
+    wait_until(
+        lambda: "Sent while Matrix was down" in " ".join(messages(anna, room)),
+        timeout=30,
+        what="the missed Communication relayed by the sweep",
+    )
+    assert messages(anna, room) == [
+        "recorded before the restart",
+        # The pharmacist has an account but is not in this room: the service user posts it.
+        f"{team.users['piet'].user_id}: Sent while Matrix was down",
+    ]
 
 
 def service_session_members(stack: ShimStack, room_id: str) -> dict[str, str]:
