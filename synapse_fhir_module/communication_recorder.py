@@ -40,6 +40,7 @@ from synapse_fhir_module.outbox_metrics import (
     WRITE_RETRIES,
 )
 from synapse_fhir_module.person_directory import PersonDirectory
+from synapse_fhir_module.recent_writes import RecentWrites
 from synapse_fhir_module.relay_content import source_of
 from synapse_fhir_module.room_bindings import THREAD_STATE, RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
@@ -50,6 +51,7 @@ RECORDED_TYPES = frozenset({"m.room.message", "m.room.encrypted", "m.room.redact
 ROOM_ID_SYSTEM = "https://matrix.org/room-id"
 RETRY_CAP_MS = 10_000
 MAX_REMEMBERED_THREADS = 100_000
+GAUGE_REFRESH_S = 1.0
 
 
 class _Retry(Exception):
@@ -71,8 +73,10 @@ class CommunicationRecorder:
         persons: PersonDirectory,
         *,
         service_user_id: str,
+        recent_writes: RecentWrites,
     ) -> None:
         self._api = api
+        self._recent_writes = recent_writes
         self._config = config
         self._fhir = fhir
         self._bindings = bindings
@@ -86,6 +90,7 @@ class CommunicationRecorder:
         self._draining = False
         self._again = False
         self._schema_ready = False
+        self._counted_at = 0.0
 
     async def start(self) -> None:
         """Create the outbox table if needed, then write whatever a restart left pending."""
@@ -148,8 +153,11 @@ class CommunicationRecorder:
                 if not rows:
                     if self._again:
                         continue
-                    if worked:
-                        await self.counts()  # refresh the gauges (not on idle wake-ups)
+                    if worked and time.monotonic() - self._counted_at >= GAUGE_REFRESH_S:
+                        # Refresh the gauges after work, at most once a second: a count
+                        # per message would cost the send path.
+                        self._counted_at = time.monotonic()
+                        await self.counts()
                     return
                 worked = True
                 if not await self._write_rows(rows):
@@ -212,6 +220,7 @@ class CommunicationRecorder:
             )
             return False
         dead.update(result.dead)
+        self._recent_writes.add_all(result.locations)
         await self._api.run_db_interaction(
             "fhir_outbox_done", outbox_store.mark_written, [*done, *result.written]
         )

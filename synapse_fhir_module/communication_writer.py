@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import attr
-from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.communication import Communication
 from pydantic import ValidationError
 
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 class WriteResult:
     written: list[str] = attr.Factory(list)  # event ids FHIR now has
     dead: dict[str, str] = attr.Factory(dict)  # event id -> why FHIR refused it
+    locations: list[str] = attr.Factory(list)  # "Communication/<id>" FHIR wrote
 
 
 class CommunicationWriter:
@@ -56,7 +57,7 @@ class CommunicationWriter:
         if not writes:
             return
         try:
-            await self._fhir.transaction(_bundle(writes))
+            response = await self._fhir.transaction_json(_bundle(writes))
         except FhirPermanentError as e:
             if len(writes) == 1:
                 event_id = writes[0][0]
@@ -71,6 +72,7 @@ class CommunicationWriter:
             await self._write_part(writes[middle:], result)
             return
         result.written.extend(event_id for event_id, _ in writes)
+        result.locations.extend(_locations(response))
 
 
 def invalid_fhir(write: CommunicationWrite) -> str | None:
@@ -89,11 +91,22 @@ def invalid_fhir(write: CommunicationWrite) -> str | None:
     return None
 
 
-def _bundle(writes: Sequence[tuple[str, CommunicationWrite]]) -> Bundle:
-    return Bundle.model_validate(
-        {
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": [write.bundle_entry() for _, write in writes],
-        }
-    )
+def _bundle(writes: Sequence[tuple[str, CommunicationWrite]]) -> dict[str, Any]:
+    # Plain JSON: every entry has passed `invalid_fhir` already.
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [write.bundle_entry() for _, write in writes],
+    }
+
+
+def _locations(response: dict[str, Any]) -> list[str]:
+    """``Communication/<id>`` of each entry FHIR created or updated (from ``Location``)."""
+    found = []
+    for entry in response.get("entry") or []:
+        location = (
+            (entry.get("response") or {}).get("location") if isinstance(entry, dict) else None
+        )
+        if isinstance(location, str) and location.startswith("Communication/"):
+            found.append("/".join(location.split("/")[:2]))
+    return found

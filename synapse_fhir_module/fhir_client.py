@@ -163,6 +163,16 @@ class FhirClient:
             raise FhirPermanentError(f"the {bundle.type} did not answer with a Bundle")
         return response
 
+    async def transaction_json(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        """``transaction`` as plain JSON, for the hot path whose entries are already
+        checked one by one (no second model pass over the whole Bundle either way)."""
+        _, body = await self._exchange(
+            "POST", self._base_url, str(bundle.get("type")), raw_body=bundle
+        )
+        if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+            raise FhirPermanentError("the transaction did not answer with a Bundle")
+        return body
+
     async def validate(self, resource: Resource) -> Resource:
         """``$validate``: the server's OperationOutcome, whether or not it found errors."""
         what = f"validate {resource.get_resource_type()}"

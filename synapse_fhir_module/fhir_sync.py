@@ -34,6 +34,7 @@ from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirNotFoundError
 from synapse_fhir_module.identity import matrix_ids_of
 from synapse_fhir_module.membership_plan import plan_membership
+from synapse_fhir_module.recent_writes import RecentWrites
 from synapse_fhir_module.relay_content import relay_content
 from synapse_fhir_module.team_directory import CareTeamDirectory
 
@@ -59,8 +60,10 @@ class FhirSync:
         invalidate: Callable[[str], Awaitable[None]],
         service_user_id: str,
         exempt_users: frozenset[str],
+        recent_writes: RecentWrites,
     ) -> None:
         self._api = api
+        self._recent_writes = recent_writes
         self._config = config
         self._fhir = fhir
         self._teams = teams
@@ -75,6 +78,8 @@ class FhirSync:
     async def apply(self, reference: str) -> None:
         """Make Matrix match the current state of ``reference`` (``Type/id``)."""
         resource_type = reference.split("/", 1)[0]
+        if reference in self._recent_writes:
+            return  # a message the recorder wrote a moment ago: nothing to do in Matrix
         # Decisions must never use what this change made stale.
         await self._invalidate(reference)
         if resource_type == "CareTeam":

@@ -25,6 +25,7 @@ from synapse_fhir_module.outbox_admin import (
     RetryDeadLettersResource,
 )
 from synapse_fhir_module.person_directory import PersonDirectory
+from synapse_fhir_module.recent_writes import RecentWrites
 from synapse_fhir_module.reconcile import Reconciler
 from synapse_fhir_module.registration_gate import RegistrationGate
 from synapse_fhir_module.room_bindings import RoomBindings
@@ -55,6 +56,8 @@ class FhirModule:
         self._bindings = RoomBindings(api, self._fhir, self._service_user_id)
         self._validity: AccountValidity | None = None
         self._recorder: CommunicationRecorder | None = None
+        # What the recorder wrote, so the sync skips the shim's echo of it without a read.
+        self._recent_writes = RecentWrites()
         if config.communication.enabled:
             self._recorder = CommunicationRecorder(
                 api,
@@ -64,6 +67,7 @@ class FhirModule:
                 self._teams,
                 self._persons,
                 service_user_id=self._service_user_id,
+                recent_writes=self._recent_writes,
             )
 
         api.register_web_resource(
@@ -116,6 +120,7 @@ class FhirModule:
                 invalidate=self.invalidate,
                 service_user_id=self._service_user_id,
                 exempt_users=frozenset(exempt),
+                recent_writes=self._recent_writes,
             )
             self._changes = ChangeQueue(api, self._sync.apply)
             self._reconciler = Reconciler(api, self._fhir, self._changes.push)

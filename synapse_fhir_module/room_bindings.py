@@ -41,6 +41,7 @@ class RoomBindings:
         self._fhir = fhir
         self._service_user_id = service_user_id
         self._team_of_room: dict[str, str | None] = {}
+        self._thread_of_room: dict[str, str | None] = {}
         # Bumped by every forget: an answer resolved across a forget is not kept.
         self._generation = 0
 
@@ -59,8 +60,16 @@ class RoomBindings:
 
     async def thread_of(self, room_id: str) -> str | None:
         """``CommunicationRequest/<id>`` the room is bound to, if the service user set one."""
+        if room_id in self._thread_of_room:
+            return self._thread_of_room[room_id]  # (asked for every recorded message)
+        generation = self._generation
         state = await self._api.get_room_state(room_id, [(THREAD_STATE, "")])
-        return self._trusted_reference(state.get((THREAD_STATE, "")), "CommunicationRequest/")
+        thread = self._trusted_reference(state.get((THREAD_STATE, "")), "CommunicationRequest/")
+        if generation == self._generation:
+            if len(self._thread_of_room) >= MAX_REMEMBERED_ROOMS:
+                self._thread_of_room.clear()
+            self._thread_of_room[room_id] = thread
+        return thread
 
     def remembered(self, room_id: str) -> str | bool | None:
         """The remembered answer for a room, or False when there is none (no I/O)."""
@@ -83,6 +92,7 @@ class RoomBindings:
         """Forget every answer (e.g. a CommunicationRequest changed its recipients)."""
         self._generation += 1
         self._team_of_room.clear()
+        self._thread_of_room.clear()
 
     def forget_for_event(self, event: EventBase) -> None:
         """Drop remembered answers that a state event may have changed."""
@@ -90,6 +100,7 @@ class RoomBindings:
             return
         self._generation += 1
         self._team_of_room.pop(event.room_id, None)
+        self._thread_of_room.pop(event.room_id, None)
         if event.type == SPACE_CHILD:
             self._team_of_room.pop(event.state_key, None)
         elif event.type == CARE_TEAM_STATE:

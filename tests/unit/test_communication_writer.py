@@ -37,9 +37,15 @@ class RecordingFhir:
     def __init__(self) -> None:
         self.bundles: list[dict[str, Any]] = []
 
-    async def transaction(self, bundle: Any) -> dict[str, Any]:
-        self.bundles.append(bundle.model_dump(mode="json"))
-        return {}
+    async def transaction_json(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        self.bundles.append(bundle)
+        return {
+            "resourceType": "Bundle",
+            "entry": [
+                {"response": {"location": f"Communication/{n}/_history/1"}}
+                for n, _ in enumerate(bundle["entry"])
+            ],
+        }
 
 
 def test_invalid_fhir_names_fields_but_never_values() -> None:
@@ -58,6 +64,7 @@ async def test_an_invalid_entry_is_a_dead_letter_and_the_rest_is_written() -> No
     result = await CommunicationWriter(fhir).write(writes)  # type: ignore[arg-type]
     assert result.written == ["$1", "$3"]
     assert list(result.dead) == ["$2"]
+    assert result.locations == ["Communication/0", "Communication/1"]
     assert result.dead["$2"].startswith("not valid FHIR: ")
     (bundle,) = fhir.bundles
     sent = [e["resource"]["identifier"][0]["value"] for e in bundle["entry"]]
