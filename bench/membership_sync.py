@@ -31,10 +31,12 @@ the module also needs). Samples are spaced by a pause spread evenly, in shuffled
 over the arm's period (poll interval, matching interval; 0.3 s for the shim), so a
 periodic arm's samples do not all land at the same phase of its timer.
 
-Where the time goes, from the Synapse log (the module logs at DEBUG): the PUT starts →
-the notification arrives (shim, Subscription) or the sweep that queued the team ends
-(polling) → the module has read the team and set power levels ("inviting 1 …") → the
-invite is seen on ``/sync``.
+Where the time goes: the PUT starts → the notification arrives (shim, Subscription: the
+module's DEBUG log line) or the sweep that queued the team logs (polling) → the module
+has read the team from FHIR and built the space's new power levels event (its
+``origin_server_ts``, read back through the admin API) → it has stored that and built
+the invite → the invite is seen on ``/sync``. After each arm the bench also times the
+module's membership search (``team_directory``) against HAPI itself, 10 times.
 
 Stacks, one after another (each HAPI ~1.1 GB, 15-60 s to start): a HAPI with the shim
 for the shim arm; a HAPI without (HAPI's 5000 ms matching) for the polling arm and then
@@ -66,7 +68,7 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import requests
 
@@ -79,6 +81,7 @@ from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import NeverHappened, wait_until
 from synapse_fhir_module.fhir_sync import SYNCED_TYPES
 from synapse_fhir_module.reconcile import LOOK_BACK
+from synapse_fhir_module.team_directory import MEMBERSHIP_INCLUDES
 from synapse_fhir_module.webhook import NOTIFY_PATH
 from tests.integration.care_network import CareNetwork, via_telecom
 
@@ -342,6 +345,9 @@ class Sample:
     put_seconds: float  # the PUT request alone
     delivered: float | None = None  # notification received, or the sweep that queued it
     planned: float | None = None  # "inviting 1" logged
+    # origin_server_ts of the events the module sent for it (Synapse's clock = ours):
+    levels_built: float | None = None  # the space's power levels with the newcomer
+    invite_built: float | None = None  # the newcomer's invite
 
     @property
     def latency(self) -> float:
@@ -356,6 +362,7 @@ class ArmResult:
     setup_seconds: float
     subscriptions_by: str | None
     sync_calls: int
+    search_seconds: list[float]  # the module's membership search, asked by the bench
 
     def measured(self) -> list[Sample]:
         return [s for s in self.samples if not s.warmup]
@@ -405,6 +412,7 @@ def run_arm(
 
         count = args.samples + args.warmup
         network = CareNetwork(f"{arm.key.replace('-', '')[:12]}{os.getpid() % 1000}")
+        admin = register_user(server, network.localpart("admin"), admin=True)
         gp = SyncWatch(register_user(server, network.localpart("anna")), args.observe)
         watches = [
             SyncWatch(register_user(server, network.localpart(f"p{i}")), args.observe)
@@ -449,6 +457,7 @@ def run_arm(
                     flush=True,
                 )
         attribute_log_marks(samples, read_log_marks(server.log_path, network.team), arm)
+        attribute_events(samples, space_events(admin, space), [w.user.user_id for w in watches])
         return ArmResult(
             arm,
             samples,
@@ -456,6 +465,7 @@ def run_arm(
             setup_seconds,
             subscriptions_by,
             sum(w.calls for w in watches),
+            time_membership_search(hapi.base_url, network.team),
         )
     finally:
         if subscription_ids and arm.kind == "subscription":
@@ -521,6 +531,50 @@ def attribute_log_marks(samples: Sequence[Sample], marks: LogMarks, arm: Arm) ->
         delivered = [t for t in delivered_marks if window[0] <= t <= sample.planned]
         if delivered:
             sample.delivered = delivered[-1]
+
+
+def space_events(admin: MatrixUser, room_id: str) -> list[dict[str, Any]]:
+    """The space's timeline, newest first (the admin API: nobody needs to join)."""
+    path = f"/_synapse/admin/v1/rooms/{quote(room_id)}/messages?dir=b&limit=1000"
+    return list(admin.request("GET", path)["chunk"])
+
+
+def attribute_events(
+    samples: Sequence[Sample], events: Sequence[dict[str, Any]], newcomers: Sequence[str]
+) -> None:
+    """Each sample's invite, and the power levels event the module sent just before it."""
+    levels = sorted(
+        e["origin_server_ts"] / 1000 for e in events if e["type"] == "m.room.power_levels"
+    )
+    for sample in samples:
+        invite = next(
+            (
+                e
+                for e in events
+                if e["type"] == "m.room.member"
+                and e.get("state_key") == newcomers[sample.index]
+                and e["content"].get("membership") == "invite"
+            ),
+            None,
+        )
+        if invite is None:
+            continue
+        sample.invite_built = invite["origin_server_ts"] / 1000
+        before = [t for t in levels if sample.started <= t <= sample.invite_built]
+        if before:
+            sample.levels_built = before[-1]
+
+
+def time_membership_search(fhir_url: str, team_ref: str, times: int = 10) -> list[float]:
+    """The search the module sends for a team's members (``team_directory``), timed from
+    here once the arm is over: how much of the module's step is HAPI's."""
+    params = [("_id", team_ref.split("/", 1)[1]), *MEMBERSHIP_INCLUDES]
+    session = requests.Session()
+    session.headers["Cache-Control"] = "no-cache"
+    return [
+        timed(partial(session.get, f"{fhir_url}/CareTeam", params=params, timeout=30))
+        for _ in range(times)
+    ]
 
 
 # --- Running it ------------------------------------------------------------------------------
@@ -625,6 +679,12 @@ def main() -> None:
     print_report(results, hapi_starts, pinning, args, workdir)
 
 
+def spans(samples: Sequence[Sample], start: str, end: str) -> list[float]:
+    """``end - start`` (seconds) of the samples that have both."""
+    pairs = [(getattr(s, start), getattr(s, end)) for s in samples]
+    return [b - a for a, b in pairs if a is not None and b is not None]
+
+
 def print_report(
     results: Sequence[ArmResult],
     hapi_starts: list[dict[str, Any]],
@@ -662,12 +722,11 @@ def print_report(
         samples = result.measured()
         first = "sweep queued it" if arm.kind == "polling" else "notified"
         parts = [
-            (f"PUT → {first}", [s.delivered - s.started for s in samples if s.delivered]),
-            (
-                f"{first} → invite planned",
-                [s.planned - s.delivered for s in samples if s.planned and s.delivered],
-            ),
-            ("invite planned → on /sync", [s.seen - s.planned for s in samples if s.planned]),
+            (f"PUT → {first}", spans(samples, "started", "delivered")),
+            (f"{first} → power levels event", spans(samples, "delivered", "levels_built")),
+            ("power levels → invite event", spans(samples, "levels_built", "invite_built")),
+            ("invite event → on /sync", spans(samples, "invite_built", "seen")),
+            ("(FHIR membership search alone)", result.search_seconds),
         ]
         for name, values in parts:
             if values:
@@ -705,6 +764,7 @@ def print_report(
                     "synapse_start_seconds": r.synapse_start_seconds,
                     "setup_seconds": r.setup_seconds,
                     "sync_calls": r.sync_calls,
+                    "membership_search_seconds": r.search_seconds,
                     "samples": [asdict(s) | {"latency": s.latency} for s in r.samples],
                 }
                 for r in results
