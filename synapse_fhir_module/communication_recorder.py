@@ -150,18 +150,19 @@ class CommunicationRecorder:
                 rows = await self._api.run_db_interaction(
                     "fhir_outbox_due", outbox_store.due_rows, now_ms(), self._config.batch_size
                 )
-                if not rows:
-                    if self._again:
-                        continue
-                    if worked and time.monotonic() - self._counted_at >= GAUGE_REFRESH_S:
-                        # Refresh the gauges after work, at most once a second: a count
-                        # per message would cost the send path.
-                        self._counted_at = time.monotonic()
-                        await self.counts()
-                    return
-                worked = True
-                if not await self._write_rows(rows):
-                    return  # backing off; the periodic wake-up tries again
+                if rows:
+                    worked = True
+                    if not await self._write_rows(rows):
+                        return  # backing off; the periodic wake-up tries again
+                # A short batch took everything that was due; ask again only if an
+                # enqueue came in meanwhile (each query costs the send path CPU).
+                if len(rows) < self._config.batch_size and not self._again:
+                    break
+            if worked and time.monotonic() - self._counted_at >= GAUGE_REFRESH_S:
+                # Refresh the gauges after work, at most once a second: a count per
+                # message would cost the send path too.
+                self._counted_at = time.monotonic()
+                await self.counts()
         except Exception:
             logger.exception("Outbox drain failed; it runs again on the next wake-up")
         finally:

@@ -41,6 +41,8 @@ class Reconciler:
         self._fhir = fhir
         self._push = push
         self._sweeping = False
+        # Per type: reference → lastUpdated of what the previous sweep saw.
+        self._queued_last_sweep: dict[str, dict[str, str | None]] = {}
 
     async def sweep(self) -> None:
         if self._sweeping:
@@ -60,10 +62,10 @@ class Reconciler:
         since = await self._api.run_db_interaction(
             "fhir_sync_watermark", sync_store.get_value, name
         )
-        if since is None and resource_type not in FULL_FIRST_SWEEP:
-            newest = await self._newest(resource_type)
-            await self._save(name, newest or format_fhir_instant(EPOCH))
-            return
+        # First sweep of a type that starts from now: only note what is there already.
+        note_only = since is None and resource_type not in FULL_FIRST_SWEEP
+        if note_only:
+            since = await self._newest(resource_type) or format_fhir_instant(EPOCH)
         params: list[tuple[str, str]] = [
             ("_sort", "_lastUpdated"),
             ("_count", PAGE_SIZE),
@@ -77,16 +79,24 @@ class Reconciler:
             params.append(("_lastUpdated", f"ge{format_fhir_instant(start)}"))
         newest = since
         queued = 0
+        already = self._queued_last_sweep.get(resource_type, {})
+        seen: dict[str, str | None] = {}
         async for page in self._fhir.search_pages_json(resource_type, params):
             for resource in _resources(page):
-                self._push(f"{resource_type}/{resource['id']}")
-                queued += 1
+                reference = f"{resource_type}/{resource['id']}"
                 updated = _last_updated(resource)
+                seen[reference] = updated
+                # The look-back window overlaps the last sweep: what it queued at this
+                # very version needs nothing more.
+                if not note_only and (updated is None or already.get(reference) != updated):
+                    self._push(reference)
+                    queued += 1
                 if updated and (newest is None or _later(updated, newest)):
                     newest = updated
+        self._queued_last_sweep[resource_type] = seen
         if queued:
             logger.info("Reconcile: %d %s changed since the last sweep", queued, resource_type)
-        if newest and newest != since:
+        if newest and (newest != since or note_only):
             await self._save(name, newest)
 
     async def _newest(self, resource_type: str) -> str | None:

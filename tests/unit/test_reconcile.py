@@ -1,0 +1,89 @@
+"""The reconcile sweep's bookkeeping, against a scripted FHIR and SQLite for its table."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest_twisted
+
+from synapse_fhir_module import sync_store
+from synapse_fhir_module.reconcile import Reconciler
+
+
+class SqliteApi:
+    """``run_db_interaction`` on an in-memory SQLite database (no Synapse here)."""
+
+    def __init__(self) -> None:
+        self.cursor = sqlite3.connect(":memory:").cursor()
+        sync_store.create_schema(self.cursor)
+
+    async def run_db_interaction(self, desc: str, func: Callable[..., Any], *args: Any) -> Any:
+        return func(self.cursor, *args)
+
+
+class ScriptedFhir:
+    def __init__(self) -> None:
+        self.resources: dict[str, list[dict[str, Any]]] = {}
+        self.searches: list[tuple[str, dict[str, str]]] = []
+
+    def put(self, resource_type: str, resource_id: str, updated: str) -> None:
+        found = self.resources.setdefault(resource_type, [])
+        found[:] = [r for r in found if r["id"] != resource_id]
+        found.append({"id": resource_id, "meta": {"lastUpdated": updated}})
+
+    async def search_pages_json(self, resource_type: str, params: Any) -> AsyncIterator[dict]:
+        self.searches.append((resource_type, dict(params)))
+        entries = [{"resource": r} for r in self.resources.get(resource_type, [])]
+        yield {"resourceType": "Bundle", "entry": entries}
+
+    async def search_json(self, resource_type: str, params: Any) -> list[dict[str, Any]]:
+        newest = sorted(
+            self.resources.get(resource_type, []), key=lambda r: r["meta"]["lastUpdated"]
+        )
+        return newest[-1:]
+
+
+def sweeper() -> tuple[Reconciler, ScriptedFhir, list[str], SqliteApi]:
+    api, fhir, queued = SqliteApi(), ScriptedFhir(), []
+    return Reconciler(api, fhir, queued.append), fhir, queued, api  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_sweep_reads_teams_in_full_and_later_ones_only_what_changed() -> None:
+    reconciler, fhir, queued, api = sweeper()
+    fhir.put("CareTeam", "a", "2026-11-25T10:00:00.000Z")
+    fhir.put("CareTeam", "b", "2026-11-25T10:00:05.000Z")
+    await reconciler.sweep()
+    assert sorted(q for q in queued if q.startswith("CareTeam/")) == ["CareTeam/a", "CareTeam/b"]
+    assert sync_store.get_value(api.cursor, "watermark:CareTeam") == "2026-11-25T10:00:05.000Z"
+
+    # Nothing changed: the look-back window sees both again, but they are not re-queued.
+    queued.clear()
+    await reconciler.sweep()
+    assert [q for q in queued if q.startswith("CareTeam/")] == []
+    care_team_searches = [p for t, p in fhir.searches if t == "CareTeam"]
+    assert care_team_searches[-1]["_lastUpdated"] == "ge2026-11-25T09:59:55.000Z"
+
+    fhir.put("CareTeam", "a", "2026-11-25T10:01:00.000Z")  # a new version
+    queued.clear()
+    await reconciler.sweep()
+    assert [q for q in queued if q.startswith("CareTeam/")] == ["CareTeam/a"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_communications_start_from_now_and_leave_out_the_modules_own() -> None:
+    reconciler, fhir, queued, api = sweeper()
+    fhir.put("Communication", "old", "2026-11-25T09:00:00.000Z")
+    await reconciler.sweep()
+    assert "Communication/old" not in queued  # old messages are not replayed
+    assert sync_store.get_value(api.cursor, "watermark:Communication") == (
+        "2026-11-25T09:00:00.000Z"
+    )
+    fhir.put("Communication", "new", "2026-11-25T11:00:00.000Z")
+    await reconciler.sweep()
+    # The old one is in the look-back window again, and still not replayed.
+    assert [q for q in queued if q.startswith("Communication/")] == ["Communication/new"]
+    (_, params) = [s for s in fhir.searches if s[0] == "Communication"][-1]
+    assert params["_tag:not"] == "urn:synapse-fhir-module:origin|matrix"
