@@ -1,0 +1,26 @@
+"""How the sync names rooms and senders it posts for (pure helpers of fhir_sync)."""
+
+from __future__ import annotations
+
+from synapse_fhir_module.fhir_sync import _display_name, _request_name
+
+
+def test_a_room_is_named_from_the_request_category_never_its_payload() -> None:
+    assert _request_name({"category": [{"text": "Wound care"}], "payload": [{"x": 1}]}) == (
+        "Wound care"
+    )
+    assert _request_name({"category": [{"coding": [{"display": "Medication"}]}]}) == "Medication"
+    assert _request_name({"payload": [{"contentString": "Mr. Jansen's wound"}]}) == "Conversation"
+
+
+def test_a_sender_is_shown_by_name_else_account_else_kind() -> None:
+    assert _display_name({"name": [{"text": "Dr. A. de Vries"}]}) == "Dr. A. de Vries"
+    assert _display_name({"name": [{"given": ["Anna"], "family": "Visser"}]}) == "Anna Visser"
+    assert (
+        _display_name(
+            {"identifier": [{"system": "https://matrix.org/user-id", "value": "@a:x.org"}]}
+        )
+        == "@a:x.org"
+    )
+    assert _display_name({"resourceType": "Practitioner"}) == "A practitioner outside Matrix"
+    assert _display_name(None) == "Someone outside Matrix"
