@@ -59,24 +59,34 @@ class CareRooms:
         )
         return room_id
 
-    async def create_thread_room(self, space_id: str, thread_ref: str, name: str) -> str:
-        via = [self._api.server_name]
+    async def create_thread_room(self, space_id: str, thread_ref: str) -> str:
+        """A room bound to the thread and pointing at the space (the space lists it in
+        ``link_to_space``; that listing is what binds it to the team, DESIGN §3)."""
         room_id, _ = await self._api.create_room(
             self._service_user_id,
             {
-                "name": name,
                 "preset": "private_chat",
                 "visibility": "private",
                 "initial_state": [
                     _state(THREAD_STATE, "", {"reference": thread_ref}),
-                    _state(SPACE_PARENT, space_id, {"via": via, "canonical": True}),
+                    _state(
+                        SPACE_PARENT,
+                        space_id,
+                        {"via": [self._api.server_name], "canonical": True},
+                    ),
                 ],
             },
             ratelimit=False,
         )
-        # The space listing the room is what binds it to the team (DESIGN §3).
-        await self.send_state(space_id, SPACE_CHILD, room_id, {"via": via})
         return room_id
+
+    async def name_room(self, room_id: str, name: str) -> None:
+        await self.send_state(room_id, "m.room.name", "", {"name": name})
+
+    async def link_to_space(self, space_id: str, room_id: str) -> None:
+        """The space lists the room (once: nothing is sent when it already does)."""
+        if room_id not in await self.rooms_of_space(space_id):
+            await self.send_state(space_id, SPACE_CHILD, room_id, {"via": [self._api.server_name]})
 
     async def rooms_of_space(self, space_id: str) -> list[str]:
         """The rooms the service user listed in the space."""

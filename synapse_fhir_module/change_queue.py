@@ -1,7 +1,11 @@
 """FHIR changes waiting to be applied to Matrix, worked through one at a time in the
 background. A reference is queued at most once: a burst of notifications for one CareTeam
-is one sync (the sync reads the current state anyway). Failures while FHIR is away are
-retried; the reconcile sweep catches anything that is still missed."""
+is one sync (the sync reads the current state anyway).
+
+A reference whose sync fails is tried again, backing off from 5 s to 5 minutes, never
+dropped. Whoever needs to know that everything queued has been applied (the reconcile
+sweep, before it moves its watermark) registers ``when_idle``.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,10 @@ from collections.abc import Awaitable, Callable
 
 from synapse.module_api import ModuleApi
 
-from synapse_fhir_module.fhir_errors import FhirTransientError
-from synapse_fhir_module.team_directory import DirectoryUnavailable
-
 logger = logging.getLogger(__name__)
 
-RETRY_MS = 5_000
+RETRY_FIRST_MS = 5_000
+RETRY_MAX_MS = 300_000
 
 
 class ChangeQueue:
@@ -23,15 +25,26 @@ class ChangeQueue:
         self._api = api
         self._apply = apply
         self._pending: dict[str, None] = {}  # insertion-ordered set
+        self._failures: dict[str, int] = {}  # reference -> failed attempts in a row
+        self._waiting: set[str] = set()  # scheduled for a retry
+        self._idle_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._running = False
         self._open = False  # until the sync's tables exist, changes only gather
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, running or waiting for a retry."""
+        return not (self._pending or self._waiting or self._running)
+
+    def when_idle(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._idle_callbacks.append(callback)
 
     def open(self) -> None:
         self._open = True
         self._run_soon()
-
-    def __len__(self) -> int:
-        return len(self._pending)
 
     def push(self, reference: str) -> None:
         self._pending.setdefault(reference, None)
@@ -50,14 +63,37 @@ class ChangeQueue:
                 await self._apply_one(reference)
         finally:
             self._running = False
+        if self.idle:
+            for callback in self._idle_callbacks:
+                await callback()
 
     async def _apply_one(self, reference: str) -> None:
         try:
             await self._apply(reference)
-        except (FhirTransientError, DirectoryUnavailable) as e:
-            logger.warning("Sync of %s waits for FHIR (%s); retrying in 5 s", reference, e)
-            self._api.delayed_background_call(
-                RETRY_MS, self.push, reference, desc="fhir_sync_retry"
+        except Exception as e:
+            failures = self._failures.get(reference, 0) + 1
+            self._failures[reference] = failures
+            delay_ms = min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** min(failures - 1, 10))
+            # (Type only: Synapse's errors can name users.)
+            logger.warning(
+                "Sync of %s failed (%s: %s); retrying in %d s",
+                reference,
+                type(e).__name__,
+                e if _safe_to_log(e) else "…",
+                delay_ms // 1000,
             )
-        except Exception:
-            logger.exception("Sync of %s failed; the next sweep tries again", reference)
+            self._waiting.add(reference)
+            self._api.delayed_background_call(
+                delay_ms, self._retry, reference, desc="fhir_sync_retry"
+            )
+        else:
+            self._failures.pop(reference, None)
+
+    def _retry(self, reference: str) -> None:
+        self._waiting.discard(reference)
+        self.push(reference)
+
+
+def _safe_to_log(e: Exception) -> bool:
+    # FHIR client errors say what failed where (no personal data); Synapse's may not.
+    return type(e).__module__.startswith("synapse_fhir_module")

@@ -280,7 +280,12 @@ class CommunicationRecorder:
         # The claim is checked, not the content: anyone can put the key in a message.
         return bool(
             await self._api.run_db_interaction(
-                "fhir_relay_check", sync_store.is_relay_event, source, row.room_id, row.event_id
+                "fhir_relay_check",
+                sync_store.is_relay_event,
+                source,
+                row.room_id,
+                row.event_id,
+                str(row.event.get("sender")),
             )
         )
 

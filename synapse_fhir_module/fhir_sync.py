@@ -27,15 +27,17 @@ from synapse.module_api import ModuleApi
 
 from synapse_fhir_module import sync_store
 from synapse_fhir_module.care_rooms import CareRooms
-from synapse_fhir_module.care_team import TeamMembership
+from synapse_fhir_module.care_team import MAX_NESTING, TeamMembership
 from synapse_fhir_module.communication_mapping import ORIGIN_TAG
 from synapse_fhir_module.config import SyncConfig
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirNotFoundError
 from synapse_fhir_module.identity import matrix_ids_of
 from synapse_fhir_module.membership_plan import plan_membership
+from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.recent_writes import RecentWrites
 from synapse_fhir_module.relay_content import relay_content
+from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,10 @@ SYNCED_TYPES = ("CareTeam", "CommunicationRequest", "Communication", *PERSON_TYP
 # Team statuses under which the team's rooms are emptied (DESIGN: entered-in-error, deleted).
 EMPTIED_STATUSES = frozenset({"entered-in-error", "missing"})
 DEFAULT_ROOM_NAME = "Conversation"
+
+
+class SyncIncomplete(Exception):
+    """Part of a sync failed; the change queue tries the whole reference again later."""
 
 
 class FhirSync:
@@ -61,9 +67,13 @@ class FhirSync:
         service_user_id: str,
         exempt_users: frozenset[str],
         recent_writes: RecentWrites,
+        bindings: RoomBindings,
+        persons: PersonDirectory,
     ) -> None:
         self._api = api
         self._recent_writes = recent_writes
+        self._bindings = bindings
+        self._persons = persons
         self._config = config
         self._fhir = fhir
         self._teams = teams
@@ -84,17 +94,38 @@ class FhirSync:
         await self._invalidate(reference)
         if resource_type == "CareTeam":
             await self.apply_care_team(reference)
-            # Teams that list this one as a participant change with it (one level up).
-            for parent in await self._teams_of_person(reference):
-                if parent != reference:
-                    await self.apply_care_team(parent)
+            # Teams that list this one (directly or further up) change with it.
+            for parent in await self._teams_listing(reference):
+                await self._apply_fresh(parent)
         elif resource_type == "CommunicationRequest":
             await self._apply_request(reference)
         elif resource_type == "Communication":
             await self._relay(reference)
         elif resource_type in PERSON_TYPES:
-            for team_ref in await self._teams_of_person(reference):
-                await self.apply_care_team(team_ref)
+            for team_ref in await self._teams_listing(reference):
+                await self._apply_fresh(team_ref)
+
+    async def _apply_fresh(self, team_ref: str) -> None:
+        # Its answer may predate the change (other workers' copies too): forget it first.
+        await self._teams.invalidate_team(team_ref)
+        await self.apply_care_team(team_ref)
+
+    async def _teams_listing(self, reference: str) -> list[str]:
+        """Every CareTeam that reaches ``reference`` through its participants, up to the
+        nesting depth membership resolution follows."""
+        found: list[str] = []
+        frontier = [reference]
+        for _ in range(MAX_NESTING):
+            next_frontier = []
+            for ref in frontier:
+                for team in await self._teams_of_person(ref):
+                    if team != reference and team not in found:
+                        found.append(team)
+                        next_frontier.append(team)
+            if not next_frontier:
+                break
+            frontier = next_frontier
+        return found
 
     async def apply_care_team(self, team_ref: str) -> str | None:
         """Sync the team's space and rooms; the space's room id, if it has one."""
@@ -108,8 +139,15 @@ class FhirSync:
             )
             await self._remember_room(team_ref, space)
             logger.info("Made a space for %s: %s", team_ref, space)
+        failed = 0
         for room_id in [space, *await self._rooms.rooms_of_space(space)]:
-            await self._sync_room(room_id, team)
+            try:
+                await self._sync_room(room_id, team)
+            except Exception as e:  # e.g. a room an admin shut down: the others still follow
+                failed += 1
+                logger.warning("%s: could not sync %s (%s)", team_ref, room_id, type(e).__name__)
+        if failed:
+            raise SyncIncomplete(f"{team_ref}: {failed} room(s) not synced")
         return space
 
     async def _sync_room(self, room_id: str, team: TeamMembership) -> None:
@@ -121,10 +159,16 @@ class FhirSync:
             keep=self._keep,
             admit_new=team.admits_members and not emptied,
         )
-        # Power levels first: a kicked practitioner keeps no level; an invitee has theirs.
-        await self._rooms.set_power_levels(
-            room_id, list(members.values()), read_only=not team.admits_members
-        )
+        # Power levels first, so an invitee arrives with theirs (a removal still happens
+        # if setting them fails: apply_plan runs in `finally`).
+        try:
+            await self._rooms.set_power_levels(
+                room_id, list(members.values()), read_only=not team.admits_members
+            )
+        finally:
+            await self._apply_plan(room_id, team, plan)
+
+    async def _apply_plan(self, room_id: str, team: TeamMembership, plan: Any) -> None:
         if not plan.empty:
             logger.info(
                 "%s: inviting %d, removing %d in %s",
@@ -135,33 +179,49 @@ class FhirSync:
             )
             await self._rooms.apply_plan(room_id, plan)
 
-    async def _apply_request(self, request_ref: str) -> None:
+    async def _apply_request(self, request_ref: str) -> str | None:
+        """The request's room, made (or completed, after a failure) if it needs one."""
         request = await self._read(request_ref)
         if request is None or _is_own(request):
-            return  # gone, or a thread the module opened for an existing room
-        if request.get("status") not in ("active", "draft", "on-hold", None):
-            return
+            return None  # gone, or a thread the module opened for an existing room
         team_ref = _care_team_recipient(request)
-        if team_ref is None or await self._room_of(request_ref) is not None:
-            return
-        space = await self.apply_care_team(team_ref)
-        if space is None:
-            return
-        room_id = await self._rooms.create_thread_room(space, request_ref, _request_name(request))
-        await self._remember_room(request_ref, room_id)
-        logger.info("Made a room for %s: %s", request_ref, room_id)
-        # The request's own words first, so whoever is invited finds them there.
+        if team_ref is None:
+            return None
+        room_id = await self._room_of(request_ref)
+        if room_id is None:
+            if request.get("status") not in ("active", "draft", "on-hold", None):
+                return None
+            space = await self.apply_care_team(team_ref)
+            if space is None:
+                return None
+            room_id = await self._rooms.create_thread_room(space, request_ref)
+            # Remembered at once: a retry after a later step failed completes this room
+            # instead of making a second one.
+            await self._remember_room(request_ref, room_id)
+            logger.info("Made a room for %s: %s", request_ref, room_id)
+            await self._rooms.name_room(room_id, _request_name(request))
+        space = await self._room_of(team_ref)
+        if space is not None:
+            await self._rooms.link_to_space(space, room_id)
+        # The request's own words first, so whoever is invited finds them there. The claim
+        # comes first: a retry never posts them twice.
         first = relay_content(request.get("payload"), source=request_ref, sender_name=None)
-        if first is not None:
-            event_id = await self._rooms.post(room_id, self._service_user_id, first)
-            # Remembered like a relay, so a reply to it is linked to the request, not lost.
-            await self._api.run_db_interaction(
-                "fhir_relay_claim", sync_store.claim_relay, request_ref, room_id
-            )
+        if first is not None and await self._api.run_db_interaction(
+            "fhir_relay_claim", sync_store.claim_relay, request_ref, room_id, self._service_user_id
+        ):
+            try:
+                event_id = await self._rooms.post(room_id, self._service_user_id, first)
+            except Exception:
+                await self._api.run_db_interaction(
+                    "fhir_relay_release", sync_store.release_relay, request_ref
+                )
+                raise
+            # Remembered like a relay, so a reply to it is linked to the request.
             await self._api.run_db_interaction(
                 "fhir_relay_done", sync_store.relayed_as, request_ref, event_id
             )
         await self._sync_room(room_id, await self._teams.membership(team_ref))
+        return room_id
 
     async def _relay(self, communication_ref: str) -> None:
         communication = await self._read(communication_ref)
@@ -174,7 +234,8 @@ class FhirSync:
             return
         sender_ref = _reference(communication.get("sender"))
         sender = await self._read(sender_ref) if sender_ref else None
-        local_user = await self._local_member(sender, room_id)
+        local_user = await self._local_member(sender_ref, sender, room_id)
+        poster = local_user or self._service_user_id
         content = relay_content(
             communication.get("payload"),
             source=communication_ref,
@@ -183,12 +244,12 @@ class FhirSync:
         if content is None:
             return
         claimed = await self._api.run_db_interaction(
-            "fhir_relay_claim", sync_store.claim_relay, communication_ref, room_id
+            "fhir_relay_claim", sync_store.claim_relay, communication_ref, room_id, poster
         )
         if not claimed:
             return  # relayed before
         try:
-            event_id = await self._rooms.post(room_id, local_user or self._service_user_id, content)
+            event_id = await self._rooms.post(room_id, poster, content)
         except Exception:
             # Not posted: give the claim back, so a retry or the next sweep posts it.
             await self._api.run_db_interaction(
@@ -200,19 +261,13 @@ class FhirSync:
         )
         logger.info("Relayed %s into %s", communication_ref, room_id)
 
-    async def is_relayed(self, communication_ref: str, room_id: str, event_id: str) -> bool:
-        """Whether the event is the relay of ``communication_ref`` (so not recorded again)."""
-        return bool(
-            await self._api.run_db_interaction(
-                "fhir_relay_check",
-                sync_store.is_relay_event,
-                communication_ref,
-                room_id,
-                event_id,
-            )
-        )
-
     async def _room_of_thread(self, part_of: Any) -> str | None:
+        """The care-team room of the thread a Communication is part of, if it has one.
+
+        Only rooms FHIR cannot point anywhere else: a room the sync made for that request,
+        or a room whose own (service-user) binding names the request. A request's room-id
+        identifier alone proves nothing — anyone writing FHIR could name any room.
+        """
         for item in part_of if isinstance(part_of, list) else []:
             reference = _reference(item)
             if not reference or not reference.startswith("CommunicationRequest/"):
@@ -220,22 +275,40 @@ class FhirSync:
             room_id = await self._room_of(reference)
             if room_id:
                 return room_id
-            # A thread the module opened for a room users made carries that room's id.
             request = await self._read(reference)
-            for identifier in (request or {}).get("identifier") or []:
-                if isinstance(identifier, Mapping) and identifier.get("system") == ROOM_ID_SYSTEM:
-                    value = identifier.get("value")
-                    if isinstance(value, str) and value.startswith("!"):
-                        return value
+            if request is None:
+                continue
+            if not _is_own(request):
+                # A request whose room is not made yet (its own notification may be
+                # behind this one): make it now.
+                room_id = await self._apply_request(reference)
+                if room_id:
+                    return room_id
+                continue
+            for identifier in request.get("identifier") or []:
+                if not isinstance(identifier, Mapping) or identifier.get("system") != (
+                    ROOM_ID_SYSTEM
+                ):
+                    continue
+                candidate = identifier.get("value")
+                if isinstance(candidate, str) and candidate.startswith("!"):
+                    if await self._bindings.thread_of(candidate) == reference:
+                        return candidate
         return None
 
-    async def _local_member(self, person: Mapping[str, Any] | None, room_id: str) -> str | None:
-        """The sender's own local account, when it is joined to the room."""
-        if person is None:
+    async def _local_member(
+        self, sender_ref: str | None, person: Mapping[str, Any] | None, room_id: str
+    ) -> str | None:
+        """The sender's own local account, when it is joined to the room and FHIR maps it
+        back to exactly this sender (one active person, as enforcement requires)."""
+        if person is None or sender_ref is None:
             return None
         memberships = await self._rooms.memberships(room_id)
         for user_id in sorted(matrix_ids_of(person)):
-            if self._api.is_mine(user_id) and memberships.get(user_id) == "join":
+            if not self._api.is_mine(user_id) or memberships.get(user_id) != "join":
+                continue
+            record = await self._persons.lookup(user_id)
+            if record.person == sender_ref and record.active:
                 return user_id
         return None
 

@@ -37,6 +37,7 @@ from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResourc
 logger = logging.getLogger(__name__)
 
 SERVICE_USER_RETRY_MS = 30_000
+RECORDER_RETRY_MS = 5_000
 
 
 class FhirModule:
@@ -79,9 +80,9 @@ class FhirModule:
         )
         if self._recorder is not None:
             api.register_web_resource(DEAD_LETTERS_PATH, DeadLettersResource(api))
-            api.register_web_resource(
-                RETRY_PATH, RetryDeadLettersResource(api, now_ms, self._recorder.wake)
-            )
+            # Only the background instance drains; elsewhere its 1 s wake-up finds the rows.
+            wake = self._recorder.wake if self._runs_background_work else _do_nothing
+            api.register_web_resource(RETRY_PATH, RetryDeadLettersResource(api, now_ms, wake))
         if config.enforcement.enabled or self._recorder is not None:
             # (Synapse loads a room's state for every event once any module listens here:
             # register only when needed.)
@@ -121,16 +122,22 @@ class FhirModule:
                 service_user_id=self._service_user_id,
                 exempt_users=frozenset(exempt),
                 recent_writes=self._recent_writes,
+                bindings=self._bindings,
+                persons=self._persons,
             )
             self._changes = ChangeQueue(api, self._sync.apply)
-            self._reconciler = Reconciler(api, self._fhir, self._changes.push)
+            self._reconciler = Reconciler(api, self._fhir, self._changes)
 
         if self._runs_background_work:
             api.delayed_background_call(0, self._register_service_user, desc="fhir_service_user")
             if self._recorder is not None:
-                api.delayed_background_call(0, self._recorder.start, desc="fhir_outbox_start")
-                # Rows waiting for a retry are picked up by this periodic wake-up.
-                api.looping_background_call(self._recorder.wake, 1000, desc="fhir_outbox_wake")
+                api.delayed_background_call(0, self._start_recorder, desc="fhir_outbox_start")
+                # Rows waiting for a retry are picked up by this periodic wake-up. (The
+                # module decides where background work runs — `worker` — so the loop must
+                # not also depend on Synapse's own run_background_tasks_on.)
+                api.looping_background_call(
+                    self._recorder.wake, 1000, desc="fhir_outbox_wake", run_on_all_instances=True
+                )
             if self._sync is not None:
                 api.delayed_background_call(0, self._start_sync, desc="fhir_sync_start")
 
@@ -152,12 +159,10 @@ class FhirModule:
 
     def _on_notification(self, notification: Notification) -> None:
         """A FHIR resource changed (the webhook answers at once; the work is queued)."""
+        # Caches at once (the queue may be long after a first sweep); Matrix work queued.
+        self._api.run_as_background_process("fhir_notify", self.invalidate, notification.reference)
         if self._changes is not None:
-            self._changes.push(notification.reference)  # the sync invalidates first
-        else:
-            self._api.run_as_background_process(
-                "fhir_notify", self.invalidate, notification.reference
-            )
+            self._changes.push(notification.reference)
 
     async def _start_sync(self) -> None:
         """Tables, then the first sweep (which makes the spaces FHIR has and Matrix lacks),
@@ -175,12 +180,25 @@ class FhirModule:
         self._changes.open()
         if self._config.sync.subscription:  # in the background: FHIR may be away
             SubscriptionRegistrar(self._api, self._fhir, self._config).start()
-        await self._reconciler.sweep()
+        # The loop first: whatever the first sweep meets, the later ones still run.
         self._api.looping_background_call(
             self._reconciler.sweep,
             self._config.sync.poll_interval * 1000,
             desc="fhir_reconcile",
+            run_on_all_instances=True,  # (gated by `worker`, as above)
         )
+        await self._reconciler.sweep()
+
+    async def _start_recorder(self) -> None:
+        assert self._recorder is not None
+        try:
+            await self._recorder.start()
+        except Exception as e:
+            # Until the tables exist nothing is enqueued: keep trying.
+            logger.warning("Could not start the outbox (%s); trying again in 5 s", e)
+            self._api.delayed_background_call(
+                RECORDER_RETRY_MS, self._start_recorder, desc="fhir_outbox_start"
+            )
 
     def _register_enforcement(self, exempt: set[str]) -> None:
         config = self._config.enforcement
@@ -267,3 +285,7 @@ class FhirModule:
             self._api.delayed_background_call(
                 SERVICE_USER_RETRY_MS, self._register_service_user, desc="fhir_service_user"
             )
+
+
+def _do_nothing() -> None:
+    pass

@@ -6,7 +6,8 @@ it again once the cause is fixed (e.g. the sender was given a FHIR person).
 - ``POST /_synapse/client/fhir/outbox/dead/retry`` with ``{"event_ids": [...]}`` (or ``{}``
   for all) → ``{"requeued": n}``.
 
-Server admins only: the reasons name rooms and events (never message text).
+Server admins only: the reasons name rooms and events, and FHIR's own reason can quote
+what a message held.
 """
 
 from __future__ import annotations

@@ -13,13 +13,13 @@ replayed into rooms).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from synapse.module_api import ModuleApi
 
 from synapse_fhir_module import sync_store
+from synapse_fhir_module.change_queue import ChangeQueue
 from synapse_fhir_module.communication_mapping import ORIGIN_TAG
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError
@@ -30,17 +30,24 @@ logger = logging.getLogger(__name__)
 
 FULL_FIRST_SWEEP = frozenset({"CareTeam", "CommunicationRequest"})
 OWN_WRITES = frozenset({"Communication", "CommunicationRequest"})
+# Types whose deletion changes Matrix (the space or room empties).
+DELETABLE = frozenset({"CareTeam", "CommunicationRequest"})
 LOOK_BACK = timedelta(seconds=10)
 PAGE_SIZE = "200"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class Reconciler:
-    def __init__(self, api: ModuleApi, fhir: FhirClient, push: Callable[[str], None]) -> None:
+    def __init__(self, api: ModuleApi, fhir: FhirClient, queue: ChangeQueue) -> None:
         self._api = api
         self._fhir = fhir
-        self._push = push
+        self._queue = queue
+        self._push = queue.push
         self._sweeping = False
+        # Watermarks reached but not yet saved: they move only once everything the sweep
+        # queued has been applied, so a restart or a failing sync loses no change.
+        self._unsaved: dict[str, str] = {}
+        queue.when_idle(self._save_reached)
         # Per type: reference → lastUpdated of what the previous sweep saw.
         self._queued_last_sweep: dict[str, dict[str, str | None]] = {}
 
@@ -54,8 +61,17 @@ class Reconciler:
                     await self._sweep_type(resource_type)
                 except FhirError as e:
                     logger.warning("Reconcile sweep of %s failed: %s", resource_type, e)
+                except Exception:
+                    logger.exception("Reconcile sweep of %s failed", resource_type)
         finally:
             self._sweeping = False
+        if self._queue.idle:
+            await self._save_reached()
+
+    async def _save_reached(self) -> None:
+        unsaved, self._unsaved = self._unsaved, {}
+        for name, value in unsaved.items():
+            await self._save(name, value)
 
     async def _sweep_type(self, resource_type: str) -> None:
         name = f"watermark:{resource_type}"
@@ -74,6 +90,7 @@ class Reconciler:
         if resource_type in OWN_WRITES:
             # What the module wrote itself needs nothing in Matrix: leave it out at FHIR.
             params.append(("_tag:not", f"{ORIGIN_TAG['system']}|{ORIGIN_TAG['code']}"))
+        start = EPOCH
         if since:
             start = parse_fhir_datetime(since) - LOOK_BACK
             params.append(("_lastUpdated", f"ge{format_fhir_instant(start)}"))
@@ -93,11 +110,39 @@ class Reconciler:
                     queued += 1
                 if updated and (newest is None or _later(updated, newest)):
                     newest = updated
+        if since and resource_type in DELETABLE and not note_only:
+            queued += await self._queue_deleted(resource_type, start, already, seen)
         self._queued_last_sweep[resource_type] = seen
         if queued:
             logger.info("Reconcile: %d %s changed since the last sweep", queued, resource_type)
         if newest and (newest != since or note_only):
-            await self._save(name, newest)
+            self._unsaved[name] = newest
+
+    async def _queue_deleted(
+        self,
+        resource_type: str,
+        start: datetime,
+        already: dict[str, str | None],
+        seen: dict[str, str | None],
+    ) -> int:
+        """A search never shows deleted resources; their type's history does."""
+        params = [("_since", format_fhir_instant(start)), ("_count", PAGE_SIZE)]
+        queued = 0
+        async for page in self._fhir.search_pages_json(f"{resource_type}/_history", params):
+            for entry in page.get("entry") or []:
+                request = entry.get("request") if isinstance(entry, dict) else None
+                if not isinstance(request, dict) or request.get("method") != "DELETE":
+                    continue
+                parts = str(request.get("url") or "").split("/")
+                if len(parts) < 2 or parts[0] != resource_type:
+                    continue
+                reference = f"{resource_type}/{parts[1]}"
+                marker = f"deleted:{request.get('url')}"
+                seen[reference] = marker
+                if already.get(reference) != marker:
+                    self._push(reference)
+                    queued += 1
+        return queued
 
     async def _newest(self, resource_type: str) -> str | None:
         page = await self._fhir.search_json(

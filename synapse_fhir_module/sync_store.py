@@ -28,6 +28,7 @@ SCHEMA = (
     CREATE TABLE IF NOT EXISTS {RELAYED} (
         communication TEXT NOT NULL PRIMARY KEY,
         room_id TEXT NOT NULL,
+        sender TEXT,
         event_id TEXT
     )
     """,
@@ -59,12 +60,12 @@ def remember_room(txn: Cursor, fhir_reference: str, room_id: str) -> None:
     )
 
 
-def claim_relay(txn: Cursor, communication: str, room_id: str) -> bool:
-    """Claim a Communication for relaying; False when it was claimed before."""
+def claim_relay(txn: Cursor, communication: str, room_id: str, sender: str | None) -> bool:
+    """Claim a Communication for relaying (by ``sender``); False when claimed before."""
     txn.execute(
-        f"INSERT INTO {RELAYED} (communication, room_id) VALUES (?, ?)"
+        f"INSERT INTO {RELAYED} (communication, room_id, sender) VALUES (?, ?, ?)"
         " ON CONFLICT (communication) DO NOTHING",
-        (communication, room_id),
+        (communication, room_id, sender),
     )
     return txn.rowcount == 1
 
@@ -100,11 +101,17 @@ def set_value(txn: Cursor, name: str, value: str) -> None:
     )
 
 
-def is_relay_event(txn: Cursor, communication: str, room_id: str, event_id: str) -> bool:
-    """Whether ``event_id`` is (or, mid-relay, is about to be recorded as) the relay."""
+def is_relay_event(
+    txn: Cursor, communication: str, room_id: str, event_id: str, sender: str
+) -> bool:
+    """Whether ``event_id`` is the relay of ``communication`` — or, mid-relay (its event id
+    not stored yet), an event by the very sender the claim was made for."""
     txn.execute(
-        f"SELECT event_id FROM {RELAYED} WHERE communication = ? AND room_id = ?",
+        f"SELECT event_id, sender FROM {RELAYED} WHERE communication = ? AND room_id = ?",
         (communication, room_id),
     )
     row = txn.fetchone()
-    return row is not None and row[0] in (None, event_id)
+    if row is None:
+        return False
+    stored_event, claimed_by = row
+    return bool(stored_event == event_id or (stored_event is None and claimed_by == sender))

@@ -310,6 +310,20 @@ def test_changes_made_while_synapse_is_down_are_applied_after_restart(
     )
     anna.join(room)
     anna.send_text(room, "recorded before the restart")  # (own writes are not swept back)
+    # A second team nothing else refers to, so FHIR lets it be deleted.
+    solo = f"CareTeam/solo-{team.network.tag}"
+    team.fhir.put(
+        {
+            "resourceType": "CareTeam",
+            "id": solo.split("/")[1],
+            "status": "active",
+            "participant": [team.network.participant(team.network.ref("Practitioner", "gp"))],
+        }
+    )
+    solo_space = wait_until(
+        lambda: invited_space(anna, solo), timeout=FOLLOWS_WITHIN, what="the solo team's space"
+    )
+    anna.join(solo_space)
 
     stack.synapse.stop()
     try:
@@ -329,6 +343,7 @@ def test_changes_made_while_synapse_is_down_are_applied_after_restart(
                 "payload": [{"contentString": "Sent while Matrix was down"}],
             }
         )
+        requests.delete(f"{stack.hapi.base_url}/{solo}", timeout=30).raise_for_status()
     finally:
         stack.synapse.start()
     wait_until(
@@ -340,6 +355,12 @@ def test_changes_made_while_synapse_is_down_are_applied_after_restart(
         lambda: "Sent while Matrix was down" in " ".join(messages(anna, room)),
         timeout=30,
         what="the missed Communication relayed by the sweep",
+    )
+    # The deletion, which no search shows, is found in the type's history.
+    wait_until(
+        lambda: membership(anna, solo_space, anna.user_id) == "leave",
+        timeout=30,
+        what="the deleted team's space emptied after restart",
     )
     assert messages(anna, room) == [
         "recorded before the restart",

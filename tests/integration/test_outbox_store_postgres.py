@@ -234,14 +234,16 @@ def test_the_sync_tables_work_on_postgresql(db: SynapseStyleDb) -> None:
     db.run(sync_store.remember_room, "CareTeam/1", "!a:x")
     db.run(sync_store.remember_room, "CareTeam/1", "!b:x")
     assert db.run(sync_store.room_of, "CareTeam/1") == "!b:x"
-    assert db.run(sync_store.claim_relay, "Communication/9", "!r:x") is True
-    assert db.run(sync_store.claim_relay, "Communication/9", "!r:x") is False
+    assert db.run(sync_store.claim_relay, "Communication/9", "!r:x", "@bram:x") is True
+    assert db.run(sync_store.claim_relay, "Communication/9", "!r:x", "@bram:x") is False
     db.run(sync_store.relayed_as, "Communication/9", "$e1")
-    assert db.run(sync_store.is_relay_event, "Communication/9", "!r:x", "$e1") is True
-    assert db.run(sync_store.is_relay_event, "Communication/9", "!r:x", "$forged") is False
+    assert db.run(sync_store.is_relay_event, "Communication/9", "!r:x", "$e1", "@bram:x") is True
+    assert (
+        db.run(sync_store.is_relay_event, "Communication/9", "!r:x", "$forged", "@bram:x") is False
+    )
     assert db.run(sync_store.source_of_event, "$e1") == "Communication/9"
     db.run(sync_store.release_relay, "Communication/9")
-    assert db.run(sync_store.claim_relay, "Communication/9", "!r:x") is True
+    assert db.run(sync_store.claim_relay, "Communication/9", "!r:x", "@bram:x") is True
     db.run(sync_store.set_value, "watermark:CareTeam", "2026-11-25T10:00:00.000Z")
     db.run(sync_store.set_value, "watermark:CareTeam", "2026-11-25T11:00:00.000Z")
     assert db.run(sync_store.get_value, "watermark:CareTeam") == "2026-11-25T11:00:00.000Z"

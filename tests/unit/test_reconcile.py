@@ -27,6 +27,7 @@ class ScriptedFhir:
     def __init__(self) -> None:
         self.resources: dict[str, list[dict[str, Any]]] = {}
         self.searches: list[tuple[str, dict[str, str]]] = []
+        self.history: dict[str, list[dict[str, Any]]] = {}
 
     def put(self, resource_type: str, resource_id: str, updated: str) -> None:
         found = self.resources.setdefault(resource_type, [])
@@ -35,6 +36,10 @@ class ScriptedFhir:
 
     async def search_pages_json(self, resource_type: str, params: Any) -> AsyncIterator[dict]:
         self.searches.append((resource_type, dict(params)))
+        if resource_type.endswith("/_history"):
+            entries = self.history.get(resource_type.split("/")[0], [])
+            yield {"resourceType": "Bundle", "type": "history", "entry": entries}
+            return
         entries = [{"resource": r} for r in self.resources.get(resource_type, [])]
         yield {"resourceType": "Bundle", "entry": entries}
 
@@ -45,9 +50,21 @@ class ScriptedFhir:
         return newest[-1:]
 
 
+class ListQueue(list):
+    """A change queue that applies everything at once (so it is always idle)."""
+
+    idle = True
+
+    def push(self, reference: str) -> None:
+        self.append(reference)
+
+    def when_idle(self, callback: Any) -> None:
+        pass
+
+
 def sweeper() -> tuple[Reconciler, ScriptedFhir, list[str], SqliteApi]:
-    api, fhir, queued = SqliteApi(), ScriptedFhir(), []
-    return Reconciler(api, fhir, queued.append), fhir, queued, api  # type: ignore[arg-type]
+    api, fhir, queued = SqliteApi(), ScriptedFhir(), ListQueue()
+    return Reconciler(api, fhir, queued), fhir, queued, api  # type: ignore[arg-type]
 
 
 @pytest_twisted.ensureDeferred
@@ -87,3 +104,22 @@ async def test_communications_start_from_now_and_leave_out_the_modules_own() -> 
     assert [q for q in queued if q.startswith("Communication/")] == ["Communication/new"]
     (_, params) = [s for s in fhir.searches if s[0] == "Communication"][-1]
     assert params["_tag:not"] == "urn:synapse-fhir-module:origin|matrix"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_team_is_found_in_its_types_history_once() -> None:
+    reconciler, fhir, queued, _api = sweeper()
+    fhir.put("CareTeam", "a", "2026-11-25T10:00:00.000Z")
+    await reconciler.sweep()
+    fhir.history["CareTeam"] = [
+        {"request": {"method": "PUT", "url": "CareTeam/a"}},
+        {"request": {"method": "DELETE", "url": "CareTeam/gone/_history/3"}},
+    ]
+    queued.clear()
+    await reconciler.sweep()
+    assert [q for q in queued if q.startswith("CareTeam/")] == ["CareTeam/gone"]
+    (_, params) = [s for s in fhir.searches if s[0] == "CareTeam/_history"][-1]
+    assert params["_since"] == "2026-11-25T09:59:50.000Z"
+    queued.clear()
+    await reconciler.sweep()  # seen at this version already
+    assert [q for q in queued if q.startswith("CareTeam/")] == []

@@ -28,23 +28,25 @@ def test_one_room_per_fhir_resource(txn: sqlite3.Cursor) -> None:
 
 
 def test_a_communication_is_relayed_once(txn: sqlite3.Cursor) -> None:
-    assert store.claim_relay(txn, "Communication/9", "!r:x") is True
-    assert store.claim_relay(txn, "Communication/9", "!r:x") is False
-    # Mid-relay (no event id yet) the event posting it counts as the relay...
-    assert store.is_relay_event(txn, "Communication/9", "!r:x", "$e1") is True
+    assert store.claim_relay(txn, "Communication/9", "!r:x", "@bram:x") is True
+    assert store.claim_relay(txn, "Communication/9", "!r:x", "@bram:x") is False
+    # Mid-relay (no event id yet) an event by the claimed sender counts as the relay...
+    assert store.is_relay_event(txn, "Communication/9", "!r:x", "$e1", "@bram:x") is True
+    # ...one by anybody else who copied the content key does not.
+    assert store.is_relay_event(txn, "Communication/9", "!r:x", "$e2", "@eve:x") is False
     store.relayed_as(txn, "Communication/9", "$e1")
-    assert store.is_relay_event(txn, "Communication/9", "!r:x", "$e1") is True
+    assert store.is_relay_event(txn, "Communication/9", "!r:x", "$e1", "@bram:x") is True
     # ...and afterwards no other event, nor the same claim in another room.
-    assert store.is_relay_event(txn, "Communication/9", "!r:x", "$forged") is False
-    assert store.is_relay_event(txn, "Communication/9", "!other:x", "$e1") is False
+    assert store.is_relay_event(txn, "Communication/9", "!r:x", "$forged", "@bram:x") is False
+    assert store.is_relay_event(txn, "Communication/9", "!other:x", "$e1", "@bram:x") is False
     assert store.source_of_event(txn, "$e1") == "Communication/9"
     assert store.source_of_event(txn, "$forged") is None
 
 
 def test_a_released_claim_can_be_claimed_again(txn: sqlite3.Cursor) -> None:
-    store.claim_relay(txn, "Communication/9", "!r:x")
+    store.claim_relay(txn, "Communication/9", "!r:x", "@bram:x")
     store.release_relay(txn, "Communication/9")
-    assert store.claim_relay(txn, "Communication/9", "!r:x") is True
+    assert store.claim_relay(txn, "Communication/9", "!r:x", "@bram:x") is True
 
 
 def test_named_values(txn: sqlite3.Cursor) -> None:
