@@ -21,9 +21,15 @@ RETRY_MAX_MS = 300_000
 
 
 class ChangeQueue:
-    def __init__(self, api: ModuleApi, apply: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        api: ModuleApi,
+        apply: Callable[[str], Awaitable[None]],
+        invalidate: Callable[[str], Awaitable[None]],
+    ) -> None:
         self._api = api
         self._apply = apply
+        self._invalidate = invalidate
         self._pending: dict[str, None] = {}  # insertion-ordered set
         self._failures: dict[str, int] = {}  # reference -> failed attempts in a row
         self._waiting: set[str] = set()  # scheduled for a retry
@@ -47,6 +53,13 @@ class ChangeQueue:
         self._run_soon()
 
     def push(self, reference: str) -> None:
+        """Queue a changed resource. The caches that hold it are invalidated now, not when
+        its turn comes: access decisions must not wait behind a long queue."""
+        if reference not in self._pending:
+            self._api.run_as_background_process("fhir_invalidate", self._invalidate, reference)
+        self._enqueue(reference)
+
+    def _enqueue(self, reference: str) -> None:
         self._pending.setdefault(reference, None)
         self._run_soon()
 
@@ -69,6 +82,9 @@ class ChangeQueue:
 
     async def _apply_one(self, reference: str) -> None:
         try:
+            # Again right before the sync reads FHIR: a lookup that started before the push
+            # may have put the old answer back meanwhile.
+            await self._invalidate(reference)
             await self._apply(reference)
         except Exception as e:
             failures = self._failures.get(reference, 0) + 1
@@ -91,7 +107,7 @@ class ChangeQueue:
 
     def _retry(self, reference: str) -> None:
         self._waiting.discard(reference)
-        self.push(reference)
+        self._enqueue(reference)
 
 
 def _safe_to_log(e: Exception) -> bool:

@@ -19,6 +19,8 @@ import attr
 from synapse_fhir_module.fhir_time import format_fhir_instant
 
 EVENT_ID_SYSTEM = "https://matrix.org/event-id"
+# Identifies the CommunicationRequest the module opened for a room (its thread).
+ROOM_ID_SYSTEM = "https://matrix.org/room-id"
 # Marks what this module wrote, so it is never relayed back into Matrix (no loops).
 ORIGIN_TAG = {"system": "urn:synapse-fhir-module:origin", "code": "matrix"}
 # Marks a Communication recorded from an encrypted event: it has no payload on purpose.

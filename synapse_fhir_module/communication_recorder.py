@@ -19,6 +19,7 @@ from synapse_fhir_module import outbox_store, sync_store
 from synapse_fhir_module.communication_mapping import (
     EVENT_ID_SYSTEM,
     ORIGIN_TAG,
+    ROOM_ID_SYSTEM,
     CommunicationWrite,
     NotRecorded,
     RoomContext,
@@ -48,7 +49,6 @@ from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnava
 logger = logging.getLogger(__name__)
 
 RECORDED_TYPES = frozenset({"m.room.message", "m.room.encrypted", "m.room.redaction"})
-ROOM_ID_SYSTEM = "https://matrix.org/room-id"
 RETRY_CAP_MS = 10_000
 MAX_REMEMBERED_THREADS = 100_000
 GAUGE_REFRESH_S = 1.0

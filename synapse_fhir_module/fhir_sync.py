@@ -20,7 +20,7 @@ Applying the same reference twice changes nothing the second time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from synapse.module_api import ModuleApi
@@ -28,21 +28,19 @@ from synapse.module_api import ModuleApi
 from synapse_fhir_module import sync_store
 from synapse_fhir_module.care_rooms import CareRooms
 from synapse_fhir_module.care_team import MAX_NESTING, TeamMembership
-from synapse_fhir_module.communication_mapping import ORIGIN_TAG
+from synapse_fhir_module.communication_mapping import ORIGIN_TAG, ROOM_ID_SYSTEM
 from synapse_fhir_module.config import SyncConfig
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirNotFoundError
 from synapse_fhir_module.identity import matrix_ids_of
 from synapse_fhir_module.membership_plan import plan_membership
 from synapse_fhir_module.person_directory import PersonDirectory
-from synapse_fhir_module.recent_writes import RecentWrites
 from synapse_fhir_module.relay_content import relay_content
 from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory
 
 logger = logging.getLogger(__name__)
 
-ROOM_ID_SYSTEM = "https://matrix.org/room-id"
 PERSON_TYPES = ("Practitioner", "PractitionerRole", "RelatedPerson", "Patient")
 SYNCED_TYPES = ("CareTeam", "CommunicationRequest", "Communication", *PERSON_TYPES)
 # Team statuses under which the team's rooms are emptied (DESIGN: entered-in-error, deleted).
@@ -63,22 +61,18 @@ class FhirSync:
         teams: CareTeamDirectory,
         rooms: CareRooms,
         *,
-        invalidate: Callable[[str], Awaitable[None]],
         service_user_id: str,
         exempt_users: frozenset[str],
-        recent_writes: RecentWrites,
         bindings: RoomBindings,
         persons: PersonDirectory,
     ) -> None:
         self._api = api
-        self._recent_writes = recent_writes
         self._bindings = bindings
         self._persons = persons
         self._config = config
         self._fhir = fhir
         self._teams = teams
         self._rooms = rooms
-        self._invalidate = invalidate
         self._service_user_id = service_user_id
         self._keep = exempt_users | {service_user_id}
 
@@ -88,10 +82,6 @@ class FhirSync:
     async def apply(self, reference: str) -> None:
         """Make Matrix match the current state of ``reference`` (``Type/id``)."""
         resource_type = reference.split("/", 1)[0]
-        if reference in self._recent_writes:
-            return  # a message the recorder wrote a moment ago: nothing to do in Matrix
-        # Decisions must never use what this change made stale.
-        await self._invalidate(reference)
         if resource_type == "CareTeam":
             await self.apply_care_team(reference)
             # Teams that list this one (directly or further up) change with it.
@@ -203,23 +193,11 @@ class FhirSync:
         space = await self._room_of(team_ref)
         if space is not None:
             await self._rooms.link_to_space(space, room_id)
-        # The request's own words first, so whoever is invited finds them there. The claim
-        # comes first: a retry never posts them twice.
+        # The request's own words first, so whoever is invited finds them there (kept like
+        # a relay, so a reply to them is linked to the request).
         first = relay_content(request.get("payload"), source=request_ref, sender_name=None)
-        if first is not None and await self._api.run_db_interaction(
-            "fhir_relay_claim", sync_store.claim_relay, request_ref, room_id, self._service_user_id
-        ):
-            try:
-                event_id = await self._rooms.post(room_id, self._service_user_id, first)
-            except Exception:
-                await self._api.run_db_interaction(
-                    "fhir_relay_release", sync_store.release_relay, request_ref
-                )
-                raise
-            # Remembered like a relay, so a reply to it is linked to the request.
-            await self._api.run_db_interaction(
-                "fhir_relay_done", sync_store.relayed_as, request_ref, event_id
-            )
+        if first is not None:
+            await self._post_once(request_ref, room_id, self._service_user_id, first)
         await self._sync_room(room_id, await self._teams.membership(team_ref))
         return room_id
 
@@ -243,23 +221,32 @@ class FhirSync:
         )
         if content is None:
             return
-        claimed = await self._api.run_db_interaction(
-            "fhir_relay_claim", sync_store.claim_relay, communication_ref, room_id, poster
-        )
-        if not claimed:
-            return  # relayed before
+        if await self._post_once(communication_ref, room_id, poster, content):
+            logger.info("Relayed %s into %s", communication_ref, room_id)
+
+    async def _post_once(
+        self, source: str, room_id: str, poster: str, content: dict[str, Any]
+    ) -> bool:
+        """Post what ``source`` says into the room unless it was posted before; False then.
+
+        Claimed before posting, so a retry never posts twice; the claim is given back if
+        the post fails, so a retry or the next sweep posts it.
+        """
+        if not await self._api.run_db_interaction(
+            "fhir_relay_claim", sync_store.claim_relay, source, room_id, poster
+        ):
+            return False
         try:
             event_id = await self._rooms.post(room_id, poster, content)
         except Exception:
-            # Not posted: give the claim back, so a retry or the next sweep posts it.
             await self._api.run_db_interaction(
-                "fhir_relay_release", sync_store.release_relay, communication_ref
+                "fhir_relay_release", sync_store.release_relay, source
             )
             raise
         await self._api.run_db_interaction(
-            "fhir_relay_done", sync_store.relayed_as, communication_ref, event_id
+            "fhir_relay_done", sync_store.relayed_as, source, event_id
         )
-        logger.info("Relayed %s into %s", communication_ref, room_id)
+        return True
 
     async def _room_of_thread(self, part_of: Any) -> str | None:
         """The care-team room of the thread a Communication is part of, if it has one.

@@ -18,6 +18,7 @@ from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_sync import FhirSync
 from synapse_fhir_module.health import HEALTH_PATH, FhirReachability, HealthResource, no_outbox
+from synapse_fhir_module.identity import PERSON_TYPES
 from synapse_fhir_module.outbox_admin import (
     DEAD_LETTERS_PATH,
     RETRY_PATH,
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_USER_RETRY_MS = 30_000
 RECORDER_RETRY_MS = 5_000
+PERSON_PREFIXES = tuple(f"{kind}/" for kind in PERSON_TYPES)
 
 
 class FhirModule:
@@ -118,14 +120,12 @@ class FhirModule:
                 self._fhir,
                 self._teams,
                 rooms,
-                invalidate=self.invalidate,
                 service_user_id=self._service_user_id,
                 exempt_users=frozenset(exempt),
-                recent_writes=self._recent_writes,
                 bindings=self._bindings,
                 persons=self._persons,
             )
-            self._changes = ChangeQueue(api, self._sync.apply)
+            self._changes = ChangeQueue(api, self._sync.apply, self.invalidate)
             self._reconciler = Reconciler(api, self._fhir, self._changes)
 
         if self._runs_background_work:
@@ -153,16 +153,20 @@ class FhirModule:
         if reference.startswith("CommunicationRequest/"):
             self._bindings.forget_all()
         await self._teams.invalidate_resource(reference)
-        if self._validity is not None:
+        if self._validity is not None and reference.startswith(PERSON_PREFIXES):
+            # (A scan of every remembered user: only for the resources that can be persons.)
             for user_id in self._persons.users_of_person(reference):
                 self._validity.look_up_soon(user_id)
 
     def _on_notification(self, notification: Notification) -> None:
         """A FHIR resource changed (the webhook answers at once; the work is queued)."""
-        # Caches at once (the queue may be long after a first sweep); Matrix work queued.
-        self._api.run_as_background_process("fhir_notify", self.invalidate, notification.reference)
+        reference = notification.reference
+        if reference in self._recent_writes:
+            return  # the shim's echo of a message the recorder just wrote: nothing to do
         if self._changes is not None:
-            self._changes.push(notification.reference)
+            self._changes.push(reference)  # (invalidates the caches at once)
+        else:
+            self._api.run_as_background_process("fhir_notify", self.invalidate, reference)
 
     async def _start_sync(self) -> None:
         """Tables, then the first sweep (which makes the spaces FHIR has and Matrix lacks),

@@ -10,6 +10,7 @@ from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.synapse import SynapseServer
+from devstack.waiting import wait_until
 from tests.integration.care_network import CareNetwork
 
 CARE_TEAM_STATE = "org.synapse_fhir.care_team"
@@ -87,3 +88,19 @@ def membership(user: MatrixUser, room_id: str, of: str) -> str | None:
     except MatrixError:
         return None
     return str(state["membership"])
+
+
+# The members of the seeded network who should be invited (see CareNetwork).
+CURRENT_MEMBERS = ("anna", "bram", "carla", "henk", "piet")
+
+
+def member_invites(team: Team, timeout: float) -> dict[str, str]:
+    """Each current member's invited space, each waited for within ``timeout``."""
+    return {
+        name: wait_until(
+            lambda n=name: invited_space(team.users[n], team.network.team),
+            timeout=timeout,
+            what=f"{name} invited to the team's space",
+        )
+        for name in CURRENT_MEMBERS
+    }

@@ -50,6 +50,37 @@ def event_ids_in_thread(hapi: HapiDevServer, thread: str) -> list[str]:
     return ids
 
 
+def first_written(hapi: HapiDevServer, user: MatrixUser, room: str, text: str) -> tuple[str, str]:
+    """Send ``text``; once written, its event id and the thread (CommunicationRequest)."""
+    event_id = user.send_text(room, text)
+    thread = wait_until(
+        lambda: (c := communication_of(hapi, event_id)) and c["partOf"][0]["reference"],
+        timeout=30,
+        what="the first message written",
+    )
+    return event_id, str(thread)
+
+
+def thread_holding(
+    hapi: HapiDevServer, thread: str, count: int, *, timeout: float, what: str
+) -> list[str]:
+    """The thread's event ids, once it holds at least ``count`` Communications."""
+
+    def written() -> list[str] | None:
+        ids = event_ids_in_thread(hapi, thread)
+        return ids if len(ids) >= count else None
+
+    return list(wait_until(written, timeout=timeout, what=what))
+
+
+def wait_for_empty_outbox(server: SynapseServer) -> None:
+    wait_until(
+        lambda: health(server)["outbox"] == {"pending": 0, "dead": 0},
+        timeout=30,
+        what="the outbox empty",
+    )
+
+
 def health(server: SynapseServer) -> dict[str, Any]:
     return requests.get(server.url("/_synapse/client/fhir/health"), timeout=10).json()
 
@@ -103,11 +134,7 @@ def test_message_in_a_care_team_room_becomes_a_communication(
     second = gp.send_text(room, "Rechecked: 140/90")
     c2 = wait_until(lambda: communication_of(hapi, second), timeout=30, what="second message")
     assert c2["partOf"] == c["partOf"]
-    wait_until(
-        lambda: health(synapse)["outbox"] == {"pending": 0, "dead": 0},
-        timeout=30,
-        what="the outbox empty",
-    )
+    wait_for_empty_outbox(synapse)
 
     # Redacting a message marks its Communication entered-in-error and drops the payload.
     gp.redact(room, second)
@@ -195,12 +222,7 @@ def test_messages_sent_while_fhir_is_down_are_all_written_once_after_it_returns(
 ) -> None:
     server = start_synapse(module_config(hapi_running.base_url))
     _network, _service, room, gp = care_room(server, hapi_running.base_url)
-    first = gp.send_text(room, "before the outage")
-    thread = wait_until(
-        lambda: (c := communication_of(hapi_running, first)) and c["partOf"][0]["reference"],
-        timeout=30,
-        what="the first message written",
-    )
+    first, thread = first_written(hapi_running, gp, room, "before the outage")
 
     hapi_running.stop()
     sent = [gp.send_text(room, f"during the outage {n}") for n in range(200)]
@@ -211,17 +233,11 @@ def test_messages_sent_while_fhir_is_down_are_all_written_once_after_it_returns(
     )
     hapi_running.start()
 
-    def written() -> list[str] | None:
-        ids = event_ids_in_thread(hapi_running, thread)
-        return ids if len(ids) >= 201 else None
-
-    ids = wait_until(written, timeout=30, what="all 200 messages written within 30 s of restart")
-    assert sorted(ids) == sorted([first, *sent]), "missing or duplicate Communications"
-    wait_until(
-        lambda: health(server)["outbox"] == {"pending": 0, "dead": 0},
-        timeout=30,
-        what="the outbox empty",
+    ids = thread_holding(
+        hapi_running, thread, 201, timeout=30, what="all 200 messages written within 30 s"
     )
+    assert sorted(ids) == sorted([first, *sent]), "missing or duplicate Communications"
+    wait_for_empty_outbox(server)
 
 
 def test_messages_pending_when_synapse_is_killed_are_written_once_after_restart(
@@ -229,12 +245,7 @@ def test_messages_pending_when_synapse_is_killed_are_written_once_after_restart(
 ) -> None:
     server = start_synapse(module_config(hapi_running.base_url))
     _network, _service, room, gp = care_room(server, hapi_running.base_url)
-    first = gp.send_text(room, "before the crash")
-    thread = wait_until(
-        lambda: (c := communication_of(hapi_running, first)) and c["partOf"][0]["reference"],
-        timeout=30,
-        what="the first message written",
-    )
+    first, thread = first_written(hapi_running, gp, room, "before the crash")
 
     # HAPI frozen: the drain's transaction is left in flight, and HAPI may still commit it
     # after Synapse is gone — the restarted Synapse sends those rows again.
@@ -251,17 +262,11 @@ def test_messages_pending_when_synapse_is_killed_are_written_once_after_restart(
         os.kill(hapi_running.process.pid, signal.SIGCONT)
     server.start()
 
-    def written() -> list[str] | None:
-        ids = event_ids_in_thread(hapi_running, thread)
-        return ids if len(ids) >= 51 else None
-
-    ids = wait_until(written, timeout=60, what="all 50 pending messages written after restart")
-    assert sorted(ids) == sorted([first, *sent]), "missing or duplicate Communications"
-    wait_until(
-        lambda: health(server)["outbox"] == {"pending": 0, "dead": 0},
-        timeout=30,
-        what="the outbox empty",
+    ids = thread_holding(
+        hapi_running, thread, 51, timeout=60, what="all 50 pending messages written"
     )
+    assert sorted(ids) == sorted([first, *sent]), "missing or duplicate Communications"
+    wait_for_empty_outbox(server)
 
 
 def test_a_message_fhir_refuses_is_a_dead_letter_and_the_rest_are_written(

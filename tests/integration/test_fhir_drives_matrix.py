@@ -22,7 +22,13 @@ from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
 from tests.conftest import SERVER_LOGS
-from tests.integration.matrix_views import Team, invited_space, membership, open_invites
+from tests.integration.matrix_views import (
+    Team,
+    invited_space,
+    member_invites,
+    membership,
+    open_invites,
+)
 
 SECRET = "test-webhook-secret"
 # Acceptance: a CareTeam change reaches Matrix within 2 s.
@@ -81,14 +87,7 @@ def test_a_new_care_team_gets_a_space_with_every_member_invited(stack: ShimStack
     team = Team(stack)
     team.seed()
     # Within 2 s of the write, each current member has an invite to a space bound to the team.
-    spaces = {
-        name: wait_until(
-            lambda n=name: invited_space(team.users[n], team.network.team),
-            timeout=APPLIED_WITHIN,
-            what=f"{name} invited to the team's space",
-        )
-        for name in ("anna", "bram", "carla", "henk", "piet")
-    }
+    spaces = member_invites(team, timeout=APPLIED_WITHIN)
     assert len(set(spaces.values())) == 1, "one space per team"
     space = spaces["anna"]
     # Outsiders, past and inactive participants are not invited.
@@ -188,24 +187,12 @@ def test_a_communication_request_opens_a_room_and_outside_communications_appear_
     team.seed()
     space = joined_space(team, "anna")
     anna = team.users["anna"]
-    request_id = f"cr-{team.network.tag}"
-    team.fhir.put(
-        {
-            "resourceType": "CommunicationRequest",
-            "id": request_id,
-            "status": "active",
-            "category": [{"text": "Wound care"}],
-            "subject": {"reference": team.network.ref("Patient", "patient")},
-            "recipient": [{"reference": team.network.team, "type": "CareTeam"}],
-            "payload": [{"contentString": "Please photograph the wound daily"}],
-        }
-    )
-
-    thread = f"CommunicationRequest/{request_id}"
-    room = wait_until(
-        lambda: next((r for r, ref in open_invites(anna).items() if ref == thread), None),
-        timeout=FOLLOWS_WITHIN,
-        what="anna invited to a room for the request",
+    thread, room = request_room(
+        team,
+        anna,
+        category=[{"text": "Wound care"}],
+        subject={"reference": team.network.ref("Patient", "patient")},
+        payload=[{"contentString": "Please photograph the wound daily"}],
     )
     # The room hangs off the team's space.
     children = anna.request("GET", f"/_matrix/client/v1/rooms/{space}/hierarchy")["rooms"]
@@ -294,20 +281,7 @@ def test_changes_made_while_synapse_is_down_are_applied_after_restart(
     team.seed()
     space = joined_space(team, "anna")
     anna = team.users["anna"]
-    thread = f"CommunicationRequest/cr-{team.network.tag}"
-    team.fhir.put(
-        {
-            "resourceType": "CommunicationRequest",
-            "id": thread.split("/")[1],
-            "status": "active",
-            "recipient": [{"reference": team.network.team, "type": "CareTeam"}],
-        }
-    )
-    room = wait_until(
-        lambda: next((r for r, ref in open_invites(anna).items() if ref == thread), None),
-        timeout=FOLLOWS_WITHIN,
-        what="a room for the request",
-    )
+    thread, room = request_room(team, anna)
     anna.join(room)
     anna.send_text(room, "recorded before the restart")  # (own writes are not swept back)
     # A second team nothing else refers to, so FHIR lets it be deleted.
@@ -367,6 +341,27 @@ def test_changes_made_while_synapse_is_down_are_applied_after_restart(
         # The pharmacist has an account but is not in this room: the service user posts it.
         f"{team.users['piet'].user_id}: Sent while Matrix was down",
     ]
+
+
+def request_room(team: Team, user: MatrixUser, **fields: Any) -> tuple[str, str]:
+    """Write a CommunicationRequest to the team (with ``fields``); its reference and the
+    room ``user`` is then invited to for it."""
+    thread = f"CommunicationRequest/cr-{team.network.tag}"
+    team.fhir.put(
+        {
+            "resourceType": "CommunicationRequest",
+            "id": thread.split("/")[1],
+            "status": "active",
+            "recipient": [{"reference": team.network.team, "type": "CareTeam"}],
+            **fields,
+        }
+    )
+    room = wait_until(
+        lambda: next((r for r, ref in open_invites(user).items() if ref == thread), None),
+        timeout=FOLLOWS_WITHIN,
+        what=f"{user.user_id} invited to a room for the request",
+    )
+    return thread, room
 
 
 def service_session_members(stack: ShimStack, room_id: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ from devstack.waiting import wait_until
 from synapse_fhir_module.fhir_sync import SYNCED_TYPES
 from synapse_fhir_module.subscriptions import SEND_DELETE_MESSAGES
 from tests.conftest import SERVER_LOGS
-from tests.integration.matrix_views import Team, invited_space, membership
+from tests.integration.matrix_views import Team, invited_space, member_invites, membership
 
 SECRET = "test-webhook-secret"  # module_config's
 ORIGIN_TAG = "urn:synapse-fhir-module:origin|matrix"
@@ -153,14 +153,7 @@ def test_care_team_changes_reach_matrix_through_the_subscriptions(
     wait_until(stack.registered, timeout=REGISTERED_WITHIN, what="the Subscriptions active")
     team = Team(stack)
     team.seed()
-    spaces = {
-        name: wait_until(
-            lambda n=name: invited_space(team.users[n], team.network.team),
-            timeout=APPLIED_WITHIN,
-            what=f"{name} invited to the team's space",
-        )
-        for name in ("anna", "bram", "carla", "henk", "piet")
-    }
+    spaces = member_invites(team, timeout=APPLIED_WITHIN)
     assert len(set(spaces.values())) == 1, "one space per team"
     space = spaces["anna"]
     for name in ("mallory", "lena"):
