@@ -584,8 +584,8 @@ def report(
         "rows": [row.as_json() for row in rows],
         "details": details or {},
     }
-    RESULTS_DIR.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{the_stack.result_name(name)}-{now.strftime('%Y-%m-%dT%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results: {path.relative_to(RESULTS_DIR.parent.parent)}")
+    print(f"results: {os.path.relpath(path)}")
     return path
