@@ -30,24 +30,19 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The whole suite (bench/suite.py): bench/results/<date>.json, .md and .png.
 bench: setup
-	$(PY) -m bench.synapse_start
-	$(PY) -m bench.membership_decision
-	$(PY) -m bench.communication_recording --databases sqlite postgres
-	$(PY) -m bench.membership_sync
+	$(PY) -m bench.suite
 
 # Tiny sizes, so CI notices when a benchmark breaks (its numbers are not judged).
 bench-smoke: setup
-	$(PY) -m bench.synapse_start --runs 1
-	$(PY) -m bench.membership_decision --runs 200
-	$(PY) -m bench.communication_recording --smoke
-	$(PY) -m bench.membership_sync --smoke
+	$(PY) -m bench.suite --smoke
 
 setup: $(VENV)/.installed $(HAPI_JARS)
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,dev]'
+	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,dev,bench]'
 	touch $@
 
 $(HAPI_JARS) &: $(HAPI_SOURCES)

@@ -1,11 +1,12 @@
-"""Message → Communication readable in HAPI, at a fixed send rate (issue 4).
+"""Message → Communication readable in HAPI, at fixed send rates (suite rows 2 and 7).
 
-    python -m bench.communication_latency [--smoke] [--rate 50] [--seconds 20] [--runs 3]
+    python -m bench.communication_latency [--smoke] [--rates 10 50 100] [--seconds 15]
+        [--runs 3]
 
-An open-loop sender sends text messages at ``--rate`` into a bound care-team room of a
-real Synapse with the module; a poller asks HAPI, as fast as it answers (at most every
-10 ms), for the Communications of every sent event not seen yet (one ``_search`` OR-ing
-their identifiers ``https://matrix.org/event-id|<event_id>``).
+For each rate in turn, an open-loop sender sends text messages at that rate into a
+bound care-team room of a real Synapse with the module; a poller asks HAPI, as fast as it
+answers (at most every 10 ms), for the Communications of every sent event not seen yet
+(one ``_search`` OR-ing their identifiers ``https://matrix.org/event-id|<event_id>``).
 
 Latency of a message = the moment the poll that first returns its Communication
 answered - the moment its send request started (both this machine's clock). It
@@ -27,6 +28,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -51,7 +53,7 @@ from bench._common import (
     thread_of_event,
     wait_outbox_empty,
 )
-from devstack.synapse import module_config
+from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module.communication_mapping import RoomContext, message_write
 
@@ -181,6 +183,7 @@ def measure_arm(
         "messages": count,
         "readable_ms": {
             "p50": percentile(readable, 50),
+            "p95": percentile(readable, 95),
             "p99": percentile(readable, 99),
             "max": max(readable),
         },
@@ -198,7 +201,7 @@ def measure_arm(
     }
 
 
-def run(the_stack: Stack, *, rate: float, seconds: float, runs: int) -> None:
+def run(the_stack: Stack, *, rates: list[float], seconds: float, runs: int) -> None:
     fhir_url = the_stack.fhir_url
     server = the_stack.start_synapse("synapse", module_config(fhir_url))
     room = care_room(server, fhir_url, module=True)
@@ -238,9 +241,50 @@ def run(the_stack: Stack, *, rate: float, seconds: float, runs: int) -> None:
         response.raise_for_status()
         return str(event["event_id"])
 
+    rows: list[Row] = []
+    details: dict[str, Any] = {}
+    for rate in rates:
+        rate_rows, rate_details = measure_rate(
+            fhir_url,
+            server,
+            room,
+            send_message,
+            write_directly,
+            rate=rate,
+            seconds=seconds,
+            runs=runs,
+            smoke=the_stack.smoke,
+        )
+        rows += rate_rows
+        details[f"{rate:g}"] = rate_details
+    report(
+        NAME,
+        f"Message → FHIR Communication at {', '.join(f'{r:g}' for r in rates)} msg/s, "
+        f"{seconds:g} s x {runs} runs per rate and arm",
+        rows,
+        the_stack=the_stack,
+        parameters={"rates": rates, "seconds_per_run": seconds, "runs": runs},
+        details={"by_rate": details},
+    )
+
+
+def measure_rate(
+    fhir_url: str,
+    server: SynapseServer,
+    room: CareRoom,
+    send_message: Callable[[int], str],
+    write_directly: Callable[[int], str],
+    *,
+    rate: float,
+    seconds: float,
+    runs: int,
+    smoke: bool,
+) -> tuple[list[Row], dict[str, Any]]:
+    """Module vs direct write at one rate: rows named "... at <rate> msg/s"."""
     count = max(2, int(rate * seconds))
-    warmup = max(2, int(rate * (0.5 if the_stack.smoke else 5)))
-    # Warm both paths up (JIT in HAPI, connection pools), not counted.
+    warmup = max(2, int(rate * (0.5 if smoke else 3)))
+    at = f"at {rate:g} msg/s"
+    # Warm both paths up at this rate (JIT in HAPI, connection pools), not counted.
     measure_arm(fhir_url, send_message, rate=rate, count=warmup, sampler=None)
     measure_arm(fhir_url, write_directly, rate=rate, count=warmup, sampler=None)
 
@@ -266,77 +310,78 @@ def run(the_stack: Stack, *, rate: float, seconds: float, runs: int) -> None:
     def samples(runs_: list[dict[str, Any]], key: str, q: str) -> list[float]:
         return [r[key][q] for r in runs_]
 
-    base_p50 = Row("direct write → readable, p50", "ms", samples(direct_runs, "readable_ms", "p50"))
-    base_p99 = Row("direct write → readable, p99", "ms", samples(direct_runs, "readable_ms", "p99"))
+    def base(q: str) -> Row:
+        return Row(
+            f"direct write → readable {at}, {q}", "ms", samples(direct_runs, "readable_ms", q)
+        )
+
+    # The issue's targets are set at 50 msg/s.
+    targeted = rate == 50
+    base_rows = {q: base(q) for q in ("p50", "p95", "p99")}
     cycle = samples(module_runs, "poll_cycle_ms", "p50")
     rows = [
         Row(
-            "message → Communication readable, p50",
+            f"message → Communication readable {at}, p50",
             "ms",
             samples(module_runs, "readable_ms", "p50"),
-            baseline=base_p50,
-            target=Target("<=", 100),
+            baseline=base_rows["p50"],
+            target=Target("<=", 100) if targeted else None,
             note=f"resolution: one poll cycle, median {statistics.median(cycle):.1f} ms",
         ),
         Row(
-            "message → Communication readable, p99",
+            f"message → Communication readable {at}, p95",
+            "ms",
+            samples(module_runs, "readable_ms", "p95"),
+            baseline=base_rows["p95"],
+        ),
+        Row(
+            f"message → Communication readable {at}, p99",
             "ms",
             samples(module_runs, "readable_ms", "p99"),
-            baseline=base_p99,
-            target=Target("<=", 300),
+            baseline=base_rows["p99"],
+            target=Target("<=", 300) if targeted else None,
         ),
+        *base_rows.values(),
         Row(
-            "message → Communication readable, max",
-            "ms",
-            samples(module_runs, "readable_ms", "max"),
-        ),
-        base_p50,
-        base_p99,
-        Row(
-            "message → HAPI lastUpdated, p50",
+            f"message → HAPI lastUpdated {at}, p50",
             "ms",
             samples(module_runs, "last_updated_ms", "p50"),
             note="lastUpdated is stamped when HAPI starts the write: a lower bound",
         ),
-        Row(
-            "message → HAPI lastUpdated, p99", "ms", samples(module_runs, "last_updated_ms", "p99")
-        ),
-        Row("send request, p50", "ms", samples(module_runs, "send_ms", "p50")),
-        Row("send request, p99", "ms", samples(module_runs, "send_ms", "p99")),
-        Row("outbox pending, max", "rows", [r["outbox_pending"]["max"] for r in module_runs]),
-        Row("outbox pending, median", "rows", [r["outbox_pending"]["median"] for r in module_runs]),
-        Row("poll cycle (resolution), p50", "ms", cycle),
-        Row("poll cycle (resolution), p99", "ms", samples(module_runs, "poll_cycle_ms", "p99")),
+        Row(f"send request {at}, p50", "ms", samples(module_runs, "send_ms", "p50")),
+        Row(f"send request {at}, p99", "ms", samples(module_runs, "send_ms", "p99")),
+        Row(f"outbox pending {at}, max", "rows", [r["outbox_pending"]["max"] for r in module_runs]),
+        Row(f"poll cycle (resolution) {at}, p50", "ms", cycle),
     ]
     pooled: dict[str, Any] = {}
     for arm, arm_runs in (("module", module_runs), ("direct", direct_runs)):
         everything = [x for r in arm_runs for x in r.pop("readable_raw")]
-        pooled[arm] = {"p50": percentile(everything, 50), "p99": percentile(everything, 99)}
-    report(
-        NAME,
-        f"Message → FHIR Communication at {rate:g} msg/s, {count} messages x {runs} runs",
-        rows,
-        the_stack=the_stack,
-        parameters={"rate": rate, "messages_per_run": count, "runs": runs, "warmup": warmup},
-        details={
-            "readable_ms_pooled_over_runs": pooled,
-            "module_runs": module_runs,
-            "direct_runs": direct_runs,
-        },
-    )
+        pooled[arm] = {
+            q: percentile(everything, n) for q, n in (("p50", 50), ("p95", 95), ("p99", 99))
+        }
+    details = {
+        "messages_per_run": count,
+        "warmup": warmup,
+        "readable_ms_pooled_over_runs": pooled,
+        "module_runs": module_runs,
+        "direct_runs": direct_runs,
+    }
+    return rows, details
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     add_stack_arguments(parser)
-    parser.add_argument("--rate", type=float, default=50.0, help="messages per second")
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each run")
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=[10.0, 50.0, 100.0], help="messages per second"
+    )
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each run")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     if args.smoke:
-        args.rate, args.seconds, args.runs = 20.0, 1.0, 1
+        args.rates, args.seconds, args.runs = [10.0, 50.0], 1.0, 1
     with stack(NAME, args) as the_stack:
-        run(the_stack, rate=args.rate, seconds=args.seconds, runs=args.runs)
+        run(the_stack, rates=args.rates, seconds=args.seconds, runs=args.runs)
 
 
 if __name__ == "__main__":

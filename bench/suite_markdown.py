@@ -1,0 +1,137 @@
+"""The suite's Markdown report, and publishing it into README.md."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+PUBLISHED_PLOT = REPO / "docs" / "performance.png"
+BEGIN, END = "<!-- bench-suite:begin -->", "<!-- bench-suite:end -->"
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> Path:
+    lines = [f"# Benchmark suite, {result['date']}", ""]
+    if result["smoke"]:
+        lines += ["**Smoke run**: tiny sizes, so the numbers are not judged.", ""]
+    lines += [machine_line(result["machine"]), ""]
+    lines += table(result, headline_only=False)
+    lines += ["", "## Pinning", ""]
+    pinnings = sorted({r["pinning"] for row in result["rows"] for r in row["table"]})
+    lines += [f"- {p}" for p in pinnings]
+    notes = [
+        f"- row {row['row']}, {r['measure'].strip()}: {r['note']}"
+        for row in result["rows"]
+        for r in row["table"]
+        if r["note"]
+    ]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    lines += ["", "## Runs", ""]
+    for run in result["runs"]:
+        outcome = "ok" if run["exit_code"] == 0 else f"FAILED (exit {run['exit_code']})"
+        command = " ".join(run["argv"])
+        lines.append(f"- row {run['row']}, `{command}`: {outcome}, {run['seconds']} s")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    packages = machine["packages"]
+    return (
+        f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), "
+        f"{machine['memory_gib']} GiB, Linux {machine['kernel']}; Python {machine['python']}; "
+        f"Synapse {packages.get('matrix-synapse')}, Twisted {packages.get('twisted')}, "
+        f"treq {packages.get('treq')}; {machine['hapi']}; {machine['java']}; "
+        f"{machine['postgresql']}; load average {machine['loadavg_1m_at_start']:.1f} at start, "
+        f"{machine['loadavg_1m_at_end']:.1f} at end."
+    )
+
+
+def table(result: dict[str, Any], *, headline_only: bool) -> list[str]:
+    """One line per measure, grouped by the issue's rows. Headline: measures with a
+    baseline or a target (the rest break a headline down)."""
+    lines = [
+        "| # | measure | n | median | min - max | baseline (same run) | ratio | target | "
+        "pinned (CPUs) | Synapse DB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        shown = [
+            r
+            for r in row["table"]
+            if not headline_only or r["baseline"] or r["target"] or r["ratio"] is not None
+        ]
+        lines.append(f"| **{row['row']}** | **{row['title']}** | | | | | | | | |")
+        if not shown:
+            lines.append(f"| {row['row']} | (no result: see Runs) | | | | | | | | |")
+        for r in shown:
+            unit = r["unit"]
+            baseline = ""
+            if r["baseline"]:
+                baseline = f"{r['baseline'].strip()}: {value(r['baseline_median'], unit)}"
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        str(row["row"]),
+                        r["measure"].strip(),
+                        str(r["n"]),
+                        f"**{value(r['median'], unit)}**",
+                        f"{number(r['min'])} - {number(r['max'])}",
+                        baseline,
+                        "" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                        target(r),
+                        r["pinning_short"],
+                        r["database"],
+                    ]
+                )
+                + " |"
+            )
+    return lines
+
+
+def target(row: dict[str, Any]) -> str:
+    if not row["target"]:
+        return ""
+    met = row["target_met"]
+    return f"{row['target']} " + ("met" if met else "**missed**" if met is False else "?")
+
+
+def number(x: float | None) -> str:
+    if x is None or x != x:  # None or NaN
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def value(x: float | None, unit: str) -> str:
+    return f"{number(x)} {unit}"
+
+
+def publish(result: dict[str, Any], plot: Path) -> None:
+    """README.md's Performance section gets the headline table and the plot."""
+    PUBLISHED_PLOT.parent.mkdir(exist_ok=True)
+    shutil.copyfile(plot, PUBLISHED_PLOT)
+    section = [
+        BEGIN,
+        f"Latest `make bench` ({result['date']}{', smoke sizes' if result['smoke'] else ''}):",
+        "",
+        machine_line(result["machine"]),
+        "",
+        *table(result, headline_only=True),
+        "",
+        f"![Benchmark plot](docs/{PUBLISHED_PLOT.name})",
+        END,
+    ]
+    text = README.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {BEGIN} … {END} section to publish into")
+    README.write_text(pattern.sub(lambda _: "\n".join(section), text))
