@@ -145,10 +145,13 @@ class Reconciler:
         return queued
 
     async def _newest(self, resource_type: str) -> str | None:
-        page = await self._fhir.search_json(
-            resource_type, [("_sort", "-_lastUpdated"), ("_count", "1"), ("_elements", "id")]
-        )
-        return _last_updated(page[0]) if page else None
+        # The first page only: following its `next` links would read every resource of
+        # the type, one per request.
+        params = [("_sort", "-_lastUpdated"), ("_count", "1"), ("_elements", "id")]
+        async for page in self._fhir.search_pages_json(resource_type, params):
+            found = _resources(page)
+            return _last_updated(found[0]) if found else None
+        return None
 
     async def _save(self, name: str, value: str) -> None:
         await self._api.run_db_interaction(

@@ -28,6 +28,7 @@ class ScriptedFhir:
         self.resources: dict[str, list[dict[str, Any]]] = {}
         self.searches: list[tuple[str, dict[str, str]]] = []
         self.history: dict[str, list[dict[str, Any]]] = {}
+        self.pages_read: dict[str, int] = {}
 
     def put(self, resource_type: str, resource_id: str, updated: str) -> None:
         found = self.resources.setdefault(resource_type, [])
@@ -40,14 +41,24 @@ class ScriptedFhir:
             entries = self.history.get(resource_type.split("/")[0], [])
             yield {"resourceType": "Bundle", "type": "history", "entry": entries}
             return
-        entries = [{"resource": r} for r in self.resources.get(resource_type, [])]
-        yield {"resourceType": "Bundle", "entry": entries}
+        found = self.resources.get(resource_type, [])
+        if dict(params).get("_sort") == "-_lastUpdated":
+            found = sorted(found, key=lambda r: r["meta"]["lastUpdated"], reverse=True)
+        count = int(dict(params).get("_count", "200"))
+        for start in range(0, max(len(found), 1), count):
+            self.pages_read[resource_type] = self.pages_read.get(resource_type, 0) + 1
+            yield {
+                "resourceType": "Bundle",
+                "entry": [{"resource": r} for r in found[start : start + count]],
+            }
 
     async def search_json(self, resource_type: str, params: Any) -> list[dict[str, Any]]:
-        newest = sorted(
-            self.resources.get(resource_type, []), key=lambda r: r["meta"]["lastUpdated"]
-        )
-        return newest[-1:]
+        # As FhirClient.search_json: every page.
+        return [
+            entry["resource"]
+            async for page in self.search_pages_json(resource_type, params)
+            for entry in page["entry"]
+        ]
 
 
 class ListQueue(list):
@@ -104,6 +115,21 @@ async def test_communications_start_from_now_and_leave_out_the_modules_own() -> 
     assert [q for q in queued if q.startswith("Communication/")] == ["Communication/new"]
     (_, params) = [s for s in fhir.searches if s[0] == "Communication"][-1]
     assert params["_tag:not"] == "urn:synapse-fhir-module:origin|matrix"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_first_sweep_from_now_reads_one_page_to_find_the_newest() -> None:
+    reconciler, fhir, queued, api = sweeper()
+    for i in range(5):
+        fhir.put("Patient", f"p{i}", f"2026-11-25T09:00:0{i}.000Z")
+    await reconciler.sweep()
+    assert sync_store.get_value(api.cursor, "watermark:Patient") == "2026-11-25T09:00:04.000Z"
+    newest = [p for t, p in fhir.searches if t == "Patient" and p["_sort"] == "-_lastUpdated"]
+    assert len(newest) == 1
+    # One page of one resource, not five: the `next` links are not followed.
+    patient_searches = [p for t, p in fhir.searches if t == "Patient"]
+    assert fhir.pages_read["Patient"] == len(patient_searches)
+    assert not [q for q in queued if q.startswith("Patient/")]
 
 
 @pytest_twisted.ensureDeferred
