@@ -1,35 +1,35 @@
 """Cost of a care-team decision inside the callback, and of is_user_expired.
 
-    python -m bench.membership_decision [--runs N] [--fhir URL]
+    python -m bench.membership_decision [--runs N] [--rounds R] [--smoke]
+        [--fhir URL [--hapi-pid PID]]
 
-Starts the HAPI dev server (unless --fhir is given), writes a care network, and calls
-the module's own callback objects (CareTeamGate, AccountValidity) with the real FHIR
-client, in this process. What Synapse itself adds around a callback is not counted;
-the baseline, measured in the same run and the same way, is a callback that does
-nothing but return NOT_SPAM.
+Starts the HAPI dev server (unless --fhir is given), pins it and this process like the
+other benchmarks, writes a care network, and calls the module's own callback objects
+(CareTeamGate, AccountValidity) with the real FHIR client, in this process. What Synapse
+itself adds around a callback is not counted. Baselines, measured in the same run the
+same way:
 
-- cached: user_may_join_room for a member, the team's answer already in memory;
-- cold: the same after forgetting the answer (one FHIR search with _include:iterate);
-- is_user_expired: for a remembered account.
+- cached: user_may_join_room for a member, the team's answer already in memory — against
+  a callback that does nothing but return NOT_SPAM;
+- cold: the same after forgetting the answer (one FHIR search with _include:iterate) —
+  against that FHIR search alone;
+- is_user_expired: for a remembered account — against the no-op callback.
+
+Each measure is timed in R rounds; each round gives one p50 and one p99, and the table
+shows their median, min and max across rounds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import tempfile
-import time
 import uuid
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from synapse.module_api import NOT_SPAM
-from twisted.internet import defer, task
 
+from bench._common import Row, Target, add_stack_arguments, report, stack
+from bench._module_parts import BenchApi, FixedBinding, Rounds, run_in_reactor, timed_rounds
 from devstack.fhir_seed import FhirSeeder
-from devstack.hapi import HapiDevServer
 from synapse_fhir_module.account_validity import AccountValidity
 from synapse_fhir_module.config import FhirConfig
 from synapse_fhir_module.enforcement import CareTeamGate
@@ -38,53 +38,13 @@ from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.team_directory import MEMBERSHIP_INCLUDES, CareTeamDirectory
 from tests.integration.care_network import CareNetwork
 
+NAME = "membership_decision"
 ROOM = "!bench:example.org"
+COLD_P99_MS = 50.0
+CACHED_P50_US = 50.0
 
 
-class BenchApi:
-    """The few ModuleApi members these parts touch, for running them outside Synapse."""
-
-    server_name = "example.org"
-
-    def register_cached_function(self, cached_func: Any) -> None:
-        pass
-
-    async def invalidate_cache(self, cached_func: Any, keys: tuple[Any, ...]) -> None:
-        cached_func.invalidate(keys)
-
-    def run_as_background_process(self, desc: str, func: Any, *args: Any) -> Any:
-        return defer.ensureDeferred(func(*args))
-
-
-class FixedBinding:
-    """Every room belongs to one team (room state lookups are Synapse's cost, not ours)."""
-
-    def __init__(self, team_ref: str) -> None:
-        self._team_ref = team_ref
-
-    async def care_team_of(self, room_id: str) -> str | None:
-        return self._team_ref
-
-
-async def timed(call: Callable[[], Awaitable[Any]], runs: int) -> list[float]:
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        await call()
-        samples.append(time.perf_counter() - started)
-    return samples
-
-
-def summary_us(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "p50_us": round(statistics.median(ordered) * 1e6, 1),
-        "p99_us": round(ordered[int(len(ordered) * 0.99) - 1] * 1e6, 1),
-        "max_us": round(ordered[-1] * 1e6, 1),
-    }
-
-
-async def run(fhir_url: str, runs: int) -> dict[str, Any]:
+async def measure(fhir_url: str, runs: int, rounds: int) -> dict[str, Rounds]:
     network = CareNetwork(uuid.uuid4().hex[:8])
     network.seed(FhirSeeder(fhir_url))
     fhir = FhirClient(FhirConfig(base_url=fhir_url, timeout=10.0))
@@ -96,24 +56,23 @@ async def run(fhir_url: str, runs: int) -> dict[str, Any]:
         service_user_id="@fhir:example.org",
         exempt_users=(),
         fail_closed=True,
-        is_local=lambda user_id: user_id.endswith(":example.org"),
+        is_local=api.is_mine,
         remove_member_soon=lambda room_id, user_id: None,
     )
     member = network.user_id("anna")
+    team_id = network.team.split("/", 1)[1]
 
-    async def noop_callback() -> str:
+    async def noop_callback(_: int) -> str:
         return NOT_SPAM
 
-    async def decide() -> str:
+    async def decide(_: int) -> str:
         return await gate.user_may_join_room(member, ROOM, False)
 
-    async def decide_cold() -> str:
+    async def decide_cold(_: int) -> str:
         await teams.invalidate_team(network.team)
         return await gate.user_may_join_room(member, ROOM, False)
 
-    team_id = network.team.split("/", 1)[1]
-
-    async def search_only() -> Any:
+    async def search_only(_: int) -> Any:
         # The FHIR round trip a cold decision makes, without the module's processing.
         return await fhir.search_json("CareTeam", [("_id", team_id), *MEMBERSHIP_INCLUDES])
 
@@ -121,58 +80,73 @@ async def run(fhir_url: str, runs: int) -> dict[str, Any]:
     validity = AccountValidity(api, persons, exempt_users=(), expire_unmapped=False)
     await persons.refresh([member])
 
-    async def expired() -> bool | None:
+    async def expired(_: int) -> bool | None:
         return await validity.is_user_expired(member)
 
-    await decide()  # warm up connections and code paths
-    baseline = await timed(noop_callback, runs)
-    cached = await timed(decide, runs)
-    cold_runs = max(runs // 50, 50)
-    await timed(decide_cold, cold_runs)  # let HAPI's JIT settle on this query first
-    cold = await timed(decide_cold, cold_runs)
-    search = await timed(search_only, cold_runs)
-    validity_samples = await timed(expired, runs)
-    base_p50 = statistics.median(baseline)
-    return {
-        "runs": runs,
-        "baseline_noop_callback": summary_us(baseline),
-        "cached_decision": summary_us(cached)
-        | {"ratio_p50_vs_baseline": round(statistics.median(cached) / base_p50, 1)},
-        "cold_decision": summary_us(cold),
-        "cold_fhir_search_alone": summary_us(search),
-        "is_user_expired": summary_us(validity_samples)
-        | {"ratio_p50_vs_baseline": round(statistics.median(validity_samples) / base_p50, 1)},
-        "targets": {"cached_p50_us": 50, "cold_p99_ms": 50},
+    per_round = max(runs // rounds, 1)
+    cold_per_round = max(per_round // 50, 10)
+    await decide(0)  # warm up connections and code paths
+    results = {
+        "noop": await timed_rounds(noop_callback, rounds=rounds, per_round=per_round),
+        "cached": await timed_rounds(decide, rounds=rounds, per_round=per_round),
     }
+    # Let HAPI's JIT settle on this query first.
+    await timed_rounds(decide_cold, rounds=1, per_round=cold_per_round * 2)
+    # Cold decisions and the search alone take turns round by round, so both see the same
+    # HAPI (its JIT, its garbage collector, a neighbour's load).
+    cold = Rounds([], [], 0)
+    search = Rounds([], [], 0)
+    for _ in range(rounds):
+        for into, call in ((cold, decide_cold), (search, search_only)):
+            one = await timed_rounds(call, rounds=1, per_round=cold_per_round)
+            into.p50 += one.p50
+            into.p99 += one.p99
+            into.calls += one.calls
+    results["cold"] = cold
+    results["search"] = search
+    results["expired"] = await timed_rounds(expired, rounds=rounds, per_round=per_round)
+    return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=5000)
-    parser.add_argument("--fhir", help="use this FHIR base URL instead of starting HAPI")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--runs", type=int, default=5000, help="calls per cached measure")
+    parser.add_argument("--rounds", type=int, default=5)
+    add_stack_arguments(parser)
     args = parser.parse_args()
+    runs = min(args.runs, 500) if args.smoke else args.runs
+    rounds = min(args.rounds, 3) if args.smoke else args.rounds
 
-    hapi = None
-    fhir_url = args.fhir
-    if fhir_url is None:
-        hapi = HapiDevServer(Path(tempfile.mkdtemp(prefix="bench-decision-")))
-        hapi.start()
-        fhir_url = hapi.base_url
-    result: dict[str, Any] = {}
-    try:
-
-        async def go(reactor: Any) -> None:
-            result.update(await run(fhir_url, args.runs))
-
-        # react() ends with SystemExit: 0 on success, 1 when run() raised.
-        task.react(lambda reactor: defer.ensureDeferred(go(reactor)))
-    except SystemExit as e:
-        if e.code:
-            raise
-    finally:
-        if hapi is not None:
-            hapi.stop()
-    print(json.dumps(result, indent=2))
+    with stack(NAME, args) as the_stack:
+        results = run_in_reactor(lambda: measure(the_stack.fhir_url, runs, rounds))
+        noop = results["noop"].rows("no-op callback (baseline)", "µs")
+        search = results["search"].rows("FHIR membership search alone (baseline)", "ms")
+        rows: list[Row] = [
+            *noop,
+            *results["cached"].rows(
+                "cached decision", "µs", baseline=noop, p50_target=Target("<=", CACHED_P50_US)
+            ),
+            *search,
+            *results["cold"].rows(
+                "cold decision",
+                "ms",
+                baseline=search,
+                p99_target=Target("<=", COLD_P99_MS),
+                note="forgets the team's answer first: one FHIR search with _include:iterate",
+            ),
+            *results["expired"].rows("is_user_expired", "µs", baseline=noop),
+        ]
+        report(
+            NAME,
+            "Care-team decision and is_user_expired, in-process (Synapse not counted)",
+            rows,
+            the_stack=the_stack,
+            parameters={
+                "runs": runs,
+                "rounds": rounds,
+                "calls_per_round": {k: r.calls // rounds for k, r in results.items()},
+            },
+        )
 
 
 if __name__ == "__main__":
