@@ -13,8 +13,18 @@ ids, so every conditional create really creates. Arms, through the module's own
   message, the next after the previous answered;
 - one-by-one, ``--concurrency`` in flight: the same with several requests at once.
 
+HAPI answers over loopback here, where a request costs little beyond HAPI's own work per
+resource. A FHIR server elsewhere in a hospital network is some milliseconds away, and
+that is paid once per request: with ``--rtt-ms`` (default 10) the batched and one-by-one
+arms run once more through a proxy (``devstack.stalling_proxy``) that holds every
+request that long before passing it on.
+
 Each round runs every arm on ``--messages`` messages, in an order that changes every
 round; a warm-up round comes first and is not counted. Throughput = messages / wall time.
+
+``--profile-hapi``: after the rounds, one more batched and one more one-by-one round run
+under Java Flight Recorder (``bench.java_profile``); the report names the HAPI methods
+that take the most of HAPI's request time in each.
 """
 
 from __future__ import annotations
@@ -25,13 +35,16 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from fhir.resources.R4B.communication import Communication
 from twisted.internet import defer, task
 
 from bench._common import Row, Stack, Target, add_stack_arguments, message_body, report, stack
+from bench.java_profile import java_profile
 from devstack.fhir_seed import FhirSeeder
+from devstack.stalling_proxy import StallingProxy
 from synapse_fhir_module.communication_mapping import (
     CommunicationWrite,
     RoomContext,
@@ -98,8 +111,20 @@ async def timed(call: Callable[[], Awaitable[None]], count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+# The HAPI methods named in the report: per entry (create) vs the whole transaction.
+PER_ENTRY = "ca.uhn.fhir.jpa.dao.BaseHapiFhirResourceDao.doCreateForPostOrPut"
+HOT_FRAMES = 12
+
+
 async def run_async(
-    fhir_url: str, *, messages: int, rounds: int, batch: int, concurrency: int
+    fhir_url: str,
+    *,
+    messages: int,
+    rounds: int,
+    batch: int,
+    concurrency: int,
+    far_url: str | None,
+    profile: tuple[int, Path] | None,
 ) -> dict[str, Any]:
     network = CareNetwork(uuid.uuid4().hex[:8])
     seeder = FhirSeeder(fhir_url)
@@ -128,20 +153,33 @@ async def run_async(
     await writer.write(parents)
     maker = MessageMaker(room, senders, [event_id for event_id, _ in parents])
 
-    async def batched(writes: Writes) -> None:
-        for start in range(0, len(writes), batch):
-            result = await writer.write(writes[start : start + batch])
-            if result.dead:
-                raise RuntimeError(f"HAPI refused {len(result.dead)} writes")
+    def batched_on(client: FhirClient) -> Callable[[Writes], Awaitable[None]]:
+        batch_writer = CommunicationWriter(client)
 
-    async def one(write: CommunicationWrite) -> None:
-        await fhir.create_if_none_exist(
+        async def batched(writes: Writes) -> None:
+            for start in range(0, len(writes), batch):
+                result = await batch_writer.write(writes[start : start + batch])
+                if result.dead:
+                    raise RuntimeError(f"HAPI refused {len(result.dead)} writes")
+
+        return batched
+
+    def one_by_one_on(client: FhirClient) -> Callable[[Writes], Awaitable[None]]:
+        async def one_by_one(writes: Writes) -> None:
+            for _, write in writes:
+                await create(client, write)
+
+        return one_by_one
+
+    async def create(client: FhirClient, write: CommunicationWrite) -> None:
+        await client.create_if_none_exist(
             Communication.model_validate(write.resource), write.if_none_exist or ""
         )
 
-    async def one_by_one(writes: Writes) -> None:
-        for _, write in writes:
-            await one(write)
+    async def one(write: CommunicationWrite) -> None:
+        await create(fhir, write)
+
+    batched, one_by_one = batched_on(fhir), one_by_one_on(fhir)
 
     async def one_by_one_concurrent(writes: Writes) -> None:
         limit = defer.DeferredSemaphore(concurrency)
@@ -155,6 +193,9 @@ async def run_async(
         ("one_by_one", one_by_one),
         ("one_by_one_concurrent", one_by_one_concurrent),
     ]
+    if far_url is not None:
+        far = FhirClient(FhirConfig(base_url=far_url, timeout=120.0), pool_size=concurrency)
+        arms += [("batched_far", batched_on(far)), ("one_by_one_far", one_by_one_on(far))]
     warmup = max(10, messages // 2)
     for _, arm in arms:  # HAPI's JIT and the connection pool settle first
         await arm(maker.writes(warmup))
@@ -164,11 +205,44 @@ async def run_async(
         for name, arm in order:
             writes = maker.writes(messages)
             throughput[name].append(await timed(functools.partial(arm, writes), messages))
-    return {"throughput": throughput, "warmup": warmup}
+    profiles: dict[str, Any] = {}
+    if profile is not None:
+        pid, directory = profile
+        for name, arm in (("batched", batched), ("one_by_one", one_by_one)):
+            with java_profile(pid, directory / f"{name}.jfr") as recording:
+                await arm(maker.writes(messages))
+            profiles[name] = {
+                "samples": recording.samples,
+                "hot_frames": recording.hot_frames(HOT_FRAMES),
+                "per_entry_share": dict(recording.hot_frames(10_000)).get(PER_ENTRY, 0.0),
+            }
+    return {"throughput": throughput, "warmup": warmup, "profiles": profiles}
 
 
-def run(the_stack: Stack, *, messages: int, rounds: int, batch: int, concurrency: int) -> None:
+def run(
+    the_stack: Stack,
+    *,
+    messages: int,
+    rounds: int,
+    batch: int,
+    concurrency: int,
+    rtt_ms: float,
+    profile_hapi: bool,
+) -> None:
     result: dict[str, Any] = {}
+    proxy: StallingProxy | None = None
+    far_url = None
+    if rtt_ms > 0:
+        origin, path = the_stack.fhir_url.split("/fhir", 1)[0], "/fhir"
+        proxy = StallingProxy(origin)
+        proxy.start()
+        proxy.stall(rtt_ms / 1000)
+        far_url = proxy.url(path)
+    profile = None
+    if profile_hapi:
+        if the_stack.pinning.hapi_pid is None:
+            raise SystemExit("--profile-hapi needs HAPI's pid (--hapi-pid with --fhir)")
+        profile = (the_stack.pinning.hapi_pid, the_stack.workdir)
 
     async def go(reactor: Any) -> None:
         result.update(
@@ -178,6 +252,8 @@ def run(the_stack: Stack, *, messages: int, rounds: int, batch: int, concurrency
                 rounds=rounds,
                 batch=batch,
                 concurrency=concurrency,
+                far_url=far_url,
+                profile=profile,
             )
         )
 
@@ -187,8 +263,20 @@ def run(the_stack: Stack, *, messages: int, rounds: int, batch: int, concurrency
     except SystemExit as e:
         if e.code:
             raise
+    finally:
+        if proxy is not None:
+            proxy.stop()
     throughput = result["throughput"]
+    profiles = result["profiles"]
     baseline = Row("one-by-one conditional creates", "msg/s", throughput["one_by_one"])
+    note = ""
+    if profiles:
+        note = (
+            "JFR: HAPI spends {:.0%} of its request time in the per-entry create inside the "
+            "transaction, {:.0%} one by one (see details)".format(
+                profiles["batched"]["per_entry_share"], profiles["one_by_one"]["per_entry_share"]
+            )
+        )
     rows = [
         Row(
             f"batched: transaction of {batch} (CommunicationWriter)",
@@ -196,6 +284,7 @@ def run(the_stack: Stack, *, messages: int, rounds: int, batch: int, concurrency
             throughput["batched"],
             baseline=baseline,
             target=Target(">=", 5, of_ratio=True),
+            note=note,
         ),
         baseline,
         Row(
@@ -205,6 +294,21 @@ def run(the_stack: Stack, *, messages: int, rounds: int, batch: int, concurrency
             baseline=baseline,
         ),
     ]
+    if rtt_ms > 0:
+        far_baseline = Row(
+            f"one-by-one, FHIR {rtt_ms:g} ms away", "msg/s", throughput["one_by_one_far"]
+        )
+        rows += [
+            Row(
+                f"batched, FHIR {rtt_ms:g} ms away",
+                "msg/s",
+                throughput["batched_far"],
+                baseline=far_baseline,
+                target=Target(">=", 5, of_ratio=True),
+                note="each request held that long by a proxy: a network round trip",
+            ),
+            far_baseline,
+        ]
     report(
         NAME,
         f"Communication writes to HAPI: batched vs one-by-one, {messages} messages x {rounds} "
@@ -217,7 +321,9 @@ def run(the_stack: Stack, *, messages: int, rounds: int, batch: int, concurrency
             "batch_size": batch,
             "concurrency": concurrency,
             "warmup_per_arm": result["warmup"],
+            "rtt_ms": rtt_ms,
         },
+        details={"hapi_profiles": profiles},
     )
 
 
@@ -228,6 +334,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=50, help="the module's default")
     parser.add_argument("--concurrency", type=int, default=10, help="the client's pool size")
+    parser.add_argument(
+        "--rtt-ms", type=float, default=10.0, help="a FHIR server this far away too (0: not)"
+    )
+    parser.add_argument("--profile-hapi", action="store_true", help="name HAPI's hot methods (JFR)")
     args = parser.parse_args()
     if args.smoke:
         args.messages, args.rounds = 25, 1
@@ -238,6 +348,8 @@ def main() -> None:
             rounds=args.rounds,
             batch=args.batch_size,
             concurrency=args.concurrency,
+            rtt_ms=args.rtt_ms,
+            profile_hapi=args.profile_hapi,
         )
 
 

@@ -72,7 +72,12 @@ STEPS = [
     Step(4, "membership_decision"),
     Step(1, "send_throughput"),
     Step(2, "communication_latency"),
-    Step(3, "communication_batching"),
+    Step(
+        3,
+        "communication_batching",
+        arguments=["--profile-hapi"],
+        smoke_arguments=["--profile-hapi"],
+    ),
     Step(8, "send_fhir_stall"),
     Step(7, "send_throughput", "postgres"),
     Step(7, "communication_latency", "postgres", ["--rates", "50"], ["--rates", "50"]),
