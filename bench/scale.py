@@ -26,7 +26,7 @@ the Matrix side).
   after a full reconcile and a lookup of every member (bytes while filled minus bytes once
   both are emptied). Baseline: the same for 100 teams. The directory's cache is sized to
   hold every team (Synapse's ``caches.per_cache_factors.care_team_membership``); as
-  shipped it keeps 500 (1000 x the default cache factor 0.5).
+  shipped it keeps ``MAX_CACHED_TEAMS`` x the default cache factor 0.5 (10,000).
 - Decisions: ``CareTeamGate.user_may_join_room`` for random members of random teams with
   every team cached, against the same with one team cached; cold decisions (answer
   forgotten first) against the FHIR search alone; decisions with the cache as shipped;
@@ -73,7 +73,11 @@ from synapse_fhir_module.fhir_sync import FhirSync
 from synapse_fhir_module.identity import MATRIX_ID_SYSTEM, matrix_uri
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.reconcile import Reconciler
-from synapse_fhir_module.team_directory import MEMBERSHIP_INCLUDES, CareTeamDirectory
+from synapse_fhir_module.team_directory import (
+    MAX_CACHED_TEAMS,
+    MEMBERSHIP_INCLUDES,
+    CareTeamDirectory,
+)
 
 NAME = "scale"
 SERVICE_USER = f"@fhir:{SERVER_NAME}"
@@ -241,7 +245,7 @@ def directory(api: BenchApi, fhir: FhirClient, teams: int | None) -> CareTeamDir
     directory = CareTeamDirectory(api, fhir, ttl=24 * 3600.0)  # type: ignore[arg-type]
     if teams is not None:
         lru = directory.care_team_membership.cache.cache
-        lru.set_cache_factor(max(1.0, math.ceil(teams * 1.1 / 1000)))
+        lru.set_cache_factor(max(1.0, math.ceil(teams * 1.1 / MAX_CACHED_TEAMS)))
     return directory
 
 
@@ -711,7 +715,8 @@ def rows_of(network: Network, out: dict[str, Any], sizes: Sizes) -> list[Row]:
             baseline=search,
             note=(
                 f"the directory's cache holds {out['details']['shipped_cache_teams_held']}"
-                " teams as shipped (1000 x cache factor 0.5); measured once it is full"
+                f" teams as shipped ({MAX_CACHED_TEAMS:,} x cache factor 0.5); measured once"
+                " it is full"
             ),
         ),
         *few,

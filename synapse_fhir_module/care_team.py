@@ -8,6 +8,7 @@ members whose participation period covers ``now`` and whose person is active.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -24,6 +25,7 @@ ADMITTING_STATUSES = frozenset({"active", "proposed"})
 MAX_NESTING = 5
 # When one user is reached as several kinds of member, the first kind here wins.
 TYPE_PRECEDENCE = ("Practitioner", "RelatedPerson", "Patient")
+NO_ROLES: frozenset[str] = frozenset()
 
 Resources = Mapping[str, Mapping[str, Any]]
 
@@ -141,8 +143,12 @@ def _add_person(
     if not is_active(person):
         inactive.update(matrix_ids_of(person))
         return
-    member_type = person_ref.split("/", 1)[0]
-    for user_id in matrix_ids_of(person):
+    # Interned: the same people sit in many teams, and every cached answer would otherwise
+    # hold its own copies of their ids (measured by bench/scale).
+    member_type = sys.intern(person_ref.split("/", 1)[0])
+    person_ref = sys.intern(person_ref)
+    roles = frozenset(map(sys.intern, roles)) if roles else NO_ROLES
+    for user_id in map(sys.intern, matrix_ids_of(person)):
         claimed_by.setdefault(user_id, set()).add(person_ref)
         earlier = found.get(user_id)
         if earlier is not None:
