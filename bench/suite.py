@@ -71,6 +71,7 @@ class Step:
 STEPS = [
     Step(4, "membership_decision"),
     Step(1, "send_throughput"),
+    Step(1, "send_profile"),  # where the recording arm's extra CPU goes (py-spy)
     Step(2, "communication_latency"),
     Step(
         3,
