@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,14 +29,28 @@ RATE = 250  # samples per second
 @dataclass
 class Profile:
     path: Path
+    rate: int = RATE
     samples: int = 0
     in_module: int = 0
     inclusive: Counter[str] = field(default_factory=Counter)
+    stacks: list[tuple[frozenset[str], int]] = field(default_factory=list)
+
+    def part_samples(self, counts: Callable[[str], bool]) -> int:
+        """Samples with at least one function ``counts`` accepts on their stack."""
+        return sum(n for functions, n in self.stacks if any(counts(f) for f in functions))
 
     @property
     def module_share(self) -> float:
         """Share of the process's CPU samples under this module's functions."""
         return self.in_module / self.samples if self.samples else 0.0
+
+    def cpu_ms(self, function: str) -> float:
+        """CPU milliseconds the samples under ``function`` stand for."""
+        return self.inclusive.get(function, 0) * 1000 / self.rate
+
+    @property
+    def total_cpu_ms(self) -> float:
+        return self.samples * 1000 / self.rate
 
     def hot_functions(self, count: int, *, module_only: bool = False) -> list[tuple[str, float]]:
         if not self.samples:
@@ -82,7 +96,8 @@ def _summarise(profile: Profile) -> None:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        functions = {_function(frame) for frame in stack.split(";")}
+        functions = frozenset(_function(frame) for frame in stack.split(";"))
+        profile.stacks.append((functions, count))
         profile.samples += count
         if any(MODULE_PATH in f for f in functions):
             profile.in_module += count
