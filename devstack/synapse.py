@@ -4,6 +4,9 @@ A subprocess rather than an in-process homeserver: tests need to SIGKILL and
 restart it, run several side by side with different configs, and see a bad
 config stop it exactly as an operator would (``bench/synapse_start.py`` measures
 both ways of starting).
+
+Optionally with one generic worker beside the main process (``worker``: its instance
+name), as Synapse requires it: on PostgreSQL, with Redis for replication.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from devstack.federation import federation_config, loopback_server_name
 from devstack.ports import free_port
 from devstack.postgres import PostgresDatabase
 from devstack.processes import ManagedProcess
+from devstack.redis import RedisServer
 from devstack.waiting import StopWaiting, wait_until
 
 SERVER_NAME = "example.org"
@@ -52,6 +56,14 @@ class SynapseServer:
     ``127.0.0.1:<federation_port>``, serves federation over TLS on that port and federates
     with the servers named in ``federation_peers`` (see ``devstack.federation``).
     Its database is SQLite in ``workdir``, or ``postgres`` (see ``devstack.postgres``).
+
+    With ``worker`` (and then ``postgres`` and ``redis``) a generic worker of that instance
+    name runs beside the main process, started after it and stopped before it: the main
+    process gets a replication listener, ``instance_map: {main: ...}`` and ``redis``, the
+    worker a client listener of its own (``worker_url``; module web resources are served
+    there too) and its own log. Synapse's own background tasks stay on the main process
+    (no ``run_background_tasks_on``): what moves to the worker is what the module config's
+    ``worker`` key gives it, nothing else.
     """
 
     def __init__(
@@ -65,9 +77,15 @@ class SynapseServer:
         federation_peers: Sequence[str] = (),
         metrics: bool = False,
         postgres: PostgresDatabase | None = None,
+        redis: RedisServer | None = None,
+        worker: str | None = None,
     ) -> None:
+        if worker is not None and (postgres is None or redis is None):
+            raise ValueError("a Synapse worker needs PostgreSQL and Redis")
         self.workdir = workdir
         self.postgres = postgres
+        self.redis = redis
+        self.worker_name = worker
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -83,6 +101,16 @@ class SynapseServer:
             f"http://127.0.0.1:{self.metrics_port}/_synapse/metrics" if metrics else None
         )
         self.config_path = self.workdir / "homeserver.yaml"
+        # The worker's ports (unused without one).
+        self.replication_port = free_port() if worker else 0
+        self.worker_port = free_port() if worker else 0
+        self.worker_url = f"http://127.0.0.1:{self.worker_port}" if worker else None
+        self.worker_metrics_port = free_port() if worker and metrics else None
+        self.worker_metrics_url = (
+            f"http://127.0.0.1:{self.worker_metrics_port}/_synapse/metrics"
+            if self.worker_metrics_port is not None
+            else None
+        )
         self._write_config(fhir_module, extra_config or {})
         self.process = ManagedProcess(
             "synapse",
@@ -90,13 +118,35 @@ class SynapseServer:
             self.workdir / "console.log",
             cwd=self.workdir,
         )
+        self.worker_process: ManagedProcess | None = None
+        if worker is not None:
+            worker_config = self._write_worker_config(worker)
+            self.worker_process = ManagedProcess(
+                f"synapse-{worker}",
+                [
+                    sys.executable,
+                    "-m",
+                    "synapse.app.generic_worker",
+                    "-c",
+                    str(self.config_path),
+                    "-c",
+                    str(worker_config),
+                ],
+                self.workdir / f"console-{worker}.log",
+                cwd=self.workdir,
+            )
         self.start_seconds: float | None = None
 
     @property
     def log_path(self) -> Path:
         return self.workdir / "homeserver.log"
 
+    @property
+    def worker_log_path(self) -> Path | None:
+        return None if self.worker_name is None else self.workdir / f"{self.worker_name}.log"
+
     def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the main process (then the worker, if any) and wait until they answer."""
         self.process.start()
         wait_until(
             self._ready,
@@ -105,6 +155,22 @@ class SynapseServer:
             interval=0.05,
         )
         self.start_seconds = time.monotonic() - self.process.started_at
+        if self.worker_process is not None:
+            self.start_worker(timeout)
+
+    def start_worker(self, timeout: float = START_TIMEOUT) -> None:
+        assert self.worker_process is not None, "no worker configured"
+        self.worker_process.start()
+        wait_until(
+            self._worker_ready,
+            timeout=timeout,
+            what=f"the Synapse worker answering {self.worker_url}/health (logs in {self.workdir})",
+            interval=0.05,
+        )
+
+    def stop_worker(self) -> None:
+        if self.worker_process is not None:
+            self.worker_process.stop()
 
     def start_expecting_failure(self, timeout: float = START_TIMEOUT) -> str:
         """Start and wait for Synapse to exit; return what it printed."""
@@ -114,9 +180,12 @@ class SynapseServer:
         return self.process.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        self.stop_worker()
         self.process.stop()
 
     def kill(self) -> None:
+        if self.worker_process is not None:
+            self.worker_process.kill()
         self.process.kill()
 
     def url(self, path: str) -> str:
@@ -134,6 +203,52 @@ class SynapseServer:
             return requests.get(self.url("/health"), timeout=2).status_code == 200
         except requests.RequestException:
             return False
+
+    def _worker_ready(self) -> bool:
+        assert self.worker_process is not None
+        if not self.worker_process.running:
+            raise StopWaiting(
+                f"The Synapse worker exited with code {self.worker_process.exit_code()}:\n"
+                f"{self.worker_process.log_tail()}"
+            )
+        try:
+            return requests.get(f"{self.worker_url}/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _write_worker_config(self, name: str) -> Path:
+        """The worker's own file, read after ``homeserver.yaml`` (which it shares)."""
+        assert self.worker_log_path is not None
+        log_config = self.workdir / f"log-{name}.config"
+        log_config.write_text(yaml.safe_dump(_log_config(self.worker_log_path)))
+        listeners: list[dict[str, Any]] = [
+            {
+                "port": self.worker_port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": False,
+                "x_forwarded": False,
+                "resources": [{"names": ["client"], "compress": False}],
+            }
+        ]
+        if self.worker_metrics_port is not None:
+            listeners.append(
+                {
+                    "port": self.worker_metrics_port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "metrics",
+                }
+            )
+        config = {
+            "worker_app": "synapse.app.generic_worker",
+            "worker_name": name,
+            "worker_listeners": listeners,
+            "worker_log_config": str(log_config),
+            "worker_pid_file": str(self.workdir / f"{name}.pid"),
+        }
+        path = self.workdir / f"worker-{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
 
     def _write_config(self, fhir_module: dict[str, Any] | None, extra: dict[str, Any]) -> None:
         signing_key = self.workdir / "signing.key"
@@ -204,6 +319,22 @@ class SynapseServer:
             config["modules"] = [
                 {"module": "synapse_fhir_module.FhirModule", "config": fhir_module}
             ]
+        if self.worker_name is not None:
+            assert self.redis is not None
+            # Workers reach the main process over HTTP replication; every process follows
+            # the others' streams through Redis.
+            config["listeners"].append(
+                {
+                    "port": self.replication_port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": False,
+                    "resources": [{"names": ["replication"], "compress": False}],
+                }
+            )
+            config["instance_map"] = {"main": {"host": "127.0.0.1", "port": self.replication_port}}
+            config["redis"] = self.redis.synapse_config()
         if self.federation_port is not None:
             federation = federation_config(
                 self.workdir, self.federation_port, self.federation_peers

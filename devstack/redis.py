@@ -1,0 +1,100 @@
+"""A throwaway Redis server for Synapse's worker replication, as a managed process.
+
+``redis-server`` on 127.0.0.1 and a free port, nothing persisted (no RDB snapshots, no
+append-only file), its working directory a fresh temporary one, stopped by its PID. Synapse
+only uses it as a pub/sub bus between its processes (and a small cache).
+
+The binary comes from Debian's ``redis-server`` package (``.ci/run`` installs it without
+starting a service): ``redis-server`` on ``PATH``, or the file ``SFM_REDIS_SERVER`` names.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from devstack.ports import free_port
+from devstack.processes import ManagedProcess
+from devstack.waiting import StopWaiting, wait_until
+
+START_TIMEOUT = 30.0
+
+
+class RedisNotInstalled(RuntimeError):
+    pass
+
+
+def find_redis_server() -> str:
+    configured = os.environ.get("SFM_REDIS_SERVER")
+    found = configured if configured and os.path.isfile(configured) else None
+    found = found or (None if configured else shutil.which("redis-server"))
+    if found is None:
+        raise RedisNotInstalled(
+            "redis-server not found"
+            + (f" at SFM_REDIS_SERVER={configured}" if configured else " on PATH")
+            + ": Synapse workers replicate through Redis. Install Debian's package"
+            " (`apt-get install redis-server`, as .ci/run does) or point SFM_REDIS_SERVER"
+            " at the binary."
+        )
+    return found
+
+
+class RedisServer:
+    """One ``redis-server``; ``log_dir`` keeps its log (its directory goes at ``stop``)."""
+
+    def __init__(self, log_dir: Path, *, port: int | None = None) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="sfm-redis-"))
+        self.process = ManagedProcess(
+            "redis",
+            [
+                find_redis_server(),
+                "--bind",
+                self.host,
+                "--port",
+                str(self.port),
+                "--save",
+                "",  # no snapshots
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self.root),
+                "--logfile",
+                "",  # to stdout: the process log
+            ],
+            log_dir / f"redis-{self.port}.log",
+            cwd=self.root,
+        )
+
+    def synapse_config(self) -> dict[str, object]:
+        """The ``redis:`` section of ``homeserver.yaml``."""
+        return {"enabled": True, "host": self.host, "port": self.port}
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        self.process.start()
+        wait_until(
+            self._ready,
+            timeout=timeout,
+            what=f"Redis answering PING on {self.host}:{self.port} (log: {self.process.log_path})",
+            interval=0.05,
+        )
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM by its PID; nothing to save) and delete its directory."""
+        self.process.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _ready(self) -> bool:
+        if not self.process.running:
+            raise StopWaiting(
+                f"Redis exited with code {self.process.exit_code()}:\n{self.process.log_tail()}"
+            )
+        with socket.create_connection((self.host, self.port), timeout=2) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(64).startswith(b"+PONG")
