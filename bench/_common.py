@@ -5,6 +5,8 @@ table + JSON every benchmark reports.
 Pinning: HAPI gets one CPU, Synapse and the load generator (this process) the other, the
 same way in every arm, so arms compete for the same cores. HAPI is started unpinned and
 pinned once it answers (a JVM started on one CPU picks a different garbage collector).
+A Synapse worker and its Redis, when an arm has them, go on HAPI's CPU (``pin_beside_hapi``):
+the sending process keeps its CPU to itself, as in a deployment with a background worker.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixUser, register_user
 from devstack.postgres import PostgresCluster
+from devstack.redis import RedisServer
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer
 from devstack.waiting import wait_until
@@ -60,6 +63,7 @@ class Pinning:
     local_cpus: list[int] | None
     method: str  # "taskset", "sched_setaffinity", or why nothing is pinned
     hapi_pid: int | None = None
+    beside_hapi: list[str] = field(default_factory=list)  # what else runs on HAPI's CPU
 
     @classmethod
     def plan(cls, hapi_pid: int | None = None) -> Pinning:
@@ -84,6 +88,13 @@ class Pinning:
         if self.local_cpus is not None:
             _pin(pid, self.local_cpus, self.method)
 
+    def pin_beside_hapi(self, pid: int, what: str) -> None:
+        """A process that must not take the Synapse CPU (a background worker, its Redis)."""
+        if self.hapi_cpus is not None:
+            _pin(pid, self.hapi_cpus, self.method)
+            if what not in self.beside_hapi:
+                self.beside_hapi.append(what)
+
     def unpin(self, pid: int) -> None:
         """Back on every CPU the plan shares out (e.g. this process, before it starts a
         JVM that would otherwise inherit one CPU)."""
@@ -104,7 +115,10 @@ class Pinning:
             if self.hapi_pid is not None
             else "HAPI not pinned (external server, pid unknown)"
         )
-        return f"{hapi}; Synapse + load generator on CPU {self.local_cpus}; via {self.method}"
+        beside = f" with {' and '.join(self.beside_hapi)}" if self.beside_hapi else ""
+        return (
+            f"{hapi}{beside}; Synapse + load generator on CPU {self.local_cpus}; via {self.method}"
+        )
 
 
 def _pin(pid: int, cpus: Sequence[int], method: str) -> None:
@@ -132,8 +146,15 @@ class Stack:
     database: str  # Synapse's: "sqlite" or "postgres"
     servers: list[SynapseServer] = field(default_factory=list)
     postgres: PostgresCluster | None = None
+    redis: RedisServer | None = None
 
-    def start_synapse(self, name: str, fhir_module: dict[str, Any] | None) -> SynapseServer:
+    def start_synapse(
+        self, name: str, fhir_module: dict[str, Any] | None, *, worker: str | None = None
+    ) -> SynapseServer:
+        """``worker``: a generic worker of that name beside the main process (PostgreSQL
+        only), it and the stack's Redis pinned beside HAPI."""
+        if worker is not None and self.database != "postgres":
+            raise ValueError("a Synapse worker needs --database postgres")
         database = None
         if self.database == "postgres":
             if self.postgres is None:
@@ -142,17 +163,34 @@ class Stack:
                 # Synapse's database works for Synapse: on its CPU (backends inherit it).
                 self.pinning.pin_local(self.postgres.process.pid)
             database = self.postgres.create_database(f"bench_{uuid.uuid4().hex[:12]}")
-        server = SynapseServer(self.workdir / name, fhir_module, postgres=database)
+        if worker is not None and self.redis is None:
+            self.redis = RedisServer(self.workdir)
+            self.redis.start()
+            self.pinning.pin_beside_hapi(self.redis.process.pid, "Redis")
+        server = SynapseServer(
+            self.workdir / name,
+            fhir_module,
+            postgres=database,
+            redis=self.redis if worker is not None else None,
+            worker=worker,
+        )
         self.servers.append(server)
         server.start()
         self.pinning.pin_local(server.process.pid)
+        if server.worker_process is not None:
+            self.pinning.pin_beside_hapi(server.worker_process.pid, "the Synapse worker")
         return server
 
     def cpu_seconds(self, server: SynapseServer) -> float:
-        """CPU time Synapse (and its PostgreSQL, when it has one) has used so far."""
+        """CPU time Synapse (and its PostgreSQL, when it has one; its worker and Redis,
+        when it has a worker) has used so far."""
         used = process_group_cpu_seconds(server.process.pid)
         if self.postgres is not None:
             used += process_group_cpu_seconds(self.postgres.process.pid)
+        if server.worker_process is not None:
+            used += process_group_cpu_seconds(server.worker_process.pid)
+            if self.redis is not None:
+                used += process_group_cpu_seconds(self.redis.process.pid)
         return used
 
     def result_name(self, name: str) -> str:
@@ -214,6 +252,8 @@ def stack(name: str, args: argparse.Namespace) -> Iterator[Stack]:
             server.stop()
         if the_stack is not None and the_stack.postgres is not None:
             the_stack.postgres.stop()
+        if the_stack is not None and the_stack.redis is not None:
+            the_stack.redis.stop()
         if hapi is not None:
             hapi.stop()
         if ok:

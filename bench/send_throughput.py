@@ -4,7 +4,8 @@
     python -m bench.send_throughput [--smoke] [--messages 250] [--concurrent 200]
         [--deliveries 50] [--rounds 6]
 
-Three Synapse subprocesses side by side, same version, same config but for the module,
+Three Synapse subprocesses side by side (four with ``--database postgres``), same version,
+same config but for the module,
 each with the same room shape (a space bound to a CareTeam, a room the space lists, and
 five members of the team joined: the GP, the nurse, the daughter, the patient and the
 pharmacist), all talking to the same HAPI:
@@ -15,6 +16,15 @@ pharmacist), all talking to the same HAPI:
 - module, recording off: enforcement and account validity on, ``communication.enabled:
   false`` — to tell what recording costs from what enforcement costs;
 - module, recording on: the default config; every message becomes a Communication.
+- module, recording on, drain on a worker (``--database postgres`` only: Synapse workers
+  need PostgreSQL): the main process plus one generic worker, ``background``, replicating
+  through Redis, and the module config's ``worker: background`` — the enqueue (on the
+  worker's ``on_new_event``, fed by replication) and the drain (outbox reads, the HTTP
+  writes to FHIR) run on the worker; the senders talk to the main process as in every other
+  arm. The worker and Redis are pinned to HAPI's CPU, not Synapse's: the send path keeps its
+  own CPU, as it would in a deployment that gives background work a worker (PostgreSQL,
+  shared by both processes, stays on the Synapse CPU, so the drain's queries still land
+  there). Synapse's own background tasks stay on the main process in this arm too.
 
 Measured per arm and round:
 
@@ -33,15 +43,16 @@ Measured per arm and round:
   for each, the time from the send request starting until the /sync answer carrying its
   event id arrived; the next one is sent only after that delivery;
 - Synapse's CPU time per sequential message (user + system, from /proc, with its
-  PostgreSQL's when it has one), for the recording arm until its outbox is empty again —
-  what each arm costs, less sensitive than throughput to whatever else the machine runs.
+  PostgreSQL's when it has one, and the worker's and Redis's in the worker arm), for the
+  recording arms until their outbox is empty again — what each arm costs, less sensitive
+  than throughput to whatever else the machine runs.
 
 A row's samples are one value per round; the table shows their median, min and max.
 Measures run one after the other (sequential, concurrent, delivery), and for each the
 arms take turns, in an order that rotates every round; before every measurement the
-recording arm's outbox is drained (its FHIR writes would otherwise load the next arm's
-CPU). A warm-up round (smaller) comes first and is not counted. At the end every message
-sent in the recording arm, by every measure, must be in HAPI once.
+recording arms' outboxes are drained (their FHIR writes would otherwise load the next
+arm's CPU). A warm-up round (smaller) comes first and is not counted. At the end every
+message sent in a recording arm, by every measure, must be in HAPI once.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -79,6 +91,8 @@ from devstack.waiting import wait_until
 
 NAME = "send_throughput"
 ABSENT, NO_RECORDING, RECORDING = "module absent", "module, recording off", "module, recording on"
+ON_WORKER = "module, recording on, drain on a worker"
+WORKER = "background"  # the worker's instance name, and the module config's `worker`
 SENDERS = 10  # threads of the concurrent measure
 # Members of the seeded CareTeam (see tests/integration/care_network.py): the GP (the
 # CareRoom's sender), the nurse (through a PractitionerRole), the daughter (a
@@ -271,14 +285,26 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
         NO_RECORDING: module_config(fhir_url, communication={"enabled": False}),
         RECORDING: module_config(fhir_url),
     }
+    if the_stack.database == "postgres":
+        configs[ON_WORKER] = module_config(fhir_url, worker=WORKER)
     arms: dict[str, Arm] = {}
     for i, (name, config) in enumerate(configs.items()):
-        server = the_stack.start_synapse(f"synapse-{i}", config)
+        worker = WORKER if name == ON_WORKER else None
+        server = the_stack.start_synapse(f"synapse-{i}", config, worker=worker)
         arms[name] = set_up_arm(care_room(server, fhir_url, module=config is not None))
-    recording = arms[RECORDING].room
-    # The first message opens the room's thread: not timed.
-    thread = thread_of_event(fhir_url, recording.sender.send_text(recording.room_id, "first"))
-    recorded = 1
+    recording_arms = [name for name in (RECORDING, ON_WORKER) if name in arms]
+    # The first message opens each recording room's thread: not timed.
+    threads = {
+        name: thread_of_event(
+            fhir_url, arms[name].room.sender.send_text(arms[name].room.room_id, "first")
+        )
+        for name in recording_arms
+    }
+    recorded = dict.fromkeys(recording_arms, 1)
+
+    def wait_outboxes_empty() -> None:
+        for name in recording_arms:
+            wait_outbox_empty(arms[name].room.server)
 
     names = list(arms)
     sent = 0
@@ -301,16 +327,16 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
 
         for name in order:
             arm = arms[name]
-            wait_outbox_empty(recording.server)
+            wait_outboxes_empty()
             count = messages if counted else warmup["sequential"]
             cpu_before = the_stack.cpu_seconds(arm.room.server)
             rate, durations = send_sequentially(arm.room, count, sent)
-            if name == RECORDING:
+            if name in recorded:
                 # The Communications of this round are written before it counts as done.
-                wait_outbox_empty(recording.server)
+                wait_outbox_empty(arm.room.server)
+                recorded[name] += count
             cpu_used = the_stack.cpu_seconds(arm.room.server) - cpu_before
             sent += count
-            recorded += count if name == RECORDING else 0
             if counted:
                 throughput[name].append(rate)
                 cpu_ms[name].append(cpu_used * 1000 / count)
@@ -319,32 +345,38 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
 
         for name in order:
             arm = arms[name]
-            wait_outbox_empty(recording.server)
+            wait_outboxes_empty()
             count = concurrent if counted else warmup["concurrent"]
             rate = send_concurrently(arm.senders, arm.room.room_id, count, sent)
             sent += count
-            recorded += count if name == RECORDING else 0
+            if name in recorded:
+                recorded[name] += count
             if counted:
                 concurrent_throughput[name].append(rate)
 
         for name in order:
             arm = arms[name]
-            wait_outbox_empty(recording.server)
+            wait_outboxes_empty()
             count = deliveries if counted else warmup["delivery"]
             latencies = measure_delivery(arm, count, sent)
             sent += count
-            recorded += count if name == RECORDING else 0
+            if name in recorded:
+                recorded[name] += count
             if counted:
                 delivery_p50[name].append(percentile(latencies, 50))
                 delivery_p99[name].append(percentile(latencies, 99))
 
     # Correctness: exactly the recorded messages are in HAPI, once each.
-    wait_until(
-        lambda: count_communications(fhir_url, thread) == recorded,
-        timeout=120,
-        what=f"{recorded} Communications in the recording arm's thread",
-        interval=0.2,
-    )
+    def all_written(name: str) -> bool:
+        return count_communications(fhir_url, threads[name]) == recorded[name]
+
+    for name in recording_arms:
+        wait_until(
+            partial(all_written, name),
+            timeout=120,
+            what=f"{recorded[name]} Communications in the thread of the arm {name!r}",
+            interval=0.2,
+        )
 
     def per_arm(
         measure: str,
@@ -354,20 +386,24 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
         note: str = "",
     ) -> list[Row]:
         """One row per arm, the module-absent one the baseline of the others; ``target``
-        and ``note`` on the recording arm's row."""
+        and ``note`` on the recording arms' rows."""
         baseline = Row(f"{measure}, {ABSENT}", unit, samples[ABSENT])
-        return [
+        rows = [
             baseline,
             Row(f"{measure}, {NO_RECORDING}", unit, samples[NO_RECORDING], baseline=baseline),
-            Row(
-                f"{measure}, {RECORDING}",
-                unit,
-                samples[RECORDING],
-                baseline=baseline,
-                target=target,
-                note=note,
-            ),
         ]
+        for name in recording_arms:
+            rows.append(
+                Row(
+                    f"{measure}, {name}",
+                    unit,
+                    samples[name],
+                    baseline=baseline,
+                    target=target,
+                    note=note.replace("{recorded}", str(recorded[name])),
+                )
+            )
+        return rows
 
     rows = [
         *per_arm(
@@ -375,7 +411,7 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
             "msg/s",
             throughput,
             Target(">=", 0.97, of_ratio=True),
-            f"all {recorded} messages of this arm (every measure) found in HAPI once",
+            "all {recorded} messages of this arm (every measure) found in HAPI once",
         ),
         *per_arm(
             f"{SENDERS} concurrent senders, throughput",
@@ -410,6 +446,16 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
             "rounds": rounds,
             "warmup": warmup,
             "messages_recorded": recorded,
+            "worker_arm": (
+                {
+                    "worker": WORKER,
+                    "pinned": "worker and Redis on HAPI's CPU; main process and PostgreSQL"
+                    " on Synapse's",
+                    "run_background_tasks_on": "main (Synapse's own tasks not moved)",
+                }
+                if ON_WORKER in arms
+                else None
+            ),
         },
     )
 
