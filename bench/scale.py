@@ -299,7 +299,7 @@ async def full_reconcile(fhir_url: str, *, cache_for: int | None) -> Reconcile:
             failures += 1
             raise
 
-    queue = ChangeQueue(api, apply, invalidate)  # type: ignore[arg-type]
+    queue = ChangeQueue(api, apply, invalidate, prepare=sync.prepare)  # type: ignore[arg-type]
     reconciler = Reconciler(api, fhir, queue)  # type: ignore[arg-type]
     idle: defer.Deferred[None] = defer.Deferred()
 

@@ -2,6 +2,10 @@
 background. A reference is queued at most once: a burst of notifications for one CareTeam
 is one sync (the sync reads the current state anyway).
 
+References are taken in batches: the batch's caches are invalidated, then ``prepare``
+(optional) may load what the batch needs with a few requests instead of one per
+reference, then each is applied in turn.
+
 A reference whose sync fails is tried again, backing off from 5 s to 5 minutes, never
 dropped. Whoever needs to know that everything queued has been applied (the reconcile
 sweep, before it moves its watermark) registers ``when_idle``.
@@ -9,6 +13,7 @@ sweep, before it moves its watermark) registers ``when_idle``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -16,6 +21,7 @@ from synapse.module_api import ModuleApi
 
 logger = logging.getLogger(__name__)
 
+BATCH = 50
 RETRY_FIRST_MS = 5_000
 RETRY_MAX_MS = 300_000
 
@@ -26,10 +32,12 @@ class ChangeQueue:
         api: ModuleApi,
         apply: Callable[[str], Awaitable[None]],
         invalidate: Callable[[str], Awaitable[None]],
+        prepare: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self._api = api
         self._apply = apply
         self._invalidate = invalidate
+        self._prepare = prepare
         self._pending: dict[str, None] = {}  # insertion-ordered set
         self._failures: dict[str, int] = {}  # reference -> failed attempts in a row
         self._waiting: set[str] = set()  # scheduled for a retry
@@ -71,20 +79,31 @@ class ChangeQueue:
     async def _work(self) -> None:
         try:
             while self._pending:
-                reference = next(iter(self._pending))
-                del self._pending[reference]
-                await self._apply_one(reference)
+                batch = list(itertools.islice(self._pending, BATCH))
+                for reference in batch:
+                    del self._pending[reference]
+                await self._start_batch(batch)
+                for reference in batch:
+                    await self._apply_one(reference)
         finally:
             self._running = False
         if self.idle:
             for callback in self._idle_callbacks:
                 await callback()
 
+    async def _start_batch(self, batch: list[str]) -> None:
+        # Again right before the sync reads FHIR: a lookup that started before the push
+        # may have put the old answer back meanwhile.
+        for reference in batch:
+            await self._invalidate(reference)
+        if self._prepare is not None:
+            try:
+                await self._prepare(batch)
+            except Exception as e:  # only a shortcut: each apply reads what it needs anyway
+                logger.info("Preparing %d changes failed (%s)", len(batch), type(e).__name__)
+
     async def _apply_one(self, reference: str) -> None:
         try:
-            # Again right before the sync reads FHIR: a lookup that started before the push
-            # may have put the old answer back meanwhile.
-            await self._invalidate(reference)
             await self._apply(reference)
         except Exception as e:
             failures = self._failures.get(reference, 0) + 1

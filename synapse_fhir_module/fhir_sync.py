@@ -75,6 +75,8 @@ class FhirSync:
         self._rooms = rooms
         self._service_user_id = service_user_id
         self._keep = exempt_users | {service_user_id}
+        # Teams listing each team of the batch being applied, found by `prepare`.
+        self._parents_found: dict[str, set[str]] = {}
 
     async def start(self) -> None:
         await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
@@ -94,6 +96,27 @@ class FhirSync:
         elif resource_type in PERSON_TYPES:
             for team_ref in await self._teams_listing(reference):
                 await self._apply_fresh(team_ref)
+
+    async def prepare(self, references: list[str]) -> None:
+        """Before a batch is applied (ChangeQueue): its CareTeams' members, and the teams
+        listing them, in one search each per batch rather than two searches per team."""
+        self._parents_found = {}
+        teams = [r for r in references if r.startswith("CareTeam/")]
+        if len(teams) < 2:
+            return  # one team: its own searches cost the same
+        await self._teams.prefetch(teams)
+        parents: dict[str, set[str]] = {team: set() for team in teams}
+        listing = await self._fhir.search_json(
+            "CareTeam", {"participant": ",".join(teams), "_elements": "id,participant"}
+        )
+        for parent in listing:
+            if not isinstance(parent.get("id"), str):
+                continue
+            for participant in parent.get("participant") or []:
+                member = (participant.get("member") or {}).get("reference")
+                if member in parents and member != f"CareTeam/{parent['id']}":
+                    parents[member].add(f"CareTeam/{parent['id']}")
+        self._parents_found = parents
 
     async def _apply_fresh(self, team_ref: str) -> None:
         # Its answer may predate the change (other workers' copies too): forget it first.
@@ -301,6 +324,9 @@ class FhirSync:
 
     async def _teams_of_person(self, person_ref: str) -> list[str]:
         """The CareTeams listing ``person_ref`` (a person, role or team) as a participant."""
+        prepared = self._parents_found.pop(person_ref, None)
+        if prepared is not None:
+            return sorted(prepared)
         found = await self._fhir.search_json(
             "CareTeam", {"participant": person_ref, "_elements": "id"}
         )

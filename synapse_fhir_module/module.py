@@ -125,7 +125,9 @@ class FhirModule:
                 bindings=self._bindings,
                 persons=self._persons,
             )
-            self._changes = ChangeQueue(api, self._sync.apply, self.invalidate)
+            self._changes = ChangeQueue(
+                api, self._sync.apply, self.invalidate, prepare=self._sync.prepare
+            )
             self._reconciler = Reconciler(api, self._fhir, self._changes)
 
         if self._runs_background_work:

@@ -15,8 +15,9 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 import attr
 from synapse.module_api import ModuleApi, cached
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 # every decision wait for another FHIR timeout.
 UNREACHABLE_BACKOFF = 5.0
 
+# Teams per search when many are loaded at once (HAPI's page size: one page each).
+PREFETCH_BATCH = 50
 # Teams whose answers are kept, before Synapse's cache factor (see care_team_membership).
 MAX_CACHED_TEAMS = 20_000
 
@@ -136,6 +139,24 @@ class CareTeamDirectory:
         finally:
             self._refreshing.discard(team_ref)
 
+    async def prefetch(self, team_refs: Sequence[str]) -> None:
+        """Load these teams' answers with one search per ``PREFETCH_BATCH`` teams, for a
+        sync about to apply them all (a full reconcile would otherwise search per team)."""
+        ids = [ref.split("/", 1)[1] for ref in dict.fromkeys(team_refs)]
+        ids = [team_id for team_id in ids if _FHIR_ID.match(team_id)]
+        for start in range(0, len(ids), PREFETCH_BATCH):
+            chunk = ids[start : start + PREFETCH_BATCH]
+            resources = await self._fhir.search_json(
+                "CareTeam", [("_id", ",".join(chunk)), *MEMBERSHIP_INCLUDES]
+            )
+            by_ref = _by_reference(resources)
+            for team_id in chunk:
+                team_ref = f"CareTeam/{team_id}"
+                reached = _reachable(team_ref, by_ref)
+                self.care_team_membership.prefill(
+                    (team_ref,), self._fetched(team_ref, {r: by_ref[r] for r in reached})
+                )
+
     async def _load(self, team_ref: str) -> _Fetched:
         team_id = team_ref.split("/", 1)[1]
         if not _FHIR_ID.match(team_id):
@@ -144,11 +165,9 @@ class CareTeamDirectory:
         resources = await self._fhir.search_json(
             "CareTeam", [("_id", team_id), *MEMBERSHIP_INCLUDES]
         )
-        by_ref = {
-            f"{r['resourceType']}/{r['id']}": r
-            for r in resources
-            if isinstance(r.get("resourceType"), str) and isinstance(r.get("id"), str)
-        }
+        return self._fetched(team_ref, _by_reference(resources))
+
+    def _fetched(self, team_ref: str, by_ref: dict[str, dict[str, Any]]) -> _Fetched:
         if team_ref in by_ref:
             membership = resolve_membership(team_ref, by_ref, datetime.now(timezone.utc))
         else:
@@ -158,3 +177,36 @@ class CareTeamDirectory:
         for reference in references:
             self._dependents.setdefault(reference, set()).add(team_ref)
         return _Fetched(membership, self._monotonic(), references)
+
+
+def _by_reference(resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        f"{r['resourceType']}/{r['id']}": r
+        for r in resources
+        if isinstance(r.get("resourceType"), str) and isinstance(r.get("id"), str)
+    }
+
+
+def _reachable(team_ref: str, by_ref: dict[str, dict[str, Any]]) -> set[str]:
+    """The resources among ``by_ref`` that ``team_ref`` reaches by references (its own
+    answer depends on those only, not on the other teams a batched search returned)."""
+    reached: set[str] = set()
+    frontier = [team_ref]
+    while frontier:
+        reference = frontier.pop()
+        if reference in reached or reference not in by_ref:
+            continue
+        reached.add(reference)
+        frontier.extend(_references_in(by_ref[reference]))
+    return reached
+
+
+def _references_in(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        found = [value["reference"]] if isinstance(value.get("reference"), str) else []
+        for item in value.values():
+            found.extend(_references_in(item))
+        return found
+    if isinstance(value, list):
+        return [ref for item in value for ref in _references_in(item)]
+    return []

@@ -1,0 +1,154 @@
+"""Changes applied in batches: the queue prepares a batch, and the sync loads a batch's
+CareTeams and the teams listing them with one search each (found by bench/scale: a full
+reconcile searched twice per team)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer
+
+from synapse_fhir_module.change_queue import BATCH, ChangeQueue
+from synapse_fhir_module.fhir_sync import FhirSync
+from synapse_fhir_module.team_directory import _reachable
+
+
+class InlineApi:
+    """Background work runs at once (no Synapse here)."""
+
+    def run_as_background_process(self, desc: str, func: Any, *args: Any) -> Any:
+        return defer.ensureDeferred(func(*args))
+
+
+def team(team_id: str, *members: str) -> dict[str, Any]:
+    return {
+        "resourceType": "CareTeam",
+        "id": team_id,
+        "subject": {"reference": "Patient/outside"},
+        "participant": [{"member": {"reference": m}} for m in members],
+    }
+
+
+def test_a_batched_answer_depends_only_on_what_its_own_team_reaches():
+    by_ref = {
+        "CareTeam/a": team("a", "Practitioner/1", "CareTeam/nested"),
+        "CareTeam/nested": team("nested", "PractitionerRole/r"),
+        "PractitionerRole/r": {
+            "resourceType": "PractitionerRole",
+            "id": "r",
+            "practitioner": {"reference": "Practitioner/2"},
+        },
+        "Practitioner/1": {"resourceType": "Practitioner", "id": "1"},
+        "Practitioner/2": {"resourceType": "Practitioner", "id": "2"},
+        "CareTeam/b": team("b", "Practitioner/3"),
+        "Practitioner/3": {"resourceType": "Practitioner", "id": "3"},
+    }
+    assert _reachable("CareTeam/a", by_ref) == {
+        "CareTeam/a",
+        "Practitioner/1",
+        "CareTeam/nested",
+        "PractitionerRole/r",
+        "Practitioner/2",
+    }
+    assert _reachable("CareTeam/b", by_ref) == {"CareTeam/b", "Practitioner/3"}
+    assert _reachable("CareTeam/gone", by_ref) == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_queue_invalidates_then_prepares_each_batch_then_applies_in_order():
+    calls: list[tuple[str, Any]] = []
+
+    async def apply(reference: str) -> None:
+        calls.append(("apply", reference))
+
+    async def invalidate(reference: str) -> None:
+        calls.append(("invalidate", reference))
+
+    async def prepare(batch: list[str]) -> None:
+        calls.append(("prepare", list(batch)))
+        raise RuntimeError("FHIR hiccup")  # only a shortcut: the applies still run
+
+    queue = ChangeQueue(InlineApi(), apply, invalidate, prepare=prepare)  # type: ignore[arg-type]
+    references = [f"CareTeam/{n}" for n in range(BATCH + 3)]
+    for reference in references:
+        queue._enqueue(reference)  # (push would also invalidate at once)
+    queue.open()
+    first, second = references[:BATCH], references[BATCH:]
+    assert calls == [
+        *(("invalidate", r) for r in first),
+        ("prepare", first),
+        *(("apply", r) for r in first),
+        *(("invalidate", r) for r in second),
+        ("prepare", second),
+        *(("apply", r) for r in second),
+    ]
+    assert queue.idle
+
+
+class PrefetchingTeams:
+    def __init__(self) -> None:
+        self.prefetched: list[list[str]] = []
+
+    async def prefetch(self, teams: list[str]) -> None:
+        self.prefetched.append(list(teams))
+
+
+class ListingFhir:
+    """Answers the one search for teams that list any of the batch."""
+
+    def __init__(self, teams: list[dict[str, Any]]) -> None:
+        self.teams = teams
+        self.searches: list[dict[str, str]] = []
+
+    async def search_json(self, resource_type: str, params: dict[str, str]) -> list[dict]:
+        assert resource_type == "CareTeam"
+        self.searches.append(params)
+        wanted = set(params["participant"].split(","))
+        return [
+            t
+            for t in self.teams
+            if any(p["member"]["reference"] in wanted for p in t.get("participant", []))
+        ]
+
+
+def sync_with(fhir: ListingFhir, teams: PrefetchingTeams) -> FhirSync:
+    sync = FhirSync.__new__(FhirSync)  # only what prepare and the parent lookup use
+    sync._fhir = fhir  # type: ignore[assignment]
+    sync._teams = teams  # type: ignore[assignment]
+    sync._parents_found = {}
+    return sync
+
+
+@pytest_twisted.ensureDeferred
+async def test_prepare_finds_the_batchs_parents_with_one_search_and_each_answer_is_used_once():
+    fhir = ListingFhir(
+        [
+            team("outer", "CareTeam/a", "Practitioner/1"),
+            team("other-outer", "CareTeam/a"),
+            team("self-listing", "CareTeam/self-listing"),
+        ]
+    )
+    teams = PrefetchingTeams()
+    sync = sync_with(fhir, teams)
+    await sync.prepare(["CareTeam/a", "CareTeam/b", "Practitioner/9", "CareTeam/self-listing"])
+    assert teams.prefetched == [["CareTeam/a", "CareTeam/b", "CareTeam/self-listing"]]
+    assert len(fhir.searches) == 1
+    assert await sync._teams_of_person("CareTeam/a") == [
+        "CareTeam/other-outer",
+        "CareTeam/outer",
+    ]
+    assert await sync._teams_of_person("CareTeam/b") == []  # listed by nobody: no search
+    assert await sync._teams_of_person("CareTeam/self-listing") == []
+    assert len(fhir.searches) == 1
+    # Used once: asked again (a later change), it searches.
+    await sync._teams_of_person("CareTeam/b")
+    assert len(fhir.searches) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_of_one_team_is_not_prepared():
+    fhir, teams = ListingFhir([]), PrefetchingTeams()
+    sync = sync_with(fhir, teams)
+    await sync.prepare(["CareTeam/a", "Practitioner/1"])
+    assert teams.prefetched == [] and fhir.searches == []
