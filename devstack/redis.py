@@ -2,7 +2,9 @@
 
 ``redis-server`` on 127.0.0.1 and a free port, nothing persisted (no RDB snapshots, no
 append-only file), its working directory a fresh temporary one, stopped by its PID. Synapse
-only uses it as a pub/sub bus between its processes (and a small cache).
+only uses it as a pub/sub bus between its processes (and a small cache). One Redis per
+homeserver: Synapse names its channels after ``server_name``, so two homeservers called
+alike (every ``example.org`` here) sharing one Redis would read each other's replication.
 
 The binary comes from Debian's ``redis-server`` package (``.ci/run`` installs it without
 starting a service): ``redis-server`` on ``PATH``, or the file ``SFM_REDIS_SERVER`` names.

@@ -36,9 +36,11 @@ HEALTH_PATH = "/_synapse/client/fhir/health"
 WRITTEN = "synapse_fhir_communications_written_total"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def redis(run_dir: Path) -> Iterator[RedisServer]:
-    """A throwaway Redis (Debian's redis-server): missing is an error, never a skip."""
+    """A throwaway Redis (Debian's redis-server) for one homeserver (Synapse names its
+    channels after server_name: two example.org must not share one). Missing is an error,
+    never a skip."""
     server = RedisServer(run_dir)
     SERVER_LOGS.append(server.process.log_path)
     try:
