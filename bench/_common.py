@@ -146,13 +146,15 @@ class Stack:
     database: str  # Synapse's: "sqlite" or "postgres"
     servers: list[SynapseServer] = field(default_factory=list)
     postgres: PostgresCluster | None = None
-    redis: RedisServer | None = None
+    # One per Synapse with a worker: Synapse names its Redis channels after server_name,
+    # the same for every Synapse here, so two homeservers must never share a Redis.
+    redis_servers: list[RedisServer] = field(default_factory=list)
 
     def start_synapse(
         self, name: str, fhir_module: dict[str, Any] | None, *, worker: str | None = None
     ) -> SynapseServer:
         """``worker``: a generic worker of that name beside the main process (PostgreSQL
-        only), it and the stack's Redis pinned beside HAPI."""
+        only), it and a Redis of its own pinned beside HAPI."""
         if worker is not None and self.database != "postgres":
             raise ValueError("a Synapse worker needs --database postgres")
         database = None
@@ -163,16 +165,14 @@ class Stack:
                 # Synapse's database works for Synapse: on its CPU (backends inherit it).
                 self.pinning.pin_local(self.postgres.process.pid)
             database = self.postgres.create_database(f"bench_{uuid.uuid4().hex[:12]}")
-        if worker is not None and self.redis is None:
-            self.redis = RedisServer(self.workdir)
-            self.redis.start()
-            self.pinning.pin_beside_hapi(self.redis.process.pid, "Redis")
+        redis = None
+        if worker is not None:
+            redis = RedisServer(self.workdir)
+            self.redis_servers.append(redis)
+            redis.start()
+            self.pinning.pin_beside_hapi(redis.process.pid, "Redis")
         server = SynapseServer(
-            self.workdir / name,
-            fhir_module,
-            postgres=database,
-            redis=self.redis if worker is not None else None,
-            worker=worker,
+            self.workdir / name, fhir_module, postgres=database, redis=redis, worker=worker
         )
         self.servers.append(server)
         server.start()
@@ -189,8 +189,8 @@ class Stack:
             used += process_group_cpu_seconds(self.postgres.process.pid)
         if server.worker_process is not None:
             used += process_group_cpu_seconds(server.worker_process.pid)
-            if self.redis is not None:
-                used += process_group_cpu_seconds(self.redis.process.pid)
+            if server.redis is not None:
+                used += process_group_cpu_seconds(server.redis.process.pid)
         return used
 
     def result_name(self, name: str) -> str:
@@ -198,8 +198,10 @@ class Stack:
 
 
 def process_group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU time of the live processes in a process group (our servers each
-    lead one: a PostgreSQL backend counts towards its postmaster's)."""
+    """User + system CPU time of a server we started (it leads a process group): the live
+    processes of its group, its live children wherever they are (a PostgreSQL backend
+    leads a session of its own: ``setsid`` in every postmaster child), and the children it
+    has already reaped (its cutime + cstime)."""
     ticks = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -209,9 +211,12 @@ def process_group_cpu_seconds(pgid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:  # gone meanwhile
             continue
-        # After the command: state, ppid, pgrp, ... utime (14th field), stime (15th).
-        if int(fields[2]) == pgid:
+        # After the command: state, ppid, pgrp, ... utime (14th field), stime (15th),
+        # cutime, cstime.
+        if int(fields[2]) == pgid or int(fields[1]) == pgid:
             ticks += int(fields[11]) + int(fields[12])
+        if int(entry.name) == pgid:
+            ticks += int(fields[13]) + int(fields[14])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -252,8 +257,8 @@ def stack(name: str, args: argparse.Namespace) -> Iterator[Stack]:
             server.stop()
         if the_stack is not None and the_stack.postgres is not None:
             the_stack.postgres.stop()
-        if the_stack is not None and the_stack.redis is not None:
-            the_stack.redis.stop()
+        for redis in the_stack.redis_servers if the_stack else []:
+            redis.stop()
         if hapi is not None:
             hapi.stop()
         if ok:

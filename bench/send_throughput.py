@@ -4,7 +4,7 @@
     python -m bench.send_throughput [--smoke] [--messages 250] [--concurrent 200]
         [--deliveries 50] [--rounds 6]
 
-Three Synapse subprocesses side by side (four with ``--database postgres``), same version,
+Three Synapse subprocesses side by side (five with ``--database postgres``), same version,
 same config but for the module,
 each with the same room shape (a space bound to a CareTeam, a room the space lists, and
 five members of the team joined: the GP, the nurse, the daughter, the patient and the
@@ -25,6 +25,10 @@ pharmacist), all talking to the same HAPI:
   own CPU, as it would in a deployment that gives background work a worker (PostgreSQL,
   shared by both processes, stays on the Synapse CPU, so the drain's queries still land
   there). Synapse's own background tasks stay on the main process in this arm too.
+- module absent, with a worker (``--database postgres`` only): the same main process +
+  worker + Redis, pinned the same way, ``modules: []`` — the control that tells what the
+  worker topology itself (replication through Redis) costs the main process from what the
+  module costs.
 
 Measured per arm and round:
 
@@ -45,7 +49,8 @@ Measured per arm and round:
 - Synapse's CPU time per sequential message (user + system, from /proc, with its
   PostgreSQL's when it has one, and the worker's and Redis's in the worker arm), for the
   recording arms until their outbox is empty again — what each arm costs, less sensitive
-  than throughput to whatever else the machine runs.
+  than throughput to whatever else the machine runs; and of it, the main process's and
+  PostgreSQL's (the rest, in the worker arm, is the worker's and Redis's).
 
 A row's samples are one value per round; the table shows their median, min and max.
 Measures run one after the other (sequential, concurrent, delivery), and for each the
@@ -79,6 +84,7 @@ from bench._common import (
     care_room,
     count_communications,
     percentile,
+    process_group_cpu_seconds,
     report,
     stack,
     text_message,
@@ -92,6 +98,7 @@ from devstack.waiting import wait_until
 NAME = "send_throughput"
 ABSENT, NO_RECORDING, RECORDING = "module absent", "module, recording off", "module, recording on"
 ON_WORKER = "module, recording on, drain on a worker"
+ABSENT_WORKER = "module absent, with a worker"
 WORKER = "background"  # the worker's instance name, and the module config's `worker`
 SENDERS = 10  # threads of the concurrent measure
 # Members of the seeded CareTeam (see tests/integration/care_network.py): the GP (the
@@ -287,9 +294,10 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
     }
     if the_stack.database == "postgres":
         configs[ON_WORKER] = module_config(fhir_url, worker=WORKER)
+        configs[ABSENT_WORKER] = None
     arms: dict[str, Arm] = {}
     for i, (name, config) in enumerate(configs.items()):
-        worker = WORKER if name == ON_WORKER else None
+        worker = WORKER if name in (ON_WORKER, ABSENT_WORKER) else None
         server = the_stack.start_synapse(f"synapse-{i}", config, worker=worker)
         arms[name] = set_up_arm(care_room(server, fhir_url, module=config is not None))
     recording_arms = [name for name in (RECORDING, ON_WORKER) if name in arms]
@@ -316,6 +324,14 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
     delivery_p99: dict[str, list[float]] = {name: [] for name in names}
     # CPU per message: what an arm costs whatever else the machine runs meanwhile.
     cpu_ms: dict[str, list[float]] = {name: [] for name in names}
+    # ... and where it went: the main process (which serves the sends) and PostgreSQL.
+    main_cpu_ms: dict[str, list[float]] = {name: [] for name in names}
+    postgres_cpu_ms: dict[str, list[float]] = {name: [] for name in names}
+
+    def postgres_cpu_seconds() -> float:
+        pg = the_stack.postgres
+        return 0.0 if pg is None else process_group_cpu_seconds(pg.process.pid)
+
     warmup = {
         "sequential": max(10, messages // 5),
         "concurrent": max(2 * SENDERS, concurrent // 5),
@@ -330,16 +346,22 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
             wait_outboxes_empty()
             count = messages if counted else warmup["sequential"]
             cpu_before = the_stack.cpu_seconds(arm.room.server)
+            main_before = process_group_cpu_seconds(arm.room.server.process.pid)
+            postgres_before = postgres_cpu_seconds()
             rate, durations = send_sequentially(arm.room, count, sent)
             if name in recorded:
                 # The Communications of this round are written before it counts as done.
                 wait_outbox_empty(arm.room.server)
                 recorded[name] += count
             cpu_used = the_stack.cpu_seconds(arm.room.server) - cpu_before
+            main_used = process_group_cpu_seconds(arm.room.server.process.pid) - main_before
+            postgres_used = postgres_cpu_seconds() - postgres_before
             sent += count
             if counted:
                 throughput[name].append(rate)
                 cpu_ms[name].append(cpu_used * 1000 / count)
+                main_cpu_ms[name].append(main_used * 1000 / count)
+                postgres_cpu_ms[name].append(postgres_used * 1000 / count)
                 send_p50[name].append(percentile(durations, 50) * 1000)
                 send_p99[name].append(percentile(durations, 99) * 1000)
 
@@ -388,19 +410,17 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
         """One row per arm, the module-absent one the baseline of the others; ``target``
         and ``note`` on the recording arms' rows."""
         baseline = Row(f"{measure}, {ABSENT}", unit, samples[ABSENT])
-        rows = [
-            baseline,
-            Row(f"{measure}, {NO_RECORDING}", unit, samples[NO_RECORDING], baseline=baseline),
-        ]
-        for name in recording_arms:
+        rows = [baseline]
+        for name in names[1:]:
+            recording = name in recorded
             rows.append(
                 Row(
                     f"{measure}, {name}",
                     unit,
                     samples[name],
                     baseline=baseline,
-                    target=target,
-                    note=note.replace("{recorded}", str(recorded[name])),
+                    target=target if recording else None,
+                    note=note.replace("{recorded}", str(recorded[name])) if recording else "",
                 )
             )
         return rows
@@ -429,6 +449,12 @@ def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, ro
         ),
         *per_arm("send → /sync delivery p99", "ms", delivery_p99),
         *per_arm("Synapse CPU per sequential message", "ms", cpu_ms),
+        *per_arm("main process CPU per sequential message", "ms", main_cpu_ms),
+        *(
+            per_arm("PostgreSQL CPU per sequential message", "ms", postgres_cpu_ms)
+            if the_stack.postgres is not None
+            else []
+        ),
     ]
     report(
         NAME,
