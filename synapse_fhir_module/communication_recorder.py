@@ -3,7 +3,9 @@
 ``on_new_event`` only enqueues (one small write into Synapse's database) and wakes the
 drain; everything that needs the network — which room belongs to which team, the
 sender's FHIR person, the thread, the FHIR write itself — happens in the drain, a
-background process on the one instance that runs background work.
+background process on the one instance that runs background work. With workers, the
+main process enqueues too (a repeat is ignored): a worker that is down misses the events
+sent meanwhile, the main process that stores them does not.
 """
 
 from __future__ import annotations
@@ -74,8 +76,10 @@ class CommunicationRecorder:
         *,
         service_user_id: str,
         recent_writes: RecentWrites,
+        drains: bool = True,
     ) -> None:
         self._api = api
+        self._drains = drains  # False: this instance only enqueues
         self._recent_writes = recent_writes
         self._config = config
         self._fhir = fhir
@@ -95,8 +99,9 @@ class CommunicationRecorder:
     async def start(self) -> None:
         """Create the outbox table if needed, then write whatever a restart left pending."""
         await self._api.run_db_interaction("fhir_outbox_schema", outbox_store.create_schema)
-        # (The relay's table too: the drain asks it which messages came from FHIR.)
-        await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
+        if self._drains:
+            # (The relay's table too: the drain asks it which messages came from FHIR.)
+            await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
         self._schema_ready = True
         self.wake()
 
@@ -136,6 +141,8 @@ class CommunicationRecorder:
 
     def wake(self) -> None:
         """Drain now (or again right after the drain under way)."""
+        if not self._drains:
+            return  # the background instance's 1 s wake-up finds the rows
         if self._draining:
             self._again = True
             return

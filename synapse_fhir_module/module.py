@@ -53,6 +53,9 @@ class FhirModule:
         exempt = {self._service_user_id, *config.enforcement.exempt_users}
         # Background work (registration, outbox, reconcile) runs on exactly one instance.
         self._runs_background_work = api.worker_name == config.worker
+        # Messages are enqueued there and on the main process, which stores them: so none
+        # is missed while a background worker is down (a repeat is ignored).
+        self._enqueues = self._runs_background_work or api.worker_name is None
 
         self._persons = PersonDirectory(self._fhir)
         self._teams = CareTeamDirectory(api, self._fhir, ttl=config.enforcement.cache_ttl)
@@ -71,6 +74,7 @@ class FhirModule:
                 self._persons,
                 service_user_id=self._service_user_id,
                 recent_writes=self._recent_writes,
+                drains=self._runs_background_work,
             )
 
         api.register_web_resource(
@@ -130,6 +134,9 @@ class FhirModule:
             )
             self._reconciler = Reconciler(api, self._fhir, self._changes)
 
+        if self._recorder is not None and self._enqueues and not self._runs_background_work:
+            # The main process, with the drain on a worker: only the outbox table.
+            api.delayed_background_call(0, self._start_recorder, desc="fhir_outbox_start")
         if self._runs_background_work:
             api.delayed_background_call(0, self._register_service_user, desc="fhir_service_user")
             if self._recorder is not None:
@@ -280,7 +287,7 @@ class FhirModule:
 
     async def _on_new_event(self, event: EventBase, state_events: StateMap[EventBase]) -> None:
         self._bindings.forget_for_event(event)
-        if self._recorder is not None and self._runs_background_work:
+        if self._recorder is not None and self._enqueues:
             await self._recorder.on_new_event(event)
 
     async def _register_service_user(self) -> None:
