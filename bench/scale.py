@@ -289,19 +289,22 @@ async def full_reconcile(fhir_url: str, *, cache_for: int | None) -> Reconcile:
         await teams.invalidate_resource(reference)
 
     failures = synced = 0
+    idle: defer.Deferred[None] = defer.Deferred()
 
     async def apply(reference: str) -> None:
         nonlocal failures, synced
         synced += 1
         try:
             await sync.apply(reference)
-        except Exception:
+        except Exception as e:
             failures += 1
+            # The queue would retry it for ever: the measurement is void, say so now.
+            if not idle.called:
+                idle.errback(RuntimeError(f"reconcile: the sync of {reference} failed: {e!r}"))
             raise
 
     queue = ChangeQueue(api, apply, invalidate, prepare=sync.prepare)  # type: ignore[arg-type]
     reconciler = Reconciler(api, fhir, queue)  # type: ignore[arg-type]
-    idle: defer.Deferred[None] = defer.Deferred()
 
     async def on_idle() -> None:
         if not idle.called:

@@ -78,7 +78,7 @@ def resolve_membership(team_ref: str, resources: Resources, now: datetime) -> Te
         status=str(team.get("status") or "unknown"),
         members=found,
         inactive=frozenset(inactive - found.keys()),
-        subject=_reference(team.get("subject")),
+        subject=reference_of(team.get("subject")),
         name=team["name"] if isinstance(team.get("name"), str) else None,
     )
 
@@ -105,7 +105,7 @@ def _collect(
     for participant in _dicts(team.get("participant")):
         if not period_covers(participant.get("period"), now):
             continue
-        member_ref = _reference(participant.get("member"))
+        member_ref = reference_of(participant.get("member"))
         if member_ref is None:
             continue
         roles = _role_codes(participant)
@@ -150,18 +150,23 @@ def _add_person(
     roles = frozenset(map(sys.intern, roles)) if roles else NO_ROLES
     for user_id in map(sys.intern, matrix_ids_of(person)):
         claimed_by.setdefault(user_id, set()).add(person_ref)
+        # (Per account: another person met earlier under one of this person's accounts
+        # must not change what the next account is credited to.)
+        member = Member(user_id, person_ref, member_type, roles)
         earlier = found.get(user_id)
         if earlier is not None:
-            roles = roles | earlier.roles
+            merged_roles = roles | earlier.roles
             if TYPE_PRECEDENCE.index(earlier.member_type) < TYPE_PRECEDENCE.index(member_type):
-                member_type, person_ref = earlier.member_type, earlier.person
-        found[user_id] = Member(user_id, person_ref, member_type, roles)
+                member = Member(user_id, earlier.person, earlier.member_type, merged_roles)
+            else:
+                member = Member(user_id, person_ref, member_type, merged_roles)
+        found[user_id] = member
 
 
 def _active_role_practitioner(role: Mapping[str, Any] | None, now: datetime) -> str | None:
     if role is None or not is_active(role) or not period_covers(role.get("period"), now):
         return None
-    ref = _reference(role.get("practitioner"))
+    ref = reference_of(role.get("practitioner"))
     return ref if ref and ref.startswith("Practitioner/") else None
 
 
@@ -174,7 +179,7 @@ def _role_codes(participant: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(codes)
 
 
-def _reference(value: Any) -> str | None:
+def reference_of(value: Any) -> str | None:
     """``{"reference": "Practitioner/12"}`` → ``Practitioner/12`` (relative refs only)."""
     if not isinstance(value, Mapping):
         return None

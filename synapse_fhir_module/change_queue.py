@@ -82,8 +82,7 @@ class ChangeQueue:
                 batch = list(itertools.islice(self._pending, BATCH))
                 for reference in batch:
                     del self._pending[reference]
-                await self._start_batch(batch)
-                for reference in batch:
+                for reference in await self._start_batch(batch):
                     await self._apply_one(reference)
         finally:
             self._running = False
@@ -91,38 +90,52 @@ class ChangeQueue:
             for callback in self._idle_callbacks:
                 await callback()
 
-    async def _start_batch(self, batch: list[str]) -> None:
-        # Again right before the sync reads FHIR: a lookup that started before the push
-        # may have put the old answer back meanwhile.
+    async def _start_batch(self, batch: list[str]) -> list[str]:
+        """Invalidate and prepare a batch; the references ready to apply."""
+        ready = []
         for reference in batch:
-            await self._invalidate(reference)
-        if self._prepare is not None:
+            # Again right before the sync reads FHIR: a lookup that started before the
+            # push may have put the old answer back meanwhile.
             try:
-                await self._prepare(batch)
+                await self._invalidate(reference)
+            except Exception as e:
+                self._retry_later(reference, e)
+            else:
+                ready.append(reference)
+        if self._prepare is not None and ready:
+            try:
+                await self._prepare(ready)
             except Exception as e:  # only a shortcut: each apply reads what it needs anyway
-                logger.info("Preparing %d changes failed (%s)", len(batch), type(e).__name__)
+                logger.info("Preparing %d changes failed (%s)", len(ready), type(e).__name__)
+            for reference in ready:
+                if reference in self._pending:
+                    # Changed again while prepare read FHIR: its prepared answer may be
+                    # older than the change.
+                    await self._invalidate(reference)
+        return ready
 
     async def _apply_one(self, reference: str) -> None:
         try:
             await self._apply(reference)
         except Exception as e:
-            failures = self._failures.get(reference, 0) + 1
-            self._failures[reference] = failures
-            delay_ms = min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** min(failures - 1, 10))
-            # (Type only: Synapse's errors can name users.)
-            logger.warning(
-                "Sync of %s failed (%s: %s); retrying in %d s",
-                reference,
-                type(e).__name__,
-                e if _safe_to_log(e) else "…",
-                delay_ms // 1000,
-            )
-            self._waiting.add(reference)
-            self._api.delayed_background_call(
-                delay_ms, self._retry, reference, desc="fhir_sync_retry"
-            )
+            self._retry_later(reference, e)
         else:
             self._failures.pop(reference, None)
+
+    def _retry_later(self, reference: str, e: Exception) -> None:
+        failures = self._failures.get(reference, 0) + 1
+        self._failures[reference] = failures
+        delay_ms = min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** min(failures - 1, 10))
+        # (Type only: Synapse's errors can name users.)
+        logger.warning(
+            "Sync of %s failed (%s: %s); retrying in %d s",
+            reference,
+            type(e).__name__,
+            e if _safe_to_log(e) else "…",
+            delay_ms // 1000,
+        )
+        self._waiting.add(reference)
+        self._api.delayed_background_call(delay_ms, self._retry, reference, desc="fhir_sync_retry")
 
     def _retry(self, reference: str) -> None:
         self._waiting.discard(reference)

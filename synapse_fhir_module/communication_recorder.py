@@ -4,8 +4,8 @@
 drain; everything that needs the network — which room belongs to which team, the
 sender's FHIR person, the thread, the FHIR write itself — happens in the drain, a
 background process on the one instance that runs background work. With workers, the
-main process enqueues too (a repeat is ignored): a worker that is down misses the events
-sent meanwhile, the main process that stores them does not.
+main process enqueues (it stores the events: a worker that is down would miss those sent
+meanwhile) and only the background worker drains.
 """
 
 from __future__ import annotations

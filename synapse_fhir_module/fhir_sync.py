@@ -27,7 +27,7 @@ from synapse.module_api import ModuleApi
 
 from synapse_fhir_module import sync_store
 from synapse_fhir_module.care_rooms import CareRooms
-from synapse_fhir_module.care_team import MAX_NESTING, TeamMembership
+from synapse_fhir_module.care_team import MAX_NESTING, TeamMembership, reference_of
 from synapse_fhir_module.communication_mapping import ORIGIN_TAG, ROOM_ID_SYSTEM
 from synapse_fhir_module.config import SyncConfig
 from synapse_fhir_module.fhir_client import FhirClient
@@ -113,7 +113,9 @@ class FhirSync:
             if not isinstance(parent.get("id"), str):
                 continue
             for participant in parent.get("participant") or []:
-                member = (participant.get("member") or {}).get("reference")
+                if not isinstance(participant, dict):
+                    continue
+                member = reference_of(participant.get("member"))
                 if member in parents and member != f"CareTeam/{parent['id']}":
                     parents[member].add(f"CareTeam/{parent['id']}")
         self._parents_found = parents

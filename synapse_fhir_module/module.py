@@ -53,9 +53,10 @@ class FhirModule:
         exempt = {self._service_user_id, *config.enforcement.exempt_users}
         # Background work (registration, outbox, reconcile) runs on exactly one instance.
         self._runs_background_work = api.worker_name == config.worker
-        # Messages are enqueued there and on the main process, which stores them: so none
-        # is missed while a background worker is down (a repeat is ignored).
-        self._enqueues = self._runs_background_work or api.worker_name is None
+        # Messages are enqueued by the main process, which stores them: none is missed while
+        # a background worker is down. (Not also by the worker: its copy, arriving after the
+        # drain had written and removed the row, would be written a second time.)
+        self._enqueues = api.worker_name is None
 
         self._persons = PersonDirectory(self._fhir)
         self._teams = CareTeamDirectory(api, self._fhir, ttl=config.enforcement.cache_ttl)

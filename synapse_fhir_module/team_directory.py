@@ -24,7 +24,7 @@ from synapse.module_api import ModuleApi, cached
 from synapse.util.clock import Clock
 from twisted.internet import reactor
 
-from synapse_fhir_module.care_team import TeamMembership, resolve_membership
+from synapse_fhir_module.care_team import TeamMembership, reference_of, resolve_membership
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError, FhirTransientError
 
@@ -34,8 +34,11 @@ logger = logging.getLogger(__name__)
 # every decision wait for another FHIR timeout.
 UNREACHABLE_BACKOFF = 5.0
 
-# Teams per search when many are loaded at once (HAPI's page size: one page each).
-PREFETCH_BATCH = 50
+# Teams per search when many are loaded at once (one page each).
+PREFETCH_BATCH = 25
+# Included resources above which a batched answer may have been cut short: HAPI includes
+# at most 1000 per page (DEFAULT_MAXIMUM_INCLUDES_TO_LOAD_PER_PAGE) and says nothing.
+SAFE_INCLUDES = 800
 # Teams whose answers are kept, before Synapse's cache factor (see care_team_membership).
 MAX_CACHED_TEAMS = 20_000
 
@@ -153,6 +156,11 @@ class CareTeamDirectory:
                 [("_id", ",".join(chunk)), ("_count", str(len(chunk))), *MEMBERSHIP_INCLUDES],
             )
             by_ref = _by_reference(resources)
+            if len(by_ref) >= len(chunk) + SAFE_INCLUDES:
+                # Near HAPI's cap on included resources per page (1000 by default, cut
+                # silently): members could be missing. These teams load one by one.
+                logger.info("Batched load of %d teams too large; loading each", len(chunk))
+                continue
             for team_id in chunk:
                 team_ref = f"CareTeam/{team_id}"
                 reached = _reachable(team_ref, by_ref)
@@ -206,7 +214,9 @@ def _reachable(team_ref: str, by_ref: dict[str, dict[str, Any]]) -> set[str]:
 
 def _references_in(value: Any) -> list[str]:
     if isinstance(value, dict):
-        found = [value["reference"]] if isinstance(value.get("reference"), str) else []
+        # As membership resolution reads them ("Type/id/_history/2" is "Type/id").
+        reference = reference_of(value)
+        found = [reference] if reference else []
         for item in value.values():
             found.extend(_references_in(item))
         return found

@@ -1,11 +1,9 @@
 """The module with Synapse workers: a main process plus one generic worker, ``background``,
 on PostgreSQL with Redis replication, the module configured with ``worker: background``.
 
-Members send through the main process; the module enqueues their messages there and on the
-worker (which sees the main process's events through replication, where Synapse calls the
-third-party-rules ``on_new_event`` callbacks of every instance; a repeat is ignored), drains
-the outbox on the worker only, and each message is in the session's HAPI exactly once, also
-when it was sent while the worker was down.
+Members send through the main process; the module enqueues their messages there (the
+process that stores them), drains the outbox on the worker only, and each message is in the
+session's HAPI exactly once, also when it was sent while the worker was down.
 """
 
 from __future__ import annotations
