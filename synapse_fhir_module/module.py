@@ -288,8 +288,14 @@ class FhirModule:
 
     async def _on_new_event(self, event: EventBase, state_events: StateMap[EventBase]) -> None:
         self._bindings.forget_for_event(event)
-        if self._recorder is not None and self._enqueues:
+        if self._recorder is None:
+            return
+        if self._enqueues:
             await self._recorder.on_new_event(event)
+        elif self._runs_background_work:
+            # A worker that drains what the main process enqueued: look now rather than at
+            # the next 1 s wake-up (the row may not be there yet; that wake-up finds it).
+            self._recorder.wake()
 
     async def _register_service_user(self) -> None:
         try:
