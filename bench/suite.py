@@ -97,11 +97,23 @@ def main() -> None:
     parser.add_argument(
         "--publish", action="store_true", help="copy table and plot into README.md and docs/"
     )
+    parser.add_argument(
+        "--update",
+        type=Path,
+        metavar="RESULT.json",
+        help="run the --only rows again and replace their benchmarks in this earlier report",
+    )
     args = parser.parse_args()
     steps = [s for s in STEPS if args.only is None or s.row in args.only]
+    earlier = json.loads(args.update.read_text()) if args.update else None
+    if earlier is not None and bool(earlier["smoke"]) != args.smoke:
+        parser.error("--update: the earlier report and this run differ in --smoke")
 
     started = datetime.now(timezone.utc)
     stamp = started.strftime("%Y-%m-%dT%H%M") + ("-smoke" if args.smoke else "")
+    if earlier is not None:
+        started = datetime.fromisoformat(earlier["date"])
+        stamp = args.update.stem
     parts_dir = RESULTS / f"{stamp}.parts"
     shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True)
@@ -122,7 +134,14 @@ def main() -> None:
     finally:
         hapi.stop()
 
+    if earlier is not None:
+        runs = merge_runs(earlier, runs)
+        machine = earlier["machine"] | {"updated_with_loadavg": machine["loadavg_1m_at_start"]}
     result = assemble(started, machine, runs, smoke=args.smoke)
+    if earlier is not None:
+        result["updated"] = earlier.get("updated", []) + [
+            {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": args.only}
+        ]
     json_path = RESULTS / f"{stamp}.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     markdown_path = write_markdown(result, RESULTS / f"{stamp}.md")
@@ -137,6 +156,25 @@ def main() -> None:
         print(f"HAPI log kept: {hapi.process.log_path}")
         raise SystemExit(f"failed: {', '.join(failed)}")
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def merge_runs(earlier: dict[str, Any], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earlier report's runs (with their benchmarks' results), the fresh ones in place
+    of those they repeat."""
+    by_step = {(r["bench"], r["database"]): r for r in fresh}
+    merged = []
+    for run in earlier["runs"]:
+        key = (run["bench"], run["database"])
+        if key in by_step:
+            merged.append(by_step.pop(key))
+            continue
+        parts = [
+            part
+            for part in earlier["benchmarks"]
+            if (part["bench"], part.get("synapse_database", "sqlite")) == key
+        ]
+        merged.append(run | {"parts": parts})
+    return merged + list(by_step.values())
 
 
 def run_step(

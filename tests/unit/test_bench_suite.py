@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import Row, Target
-from bench.suite import assemble
+from bench.suite import assemble, merge_runs
 from bench.suite_markdown import table, write_markdown
 from bench.suite_plot import _share_of_target, write_plot
 
@@ -140,3 +140,27 @@ def test_share_of_target_is_below_one_exactly_when_the_target_is_met():
     assert share(Target(">=", 5, of_ratio=True), 20.0, baseline=10.0) == 2.5  # 2x of 5x
     assert share(Target(">=", 0.97, of_ratio=True), 99.0, baseline=100.0) < 1
     assert share(Target("<=", 2, of_difference=True), 13.0, baseline=10.0) == 1.5
+
+
+def test_an_update_replaces_only_the_benchmarks_run_again():
+    earlier = assemble(
+        datetime.now(timezone.utc),
+        MACHINE,
+        [
+            run(1, "send_throughput", "sqlite", throughput_rows(100.0, 80.0)),
+            run(7, "send_throughput", "postgres", throughput_rows(60.0, 45.0)),
+        ],
+        smoke=False,
+    )
+    fresh = run(1, "send_throughput", "sqlite", throughput_rows(100.0, 99.0))
+    merged = merge_runs(earlier, [fresh])
+    assert [(r["bench"], r["database"]) for r in merged] == [
+        ("send_throughput", "sqlite"),
+        ("send_throughput", "postgres"),
+    ]
+    assert merged[0] is fresh
+    kept = merged[1]["parts"]
+    assert len(kept) == 1 and kept[0]["synapse_database"] == "postgres"
+    again = assemble(datetime.now(timezone.utc), MACHINE, merged, smoke=False)
+    row1 = next(r for r in again["rows"] if r["row"] == 1)["table"]
+    assert [r["target_met"] for r in row1 if r["target"]] == [True]  # 0.99x now
