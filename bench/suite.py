@@ -103,7 +103,16 @@ def main() -> None:
         metavar="RESULT.json",
         help="run the --only rows again and replace their benchmarks in this earlier report",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULT.json",
+        help="run nothing: write this report's table and plot again (and --publish them)",
+    )
     args = parser.parse_args()
+    if args.render:
+        render(json.loads(args.render.read_text()), args.render.with_suffix(""), args.publish)
+        return
     steps = [s for s in STEPS if args.only is None or s.row in args.only]
     earlier = json.loads(args.update.read_text()) if args.update else None
     if earlier is not None and bool(earlier["smoke"]) != args.smoke:
@@ -144,18 +153,23 @@ def main() -> None:
         ]
     json_path = RESULTS / f"{stamp}.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    markdown_path = write_markdown(result, RESULTS / f"{stamp}.md")
-    plot_path = write_plot(result, RESULTS / f"{stamp}.png")
     shutil.rmtree(parts_dir, ignore_errors=True)
-    print(f"\nreport: {_rel(json_path)}, {_rel(markdown_path)}, {_rel(plot_path)}")
-    if args.publish:
-        publish(result, plot_path)
-        print("published: README.md (Performance), docs/performance.png")
+    render(result, RESULTS / stamp, args.publish)
     failed = [r["label"] for r in runs if r["exit_code"] != 0]
     if failed:
         print(f"HAPI log kept: {hapi.process.log_path}")
         raise SystemExit(f"failed: {', '.join(failed)}")
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def render(result: dict[str, Any], stem: Path, publish_too: bool) -> None:
+    """``<stem>.md`` and ``<stem>.png`` from a report (and into README.md if asked)."""
+    markdown_path = write_markdown(result, stem.with_suffix(".md"))
+    plot_path = write_plot(result, stem.with_suffix(".png"))
+    print(f"\nreport: {_rel(stem.with_suffix('.json'))}, {_rel(markdown_path)}, {_rel(plot_path)}")
+    if publish_too:
+        publish(result, plot_path)
+        print("published: README.md (Performance), docs/performance.png")
 
 
 def merge_runs(earlier: dict[str, Any], fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:

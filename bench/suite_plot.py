@@ -12,13 +12,14 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.ticker import NullFormatter
 
 RATE = re.compile(r"at (\d+(?:\.\d+)?) msg/s, (p\d+)$")
 MET, MISSED, NEUTRAL = "#2e7d32", "#c62828", "#607d8b"
 
 
 def write_plot(result: dict[str, Any], path: Path) -> Path:
-    figure, axes = plt.subplots(2, 3, figsize=(20, 11))
+    figure, axes = plt.subplots(2, 3, figsize=(22, 15))
     panels = [targets, send_arms, latency_by_rate, outbox_depth, membership_arms, databases]
     for panel, ax in zip(panels, axes.flat, strict=True):
         if not panel(ax, result):
@@ -49,10 +50,10 @@ def targets(ax: Axes, result: dict[str, Any]) -> bool:
         if share is None:
             continue
         shares.append(share)
-        labels.append(_wrap(f"{r['measure'].strip()} [{r['database']}]", 40))
+        labels.append(f"{r['measure'].strip()} [{r['database']}]")
         colors.append(MET if r["target_met"] else MISSED)
     ax.barh(range(len(shares)), shares, color=colors)
-    ax.set_yticks(range(len(shares)), labels, fontsize=7)
+    ax.set_yticks(range(len(shares)), labels, fontsize=6)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xlabel("share of target (≤ 1: met)")
@@ -143,6 +144,7 @@ def membership_arms(ax: Axes, result: dict[str, Any]) -> bool:
         return False
     _bars(ax, rows, color_by_target=True)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # (the minor labels overlap)
     ax.set_xlabel("ms from the PUT to the invite on /sync (log)")
     ax.set_title("5. CareTeam change → member invited")
     return True
