@@ -121,7 +121,12 @@ def publish(result: dict[str, Any], plot: Path) -> None:
     shutil.copyfile(plot, PUBLISHED_PLOT)
     section = [
         BEGIN,
-        f"Latest `make bench` ({result['date']}{', smoke sizes' if result['smoke'] else ''}):",
+        f"Latest `make bench` ({result['date']}{', smoke sizes' if result['smoke'] else ''}"
+        + "".join(
+            f"; rows {', '.join(map(str, u['rows'] or []))} run again {u['date']}"
+            for u in result.get("updated", [])
+        )
+        + "):",
         "",
         machine_line(result["machine"]),
         "",
