@@ -80,7 +80,7 @@ STEPS = [
         smoke_arguments=["--profile-hapi"],
     ),
     Step(8, "send_fhir_stall"),
-    # Five arms on PostgreSQL (two with a worker): fewer rounds, so the suite stays ~45 min.
+    # Five arms on PostgreSQL (two with a worker): fewer rounds, so the suite stays ~30 min.
     Step(7, "send_throughput", "postgres", ["--rounds", "3"]),
     Step(7, "communication_latency", "postgres", ["--rates", "50"], ["--rates", "50"]),
     Step(5, "membership_sync", shared_hapi=False),
