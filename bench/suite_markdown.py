@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 PUBLISHED_PLOT = REPO / "docs" / "performance.png"
+# The whole report beside it: every row, notes, pinning, runs (the README shows headlines).
+PUBLISHED_REPORT = REPO / "docs" / "performance.md"
+PUBLISHED_RESULT = REPO / "docs" / "performance.json"
 BEGIN, END = "<!-- bench-suite:begin -->", "<!-- bench-suite:end -->"
 
 
@@ -116,9 +120,12 @@ def value(x: float | None, unit: str) -> str:
 
 
 def publish(result: dict[str, Any], plot: Path) -> None:
-    """README.md's Performance section gets the headline table and the plot."""
+    """README.md's Performance section gets the headline table and the plot; docs/ gets
+    the whole report and its JSON."""
     PUBLISHED_PLOT.parent.mkdir(exist_ok=True)
     shutil.copyfile(plot, PUBLISHED_PLOT)
+    write_markdown(result, PUBLISHED_REPORT)
+    PUBLISHED_RESULT.write_text(json.dumps(result, indent=1) + "\n")
     section = [
         BEGIN,
         f"Latest `make bench` ({result['date']}{', smoke sizes' if result['smoke'] else ''}"
@@ -133,6 +140,9 @@ def publish(result: dict[str, Any], plot: Path) -> None:
         *table(result, headline_only=True),
         "",
         f"![Benchmark plot](docs/{PUBLISHED_PLOT.name})",
+        "",
+        f"Every row, with notes, pinning and runs: [docs/{PUBLISHED_REPORT.name}]"
+        f"(docs/{PUBLISHED_REPORT.name}); the data: `docs/{PUBLISHED_RESULT.name}`.",
         END,
     ]
     text = README.read_text()
