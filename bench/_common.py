@@ -548,11 +548,12 @@ class Row:
         }
 
 
-def _fmt(value: float) -> str:
-    if value != value:  # NaN
+def format_number(value: float | None, *, grouped: bool = False) -> str:
+    """Three significant-ish digits; ``grouped``: thousands separated (1,234)."""
+    if value is None or value != value:  # None or NaN
         return "-"
     if abs(value) >= 100:
-        return f"{value:.0f}"
+        return f"{value:,.0f}" if grouped else f"{value:.0f}"
     if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.2f}"
@@ -584,15 +585,15 @@ def report(
         cells = [
             row.measure,
             row.unit,
-            _fmt(row.median),
-            _fmt(min(row.samples)),
-            _fmt(max(row.samples)),
+            format_number(row.median),
+            format_number(min(row.samples)),
+            format_number(max(row.samples)),
             "" if ratio is None else f"{ratio:.2f}x",
             target,
             the_stack.pinning.short(),
         ]
         if show_p95:
-            cells.insert(3, _fmt(row.p95))
+            cells.insert(3, format_number(row.p95))
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     print(f"\n{title}")

@@ -181,15 +181,12 @@ async def run_async(
             Communication.model_validate(write.resource), write.if_none_exist or ""
         )
 
-    async def one(write: CommunicationWrite) -> None:
-        await create(fhir, write)
-
     batched, one_by_one = batched_on(fhir), one_by_one_on(fhir)
 
     async def one_by_one_concurrent(writes: Writes) -> None:
         limit = defer.DeferredSemaphore(concurrency)
         await defer.gatherResults(
-            [limit.run(one, w) for _, w in writes],
+            [limit.run(create, fhir, w) for _, w in writes],
             consumeErrors=True,
         )
 

@@ -62,7 +62,7 @@ from bench._module_parts import (
     run_in_reactor,
     timed_rounds,
 )
-from devstack.fhir_seed import FHIR_JSON
+from devstack.fhir_seed import FhirSeeder
 from devstack.waiting import wait_until
 from synapse_fhir_module.account_validity import AccountValidity
 from synapse_fhir_module.change_queue import ChangeQueue
@@ -183,21 +183,10 @@ def seed(network: Network, fhir_url: str) -> float:
     """Write the network (transactions of BUNDLE_ENTRIES PUTs, SEED_IN_FLIGHT at a time) and
     wait until a search counts every team; the seconds that took."""
     started = time.perf_counter()
+    seeder = FhirSeeder(fhir_url)
 
     def put_all(resources: list[dict[str, Any]]) -> None:
-        bundle = {
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": [
-                {
-                    "resource": r,
-                    "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"},
-                }
-                for r in resources
-            ],
-        }
-        response = requests.post(fhir_url, json=bundle, headers=FHIR_JSON, timeout=600)
-        response.raise_for_status()
+        seeder.put_all(resources, timeout=600)  # (a large transaction on a busy HAPI)
 
     with ThreadPoolExecutor(max_workers=SEED_IN_FLIGHT, thread_name_prefix="seed") as pool:
         for phase in network.phases():

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from bench._common import format_number
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 PUBLISHED_PLOT = REPO / "docs" / "performance.png"
@@ -106,13 +108,7 @@ def target(row: dict[str, Any]) -> str:
 
 
 def number(x: float | None) -> str:
-    if x is None or x != x:  # None or NaN
-        return "-"
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.2f}"
+    return format_number(x, grouped=True)
 
 
 def value(x: float | None, unit: str) -> str:

@@ -20,7 +20,7 @@ class FhirSeeder:
         response.raise_for_status()
         return dict(response.json())
 
-    def put_all(self, resources: list[dict[str, Any]]) -> None:
+    def put_all(self, resources: list[dict[str, Any]], *, timeout: float = 120) -> None:
         """Create or update several resources in one transaction."""
         bundle = {
             "resourceType": "Bundle",
@@ -33,7 +33,7 @@ class FhirSeeder:
                 for r in resources
             ],
         }
-        response = requests.post(self.base_url, json=bundle, headers=FHIR_JSON, timeout=120)
+        response = requests.post(self.base_url, json=bundle, headers=FHIR_JSON, timeout=timeout)
         response.raise_for_status()
 
     def read(self, reference: str) -> dict[str, Any]:

@@ -12,7 +12,11 @@ from synapse_fhir_module.account_validity import AccountValidity
 from synapse_fhir_module.callback_guard import access_decision, never_raises
 from synapse_fhir_module.care_rooms import CareRooms
 from synapse_fhir_module.change_queue import ChangeQueue
-from synapse_fhir_module.communication_recorder import CommunicationRecorder, now_ms
+from synapse_fhir_module.communication_recorder import (
+    RECORDED_TYPES,
+    CommunicationRecorder,
+    now_ms,
+)
 from synapse_fhir_module.config import EncryptedRoomsPolicy, ModuleConfig, parse_module_config
 from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.fhir_client import FhirClient
@@ -292,7 +296,7 @@ class FhirModule:
             return
         if self._enqueues:
             await self._recorder.on_new_event(event)
-        elif self._runs_background_work:
+        elif self._runs_background_work and event.type in RECORDED_TYPES:
             # A worker that drains what the main process enqueued: look now rather than at
             # the next 1 s wake-up (the row may not be there yet; that wake-up finds it).
             self._recorder.wake()
