@@ -2,20 +2,28 @@
 
 The input is the CareTeam and every resource it reaches (persons, PractitionerRoles,
 nested CareTeams) keyed by ``Type/id``; the output is the Matrix user ids of the
-members whose participation period covers ``now`` and whose person is active.
+members whose participation covers ``now`` and whose person is active.
+
+Periods make membership a function of time as well. Each member carries the moment
+their membership ends (the earliest end along the path that makes them a member: the
+team's own period, the participant's, a PractitionerRole's, a nested team's), so an
+answer kept in memory stops counting them at that very moment; and the answer names
+its next boundary — any start or end still to come — so whoever keeps it knows when
+to ask FHIR again (someone may be about to join) and when to make Matrix match.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 import attr
 
-from synapse_fhir_module.fhir_time import period_covers
+from synapse_fhir_module.fhir_time import period_bounds
 from synapse_fhir_module.identity import PERSON_TYPES, is_active, matrix_ids_of
 
 logger = logging.getLogger(__name__)
@@ -36,34 +44,76 @@ class Member:
     person: str  # "Practitioner/12"
     member_type: str  # Practitioner | RelatedPerson | Patient
     roles: frozenset[str] = frozenset()  # participant.role codes, "system|code"
+    # The last moment (Unix seconds) the membership covers; None: no end in sight.
+    until: float | None = None
+
+    def current(self, now: float) -> bool:
+        return self.until is None or now <= self.until
 
 
 @attr.s(frozen=True, auto_attribs=True)
 class TeamMembership:
     team: str  # "CareTeam/12"
     status: str
-    members: Mapping[str, Member]  # by Matrix user id
+    # By Matrix user id. Use `is_member`/`current_members`: an entry may have ended since.
+    members: Mapping[str, Member]
     # Participants whose person is marked inactive (they are not members).
     inactive: frozenset[str] = frozenset()
     subject: str | None = None  # "Patient/<id>", the team's patient
     name: str | None = None  # CareTeam.name (room names; never the patient's)
+    # Whether the CareTeam's own period covers the moment it was resolved.
+    in_period: bool = True
+    # The next moment (Unix seconds) at which any period of the team starts or ends.
+    next_change: float | None = None
 
     @property
     def admits_members(self) -> bool:
-        return self.status in ADMITTING_STATUSES
+        return self.status in ADMITTING_STATUSES and self.in_period
 
-    def is_member(self, user_id: str) -> bool:
-        return user_id in self.members
+    def is_member(self, user_id: str, now: float | None = None) -> bool:
+        member = self.members.get(user_id)
+        return member is not None and member.current(time.time() if now is None else now)
+
+    def current_members(self, now: float | None = None) -> dict[str, Member]:
+        moment = time.time() if now is None else now
+        return {user_id: m for user_id, m in self.members.items() if m.current(moment)}
+
+
+class _Walk:
+    """What one resolution gathers on its way through the team's graph."""
+
+    def __init__(self, resources: Resources, now: datetime) -> None:
+        self.resources = resources
+        self.now = now
+        self.found: dict[str, Member] = {}
+        self.claimed_by: dict[str, set[str]] = {}
+        self.inactive: set[str] = set()
+        self.next_change: datetime | None = None
+
+    def covers(self, period: Any, until: datetime | None) -> tuple[bool, datetime | None]:
+        """Whether ``period`` covers now, and the end of coverage given the end so far.
+        Notes every start or end still to come."""
+        bounds = period_bounds(period)
+        if bounds is None:
+            return False, until  # unreadable: fail closed
+        start, end = bounds
+        for moment in (start, end):
+            if moment is not None and moment >= self.now:
+                if self.next_change is None or moment < self.next_change:
+                    self.next_change = moment
+        if (start is not None and self.now < start) or (end is not None and self.now > end):
+            return False, until
+        return True, _earlier(until, end)
 
 
 def resolve_membership(team_ref: str, resources: Resources, now: datetime) -> TeamMembership:
     """The current members of ``team_ref`` (which must be in ``resources``)."""
     team = resources[team_ref]
-    found: dict[str, Member] = {}
-    claimed_by: dict[str, set[str]] = {}
-    inactive: set[str] = set()
-    _collect(team_ref, resources, now, found, claimed_by, inactive, visiting=set(), depth=0)
-    for user_id, persons in claimed_by.items():
+    walk = _Walk(resources, now)
+    in_period, until = walk.covers(team.get("period"), None)
+    if in_period:
+        _collect(team_ref, walk, until, visiting=set(), depth=0)
+    for user_id, persons in walk.claimed_by.items():
         if len(persons) > 1:
             # Two people claiming one account is a data error: admit neither.
             logger.warning(
@@ -72,38 +122,42 @@ def resolve_membership(team_ref: str, resources: Resources, now: datetime) -> Te
                 len(persons),
                 ", ".join(sorted(persons)),
             )
-            found.pop(user_id, None)
+            walk.found.pop(user_id, None)
     return TeamMembership(
         team=team_ref,
         status=str(team.get("status") or "unknown"),
-        members=found,
-        inactive=frozenset(inactive - found.keys()),
+        members=walk.found,
+        inactive=frozenset(walk.inactive - walk.found.keys()),
         subject=reference_of(team.get("subject")),
         name=team["name"] if isinstance(team.get("name"), str) else None,
+        in_period=in_period,
+        next_change=walk.next_change.timestamp() if walk.next_change else None,
     )
 
 
 def _collect(
     team_ref: str,
-    resources: Resources,
-    now: datetime,
-    found: dict[str, Member],
-    claimed_by: dict[str, set[str]],
-    inactive: set[str],
+    walk: _Walk,
+    until: datetime | None,
     *,
     visiting: set[str],
     depth: int,
 ) -> None:
     if team_ref in visiting or depth > MAX_NESTING:
         return  # a cycle, or nesting deeper than any real care network
-    team = resources.get(team_ref)
+    team = walk.resources.get(team_ref)
     if team is None:
         return
-    if depth > 0 and team.get("status") not in ADMITTING_STATUSES:
-        return  # an inactive nested team lends nobody to the outer team
+    if depth > 0:
+        if team.get("status") not in ADMITTING_STATUSES:
+            return  # an inactive nested team lends nobody to the outer team
+        covered, until = walk.covers(team.get("period"), until)
+        if not covered:
+            return
     visiting = visiting | {team_ref}
     for participant in _dicts(team.get("participant")):
-        if not period_covers(participant.get("period"), now):
+        covered, participant_until = walk.covers(participant.get("period"), until)
+        if not covered:
             continue
         member_ref = reference_of(participant.get("member"))
         if member_ref is None:
@@ -111,63 +165,57 @@ def _collect(
         roles = _role_codes(participant)
         member_type = member_ref.split("/", 1)[0]
         if member_type == "CareTeam":
-            _collect(
-                member_ref,
-                resources,
-                now,
-                found,
-                claimed_by,
-                inactive,
-                visiting=visiting,
-                depth=depth + 1,
-            )
+            _collect(member_ref, walk, participant_until, visiting=visiting, depth=depth + 1)
         elif member_type == "PractitionerRole":
-            practitioner_ref = _active_role_practitioner(resources.get(member_ref), now)
-            if practitioner_ref:
-                _add_person(practitioner_ref, resources, roles, found, claimed_by, inactive)
+            role = walk.resources.get(member_ref)
+            if role is None or not is_active(role):
+                continue
+            covered, role_until = walk.covers(role.get("period"), participant_until)
+            practitioner_ref = reference_of(role.get("practitioner"))
+            if covered and practitioner_ref and practitioner_ref.startswith("Practitioner/"):
+                _add_person(practitioner_ref, walk, roles, role_until)
         elif member_type in PERSON_TYPES:
-            _add_person(member_ref, resources, roles, found, claimed_by, inactive)
+            _add_person(member_ref, walk, roles, participant_until)
 
 
 def _add_person(
-    person_ref: str,
-    resources: Resources,
-    roles: frozenset[str],
-    found: dict[str, Member],
-    claimed_by: dict[str, set[str]],
-    inactive: set[str],
+    person_ref: str, walk: _Walk, roles: frozenset[str], until: datetime | None
 ) -> None:
-    person = resources.get(person_ref)
+    person = walk.resources.get(person_ref)
     if person is None:
         return
     if not is_active(person):
-        inactive.update(matrix_ids_of(person))
+        walk.inactive.update(matrix_ids_of(person))
         return
     # Interned: the same people sit in many teams, and every cached answer would otherwise
     # hold its own copies of their ids (measured by bench/scale).
     member_type = sys.intern(person_ref.split("/", 1)[0])
     person_ref = sys.intern(person_ref)
     roles = frozenset(map(sys.intern, roles)) if roles else NO_ROLES
+    ends = until.timestamp() if until is not None else None
     for user_id in map(sys.intern, matrix_ids_of(person)):
-        claimed_by.setdefault(user_id, set()).add(person_ref)
+        walk.claimed_by.setdefault(user_id, set()).add(person_ref)
         # (Per account: another person met earlier under one of this person's accounts
         # must not change what the next account is credited to.)
-        member = Member(user_id, person_ref, member_type, roles)
-        earlier = found.get(user_id)
+        member = Member(user_id, person_ref, member_type, roles, ends)
+        earlier = walk.found.get(user_id)
         if earlier is not None:
             merged_roles = roles | earlier.roles
+            # Reached by several paths: a member for as long as any of them lasts.
+            last = None if ends is None or earlier.until is None else max(ends, earlier.until)
             if TYPE_PRECEDENCE.index(earlier.member_type) < TYPE_PRECEDENCE.index(member_type):
-                member = Member(user_id, earlier.person, earlier.member_type, merged_roles)
+                member = Member(user_id, earlier.person, earlier.member_type, merged_roles, last)
             else:
-                member = Member(user_id, person_ref, member_type, merged_roles)
-        found[user_id] = member
+                member = Member(user_id, person_ref, member_type, merged_roles, last)
+        walk.found[user_id] = member
 
 
-def _active_role_practitioner(role: Mapping[str, Any] | None, now: datetime) -> str | None:
-    if role is None or not is_active(role) or not period_covers(role.get("period"), now):
-        return None
-    ref = reference_of(role.get("practitioner"))
-    return ref if ref and ref.startswith("Practitioner/") else None
+def _earlier(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
 
 
 def _role_codes(participant: Mapping[str, Any]) -> frozenset[str]:

@@ -49,23 +49,32 @@ def parse_fhir_datetime(value: str, *, end_of_period: bool = False) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+def period_bounds(period: Any) -> tuple[datetime | None, datetime | None] | None:
+    """A FHIR Period as (first covered instant, last covered instant); None for either
+    side means open. An absent period is always open; an unreadable one is None (access
+    decisions fail closed on it)."""
+    if period is None:
+        return None, None
+    if not isinstance(period, Mapping):
+        return None
+    try:
+        start = parse_fhir_datetime(period["start"]) if period.get("start") else None
+        end = parse_fhir_datetime(period["end"], end_of_period=True) if period.get("end") else None
+    except (ValueError, TypeError):
+        return None
+    return start, end
+
+
 def period_covers(period: Any, now: datetime) -> bool:
     """Whether a FHIR Period (absent = always) includes ``now``.
 
     An unreadable start or end does not cover: access decisions fail closed.
     """
-    if period is None:
-        return True
-    if not isinstance(period, Mapping):
+    bounds = period_bounds(period)
+    if bounds is None:
         return False
-    try:
-        if period.get("start") and now < parse_fhir_datetime(period["start"]):
-            return False
-        if period.get("end") and now > parse_fhir_datetime(period["end"], end_of_period=True):
-            return False
-    except (ValueError, TypeError):
-        return False
-    return True
+    start, end = bounds
+    return not ((start is not None and now < start) or (end is not None and now > end))
 
 
 def format_fhir_instant(moment: datetime) -> str:

@@ -21,8 +21,6 @@ from typing import Any
 
 import attr
 from synapse.module_api import ModuleApi, cached
-from synapse.util.clock import Clock
-from twisted.internet import reactor
 
 from synapse_fhir_module.care_team import TeamMembership, reference_of, resolve_membership
 from synapse_fhir_module.fhir_client import FhirClient
@@ -83,7 +81,7 @@ class CareTeamDirectory:
         self._dependents: dict[str, set[str]] = {}
         # `@cached` needs these two attributes on its owner.
         self.server_name = api.server_name
-        self.clock = Clock(reactor, server_name=api.server_name)  # type: ignore[arg-type]
+        self.clock = WallClock()
         api.register_cached_function(self.care_team_membership)
 
     async def membership(self, team_ref: str) -> TeamMembership:
@@ -96,10 +94,27 @@ class CareTeamDirectory:
         if age >= self._ttl:
             self.care_team_membership.invalidate((team_ref,))
             fetched = await self._cached_or_fetch(team_ref)
-        elif age >= self._ttl / 2 and team_ref not in self._refreshing:
+        elif age >= self._ttl / 2 or _boundary_passed(fetched.membership):
+            # (A member whose period ended already stopped counting; one whose period
+            # started counts once the refresh is in.)
+            self.refresh_soon(team_ref)
+        return fetched.membership
+
+    def refresh_soon(self, team_ref: str) -> None:
+        """Load the team again in the background; its answer stays usable meanwhile."""
+        if team_ref not in self._refreshing:
             self._refreshing.add(team_ref)
             self._api.run_as_background_process("fhir_refresh_care_team", self._refresh, team_ref)
-        return fetched.membership
+
+    async def reload(self, team_ref: str) -> TeamMembership:
+        """Load the team from FHIR now and keep the answer, without forgetting the old
+        one first: decisions meanwhile still answer from memory (a full reconcile)."""
+        before = self.care_team_membership.cache.get_immediate(team_ref, None)
+        fresh = await self._load(team_ref)
+        # Invalidated meanwhile (a change arrived): the next decision loads it again.
+        if self.care_team_membership.cache.get_immediate(team_ref, None) is before:
+            self.care_team_membership.prefill((team_ref,), fresh)
+        return fresh.membership
 
     async def invalidate_team(self, team_ref: str) -> None:
         """Forget a team's answer on every worker (its CareTeam changed)."""
@@ -188,6 +203,21 @@ class CareTeamDirectory:
         for reference in references:
             self._dependents.setdefault(reference, set()).add(team_ref)
         return _Fetched(membership, self._monotonic(), references)
+
+
+class WallClock:
+    """The clock Synapse's ``@cached`` reads from its owner: the time, for its time-based
+    eviction. (ModuleApi offers no clock, and the module imports no Synapse internals.)"""
+
+    def time(self) -> float:
+        return time.time()
+
+    def time_msec(self) -> int:
+        return int(time.time() * 1000)
+
+
+def _boundary_passed(membership: TeamMembership) -> bool:
+    return membership.next_change is not None and time.time() >= membership.next_change
 
 
 def _by_reference(resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

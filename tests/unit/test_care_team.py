@@ -192,3 +192,107 @@ def test_same_person_twice_merges_roles() -> None:
     )
     member = resolve_membership("CareTeam/t", resources, NOW).members["@anna:example.org"]
     assert member.roles == frozenset({f"{SNOMED}|1", f"{SNOMED}|2"})
+
+
+def at(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def test_a_member_stops_counting_at_the_end_of_their_participation() -> None:
+    resources = by_ref(
+        team("t", participant("Practitioner/p", {"end": "2026-05-15T12:00:20Z"})),
+        person("Practitioner", "p", "leaver"),
+    )
+    membership = resolve_membership("CareTeam/t", resources, NOW)
+    assert membership.members["@leaver:example.org"].until == at("2026-05-15T12:00:20+00:00")
+    assert membership.next_change == at("2026-05-15T12:00:20+00:00")
+    # The answer kept in memory stops counting them at that moment, without FHIR.
+    assert membership.is_member("@leaver:example.org", now=at("2026-05-15T12:00:20+00:00"))
+    assert not membership.is_member("@leaver:example.org", now=at("2026-05-15T12:00:21+00:00"))
+    assert membership.current_members(now=at("2026-05-15T12:00:21+00:00")) == {}
+
+
+def test_the_earliest_end_on_the_way_to_a_member_counts() -> None:
+    resources = by_ref(
+        {
+            **team("t", participant("CareTeam/inner", {"end": "2026-05-20"})),
+            "period": {"end": "2026-06-30"},
+        },
+        {
+            **team("inner", participant("PractitionerRole/r", {"end": "2026-07-01"})),
+            "period": {"end": "2026-08-01"},
+        },
+        {
+            "resourceType": "PractitionerRole",
+            "id": "r",
+            "period": {"end": "2026-05-18T09:00:00Z"},
+            "practitioner": {"reference": "Practitioner/n"},
+        },
+        person("Practitioner", "n", "nurse"),
+    )
+    membership = resolve_membership("CareTeam/t", resources, NOW)
+    assert membership.members["@nurse:example.org"].until == at("2026-05-18T09:00:00+00:00")
+    assert membership.next_change == at("2026-05-18T09:00:00+00:00")
+
+
+def test_a_member_reached_twice_counts_until_the_later_end() -> None:
+    resources = by_ref(
+        team(
+            "t",
+            participant("Practitioner/a", {"end": "2026-05-16T00:00:00Z"}),
+            participant("PractitionerRole/r"),
+        ),
+        {
+            "resourceType": "PractitionerRole",
+            "id": "r",
+            "period": {"end": "2026-05-17T00:00:00Z"},
+            "practitioner": {"reference": "Practitioner/a"},
+        },
+        person("Practitioner", "a", "anna"),
+    )
+    membership = resolve_membership("CareTeam/t", resources, NOW)
+    assert membership.members["@anna:example.org"].until == at("2026-05-17T00:00:00+00:00")
+    # Both ends are boundaries; the earlier one comes next.
+    assert membership.next_change == at("2026-05-16T00:00:00+00:00")
+
+
+def test_a_start_still_to_come_is_the_next_change() -> None:
+    resources = by_ref(
+        team(
+            "t",
+            participant("Practitioner/now"),
+            participant("Practitioner/soon", {"start": "2026-05-15T12:05:00Z"}),
+        ),
+        person("Practitioner", "now", "now"),
+        person("Practitioner", "soon", "soon"),
+    )
+    membership = resolve_membership("CareTeam/t", resources, NOW)
+    assert set(membership.members) == {"@now:example.org"}
+    assert membership.members["@now:example.org"].until is None
+    assert membership.next_change == at("2026-05-15T12:05:00+00:00")
+
+
+def test_a_team_outside_its_period_has_no_members_and_admits_nobody() -> None:
+    ended = by_ref(
+        {**team("t", participant("Practitioner/p")), "period": {"end": "2026-05-01"}},
+        person("Practitioner", "p", "p"),
+    )
+    membership = resolve_membership("CareTeam/t", ended, NOW)
+    assert membership.members == {}
+    assert not membership.in_period and not membership.admits_members
+    assert membership.next_change is None
+    not_yet = by_ref(
+        {**team("t", participant("Practitioner/p")), "period": {"start": "2026-06-01"}},
+        person("Practitioner", "p", "p"),
+    )
+    membership = resolve_membership("CareTeam/t", not_yet, NOW)
+    assert membership.members == {} and not membership.admits_members
+    assert membership.next_change == at("2026-06-01T00:00:00+00:00")
+
+
+def test_an_unreadable_period_keeps_the_member_out() -> None:
+    resources = by_ref(
+        team("t", participant("Practitioner/p", {"end": "next tuesday"})),
+        person("Practitioner", "p", "p"),
+    )
+    assert resolve_membership("CareTeam/t", resources, NOW).members == {}
