@@ -1,6 +1,9 @@
 """Matrix actions of the FHIR → Matrix sync, done as the service user through ModuleApi:
 make a care team's space and a thread's room, bring their members in line with a plan,
-set power levels, post a message.
+set power levels, repair binding state, post a message.
+
+A Matrix action that fails (a remote server away, a room shut down) is counted and
+reported to the caller, which tries the whole sync again later: it is never dropped.
 """
 
 from __future__ import annotations
@@ -11,16 +14,20 @@ from typing import Any
 
 from synapse.module_api import ModuleApi
 
-from synapse_fhir_module.care_team import Member
-from synapse_fhir_module.config import SyncConfig
-from synapse_fhir_module.membership_plan import MembershipPlan
-from synapse_fhir_module.power_levels import power_levels_content
-from synapse_fhir_module.room_bindings import (
+from synapse_fhir_module.binding_state import (
+    BINDING_STATE_TYPES,
     CARE_TEAM_STATE,
     SPACE_CHILD,
     SPACE_PARENT,
     THREAD_STATE,
+    Content,
+    StateKey,
 )
+from synapse_fhir_module.care_team import Member
+from synapse_fhir_module.config import SyncConfig
+from synapse_fhir_module.membership_plan import MembershipPlan
+from synapse_fhir_module.power_levels import creation_levels, power_levels_content
+from synapse_fhir_module.sync_metrics import MATRIX_ACTIONS_FAILED
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +36,14 @@ POWER_LEVELS = "m.room.power_levels"
 CREATORS_PRIVILEGED = frozenset({"12"})
 # Said to whoever is removed: the rule, never the patient.
 REMOVAL_REASON = "No longer a member of this care team in the care record"
+
+
+class MatrixActionsFailed(Exception):
+    """Some of a room's membership changes failed (the others were made)."""
+
+    def __init__(self, room_id: str, failed: list[str]) -> None:
+        super().__init__(f"{len(failed)} action(s) failed in {room_id}: {', '.join(failed)}")
+        self.failed = failed
 
 
 class CareRooms:
@@ -53,6 +68,7 @@ class CareRooms:
                 "name": name,
                 "preset": "private_chat",
                 "visibility": "private",
+                "power_level_content_override": creation_levels(),
                 "initial_state": [_state(CARE_TEAM_STATE, "", {"reference": team_ref})],
             },
             ratelimit=False,
@@ -67,6 +83,7 @@ class CareRooms:
             {
                 "preset": "private_chat",
                 "visibility": "private",
+                "power_level_content_override": creation_levels(),
                 "initial_state": [
                     _state(THREAD_STATE, "", {"reference": thread_ref}),
                     _state(
@@ -104,14 +121,28 @@ class CareRooms:
             for (_, state_key), event in state.items()
         }
 
+    async def binding_state(self, room_id: str) -> dict[StateKey, Content]:
+        """The room's binding state events (type, state key) → content."""
+        state = await self._api.get_room_state(
+            room_id, [(event_type, None) for event_type in sorted(BINDING_STATE_TYPES)]
+        )
+        return {key: event.content for key, event in state.items()}
+
     async def apply_plan(self, room_id: str, plan: MembershipPlan) -> None:
-        """Each action on its own: one refused invite must not stop the rest."""
+        """Each action on its own: one refused invite must not stop the rest. Raises
+        MatrixActionsFailed afterwards if any failed."""
+        failed: list[str] = []
         for user_id in plan.unban:
-            await self._membership(room_id, user_id, "leave")  # lifting a ban is a leave
+            # (Lifting a ban is a leave.)
+            await self._membership(room_id, user_id, "leave", None, "unban", failed)
         for user_id in plan.invite:
-            await self._membership(room_id, user_id, "invite")
+            await self._membership(room_id, user_id, "invite", None, "invite", failed)
         for user_id in plan.remove:
-            await self._membership(room_id, user_id, "leave", {"reason": REMOVAL_REASON})
+            await self._membership(
+                room_id, user_id, "leave", {"reason": REMOVAL_REASON}, "remove", failed
+            )
+        if failed:
+            raise MatrixActionsFailed(room_id, failed)
 
     async def set_power_levels(
         self, room_id: str, members: Collection[Member], *, read_only: bool
@@ -136,7 +167,11 @@ class CareRooms:
             read_only=read_only,
         )
         if content != current:
-            await self.send_state(room_id, POWER_LEVELS, "", content)
+            try:
+                await self.send_state(room_id, POWER_LEVELS, "", content)
+            except Exception:
+                MATRIX_ACTIONS_FAILED.labels(action="power_levels").inc()
+                raise
 
     async def send_state(
         self, room_id: str, event_type: str, state_key: str, content: dict[str, Any]
@@ -158,7 +193,13 @@ class CareRooms:
         return str(event.event_id)
 
     async def _membership(
-        self, room_id: str, user_id: str, membership: str, content: dict | None = None
+        self,
+        room_id: str,
+        user_id: str,
+        membership: str,
+        content: dict | None,
+        action: str,
+        failed: list[str],
     ) -> None:
         try:
             await self._api.update_room_membership(
@@ -166,7 +207,9 @@ class CareRooms:
             )
         except Exception as e:
             # (The user id stays out of the log: it can name a patient.)
-            logger.warning("Could not %s a user in %s: %s", membership, room_id, type(e).__name__)
+            logger.warning("Could not %s a user in %s: %s", action, room_id, type(e).__name__)
+            MATRIX_ACTIONS_FAILED.labels(action=action).inc()
+            failed.append(action)
 
 
 def _state(event_type: str, state_key: str, content: dict[str, Any]) -> dict[str, Any]:

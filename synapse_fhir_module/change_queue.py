@@ -7,8 +7,13 @@ References are taken in batches: the batch's caches are invalidated, then ``prep
 reference, then each is applied in turn.
 
 A reference whose sync fails is tried again, backing off from 5 s to 5 minutes, never
-dropped. Whoever needs to know that everything queued has been applied (the reconcile
-sweep, before it moves its watermark) registers ``when_idle``.
+dropped (``retrying`` counts them, for ``/health`` and a metric). Whoever needs to know
+that everything queued has been applied (the reconcile sweep, before it moves its
+watermark) registers ``when_idle``.
+
+A reference queued to be checked rather than because it changed (the full reconcile, a
+period boundary) keeps its cached answers: decisions meanwhile still answer from memory,
+and the sync loads what it needs fresh.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from synapse.module_api import ModuleApi
+
+from synapse_fhir_module.sync_metrics import SYNC_QUEUED, SYNC_RETRYING
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +37,7 @@ class ChangeQueue:
     def __init__(
         self,
         api: ModuleApi,
-        apply: Callable[[str], Awaitable[None]],
+        apply: Callable[[str, bool], Awaitable[None]],
         invalidate: Callable[[str], Awaitable[None]],
         prepare: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
@@ -39,6 +46,7 @@ class ChangeQueue:
         self._invalidate = invalidate
         self._prepare = prepare
         self._pending: dict[str, None] = {}  # insertion-ordered set
+        self._unchanged: set[str] = set()  # pending only to be checked: caches kept
         self._failures: dict[str, int] = {}  # reference -> failed attempts in a row
         self._waiting: set[str] = set()  # scheduled for a retry
         self._idle_callbacks: list[Callable[[], Awaitable[None]]] = []
@@ -47,6 +55,11 @@ class ChangeQueue:
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    @property
+    def retrying(self) -> int:
+        """References whose sync failed and waits for another attempt."""
+        return len(self._waiting)
 
     @property
     def idle(self) -> bool:
@@ -63,12 +76,20 @@ class ChangeQueue:
     def push(self, reference: str) -> None:
         """Queue a changed resource. The caches that hold it are invalidated now, not when
         its turn comes: access decisions must not wait behind a long queue."""
-        if reference not in self._pending:
+        if reference not in self._pending or reference in self._unchanged:
             self._api.run_as_background_process("fhir_invalidate", self._invalidate, reference)
+        self._unchanged.discard(reference)
+        self._enqueue(reference)
+
+    def check(self, reference: str) -> None:
+        """Queue a resource to make Matrix match it, with no known change (its caches stay)."""
+        if reference not in self._pending:
+            self._unchanged.add(reference)
         self._enqueue(reference)
 
     def _enqueue(self, reference: str) -> None:
         self._pending.setdefault(reference, None)
+        SYNC_QUEUED.set(len(self._pending))
         self._run_soon()
 
     def _run_soon(self) -> None:
@@ -82,18 +103,26 @@ class ChangeQueue:
                 batch = list(itertools.islice(self._pending, BATCH))
                 for reference in batch:
                     del self._pending[reference]
-                for reference in await self._start_batch(batch):
-                    await self._apply_one(reference)
+                SYNC_QUEUED.set(len(self._pending))
+                for reference, changed in await self._start_batch(batch):
+                    await self._apply_one(reference, changed)
         finally:
             self._running = False
         if self.idle:
             for callback in self._idle_callbacks:
                 await callback()
 
-    async def _start_batch(self, batch: list[str]) -> list[str]:
-        """Invalidate and prepare a batch; the references ready to apply."""
+    async def _start_batch(self, batch: list[str]) -> list[tuple[str, bool]]:
+        """Invalidate and prepare a batch; the references ready to apply, each with
+        whether it changed (False: queued only to be checked)."""
         ready = []
+        unchanged = set()
         for reference in batch:
+            if reference in self._unchanged:
+                self._unchanged.discard(reference)
+                unchanged.add(reference)
+                ready.append(reference)
+                continue
             # Again right before the sync reads FHIR: a lookup that started before the
             # push may have put the old answer back meanwhile.
             try:
@@ -108,15 +137,15 @@ class ChangeQueue:
             except Exception as e:  # only a shortcut: each apply reads what it needs anyway
                 logger.info("Preparing %d changes failed (%s)", len(ready), type(e).__name__)
             for reference in ready:
-                if reference in self._pending:
+                if reference in self._pending and reference not in self._unchanged:
                     # Changed again while prepare read FHIR: its prepared answer may be
                     # older than the change.
                     await self._invalidate(reference)
-        return ready
+        return [(reference, reference not in unchanged) for reference in ready]
 
-    async def _apply_one(self, reference: str) -> None:
+    async def _apply_one(self, reference: str, changed: bool) -> None:
         try:
-            await self._apply(reference)
+            await self._apply(reference, changed)
         except Exception as e:
             self._retry_later(reference, e)
         else:
@@ -135,10 +164,12 @@ class ChangeQueue:
             delay_ms // 1000,
         )
         self._waiting.add(reference)
+        SYNC_RETRYING.set(len(self._waiting))
         self._api.delayed_background_call(delay_ms, self._retry, reference, desc="fhir_sync_retry")
 
     def _retry(self, reference: str) -> None:
         self._waiting.discard(reference)
+        SYNC_RETRYING.set(len(self._waiting))
         self._enqueue(reference)
 
 

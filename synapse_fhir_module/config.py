@@ -84,6 +84,9 @@ DEFAULT_POWER_LEVELS = {"Practitioner": 50, "RelatedPerson": 0, "Patient": 0}
 class SyncConfig:
     enabled: bool = True
     poll_interval: float = 60.0  # seconds
+    # Every team synced again from FHIR this often (and at start-up): drift left by lost
+    # notifications, expunged or deleted resources is repaired.
+    full_reconcile_interval: float = 3600.0  # seconds
     # Register rest-hook Subscriptions on FHIR (for a FHIR server without the shim).
     subscription: bool = False
     # The URL FHIR reaches this Synapse at, for those Subscriptions (public_baseurl if None).
@@ -220,6 +223,9 @@ def _parse_sync(section: _Section) -> SyncConfig:
     config = SyncConfig(
         enabled=section.flag("enabled", True),
         poll_interval=section.value("poll_interval", _positive_duration, 60.0),
+        full_reconcile_interval=section.value(
+            "full_reconcile_interval", _positive_duration, 3600.0
+        ),
         subscription=section.flag("subscription", False),
         subscription_base_url=section.value("subscription_base_url", _base_url, None),
         default_space_name=section.value("default_space_name", _nonempty_string, "Care team"),

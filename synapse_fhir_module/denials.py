@@ -19,6 +19,7 @@ class Reason(str, Enum):
     ENCRYPTION_FORBIDDEN = "encryption_forbidden"
     PROTECTED_STATE = "protected_state"
     NO_FHIR_IDENTITY = "no_fhir_identity"
+    THIRD_PARTY_INVITE_FORBIDDEN = "third_party_invite_forbidden"
 
 
 _MESSAGES = {
@@ -44,6 +45,10 @@ _MESSAGES = {
     Reason.PROTECTED_STATE: (
         "This setting links the room to the care record and can only be changed by the "
         "care network service."
+    ),
+    Reason.THIRD_PARTY_INVITE_FORBIDDEN: (
+        "People join care-team rooms through the care record; invitations by email or phone "
+        "number are not possible here."
     ),
     Reason.NO_FHIR_IDENTITY: (
         "Accounts on this server are for people in the care record; no active person in it "

@@ -1,16 +1,21 @@
 """Care-team gating: who may be invited to, join, or act in a care-team room.
 
-- Local users get early, friendly answers from the spam-checker callbacks.
-- ``check_event_allowed`` checks every invite/join/knock this server builds: also those
-  of server admins and room creators (which spam checkers skip), and a remote server's
-  ``/make_join`` and ``/make_knock``.
+- ``check_event_allowed`` sees every event this server builds — its users' messages,
+  state, memberships, also those of server admins and room creators (which spam checkers
+  skip), and the joins and knocks it builds for remote users (``/make_join``,
+  ``/make_knock``). Entries need a current member (invited by one); anything else needs
+  the sender to be a current member, except leaving.
 - Events that arrive over federation are *not* given to ``check_event_allowed`` by
-  Synapse (1.163): a server already in the room builds its users' joins itself. Synapse
-  does run ``check_event_for_spam`` on every received event, so there a refused event
-  is soft-failed (it never becomes room state here), and someone who joined by
-  themselves is banned by the service user, so their own server drops them too.
-- What binds a room to the care record (``org.synapse_fhir.*`` state, the space links
-  of a bound room, and redactions of those events) only the service user may change.
+  Synapse (1.163): a server already in the room builds its users' events itself. Synapse
+  does run ``check_event_for_spam`` on every received event, so there the same rules
+  soft-fail a refused event (it never becomes room state here), and someone who entered
+  by themselves is banned by the service user, so their own server drops them too.
+- What binds a room to the care record and decides who is in it (``org.synapse_fhir.*``,
+  the space links, join rules, history visibility, encryption, tombstone, server ACL,
+  power levels, canonical alias; redactions of binding events) only the service user may
+  change. The rooms' power levels reserve the same (``power_levels.py``): these callbacks
+  are the friendly answer, the power levels what state resolution obeys.
+- Third-party (email) invites are refused in care-team rooms: members come from FHIR.
 
 Every "no" to a local user is a ``Denied`` carrying its reason (DESIGN §5).
 """
@@ -26,14 +31,18 @@ from synapse.module_api.errors import Codes
 
 from synapse_fhir_module.care_team import TeamMembership
 from synapse_fhir_module.denials import Denied, Reason
-from synapse_fhir_module.room_bindings import SPACE_CHILD, SPACE_PARENT, RoomBindings
+from synapse_fhir_module.power_levels import RESERVED_EVENTS
+from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
 
 logger = logging.getLogger(__name__)
 
 PROTECTED_PREFIX = "org.synapse_fhir."
 ENTERING = frozenset({"invite", "join", "knock"})
-SPACE_LINKS = frozenset({SPACE_PARENT, SPACE_CHILD})
+ENCRYPTION = "m.room.encryption"
+THIRD_PARTY_INVITE = "m.room.third_party_invite"
+# Synapse's own filler event (it picks any joined local user to send it).
+DUMMY_EVENT = "org.matrix.dummy_event"
 
 # remove_member_soon(room_id, user_id): have the service user take someone out of a
 # care-team room, in the background.
@@ -81,23 +90,21 @@ class CareTeamGate:
         return NOT_SPAM
 
     async def check_event_for_spam(self, event: EventBase) -> str | Codes:
-        """A person not (or no longer) in the care team may not act in its rooms.
+        """Events received over federation: the rules ``check_event_allowed`` applies to
+        events this server builds (local senders were checked there already).
 
-        Local senders get a Denied (their client shows it). Events received over
-        federation are soft-failed instead (returning a code): they never become room
-        state here. For those, only a definite "no" counts — an unreachable directory
-        lets them through, since a soft-failed event is stripped for good.
+        A refused event is soft-failed (returning a code): it never becomes room state
+        here. An unreachable directory refuses an entry when failing closed, like any other
+        refused entry; other events of a remote sender pass then (a soft-failed message is
+        stripped for good, and the sender was let in by an earlier decision).
         """
-        if event.sender in self._exempt:
-            return NOT_SPAM
-        if self._is_local(event.sender):
-            # Local membership and state changes are check_event_allowed's job.
-            if event.type == "m.room.member" or event.is_state():
-                return NOT_SPAM
-            _raise_if(await self._acting_refusal(event.room_id, event.sender))
+        if event.sender in self._exempt or self._is_local(event.sender):
             return NOT_SPAM
         reason = await self._received_refusal(event)
-        if reason is None or reason is Reason.DIRECTORY_UNAVAILABLE:
+        if reason is None:
+            return NOT_SPAM
+        entering = _is_entry(event) and event.state_key == event.sender
+        if reason is Reason.DIRECTORY_UNAVAILABLE and not (self._fail_closed and _is_entry(event)):
             return NOT_SPAM
         logger.warning(
             "Refusing %s (%s) received over federation in %s: %s",
@@ -106,57 +113,76 @@ class CareTeamGate:
             event.room_id,
             reason.value,
         )
-        if (
-            reason is Reason.NOT_IN_CARE_TEAM
-            and _is_entry(event)
-            and event.state_key == event.sender
+        if entering and reason in (
+            Reason.NOT_IN_CARE_TEAM,
+            Reason.ACCOUNT_INACTIVE,
+            Reason.CARE_TEAM_INACTIVE,
+            Reason.DIRECTORY_UNAVAILABLE,
         ):
             # Soft-failing keeps them out of this server's view; the ban tells theirs.
+            # (The sync lifts the ban if FHIR later admits them.)
             self._remove_member_soon(event.room_id, event.sender)
         return Codes.FORBIDDEN
 
     async def check_event_allowed(
         self, event: EventBase, state_events: StateMap[EventBase]
     ) -> tuple[bool, dict | None]:
-        _raise_if(await self._protected_change_refusal(event))
-        if not _is_entry(event) or _is_profile_change(event, state_events):
+        if event.type == ENCRYPTION and event.sender == self._service_user_id:
+            if self._forbid_encryption:
+                # Only the server's encryption default makes the service user send this
+                # (it creates care-team rooms only): leave the room unencrypted.
+                return True, _without_content(event)
             return True, None
-        inviter = event.sender if event.content["membership"] == "invite" else None
-        _raise_if(
-            await self._entry_refusal(event.room_id, entering=event.state_key, inviter=inviter)
-        )
+        _raise_if(await self._protected_change_refusal(event))
+        if _is_entry(event) and not _is_profile_change(event, state_events):
+            inviter = event.sender if event.content["membership"] == "invite" else None
+            _raise_if(
+                await self._entry_refusal(event.room_id, entering=event.state_key, inviter=inviter)
+            )
+            return True, None
+        if event.sender in self._exempt or _is_own_leave(event) or event.type == DUMMY_EVENT:
+            return True, None
+        if self._is_local(event.sender):
+            # Someone who left the care team (or whose person is inactive) and is still
+            # joined: nothing but leaving.
+            _raise_if(await self._acting_refusal(event.room_id, event.sender))
         return True, None
 
     async def _received_refusal(self, event: EventBase) -> Reason | None:
         protected = await self._protected_change_refusal(event)
         if protected is not None:
             return protected
-        if event.type == "m.room.member":
-            if not _is_entry(event):
-                return None
+        if _is_own_leave(event):
+            return None
+        if _is_entry(event):
             previous = await self._bindings.membership_of(event.room_id, event.state_key)
             if event.content["membership"] == "join" and previous == "join":
-                return None  # a profile change
+                # A profile change: a current member's only.
+                return await self._acting_refusal(event.room_id, event.sender)
             inviter = event.sender if event.content["membership"] == "invite" else None
             return await self._entry_refusal(
                 event.room_id, entering=event.state_key, inviter=inviter
             )
+        # Messages, state, and membership changes of others (kick, ban).
         return await self._acting_refusal(event.room_id, event.sender)
 
     async def _protected_change_refusal(self, event: EventBase) -> Reason | None:
-        """Only the service user may change what binds a room to the care record."""
+        """Only the service user may change what binds a room to the care record and
+        decides who is in it."""
         if event.sender == self._service_user_id:
             return None
         if event.is_state() and event.type.startswith(PROTECTED_PREFIX):
-            return Reason.PROTECTED_STATE
-        if event.is_state() and event.type in SPACE_LINKS:
+            return Reason.PROTECTED_STATE  # in any room: nobody may pre-bind one
+        if event.type == THIRD_PARTY_INVITE:
             if await self._is_bound(event.room_id):
+                return Reason.THIRD_PARTY_INVITE_FORBIDDEN
+        elif event.is_state() and event.type in RESERVED_EVENTS:
+            if await self._is_bound(event.room_id):
+                if event.type == ENCRYPTION and self._forbid_encryption:
+                    # communication.encrypted_rooms: forbid — the record must read it.
+                    return Reason.ENCRYPTION_FORBIDDEN
                 return Reason.PROTECTED_STATE
-        if event.type == "m.room.encryption" and self._forbid_encryption:
-            # communication.encrypted_rooms: forbid — the record must be able to read it.
-            if await self._is_bound(event.room_id):
-                return Reason.ENCRYPTION_FORBIDDEN
-        if event.type == "m.room.redaction" and isinstance(event.redacts, str):
+        elif event.type == "m.room.redaction" and isinstance(event.redacts, str):
             if event.redacts in await self._bindings.binding_event_ids(
                 event.room_id
             ) and await self._is_bound(event.room_id):
@@ -190,10 +216,14 @@ class CareTeamGate:
         return None
 
     async def _acting_refusal(self, room_id: str, sender: str) -> Reason | None:
+        if sender in self._exempt:
+            return None
         team, unavailable = await self._team_of_room(room_id)
         if team is None:
             return unavailable
-        return None if team.is_member(sender) else Reason.NOT_IN_CARE_TEAM
+        if team.is_member(sender):
+            return None
+        return Reason.ACCOUNT_INACTIVE if sender in team.inactive else Reason.NOT_IN_CARE_TEAM
 
     async def _team_of_room(self, room_id: str) -> tuple[TeamMembership | None, Reason | None]:
         """(the room's team, None); (None, None) for an ordinary room; and when FHIR
@@ -218,6 +248,25 @@ def _raise_if(reason: Reason | None) -> None:
 
 def _is_entry(event: EventBase) -> bool:
     return event.type == "m.room.member" and event.content.get("membership") in ENTERING
+
+
+def _is_own_leave(event: EventBase) -> bool:
+    return (
+        event.type == "m.room.member"
+        and event.content.get("membership") == "leave"
+        and event.state_key == event.sender
+    )
+
+
+def _without_content(event: EventBase) -> dict[str, Any]:
+    """The event as Synapse rebuilds it from a third-party rule, with empty content."""
+    return {
+        "type": event.type,
+        "room_id": event.room_id,
+        "sender": event.sender,
+        "state_key": event.state_key,
+        "content": {},
+    }
 
 
 def _is_profile_change(event: EventBase, state_events: StateMap[EventBase]) -> bool:

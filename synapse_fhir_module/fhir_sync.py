@@ -4,13 +4,18 @@ Given a reference â€” from the webhook, a Subscription, or the reconcile sweep â
 reads the resource's *current* state from FHIR (a notification is only a hint) and makes
 Matrix match it:
 
-- ``CareTeam``: its space exists while the team is active, holds exactly the members,
-  with their power levels; the team's rooms follow. Inactive or suspended: read-only and
-  nobody new; ``entered-in-error`` or deleted: everyone but the service user leaves.
+- ``CareTeam``: its space exists while the team is active, holds exactly the current
+  members, with their power levels; the team's rooms follow, and their binding state is
+  put back where it says something other than the module's record. Inactive or
+  suspended: read-only and nobody new; ``entered-in-error``, deleted or outside its
+  period: everyone but the service user leaves. The team's next period boundary is
+  scheduled (``TeamBoundaries``), so leavers go on time with no FHIR write then.
 - ``CommunicationRequest`` addressed to a CareTeam: a room in the team's space, its
   payload posted as the first message.
 - ``Communication`` written by another system (no origin mark) in a thread with a room:
-  posted into the room once, never written back.
+  posted into the room once by the service user, attributed to its FHIR sender (never
+  through a person's own account: whoever writes FHIR must not speak for a Matrix user),
+  and never written back.
 - A person (Practitioner, PractitionerRole, RelatedPerson, Patient): the teams it belongs
   to are synced again.
 
@@ -20,13 +25,15 @@ Applying the same reference twice changes nothing the second time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from synapse.module_api import ModuleApi
+from synapse.module_api import EventBase, ModuleApi
 
-from synapse_fhir_module import sync_store
-from synapse_fhir_module.care_rooms import CareRooms
+from synapse_fhir_module import binding_store, sync_store
+from synapse_fhir_module.binding_state import SPACE_CHILD, drifted, expected_content, repairs
+from synapse_fhir_module.binding_store import Binding
+from synapse_fhir_module.care_rooms import CareRooms, MatrixActionsFailed
 from synapse_fhir_module.care_team import MAX_NESTING, TeamMembership, reference_of
 from synapse_fhir_module.communication_mapping import ORIGIN_TAG, ROOM_ID_SYSTEM
 from synapse_fhir_module.config import SyncConfig
@@ -37,6 +44,8 @@ from synapse_fhir_module.membership_plan import plan_membership
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.relay_content import relay_content
 from synapse_fhir_module.room_bindings import RoomBindings
+from synapse_fhir_module.sync_metrics import BINDING_INCIDENTS
+from synapse_fhir_module.team_boundaries import TeamBoundaries
 from synapse_fhir_module.team_directory import CareTeamDirectory
 
 logger = logging.getLogger(__name__)
@@ -65,10 +74,14 @@ class FhirSync:
         exempt_users: frozenset[str],
         bindings: RoomBindings,
         persons: PersonDirectory,
+        boundaries: TeamBoundaries,
+        now_ms: Callable[[], int],
     ) -> None:
         self._api = api
         self._bindings = bindings
         self._persons = persons
+        self._boundaries = boundaries
+        self._now_ms = now_ms
         self._config = config
         self._fhir = fhir
         self._teams = teams
@@ -77,15 +90,27 @@ class FhirSync:
         self._keep = exempt_users | {service_user_id}
         # Teams listing each team of the batch being applied, found by `prepare`.
         self._parents_found: dict[str, set[str]] = {}
+        # When the batch being applied started: membership read since is fresh enough.
+        self._batch_started = teams.now()
+        # Binding state found changed behind the module's back, since start.
+        self.binding_incidents = 0
 
     async def start(self) -> None:
         await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
+        await self._bindings.start()
+        await self._record_made_spaces()
 
-    async def apply(self, reference: str) -> None:
-        """Make Matrix match the current state of ``reference`` (``Type/id``)."""
+    async def apply(self, reference: str, changed: bool = True) -> None:
+        """Make Matrix match the current state of ``reference`` (``Type/id``).
+
+        ``changed`` False: queued to be checked (full reconcile, period boundary), not
+        because FHIR said it changed: teams listing it are left alone.
+        """
         resource_type = reference.split("/", 1)[0]
         if resource_type == "CareTeam":
             await self.apply_care_team(reference)
+            if not changed:
+                return
             # Teams that list this one (directly or further up) change with it.
             for parent in await self._teams_listing(reference):
                 await self._apply_fresh(parent)
@@ -101,6 +126,7 @@ class FhirSync:
         """Before a batch is applied (ChangeQueue): its CareTeams' members, and the teams
         listing them, in one search each per batch rather than two searches per team."""
         self._parents_found = {}
+        self._batch_started = self._teams.now()
         teams = [r for r in references if r.startswith("CareTeam/")]
         if len(teams) < 2:
             return  # one team: its own searches cost the same
@@ -144,7 +170,8 @@ class FhirSync:
 
     async def apply_care_team(self, team_ref: str) -> str | None:
         """Sync the team's space and rooms; the space's room id, if it has one."""
-        team = await self._teams.membership(team_ref)
+        team = await self._teams.fresh_membership(team_ref, since=self._batch_started)
+        self._boundaries.schedule(team_ref, team.next_change)
         space = await self._room_of(team_ref)
         if space is None:
             if not team.admits_members:
@@ -153,21 +180,81 @@ class FhirSync:
                 team_ref, team.name or self._config.default_space_name
             )
             await self._remember_room(team_ref, space)
+            await self._bindings.record(Binding(space, team_ref), self._now_ms())
             logger.info("Made a space for %s: %s", team_ref, space)
+        recorded = await self._api.run_db_interaction(
+            "fhir_bindings_of_team", binding_store.bindings_of_team, team_ref
+        )
+        rooms = dict.fromkeys([space, *(b.room_id for b in recorded)])
+        # (Rooms listed by the service user before the record existed follow too.)
+        rooms.update(dict.fromkeys(await self._rooms.rooms_of_space(space)))
         failed = 0
-        for room_id in [space, *await self._rooms.rooms_of_space(space)]:
+        for room_id in rooms:
             try:
+                binding = next((b for b in recorded if b.room_id == room_id), None)
+                if binding is not None:
+                    await self._repair_binding(binding, recorded)
                 await self._sync_room(room_id, team)
             except Exception as e:  # e.g. a room an admin shut down: the others still follow
                 failed += 1
-                logger.warning("%s: could not sync %s (%s)", team_ref, room_id, type(e).__name__)
+                logger.warning("%s: could not sync %s (%s)", team_ref, room_id, _safe(e))
         if failed:
             raise SyncIncomplete(f"{team_ref}: {failed} room(s) not synced")
         return space
 
+    async def _repair_binding(self, binding: Binding, team_bindings: list[Binding]) -> None:
+        """Put the room's binding state back to what the module bound, if it drifted."""
+        fixes = repairs(
+            binding,
+            await self._rooms.binding_state(binding.room_id),
+            children=team_bindings,
+            server_name=self._api.server_name,
+        )
+        for event_type, state_key, content in fixes:
+            logger.warning(
+                "Binding state %s of %s differs from what the module bound: repairing",
+                event_type,
+                binding.room_id,
+            )
+            await self._rooms.send_state(binding.room_id, event_type, state_key, content)
+
+    async def drift_of(self, event: EventBase) -> str | None:
+        """For a binding state event in a room the module bound: the room's team when the
+        event says something else than the module bound (an incident), else None."""
+        binding = await self._bindings.recorded(event.room_id)
+        if binding is None:
+            return None
+        children = {}
+        if event.type == SPACE_CHILD and binding.is_space:
+            child = await self._bindings.recorded(event.state_key)
+            if child is not None:
+                children[child.room_id] = child
+        want = expected_content(
+            binding,
+            event.type,
+            event.state_key,
+            children=children,
+            server_name=self._api.server_name,
+        )
+        if not drifted(want, event.content):
+            return None
+        self._note_binding_incident(event.room_id, event.event_id, event.type)
+        return binding.care_team
+
+    def _note_binding_incident(self, room_id: str, event_id: str, event_type: str) -> None:
+        self.binding_incidents += 1
+        BINDING_INCIDENTS.inc()
+        logger.warning(
+            "Binding state of %s changed behind the module's back by %s (%s); "
+            "the room stays bound as recorded and is repaired",
+            room_id,
+            event_id,
+            event_type,
+        )
+
     async def _sync_room(self, room_id: str, team: TeamMembership) -> None:
         emptied = team.status in EMPTIED_STATUSES
-        members = {} if emptied else team.members
+        members = {} if emptied else team.current_members()
         plan = plan_membership(
             members,
             await self._rooms.memberships(room_id),
@@ -194,6 +281,14 @@ class FhirSync:
             )
             await self._rooms.apply_plan(room_id, plan)
 
+    async def _record_made_spaces(self) -> None:
+        """Spaces the module made before it kept its binding record: recorded now."""
+        for reference, room_id in await self._api.run_db_interaction(
+            "fhir_sync_rooms", sync_store.all_rooms
+        ):
+            if reference.startswith("CareTeam/") and await self._bindings.recorded(room_id) is None:
+                await self._bindings.record(Binding(room_id, reference), self._now_ms())
+
     async def _apply_request(self, request_ref: str) -> str | None:
         """The request's room, made (or completed, after a failure) if it needs one."""
         request = await self._read(request_ref)
@@ -213,17 +308,39 @@ class FhirSync:
             # Remembered at once: a retry after a later step failed completes this room
             # instead of making a second one.
             await self._remember_room(request_ref, room_id)
+            await self._bindings.record(
+                Binding(room_id, team_ref, thread=request_ref, space_id=space), self._now_ms()
+            )
             logger.info("Made a room for %s: %s", request_ref, room_id)
             await self._rooms.name_room(room_id, _request_name(request))
+        binding = await self._bindings.recorded(room_id)
+        if binding is not None and binding.care_team != team_ref:
+            # The request now names another team: its room (and history) stays with the
+            # team it was made for.
+            logger.warning(
+                "%s is addressed to %s now; its room %s stays with %s",
+                request_ref,
+                team_ref,
+                room_id,
+                binding.care_team,
+            )
+            team_ref = binding.care_team
         space = await self._room_of(team_ref)
         if space is not None:
+            if binding is None:  # made before the record existed
+                await self._bindings.record(
+                    Binding(room_id, team_ref, thread=request_ref, space_id=space),
+                    self._now_ms(),
+                )
             await self._rooms.link_to_space(space, room_id)
         # The request's own words first, so whoever is invited finds them there (kept like
         # a relay, so a reply to them is linked to the request).
         first = relay_content(request.get("payload"), source=request_ref, sender_name=None)
         if first is not None:
             await self._post_once(request_ref, room_id, self._service_user_id, first)
-        await self._sync_room(room_id, await self._teams.membership(team_ref))
+        await self._sync_room(
+            room_id, await self._teams.fresh_membership(team_ref, since=self._batch_started)
+        )
         return room_id
 
     async def _relay(self, communication_ref: str) -> None:
@@ -237,16 +354,15 @@ class FhirSync:
             return
         sender_ref = _reference(communication.get("sender"))
         sender = await self._read(sender_ref) if sender_ref else None
-        local_user = await self._local_member(sender_ref, sender, room_id)
-        poster = local_user or self._service_user_id
         content = relay_content(
             communication.get("payload"),
             source=communication_ref,
-            sender_name=None if local_user else _display_name(sender),
+            sender_name=_display_name(sender),
+            sender_ref=sender_ref,
         )
         if content is None:
             return
-        if await self._post_once(communication_ref, room_id, poster, content):
+        if await self._post_once(communication_ref, room_id, self._service_user_id, content):
             logger.info("Relayed %s into %s", communication_ref, room_id)
 
     async def _post_once(
@@ -306,22 +422,6 @@ class FhirSync:
                 if isinstance(candidate, str) and candidate.startswith("!"):
                     if await self._bindings.thread_of(candidate) == reference:
                         return candidate
-        return None
-
-    async def _local_member(
-        self, sender_ref: str | None, person: Mapping[str, Any] | None, room_id: str
-    ) -> str | None:
-        """The sender's own local account, when it is joined to the room and FHIR maps it
-        back to exactly this sender (one active person, as enforcement requires)."""
-        if person is None or sender_ref is None:
-            return None
-        memberships = await self._rooms.memberships(room_id)
-        for user_id in sorted(matrix_ids_of(person)):
-            if not self._api.is_mine(user_id) or memberships.get(user_id) != "join":
-                continue
-            record = await self._persons.lookup(user_id)
-            if record.person == sender_ref and record.active:
-                return user_id
         return None
 
     async def _teams_of_person(self, person_ref: str) -> list[str]:
@@ -400,8 +500,15 @@ def _request_name(request: Mapping[str, Any]) -> str:
     return DEFAULT_ROOM_NAME
 
 
+def _safe(e: Exception) -> str:
+    # FHIR client errors say what failed where (no personal data); Synapse's may not.
+    if isinstance(e, MatrixActionsFailed) or type(e).__module__.startswith("synapse_fhir"):
+        return f"{type(e).__name__}: {e}"
+    return type(e).__name__
+
+
 def _display_name(person: Mapping[str, Any] | None) -> str:
-    """How a sender without a local account is shown: their name as FHIR has it."""
+    """How the sender of a relayed Communication is shown: their name as FHIR has it."""
     for name in (person or {}).get("name") or []:
         if not isinstance(name, Mapping):
             continue

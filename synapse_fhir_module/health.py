@@ -1,9 +1,15 @@
 """``GET /_synapse/client/fhir/health`` (DESIGN §5).
 
 Answers ``{"status": "ok"|"degraded", "fhir": {"reachable": bool},
-"outbox": {"pending": int, "dead": int}}``. Reachability comes from FHIR's
+"outbox": {"pending": int, "dead": int}, "sync": {...}}``. Reachability comes from FHIR's
 ``/metadata`` with a short timeout and is remembered for a few seconds, so a
 monitoring system polling the endpoint does not turn into load on FHIR.
+
+``sync`` (added to the contract's keys) describes the FHIR → Matrix sync on the instance
+that runs it (``running``): resources queued, resources whose sync failed and waits for
+another attempt (a failed invite or removal is never dropped), the teams with a period
+boundary scheduled, and binding state found changed behind the module's back. Degraded:
+FHIR unreachable, or a sync waiting for another attempt.
 """
 
 from __future__ import annotations
@@ -27,6 +33,19 @@ HEALTH_PATH = "/_synapse/client/fhir/health"
 class OutboxCounts:
     pending: int = 0
     dead: int = 0
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SyncCounts:
+    running: bool = False
+    queued: int = 0
+    retrying: int = 0
+    scheduled_boundaries: int = 0
+    binding_incidents: int = 0
+
+
+async def no_sync() -> SyncCounts:
+    return SyncCounts()
 
 
 async def no_outbox() -> OutboxCounts:
@@ -73,16 +92,20 @@ class HealthResource(DirectServeJsonResource):
         self,
         reachability: FhirReachability,
         outbox_counts: Callable[[], Awaitable[OutboxCounts]] = no_outbox,
+        sync_counts: Callable[[], Awaitable[SyncCounts]] = no_sync,
     ) -> None:
         super().__init__()
         self._reachability = reachability
         self._outbox_counts = outbox_counts
+        self._sync_counts = sync_counts
 
     async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
         reachable = await self._reachability.is_reachable()
         outbox = await self._outbox_counts()
+        sync = await self._sync_counts()
         return 200, {
-            "status": "ok" if reachable else "degraded",
+            "status": "ok" if reachable and not sync.retrying else "degraded",
             "fhir": {"reachable": reachable},
             "outbox": {"pending": outbox.pending, "dead": outbox.dead},
+            "sync": attr.asdict(sync),
         }

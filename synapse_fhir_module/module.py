@@ -9,6 +9,7 @@ from synapse.module_api import NOT_SPAM, EventBase, ModuleApi, StateMap
 from synapse.spam_checker_api import RegistrationBehaviour
 
 from synapse_fhir_module.account_validity import AccountValidity
+from synapse_fhir_module.binding_state import BINDING_STATE_TYPES
 from synapse_fhir_module.callback_guard import access_decision, never_raises
 from synapse_fhir_module.care_rooms import CareRooms
 from synapse_fhir_module.change_queue import ChangeQueue
@@ -21,7 +22,13 @@ from synapse_fhir_module.config import EncryptedRoomsPolicy, ModuleConfig, parse
 from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_sync import FhirSync
-from synapse_fhir_module.health import HEALTH_PATH, FhirReachability, HealthResource, no_outbox
+from synapse_fhir_module.health import (
+    HEALTH_PATH,
+    FhirReachability,
+    HealthResource,
+    SyncCounts,
+    no_outbox,
+)
 from synapse_fhir_module.identity import PERSON_TYPES
 from synapse_fhir_module.outbox_admin import (
     DEAD_LETTERS_PATH,
@@ -36,6 +43,7 @@ from synapse_fhir_module.registration_gate import RegistrationGate
 from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.service_user import ensure_service_user
 from synapse_fhir_module.subscriptions import SubscriptionRegistrar
+from synapse_fhir_module.team_boundaries import TeamBoundaries
 from synapse_fhir_module.team_directory import CareTeamDirectory
 from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResource
 
@@ -43,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_USER_RETRY_MS = 30_000
 RECORDER_RETRY_MS = 5_000
+BINDINGS_RETRY_MS = 5_000
 PERSON_PREFIXES = tuple(f"{kind}/" for kind in PERSON_TYPES)
 
 
@@ -87,6 +96,7 @@ class FhirModule:
             HealthResource(
                 FhirReachability(self._fhir),
                 self._recorder.counts if self._recorder else no_outbox,
+                self._sync_counts,
             ),
         )
         if self._recorder is not None:
@@ -119,6 +129,7 @@ class FhirModule:
         )
         self._sync: FhirSync | None = None
         self._changes: ChangeQueue | None = None
+        self._boundaries = TeamBoundaries(api, self._check_team)
         if config.sync.enabled and self._runs_background_work:
             rooms = CareRooms(
                 api, config.sync, service_user_id=self._service_user_id, exempt_users=exempt
@@ -133,11 +144,16 @@ class FhirModule:
                 exempt_users=frozenset(exempt),
                 bindings=self._bindings,
                 persons=self._persons,
+                boundaries=self._boundaries,
+                now_ms=now_ms,
             )
             self._changes = ChangeQueue(
                 api, self._sync.apply, self.invalidate, prepare=self._sync.prepare
             )
             self._reconciler = Reconciler(api, self._fhir, self._changes)
+        else:
+            # (The background instance starts it with the sync's tables.)
+            api.delayed_background_call(0, self._start_bindings, desc="fhir_bindings_start")
 
         if self._recorder is not None and self._enqueues and not self._runs_background_work:
             # The main process, with the drain on a worker: only the outbox table.
@@ -198,14 +214,48 @@ class FhirModule:
         self._changes.open()
         if self._config.sync.subscription:  # in the background: FHIR may be away
             SubscriptionRegistrar(self._api, self._fhir, self._config).start()
-        # The loop first: whatever the first sweep meets, the later ones still run.
+        # The loops first: whatever the first sweep meets, the later ones still run.
         self._api.looping_background_call(
             self._reconciler.sweep,
             self._config.sync.poll_interval * 1000,
             desc="fhir_reconcile",
             run_on_all_instances=True,  # (gated by `worker`, as above)
         )
+        self._api.looping_background_call(
+            self._reconciler.full_reconcile,
+            self._config.sync.full_reconcile_interval * 1000,
+            desc="fhir_full_reconcile",
+            run_on_all_instances=True,
+        )
         await self._reconciler.sweep()
+        # Boundaries live in memory: after a restart every team is synced (and scheduled).
+        await self._reconciler.full_reconcile()
+
+    async def _start_bindings(self) -> None:
+        try:
+            await self._bindings.start()
+        except Exception as e:
+            # Until the table is there, bindings come from room state alone.
+            logger.warning("Could not open the binding record (%s); trying again in 5 s", e)
+            self._api.delayed_background_call(
+                BINDINGS_RETRY_MS, self._start_bindings, desc="fhir_bindings_start"
+            )
+
+    def _check_team(self, team_ref: str) -> None:
+        """Make Matrix follow a team again, with no known change (a period boundary)."""
+        if self._changes is not None:
+            self._changes.check(team_ref)
+
+    async def _sync_counts(self) -> SyncCounts:
+        if self._sync is None or self._changes is None:
+            return SyncCounts(running=False)
+        return SyncCounts(
+            running=True,
+            queued=len(self._changes),
+            retrying=self._changes.retrying,
+            scheduled_boundaries=len(self._boundaries),
+            binding_incidents=self._sync.binding_incidents,
+        )
 
     async def _start_recorder(self) -> None:
         assert self._recorder is not None
@@ -289,9 +339,20 @@ class FhirModule:
         except Exception as e:  # e.g. the room is gone: nothing to undo
             # (The user id is left out: it can name a patient.)
             logger.warning("Could not ban a non-member from %s: %s", room_id, type(e).__name__)
+        if self._changes is not None:
+            # Refused while FHIR could not tell, perhaps: the team's sync lifts the ban
+            # of anyone FHIR admits (retrying until FHIR answers).
+            try:
+                team_ref = await self._bindings.care_team_of(room_id)
+            except Exception:
+                return
+            if team_ref is not None:
+                self._changes.check(team_ref)
 
     async def _on_new_event(self, event: EventBase, state_events: StateMap[EventBase]) -> None:
         self._bindings.forget_for_event(event)
+        if self._sync is not None and event.is_state() and event.type in BINDING_STATE_TYPES:
+            self._api.run_as_background_process("fhir_binding_check", self._check_binding, event)
         if self._recorder is None:
             return
         if self._enqueues:
@@ -300,6 +361,14 @@ class FhirModule:
             # A worker that drains what the main process enqueued: look now rather than at
             # the next 1 s wake-up (the row may not be there yet; that wake-up finds it).
             self._recorder.wake()
+
+    async def _check_binding(self, event: EventBase) -> None:
+        """A bound room's binding state changed: if not to what the module bound, the
+        incident is logged and counted, and the team's sync repairs it."""
+        assert self._sync is not None
+        team_ref = await self._sync.drift_of(event)
+        if team_ref is not None and self._changes is not None:
+            self._changes.check(team_ref)
 
     async def _register_service_user(self) -> None:
         try:

@@ -3,6 +3,13 @@
 DESIGN §3 defaults: service user 100, practitioners 50, related persons and patients 0;
 configurable by member type and by ``participant.role`` code. While a team is inactive
 or suspended its rooms are read-only: sending needs a level no member has.
+
+What binds a room to the care record, and what decides who is in it, is reserved to the
+service user by the power levels themselves, not only by the module's callbacks: a
+practitioner on another homeserver builds events against these levels, and state
+resolution keeps only events the levels allowed. Membership comes from FHIR, so kick
+and ban are reserved too, and so is redacting other people's messages (the record keeps
+them; everyone may still redact their own).
 """
 
 from __future__ import annotations
@@ -14,8 +21,52 @@ from synapse_fhir_module.care_team import Member
 
 SERVICE_LEVEL = 100
 READ_ONLY_EVENTS_DEFAULT = SERVICE_LEVEL
-# Levels this module owns in the content; everything else in it is left as the room has it.
-OWNED_KEYS = ("users", "events_default")
+RESERVED_EVENTS = (
+    "org.synapse_fhir.care_team",
+    "org.synapse_fhir.thread",
+    "m.space.child",
+    "m.space.parent",
+    "m.room.join_rules",
+    "m.room.history_visibility",
+    "m.room.encryption",
+    "m.room.tombstone",
+    "m.room.server_acl",
+    "m.room.power_levels",
+    "m.room.canonical_alias",
+)
+RESERVED_ACTIONS = ("kick", "ban", "redact")
+# What members may change in a room they share (level of a practitioner by default).
+MEMBER_STATE_EVENTS = ("m.room.name", "m.room.topic", "m.room.avatar", "m.room.pinned_events")
+MEMBER_STATE_LEVEL = 50
+# Levels this module owns in the content (`events` only for the reserved types);
+# everything else in it is left as the room has it.
+OWNED_KEYS = ("users", "events_default", "events", *RESERVED_ACTIONS)
+
+
+def creation_levels() -> dict[str, Any]:
+    """``power_level_content_override`` for a room the module creates, so the reserved
+    levels hold from the first event on. (Synapse replaces ``events`` as a whole.)"""
+    events = {event_type: MEMBER_STATE_LEVEL for event_type in MEMBER_STATE_EVENTS}
+    events.update({event_type: SERVICE_LEVEL for event_type in RESERVED_EVENTS})
+    return {"events": events, **{action: SERVICE_LEVEL for action in RESERVED_ACTIONS}}
+
+
+def reserve(current: Mapping[str, Any]) -> dict[str, Any]:
+    """``current`` with every reserved level raised to the service user's (never lowered:
+    room v12 puts the tombstone above 100, for creators only)."""
+    content = dict(current)
+    events = current.get("events")
+    reserved = dict(events) if isinstance(events, Mapping) else {}
+    for event_type in RESERVED_EVENTS:
+        reserved[event_type] = max(_level(reserved.get(event_type)), SERVICE_LEVEL)
+    content["events"] = reserved
+    for action in RESERVED_ACTIONS:
+        content[action] = max(_level(current.get(action)), SERVICE_LEVEL)
+    return content
+
+
+def _level(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def member_level(member: Member, by_type: Mapping[str, int], by_role: Mapping[str, int]) -> int:
@@ -52,7 +103,7 @@ def power_levels_content(
         users[service_user] = SERVICE_LEVEL
     for creator in creators:
         users.pop(creator, None)
-    content = dict(current)
+    content = reserve(current)
     content["users"] = dict(sorted(users.items()))
     content["events_default"] = READ_ONLY_EVENTS_DEFAULT if read_only else 0
     return content

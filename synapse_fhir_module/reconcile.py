@@ -8,6 +8,12 @@ back a little before it, for writes committed after a sweep that carry an earlie
 On the very first sweep CareTeams and CommunicationRequests are read in full (their spaces
 and rooms must exist); Communications and persons start from now (old messages are not
 replayed into rooms).
+
+The full reconcile (at start-up and every ``sync.full_reconcile_interval``) queues every
+CareTeam — those FHIR has and those the module bound a room to — to be checked, whatever
+the sweeps saw: it repairs what no ``_lastUpdated`` search can show (a lost notification
+older than the watermark, an expunged resource, binding state changed in Matrix) and
+schedules each team's period boundaries again after a restart.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 from synapse.module_api import ModuleApi
 
-from synapse_fhir_module import sync_store
+from synapse_fhir_module import binding_store, sync_store
 from synapse_fhir_module.change_queue import ChangeQueue
 from synapse_fhir_module.communication_mapping import ORIGIN_TAG
 from synapse_fhir_module.fhir_client import FhirClient
@@ -30,8 +36,18 @@ logger = logging.getLogger(__name__)
 
 FULL_FIRST_SWEEP = frozenset({"CareTeam", "CommunicationRequest"})
 OWN_WRITES = frozenset({"Communication", "CommunicationRequest"})
-# Types whose deletion changes Matrix (the space or room empties).
-DELETABLE = frozenset({"CareTeam", "CommunicationRequest"})
+# Types whose deletion changes Matrix (the space or room empties; a deleted person or
+# role leaves the teams that listed it).
+DELETABLE = frozenset(
+    {
+        "CareTeam",
+        "CommunicationRequest",
+        "Practitioner",
+        "PractitionerRole",
+        "RelatedPerson",
+        "Patient",
+    }
+)
 LOOK_BACK = timedelta(seconds=10)
 PAGE_SIZE = "200"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -44,6 +60,8 @@ class Reconciler:
         self._queue = queue
         self._push = queue.push
         self._sweeping = False
+        self._reconciling = False
+        self._backfilled = False
         # Watermarks reached but not yet saved: they move only once everything the sweep
         # queued has been applied, so a restart or a failing sync loses no change.
         self._unsaved: dict[str, str] = {}
@@ -67,6 +85,40 @@ class Reconciler:
             self._sweeping = False
         if self._queue.idle:
             await self._save_reached()
+
+    async def full_reconcile(self) -> None:
+        """Queue every CareTeam to be checked against FHIR (see the module docstring)."""
+        if self._reconciling:
+            return  # the previous one is still being listed (a slow FHIR)
+        self._reconciling = True
+        try:
+            teams: set[str] = set()
+            params = [("_elements", "id"), ("_count", PAGE_SIZE)]
+            async for page in self._fhir.search_pages_json("CareTeam", params):
+                teams.update(f"CareTeam/{r['id']}" for r in _resources(page))
+            teams.update(
+                await self._api.run_db_interaction("fhir_bound_teams", binding_store.bound_teams)
+            )
+            made = await self._api.run_db_interaction("fhir_sync_rooms", sync_store.all_rooms)
+            teams.update(ref for ref, _ in made if ref.startswith("CareTeam/"))
+            for team in sorted(teams):
+                self._queue.check(team)
+            logger.info("Full reconcile: %d care teams queued to be checked", len(teams))
+            if not self._backfilled:
+                # Threads whose rooms were made before the binding record existed.
+                for reference, room_id in made:
+                    if reference.startswith("CommunicationRequest/") and not (
+                        await self._api.run_db_interaction(
+                            "fhir_binding_of", binding_store.binding_of, room_id
+                        )
+                    ):
+                        self._queue.check(reference)
+                self._backfilled = True
+        except FhirError as e:
+            # The next round tries again; meanwhile boundaries and notifications still work.
+            logger.warning("Full reconcile could not list the care teams: %s", e)
+        finally:
+            self._reconciling = False
 
     async def _save_reached(self) -> None:
         unsaved, self._unsaved = self._unsaved, {}

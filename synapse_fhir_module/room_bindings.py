@@ -1,4 +1,8 @@
-"""Which care team a room belongs to (DESIGN §3), from room state the service user wrote.
+"""Which care team a room belongs to (DESIGN §3).
+
+First the module's own record (``binding_store``): a room the module bound belongs to that
+team whatever its state says now. Other rooms (bound by an operator acting as the service
+user, or before the record existed) by room state the service user wrote:
 
 - A space bound with ``org.synapse_fhir.care_team`` belongs to that CareTeam.
 - A room belongs to a bound space only when that space lists it: ``m.space.child``
@@ -21,17 +25,21 @@ from typing import Any
 
 from synapse.module_api import EventBase, ModuleApi
 
+from synapse_fhir_module import binding_store
+from synapse_fhir_module.binding_state import (
+    BINDING_STATE_TYPES,
+    CARE_TEAM_STATE,
+    SPACE_CHILD,
+    SPACE_PARENT,
+    THREAD_STATE,
+)
+from synapse_fhir_module.binding_store import Binding
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError
 from synapse_fhir_module.team_directory import UNRESOLVED_TEAM, DirectoryUnavailable
 
 logger = logging.getLogger(__name__)
 
-CARE_TEAM_STATE = "org.synapse_fhir.care_team"
-THREAD_STATE = "org.synapse_fhir.thread"
-SPACE_PARENT = "m.space.parent"
-SPACE_CHILD = "m.space.child"
-BINDING_STATE_TYPES = frozenset({CARE_TEAM_STATE, THREAD_STATE, SPACE_PARENT, SPACE_CHILD})
 MAX_REMEMBERED_ROOMS = 100_000
 
 
@@ -44,13 +52,34 @@ class RoomBindings:
         self._thread_of_room: dict[str, str | None] = {}
         # Bumped by every forget: an answer resolved across a forget is not kept.
         self._generation = 0
+        # Until the record's table exists (start-up), only room state can tell.
+        self._record_ready = False
+
+    async def start(self) -> None:
+        """Create the record's table if needed (every instance reads it)."""
+        await self._api.run_db_interaction("fhir_bindings_schema", binding_store.create_schema)
+        self._record_ready = True
+
+    async def recorded(self, room_id: str) -> Binding | None:
+        """What the module bound ``room_id`` to, from its own record."""
+        if not self._record_ready:
+            return None
+        return await self._api.run_db_interaction(
+            "fhir_binding_of", binding_store.binding_of, room_id
+        )
+
+    async def record(self, binding: Binding, now_ms: int) -> None:
+        """Remember that the module bound a room (authoritative from now on)."""
+        await self._api.run_db_interaction("fhir_bind", binding_store.bind, binding, now_ms)
+        self.forget_all()
 
     async def care_team_of(self, room_id: str) -> str | None:
         """``CareTeam/<id>`` the room belongs to, or None for an ordinary room."""
         if room_id in self._team_of_room:
             return self._team_of_room[room_id]
         generation = self._generation
-        team = await self._resolve(room_id)
+        recorded = await self.recorded(room_id)
+        team = recorded.care_team if recorded else await self._resolve(room_id)
         # An unresolved thread may resolve once FHIR shows its request: don't keep that.
         if generation == self._generation and team != UNRESOLVED_TEAM:
             if len(self._team_of_room) >= MAX_REMEMBERED_ROOMS:
@@ -63,8 +92,12 @@ class RoomBindings:
         if room_id in self._thread_of_room:
             return self._thread_of_room[room_id]  # (asked for every recorded message)
         generation = self._generation
-        state = await self._api.get_room_state(room_id, [(THREAD_STATE, "")])
-        thread = self._trusted_reference(state.get((THREAD_STATE, "")), "CommunicationRequest/")
+        recorded = await self.recorded(room_id)
+        if recorded is not None:
+            thread = recorded.thread
+        else:
+            state = await self._api.get_room_state(room_id, [(THREAD_STATE, "")])
+            thread = self._trusted_reference(state.get((THREAD_STATE, "")), "CommunicationRequest/")
         if generation == self._generation:
             if len(self._thread_of_room) >= MAX_REMEMBERED_ROOMS:
                 self._thread_of_room.clear()

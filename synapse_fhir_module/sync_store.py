@@ -60,6 +60,12 @@ def remember_room(txn: Cursor, fhir_reference: str, room_id: str) -> None:
     )
 
 
+def all_rooms(txn: Cursor) -> list[tuple[str, str]]:
+    """(FHIR reference, room id) of every space and room made."""
+    txn.execute(f"SELECT fhir_reference, room_id FROM {ROOMS} ORDER BY fhir_reference")
+    return [(str(reference), str(room_id)) for reference, room_id in txn.fetchall()]
+
+
 def claim_relay(txn: Cursor, communication: str, room_id: str, sender: str | None) -> bool:
     """Claim a Communication for relaying (by ``sender``); False when claimed before."""
     txn.execute(

@@ -106,6 +106,21 @@ class CareTeamDirectory:
             self._refreshing.add(team_ref)
             self._api.run_as_background_process("fhir_refresh_care_team", self._refresh, team_ref)
 
+    async def fresh_membership(self, team_ref: str, *, since: float) -> TeamMembership:
+        """The team's members as FHIR said at ``since`` (monotonic) or later: the kept
+        answer if it is that recent, else one loaded now (kept for the decisions too)."""
+        fetched = self.care_team_membership.cache.get_immediate(team_ref, None)
+        if fetched is not None and fetched.fetched_at >= since:
+            return fetched.membership
+        try:
+            return await self.reload(team_ref)
+        except FhirError as e:
+            raise DirectoryUnavailable(f"{team_ref}: {e}") from e
+
+    def now(self) -> float:
+        """This directory's clock (what ``fresh_membership``'s ``since`` is measured on)."""
+        return self._monotonic()
+
     async def reload(self, team_ref: str) -> TeamMembership:
         """Load the team from FHIR now and keep the answer, without forgetting the old
         one first: decisions meanwhile still answer from memory (a full reconcile)."""

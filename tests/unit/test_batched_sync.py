@@ -59,8 +59,8 @@ def test_a_batched_answer_depends_only_on_what_its_own_team_reaches():
 async def test_the_queue_invalidates_then_prepares_each_batch_then_applies_in_order():
     calls: list[tuple[str, Any]] = []
 
-    async def apply(reference: str) -> None:
-        calls.append(("apply", reference))
+    async def apply(reference: str, changed: bool) -> None:
+        calls.append(("apply" if changed else "check", reference))
 
     async def invalidate(reference: str) -> None:
         calls.append(("invalidate", reference))
@@ -86,12 +86,38 @@ async def test_the_queue_invalidates_then_prepares_each_batch_then_applies_in_or
     assert queue.idle
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_checked_reference_keeps_its_caches_unless_it_changes_meanwhile():
+    calls: list[tuple[str, Any]] = []
+
+    async def apply(reference: str, changed: bool) -> None:
+        calls.append(("apply" if changed else "check", reference))
+
+    async def invalidate(reference: str) -> None:
+        calls.append(("invalidate", reference))
+
+    queue = ChangeQueue(InlineApi(), apply, invalidate)  # type: ignore[arg-type]
+    queue.check("CareTeam/a")
+    queue.check("CareTeam/b")
+    queue.push("CareTeam/b")  # a real change arrives while it waits: it counts as changed
+    queue.open()
+    assert calls == [
+        ("invalidate", "CareTeam/b"),  # (push invalidates at once)
+        ("invalidate", "CareTeam/b"),  # (and again right before the sync reads FHIR)
+        ("check", "CareTeam/a"),
+        ("apply", "CareTeam/b"),
+    ]
+
+
 class PrefetchingTeams:
     def __init__(self) -> None:
         self.prefetched: list[list[str]] = []
 
     async def prefetch(self, teams: list[str]) -> None:
         self.prefetched.append(list(teams))
+
+    def now(self) -> float:
+        return 0.0
 
 
 class ListingFhir:

@@ -50,6 +50,7 @@ def test_minimal_config_takes_the_documented_defaults() -> None:
     assert config.communication.batch_size == 50
     assert config.communication.rooms is RecordedRooms.CARE_TEAM
     assert (config.sync.enabled, config.sync.poll_interval) == (True, 60.0)
+    assert config.sync.full_reconcile_interval == 3600.0
     assert config.account_validity.enabled is True
     assert config.registration.require_fhir_identity is False
     assert config.worker is None
@@ -90,6 +91,7 @@ def test_every_key_is_read() -> None:
         "sync": {
             "enabled": False,
             "poll_interval": "2m",
+            "full_reconcile_interval": "30m",
             "subscription": True,
             "subscription_base_url": "https://matrix.example.org/",
             "default_space_name": "Zorgteam",
@@ -113,6 +115,7 @@ def test_every_key_is_read() -> None:
     assert (config.communication.enabled, config.communication.batch_size) == (False, 200)
     assert config.communication.rooms is RecordedRooms.ALL
     assert (config.sync.enabled, config.sync.poll_interval) == (False, 120.0)
+    assert config.sync.full_reconcile_interval == 1800.0
     assert config.sync.subscription is True
     assert config.sync.subscription_base_url == "https://matrix.example.org"
     assert config.sync.default_space_name == "Zorgteam"
@@ -182,6 +185,10 @@ def test_durations(text: str, seconds: float) -> None:
         (with_key("communication", "batch_size", 5000), ("communication", "batch_size")),
         (with_key("communication", "batch_size", "50"), ("communication", "batch_size")),
         (with_key("sync", "poll_interval", "-1s"), ("sync", "poll_interval")),
+        (
+            with_key("sync", "full_reconcile_interval", 3600),
+            ("sync", "full_reconcile_interval"),
+        ),
         (with_key("enforcement", "exempt_users", "@a:b"), ("enforcement", "exempt_users")),
         (with_key("enforcement", "exempt_users", ["audit"]), ("enforcement", "exempt_users")),
         (

@@ -22,6 +22,7 @@ ROOM = "!room:a.org"
 MEMBER_REMOTE = "@gp:b.org"
 OUTSIDER_REMOTE = "@mallory:b.org"
 MEMBER_LOCAL = "@anna:a.org"
+OUTSIDER_LOCAL = "@olga:a.org"
 
 
 class Event:
@@ -63,9 +64,15 @@ class Bindings:
 
 
 class Teams:
-    def __init__(self, status: str = "active", unavailable: bool = False) -> None:
+    def __init__(
+        self,
+        status: str = "active",
+        unavailable: bool = False,
+        inactive: frozenset[str] = frozenset(),
+    ) -> None:
         self.status = status
         self.unavailable = unavailable
+        self.inactive = inactive
 
     async def membership(self, team_ref: str) -> TeamMembership:
         if self.unavailable:
@@ -73,19 +80,28 @@ class Teams:
         members = {
             u: Member(u, f"Practitioner/{u}", "Practitioner") for u in (MEMBER_REMOTE, MEMBER_LOCAL)
         }
-        return TeamMembership(team=team_ref, status=self.status, members=members)
+        return TeamMembership(
+            team=team_ref, status=self.status, members=members, inactive=self.inactive
+        )
 
 
-def gate(bindings: Any = None, teams: Any = None) -> tuple[CareTeamGate, list[tuple[str, str]]]:
+def gate(
+    bindings: Any = None,
+    teams: Any = None,
+    *,
+    fail_closed: bool = True,
+    forbid_encryption: bool = False,
+) -> tuple[CareTeamGate, list[tuple[str, str]]]:
     banned: list[tuple[str, str]] = []
     g = CareTeamGate(
         bindings or Bindings(),
         teams or Teams(),
         service_user_id=SERVICE,
         exempt_users=(),
-        fail_closed=True,
+        fail_closed=fail_closed,
         is_local=lambda user_id: user_id.endswith(":a.org"),
         remove_member_soon=lambda room, user: banned.append((room, user)),
+        forbid_encryption=forbid_encryption,
     )
     return g, banned
 
@@ -119,10 +135,18 @@ async def test_remote_member_profile_change_in_a_suspended_team_passes() -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_unreachable_directory_never_strips_received_events() -> None:
+async def test_unreachable_directory_refuses_a_received_entry_but_no_received_message() -> None:
     g, banned = gate(teams=Teams(unavailable=True))
     message = Event("m.room.message", MEMBER_REMOTE, {"msgtype": "m.text", "body": "x"})
-    assert await g.check_event_for_spam(message) == NOT_SPAM
+    assert await g.check_event_for_spam(message) == NOT_SPAM  # (stripped for good otherwise)
+    join = member_event(OUTSIDER_REMOTE, OUTSIDER_REMOTE, "join")
+    assert await g.check_event_for_spam(join) == Codes.FORBIDDEN  # fail_closed: closed
+    assert banned == [(ROOM, OUTSIDER_REMOTE)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_directory_admits_a_received_entry_only_when_failing_open() -> None:
+    g, banned = gate(teams=Teams(unavailable=True), fail_closed=False)
     join = member_event(OUTSIDER_REMOTE, OUTSIDER_REMOTE, "join")
     assert await g.check_event_for_spam(join) == NOT_SPAM
     assert banned == []
@@ -132,8 +156,109 @@ async def test_unreachable_directory_never_strips_received_events() -> None:
 async def test_unreachable_directory_refuses_local_senders() -> None:
     g, _ = gate(teams=Teams(unavailable=True))
     with pytest.raises(Denied) as caught:
-        await g.check_event_for_spam(Event("m.room.message", MEMBER_LOCAL, {"body": "x"}))
+        await g.check_event_allowed(  # type: ignore[arg-type]
+            Event("m.room.message", MEMBER_LOCAL, {"body": "x"}), {}
+        )
     assert caught.value.reason.value == "directory_unavailable"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Event("m.room.message", OUTSIDER_LOCAL, {"msgtype": "m.text", "body": "x"}),
+        Event("m.reaction", OUTSIDER_LOCAL, {}),
+        Event("m.room.redaction", OUTSIDER_LOCAL, {}, redacts="$message"),
+        Event("m.room.topic", OUTSIDER_LOCAL, {"topic": "x"}, state_key=""),
+        member_event(OUTSIDER_LOCAL, MEMBER_LOCAL, "leave"),  # a kick
+        member_event(OUTSIDER_LOCAL, MEMBER_LOCAL, "ban"),
+        member_event(OUTSIDER_LOCAL, OUTSIDER_LOCAL, "join"),  # a profile change
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_former_member_still_joined_can_do_nothing_but_leave(event: Event) -> None:
+    g, _ = gate(Bindings(memberships={OUTSIDER_LOCAL: "join"}))
+    state = {
+        ("m.room.member", OUTSIDER_LOCAL): Event(
+            "m.room.member", OUTSIDER_LOCAL, {"membership": "join"}
+        )
+    }
+    with pytest.raises(Denied) as caught:
+        await g.check_event_allowed(event, state)  # type: ignore[arg-type]
+    assert caught.value.reason.value == "not_in_care_team"
+    # The same from a remote former member: soft-failed.
+    event.sender = OUTSIDER_REMOTE
+    if event.state_key == OUTSIDER_LOCAL:
+        event.state_key = OUTSIDER_REMOTE
+    assert await g.check_event_for_spam(event) == Codes.FORBIDDEN  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_leaving_is_always_allowed() -> None:
+    g, _ = gate()
+    leave = member_event(OUTSIDER_LOCAL, OUTSIDER_LOCAL, "leave")
+    assert await g.check_event_allowed(leave, {}) == (True, None)  # type: ignore[arg-type]
+    leave = member_event(OUTSIDER_REMOTE, OUTSIDER_REMOTE, "leave")
+    assert await g.check_event_for_spam(leave) == NOT_SPAM  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_whose_person_is_inactive_is_told_so() -> None:
+    g, _ = gate(teams=Teams(inactive=frozenset({OUTSIDER_LOCAL})))
+    with pytest.raises(Denied) as caught:
+        await g.check_event_allowed(  # type: ignore[arg-type]
+            Event("m.room.message", OUTSIDER_LOCAL, {"body": "x"}), {}
+        )
+    assert caught.value.reason.value == "account_inactive"
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (
+            Event("m.room.tombstone", MEMBER_LOCAL, {"replacement_room": "!n:a.org"}, state_key=""),
+            "protected_state",
+        ),
+        (
+            Event("m.room.join_rules", MEMBER_LOCAL, {"join_rule": "public"}, state_key=""),
+            "protected_state",
+        ),
+        (Event("m.room.power_levels", MEMBER_LOCAL, {}, state_key=""), "protected_state"),
+        (
+            Event(
+                "m.room.encryption",
+                MEMBER_LOCAL,
+                {"algorithm": "m.megolm.v1.aes-sha2"},
+                state_key="",
+            ),
+            "protected_state",
+        ),
+        (
+            Event("m.room.third_party_invite", MEMBER_LOCAL, {}, state_key="token"),
+            "third_party_invite_forbidden",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_members_cannot_change_what_decides_who_is_in_the_room(
+    event: Event, reason: str
+) -> None:
+    g, _ = gate()
+    with pytest.raises(Denied) as caught:
+        await g.check_event_allowed(event, {})  # type: ignore[arg-type]
+    assert caught.value.reason.value == reason
+    event.sender = MEMBER_REMOTE
+    assert await g.check_event_for_spam(event) == Codes.FORBIDDEN  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_service_users_forced_encryption_is_emptied_when_forbidden() -> None:
+    g, _ = gate(forbid_encryption=True)
+    event = Event("m.room.encryption", SERVICE, {"algorithm": "m.megolm.v1.aes-sha2"}, state_key="")
+    allowed, replacement = await g.check_event_allowed(event, {})  # type: ignore[arg-type]
+    assert allowed and replacement is not None
+    assert replacement["content"] == {} and replacement["type"] == "m.room.encryption"
+    g, _ = gate()
+    assert await g.check_event_allowed(event, {}) == (True, None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -52,3 +52,48 @@ def test_room_v12_creators_are_not_listed() -> None:
     content = levels(creators=[SERVICE])
     assert SERVICE not in content["users"]
     assert content["users"]["@anna:x"] == 50
+
+
+def test_what_binds_the_room_and_who_is_in_it_is_reserved_to_the_service_user() -> None:
+    content = levels()
+    for event_type in (
+        "org.synapse_fhir.care_team",
+        "org.synapse_fhir.thread",
+        "m.space.child",
+        "m.space.parent",
+        "m.room.join_rules",
+        "m.room.history_visibility",
+        "m.room.encryption",
+        "m.room.tombstone",
+        "m.room.server_acl",
+        "m.room.power_levels",
+        "m.room.canonical_alias",
+    ):
+        assert content["events"][event_type] == 100, event_type
+    assert (content["kick"], content["ban"], content["redact"]) == (100, 100, 100)
+    # Nobody from FHIR reaches it.
+    assert max(level for user, level in content["users"].items() if user != SERVICE) < 100
+
+
+def test_reserved_levels_are_raised_never_lowered_and_other_levels_kept() -> None:
+    current = {
+        **CURRENT,
+        "events": {"m.room.tombstone": 150, "m.room.topic": 50, "m.space.child": 0},
+        "kick": 50,
+        "invite": 0,
+    }
+    content = power_levels_content(
+        current,
+        [GP],
+        service_user=SERVICE,
+        creators=(),
+        keep={},
+        by_type=DEFAULT_POWER_LEVELS,
+        by_role={},
+        read_only=False,
+    )
+    assert content["events"]["m.room.tombstone"] == 150  # room v12: creators only
+    assert content["events"]["m.space.child"] == 100
+    assert content["events"]["m.room.topic"] == 50
+    assert content["kick"] == 100
+    assert content["invite"] == 0 and content["state_default"] == 50

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from synapse_fhir_module.relay_content import SOURCE_KEY, relay_content, source_of
+from synapse_fhir_module.relay_content import (
+    PER_MESSAGE_PROFILE,
+    SOURCE_KEY,
+    relay_content,
+    source_of,
+)
 
 
 def test_text_and_attachments_become_one_message_naming_the_source() -> None:
@@ -19,10 +24,30 @@ def test_text_and_attachments_become_one_message_naming_the_source() -> None:
     assert source_of(content) == "Communication/9"
 
 
-def test_a_sender_without_an_account_is_named_in_the_body() -> None:
-    content = relay_content([{"contentString": "ok"}], source="C/1", sender_name="Dr. Jansen")
+def test_the_fhir_sender_is_named_in_the_body_and_in_a_per_message_profile() -> None:
+    content = relay_content(
+        [{"contentString": "ok <b>\nthen"}],
+        source="C/1",
+        sender_name="Dr. Jansen & co",
+        sender_ref="Practitioner/7",
+    )
     assert content is not None
-    assert content["body"] == "Dr. Jansen: ok"
+    assert content["body"] == "Dr. Jansen & co: ok <b>\nthen"
+    assert content["formatted_body"] == "<strong>Dr. Jansen &amp; co</strong>: ok &lt;b&gt;<br>then"
+    assert content["format"] == "org.matrix.custom.html"
+    assert content[PER_MESSAGE_PROFILE] == {
+        "id": "Practitioner/7",
+        "displayname": "Dr. Jansen & co",
+    }
+
+
+def test_profile_fields_are_cut_to_what_msc4144_allows() -> None:
+    name = "Ä" * 200 + "\x00"  # 400 bytes of UTF-8
+    content = relay_content([{"contentString": "x"}], source="C/1", sender_name=name)
+    assert content is not None
+    displayname = content[PER_MESSAGE_PROFILE]["displayname"]
+    assert len(displayname.encode("utf-8")) <= 255 and "\x00" not in displayname
+    assert displayname == "Ä" * 127
 
 
 def test_nothing_to_show_is_none() -> None:

@@ -1,0 +1,20 @@
+"""Prometheus metrics of the FHIR → Matrix sync (served on Synapse's metrics listener)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+MATRIX_ACTIONS_FAILED = Counter(
+    "synapse_fhir_matrix_actions_failed",
+    "Invites, removals, unbans and power-level changes that failed (each is tried again)",
+    ["action"],
+)
+SYNC_RETRYING = Gauge(
+    "synapse_fhir_sync_retrying",
+    "FHIR resources whose sync into Matrix failed and waits for another attempt",
+)
+SYNC_QUEUED = Gauge("synapse_fhir_sync_queued", "FHIR resources waiting to be synced into Matrix")
+BINDING_INCIDENTS = Counter(
+    "synapse_fhir_binding_incidents",
+    "Binding state of a room the module bound, changed behind its back (then repaired)",
+)
