@@ -26,6 +26,7 @@ class HapiDevServer:
 
     ``database_file``: an H2 file database that survives restarts; None keeps
     everything in memory. ``notify_url``/``notify_secret`` switch the shim on.
+    ``integrity_on_delete`` False lets a resource others refer to be deleted.
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class HapiDevServer:
         database_file: Path | None = None,
         notify_url: str | None = None,
         notify_secret: str | None = None,
+        integrity_on_delete: bool = True,
         jar: Path = DEV_SERVER_JAR,
     ) -> None:
         if not jar.exists():
@@ -47,6 +49,8 @@ class HapiDevServer:
         argv = ["java", "-jar", str(jar), f"--server.port={self.port}"]
         if database_file is not None:
             argv.append(f"--spring.datasource.url=jdbc:h2:file:{database_file}")
+        if not integrity_on_delete:
+            argv.append("--fhir.enforce-referential-integrity-on-delete=false")
         env = {}
         if notify_url:
             env["SYNAPSE_NOTIFY_URL"] = notify_url

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+import attr
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
 from synapse.module_api import EventBase, ModuleApi
 
@@ -349,12 +350,17 @@ class CommunicationRecorder:
         except FhirTransientError as e:
             raise _Retry(str(e)) from e
         except FhirError as e:
-            raise _Dead(f"could not open a thread for the room: {e}") from e
+            raise _Dead(f"could not open a thread for the room: {e.detail}") from e
         thread = f"CommunicationRequest/{stored.id}"
         if team_ref is None:
             # An ordinary room stays unbound: a thread binding would make it a care-team
             # room whose request names no team, which nobody may use.
             return thread
+        recorded = await self._bindings.recorded(room_id)
+        if recorded is not None:
+            # A room the module bound (e.g. a team's space): its record gains the thread,
+            # so the state below is what the module bound, not an incident.
+            await self._bindings.record(attr.evolve(recorded, thread=thread), now_ms())
         try:
             await self._api.create_and_send_event_into_room(
                 {

@@ -133,27 +133,20 @@ class CareTeamGate:
                 # (it creates care-team rooms only): leave the room unencrypted.
                 return True, _without_content(event)
             return True, None
-        _raise_if(await self._protected_change_refusal(event))
         if _is_entry(event) and not _is_profile_change(event, state_events):
             inviter = event.sender if event.content["membership"] == "invite" else None
             _raise_if(
                 await self._entry_refusal(event.room_id, entering=event.state_key, inviter=inviter)
             )
             return True, None
-        if event.sender in self._exempt or _is_own_leave(event) or event.type == DUMMY_EVENT:
-            return True, None
-        if self._is_local(event.sender):
+        if self._is_local(event.sender) and not _is_free(event):
             # Someone who left the care team (or whose person is inactive) and is still
             # joined: nothing but leaving.
             _raise_if(await self._acting_refusal(event.room_id, event.sender))
+        _raise_if(await self._protected_change_refusal(event))
         return True, None
 
     async def _received_refusal(self, event: EventBase) -> Reason | None:
-        protected = await self._protected_change_refusal(event)
-        if protected is not None:
-            return protected
-        if _is_own_leave(event):
-            return None
         if _is_entry(event):
             previous = await self._bindings.membership_of(event.room_id, event.state_key)
             if event.content["membership"] == "join" and previous == "join":
@@ -164,7 +157,13 @@ class CareTeamGate:
                 event.room_id, entering=event.state_key, inviter=inviter
             )
         # Messages, state, and membership changes of others (kick, ban).
-        return await self._acting_refusal(event.room_id, event.sender)
+        acting = (
+            None if _is_free(event) else await self._acting_refusal(event.room_id, event.sender)
+        )
+        if acting is not None and acting is not Reason.DIRECTORY_UNAVAILABLE:
+            return acting
+        # (What binds a room is refused even while the directory cannot tell.)
+        return await self._protected_change_refusal(event) or acting
 
     async def _protected_change_refusal(self, event: EventBase) -> Reason | None:
         """Only the service user may change what binds a room to the care record and
@@ -248,6 +247,11 @@ def _raise_if(reason: Reason | None) -> None:
 
 def _is_entry(event: EventBase) -> bool:
     return event.type == "m.room.member" and event.content.get("membership") in ENTERING
+
+
+def _is_free(event: EventBase) -> bool:
+    """What anyone may do in a care-team room: leave it (and Synapse's filler event)."""
+    return event.type == DUMMY_EVENT or _is_own_leave(event)
 
 
 def _is_own_leave(event: EventBase) -> bool:

@@ -3,6 +3,10 @@
 Transient: try again later (connection refused, timeout, 408, 429, 5xx).
 Permanent: trying again will give the same answer (any other 4xx); carries the
 server's OperationOutcome text so an operator can see *why*.
+
+The OperationOutcome's text is kept apart (``outcome``), never in ``str(error)``: FHIR's
+diagnostics can quote what a request carried — a message's text, a searched email — and
+error texts end up in logs. Only admin-only places (dead letters) show it.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ class FhirError(Exception):
     def __init__(self, message: str, *, status: int | None = None, outcome: str = "") -> None:
         super().__init__(message)
         self.status = status
-        # Diagnostics from the server's OperationOutcome, as plain text.
+        # Diagnostics from the server's OperationOutcome, as plain text (may quote content).
         self.outcome = outcome
 
-    def __str__(self) -> str:
-        text = super().__str__()
+    @property
+    def detail(self) -> str:
+        """The message with FHIR's own words, for admin-only places (never for logs)."""
+        text = str(self)
         return f"{text}: {self.outcome}" if self.outcome else text
 
 

@@ -184,14 +184,21 @@ def test_person_who_leaves_the_team_can_no_longer_act_or_invite(
     participants = network.standard_participants()
     fhir.put(network.care_team(*participants, network.participant(lena_ref)))
     room = create_room_in_space(service, space)
-    lena = users("lena")
+    lena, anna = users("lena"), users("anna")
     wait_until(
         lambda: service.invite(room, lena.user_id) is None,
         timeout=15,
         what="the new participant admitted",
     )
     lena.join(room)
-    lena.send_text(room, "Hello team")
+    service.invite(room, anna.user_id)
+    anna.join(room)
+    hello = lena.send_text(room, "Hello team")
+    # A practitioner's power (this test-made room has the private_chat preset's levels):
+    # whatever is refused below is the module's doing, not Synapse's power levels.
+    levels = service.request("GET", f"/_matrix/client/v3/rooms/{room}/state/m.room.power_levels")
+    levels.setdefault("users", {})[lena.user_id] = 50
+    service.send_state(room, "m.room.power_levels", levels)
 
     # Her participation ends today-minus-one: she is still joined, but no longer a member.
     fhir.put(network.care_team(*participants, network.participant(lena_ref, {"end": "2021-01-01"})))
@@ -204,7 +211,81 @@ def test_person_who_leaves_the_team_can_no_longer_act_or_invite(
     assert_denied(
         refused(lambda: lena.invite(room, users("carla").user_id)), "inviter_not_in_care_team"
     )
+    # Nothing but leaving: no reaction, no redaction (not even of her own message), no
+    # state, no kick or ban.
+    attempts = {
+        "reaction": lambda: lena.send(
+            room,
+            {"m.relates_to": {"rel_type": "m.annotation", "event_id": hello, "key": "+1"}},
+            "m.reaction",
+        ),
+        "redaction": lambda: lena.redact(room, hello),
+        "topic": lambda: lena.send_state(room, "m.room.topic", {"topic": "mine now"}),
+        "join rules": lambda: lena.send_state(room, "m.room.join_rules", {"join_rule": "public"}),
+        "power levels": lambda: lena.send_state(room, "m.room.power_levels", levels),
+        "kick": lambda: lena.request(
+            "POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": anna.user_id}
+        ),
+        "ban": lambda: lena.request(
+            "POST", f"/_matrix/client/v3/rooms/{room}/ban", {"user_id": anna.user_id}
+        ),
+        "profile change": lambda: lena.send_state(
+            room,
+            "m.room.member",
+            {"membership": "join", "displayname": "Someone else"},
+            state_key=lena.user_id,
+        ),
+    }
+    for what, attempt in attempts.items():
+        error = refused(attempt)
+        assert (error.status, error.reason) == (403, "not_in_care_team"), (what, error)
+    members = service.request("GET", f"/_matrix/client/v3/rooms/{room}/joined_members")["joined"]
+    assert anna.user_id in members  # the kick and the ban did not happen
     lena.leave(room)  # leaving is always allowed
+
+
+def test_room_upgrades_and_email_invites_are_refused_in_care_team_rooms(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser]
+) -> None:
+    room = create_room_in_space(service, space)
+    anna = users("anna")
+    service.invite(room, anna.user_id)
+    anna.join(room)
+    # Even with every power a member could be given below the service user's.
+    levels = service.request("GET", f"/_matrix/client/v3/rooms/{room}/state/m.room.power_levels")
+    levels.setdefault("users", {})[anna.user_id] = 99
+    service.send_state(room, "m.room.power_levels", levels)
+
+    tombstone = refused(
+        lambda: anna.send_state(
+            room,
+            "m.room.tombstone",
+            {"body": "moved", "replacement_room": "!elsewhere:example.org"},
+        )
+    )
+    assert_denied(tombstone, "protected_state")
+    upgrade = refused(
+        lambda: anna.request(
+            "POST", f"/_matrix/client/v3/rooms/{room}/upgrade", {"new_version": "10"}
+        )
+    )
+    assert (upgrade.status, upgrade.errcode) == (403, "M_FORBIDDEN"), upgrade
+    state = service.request("GET", f"/_matrix/client/v3/rooms/{room}/state")
+    assert not [e for e in state if e["type"] == "m.room.tombstone"], "the room was tombstoned"
+
+    email_invite = refused(
+        lambda: anna.send_state(
+            room,
+            "m.room.third_party_invite",
+            {
+                "display_name": "someone@example.org",
+                "key_validity_url": "https://id.example.org/_matrix/identity/v2/pubkey/isvalid",
+                "public_key": "dGhpcyBpcyBub3QgYSBrZXk",
+            },
+            state_key="token-1",
+        )
+    )
+    assert_denied(email_invite, "third_party_invite_forbidden")
 
 
 def test_regular_users_cannot_touch_protected_state(

@@ -217,8 +217,15 @@ def test_a_communication_request_opens_a_room_and_outside_communications_appear_
     )
     wait_until(lambda: len(messages(anna, room)) == 2, timeout=FOLLOWS_WITHIN, what="the relay")
     relayed_event = events(anna, room)[1]
-    # The nurse has a local account in the room: the message is posted as hers.
-    assert relayed_event["sender"] == bram.user_id
+    # Posted by the service user, attributed to the FHIR sender — never through the
+    # nurse's own account, although she has one in the room (whoever writes FHIR must not
+    # be able to make a Matrix user appear to say something).
+    assert relayed_event["sender"] == stack.synapse.user_id("fhir")
+    nurse = team.network.ref("Practitioner", "nurse")
+    assert relayed_event["content"]["com.beeper.per_message_profile"] == {
+        "id": nurse,
+        "displayname": bram.user_id,  # (no name in FHIR: her account, which members see)
+    }
     # Pushed again (a duplicate notification): still once.
     notify(stack, "Communication", lab.split("/")[1])
     # Anna replies to it; this later message also shows a second relay would have shown.
@@ -233,7 +240,7 @@ def test_a_communication_request_opens_a_room_and_outside_communications_appear_
     wait_until(lambda: len(messages(anna, room)) == 3, timeout=FOLLOWS_WITHIN, what="the reply")
     assert messages(anna, room) == [
         "Please photograph the wound daily",
-        "Photo taken, looks better",
+        f"{bram.user_id}: Photo taken, looks better",
         "thanks",
     ]
     # The reply is recorded, pointing at the other system's Communication itself...

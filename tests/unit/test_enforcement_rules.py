@@ -291,3 +291,10 @@ async def test_space_links_of_ordinary_rooms_are_free() -> None:
     assert await g.check_event_allowed(event, {}) == (True, None)  # type: ignore[arg-type]
     redaction = Event("m.room.redaction", MEMBER_LOCAL, {}, redacts="$binding")
     assert await g.check_event_allowed(redaction, {}) == (True, None)  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_received_binding_change_is_refused_even_while_the_directory_is_away() -> None:
+    g, _ = gate(teams=Teams(unavailable=True))
+    event = Event("m.space.child", MEMBER_REMOTE, {"via": ["b.org"]}, state_key="!other:a.org")
+    assert await g.check_event_for_spam(event) == Codes.FORBIDDEN  # type: ignore[arg-type]

@@ -39,12 +39,14 @@ def test_missing_or_deleted_is_not_found(status: int) -> None:
     assert isinstance(error_for_status(status, "GET CareTeam/1", None), FhirNotFoundError)
 
 
-def test_operation_outcome_text_is_carried() -> None:
+def test_operation_outcome_text_is_carried_apart_from_the_message() -> None:
     error = error_for_status(400, "GET Patient", OUTCOME)
     assert error.outcome == "error: Unknown search parameter; warning: Deprecated"
-    assert str(error) == (
+    assert error.detail == (
         "GET Patient failed with HTTP 400: error: Unknown search parameter; warning: Deprecated"
     )
+    # What ends up in logs: FHIR's diagnostics can quote what the request carried.
+    assert str(error) == "GET Patient failed with HTTP 400"
 
 
 @pytest.mark.parametrize("body", [None, "text", {"resourceType": "Patient"}, {"issue": "x"}])

@@ -11,6 +11,7 @@ import ca.uhn.fhir.jpa.config.util.HapiEntityManagerFactoryUtil;
 import ca.uhn.fhir.jpa.model.config.PartitionSettings;
 import ca.uhn.fhir.jpa.model.dialect.HapiFhirH2Dialect;
 import jakarta.persistence.EntityManagerFactory;
+import org.springframework.beans.factory.annotation.Value;
 import org.springframework.beans.factory.config.ConfigurableListableBeanFactory;
 import org.springframework.context.annotation.Bean;
 import org.springframework.context.annotation.Configuration;
@@ -34,8 +35,13 @@ import javax.sql.DataSource;
 public class JpaStorageConfig {
 
 	@Bean
-	public JpaStorageSettings storageSettings() {
+	public JpaStorageSettings storageSettings(
+			@Value("${fhir.enforce-referential-integrity-on-delete:true}") boolean integrityOnDelete) {
 		JpaStorageSettings settings = new JpaStorageSettings();
+		// Off (--fhir.enforce-referential-integrity-on-delete=false), a resource others refer to
+		// can be deleted, as many production servers allow: the module must cope with dangling
+		// references (a deleted person leaves every team that listed them).
+		settings.setEnforceReferentialIntegrityOnDelete(integrityOnDelete);
 		// Clients may PUT Patient/abc to create it; server-assigned ids are UUIDs so they never collide.
 		settings.setResourceClientIdStrategy(JpaStorageSettings.ClientIdStrategyEnum.ANY);
 		settings.setResourceServerIdStrategy(JpaStorageSettings.IdStrategyEnum.UUID);

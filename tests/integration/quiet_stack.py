@@ -1,0 +1,98 @@
+"""A HAPI that notifies nobody and a Synapse with the module's sync on: what the module
+does on its own (period boundaries, the full reconcile), with nothing pushing changes.
+
+The tests' own ``notify`` calls stand in for the shim where a set-up needs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from devstack.fhir_seed import FhirSeeder
+from devstack.hapi import HapiDevServer
+from devstack.synapse import SynapseServer, module_config
+from tests.conftest import SERVER_LOGS
+
+SECRET = "test-webhook-secret"
+
+
+class QuietStack:
+    """A HAPI that notifies nobody, and a Synapse whose sweep runs once an hour."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        full_reconcile_interval: str,
+        hapi: HapiDevServer | None = None,
+        extra_config: dict[str, Any] | None = None,
+        **module: Any,
+    ) -> None:
+        # Deleting a person others refer to is allowed, as on many production servers.
+        self.own_hapi = hapi is None
+        self.hapi = hapi or HapiDevServer(workdir / "hapi", integrity_on_delete=False)
+        sync = {"poll_interval": "1h", "full_reconcile_interval": full_reconcile_interval}
+        self.synapse = SynapseServer(
+            workdir / "synapse",
+            module_config(self.hapi.base_url, sync=sync, **module),
+            extra_config=extra_config,
+        )
+        SERVER_LOGS.extend(
+            [self.hapi.process.log_path, self.synapse.log_path, self.synapse.process.log_path]
+        )
+        self.fhir = FhirSeeder(self.hapi.base_url)
+
+    def notify(self, reference: str) -> None:
+        """What the shim would say after a write (the set-up's only notifications)."""
+        resource_type, resource_id = reference.split("/")
+        response = requests.post(
+            self.synapse.url("/_synapse/client/fhir/notify"),
+            json={
+                "resourceType": resource_type,
+                "id": resource_id,
+                "versionId": "1",
+                "action": "update",
+            },
+            headers={"Authorization": f"Bearer {SECRET}"},
+            timeout=10,
+        )
+        assert response.status_code == 202, response.text
+
+    def writes_since(self, moment: float) -> list[str]:
+        """Every FHIR write since ``moment`` (Unix seconds), as ``Type/id``."""
+        since = datetime.fromtimestamp(moment, timezone.utc).isoformat().replace("+00:00", "Z")
+        bundle = requests.get(
+            f"{self.hapi.base_url}/_history",
+            params={"_since": since, "_count": "100"},
+            headers={"Cache-Control": "no-cache"},
+            timeout=30,
+        ).json()
+        return [
+            f"{e['resource']['resourceType']}/{e['resource']['id']}"
+            for e in bundle.get("entry", [])
+            if "resource" in e
+        ]
+
+
+@contextmanager
+def quiet_stack(workdir: Path, **options: Any) -> Iterator[QuietStack]:
+    """A started QuietStack (``options`` as QuietStack takes them); with ``hapi``, that
+    running HAPI is used (and left running) instead of one of its own."""
+    stack = QuietStack(workdir, **options)
+    if stack.own_hapi:
+        stack.hapi.start()
+    try:
+        stack.synapse.start()
+        try:
+            yield stack
+        finally:
+            stack.synapse.stop()
+    finally:
+        if stack.own_hapi:
+            stack.hapi.stop()
