@@ -22,6 +22,7 @@ from twisted.internet import defer, reactor, task
 
 from bench._common import Row, Target, percentile
 from synapse_fhir_module import sync_store
+from synapse_fhir_module.binding_state import CARE_TEAM_STATE
 from synapse_fhir_module.care_team import Member
 from synapse_fhir_module.membership_plan import MembershipPlan
 
@@ -102,26 +103,41 @@ class MappedBinding:
         return self._team_of_room.get(room_id)
 
 
-class EmptyRooms:
-    """The Matrix side of the sync (CareRooms) without Matrix: every team's space is new
-    and empty, so the sync computes a full plan and writes nothing. What it would have
-    done is counted."""
+class StandInRooms:
+    """The Matrix side of the sync (CareRooms) without Matrix: spaces made, state sent and
+    invites given are remembered in memory, so a first sync of a team computes its full
+    plan and a second finds Matrix as FHIR says (the steady state of a full reconcile).
+    What it would have done is counted."""
 
     def __init__(self) -> None:
         self._spaces = itertools.count()
+        self._state: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+        self._members: dict[str, dict[str, str]] = {}
         self.spaces = 0
         self.invites = 0
         self.removals = 0
+        self.state_sent = 0
 
     async def create_space(self, team_ref: str, name: str) -> str:
         self.spaces += 1
-        return f"!space{next(self._spaces)}:{SERVER_NAME}"
+        space = f"!space{next(self._spaces)}:{SERVER_NAME}"
+        self._state[space] = {(CARE_TEAM_STATE, ""): {"reference": team_ref}}
+        return space
 
     async def rooms_of_space(self, space_id: str) -> list[str]:
         return []
 
     async def memberships(self, room_id: str) -> dict[str, str]:
-        return {}
+        return dict(self._members.get(room_id, {}))
+
+    async def binding_state(self, room_id: str) -> dict[tuple[str, str], dict[str, Any]]:
+        return dict(self._state.get(room_id, {}))
+
+    async def send_state(
+        self, room_id: str, event_type: str, state_key: str, content: dict[str, Any]
+    ) -> None:
+        self.state_sent += 1
+        self._state.setdefault(room_id, {})[(event_type, state_key)] = content
 
     async def set_power_levels(
         self, room_id: str, members: Collection[Member], *, read_only: bool
@@ -131,6 +147,10 @@ class EmptyRooms:
     async def apply_plan(self, room_id: str, plan: MembershipPlan) -> None:
         self.invites += len(plan.invite)
         self.removals += len(plan.remove)
+        room = self._members.setdefault(room_id, {})
+        room.update(dict.fromkeys(plan.invite, "invite"))
+        for user_id in plan.remove:
+            room[user_id] = "leave"
 
 
 # --- Timing in rounds ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -77,7 +78,9 @@ class Team:
 
     def care_team(self, ends: dict[int, str]) -> dict[str, Any]:
         """The team; ``ends``: member index → the end of their participation."""
-        participants: list[dict[str, Any]] = [{"member": {"reference": f"Practitioner/gp-{self.tag}"}}]
+        participants: list[dict[str, Any]] = [
+            {"member": {"reference": f"Practitioner/gp-{self.tag}"}}
+        ]
         for index in range(len(self.members)):
             participant: dict[str, Any] = {
                 "member": {"reference": f"Practitioner/{self.practitioner_id(index)}"}
@@ -105,7 +108,12 @@ def notify(server: SynapseServer, reference: str) -> None:
     resource_type, resource_id = reference.split("/")
     requests.post(
         server.url("/_synapse/client/fhir/notify"),
-        json={"resourceType": resource_type, "id": resource_id, "versionId": "1", "action": "update"},
+        json={
+            "resourceType": resource_type,
+            "id": resource_id,
+            "versionId": "1",
+            "action": "update",
+        },
         headers={"Authorization": f"Bearer {SECRET}"},
         timeout=10,
     ).raise_for_status()
@@ -137,10 +145,14 @@ def new_team(server: SynapseServer, fhir_url: str, members: int) -> Team:
 def join_everyone(team: Team) -> None:
     for user in [team.gp, *team.members]:
         space = wait_until(
-            lambda u=user: invited_space(u, team.ref), timeout=60, what="invited to the space"
+            partial(invited_space, user, team.ref), timeout=60, what="invited to the space"
         )
         user.join(space)
         team.space = space
+
+
+def removed(team: Team, user: MatrixUser) -> bool:
+    return user.user_id in leave_times(team)
 
 
 def leave_times(team: Team) -> dict[str, float]:
@@ -172,8 +184,13 @@ def period_end_arm(server: SynapseServer, fhir_url: str, members: int) -> list[f
         raise RuntimeError("the set-up outlasted the first period: raise SETUP_S")
     last = ends[members - 1]
     ids = {team.members[i].user_id: i for i in range(members)}
+
+    def everyone_removed() -> dict[str, float] | None:
+        found = leave_times(team)
+        return found if set(ids) <= set(found) else None
+
     times = wait_until(
-        lambda: (found := leave_times(team)) if set(ids) <= set(found) else None,
+        everyone_removed,
         timeout=last - time.time() + 2 * TARGET_S,
         what="every member removed after their period's end",
         interval=0.5,
@@ -196,7 +213,7 @@ def fhir_write_arm(server: SynapseServer, fhir_url: str, members: int) -> list[f
         written[user.user_id] = fhir_instant_seconds(stored["meta"]["lastUpdated"])
         notify(server, team.ref)  # what the shim sends after the commit
         wait_until(
-            lambda u=user: u.user_id in leave_times(team),
+            partial(removed, team, user),
             timeout=2 * TARGET_S,
             what="the member removed after the write",
             interval=0.1,
@@ -240,7 +257,7 @@ def run(the_stack: Stack, members: int) -> None:
                 samples,
                 baseline,
                 Target("<=", TARGET_S),
-                note="per member: leave event's origin_server_ts − the period's end",
+                note="per member: leave event's origin_server_ts minus the period's end",
             ),
             p95_baseline,
             Row(

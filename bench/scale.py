@@ -15,13 +15,17 @@ counted**: the sync's Matrix half is a stand-in whose rooms are new and empty, s
 team's plan invites everyone and nothing is written (rows 1 and 5 of the suite measure
 the Matrix side).
 
-- Full reconcile: ``Reconciler.sweep()`` (the first sweep reads every CareTeam) feeding a
+- First sweep: ``Reconciler.sweep()`` (the first sweep reads every CareTeam) feeding a
   ``ChangeQueue`` whose apply is ``FhirSync.apply`` — for a CareTeam: its membership into
   a fresh ``CareTeamDirectory`` (one search with ``_include:iterate``), the space
   bookkeeping in an in-memory SQLite standing in for Synapse's database, the membership
   plan, and the search for teams listing this one. Timed from the sweep's start until the
   queue is idle. Baseline: paging every CareTeam with the same includes (what any bridge
   must at least read).
+- Full reconcile (issue 11, ``sync.full_reconcile_interval``): ``Reconciler.full_reconcile()``
+  right after, every team checked against FHIR while the stand-in Matrix side already
+  matches; timed until the queue is idle. It must keep the decision cache whole (no team
+  invalidated, as many cached after as before: the run fails otherwise). Same baseline.
 - Memory: traced by tracemalloc, what the CareTeamDirectory and the PersonDirectory hold
   after a full reconcile and a lookup of every member (bytes while filled minus bytes once
   both are emptied). Baseline: the same for 100 teams. The directory's cache is sized to
@@ -55,10 +59,10 @@ from bench._common import NO_CACHE, Row, Target, add_stack_arguments, report, st
 from bench._module_parts import (
     SERVER_NAME,
     BenchApi,
-    EmptyRooms,
     FixedBinding,
     MappedBinding,
     Rounds,
+    StandInRooms,
     run_in_reactor,
     timed_rounds,
 )
@@ -73,6 +77,8 @@ from synapse_fhir_module.fhir_sync import FhirSync
 from synapse_fhir_module.identity import MATRIX_ID_SYSTEM, matrix_uri
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.reconcile import Reconciler
+from synapse_fhir_module.room_bindings import RoomBindings
+from synapse_fhir_module.team_boundaries import TeamBoundaries
 from synapse_fhir_module.team_directory import (
     MAX_CACHED_TEAMS,
     MEMBERSHIP_INCLUDES,
@@ -244,21 +250,39 @@ def cached_teams(teams: CareTeamDirectory) -> int:
 
 @dataclass
 class Reconcile:
-    seconds: float
+    seconds: float  # the first sweep, every team new: until the queue is idle
     synced: int  # references the queue applied
     fhir_requests: int
     spaces: int
     invites: int
     failures: int
     teams: CareTeamDirectory
+    # The full reconcile after it (every team checked, Matrix already as FHIR says).
+    full_seconds: float = 0.0
+    full_checked: int = 0
+    full_fhir_requests: int = 0
+    full_invalidations: int = 0  # team answers forgotten meanwhile: none, the cache stays
+    cached_before_full: int = 0
+    cached_after_full: int = 0
+    boundaries: int = 0
 
 
 async def full_reconcile(fhir_url: str, *, cache_for: int | None) -> Reconcile:
-    """A first sweep with everything fresh (directory, queue, watermarks), until idle."""
+    """A first sweep with everything fresh (directory, queue, watermarks), until idle; then
+    the full reconcile (``sync.full_reconcile_interval``) over the same, until idle."""
     api = BenchApi()
     fhir = fhir_client(fhir_url)
     teams = directory(api, fhir, cache_for)
-    rooms = EmptyRooms()
+    rooms = StandInRooms()
+    failures = synced = invalidations = 0
+    idle: defer.Deferred[None] = defer.Deferred()
+    queue: ChangeQueue | None = None
+
+    def check(team_ref: str) -> None:
+        assert queue is not None
+        queue.check(team_ref)
+
+    boundaries = TeamBoundaries(api, check)  # type: ignore[arg-type]
     sync = FhirSync(
         api,  # type: ignore[arg-type]
         SyncConfig(),
@@ -267,24 +291,25 @@ async def full_reconcile(fhir_url: str, *, cache_for: int | None) -> Reconcile:
         rooms,  # type: ignore[arg-type]
         service_user_id=SERVICE_USER,
         exempt_users=frozenset({SERVICE_USER}),
-        bindings=None,  # type: ignore[arg-type]  # (only for Communications; there are none)
+        bindings=RoomBindings(api, fhir, SERVICE_USER),  # type: ignore[arg-type]
         persons=PersonDirectory(fhir),
+        boundaries=boundaries,
+        now_ms=lambda: int(time.time() * 1000),
     )
 
     async def invalidate(reference: str) -> None:
         # FhirModule.invalidate, for what a CareTeam sweep queues.
+        nonlocal invalidations
         if reference.startswith("CareTeam/"):
+            invalidations += 1
             await teams.invalidate_team(reference)
         await teams.invalidate_resource(reference)
 
-    failures = synced = 0
-    idle: defer.Deferred[None] = defer.Deferred()
-
-    async def apply(reference: str) -> None:
+    async def apply(reference: str, changed: bool) -> None:
         nonlocal failures, synced
         synced += 1
         try:
-            await sync.apply(reference)
+            await sync.apply(reference, changed)
         except Exception as e:
             failures += 1
             # The queue would retry it for ever: the measurement is void, say so now.
@@ -309,9 +334,29 @@ async def full_reconcile(fhir_url: str, *, cache_for: int | None) -> Reconcile:
     seconds = time.perf_counter() - started
     if failures or api.background_failures:
         raise RuntimeError(f"reconcile: {failures} syncs, {api.background_failures} jobs failed")
-    return Reconcile(
+    result = Reconcile(
         seconds, synced, fhir.requests_made, rooms.spaces, rooms.invites, failures, teams
     )
+
+    # The full reconcile: every team checked again, Matrix already matching.
+    idle = defer.Deferred()
+    synced_before, requests_before, invalidations = synced, fhir.requests_made, 0
+    result.cached_before_full = cached_teams(teams)
+    started = time.perf_counter()
+    await reconciler.full_reconcile()
+    if not queue.idle:
+        await idle
+    result.full_seconds = time.perf_counter() - started
+    if failures or api.background_failures:
+        raise RuntimeError(f"full reconcile: {failures} syncs failed")
+    result.full_checked = synced - synced_before
+    result.full_fhir_requests = fhir.requests_made - requests_before
+    result.full_invalidations = invalidations
+    result.cached_after_full = cached_teams(teams)
+    result.boundaries = len(boundaries)
+    for team_ref in list(boundaries._timers):  # (no timer may outlive the run)
+        boundaries.cancel(team_ref)
+    return result
 
 
 async def page_all_teams(fhir: FhirClient) -> tuple[float, int, int]:
@@ -583,6 +628,7 @@ async def measure(network: Network, fhir_url: str, sizes: Sizes) -> dict[str, An
     # every team. The first run's directory is kept for the decisions.
     paging: list[float] = []
     reconcile: list[float] = []
+    full_reconcile_s: list[float] = []
     kept: list[Reconcile] = []  # the first run's
     for run in range(sizes.reconcile_runs):
         seconds, teams_read, included = await page_all_teams(fhir)
@@ -592,6 +638,12 @@ async def measure(network: Network, fhir_url: str, sizes: Sizes) -> dict[str, An
         )
         result = await full_reconcile(fhir_url, cache_for=network.teams)
         reconcile.append(result.seconds)
+        full_reconcile_s.append(result.full_seconds)
+        if result.full_invalidations or result.cached_after_full < result.cached_before_full:
+            raise RuntimeError(
+                f"the full reconcile evicted the cache: {result.full_invalidations} teams"
+                f" invalidated, {result.cached_before_full} → {result.cached_after_full} cached"
+            )
         details.setdefault("reconcile", []).append(
             {
                 "run": run + 1,
@@ -602,15 +654,26 @@ async def measure(network: Network, fhir_url: str, sizes: Sizes) -> dict[str, An
                 "spaces_planned": result.spaces,
                 "invites_planned": result.invites,
                 "teams_cached_after": cached_teams(result.teams),
+                "full_reconcile_seconds": round(result.full_seconds, 2),
+                "full_reconcile_teams_checked": result.full_checked,
+                "full_reconcile_fhir_requests": result.full_fhir_requests,
+                "full_reconcile_invalidations": result.full_invalidations,
+                "teams_cached_before_full": result.cached_before_full,
+                "teams_cached_after_full": result.cached_after_full,
+                "boundaries_scheduled": result.boundaries,
             }
         )
         print(
-            f"  reconcile run {run + 1}: {result.seconds:.1f} s for {result.synced} teams"
-            f" ({result.fhir_requests} FHIR requests); paging alone {seconds:.1f} s",
+            f"  reconcile run {run + 1}: first sweep {result.seconds:.1f} s for {result.synced}"
+            f" teams ({result.fhir_requests} FHIR requests); full reconcile"
+            f" {result.full_seconds:.1f} s for {result.full_checked} ({result.full_fhir_requests}"
+            f" requests, cache {result.cached_before_full} → {result.cached_after_full});"
+            f" paging alone {seconds:.1f} s",
             flush=True,
         )
         kept[1:] = []
         kept.append(result)
+    out["full_reconcile"] = full_reconcile_s
     out["paging"], out["reconcile"] = paging, reconcile
     full = kept[0].teams
     del kept
@@ -679,6 +742,17 @@ def rows_of(network: Network, out: dict[str, Any], sizes: Sizes) -> list[Row]:
             paging,
             Target("<=", RECONCILE_TARGET_S),
             note="first sweep until the queue is idle; Matrix writes not counted",
+        ),
+        Row(
+            f"full reconcile (every team checked), {n} teams",
+            "s",
+            out["full_reconcile"],
+            paging,
+            Target("<=", RECONCILE_TARGET_S),
+            note=(
+                "sync.full_reconcile_interval, after the first sweep: no team invalidated,"
+                " the decision cache kept whole (checked), boundaries scheduled"
+            ),
         ),
         memory_small,
         Row(

@@ -51,6 +51,7 @@ ROW_TITLES = {
     6: "Scale: 10,000 CareTeams x 10 members",
     7: "Synapse on PostgreSQL vs SQLite (rows 1 and 2)",
     8: "Send latency while FHIR stalls 10 s per request vs healthy FHIR",
+    9: "Period end → member removed, no FHIR write (issue 11)",
 }
 
 
@@ -87,6 +88,7 @@ STEPS = [
     # A HAPI of its own: 10,000 teams would slow whatever runs after it on the shared one,
     # and its reconcile sweeps everything there (other benchmarks' threads and messages).
     Step(6, "scale", shared_hapi=False),
+    Step(9, "access_in_time"),
 ]
 
 

@@ -185,9 +185,12 @@ class FhirSync:
         recorded = await self._api.run_db_interaction(
             "fhir_bindings_of_team", binding_store.bindings_of_team, team_ref
         )
-        rooms = dict.fromkeys([space, *(b.room_id for b in recorded)])
-        # (Rooms listed by the service user before the record existed follow too.)
-        rooms.update(dict.fromkeys(await self._rooms.rooms_of_space(space)))
+        if any(binding.room_id == space for binding in recorded):
+            # The module's record says which rooms are the team's (a room listed in the
+            # space behind its back is not, and its listing is undone below).
+            rooms = [binding.room_id for binding in recorded]
+        else:  # a space bound before the record existed: the rooms its listing names
+            rooms = [space, *await self._rooms.rooms_of_space(space)]
         failed = 0
         for room_id in rooms:
             try:

@@ -38,6 +38,22 @@ def hapi(run_dir: Path) -> Iterator[HapiDevServer]:
 
 
 @pytest.fixture(scope="session")
+def quiet_hapi(run_dir: Path) -> Iterator[HapiDevServer]:
+    """A HAPI that notifies nobody and lets a resource others refer to be deleted (as many
+    production servers do), for homeservers whose sync runs: each test's own ``notify``
+    calls, the sweep and the full reconcile are all that reaches them. (Not the session's
+    ``hapi``: a sync at start-up makes spaces for every team it finds, and the other tests
+    leave hundreds there.)"""
+    server = HapiDevServer(run_dir / "quiet-hapi", integrity_on_delete=False)
+    SERVER_LOGS.append(server.process.log_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def own_hapi(run_dir: Path) -> Iterator[HapiDevServer]:
     """A second HAPI, on an H2 file database, for the tests that stop and start it."""
     server = HapiDevServer(run_dir / "own-hapi", database_file=run_dir / "own-hapi" / "fhir")

@@ -1,5 +1,6 @@
-"""A HAPI that notifies nobody and a Synapse with the module's sync on: what the module
-does on its own (period boundaries, the full reconcile), with nothing pushing changes.
+"""A HAPI that notifies nobody (the session's ``quiet_hapi``) and a Synapse with the
+module's sync on: what the module does on its own (period boundaries, the full reconcile),
+with nothing pushing changes.
 
 The tests' own ``notify`` calls stand in for the shim where a set-up needs them.
 """
@@ -28,24 +29,20 @@ class QuietStack:
     def __init__(
         self,
         workdir: Path,
+        hapi: HapiDevServer,
         *,
         full_reconcile_interval: str,
-        hapi: HapiDevServer | None = None,
         extra_config: dict[str, Any] | None = None,
         **module: Any,
     ) -> None:
-        # Deleting a person others refer to is allowed, as on many production servers.
-        self.own_hapi = hapi is None
-        self.hapi = hapi or HapiDevServer(workdir / "hapi", integrity_on_delete=False)
+        self.hapi = hapi
         sync = {"poll_interval": "1h", "full_reconcile_interval": full_reconcile_interval}
         self.synapse = SynapseServer(
             workdir / "synapse",
             module_config(self.hapi.base_url, sync=sync, **module),
             extra_config=extra_config,
         )
-        SERVER_LOGS.extend(
-            [self.hapi.process.log_path, self.synapse.log_path, self.synapse.process.log_path]
-        )
+        SERVER_LOGS.extend([self.synapse.log_path, self.synapse.process.log_path])
         self.fhir = FhirSeeder(self.hapi.base_url)
 
     def notify(self, reference: str) -> None:
@@ -81,18 +78,11 @@ class QuietStack:
 
 
 @contextmanager
-def quiet_stack(workdir: Path, **options: Any) -> Iterator[QuietStack]:
-    """A started QuietStack (``options`` as QuietStack takes them); with ``hapi``, that
-    running HAPI is used (and left running) instead of one of its own."""
-    stack = QuietStack(workdir, **options)
-    if stack.own_hapi:
-        stack.hapi.start()
+def quiet_stack(workdir: Path, hapi: HapiDevServer, **options: Any) -> Iterator[QuietStack]:
+    """A started QuietStack on that (running) HAPI; ``options`` as QuietStack takes them."""
+    stack = QuietStack(workdir, hapi, **options)
+    stack.synapse.start()
     try:
-        stack.synapse.start()
-        try:
-            yield stack
-        finally:
-            stack.synapse.stop()
+        yield stack
     finally:
-        if stack.own_hapi:
-            stack.hapi.stop()
+        stack.synapse.stop()

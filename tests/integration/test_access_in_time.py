@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.waiting import wait_until
 from tests.integration.matrix_views import invited_space, membership, open_invites
@@ -31,9 +32,9 @@ FOLLOWS_WITHIN = 30.0
 
 
 @pytest.fixture(scope="module")
-def stack(run_dir: Path) -> Iterator[QuietStack]:
+def stack(run_dir: Path, quiet_hapi: HapiDevServer) -> Iterator[QuietStack]:
     # The sweep and the full reconcile once an hour: nothing but the boundary acts.
-    with quiet_stack(run_dir / "quiet-stack", full_reconcile_interval="1h") as stack:
+    with quiet_stack(run_dir / "quiet-stack", quiet_hapi, full_reconcile_interval="1h") as stack:
         yield stack
 
 

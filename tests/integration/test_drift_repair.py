@@ -17,6 +17,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
+from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, login_as, register_user
 from devstack.waiting import wait_until
 from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
@@ -32,8 +33,10 @@ THREAD_STATE = "org.synapse_fhir.thread"
 
 
 @pytest.fixture(scope="module")
-def stack(run_dir: Path) -> Iterator[QuietStack]:
-    with quiet_stack(run_dir / "drift-stack", full_reconcile_interval=FULL_RECONCILE) as stack:
+def stack(run_dir: Path, quiet_hapi: HapiDevServer) -> Iterator[QuietStack]:
+    with quiet_stack(
+        run_dir / "drift-stack", quiet_hapi, full_reconcile_interval=FULL_RECONCILE
+    ) as stack:
         yield stack
 
 

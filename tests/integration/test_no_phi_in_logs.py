@@ -3,9 +3,9 @@ scenario with real-looking names, a BSN, phone and email, clinical text — writ
 synced into Matrix, talked about, relayed, refused, failed — and the log read afterwards,
 with the module logging at DEBUG.
 
-Its own HAPI whose shim notifies the Synapse, so every path runs: notification, sync,
-recording, relay, a denial, and a Communication FHIR refuses with diagnostics that quote
-what the message carried.
+The test notifies the Synapse after each FHIR write, as the shim would, so every path runs:
+notification, sync, recording, relay, account validity, a denial, and a Communication FHIR
+refuses with diagnostics that quote what the message carried.
 """
 
 from __future__ import annotations
@@ -18,17 +18,13 @@ from typing import Any
 import pytest
 import requests
 
-from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, register_user
-from devstack.ports import free_port
-from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
-from tests.conftest import SERVER_LOGS
 from tests.integration.matrix_views import invited_space, open_invites
+from tests.integration.quiet_stack import QuietStack, quiet_stack
 
-SECRET = "test-webhook-secret"
 FOLLOWS_WITHIN = 30.0
 BSN_SYSTEM = "http://fhir.nl/fhir/NamingSystem/bsn"
 
@@ -47,36 +43,10 @@ RELAYED = "Bloeddruk 152/94 gemeten, controle over een week"
 POISON_TEXT = "Antwoord over de wondgenezing van Johanna"
 
 
-class Stack:
-    def __init__(self, workdir: Path) -> None:
-        port = free_port()
-        self.hapi = HapiDevServer(
-            workdir / "hapi",
-            notify_url=f"http://127.0.0.1:{port}/_synapse/client/fhir/notify",
-            notify_secret=SECRET,
-        )
-        self.synapse = SynapseServer(
-            workdir / "synapse",
-            module_config(self.hapi.base_url, sync={"poll_interval": "1h"}),
-            port=port,
-        )
-        SERVER_LOGS.extend(
-            [self.hapi.process.log_path, self.synapse.log_path, self.synapse.process.log_path]
-        )
-
-
 @pytest.fixture(scope="module")
-def stack(run_dir: Path) -> Iterator[Stack]:
-    stack = Stack(run_dir / "phi-stack")
-    stack.hapi.start()
-    try:
-        stack.synapse.start()
-        try:
-            yield stack
-        finally:
-            stack.synapse.stop()
-    finally:
-        stack.hapi.stop()
+def stack(run_dir: Path, quiet_hapi: HapiDevServer) -> Iterator[QuietStack]:
+    with quiet_stack(run_dir / "phi-stack", quiet_hapi, full_reconcile_interval="1h") as stack:
+        yield stack
 
 
 def person(resource_type: str, rid: str, user: MatrixUser, name: tuple[str, str]) -> dict:
@@ -89,7 +59,7 @@ def person(resource_type: str, rid: str, user: MatrixUser, name: tuple[str, str]
     }
 
 
-def communication_of(stack: Stack, event_id: str) -> dict[str, Any] | None:
+def communication_of(stack: QuietStack, event_id: str) -> dict[str, Any] | None:
     entries = (
         requests.get(
             f"{stack.hapi.base_url}/Communication",
@@ -103,7 +73,7 @@ def communication_of(stack: Stack, event_id: str) -> dict[str, Any] | None:
     return entries[0]["resource"] if entries else None
 
 
-def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: Stack) -> None:
+def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: QuietStack) -> None:
     tag = uuid.uuid4().hex[:8]
     # Account names that say nothing about the people (the log may name accounts).
     users = {
@@ -121,7 +91,7 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: Stack) -> Non
     ]
     patient["address"] = [{"line": [PATIENT_STREET], "city": "Zwolle"}]
     patient["birthDate"] = "1941-03-09"
-    fhir = FhirSeeder(stack.hapi.base_url)
+    fhir = stack.fhir
     fhir.put_all(
         [
             patient,
@@ -153,6 +123,8 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: Stack) -> Non
             },
         ]
     )
+    for reference in (f"Patient/p-{tag}", team, thread):
+        stack.notify(reference)
     for user in (gp, daughter):
         space = wait_until(
             lambda u=user: invited_space(u, team), timeout=FOLLOWS_WITHIN, what="invited"
@@ -199,6 +171,7 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: Stack) -> Non
             "payload": [{"contentString": RELAYED}],
         }
     )
+    stack.notify(f"Communication/lab-{tag}")
     wait_until(
         lambda: any(
             RELAYED in str(e["content"].get("body"))
@@ -213,6 +186,7 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: Stack) -> Non
     with pytest.raises(MatrixError):
         gp.invite(room, outsider.user_id)
     fhir.put(patient | {"active": False})
+    stack.notify(f"Patient/p-{tag}")
     wait_until(
         lambda: [
             d

@@ -22,7 +22,6 @@ from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.waiting import wait_until
 from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
-from tests.conftest import SERVER_LOGS
 from tests.integration.matrix_views import invited_space, open_invites
 from tests.integration.quiet_stack import QuietStack, quiet_stack
 
@@ -57,22 +56,10 @@ RESERVED = (
 
 
 @pytest.fixture(scope="module")
-def module_hapi(run_dir: Path) -> Iterator[HapiDevServer]:
-    """One HAPI for this file's homeservers (each makes spaces for every team on it)."""
-    server = HapiDevServer(run_dir / "rooms-hapi")
-    SERVER_LOGS.append(server.process.log_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def unenforced(module_hapi: HapiDevServer, run_dir: Path) -> Iterator[QuietStack]:
+def unenforced(quiet_hapi: HapiDevServer, run_dir: Path) -> Iterator[QuietStack]:
     with quiet_stack(
         run_dir / "unenforced",
-        hapi=module_hapi,
+        quiet_hapi,
         full_reconcile_interval="1h",
         enforcement={"enabled": False},
     ) as stack:
@@ -80,10 +67,10 @@ def unenforced(module_hapi: HapiDevServer, run_dir: Path) -> Iterator[QuietStack
 
 
 @pytest.fixture(scope="module")
-def encrypting_server(module_hapi: HapiDevServer, run_dir: Path) -> Iterator[QuietStack]:
+def encrypting_server(quiet_hapi: HapiDevServer, run_dir: Path) -> Iterator[QuietStack]:
     with quiet_stack(
         run_dir / "encrypting",
-        hapi=module_hapi,
+        quiet_hapi,
         full_reconcile_interval="1h",
         communication={"encrypted_rooms": "forbid"},
         extra_config={"encryption_enabled_by_default_for_room_type": "all"},
