@@ -49,6 +49,7 @@ from devstack.fhir_seed import FhirSeeder
 from devstack.matrix_client import MatrixUser, register_user
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
+from tests.integration.matrix_views import invited_space
 
 NAME = "access_in_time"
 TARGET_S = 60.0
@@ -56,7 +57,6 @@ SECRET = "bench-webhook-secret"
 # Time to set the team up (accounts, FHIR, invites, joins) before the first period ends.
 SETUP_S = 30.0
 SPACING_S = 1.0
-CARE_TEAM_STATE = "org.synapse_fhir.care_team"
 MEMBER_EVENTS = '{"types":["m.room.member"]}'
 
 
@@ -117,15 +117,6 @@ def notify(server: SynapseServer, reference: str) -> None:
         headers={"Authorization": f"Bearer {SECRET}"},
         timeout=10,
     ).raise_for_status()
-
-
-def invited_space(user: MatrixUser, team_ref: str) -> str | None:
-    sync = user.request("GET", "/_matrix/client/v3/sync?timeout=0")
-    for room_id, room in sync.get("rooms", {}).get("invite", {}).items():
-        for event in room.get("invite_state", {}).get("events", []):
-            if event["type"] == CARE_TEAM_STATE and event["content"].get("reference") == team_ref:
-                return str(room_id)
-    return None
 
 
 def new_team(server: SynapseServer, fhir_url: str, members: int) -> Team:

@@ -736,7 +736,7 @@ def rows_of(network: Network, out: dict[str, Any], sizes: Sizes) -> list[Row]:
     return [
         paging,
         Row(
-            f"full reconcile, {n} teams",
+            f"first sweep (every team new), {n} teams",
             "s",
             out["reconcile"],
             paging,
