@@ -4,6 +4,7 @@ a seeded team whose members have accounts, and what each member sees (invites, m
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Any, Protocol
 
 from devstack.fhir_seed import FhirSeeder
@@ -98,7 +99,7 @@ def member_invites(team: Team, timeout: float) -> dict[str, str]:
     """Each current member's invited space, each waited for within ``timeout``."""
     return {
         name: wait_until(
-            lambda n=name: invited_space(team.users[n], team.network.team),
+            partial(invited_space, team.users[name], team.network.team),
             timeout=timeout,
             what=f"{name} invited to the team's space",
         )
