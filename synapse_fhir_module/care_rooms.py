@@ -32,8 +32,9 @@ from synapse_fhir_module.sync_metrics import MATRIX_ACTIONS_FAILED
 logger = logging.getLogger(__name__)
 
 POWER_LEVELS = "m.room.power_levels"
-# Room versions whose creators hold unlimited power and must not be listed in power levels.
-CREATORS_PRIVILEGED = frozenset({"12"})
+# Room versions whose creators hold unlimited power and must not be listed in power levels
+# (MSC4289: room version 12 and its unstable predecessor).
+CREATORS_PRIVILEGED = frozenset({"12", "org.matrix.hydra.11"})
 # Said to whoever is removed: the rule, never the patient.
 REMOVAL_REASON = "No longer a member of this care team in the care record"
 
@@ -167,24 +168,24 @@ class CareRooms:
             read_only=read_only,
         )
         if content != current:
-            try:
-                await self.send_state(room_id, POWER_LEVELS, "", content)
-            except Exception:
-                MATRIX_ACTIONS_FAILED.labels(action="power_levels").inc()
-                raise
+            await self.send_state(room_id, POWER_LEVELS, "", content)
 
     async def send_state(
         self, room_id: str, event_type: str, state_key: str, content: dict[str, Any]
     ) -> None:
-        await self._api.create_and_send_event_into_room(
-            {
-                "type": event_type,
-                "state_key": state_key,
-                "room_id": room_id,
-                "sender": self._service_user_id,
-                "content": content,
-            }
-        )
+        try:
+            await self._api.create_and_send_event_into_room(
+                {
+                    "type": event_type,
+                    "state_key": state_key,
+                    "room_id": room_id,
+                    "sender": self._service_user_id,
+                    "content": content,
+                }
+            )
+        except Exception:
+            MATRIX_ACTIONS_FAILED.labels(action="state").inc()
+            raise
 
     async def post(self, room_id: str, sender: str, content: dict[str, Any]) -> str:
         event = await self._api.create_and_send_event_into_room(

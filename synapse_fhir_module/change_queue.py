@@ -49,6 +49,7 @@ class ChangeQueue:
         self._unchanged: set[str] = set()  # pending only to be checked: caches kept
         self._failures: dict[str, int] = {}  # reference -> failed attempts in a row
         self._waiting: set[str] = set()  # scheduled for a retry
+        self._retry_changed: set[str] = set()  # of those, the ones that changed (not checks)
         self._idle_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._running = False
         self._open = False  # until the sync's tables exist, changes only gather
@@ -140,18 +141,21 @@ class ChangeQueue:
                 if reference in self._pending and reference not in self._unchanged:
                     # Changed again while prepare read FHIR: its prepared answer may be
                     # older than the change.
-                    await self._invalidate(reference)
+                    try:
+                        await self._invalidate(reference)
+                    except Exception as e:  # (it is queued again: its turn comes)
+                        logger.info("Invalidating %s failed (%s)", reference, type(e).__name__)
         return [(reference, reference not in unchanged) for reference in ready]
 
     async def _apply_one(self, reference: str, changed: bool) -> None:
         try:
             await self._apply(reference, changed)
         except Exception as e:
-            self._retry_later(reference, e)
+            self._retry_later(reference, e, changed)
         else:
             self._failures.pop(reference, None)
 
-    def _retry_later(self, reference: str, e: Exception) -> None:
+    def _retry_later(self, reference: str, e: Exception, changed: bool = True) -> None:
         failures = self._failures.get(reference, 0) + 1
         self._failures[reference] = failures
         delay_ms = min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** min(failures - 1, 10))
@@ -163,14 +167,27 @@ class ChangeQueue:
             e if _safe_to_log(e) else "…",
             delay_ms // 1000,
         )
+        if reference in self._waiting:
+            # A retry is already scheduled; a change meanwhile makes it a change.
+            if changed:
+                self._retry_changed.add(reference)
+            return
         self._waiting.add(reference)
+        if changed:
+            self._retry_changed.add(reference)
         SYNC_RETRYING.set(len(self._waiting))
         self._api.delayed_background_call(delay_ms, self._retry, reference, desc="fhir_sync_retry")
 
     def _retry(self, reference: str) -> None:
         self._waiting.discard(reference)
         SYNC_RETRYING.set(len(self._waiting))
-        self._enqueue(reference)
+        if reference in self._retry_changed:
+            self._retry_changed.discard(reference)
+            self._enqueue(reference)
+        else:
+            # A check that failed is retried as a check: caches stay (a failing full
+            # reconcile during an outage must not empty every worker's answers).
+            self.check(reference)
 
 
 def _safe_to_log(e: Exception) -> bool:

@@ -6,10 +6,13 @@
   ``/make_knock``). Entries need a current member (invited by one); anything else needs
   the sender to be a current member, except leaving.
 - Events that arrive over federation are *not* given to ``check_event_allowed`` by
-  Synapse (1.163): a server already in the room builds its users' events itself. Synapse
-  does run ``check_event_for_spam`` on every received event, so there the same rules
-  soft-fail a refused event (it never becomes room state here), and someone who entered
-  by themselves is banned by the service user, so their own server drops them too.
+  Synapse (1.163; but for ``/send_knock``): a server already in the room builds its users'
+  events itself. Synapse runs ``check_event_for_spam`` on received events whose content
+  hash checks out, so there the same rules soft-fail a refused event (it does not become
+  room state here), and someone who entered by themselves is banned by the service user,
+  so their own server drops them too. (An event whose hash fails is redacted and skips
+  the spam check: the power levels and the module's membership check in ``on_new_event``
+  cover that.)
 - What binds a room to the care record and decides who is in it (``org.synapse_fhir.*``,
   the space links, join rules, history visibility, encryption, tombstone, server ACL,
   power levels, canonical alias; redactions of binding events) only the service user may
@@ -100,11 +103,10 @@ class CareTeamGate:
         """
         if event.sender in self._exempt or self._is_local(event.sender):
             return NOT_SPAM
-        reason = await self._received_refusal(event)
+        reason, entering = await self._received_refusal(event)
         if reason is None:
             return NOT_SPAM
-        entering = _is_entry(event) and event.state_key == event.sender
-        if reason is Reason.DIRECTORY_UNAVAILABLE and not (self._fail_closed and _is_entry(event)):
+        if reason is Reason.DIRECTORY_UNAVAILABLE and not (self._fail_closed and entering):
             return NOT_SPAM
         logger.warning(
             "Refusing %s (%s) received over federation in %s: %s",
@@ -113,14 +115,10 @@ class CareTeamGate:
             event.room_id,
             reason.value,
         )
-        if entering and reason in (
-            Reason.NOT_IN_CARE_TEAM,
-            Reason.ACCOUNT_INACTIVE,
-            Reason.CARE_TEAM_INACTIVE,
-            Reason.DIRECTORY_UNAVAILABLE,
-        ):
+        if entering and event.state_key == event.sender:
             # Soft-failing keeps them out of this server's view; the ban tells theirs.
-            # (The sync lifts the ban if FHIR later admits them.)
+            # (The sync lifts the ban if FHIR admits them.) Someone already joined (a
+            # profile change) is never banned for it.
             self._remove_member_soon(event.room_id, event.sender)
         return Codes.FORBIDDEN
 
@@ -146,24 +144,27 @@ class CareTeamGate:
         _raise_if(await self._protected_change_refusal(event))
         return True, None
 
-    async def _received_refusal(self, event: EventBase) -> Reason | None:
+    async def _received_refusal(self, event: EventBase) -> tuple[Reason | None, bool]:
+        """Why a received event is refused (None: it is not), and whether it is someone
+        entering the room (not a joined member's profile change)."""
         if _is_entry(event):
             previous = await self._bindings.membership_of(event.room_id, event.state_key)
             if event.content["membership"] == "join" and previous == "join":
                 # A profile change: a current member's only.
-                return await self._acting_refusal(event.room_id, event.sender)
+                return await self._acting_refusal(event.room_id, event.sender), False
             inviter = event.sender if event.content["membership"] == "invite" else None
-            return await self._entry_refusal(
+            reason = await self._entry_refusal(
                 event.room_id, entering=event.state_key, inviter=inviter
             )
+            return reason, True
         # Messages, state, and membership changes of others (kick, ban).
         acting = (
             None if _is_free(event) else await self._acting_refusal(event.room_id, event.sender)
         )
         if acting is not None and acting is not Reason.DIRECTORY_UNAVAILABLE:
-            return acting
+            return acting, False
         # (What binds a room is refused even while the directory cannot tell.)
-        return await self._protected_change_refusal(event) or acting
+        return await self._protected_change_refusal(event) or acting, False
 
     async def _protected_change_refusal(self, event: EventBase) -> Reason | None:
         """Only the service user may change what binds a room to the care record and
@@ -250,8 +251,11 @@ def _is_entry(event: EventBase) -> bool:
 
 
 def _is_free(event: EventBase) -> bool:
-    """What anyone may do in a care-team room: leave it (and Synapse's filler event)."""
-    return event.type == DUMMY_EVENT or _is_own_leave(event)
+    """What anyone may do in a care-team room: leave it (and Synapse's empty filler event,
+    which it sends as any joined local user)."""
+    if event.type == DUMMY_EVENT:
+        return not event.is_state() and not event.content
+    return _is_own_leave(event)
 
 
 def _is_own_leave(event: EventBase) -> bool:

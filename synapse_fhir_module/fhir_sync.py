@@ -39,7 +39,6 @@ from synapse_fhir_module.communication_mapping import ORIGIN_TAG, ROOM_ID_SYSTEM
 from synapse_fhir_module.config import SyncConfig
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirNotFoundError
-from synapse_fhir_module.identity import matrix_ids_of
 from synapse_fhir_module.membership_plan import plan_membership
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.relay_content import relay_content
@@ -55,6 +54,14 @@ SYNCED_TYPES = ("CareTeam", "CommunicationRequest", "Communication", *PERSON_TYP
 # Team statuses under which the team's rooms are emptied (DESIGN: entered-in-error, deleted).
 EMPTIED_STATUSES = frozenset({"entered-in-error", "missing"})
 DEFAULT_ROOM_NAME = "Conversation"
+# How a relayed message's sender without a name in FHIR is shown.
+UNNAMED = {
+    "Practitioner": "A practitioner",
+    "RelatedPerson": "A related person",
+    "Patient": "A patient",
+}
+# Set once the spaces and rooms made before the binding record existed are in it.
+RECORD_MIGRATED = "bindings:migrated"
 
 
 class SyncIncomplete(Exception):
@@ -98,7 +105,7 @@ class FhirSync:
     async def start(self) -> None:
         await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
         await self._bindings.start()
-        await self._record_made_spaces()
+        await self._record_made_rooms()
 
     async def apply(self, reference: str, changed: bool = True) -> None:
         """Make Matrix match the current state of ``reference`` (``Type/id``).
@@ -193,14 +200,21 @@ class FhirSync:
             rooms = [space, *await self._rooms.rooms_of_space(space)]
         failed = 0
         for room_id in rooms:
+            # Membership first and on its own: a binding that cannot be repaired must not
+            # keep a leaver in the room.
             try:
-                binding = next((b for b in recorded if b.room_id == room_id), None)
-                if binding is not None:
-                    await self._repair_binding(binding, recorded)
                 await self._sync_room(room_id, team)
             except Exception as e:  # e.g. a room an admin shut down: the others still follow
                 failed += 1
                 logger.warning("%s: could not sync %s (%s)", team_ref, room_id, _safe(e))
+            binding = next((b for b in recorded if b.room_id == room_id), None)
+            if binding is None:
+                continue
+            try:
+                await self._repair_binding(binding, recorded)
+            except Exception as e:
+                failed += 1
+                logger.warning("%s: could not repair %s (%s)", team_ref, room_id, _safe(e))
         if failed:
             raise SyncIncomplete(f"{team_ref}: {failed} room(s) not synced")
         return space
@@ -227,6 +241,10 @@ class FhirSync:
         binding = await self._bindings.recorded(event.room_id)
         if binding is None:
             return None
+        current = await self._api.get_room_state(event.room_id, [(event.type, event.state_key)])
+        now = current.get((event.type, event.state_key))
+        if now is None or now.event_id != event.event_id:
+            return None  # not what the room says now (state resolution kept another event)
         children = {}
         if event.type == SPACE_CHILD and binding.is_space:
             child = await self._bindings.recorded(event.state_key)
@@ -284,13 +302,29 @@ class FhirSync:
             )
             await self._rooms.apply_plan(room_id, plan)
 
-    async def _record_made_spaces(self) -> None:
-        """Spaces the module made before it kept its binding record: recorded now."""
-        for reference, room_id in await self._api.run_db_interaction(
-            "fhir_sync_rooms", sync_store.all_rooms
+    async def _record_made_rooms(self) -> None:
+        """Spaces and rooms made before the module kept its binding record: recorded once,
+        from the binding state the service user wrote then (a thread's room with the team
+        whose space lists it, whatever its request says now)."""
+        if await self._api.run_db_interaction(
+            "fhir_sync_state", sync_store.get_value, RECORD_MIGRATED
         ):
-            if reference.startswith("CareTeam/") and await self._bindings.recorded(room_id) is None:
-                await self._bindings.record(Binding(room_id, reference), self._now_ms())
+            return
+        made = await self._api.run_db_interaction("fhir_sync_rooms", sync_store.all_rooms)
+        spaces = {room_id: ref for ref, room_id in made if ref.startswith("CareTeam/")}
+        for space, team_ref in spaces.items():
+            if await self._bindings.recorded(space) is None:
+                await self._bindings.record(Binding(space, team_ref), self._now_ms())
+            for room_id in await self._rooms.rooms_of_space(space):
+                if room_id != space and await self._bindings.recorded(room_id) is None:
+                    thread = await self._bindings.thread_of(room_id)
+                    await self._bindings.record(
+                        Binding(room_id, team_ref, thread=thread, space_id=space),
+                        self._now_ms(),
+                    )
+        await self._api.run_db_interaction(
+            "fhir_sync_state_set", sync_store.set_value, RECORD_MIGRATED, "1"
+        )
 
     async def _apply_request(self, request_ref: str) -> str | None:
         """The request's room, made (or completed, after a failure) if it needs one."""
@@ -511,19 +545,15 @@ def _safe(e: Exception) -> str:
 
 
 def _display_name(person: Mapping[str, Any] | None) -> str:
-    """How the sender of a relayed Communication is shown: their name as FHIR has it."""
+    """How the sender of a relayed Communication is shown: their name as FHIR has it, else
+    what they are — never a Matrix id (a FHIR writer could name anyone's account)."""
     for name in (person or {}).get("name") or []:
         if not isinstance(name, Mapping):
             continue
-        if isinstance(name.get("text"), str) and name["text"]:
-            return str(name["text"])
+        if isinstance(name.get("text"), str) and name["text"].strip():
+            return str(name["text"]).strip()
         parts = [*(name.get("given") or []), name.get("family")]
         text = " ".join(p for p in parts if isinstance(p, str) and p)
         if text:
             return text
-    # No name: their Matrix account (room members see it anyway), else what they are.
-    accounts = sorted(matrix_ids_of(person)) if person else []
-    if accounts:
-        return accounts[0]
-    kind = str((person or {}).get("resourceType") or "").lower()
-    return f"A {kind} outside Matrix" if kind else "Someone outside Matrix"
+    return UNNAMED.get(str((person or {}).get("resourceType")), "Someone")

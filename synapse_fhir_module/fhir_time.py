@@ -21,7 +21,8 @@ def parse_fhir_datetime(value: str, *, end_of_period: bool = False) -> datetime:
     A partial value (``2024``, ``2024-05``, ``2024-05-01``) stands for a whole period:
     its first instant, or with ``end_of_period`` its last, so a participation that
     "ends 2024-05-01" still covers that whole day. Values without a zone are read as UTC.
-    Raises ValueError for anything else.
+    Raises ValueError for anything else, OverflowError for an instant beyond year 9999 in
+    UTC (``9999-12-31T23:00:00-05:00``).
     """
     match = _DATE_TIME.match(value.strip()) if isinstance(value, str) else None
     if match is None:
@@ -32,8 +33,9 @@ def parse_fhir_datetime(value: str, *, end_of_period: bool = False) -> datetime:
     day = int(match["day"] or day_default)
     zone = _zone(match["tz"])
     if match["hour"] is None:
-        start = datetime(year, month, day, tzinfo=zone)
-        return start + timedelta(days=1) - timedelta(microseconds=1) if end_of_period else start
+        if end_of_period:  # (the day's last instant, not the next day's first: 9999-12-31)
+            return datetime(year, month, day, 23, 59, 59, 999999, tzinfo=zone)
+        return datetime(year, month, day, tzinfo=zone)
     fraction = match["fraction"] or ""
     micros = int((fraction[1:] + "000000")[:6]) if fraction else 0
     moment = datetime(
@@ -60,7 +62,8 @@ def period_bounds(period: Any) -> tuple[datetime | None, datetime | None] | None
     try:
         start = parse_fhir_datetime(period["start"]) if period.get("start") else None
         end = parse_fhir_datetime(period["end"], end_of_period=True) if period.get("end") else None
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, ArithmeticError):
+        # (ArithmeticError: an instant Python cannot hold, at the edge of year 1 or 9999.)
         return None
     return start, end
 

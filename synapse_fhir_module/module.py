@@ -44,7 +44,7 @@ from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.service_user import ensure_service_user
 from synapse_fhir_module.subscriptions import SubscriptionRegistrar
 from synapse_fhir_module.team_boundaries import TeamBoundaries
-from synapse_fhir_module.team_directory import CareTeamDirectory
+from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
 from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResource
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class FhirModule:
         self._fhir = FhirClient(config.fhir)
         self._service_user_id = api.get_qualified_user_id(config.service_user)
         exempt = {self._service_user_id, *config.enforcement.exempt_users}
+        self._exempt = frozenset(exempt)
         # Background work (registration, outbox, reconcile) runs on exactly one instance.
         self._runs_background_work = api.worker_name == config.worker
         # Messages are enqueued by the main process, which stores them: none is missed while
@@ -324,9 +325,9 @@ class FhirModule:
         """The service user bans someone whose server let them into a care-team room.
 
         A ban, not a kick: under state resolution the other server would re-apply their
-        earlier join after a kick, and keep showing them the room. (The FHIR → Matrix
-        membership sync, still to come, must lift such a ban before inviting someone FHIR
-        later admits.)
+        earlier join after a kick, and keep showing them the room. The FHIR → Matrix sync
+        lifts such a ban before inviting someone FHIR admits (the ban itself queues the
+        team's check, ``_check_membership``).
         """
         try:
             await self._api.update_room_membership(
@@ -339,20 +340,20 @@ class FhirModule:
         except Exception as e:  # e.g. the room is gone: nothing to undo
             # (The user id is left out: it can name a patient.)
             logger.warning("Could not ban a non-member from %s: %s", room_id, type(e).__name__)
-        if self._changes is not None:
-            # Refused while FHIR could not tell, perhaps: the team's sync lifts the ban
-            # of anyone FHIR admits (retrying until FHIR answers).
-            try:
-                team_ref = await self._bindings.care_team_of(room_id)
-            except Exception:
-                return
-            if team_ref is not None:
-                self._changes.check(team_ref)
 
     async def _on_new_event(self, event: EventBase, state_events: StateMap[EventBase]) -> None:
+        if event.internal_metadata.is_soft_failed():
+            # Refused (e.g. by check_event_for_spam: a remote non-member's message) and kept
+            # out of the room, yet Synapse still reports it here: not part of the
+            # conversation, so neither recorded nor a binding change.
+            return
         self._bindings.forget_for_event(event)
         if self._sync is not None and event.is_state() and event.type in BINDING_STATE_TYPES:
             self._api.run_as_background_process("fhir_binding_check", self._check_binding, event)
+        if self._changes is not None and event.type == "m.room.member":
+            self._api.run_as_background_process(
+                "fhir_membership_check", self._check_membership, event
+            )
         if self._recorder is None:
             return
         if self._enqueues:
@@ -361,6 +362,43 @@ class FhirModule:
             # A worker that drains what the main process enqueued: look now rather than at
             # the next 1 s wake-up (the row may not be there yet; that wake-up finds it).
             self._recorder.wake()
+
+    async def _check_membership(self, event: EventBase) -> None:
+        """Membership that got past the callbacks — an event whose content hash failed
+        (Synapse redacts it and skips the spam check), a state reset — or a ban of someone
+        FHIR admits (refused while FHIR could not tell, on whichever instance): the team's
+        sync makes the room match FHIR again."""
+        assert self._changes is not None
+        membership = event.content.get("membership")
+        if membership not in ("invite", "join", "knock", "ban"):
+            return
+        try:
+            team_ref = await self._bindings.care_team_of(event.room_id)
+        except DirectoryUnavailable:
+            return
+        if team_ref is None or event.state_key in self._exempt:
+            return
+        try:
+            team = await self._teams.membership(team_ref)
+        except DirectoryUnavailable:
+            if membership == "ban" and event.sender == self._service_user_id:
+                # Banned while FHIR cannot tell: the sync retries until FHIR answers, and
+                # lifts the ban if the person is a member.
+                self._changes.check(team_ref)
+            return
+        admitted = team.is_member(event.state_key)
+        if membership == "ban" and admitted and event.sender == self._service_user_id:
+            self._changes.check(team_ref)  # lift it
+        elif membership != "ban" and not admitted:
+            logger.warning(
+                "%s let someone into %s whom %s does not list: removing",
+                event.event_id,
+                event.room_id,
+                team_ref,
+            )
+            if membership == "join" and not self._api.is_mine(event.state_key):
+                self._remove_member_soon(event.room_id, event.state_key)
+            self._changes.check(team_ref)
 
     async def _check_binding(self, event: EventBase) -> None:
         """A bound room's binding state changed: if not to what the module bound, the

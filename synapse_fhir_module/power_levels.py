@@ -9,7 +9,9 @@ service user by the power levels themselves, not only by the module's callbacks:
 practitioner on another homeserver builds events against these levels, and state
 resolution keeps only events the levels allowed. Membership comes from FHIR, so kick
 and ban are reserved too, and so is redacting other people's messages (the record keeps
-them; everyone may still redact their own).
+them; everyone may still redact their own). The module owns ``users``,
+``users_default``, ``events_default``, the reserved ``events`` and the reserved actions
+(``invite``, ``kick``, ``ban``, ``redact``); a sync puts them back when they differ.
 """
 
 from __future__ import annotations
@@ -33,14 +35,17 @@ RESERVED_EVENTS = (
     "m.room.server_acl",
     "m.room.power_levels",
     "m.room.canonical_alias",
+    "m.room.guest_access",
 )
-RESERVED_ACTIONS = ("kick", "ban", "redact")
+# Membership comes from FHIR: only the service user invites (also what another homeserver
+# could otherwise build for its users, out of this server's callbacks' sight), removes or
+# bans, and redacts other people's messages.
+RESERVED_ACTIONS = ("invite", "kick", "ban", "redact")
 # What members may change in a room they share (level of a practitioner by default).
 MEMBER_STATE_EVENTS = ("m.room.name", "m.room.topic", "m.room.avatar", "m.room.pinned_events")
 MEMBER_STATE_LEVEL = 50
-# Levels this module owns in the content (`events` only for the reserved types);
-# everything else in it is left as the room has it.
-OWNED_KEYS = ("users", "events_default", "events", *RESERVED_ACTIONS)
+# Nobody gets a level by merely being in the room.
+USERS_DEFAULT = 0
 
 
 def creation_levels() -> dict[str, Any]:
@@ -48,7 +53,11 @@ def creation_levels() -> dict[str, Any]:
     levels hold from the first event on. (Synapse replaces ``events`` as a whole.)"""
     events = {event_type: MEMBER_STATE_LEVEL for event_type in MEMBER_STATE_EVENTS}
     events.update({event_type: SERVICE_LEVEL for event_type in RESERVED_EVENTS})
-    return {"events": events, **{action: SERVICE_LEVEL for action in RESERVED_ACTIONS}}
+    return {
+        "events": events,
+        "users_default": USERS_DEFAULT,
+        **{action: SERVICE_LEVEL for action in RESERVED_ACTIONS},
+    }
 
 
 def reserve(current: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,6 +71,7 @@ def reserve(current: Mapping[str, Any]) -> dict[str, Any]:
     content["events"] = reserved
     for action in RESERVED_ACTIONS:
         content[action] = max(_level(current.get(action)), SERVICE_LEVEL)
+    content["users_default"] = USERS_DEFAULT
     return content
 
 

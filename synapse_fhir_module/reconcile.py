@@ -49,6 +49,8 @@ DELETABLE = frozenset(
     }
 )
 LOOK_BACK = timedelta(seconds=10)
+LISTING_RETRY_FIRST_S = 5.0
+LISTING_RETRY_MAX_S = 300.0
 PAGE_SIZE = "200"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -61,7 +63,7 @@ class Reconciler:
         self._push = queue.push
         self._sweeping = False
         self._reconciling = False
-        self._backfilled = False
+        self._listing_failures = 0
         # Watermarks reached but not yet saved: they move only once everything the sweep
         # queued has been applied, so a restart or a failing sync loses no change.
         self._unsaved: dict[str, str] = {}
@@ -87,38 +89,50 @@ class Reconciler:
             await self._save_reached()
 
     async def full_reconcile(self) -> None:
-        """Queue every CareTeam to be checked against FHIR (see the module docstring)."""
+        """Queue every CareTeam to be checked against FHIR (see the module docstring).
+
+        The teams the module bound rooms to first: they need no FHIR to be listed, so their
+        boundaries are scheduled again even while FHIR is away (each check retries until it
+        answers). Then FHIR's own list, retried with backoff until it is read.
+        """
         if self._reconciling:
             return  # the previous one is still being listed (a slow FHIR)
         self._reconciling = True
         try:
-            teams: set[str] = set()
-            params = [("_elements", "id"), ("_count", PAGE_SIZE)]
-            async for page in self._fhir.search_pages_json("CareTeam", params):
-                teams.update(f"CareTeam/{r['id']}" for r in _resources(page))
-            teams.update(
+            bound = set(
                 await self._api.run_db_interaction("fhir_bound_teams", binding_store.bound_teams)
             )
             made = await self._api.run_db_interaction("fhir_sync_rooms", sync_store.all_rooms)
-            teams.update(ref for ref, _ in made if ref.startswith("CareTeam/"))
-            for team in sorted(teams):
+            bound.update(ref for ref, _ in made if ref.startswith("CareTeam/"))
+            for team in sorted(bound):
                 self._queue.check(team)
-            logger.info("Full reconcile: %d care teams queued to be checked", len(teams))
-            if not self._backfilled:
-                # Threads whose rooms were made before the binding record existed.
-                for reference, room_id in made:
-                    if reference.startswith("CommunicationRequest/") and not (
-                        await self._api.run_db_interaction(
-                            "fhir_binding_of", binding_store.binding_of, room_id
-                        )
-                    ):
-                        self._queue.check(reference)
-                self._backfilled = True
-        except FhirError as e:
-            # The next round tries again; meanwhile boundaries and notifications still work.
-            logger.warning("Full reconcile could not list the care teams: %s", e)
+            await self._check_listed(bound)
         finally:
             self._reconciling = False
+
+    async def _check_listed(self, already: set[str]) -> None:
+        """Queue the CareTeams FHIR lists that are not in ``already``."""
+        try:
+            listed: set[str] = set()
+            params = [("_elements", "id"), ("_count", PAGE_SIZE)]
+            async for page in self._fhir.search_pages_json("CareTeam", params):
+                listed.update(f"CareTeam/{r['id']}" for r in _resources(page))
+        except FhirError as e:
+            delay = min(LISTING_RETRY_MAX_S, LISTING_RETRY_FIRST_S * 2**self._listing_failures)
+            self._listing_failures += 1
+            logger.warning(
+                "Full reconcile could not list FHIR's care teams (%s); trying again in %.0f s",
+                e,
+                delay,
+            )
+            self._api.delayed_background_call(
+                delay * 1000, self._check_listed, already, desc="fhir_full_reconcile_listing"
+            )
+            return
+        self._listing_failures = 0
+        for team in sorted(listed - already):
+            self._queue.check(team)
+        logger.info("Full reconcile: %d care teams queued to be checked", len(already | listed))
 
     async def _save_reached(self) -> None:
         unsaved, self._unsaved = self._unsaved, {}
@@ -223,9 +237,17 @@ def _resources(page: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _last_updated(resource: dict[str, Any]) -> str | None:
+    """``meta.lastUpdated``, when it is an instant this module can read (FHIR's own clock;
+    a garbled one must not stop the sweep of the whole type)."""
     meta = resource.get("meta")
     value = meta.get("lastUpdated") if isinstance(meta, dict) else None
-    return value if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        parse_fhir_datetime(value)
+    except (ValueError, ArithmeticError):
+        return None
+    return value
 
 
 def _later(a: str, b: str) -> bool:

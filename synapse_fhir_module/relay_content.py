@@ -6,7 +6,8 @@ The service user posts every relayed message (never a person's own account: whoe
 write FHIR must not be able to make a Matrix user appear to say something). It says who
 wrote it in FHIR twice: the name before the text, for every client, and a per-message
 profile (MSC4144, unstable ``com.beeper.per_message_profile``) for clients that show one
-in place of the service user's own name.
+in place of the service user's own name — marked as coming from the care record, so a
+name in FHIR cannot pass for a Matrix user of that name.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ SOURCE_KEY = "org.synapse_fhir.source"
 PER_MESSAGE_PROFILE = "com.beeper.per_message_profile"
 # MSC4144: `id` and `displayname` at most 255 bytes of UTF-8, no null bytes.
 PROFILE_FIELD_BYTES = 255
+FROM_THE_RECORD = " (care record)"
 
 
 def relay_content(
@@ -51,7 +53,7 @@ def relay_content(
         "formatted_body": f"<strong>{_html(sender_name)}</strong>: {_html(text)}",
         PER_MESSAGE_PROFILE: {
             "id": _profile_field(sender_ref or sender_name),
-            "displayname": _profile_field(sender_name),
+            "displayname": _profile_field(sender_name, suffix=FROM_THE_RECORD),
         },
         SOURCE_KEY: source,
     }
@@ -67,9 +69,10 @@ def _html(text: str) -> str:
     return html.escape(text).replace("\n", "<br>")
 
 
-def _profile_field(text: str) -> str:
+def _profile_field(text: str, *, suffix: str = "") -> str:
+    limit = PROFILE_FIELD_BYTES - len(suffix.encode("utf-8"))
     clean = text.replace("\x00", "")
-    return clean.encode("utf-8")[:PROFILE_FIELD_BYTES].decode("utf-8", errors="ignore")
+    return clean.encode("utf-8")[:limit].decode("utf-8", errors="ignore") + suffix
 
 
 def _text_of(item: Mapping[str, Any]) -> str | None:

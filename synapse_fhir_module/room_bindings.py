@@ -59,6 +59,7 @@ class RoomBindings:
         """Create the record's table if needed (every instance reads it)."""
         await self._api.run_db_interaction("fhir_bindings_schema", binding_store.create_schema)
         self._record_ready = True
+        self.forget_all()  # (answers so far came from room state alone)
 
     async def recorded(self, room_id: str) -> Binding | None:
         """What the module bound ``room_id`` to, from its own record."""

@@ -5,6 +5,11 @@ One timer per team, at the team's next boundary (``TeamMembership.next_change``)
 second's margin (a period covers its last instant). When it fires the team is queued for
 a sync, which schedules the boundary after that. Timers live in memory: after a restart
 the full reconcile syncs every team, and so schedules them again.
+
+Two limits keep a FHIR writer from turning periods into work: a team is synced for its
+boundaries at most every ``MIN_SPACING_S`` (one sync then handles every boundary passed
+meanwhile; access decisions stop counting a leaver at the very moment anyway), and no
+timer is set further ahead than ``HORIZON_S`` (the full reconcile sets it again).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 from synapse.module_api import ModuleApi
 
 MARGIN_S = 1.0
+MIN_SPACING_S = 5.0
+HORIZON_S = 86_400.0
 
 
 class TeamBoundaries:
@@ -23,6 +30,7 @@ class TeamBoundaries:
         self._api = api
         self._on_boundary = on_boundary
         self._timers: dict[str, tuple[float, Any]] = {}  # team → (moment, delayed call)
+        self._fired_at: dict[str, float] = {}  # team → when its last boundary sync was due
 
     def __len__(self) -> int:
         return len(self._timers)
@@ -35,7 +43,9 @@ class TeamBoundaries:
         self.cancel(team_ref)
         if moment is None:
             return
-        delay_ms = max(0.0, (moment + MARGIN_S - time.time()) * 1000)
+        now = time.time()
+        due = max(moment + MARGIN_S, self._fired_at.get(team_ref, 0.0) + MIN_SPACING_S)
+        delay_ms = max(0.0, min(due - now, HORIZON_S) * 1000)
         call = self._api.delayed_background_call(
             delay_ms, self._fire, team_ref, moment, desc="fhir_team_boundary"
         )
@@ -50,4 +60,5 @@ class TeamBoundaries:
         current = self._timers.get(team_ref)
         if current is not None and current[0] == moment:
             del self._timers[team_ref]
+        self._fired_at[team_ref] = time.time()
         self._on_boundary(team_ref)

@@ -77,6 +77,8 @@ class CareTeamDirectory:
         self._monotonic = monotonic
         self._unreachable_until = 0.0
         self._refreshing: set[str] = set()
+        # When a background reload of a team last failed (no new attempt for a moment).
+        self._refresh_failed_at: dict[str, float] = {}
         # Which teams' answers depend on a resource, for invalidation by person.
         self._dependents: dict[str, set[str]] = {}
         # `@cached` needs these two attributes on its owner.
@@ -94,17 +96,44 @@ class CareTeamDirectory:
         if age >= self._ttl:
             self.care_team_membership.invalidate((team_ref,))
             fetched = await self._cached_or_fetch(team_ref)
-        elif age >= self._ttl / 2 or _boundary_passed(fetched.membership):
-            # (A member whose period ended already stopped counting; one whose period
-            # started counts once the refresh is in.)
+        elif _boundary_passed(fetched.membership):
+            # A period started or ended since: a member whose period ended already stopped
+            # counting, one whose period started counts once FHIR confirms it — asked now,
+            # so a newcomer is not refused (and, over federation, banned) meanwhile.
+            return await self._past_boundary(team_ref, fetched)
+        elif age >= self._ttl / 2:
             self.refresh_soon(team_ref)
         return fetched.membership
 
     def refresh_soon(self, team_ref: str) -> None:
         """Load the team again in the background; its answer stays usable meanwhile."""
-        if team_ref not in self._refreshing:
+        if team_ref not in self._refreshing and not self._backing_off(team_ref):
             self._refreshing.add(team_ref)
             self._api.run_as_background_process("fhir_refresh_care_team", self._refresh, team_ref)
+
+    async def _past_boundary(self, team_ref: str, fetched: _Fetched) -> TeamMembership:
+        """The team loaded again after one of its boundaries; the answer kept (which
+        already leaves out whoever's period ended) while that fails or is under way."""
+        if team_ref in self._refreshing or self._backing_off(team_ref):
+            return fetched.membership
+        self._refreshing.add(team_ref)
+        try:
+            return await self.reload(team_ref)
+        except FhirError as e:
+            self._refresh_failed_at[team_ref] = self._monotonic()
+            logger.info("Reloading %s after a period boundary failed: %s", team_ref, e)
+            return fetched.membership
+        finally:
+            self._refreshing.discard(team_ref)
+
+    def _backing_off(self, team_ref: str) -> bool:
+        failed_at = self._refresh_failed_at.get(team_ref)
+        if failed_at is None:
+            return False
+        if self._monotonic() - failed_at < UNREACHABLE_BACKOFF:
+            return True
+        del self._refresh_failed_at[team_ref]
+        return False
 
     async def fresh_membership(self, team_ref: str, *, since: float) -> TeamMembership:
         """The team's members as FHIR said at ``since`` (monotonic) or later: the kept
@@ -124,8 +153,16 @@ class CareTeamDirectory:
     async def reload(self, team_ref: str) -> TeamMembership:
         """Load the team from FHIR now and keep the answer, without forgetting the old
         one first: decisions meanwhile still answer from memory (a full reconcile)."""
+        if self._monotonic() < self._unreachable_until:
+            # (Fail fast while FHIR is known to be away: a full reconcile's thousands of
+            # checks must not each wait for a timeout.)
+            raise FhirTransientError(f"{team_ref}: FHIR was unreachable moments ago")
         before = self.care_team_membership.cache.get_immediate(team_ref, None)
-        fresh = await self._load(team_ref)
+        try:
+            fresh = await self._load(team_ref)
+        except FhirTransientError:
+            self._unreachable_until = self._monotonic() + UNREACHABLE_BACKOFF
+            raise
         # Invalidated meanwhile (a change arrived): the next decision loads it again.
         if self.care_team_membership.cache.get_immediate(team_ref, None) is before:
             self.care_team_membership.prefill((team_ref,), fresh)
@@ -168,6 +205,7 @@ class CareTeamDirectory:
             if self.care_team_membership.cache.get_immediate(team_ref, None) is before:
                 self.care_team_membership.prefill((team_ref,), fresh)
         except FhirError as e:
+            self._refresh_failed_at[team_ref] = self._monotonic()
             logger.info("Background refresh of %s failed: %s", team_ref, e)
         finally:
             self._refreshing.discard(team_ref)

@@ -34,6 +34,7 @@ from urllib.parse import quote, urlencode
 
 import attr
 import pytest
+import requests
 
 from devstack.federation import free_ports, loopback_server_name
 from devstack.fhir_seed import FhirSeeder
@@ -42,6 +43,7 @@ from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
+from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
 from tests.conftest import SERVER_LOGS
 from tests.integration.care_network import MATRIX_ID_SYSTEM
 
@@ -311,3 +313,75 @@ def test_remote_outsider_cannot_join_once_their_server_is_in_the_room(
 def assert_denied_by_synapse(action: Callable[[], object]) -> None:
     error = refused(action)
     assert error.status == 403 and "not in room" in error.body.get("error", ""), error
+
+
+def test_a_refused_message_from_a_remote_former_member_is_not_recorded(
+    hapi: HapiDevServer,
+    federation: Federation,
+    service: MatrixUser,
+    space: str,
+    network: RemoteCareNetwork,
+    users: Callable[[str], MatrixUser],
+) -> None:
+    """Synapse soft-fails what check_event_for_spam refuses — and still hands it to
+    on_new_event. A refused message is not part of the conversation: not in the record."""
+    room = public_room(service, space)
+    gp = users("gp")
+    join_over_federation(gp, room, federation.a.server_name)
+    henk = register_user(federation.a, network.localpart("henk"))  # the patient, on A
+    henk.join(room)
+    before = gp.send_text(room, "recorded while a member")
+    wait_until(lambda: communication_of(hapi, before), timeout=FEDERATION_TIMEOUT, what="recorded")
+
+    seeder = FhirSeeder(hapi.base_url)
+    team = seeder.read(network.team)
+    member = next(p for p in team["participant"] if "gp-" in p["member"]["reference"])
+    member["period"] = {"end": "2021-01-01"}
+    seeder.put(team)
+    try:
+        notify(federation.a, network.team)  # what the shim would say: A forgets the team
+        # B still has the GP in the room (A's module does not sync here): B accepts the
+        # message, A refuses what it receives and soft-fails it.
+        after = gp.send_text(room, "sent after leaving the team")
+        later = henk.send_text(room, "a member's message after it")
+        wait_until(
+            lambda: communication_of(hapi, later), timeout=FEDERATION_TIMEOUT, what="recorded"
+        )
+        assert communication_of(hapi, after) is None
+        with pytest.raises(MatrixError) as caught:  # and A shows it to nobody
+            henk.request("GET", f"/_matrix/client/v3/rooms/{quote(room)}/event/{quote(after)}")
+        assert caught.value.status == 404
+    finally:
+        del member["period"]
+        seeder.put(team)
+        notify(federation.a, network.team)
+
+
+def notify(server: SynapseServer, reference: str) -> None:
+    resource_type, resource_id = reference.split("/")
+    response = requests.post(
+        server.url("/_synapse/client/fhir/notify"),
+        json={
+            "resourceType": resource_type,
+            "id": resource_id,
+            "versionId": "1",
+            "action": "update",
+        },
+        headers={"Authorization": "Bearer test-webhook-secret"},
+        timeout=10,
+    )
+    assert response.status_code == 202, response.text
+
+
+def communication_of(hapi: HapiDevServer, event_id: str) -> dict[str, Any] | None:
+    entries = (
+        requests.get(
+            f"{hapi.base_url}/Communication",
+            params={"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"},
+            headers={"Cache-Control": "no-cache"},
+            timeout=30,
+        )
+        .json()
+        .get("entry", [])
+    )
+    return entries[0]["resource"] if entries else None

@@ -205,10 +205,15 @@ def test_a_remote_practitioner_is_refused_by_synapses_own_power_level_rules(
         # B (no module) refuses by the power levels A set: Synapse's own auth rules.
         assert (error.status, error.errcode) == (403, "M_FORBIDDEN"), (event_type, error)
         assert "user_level (50) < send_level (100)" in error.body["error"], error
-    for action in ("kick", "ban"):
+    stranger = register_user(federation.b, f"stranger_{team.tag}")
+    for action, target in (
+        ("kick", henk.user_id),
+        ("ban", henk.user_id),
+        ("invite", stranger.user_id),
+    ):
         error = refused(
-            lambda p=action: gp.request(
-                "POST", f"/_matrix/client/v3/rooms/{quote(space)}/{p}", {"user_id": henk.user_id}
+            lambda p=action, t=target: gp.request(
+                "POST", f"/_matrix/client/v3/rooms/{quote(space)}/{p}", {"user_id": t}
             )
         )
         assert (error.status, error.errcode) == (403, "M_FORBIDDEN"), (action, error)

@@ -224,7 +224,8 @@ def test_a_communication_request_opens_a_room_and_outside_communications_appear_
     nurse = team.network.ref("Practitioner", "nurse")
     assert relayed_event["content"]["com.beeper.per_message_profile"] == {
         "id": nurse,
-        "displayname": bram.user_id,  # (no name in FHIR: her account, which members see)
+        # (No name in FHIR: what she is — never a Matrix id a FHIR writer could pick.)
+        "displayname": "A practitioner (care record)",
     }
     # Pushed again (a duplicate notification): still once.
     notify(stack, "Communication", lab.split("/")[1])
@@ -240,7 +241,7 @@ def test_a_communication_request_opens_a_room_and_outside_communications_appear_
     wait_until(lambda: len(messages(anna, room)) == 3, timeout=FOLLOWS_WITHIN, what="the reply")
     assert messages(anna, room) == [
         "Please photograph the wound daily",
-        f"{bram.user_id}: Photo taken, looks better",
+        "A practitioner: Photo taken, looks better",
         "thanks",
     ]
     # The reply is recorded, pointing at the other system's Communication itself...
@@ -346,7 +347,7 @@ def test_changes_made_while_synapse_is_down_are_applied_after_restart(
     assert messages(anna, room) == [
         "recorded before the restart",
         # The pharmacist has an account but is not in this room: the service user posts it.
-        f"{team.users['piet'].user_id}: Sent while Matrix was down",
+        "A practitioner: Sent while Matrix was down",
     ]
 
 

@@ -156,6 +156,7 @@ def test_power_levels_alone_keep_a_practitioner_from_what_binds_the_room(
         assert levels["users"][anna.user_id] == 50  # a practitioner
         assert {t: levels["events"][t] for t in RESERVED} == dict.fromkeys(RESERVED, 100)
         assert (levels["kick"], levels["ban"], levels["redact"]) == (100, 100, 100)
+        assert (levels["invite"], levels["users_default"]) == (100, 0)
 
         before = {(e["type"], e["state_key"]): e["event_id"] for e in state(anna, room_id)}
         for event_type in RESERVED:
@@ -171,10 +172,15 @@ def test_power_levels_alone_keep_a_practitioner_from_what_binds_the_room(
         after = {(e["type"], e["state_key"]): e["event_id"] for e in state(anna, room_id)}
         assert after == before, "a reserved state event went through"
 
-    for action, path in (("kick", "kick"), ("ban", "ban")):
+    stranger = register_user(unenforced.synapse, f"stranger_{uuid.uuid4().hex[:8]}")
+    for action, path, target in (
+        ("kick", "kick", bram.user_id),
+        ("ban", "ban", bram.user_id),
+        ("invite", "invite", stranger.user_id),  # membership comes from FHIR
+    ):
         error = refused(
-            lambda p=path: anna.request(
-                "POST", f"/_matrix/client/v3/rooms/{quote(room)}/{p}", {"user_id": bram.user_id}
+            lambda p=path, t=target: anna.request(
+                "POST", f"/_matrix/client/v3/rooms/{quote(room)}/{p}", {"user_id": t}
             )
         )
         assert (error.status, error.errcode) == (403, "M_FORBIDDEN"), (action, error)

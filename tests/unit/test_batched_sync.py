@@ -178,3 +178,45 @@ async def test_a_batch_of_one_team_is_not_prepared():
     sync = sync_with(fhir, teams)
     await sync.prepare(["CareTeam/a", "Practitioner/1"])
     assert teams.prefetched == [] and fhir.searches == []
+
+
+class DelayedApi(InlineApi):
+    """Delayed calls kept until the test runs them."""
+
+    def __init__(self) -> None:
+        self.delayed: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def delayed_background_call(self, msec: float, f: Any, *args: Any, desc: str = "") -> None:
+        self.delayed.append((f, args))
+
+    def run_delayed(self) -> None:
+        delayed, self.delayed = self.delayed, []
+        for f, args in delayed:
+            f(*args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_check_is_retried_as_a_check_and_a_failed_change_as_a_change():
+    calls: list[tuple[str, Any]] = []
+    failing = {"CareTeam/a", "CareTeam/b"}
+
+    async def apply(reference: str, changed: bool) -> None:
+        calls.append(("apply" if changed else "check", reference))
+        if reference in failing:
+            raise RuntimeError("FHIR away")
+
+    async def invalidate(reference: str) -> None:
+        calls.append(("invalidate", reference))
+
+    api = DelayedApi()
+    queue = ChangeQueue(api, apply, invalidate)  # type: ignore[arg-type]
+    queue.open()
+    queue.check("CareTeam/a")  # e.g. the full reconcile
+    queue._enqueue("CareTeam/b")  # a change (its push would also invalidate at once)
+    assert queue.retrying == 2
+    failing.clear()
+    calls.clear()
+    api.run_delayed()
+    # The check is retried without forgetting anyone's cached answer; the change is not.
+    assert calls == [("check", "CareTeam/a"), ("invalidate", "CareTeam/b"), ("apply", "CareTeam/b")]
+    assert queue.retrying == 0 and queue.idle

@@ -296,3 +296,13 @@ def test_an_unreadable_period_keeps_the_member_out() -> None:
         person("Practitioner", "p", "p"),
     )
     assert resolve_membership("CareTeam/t", resources, NOW).members == {}
+
+
+def test_no_end_written_as_the_last_day_of_9999_is_a_long_membership() -> None:
+    resources = by_ref(
+        team("t", participant("Practitioner/p", {"end": "9999-12-31"})),
+        person("Practitioner", "p", "p"),
+    )
+    membership = resolve_membership("CareTeam/t", resources, NOW)
+    assert membership.is_member("@p:example.org", now=NOW.timestamp())
+    assert membership.next_change is not None and membership.next_change > NOW.timestamp()

@@ -298,3 +298,23 @@ async def test_a_received_binding_change_is_refused_even_while_the_directory_is_
     g, _ = gate(teams=Teams(unavailable=True))
     event = Event("m.space.child", MEMBER_REMOTE, {"via": ["b.org"]}, state_key="!other:a.org")
     assert await g.check_event_for_spam(event) == Codes.FORBIDDEN  # type: ignore[arg-type]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_remote_members_profile_change_is_never_banned_while_the_directory_is_away() -> (
+    None
+):
+    g, banned = gate(Bindings(memberships={MEMBER_REMOTE: "join"}), Teams(unavailable=True))
+    profile = member_event(MEMBER_REMOTE, MEMBER_REMOTE, "join")
+    assert await g.check_event_for_spam(profile) == NOT_SPAM  # (not an entry: it passes)
+    assert banned == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dummy_event_with_content_is_not_free() -> None:
+    g, _ = gate(Bindings(memberships={OUTSIDER_LOCAL: "join"}))
+    free = Event("org.matrix.dummy_event", OUTSIDER_LOCAL, {})
+    assert await g.check_event_allowed(free, {}) == (True, None)  # type: ignore[arg-type]
+    with pytest.raises(Denied):
+        carrier = Event("org.matrix.dummy_event", OUTSIDER_LOCAL, {"note": "still here"})
+        await g.check_event_allowed(carrier, {})  # type: ignore[arg-type]

@@ -59,3 +59,25 @@ def test_period_covers(period: object, covers: bool) -> None:
 def test_format_instant() -> None:
     moment = datetime(2026, 5, 15, 12, 0, 1, 234567, tzinfo=timezone.utc)
     assert format_fhir_instant(moment) == "2026-05-15T12:00:01.234Z"
+
+
+def test_the_last_day_python_can_hold_is_a_period_end_like_any_other() -> None:
+    from synapse_fhir_module.fhir_time import period_bounds
+
+    bounds = period_bounds({"end": "9999-12-31"})
+    assert bounds is not None and bounds[1] is not None
+    assert bounds[1].year == 9999
+    assert period_bounds({"end": "9999"}) is not None
+    assert period_covers({"end": "9999-12-31"}, datetime(2026, 1, 1, tzinfo=timezone.utc))
+
+
+def test_instants_beyond_what_python_holds_are_unreadable_not_a_crash() -> None:
+    from synapse_fhir_module.fhir_time import period_bounds
+
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for period in (
+        {"end": "9999-12-31T23:00:00-05:00"},
+        {"start": "0001-01-01T00:00:00+01:00"},
+    ):
+        assert period_bounds(period) is None
+        assert not period_covers(period, now)  # fail closed

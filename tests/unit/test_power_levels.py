@@ -71,6 +71,8 @@ def test_what_binds_the_room_and_who_is_in_it_is_reserved_to_the_service_user() 
     ):
         assert content["events"][event_type] == 100, event_type
     assert (content["kick"], content["ban"], content["redact"]) == (100, 100, 100)
+    assert content["invite"] == 100 and content["events"]["m.room.guest_access"] == 100
+    assert content["users_default"] == 0
     # Nobody from FHIR reaches it.
     assert max(level for user, level in content["users"].items() if user != SERVICE) < 100
 
@@ -81,6 +83,7 @@ def test_reserved_levels_are_raised_never_lowered_and_other_levels_kept() -> Non
         "events": {"m.room.tombstone": 150, "m.room.topic": 50, "m.space.child": 0},
         "kick": 50,
         "invite": 0,
+        "users_default": 100,  # e.g. changed by an admin acting as the service user
     }
     content = power_levels_content(
         current,
@@ -95,5 +98,6 @@ def test_reserved_levels_are_raised_never_lowered_and_other_levels_kept() -> Non
     assert content["events"]["m.room.tombstone"] == 150  # room v12: creators only
     assert content["events"]["m.space.child"] == 100
     assert content["events"]["m.room.topic"] == 50
-    assert content["kick"] == 100
-    assert content["invite"] == 0 and content["state_default"] == 50
+    assert content["users_default"] == 0
+    assert content["kick"] == 100 and content["invite"] == 100
+    assert content["state_default"] == 50  # not the module's
