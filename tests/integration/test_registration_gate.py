@@ -282,6 +282,28 @@ def test_the_admin_api_registers_only_exempt_users_too(
     assert username_available(gated, bram)
 
 
+def test_the_person_is_recorded_with_account_validity_off_too(
+    hapi: HapiDevServer,
+    start_synapse: Callable[..., SynapseServer],
+    smtp: SmtpServer,
+    people: People,
+) -> None:
+    server = start_synapse(
+        module_config(
+            hapi.base_url,
+            registration={"require_fhir_identity": True},
+            account_validity={"enabled": False},
+        ),
+        extra_config=email_registration(smtp),
+    )
+    localpart = people.localpart("carla")
+    carla = assert_registered(
+        server, register_with_email(server, smtp, localpart, people.email("carla")), localpart
+    )
+    record = recorded_account(server, carla.user_id)
+    assert record is not None and record.person == people.ref("RelatedPerson", "carla")
+
+
 def test_registration_is_refused_while_fhir_cannot_be_asked(
     start_synapse: Callable[..., SynapseServer], smtp: SmtpServer, people: People
 ) -> None:
