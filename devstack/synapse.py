@@ -305,6 +305,7 @@ class SynapseServer:
             "rc_room_creation": _NO_RATE_LIMIT,
             "rc_joins_per_room": _NO_RATE_LIMIT,
             "rc_profile": _NO_RATE_LIMIT,
+            "rc_3pid_validation": _NO_RATE_LIMIT,
             "room_prejoin_state": {
                 "additional_event_types": ["org.synapse_fhir.care_team", "org.synapse_fhir.thread"]
             },

@@ -3,6 +3,7 @@
 A person (Practitioner, RelatedPerson or Patient) names its Matrix account either as
 ``telecom {system: "url", value: "matrix:u/alice:example.org"}`` (MSC2312 URI) or as
 ``identifier {system: "https://matrix.org/user-id", value: "@alice:example.org"}``.
+Its email addresses are its ``telecom {system: "email"}`` entries.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 MATRIX_ID_SYSTEM = "https://matrix.org/user-id"
 MATRIX_URI_PREFIX = "matrix:u/"
+EMAIL_TELECOM_SYSTEM = "email"
 PERSON_TYPES = ("Practitioner", "RelatedPerson", "Patient")
 
 
@@ -47,6 +49,27 @@ def matrix_ids_of(person: Mapping[str, Any]) -> set[str]:
     return found
 
 
+def normalise_email(address: str) -> str:
+    """The form in which two email addresses are compared: trimmed, case-insensitive."""
+    return address.strip().casefold()
+
+
+def emails_of(person: Mapping[str, Any]) -> set[str]:
+    """Every email address a person carries, normalised (``normalise_email``).
+
+    The one place that says where a person's addresses are, so that more places (e.g.
+    identifier systems) can be added here alone.
+    """
+    found: set[str] = set()
+    for telecom in _dicts(person.get("telecom")):
+        value = telecom.get("value")
+        if telecom.get("system") == EMAIL_TELECOM_SYSTEM and isinstance(value, str):
+            address = normalise_email(value)
+            if address:
+                found.add(address)
+    return found
+
+
 def is_active(resource: Mapping[str, Any]) -> bool:
     """``active`` absent means active (FHIR's default reading for these resources)."""
     return resource.get("active", True) is not False
@@ -65,6 +88,23 @@ def person_searches(user_ids: Sequence[str]) -> list[tuple[str, dict[str, str]]]
         searches.append((resource_type, {"identifier": identifiers}))
         searches.append((resource_type, {"telecom": uris}))
     return searches
+
+
+def email_searches(address: str) -> list[tuple[str, dict[str, str]]]:
+    """FHIR searches (the ``email`` parameter) for the persons carrying ``address``.
+
+    Only candidates: how a server matches tokens (case, spaces) is its own affair, so
+    the caller checks what comes back with ``emails_of``.
+    """
+    value = _escape_search_value(address.strip())
+    return [(resource_type, {"email": value}) for resource_type in PERSON_TYPES]
+
+
+def _escape_search_value(value: str) -> str:
+    # FHIR search syntax: a bare "|" would split system from value, a "," OR two values.
+    for special in ("\\", "|", ",", "$"):
+        value = value.replace(special, "\\" + special)
+    return value
 
 
 def _dicts(value: Any) -> Iterable[Mapping[str, Any]]:

@@ -39,6 +39,7 @@ from synapse_fhir_module.outbox_admin import (
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.recent_writes import RecentWrites
 from synapse_fhir_module.reconcile import Reconciler
+from synapse_fhir_module.registered_accounts import RegisteredAccounts
 from synapse_fhir_module.registration_gate import RegistrationGate
 from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.service_user import ensure_service_user
@@ -72,7 +73,8 @@ class FhirModule:
         # drain had written and removed the row, would be written a second time.)
         self._enqueues = api.worker_name is None
 
-        self._persons = PersonDirectory(self._fhir)
+        accounts = RegisteredAccounts(api)  # which person each gated registration was
+        self._persons = PersonDirectory(self._fhir, recorded_persons=accounts.persons_of)
         self._teams = CareTeamDirectory(api, self._fhir, ttl=config.enforcement.cache_ttl)
         self._bindings = RoomBindings(api, self._fhir, self._service_user_id)
         self._validity: AccountValidity | None = None
@@ -112,10 +114,8 @@ class FhirModule:
 
         if config.enforcement.enabled:
             self._register_enforcement(exempt)
-        if config.account_validity.enabled:
-            self._register_account_validity(exempt)
         if config.registration.require_fhir_identity:
-            gate = RegistrationGate(api, self._fhir, self._persons, exempt_users=exempt)
+            gate = RegistrationGate(api, self._fhir, self._persons, accounts, exempt_users=exempt)
             api.register_spam_checker_callbacks(
                 check_registration_for_spam=access_decision(
                     gate.check_registration_for_spam,
@@ -123,6 +123,13 @@ class FhirModule:
                     allow=RegistrationBehaviour.ALLOW,
                 )
             )
+            # Registered before account validity's: the new account's person is recorded
+            # by the time validity looks the account up.
+            api.register_account_validity_callbacks(
+                on_user_registration=never_raises(gate.on_user_registration, fallback=None)
+            )
+        if config.account_validity.enabled:
+            self._register_account_validity(exempt)
 
         # FHIR says what changed (DESIGN §5); the background instance makes Matrix match.
         api.register_web_resource(
