@@ -118,6 +118,34 @@ def mark_dead(txn: Cursor, event_id: str, reason: str) -> None:
     )
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class StoredRow:
+    """A row as it stands, pending or dead (to amend a message FHIR does not have yet)."""
+
+    state: str
+    event: dict[str, Any]
+    last_error: str | None
+
+
+def row_of(txn: Cursor, event_id: str) -> StoredRow | None:
+    txn.execute(
+        f"SELECT state, event_json, last_error FROM {TABLE} WHERE event_id = ?", (event_id,)
+    )
+    found = txn.fetchone()
+    if found is None:
+        return None
+    state, event_json, last_error = found
+    return StoredRow(state, json.loads(event_json), last_error)
+
+
+def rewrite(txn: Cursor, event_id: str, event: dict[str, Any], last_error: str | None) -> None:
+    """Replace a row's event and last error (keeping its state, attempts and schedule)."""
+    txn.execute(
+        f"UPDATE {TABLE} SET event_json = ?, last_error = ? WHERE event_id = ?",
+        (json.dumps(event), None if last_error is None else _storable(last_error), event_id),
+    )
+
+
 def counts(txn: Cursor) -> tuple[int, int]:
     """(pending, dead)."""
     txn.execute(f"SELECT state, COUNT(*) FROM {TABLE} GROUP BY state")
