@@ -81,6 +81,11 @@ class _Retry(Exception):
     """Something the drain needs is unreachable for now: try the batch again later."""
 
 
+class _NotYet(Exception):
+    """This row cannot be applied yet (its original is not in FHIR, or others kept changing
+    it): it waits, and the rows of its room after it with it; other rooms go on."""
+
+
 class _Dead(Exception):
     """This row can never be written as it is (the reason is kept with it)."""
 
@@ -222,11 +227,20 @@ class CommunicationRecorder:
         await self._settle(outcome, rows)
         # Edits and redactions after the messages are committed: each needs its original
         # as stored, which may be in this very batch. One at a time: they are rare.
+        waiting_rooms: set[str] = set()
         for index, row in enumerate(amendments):
+            if row.room_id in waiting_rooms:
+                continue  # (held back by the row waiting before it: due_rows keeps order)
             try:
                 outcome = await self._amend(row)
-            except (_Retry, FhirTransientError, StillConflicting) as e:
-                await self._retry_later(amendments[index:], e)
+            except _NotYet as e:
+                waiting_rooms.add(row.room_id)
+                await self._retry_later([row], e)
+                continue
+            except (_Retry, FhirTransientError) as e:
+                await self._retry_later(
+                    [r for r in amendments[index:] if r.room_id not in waiting_rooms], e
+                )
                 return False
             await self._settle(outcome, [row])
         return True
@@ -301,7 +315,9 @@ class CommunicationRecorder:
             if row.event["type"] == "m.room.redaction":
                 return await self._apply_redaction(row)
             return await self._apply_edit(row)
-        except (_Retry, FhirTransientError, StillConflicting):
+        except StillConflicting as e:
+            raise _NotYet(str(e)) from e
+        except (_Retry, _NotYet, FhirTransientError):
             raise
         except FhirPermanentError as e:
             logger.warning(
@@ -342,7 +358,7 @@ class CommunicationRecorder:
             return _Outcome(done=[row.event_id])
         if stored.state == outbox_store.PENDING:
             # Normally written before its edit (a room's rows go in order): soon, then.
-            raise _Retry(f"the message edited by {row.event_id} is not in FHIR yet")
+            raise _NotYet(f"the message edited by {row.event_id} is not in FHIR yet")
         # A dead letter: the edit goes into it, so a retry writes what its author said last.
         editor_id = str(row.event.get("sender"))
         sender_id = str(stored.event.get("sender"))
@@ -378,6 +394,8 @@ class CommunicationRecorder:
         )
         if result is None:
             return _Outcome(done=[row.event_id])  # never recorded: nothing to withdraw
+        if isinstance(result, Amended):
+            await self._drop_edits_of(row.room_id, original)
         return self._amended(row, original, result)
 
     async def _redact_in_outbox(
@@ -414,8 +432,24 @@ class CommunicationRecorder:
                 erased_event(stored.event, None if by_sender else moderator),
                 erased_error(stored.last_error),
             )
+            await self._drop_edits_of(row.room_id, original)
         logger.info("Outbox: redaction %s erased %s, still in the outbox", row.event_id, original)
         return _Outcome(done=[row.event_id])
+
+    async def _drop_edits_of(self, room_id: str, original: str) -> None:
+        """A withdrawn message's edits still in the outbox (waiting, or refused by FHIR)
+        can never apply: their text goes with it."""
+
+        def edits_original(event: dict[str, Any]) -> bool:
+            content = event.get("content")
+            return isinstance(content, Mapping) and replaced_event(content) == original
+
+        edits = await self._api.run_db_interaction(
+            "fhir_outbox_edits", outbox_store.event_ids_in_room, room_id, edits_original
+        )
+        if edits:
+            await self._api.run_db_interaction("fhir_outbox_drop", outbox_store.mark_written, edits)
+            logger.info("Outbox: %d edits of the withdrawn %s dropped", len(edits), original)
 
     def _amended(
         self, row: outbox_store.OutboxRow, original: str, result: Amended | Unchanged

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attr
@@ -144,6 +144,14 @@ def rewrite(txn: Cursor, event_id: str, event: dict[str, Any], last_error: str |
         f"UPDATE {TABLE} SET event_json = ?, last_error = ? WHERE event_id = ?",
         (json.dumps(event), None if last_error is None else _storable(last_error), event_id),
     )
+
+
+def event_ids_in_room(
+    txn: Cursor, room_id: str, matches: Callable[[dict[str, Any]], bool]
+) -> list[str]:
+    """The rows of a room (pending or dead) whose event ``matches``."""
+    txn.execute(f"SELECT event_id, event_json FROM {TABLE} WHERE room_id = ?", (room_id,))
+    return [event_id for event_id, event_json in txn.fetchall() if matches(json.loads(event_json))]
 
 
 def counts(txn: Cursor) -> tuple[int, int]:

@@ -108,6 +108,20 @@ def test_a_row_can_be_read_and_rewritten_in_place(txn: sqlite3.Cursor) -> None:
     assert store.row_of(txn, "$unknown") is None
 
 
+def test_rows_of_a_room_can_be_found_by_their_event(txn: sqlite3.Cursor) -> None:
+    store.enqueue(txn, {**event("$edit"), "content": {"edits": "$orig"}}, 1000)
+    store.enqueue(txn, {**event("$other"), "content": {}}, 1001)
+    store.enqueue(
+        txn, {**event("$elsewhere", "!b:example.org"), "content": {"edits": "$orig"}}, 1002
+    )
+    store.mark_dead(txn, "$edit", "HTTP 422")
+
+    def edits_orig(e: dict) -> bool:
+        return bool(e["content"].get("edits") == "$orig")
+
+    assert store.event_ids_in_room(txn, "!a:example.org", edits_orig) == ["$edit"]
+
+
 def test_backoff_grows_with_jitter_and_a_cap() -> None:
     rng = random.Random(7)
     delays = [store.retry_delay_ms(n, rng=rng) for n in range(12)]
