@@ -40,6 +40,7 @@ from synapse_fhir_module.communication_amendments import (
 from synapse_fhir_module.communication_mapping import (
     ORIGIN_TAG,
     ROOM_ID_SYSTEM,
+    WITHDRAWN,
     CommunicationWrite,
     ModeratorRedaction,
     NotRecorded,
@@ -408,8 +409,9 @@ class CommunicationRecorder:
         """A redaction of a message still waiting in the outbox, or a dead letter: its
         content (and any error that may quote it) is erased there, and it is written
         withdrawn."""
-        if stored.event.get("type") not in MESSAGE_TYPES:
-            return _Outcome(done=[row.event_id])  # (a redaction of a redaction)
+        if stored.event.get("type") not in MESSAGE_TYPES or WITHDRAWN in stored.event:
+            # (A redaction of a redaction, or of a message withdrawn already.)
+            return _Outcome(done=[row.event_id])
         sender_id = str(stored.event.get("sender"))
         sender = None if sender_id == moderator.user_id else await self._person_of(sender_id)
         by_sender = same_author(moderator.user_id, moderator.person, sender_id, sender)
