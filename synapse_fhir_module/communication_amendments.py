@@ -29,7 +29,7 @@ from synapse_fhir_module.communication_mapping import (
     ENCRYPTED_TAG,
     EVENT_ID_SYSTEM,
     WITHDRAWN,
-    ModeratorRedaction,
+    Redaction,
     moderator_note,
 )
 from synapse_fhir_module.communication_writer import invalid_communication
@@ -85,25 +85,19 @@ def edited(
     return resource
 
 
-def withdrawn(
-    stored: Mapping[str, Any],
-    redacter_person: str | None,
-    policy: RedactionPolicy,
-    moderator: ModeratorRedaction,
-) -> Decision:
-    """The stored Communication withdrawn by a redaction, if the policy lets the redacter.
-
-    ``moderator`` describes the redacter, for the note when they are not the sender."""
+def withdrawn(stored: Mapping[str, Any], redaction: Redaction, policy: RedactionPolicy) -> Decision:
+    """The stored Communication withdrawn by a redaction, if the policy lets the redacter;
+    a note names them when they are not its sender."""
     if stored.get("status") == ENTERED_IN_ERROR:
         return Unchanged("already withdrawn")
-    by_sender = _same_person(redacter_person, reference_of(stored.get("sender")))
+    by_sender = _same_person(redaction.person, reference_of(stored.get("sender")))
     if not redaction_counts(policy, by_sender=by_sender):
         return Unchanged("redacted by someone other than its sender (redactions: sender)")
     resource = _next_version(stored)
     resource.pop("payload", None)
     resource["status"] = ENTERED_IN_ERROR
     if not by_sender:
-        resource["note"] = [*_mappings(stored.get("note")), moderator_note(moderator)]
+        resource["note"] = [*_mappings(stored.get("note")), moderator_note(redaction)]
     return resource
 
 
@@ -120,7 +114,7 @@ def same_author(
     return user_id == other_user_id or _same_person(person, other_person)
 
 
-def erased_event(event: Mapping[str, Any], moderator: ModeratorRedaction | None) -> dict[str, Any]:
+def erased_event(event: Mapping[str, Any], moderator: Redaction | None) -> dict[str, Any]:
     """An outbox row's event once its message is redacted: content gone (text, file, the
     reply it was), marked to be written withdrawn; ``moderator`` when not its sender."""
     return {**event, "content": {}, WITHDRAWN: moderator.to_json() if moderator else {}}

@@ -28,8 +28,8 @@ ORIGIN_TAG = {"system": "urn:synapse-fhir-module:origin", "code": "matrix"}
 ENCRYPTED_TAG = {"system": "urn:synapse-fhir-module:content", "code": "encrypted"}
 
 # Key of an outbox row's event whose message was redacted before FHIR had it: its content
-# is erased, and it is written withdrawn. The value is {} (redacted by its sender) or a
-# ModeratorRedaction as JSON.
+# is erased, and it is written withdrawn. The value is {} (redacted by its sender) or the
+# moderator's Redaction as JSON.
 WITHDRAWN = "withdrawn"
 # A moderator's withdrawal, as the note names it: no clinical words, it sits beside the record.
 MODERATOR_NOTE = "Withdrawn in Matrix by a moderator"
@@ -66,8 +66,8 @@ class CommunicationWrite:
 
 
 @attr.s(frozen=True, auto_attribs=True)
-class ModeratorRedaction:
-    """A message redacted by someone other than its sender (who is recorded with it)."""
+class Redaction:
+    """Who redacted a message, and when (recorded when it was not its sender)."""
 
     user_id: str  # the redacter's Matrix user id
     person: str | None  # their FHIR person ("Practitioner/<id>"), if they have one
@@ -77,7 +77,7 @@ class ModeratorRedaction:
         return {"user_id": self.user_id, "person": self.person, "ts": self.ts_ms}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ModeratorRedaction:
+    def from_json(cls, data: Mapping[str, Any]) -> Redaction:
         person = data.get("person")
         return cls(str(data["user_id"]), str(person) if person else None, int(data["ts"]))
 
@@ -121,7 +121,7 @@ def message_write(
     withdrawn = event.get(WITHDRAWN)
     if isinstance(withdrawn, Mapping) and event_type in ("m.room.message", "m.room.encrypted"):
         # Nothing of what it said is left to write, not even whom it replied to.
-        moderator = ModeratorRedaction.from_json(withdrawn) if withdrawn else None
+        moderator = Redaction.from_json(withdrawn) if withdrawn else None
         return redaction_write(event, room, sender_person, moderator=moderator)
     if event_type == "m.room.encrypted":
         resource = _communication(event, room, sender_person, payload=None)
@@ -151,7 +151,7 @@ def redaction_write(
     room: RoomContext,
     sender_person: str,
     *,
-    moderator: ModeratorRedaction | None = None,
+    moderator: Redaction | None = None,
 ) -> CommunicationWrite:
     """A message redacted before FHIR had it: its Communication withdrawn (entered-in-error,
     without payload), created or, if an earlier attempt did reach FHIR, updated."""
@@ -166,7 +166,7 @@ def redaction_write(
     )
 
 
-def moderator_note(redaction: ModeratorRedaction) -> dict[str, Any]:
+def moderator_note(redaction: Redaction) -> dict[str, Any]:
     """An R4 Annotation naming who withdrew the message: their FHIR person, or else their
     Matrix user id."""
     note: dict[str, Any] = {"text": MODERATOR_NOTE, "time": _sent(redaction.ts_ms)}

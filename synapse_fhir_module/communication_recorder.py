@@ -42,8 +42,8 @@ from synapse_fhir_module.communication_mapping import (
     ROOM_ID_SYSTEM,
     WITHDRAWN,
     CommunicationWrite,
-    ModeratorRedaction,
     NotRecorded,
+    Redaction,
     RoomContext,
     edit_payload,
     message_write,
@@ -381,17 +381,18 @@ class CommunicationRecorder:
         original = row.event.get("redacts")
         if not isinstance(original, str) or not await self._recorded_room(row.room_id):
             return _Outcome(done=[row.event_id])
-        redacter_id = str(row.event.get("sender"))
-        redacter = await self._person_of(redacter_id)
-        moderator = ModeratorRedaction(redacter_id, redacter, int(row.event["origin_server_ts"]))
+        redacter = str(row.event.get("sender"))
+        redaction = Redaction(
+            redacter, await self._person_of(redacter), int(row.event["origin_server_ts"])
+        )
         stored = await self._api.run_db_interaction(
             "fhir_outbox_row", outbox_store.row_of, original
         )
         if stored is not None:
-            return await self._redact_in_outbox(row, original, stored, moderator)
+            return await self._redact_in_outbox(row, original, stored, redaction)
         policy = self._config.redactions
         result = await self._amender.amend(
-            original, lambda stored: withdrawn(stored, redacter, policy, moderator)
+            original, lambda stored: withdrawn(stored, redaction, policy)
         )
         if result is None:
             return _Outcome(done=[row.event_id])  # never recorded: nothing to withdraw
@@ -404,7 +405,7 @@ class CommunicationRecorder:
         row: outbox_store.OutboxRow,
         original: str,
         stored: outbox_store.StoredRow,
-        moderator: ModeratorRedaction,
+        redaction: Redaction,
     ) -> _Outcome:
         """A redaction of a message still waiting in the outbox, or a dead letter: its
         content (and any error that may quote it) is erased there, and it is written
@@ -413,8 +414,8 @@ class CommunicationRecorder:
             # (A redaction of a redaction, or of a message withdrawn already.)
             return _Outcome(done=[row.event_id])
         sender_id = str(stored.event.get("sender"))
-        sender = None if sender_id == moderator.user_id else await self._person_of(sender_id)
-        by_sender = same_author(moderator.user_id, moderator.person, sender_id, sender)
+        sender = None if sender_id == redaction.user_id else await self._person_of(sender_id)
+        by_sender = same_author(redaction.user_id, redaction.person, sender_id, sender)
         if not redaction_counts(self._config.redactions, by_sender=by_sender):
             return self._amended(row, original, Unchanged("redacted by someone else"))
         content = stored.event.get("content")
@@ -431,7 +432,7 @@ class CommunicationRecorder:
                 "fhir_outbox_rewrite",
                 outbox_store.rewrite,
                 original,
-                erased_event(stored.event, None if by_sender else moderator),
+                erased_event(stored.event, None if by_sender else redaction),
                 erased_error(stored.last_error),
             )
             await self._drop_edits_of(row.room_id, original)

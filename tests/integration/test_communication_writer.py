@@ -23,7 +23,7 @@ from synapse_fhir_module.communication_amendments import (
 )
 from synapse_fhir_module.communication_mapping import (
     EVENT_ID_SYSTEM,
-    ModeratorRedaction,
+    Redaction,
     RoomContext,
     message_write,
     redaction_write,
@@ -234,9 +234,9 @@ async def test_an_amendment_is_a_conditional_update_that_survives_a_rival_write(
     assert c["payload"] == [{"contentString": "BP 150/90"}]
     assert c["language"] == "nl"  # the rival's change is not lost
 
-    by_sender = ModeratorRedaction("@anna:example.org", gp, 1_779_000_060_000)
+    by_sender = Redaction("@anna:example.org", gp, 1_779_000_060_000)
     await CommunicationAmender(fhir).amend(
-        original_id, lambda stored: withdrawn(stored, gp, RedactionPolicy.SENDER, by_sender)
+        original_id, lambda stored: withdrawn(stored, by_sender, RedactionPolicy.SENDER)
     )
     (redacted,) = communications(hapi, original_id)
     assert redacted["status"] == "entered-in-error"

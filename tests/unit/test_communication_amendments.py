@@ -32,7 +32,7 @@ from synapse_fhir_module.communication_mapping import (
     MODERATOR_NOTE,
     ORIGIN_TAG,
     WITHDRAWN,
-    ModeratorRedaction,
+    Redaction,
     RoomContext,
     message_write,
 )
@@ -45,7 +45,8 @@ ROOM = RoomContext(
     thread="CommunicationRequest/t-1", care_team="CareTeam/c-1", patient="Patient/p-1"
 )
 NEW_PAYLOAD = {"contentString": "BP 150/90"}
-BY_NURSE = ModeratorRedaction("@bram:example.org", NURSE, 1_779_000_060_000)
+BY_GP = Redaction("@anna:example.org", GP, 1_779_000_060_000)
+BY_NURSE = Redaction("@bram:example.org", NURSE, 1_779_000_060_000)
 SENDER, MODERATORS = RedactionPolicy.SENDER, RedactionPolicy.MODERATORS
 
 
@@ -101,7 +102,7 @@ def test_an_edit_by_anyone_else_changes_nothing(editor: str | None) -> None:
 
 
 def test_an_edit_never_revives_a_withdrawn_communication() -> None:
-    gone = withdrawn(stored_reply(), GP, SENDER, BY_NURSE)
+    gone = withdrawn(stored_reply(), BY_GP, SENDER)
     assert isinstance(gone, dict)
     decision = edited(gone, GP, NEW_PAYLOAD)
     assert isinstance(decision, Unchanged)
@@ -117,7 +118,7 @@ def test_an_encrypted_record_gets_no_payload_from_an_edit() -> None:
 @pytest.mark.parametrize("policy", [SENDER, MODERATORS])
 def test_its_senders_redaction_withdraws_it_without_a_note(policy: RedactionPolicy) -> None:
     before = stored_reply()
-    after = withdrawn(before, GP, policy, BY_NURSE)
+    after = withdrawn(before, BY_GP, policy)
     assert isinstance(after, dict)
     assert after["status"] == "entered-in-error"
     assert "payload" not in after and "text" not in after and "note" not in after
@@ -126,14 +127,14 @@ def test_its_senders_redaction_withdraws_it_without_a_note(policy: RedactionPoli
 
 
 def test_a_colleagues_redaction_changes_nothing_under_the_sender_policy() -> None:
-    decision = withdrawn(stored_reply(), NURSE, SENDER, BY_NURSE)
+    decision = withdrawn(stored_reply(), BY_NURSE, SENDER)
     assert isinstance(decision, Unchanged)
 
 
 def test_a_moderators_redaction_withdraws_it_and_names_them_in_a_note() -> None:
     before = stored_reply()
     before["note"] = [{"text": "Seen by the practice nurse"}]  # another system's note stays
-    after = withdrawn(before, NURSE, MODERATORS, BY_NURSE)
+    after = withdrawn(before, BY_NURSE, MODERATORS)
     assert isinstance(after, dict)
     assert after["status"] == "entered-in-error" and "payload" not in after
     assert after["note"] == [
@@ -148,16 +149,16 @@ def test_a_moderators_redaction_withdraws_it_and_names_them_in_a_note() -> None:
 
 
 def test_a_moderator_without_a_fhir_person_is_named_by_their_matrix_id() -> None:
-    service = ModeratorRedaction("@fhir:example.org", None, 1_779_000_060_000)
-    after = withdrawn(stored_reply(), None, MODERATORS, service)
+    service = Redaction("@fhir:example.org", None, 1_779_000_060_000)
+    after = withdrawn(stored_reply(), service, MODERATORS)
     assert isinstance(after, dict)
     assert after["note"][-1]["authorString"] == "@fhir:example.org"
 
 
 def test_a_second_redaction_changes_nothing() -> None:
-    gone = withdrawn(stored_reply(), GP, SENDER, BY_NURSE)
+    gone = withdrawn(stored_reply(), BY_GP, SENDER)
     assert isinstance(gone, dict)
-    assert withdrawn(gone, NURSE, MODERATORS, BY_NURSE) == Unchanged("already withdrawn")
+    assert withdrawn(gone, BY_NURSE, MODERATORS) == Unchanged("already withdrawn")
 
 
 def test_which_redactions_count() -> None:
@@ -311,7 +312,7 @@ async def test_a_conflict_is_read_again_and_decided_again() -> None:
 @pytest_twisted.ensureDeferred
 async def test_a_decision_made_again_sees_what_the_rival_wrote() -> None:
     def sender_withdraws(resource: dict[str, Any]) -> dict[str, Any]:
-        gone = withdrawn(resource, GP, SENDER, BY_NURSE)
+        gone = withdrawn(resource, BY_GP, SENDER)
         assert isinstance(gone, dict)
         return gone
 

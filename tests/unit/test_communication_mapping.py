@@ -13,8 +13,8 @@ from synapse_fhir_module.communication_mapping import (
     MODERATOR_NOTE,
     ORIGIN_TAG,
     WITHDRAWN,
-    ModeratorRedaction,
     NotRecorded,
+    Redaction,
     RoomContext,
     edit_payload,
     message_write,
@@ -142,7 +142,7 @@ def test_a_message_redacted_in_the_outbox_is_written_withdrawn_without_its_reply
 
 
 def test_a_moderators_withdrawal_is_noted_with_their_person_or_their_matrix_id() -> None:
-    nurse = ModeratorRedaction("@bram:example.org", "Practitioner/nurse-1", 1_779_000_060_000)
+    nurse = Redaction("@bram:example.org", "Practitioner/nurse-1", 1_779_000_060_000)
     by_nurse = event({}, **{WITHDRAWN: nurse.to_json()})
     (note,) = valid(message_write(by_nurse, ROOM, GP).resource)["note"]
     assert note == {
@@ -150,11 +150,11 @@ def test_a_moderators_withdrawal_is_noted_with_their_person_or_their_matrix_id()
         "time": "2026-05-17T06:41:00.000Z",
         "authorReference": {"reference": "Practitioner/nurse-1", "type": "Practitioner"},
     }
-    admin = ModeratorRedaction("@fhir:example.org", None, 1_779_000_060_000)
+    admin = Redaction("@fhir:example.org", None, 1_779_000_060_000)
     by_admin = event({}, **{WITHDRAWN: admin.to_json()})
     (note,) = valid(message_write(by_admin, ROOM, GP).resource)["note"]
     assert note["authorString"] == "@fhir:example.org" and "authorReference" not in note
-    assert ModeratorRedaction.from_json(nurse.to_json()) == nurse
+    assert Redaction.from_json(nurse.to_json()) == nurse
 
 
 def test_an_encrypted_message_withdrawn_keeps_its_encrypted_tag() -> None:
