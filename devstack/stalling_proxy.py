@@ -1,10 +1,14 @@
 """An HTTP/1.1 proxy on 127.0.0.1 that can hold every request before forwarding it: a
-FHIR server that hangs, for the benchmarks (``bench/send_fhir_stall.py``).
+FHIR server that hangs, for the benchmarks (``bench/send_fhir_stall.py``); and, for the
+tests, one whose data changes under a client at a chosen moment.
 
     proxy = StallingProxy("http://127.0.0.1:8080")   # upstream origin
     proxy.start()                  # pass-through; FHIR base URL: proxy.url("/fhir")
     proxy.stall(10.0)              # from now on every request waits 10 s, then goes on
     proxy.stall(0)                 # pass-through again; requests being held go on at once
+    proxy.before_forwarding(lambda head: head.startswith(b"PUT "), write_elsewhere)
+                                   # once: write_elsewhere() runs, then that PUT goes on
+    proxy.exchanges                # (request head, response status) of each one relayed
     proxy.stop()
 
 It understands just enough HTTP/1.1 to find where each request and response ends
@@ -21,13 +25,15 @@ import asyncio
 import contextlib
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from devstack.ports import free_port
 
 LOOPBACK = "127.0.0.1"
 MAX_HEAD = 64 * 1024
+MAX_EXCHANGES_KEPT = 10_000
 _CHUNK = 64 * 1024
 
 
@@ -52,6 +58,10 @@ class StallingProxy:
         self._startup_error: BaseException | None = None
         self.forwarded = 0  # requests passed upstream
         self.held = 0  # requests being held right now
+        # (request head, response status) of the latest exchanges (bounded: benchmarks
+        # relay many).
+        self.exchanges: deque[tuple[bytes, int]] = deque(maxlen=MAX_EXCHANGES_KEPT)
+        self._interception: tuple[Callable[[bytes], bool], Callable[[], None]] | None = None
 
     def url(self, path: str = "") -> str:
         return f"http://{LOOPBACK}:{self.port}{path}"
@@ -87,6 +97,13 @@ class StallingProxy:
 
         loop.call_soon_threadsafe(switch)
         done.wait(5.0)
+
+    def before_forwarding(
+        self, matches: Callable[[bytes], bool], action: Callable[[], None]
+    ) -> None:
+        """Once: run ``action`` (in a thread) before forwarding the first request whose head
+        ``matches``, e.g. another client's write that must land just before that one."""
+        self._interception = (matches, action)
 
     def stop(self) -> None:
         loop, thread = self._loop, self._thread
@@ -143,6 +160,7 @@ class StallingProxy:
             while True:
                 head, body = await _read_request(client_reader)
                 await self._hold()
+                await self._intercept(head)
                 # A connection the upstream closed while idle is replaced, not reused.
                 if upstream is None or upstream[1].is_closing() or upstream[0].at_eof():
                     if upstream is not None:
@@ -153,7 +171,8 @@ class StallingProxy:
                 await up_writer.drain()
                 self.forwarded += 1
                 method = head.split(b" ", 1)[0].upper()
-                keep_alive = await _relay_response(up_reader, client_writer, method)
+                keep_alive, status = await _relay_response(up_reader, client_writer, method)
+                self.exchanges.append((head, status))
                 if not keep_alive or _wants_close(head):
                     break
         except (_ConnectionDone, ConnectionError, ValueError, asyncio.IncompleteReadError):
@@ -165,6 +184,14 @@ class StallingProxy:
                 if writer is not None:
                     writer.close()
             self._connections.discard(task)
+
+    async def _intercept(self, head: bytes) -> None:
+        interception = self._interception
+        if interception is None or not interception[0](head):
+            return
+        self._interception = None
+        assert self._loop is not None
+        await self._loop.run_in_executor(None, interception[1])
 
     async def _hold(self) -> None:
         seconds = self._stall_seconds
@@ -198,8 +225,8 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 async def _relay_response(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: bytes
-) -> bool:
-    """Copy one response upstream → client; False when the connection must close after it."""
+) -> tuple[bool, int]:
+    """Copy one response upstream → client; (whether the connection stays open, status)."""
     while True:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -232,7 +259,7 @@ async def _relay_response(
             await writer.drain()
         keep_alive = False
     await writer.drain()
-    return keep_alive
+    return keep_alive, status
 
 
 async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:

@@ -1,10 +1,11 @@
 """A Matrix message as a FHIR ``Communication`` (DESIGN §3, OZO ``OZOCommunication``), as
 pure functions: plain event data and the room's care-team context in, FHIR JSON out.
 
-What the outbox writes for an event is a :class:`CommunicationWrite`: either a
-conditional create (a new message: ``ifNoneExist`` on the event-id identifier, so a
-retry never makes a second Communication) or a conditional update of the original
-message's Communication (an edit, or a redaction).
+What the outbox writes for an event is a :class:`CommunicationWrite`: a conditional
+create (a new message: ``ifNoneExist`` on the event-id identifier, so a retry never makes
+a second Communication), or, for a message redacted before FHIR had it, a conditional
+update by that identifier to its withdrawn form. Edits and redactions of a message FHIR
+already has are applied to its stored Communication (``communication_amendments``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ ROOM_ID_SYSTEM = "https://matrix.org/room-id"
 ORIGIN_TAG = {"system": "urn:synapse-fhir-module:origin", "code": "matrix"}
 # Marks a Communication recorded from an encrypted event: it has no payload on purpose.
 ENCRYPTED_TAG = {"system": "urn:synapse-fhir-module:content", "code": "encrypted"}
+
+# Key of an outbox row's event whose message was redacted before FHIR had it: its content
+# is erased, and it is written withdrawn. The value is {} (redacted by its sender) or the
+# moderator's Redaction as JSON.
+WITHDRAWN = "withdrawn"
+# A moderator's withdrawal, as the note names it: no clinical words, it sits beside the record.
+MODERATOR_NOTE = "Withdrawn in Matrix by a moderator"
 
 FILE_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
 # FHIR's `code` and `unsignedInt` limits (what Attachment.contentType and .size accept).
@@ -57,6 +65,23 @@ class CommunicationWrite:
         return {"resource": self.resource, "request": request}
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class Redaction:
+    """Who redacted a message, and when (recorded when it was not its sender)."""
+
+    user_id: str  # the redacter's Matrix user id
+    person: str | None  # their FHIR person ("Practitioner/<id>"), if they have one
+    ts_ms: int  # when: the redaction's origin_server_ts
+
+    def to_json(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "person": self.person, "ts": self.ts_ms}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Redaction:
+        person = data.get("person")
+        return cls(str(data["user_id"]), str(person) if person else None, int(data["ts"]))
+
+
 class NotRecorded(Exception):
     """This event does not become a Communication (not a message, or policy says skip)."""
 
@@ -78,7 +103,8 @@ def message_write(
     encrypted_policy: str = "metadata_only",
     parent_source: str | None = None,
 ) -> CommunicationWrite:
-    """The write for a new ``m.room.message``/``m.room.encrypted`` event, or its edit.
+    """The write for a new ``m.room.message``/``m.room.encrypted`` event (withdrawn, when
+    it was redacted while waiting in the outbox: see ``WITHDRAWN``).
 
     ``sender_person`` is ``Practitioner/<id>`` (or RelatedPerson/Patient).
     ``parent_source``: for a reply to a message the module posted from FHIR, the resource
@@ -90,29 +116,24 @@ def message_write(
     content = event.get("content") or {}
     if not isinstance(content, Mapping):
         raise NotRecorded("content is not an object")
+    if event_type == "m.room.encrypted" and encrypted_policy != "metadata_only":
+        raise NotRecorded(f"encrypted events: policy {encrypted_policy}")
+    withdrawn = event.get(WITHDRAWN)
+    if isinstance(withdrawn, Mapping) and event_type in ("m.room.message", "m.room.encrypted"):
+        # Nothing of what it said is left to write, not even whom it replied to.
+        moderator = Redaction.from_json(withdrawn) if withdrawn else None
+        return redaction_write(event, room, sender_person, moderator=moderator)
     if event_type == "m.room.encrypted":
-        if encrypted_policy != "metadata_only":
-            raise NotRecorded(f"encrypted events: policy {encrypted_policy}")
         resource = _communication(event, room, sender_person, payload=None)
         resource["meta"]["tag"].append(dict(ENCRYPTED_TAG))
         return _create(event, resource)
     if event_type != "m.room.message":
         raise NotRecorded(f"{event_type} is not a message")
 
-    relates_to = content.get("m.relates_to") or {}
+    relates_to = content.get("m.relates_to")
     if isinstance(relates_to, Mapping) and relates_to.get("rel_type") == "m.replace":
-        original = relates_to.get("event_id")
-        new_content = content.get("m.new_content")
-        if not isinstance(original, str) or not isinstance(new_content, Mapping):
-            raise NotRecorded("an edit without the original event or new content")
-        payload = _payload(new_content)
-        # The edit replaces the original's Communication with a new version of it.
-        resource = _communication(
-            {**event, "event_id": original}, room, sender_person, payload=payload
-        )
-        return CommunicationWrite(
-            method="PUT", url=communication_reference(original), resource=resource
-        )
+        # An edit changes its original's Communication (communication_amendments).
+        raise NotRecorded("an edit is not a message of its own")
 
     resource = _communication(event, room, sender_person, payload=_payload(content))
     reply_to = reply_target(content)
@@ -126,25 +147,51 @@ def message_write(
 
 
 def redaction_write(
-    original: Mapping[str, Any], room: RoomContext, sender_person: str
+    original: Mapping[str, Any],
+    room: RoomContext,
+    sender_person: str,
+    *,
+    moderator: Redaction | None = None,
 ) -> CommunicationWrite:
-    """The original message's Communication, marked entered-in-error, without payload."""
+    """A message redacted before FHIR had it: its Communication withdrawn (entered-in-error,
+    without payload), created or, if an earlier attempt did reach FHIR, updated."""
     resource = _communication(original, room, sender_person, payload=None)
+    if original.get("type") == "m.room.encrypted":
+        resource["meta"]["tag"].append(dict(ENCRYPTED_TAG))
     resource["status"] = "entered-in-error"
+    if moderator is not None:
+        resource["note"] = [moderator_note(moderator)]
     return CommunicationWrite(
         method="PUT", url=communication_reference(str(original["event_id"])), resource=resource
     )
 
 
-def redacted_write(stored: Mapping[str, Any], original_event_id: str) -> CommunicationWrite:
-    """The stored Communication of a redacted message, entered-in-error, without payload."""
-    resource = {k: v for k, v in stored.items() if k not in ("payload", "text")}
-    meta = stored.get("meta")
-    resource["meta"] = {"tag": list(meta.get("tag") or [])} if isinstance(meta, Mapping) else {}
-    resource["status"] = "entered-in-error"
-    return CommunicationWrite(
-        method="PUT", url=communication_reference(original_event_id), resource=resource
-    )
+def moderator_note(redaction: Redaction) -> dict[str, Any]:
+    """An R4 Annotation naming who withdrew the message: their FHIR person, or else their
+    Matrix user id."""
+    note: dict[str, Any] = {"text": MODERATOR_NOTE, "time": _sent(redaction.ts_ms)}
+    if redaction.person:
+        note["authorReference"] = _reference(redaction.person)
+    else:
+        note["authorString"] = redaction.user_id
+    return note
+
+
+def replaced_event(content: Mapping[str, Any]) -> str | None:
+    """The event id an edit (``m.replace``) replaces; None when it is not an edit."""
+    relates_to = content.get("m.relates_to")
+    if not isinstance(relates_to, Mapping) or relates_to.get("rel_type") != "m.replace":
+        return None
+    original = relates_to.get("event_id")
+    return original if isinstance(original, str) else None
+
+
+def edit_payload(content: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload an edit gives its original (from ``m.new_content``)."""
+    new_content = content.get("m.new_content")
+    if not isinstance(new_content, Mapping):
+        raise NotRecorded("an edit without new content")
+    return _payload(new_content)
 
 
 def _create(event: Mapping[str, Any], resource: dict[str, Any]) -> CommunicationWrite:

@@ -6,12 +6,17 @@ sender's FHIR person, the thread, the FHIR write itself — happens in the drain
 background process on the one instance that runs background work. With workers, the
 main process enqueues (it stores the events: a worker that is down would miss those sent
 meanwhile) and only the background worker drains.
+
+A batch writes its new messages first, as one transaction; then its edits and redactions
+one by one, each to its original's stored Communication (``communication_amendments``), or,
+while the original is still in the outbox, to the original's row.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import attr
@@ -19,21 +24,36 @@ from fhir.resources.R4B.communicationrequest import CommunicationRequest
 from synapse.module_api import EventBase, ModuleApi
 
 from synapse_fhir_module import outbox_store, sync_store
+from synapse_fhir_module.communication_amendments import (
+    Amended,
+    CommunicationAmender,
+    StillConflicting,
+    Unchanged,
+    edited,
+    edited_event,
+    erased_error,
+    erased_event,
+    redaction_counts,
+    same_author,
+    withdrawn,
+)
 from synapse_fhir_module.communication_mapping import (
-    EVENT_ID_SYSTEM,
     ORIGIN_TAG,
     ROOM_ID_SYSTEM,
+    WITHDRAWN,
     CommunicationWrite,
     NotRecorded,
+    Redaction,
     RoomContext,
+    edit_payload,
     message_write,
-    redacted_write,
+    replaced_event,
     reply_target,
 )
 from synapse_fhir_module.communication_writer import CommunicationWriter
 from synapse_fhir_module.config import CommunicationConfig, RecordedRooms
 from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.fhir_errors import FhirError, FhirTransientError
+from synapse_fhir_module.fhir_errors import FhirError, FhirPermanentError, FhirTransientError
 from synapse_fhir_module.health import OutboxCounts
 from synapse_fhir_module.outbox_metrics import (
     COMMUNICATION_LAG,
@@ -51,7 +71,8 @@ from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnava
 
 logger = logging.getLogger(__name__)
 
-RECORDED_TYPES = frozenset({"m.room.message", "m.room.encrypted", "m.room.redaction"})
+MESSAGE_TYPES = frozenset({"m.room.message", "m.room.encrypted"})
+RECORDED_TYPES = MESSAGE_TYPES | {"m.room.redaction"}
 RETRY_CAP_MS = 10_000
 MAX_REMEMBERED_THREADS = 100_000
 GAUGE_REFRESH_S = 1.0
@@ -61,8 +82,23 @@ class _Retry(Exception):
     """Something the drain needs is unreachable for now: try the batch again later."""
 
 
+class _NotYet(Exception):
+    """This row cannot be applied yet (its original is not in FHIR, or others kept changing
+    it): it waits, and the rows of its room after it with it; other rooms go on."""
+
+
 class _Dead(Exception):
     """This row can never be written as it is (the reason is kept with it)."""
+
+
+@attr.s(auto_attribs=True)
+class _Outcome:
+    """What became of some rows of a batch."""
+
+    written: list[str] = attr.Factory(list)  # FHIR has them now (counted as written)
+    done: list[str] = attr.Factory(list)  # nothing (more) to write for them
+    dead: dict[str, str] = attr.Factory(dict)  # event id -> why it can never be written
+    locations: list[str] = attr.Factory(list)  # "Communication/<id>" written
 
 
 class CommunicationRecorder:
@@ -88,6 +124,7 @@ class CommunicationRecorder:
         self._teams = teams
         self._persons = persons
         self._writer = CommunicationWriter(fhir)
+        self._amender = CommunicationAmender(fhir)
         self._service_user_id = service_user_id
         self._all_rooms = config.rooms is RecordedRooms.ALL
         # Threads opened but not bound in room state (the service user is not in the room).
@@ -108,7 +145,10 @@ class CommunicationRecorder:
 
     async def on_new_event(self, event: EventBase) -> None:
         """Enqueue a message of a (possibly) care-team room. No network I/O here."""
-        if event.type not in RECORDED_TYPES or event.sender == self._service_user_id:
+        if event.type not in RECORDED_TYPES:
+            return
+        if event.sender == self._service_user_id and event.type != "m.room.redaction":
+            # (Its redactions are a moderator's, made through it: communication.redactions.)
             return
         if not self._schema_ready:
             return  # the table is not there yet (start-up)
@@ -178,78 +218,261 @@ class CommunicationRecorder:
 
     async def _write_rows(self, rows: list[outbox_store.OutboxRow]) -> bool:
         """Write one batch; False when FHIR is unreachable (rows rescheduled)."""
-        writes: list[tuple[str, CommunicationWrite]] = []
-        done: list[str] = []
-        dead: dict[str, str] = {}
-        messages = [row for row in rows if row.event["type"] != "m.room.redaction"]
-        redactions = [row for row in rows if row.event["type"] == "m.room.redaction"]
+        messages = [row for row in rows if not _amends_a_message(row)]
+        amendments = [row for row in rows if _amends_a_message(row)]
         try:
-            for row in messages:
-                try:
-                    write = await self._write_for(row)
-                except NotRecorded:
-                    done.append(row.event_id)  # not a care-team message: nothing to write
-                    continue
-                except _Dead as e:
-                    dead[row.event_id] = str(e)
-                    continue
-                except (_Retry, FhirTransientError):
-                    raise
-                except Exception as e:
-                    # A row the module cannot handle must not hold up every row behind it.
-                    logger.warning(
-                        "Outbox: %s could not be mapped (%s)", row.event_id, type(e).__name__
-                    )
-                    dead[row.event_id] = f"could not be mapped: {type(e).__name__}"
-                    continue
-                writes.append((row.event_id, write))
-            result = await self._writer.write(writes)
-            # Redactions after the messages: the original may be in this very batch.
-            redaction_writes = []
-            for row in redactions:
-                redaction = await self._redaction_for(row)
-                if redaction is None:
-                    done.append(row.event_id)  # the redacted event was never recorded
-                else:
-                    redaction_writes.append((row.event_id, redaction))
-            redacted = await self._writer.write(redaction_writes)
-            result.written.extend(redacted.written)
-            result.dead.update(redacted.dead)
+            outcome = await self._write_messages(messages)
         except (_Retry, FhirTransientError) as e:
-            # Capped low: after an outage the backlog should flow within seconds.
-            delay = outbox_store.retry_delay_ms(rows[0].attempts, cap_ms=RETRY_CAP_MS)
-            logger.warning("FHIR unreachable for the outbox (%s); retrying in %d ms", e, delay)
-            WRITE_RETRIES.inc()
-            await self._api.run_db_interaction(
-                "fhir_outbox_retry",
-                outbox_store.mark_retry,
-                [row.event_id for row in rows],
-                now_ms() + delay,
-                str(e),
-            )
+            await self._retry_later(rows, e)
             return False
-        dead.update(result.dead)
-        self._recent_writes.add_all(result.locations)
+        await self._settle(outcome, rows)
+        # Edits and redactions after the messages are committed: each needs its original
+        # as stored, which may be in this very batch. One at a time: they are rare.
+        waiting_rooms: set[str] = set()
+        for index, row in enumerate(amendments):
+            if row.room_id in waiting_rooms:
+                continue  # (held back by the row waiting before it: due_rows keeps order)
+            try:
+                outcome = await self._amend(row)
+            except _NotYet as e:
+                waiting_rooms.add(row.room_id)
+                await self._retry_later([row], e)
+                continue
+            except (_Retry, FhirTransientError) as e:
+                await self._retry_later(
+                    [r for r in amendments[index:] if r.room_id not in waiting_rooms], e
+                )
+                return False
+            await self._settle(outcome, [row])
+        return True
+
+    async def _write_messages(self, rows: list[outbox_store.OutboxRow]) -> _Outcome:
+        """New messages, as one transaction."""
+        outcome = _Outcome()
+        writes: list[tuple[str, CommunicationWrite]] = []
+        for row in rows:
+            try:
+                write = await self._write_for(row)
+            except NotRecorded:
+                outcome.done.append(row.event_id)  # not a care-team message: nothing to write
+                continue
+            except _Dead as e:
+                outcome.dead[row.event_id] = str(e)
+                continue
+            except (_Retry, FhirTransientError):
+                raise
+            except Exception as e:
+                # A row the module cannot handle must not hold up every row behind it.
+                logger.warning(
+                    "Outbox: %s could not be mapped (%s)", row.event_id, type(e).__name__
+                )
+                outcome.dead[row.event_id] = f"could not be mapped: {type(e).__name__}"
+                continue
+            writes.append((row.event_id, write))
+        result = await self._writer.write(writes)
+        outcome.written.extend(result.written)
+        outcome.dead.update(result.dead)
+        outcome.locations.extend(result.locations)
+        return outcome
+
+    async def _retry_later(self, rows: list[outbox_store.OutboxRow], error: Exception) -> None:
+        # Capped low: after an outage the backlog should flow within seconds.
+        delay = outbox_store.retry_delay_ms(rows[0].attempts, cap_ms=RETRY_CAP_MS)
+        logger.warning("Outbox: %d rows wait %d ms (%s)", len(rows), delay, _without_outcome(error))
+        WRITE_RETRIES.inc()
         await self._api.run_db_interaction(
-            "fhir_outbox_done", outbox_store.mark_written, [*done, *result.written]
+            "fhir_outbox_retry",
+            outbox_store.mark_retry,
+            [row.event_id for row in rows],
+            now_ms() + delay,
+            str(error),
         )
+
+    async def _settle(self, outcome: _Outcome, rows: list[outbox_store.OutboxRow]) -> None:
+        """Record in the outbox what became of the rows."""
+        self._recent_writes.add_all(outcome.locations)
+        finished = [*outcome.done, *outcome.written]
+        if finished:
+            await self._api.run_db_interaction(
+                "fhir_outbox_done", outbox_store.mark_written, finished
+            )
         committed_ms = now_ms()
         by_id = {row.event_id: row for row in rows}
-        for event_id in result.written:
+        for event_id in outcome.written:
             COMMUNICATIONS_WRITTEN.inc()
             sent_ms = by_id[event_id].event.get("origin_server_ts")
             if isinstance(sent_ms, int):
                 COMMUNICATION_LAG.observe(max(0.0, (committed_ms - sent_ms) / 1000))
-        COMMUNICATIONS_FAILED.inc(len(dead))
-        for event_id, reason in dead.items():
+        COMMUNICATIONS_FAILED.inc(len(outcome.dead))
+        for event_id, reason in outcome.dead.items():
             logger.warning("Outbox: %s cannot be written to FHIR; kept as a dead letter", event_id)
             await self._api.run_db_interaction(
                 "fhir_outbox_dead", outbox_store.mark_dead, event_id, reason
             )
-        return True
+
+    async def _amend(self, row: outbox_store.OutboxRow) -> _Outcome:
+        """Apply an edit or a redaction; raises what means "try later"."""
+        try:
+            if row.event["type"] == "m.room.redaction":
+                return await self._apply_redaction(row)
+            return await self._apply_edit(row)
+        except StillConflicting as e:
+            raise _NotYet(str(e)) from e
+        except (_Retry, _NotYet, FhirTransientError):
+            raise
+        except FhirPermanentError as e:
+            logger.warning(
+                "Outbox: FHIR refused the change of %s (HTTP %s)", row.event_id, e.status
+            )
+            reason = f"HTTP {e.status}: {e.outcome or e}" if e.status else str(e)
+            return _Outcome(dead={row.event_id: reason})
+        except Exception as e:
+            logger.warning("Outbox: %s could not be applied (%s)", row.event_id, type(e).__name__)
+            return _Outcome(dead={row.event_id: f"could not be applied: {type(e).__name__}"})
+
+    async def _apply_edit(self, row: outbox_store.OutboxRow) -> _Outcome:
+        """An edit changes its original's payload, if the editor is its sender."""
+        content = row.event.get("content") or {}
+        original = replaced_event(content)
+        if original is None or not await self._recorded_room(row.room_id):
+            return _Outcome(done=[row.event_id])
+        try:
+            payload = edit_payload(content)
+        except NotRecorded:
+            logger.info("Outbox: edit %s of %s holds nothing to record", row.event_id, original)
+            return _Outcome(done=[row.event_id])
+        editor = await self._person_of(str(row.event.get("sender")))
+        result = await self._amender.amend(original, lambda stored: edited(stored, editor, payload))
+        if result is None:
+            return await self._edit_in_outbox(row, original, editor)
+        return self._amended(row, original, result)
+
+    async def _edit_in_outbox(
+        self, row: outbox_store.OutboxRow, original: str, editor: str | None
+    ) -> _Outcome:
+        """An edit of a message FHIR does not have (yet)."""
+        stored = await self._api.run_db_interaction(
+            "fhir_outbox_row", outbox_store.row_of, original
+        )
+        if stored is None:
+            # Never recorded (not a care-team message, or posted from FHIR): nothing to do.
+            return _Outcome(done=[row.event_id])
+        if stored.state == outbox_store.PENDING:
+            # Normally written before its edit (a room's rows go in order): soon, then.
+            raise _NotYet(f"the message edited by {row.event_id} is not in FHIR yet")
+        # A dead letter: the edit goes into it, so a retry writes what its author said last.
+        editor_id = str(row.event.get("sender"))
+        sender_id = str(stored.event.get("sender"))
+        sender = None if editor_id == sender_id else await self._person_of(sender_id)
+        if not same_author(editor_id, editor, sender_id, sender):
+            return self._amended(row, original, Unchanged("edited by someone else"))
+        changed = edited_event(stored.event, row.event.get("content") or {})
+        if isinstance(changed, Unchanged):
+            return self._amended(row, original, changed)
+        await self._api.run_db_interaction(
+            "fhir_outbox_rewrite", outbox_store.rewrite, original, changed, stored.last_error
+        )
+        logger.info("Outbox: edit %s applied to the dead letter %s", row.event_id, original)
+        return _Outcome(done=[row.event_id])
+
+    async def _apply_redaction(self, row: outbox_store.OutboxRow) -> _Outcome:
+        """A redaction withdraws its original, if ``communication.redactions`` lets the
+        redacter."""
+        original = row.event.get("redacts")
+        if not isinstance(original, str) or not await self._recorded_room(row.room_id):
+            return _Outcome(done=[row.event_id])
+        redacter = str(row.event.get("sender"))
+        redaction = Redaction(
+            redacter, await self._person_of(redacter), int(row.event["origin_server_ts"])
+        )
+        stored = await self._api.run_db_interaction(
+            "fhir_outbox_row", outbox_store.row_of, original
+        )
+        if stored is not None:
+            return await self._redact_in_outbox(row, original, stored, redaction)
+        policy = self._config.redactions
+        result = await self._amender.amend(
+            original, lambda stored: withdrawn(stored, redaction, policy)
+        )
+        if result is None:
+            return _Outcome(done=[row.event_id])  # never recorded: nothing to withdraw
+        if isinstance(result, Amended):
+            await self._drop_edits_of(row.room_id, original)
+        return self._amended(row, original, result)
+
+    async def _redact_in_outbox(
+        self,
+        row: outbox_store.OutboxRow,
+        original: str,
+        stored: outbox_store.StoredRow,
+        redaction: Redaction,
+    ) -> _Outcome:
+        """A redaction of a message still waiting in the outbox, or a dead letter: its
+        content (and any error that may quote it) is erased there, and it is written
+        withdrawn."""
+        if stored.event.get("type") not in MESSAGE_TYPES or WITHDRAWN in stored.event:
+            # (A redaction of a redaction, or of a message withdrawn already.)
+            return _Outcome(done=[row.event_id])
+        sender_id = str(stored.event.get("sender"))
+        sender = None if sender_id == redaction.user_id else await self._person_of(sender_id)
+        by_sender = same_author(redaction.user_id, redaction.person, sender_id, sender)
+        if not redaction_counts(self._config.redactions, by_sender=by_sender):
+            return self._amended(row, original, Unchanged("redacted by someone else"))
+        content = stored.event.get("content")
+        if isinstance(content, Mapping) and (
+            replaced_event(content) is not None or await self._is_relayed(stored.event)
+        ):
+            # An edit that never reached FHIR, or a message FHIR had first: nothing of it
+            # is to be written, so nothing of it stays.
+            await self._api.run_db_interaction(
+                "fhir_outbox_drop", outbox_store.mark_written, [original]
+            )
+        else:
+            await self._api.run_db_interaction(
+                "fhir_outbox_rewrite",
+                outbox_store.rewrite,
+                original,
+                erased_event(stored.event, None if by_sender else redaction),
+                erased_error(stored.last_error),
+            )
+            await self._drop_edits_of(row.room_id, original)
+        logger.info("Outbox: redaction %s erased %s, still in the outbox", row.event_id, original)
+        return _Outcome(done=[row.event_id])
+
+    async def _drop_edits_of(self, room_id: str, original: str) -> None:
+        """A withdrawn message's edits still in the outbox (waiting, or refused by FHIR)
+        can never apply: their text goes with it."""
+
+        def edits_original(event: dict[str, Any]) -> bool:
+            content = event.get("content")
+            return isinstance(content, Mapping) and replaced_event(content) == original
+
+        edits = await self._api.run_db_interaction(
+            "fhir_outbox_edits", outbox_store.event_ids_in_room, room_id, edits_original
+        )
+        if edits:
+            await self._api.run_db_interaction("fhir_outbox_drop", outbox_store.mark_written, edits)
+            logger.info("Outbox: %d edits of the withdrawn %s dropped", len(edits), original)
+
+    def _amended(
+        self, row: outbox_store.OutboxRow, original: str, result: Amended | Unchanged
+    ) -> _Outcome:
+        if isinstance(result, Unchanged):
+            # Event ids and the fixed reason only: never what the message said.
+            logger.info("Outbox: %s leaves %s as it was: %s", row.event_id, original, result.reason)
+            return _Outcome(done=[row.event_id])
+        return _Outcome(written=[row.event_id], locations=[result.location])
+
+    async def _recorded_room(self, room_id: str) -> bool:
+        if self._all_rooms:
+            return True
+        try:
+            return await self._bindings.care_team_of(room_id) is not None
+        except DirectoryUnavailable as e:
+            raise _Retry(str(e)) from e
 
     async def _write_for(self, row: outbox_store.OutboxRow) -> CommunicationWrite:
-        if await self._is_relayed(row):
+        if await self._is_relayed(row.event):
             raise NotRecorded("posted from a FHIR Communication: FHIR has it already")
         try:
             team_ref = await self._bindings.care_team_of(row.room_id)
@@ -280,9 +503,9 @@ class CommunicationRecorder:
         )
         return str(source) if source else None
 
-    async def _is_relayed(self, row: outbox_store.OutboxRow) -> bool:
-        content = row.event.get("content")
-        source = source_of(content) if isinstance(content, dict) else None
+    async def _is_relayed(self, event: Mapping[str, Any]) -> bool:
+        content = event.get("content")
+        source = source_of(content) if isinstance(content, Mapping) else None
         if source is None:
             return False
         # The claim is checked, not the content: anyone can put the key in a message.
@@ -291,33 +514,26 @@ class CommunicationRecorder:
                 "fhir_relay_check",
                 sync_store.is_relay_event,
                 source,
-                row.room_id,
-                row.event_id,
-                str(row.event.get("sender")),
+                str(event.get("room_id")),
+                str(event.get("event_id")),
+                str(event.get("sender")),
             )
         )
 
-    async def _redaction_for(self, row: outbox_store.OutboxRow) -> CommunicationWrite | None:
-        """The redacted message's Communication marked entered-in-error, if it has one."""
-        original = row.event.get("redacts")
-        if not isinstance(original, str):
-            return None
-        if not self._all_rooms and await self._bindings.care_team_of(row.room_id) is None:
-            return None
-        stored = await self._fhir.search_json(
-            "Communication", {"identifier": f"{EVENT_ID_SYSTEM}|{original}"}
-        )
-        return redacted_write(stored[0], original) if stored else None
-
     async def _sender_person(self, user_id: str) -> str:
+        person = await self._person_of(user_id)
+        if person is None:
+            raise _Dead("the sender has no (single) FHIR person")
+        return person
+
+    async def _person_of(self, user_id: str) -> str | None:
+        """The FHIR person of a Matrix account; None when no single person names it."""
         record = self._persons.remembered(user_id)
         if record is None or not record.mapped:
             try:
                 record = await self._persons.lookup(user_id)
             except FhirTransientError as e:
-                raise _Retry(str(e)) from e
-        if record.person is None:
-            raise _Dead("the sender has no (single) FHIR person")
+                raise _Retry(_without_outcome(e)) from e
         return record.person
 
     async def _thread_of(self, room_id: str, team_ref: str | None, patient: str | None) -> str:
@@ -379,3 +595,22 @@ class CommunicationRecorder:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _amends_a_message(row: outbox_store.OutboxRow) -> bool:
+    """An edit or a redaction: it changes a message recorded before it."""
+    if row.event["type"] == "m.room.redaction":
+        return True
+    content = row.event.get("content")
+    return (
+        row.event["type"] == "m.room.message"
+        and isinstance(content, Mapping)
+        and replaced_event(content) is not None
+    )
+
+
+def _without_outcome(error: Exception) -> str:
+    """An error for the log: FHIR's own diagnostics may quote a message, so not those."""
+    if isinstance(error, FhirError):
+        return str(error.args[0]) if error.args else type(error).__name__
+    return str(error)

@@ -76,12 +76,17 @@ class CommunicationWriter:
 
 
 def invalid_fhir(write: CommunicationWrite) -> str | None:
-    """Why the write's resource is not a valid R4B Communication, or None when it is.
+    """Why the write's resource is not a valid R4B Communication, or None when it is."""
+    return invalid_communication(write.resource)
+
+
+def invalid_communication(resource: dict[str, Any]) -> str | None:
+    """Why ``resource`` is not a valid R4B Communication, or None when it is.
 
     The reason names the fields and rules only, never their values (message text).
     """
     try:
-        Communication.model_validate(write.resource)
+        Communication.model_validate(resource)
     except ValidationError as e:
         problems = (
             f"{'.'.join(str(part) for part in error['loc']) or 'resource'}: {error['msg']}"

@@ -35,6 +35,13 @@ class RecordedRooms(str, Enum):
     ALL = "all"  # every room on this server (senders still need a FHIR person)
 
 
+class RedactionPolicy(str, Enum):
+    """Whose redaction withdraws a recorded message (its Communication entered-in-error)."""
+
+    SENDER = "sender"  # only its sender's (the same FHIR person)
+    MODERATORS = "moderators"  # also anyone Synapse lets redact it, named in a note
+
+
 @attr.s(frozen=True, auto_attribs=True, kw_only=True, repr=False)
 class FhirAuthConfig:
     bearer_token: str | None = None
@@ -75,6 +82,7 @@ class CommunicationConfig:
     encrypted_rooms: EncryptedRoomsPolicy = EncryptedRoomsPolicy.METADATA_ONLY
     batch_size: int = 50
     rooms: RecordedRooms = RecordedRooms.CARE_TEAM
+    redactions: RedactionPolicy = RedactionPolicy.SENDER
 
 
 DEFAULT_POWER_LEVELS = {"Practitioner": 50, "RelatedPerson": 0, "Patient": 0}
@@ -214,6 +222,7 @@ def _parse_communication(section: _Section) -> CommunicationConfig:
         ),
         batch_size=section.value("batch_size", _int_between(1, 1000), 50),
         rooms=section.value("rooms", _enum(RecordedRooms), RecordedRooms.CARE_TEAM),
+        redactions=section.value("redactions", _enum(RedactionPolicy), RedactionPolicy.SENDER),
     )
     section.reject_unknown_keys()
     return config

@@ -150,6 +150,27 @@ class FhirClient:
         )
         return parse_resource(body)
 
+    async def update_json(
+        self, resource: Mapping[str, Any], *, if_match_version: str
+    ) -> dict[str, Any]:
+        """Update a resource (plain JSON, with ``resourceType`` and ``id``) only if FHIR
+        still holds version ``if_match_version`` of it; the stored resource comes back.
+
+        Someone else's write in between answers 409 (HAPI) or 412: a FhirPermanentError
+        with that ``status``."""
+        what = f"update {resource['resourceType']}/{resource['id']}"
+        _, body = await self._exchange(
+            "PUT",
+            self._url(f"{resource['resourceType']}/{resource['id']}"),
+            what,
+            raw_body=resource,
+            extra_headers={"If-Match": f'W/"{if_match_version}"'},
+            prefer_representation=True,
+        )
+        if not isinstance(body, dict) or body.get("resourceType") != resource["resourceType"]:
+            raise FhirPermanentError(f"{what} did not answer with the resource")
+        return body
+
     async def delete(self, resource_type: str, resource_id: str) -> None:
         await self._call("DELETE", f"{resource_type}/{resource_id}")
 

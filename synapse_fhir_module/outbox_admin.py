@@ -7,7 +7,8 @@ it again once the cause is fixed (e.g. the sender was given a FHIR person).
   for all) → ``{"requeued": n}``.
 
 Server admins only: the reasons name rooms and events, and FHIR's own reason can quote
-what a message held.
+what a message held (until the message is redacted: then only the HTTP status stays, see
+``communication_amendments``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attr
@@ -116,6 +116,42 @@ def mark_dead(txn: Cursor, event_id: str, reason: str) -> None:
         f"UPDATE {TABLE} SET state = ?, attempts = attempts + 1, last_error = ? WHERE event_id = ?",
         (DEAD, _storable(reason), event_id),
     )
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class StoredRow:
+    """A row as it stands, pending or dead (to amend a message FHIR does not have yet)."""
+
+    state: str
+    event: dict[str, Any]
+    last_error: str | None
+
+
+def row_of(txn: Cursor, event_id: str) -> StoredRow | None:
+    txn.execute(
+        f"SELECT state, event_json, last_error FROM {TABLE} WHERE event_id = ?", (event_id,)
+    )
+    found = txn.fetchone()
+    if found is None:
+        return None
+    state, event_json, last_error = found
+    return StoredRow(state, json.loads(event_json), last_error)
+
+
+def rewrite(txn: Cursor, event_id: str, event: dict[str, Any], last_error: str | None) -> None:
+    """Replace a row's event and last error (keeping its state, attempts and schedule)."""
+    txn.execute(
+        f"UPDATE {TABLE} SET event_json = ?, last_error = ? WHERE event_id = ?",
+        (json.dumps(event), None if last_error is None else _storable(last_error), event_id),
+    )
+
+
+def event_ids_in_room(
+    txn: Cursor, room_id: str, matches: Callable[[dict[str, Any]], bool]
+) -> list[str]:
+    """The rows of a room (pending or dead) whose event ``matches``."""
+    txn.execute(f"SELECT event_id, event_json FROM {TABLE} WHERE room_id = ?", (room_id,))
+    return [event_id for event_id, event_json in txn.fetchall() if matches(json.loads(event_json))]
 
 
 def counts(txn: Cursor) -> tuple[int, int]:

@@ -1,11 +1,12 @@
 """Communications written to the real HAPI dev server in transaction Bundles: every kind of
 message validates against R4 and meets the OZO constraints, a repeated batch changes
-nothing, and an entry HAPI refuses becomes a dead letter while the rest is written.
-(The outbox in Synapse that feeds this writer comes next; see issue 4.)"""
+nothing, and an entry HAPI refuses becomes a dead letter while the rest is written; edits
+and redactions are conditional updates of the stored original."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -14,13 +15,21 @@ import requests
 
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
+from synapse_fhir_module.communication_amendments import (
+    Amended,
+    CommunicationAmender,
+    edited,
+    withdrawn,
+)
 from synapse_fhir_module.communication_mapping import (
     EVENT_ID_SYSTEM,
+    Redaction,
     RoomContext,
     message_write,
     redaction_write,
 )
 from synapse_fhir_module.communication_writer import CommunicationWriter
+from synapse_fhir_module.config import RedactionPolicy
 from synapse_fhir_module.fhir_client import FhirClient
 
 
@@ -172,32 +181,66 @@ async def test_every_kind_of_message_is_written_valid_and_once(
 
 
 @pytest_twisted.ensureDeferred
-async def test_edit_and_redaction_change_the_original(
+async def test_a_message_redacted_before_fhir_had_it_is_written_withdrawn(
+    hapi: HapiDevServer, fhir: FhirClient, room: RoomContext
+) -> None:
+    gp = sender(room)
+    writer = CommunicationWriter(fhir)
+    never_written = event(f"$unwritten-{uuid.uuid4().hex[:8]}", {})
+    await writer.write([(never_written["event_id"], redaction_write(never_written, room, gp))])
+    (created,) = communications(hapi, never_written["event_id"])
+    assert created["status"] == "entered-in-error" and "payload" not in created
+    assert validation_errors(hapi, created) == []
+
+    # An earlier attempt did reach FHIR (its answer was lost): the same write withdraws it.
+    written_id = f"$written-{uuid.uuid4().hex[:8]}"
+    written = event(written_id, {"msgtype": "m.text", "body": "BP 150/95"})
+    await writer.write([(written_id, message_write(written, room, gp))])
+    await writer.write([(written_id, redaction_write(written, room, gp))])
+    (withdrawn_one,) = communications(hapi, written_id)
+    assert withdrawn_one["status"] == "entered-in-error" and "payload" not in withdrawn_one
+    assert withdrawn_one["meta"]["versionId"] == "2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_amendment_is_a_conditional_update_that_survives_a_rival_write(
     hapi: HapiDevServer, fhir: FhirClient, room: RoomContext
 ) -> None:
     gp = sender(room)
     original_id = f"$orig-{uuid.uuid4().hex[:8]}"
     original = event(original_id, {"msgtype": "m.text", "body": "BP 150/95"})
-    writer = CommunicationWriter(fhir)
-    await writer.write([(original_id, message_write(original, room, gp))])
-    edit = event(
-        "$edit",
-        {
-            "msgtype": "m.text",
-            "body": "* BP 150/90",
-            "m.new_content": {"msgtype": "m.text", "body": "BP 150/90"},
-            "m.relates_to": {"rel_type": "m.replace", "event_id": original_id},
-        },
-    )
-    await writer.write([("$edit", message_write(edit, room, gp))])
-    (edited,) = communications(hapi, original_id)
-    assert edited["meta"]["versionId"] == "2"
-    assert edited["payload"] == [{"contentString": "BP 150/90"}]
+    await CommunicationWriter(fhir).write([(original_id, message_write(original, room, gp))])
+    decided_on: list[str] = []
 
-    await writer.write([(f"$redaction-of-{original_id}", redaction_write(original, room, gp))])
+    def edit_after_a_rival(stored: Mapping[str, Any]) -> Any:
+        decided_on.append(stored["meta"]["versionId"])
+        if len(decided_on) == 1:
+            # Another system writes the Communication between our read and our write.
+            rival = {k: v for k, v in stored.items() if k != "meta"} | {"language": "nl"}
+            requests.put(
+                f"{hapi.base_url}/Communication/{stored['id']}",
+                json=rival,
+                headers={"Content-Type": "application/fhir+json"},
+                timeout=30,
+            ).raise_for_status()
+        return edited(stored, gp, {"contentString": "BP 150/90"})
+
+    result = await CommunicationAmender(fhir).amend(original_id, edit_after_a_rival)
+    (c,) = communications(hapi, original_id)
+    assert result == Amended(f"Communication/{c['id']}")
+    # HAPI refused the write on version 1 (409); version 2, the rival's, was read again.
+    assert decided_on == ["1", "2"]
+    assert c["meta"]["versionId"] == "3"
+    assert c["payload"] == [{"contentString": "BP 150/90"}]
+    assert c["language"] == "nl"  # the rival's change is not lost
+
+    by_sender = Redaction("@anna:example.org", gp, 1_779_000_060_000)
+    await CommunicationAmender(fhir).amend(
+        original_id, lambda stored: withdrawn(stored, by_sender, RedactionPolicy.SENDER)
+    )
     (redacted,) = communications(hapi, original_id)
     assert redacted["status"] == "entered-in-error"
-    assert "payload" not in redacted
+    assert "payload" not in redacted and redacted["language"] == "nl"
     assert validation_errors(hapi, redacted) == []
 
 

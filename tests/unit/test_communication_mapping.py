@@ -10,12 +10,16 @@ from fhir.resources.R4B.communication import Communication
 from synapse_fhir_module.communication_mapping import (
     ENCRYPTED_TAG,
     EVENT_ID_SYSTEM,
+    MODERATOR_NOTE,
     ORIGIN_TAG,
+    WITHDRAWN,
     NotRecorded,
+    Redaction,
     RoomContext,
+    edit_payload,
     message_write,
-    redacted_write,
     redaction_write,
+    replaced_event,
 )
 
 ROOM = RoomContext(
@@ -94,22 +98,26 @@ def test_a_reply_to_a_message_posted_from_fhir_points_at_its_source() -> None:
     assert "inResponseTo" not in valid(first.resource)
 
 
-def test_edit_is_a_new_version_of_the_original() -> None:
-    content = {
-        "msgtype": "m.text",
-        "body": "* BP 150/90",
-        "m.new_content": {"msgtype": "m.text", "body": "BP 150/90"},
-        "m.relates_to": {"rel_type": "m.replace", "event_id": "$original"},
-    }
-    write = message_write(event(content, event_id="$edit"), ROOM, GP)
-    assert (write.method, write.url) == (
-        "PUT",
-        f"Communication?identifier={EVENT_ID_SYSTEM}|$original",
-    )
-    assert write.if_none_exist is None
-    c = valid(write.resource)
-    assert c["identifier"] == [{"system": EVENT_ID_SYSTEM, "value": "$original"}]
-    assert c["payload"] == [{"contentString": "BP 150/90"}]
+EDIT = {
+    "msgtype": "m.text",
+    "body": "* BP 150/90",
+    "m.new_content": {"msgtype": "m.text", "body": "BP 150/90"},
+    "m.relates_to": {"rel_type": "m.replace", "event_id": "$original"},
+}
+
+
+def test_an_edit_names_its_original_and_the_new_payload() -> None:
+    assert replaced_event(EDIT) == "$original"
+    assert edit_payload(EDIT) == {"contentString": "BP 150/90"}
+    assert replaced_event({"msgtype": "m.text", "body": "not an edit"}) is None
+    with pytest.raises(NotRecorded):
+        edit_payload({**EDIT, "m.new_content": None})
+
+
+def test_an_edit_is_not_a_message_of_its_own() -> None:
+    # (It changes the original's Communication: communication_amendments.)
+    with pytest.raises(NotRecorded):
+        message_write(event(EDIT, event_id="$edit"), ROOM, GP)
 
 
 def test_redaction_marks_entered_in_error_and_drops_the_payload() -> None:
@@ -118,7 +126,43 @@ def test_redaction_marks_entered_in_error_and_drops_the_payload() -> None:
     c = valid(write.resource)
     assert c["status"] == "entered-in-error"
     assert "payload" not in c
+    assert "note" not in c
     assert "wrong patient" not in str(c)
+
+
+def test_a_message_redacted_in_the_outbox_is_written_withdrawn_without_its_reply() -> None:
+    erased = event({}, **{WITHDRAWN: {}})  # (content erased, reply relation with it)
+    write = message_write(erased, ROOM, GP, parent_source="Communication/lab-1")
+    assert (write.method, write.url) == ("PUT", f"Communication?identifier={EVENT_ID_SYSTEM}|$ev1")
+    c = valid(write.resource)
+    assert c["status"] == "entered-in-error"
+    assert "payload" not in c and "inResponseTo" not in c and "note" not in c
+    assert c["sender"] == {"reference": GP, "type": "Practitioner"}
+    assert c["sent"] == "2026-05-17T06:40:00.123Z"
+
+
+def test_a_moderators_withdrawal_is_noted_with_their_person_or_their_matrix_id() -> None:
+    nurse = Redaction("@bram:example.org", "Practitioner/nurse-1", 1_779_000_060_000)
+    by_nurse = event({}, **{WITHDRAWN: nurse.to_json()})
+    (note,) = valid(message_write(by_nurse, ROOM, GP).resource)["note"]
+    assert note == {
+        "text": MODERATOR_NOTE,
+        "time": "2026-05-17T06:41:00.000Z",
+        "authorReference": {"reference": "Practitioner/nurse-1", "type": "Practitioner"},
+    }
+    admin = Redaction("@fhir:example.org", None, 1_779_000_060_000)
+    by_admin = event({}, **{WITHDRAWN: admin.to_json()})
+    (note,) = valid(message_write(by_admin, ROOM, GP).resource)["note"]
+    assert note["authorString"] == "@fhir:example.org" and "authorReference" not in note
+    assert Redaction.from_json(nurse.to_json()) == nurse
+
+
+def test_an_encrypted_message_withdrawn_keeps_its_encrypted_tag() -> None:
+    erased = event({}, "m.room.encrypted", **{WITHDRAWN: {}})
+    c = valid(message_write(erased, ROOM, GP).resource)
+    assert c["status"] == "entered-in-error" and ENCRYPTED_TAG in c["meta"]["tag"]
+    with pytest.raises(NotRecorded):
+        message_write(erased, ROOM, GP, encrypted_policy="skip")
 
 
 @pytest.mark.parametrize("msgtype", ["m.image", "m.file", "m.audio", "m.video"])
@@ -194,15 +238,3 @@ def test_encrypted_event_not_recorded_otherwise(policy: str) -> None:
 def test_what_is_not_recorded(bad: dict[str, Any]) -> None:
     with pytest.raises(NotRecorded):
         message_write(bad, ROOM, GP)
-
-
-def test_a_stored_communication_redacted() -> None:
-    stored = message_write(event({"msgtype": "m.text", "body": "wrong patient"}), ROOM, GP).resource
-    stored = stored | {"id": "c1", "meta": stored["meta"] | {"versionId": "3"}}
-    write = redacted_write(stored, "$ev1")
-    assert (write.method, write.url) == ("PUT", f"Communication?identifier={EVENT_ID_SYSTEM}|$ev1")
-    c = valid(write.resource)
-    assert c["status"] == "entered-in-error"
-    assert "payload" not in c and "wrong patient" not in str(c)
-    assert c["meta"] == {"tag": [ORIGIN_TAG]}
-    assert c["id"] == "c1"

@@ -15,6 +15,7 @@ from synapse_fhir_module.config import (
     FhirConfig,
     ModuleConfig,
     RecordedRooms,
+    RedactionPolicy,
     parse_duration,
 )
 
@@ -49,6 +50,7 @@ def test_minimal_config_takes_the_documented_defaults() -> None:
     assert config.communication.encrypted_rooms is EncryptedRoomsPolicy.METADATA_ONLY
     assert config.communication.batch_size == 50
     assert config.communication.rooms is RecordedRooms.CARE_TEAM
+    assert config.communication.redactions is RedactionPolicy.SENDER
     assert (config.sync.enabled, config.sync.poll_interval) == (True, 60.0)
     assert config.sync.full_reconcile_interval == 3600.0
     assert config.account_validity.enabled is True
@@ -87,6 +89,7 @@ def test_every_key_is_read() -> None:
             "encrypted_rooms": "forbid",
             "batch_size": 200,
             "rooms": "all",
+            "redactions": "moderators",
         },
         "sync": {
             "enabled": False,
@@ -114,6 +117,7 @@ def test_every_key_is_read() -> None:
     assert config.communication.encrypted_rooms is EncryptedRoomsPolicy.FORBID
     assert (config.communication.enabled, config.communication.batch_size) == (False, 200)
     assert config.communication.rooms is RecordedRooms.ALL
+    assert config.communication.redactions is RedactionPolicy.MODERATORS
     assert (config.sync.enabled, config.sync.poll_interval) == (False, 120.0)
     assert config.sync.full_reconcile_interval == 1800.0
     assert config.sync.subscription is True
@@ -178,6 +182,8 @@ def test_durations(text: str, seconds: float) -> None:
         ),
         (with_key("communication", "batch_size", 0), ("communication", "batch_size")),
         (with_key("communication", "rooms", "some"), ("communication", "rooms")),
+        (with_key("communication", "redactions", "admins"), ("communication", "redactions")),
+        (with_key("communication", "redactions", True), ("communication", "redactions")),
         (with_key("sync", "power_levels", {"Nurse": 50}), ("sync", "power_levels")),
         (with_key("sync", "power_levels", {"Patient": 100}), ("sync", "power_levels")),
         (with_key("sync", "role_power_levels", {"62247001": 75}), ("sync", "role_power_levels")),
@@ -218,6 +224,9 @@ def test_error_message_says_what_is_expected() -> None:
     with pytest.raises(ConfigError) as caught:
         parse(with_key("fhir", "timeout", 10))
     assert "'10s'" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        parse(with_key("communication", "redactions", "admins"))
+    assert "expected one of sender, moderators, got 'admins'" in str(caught.value)
 
 
 def test_subscriptions_need_the_webhook_secret() -> None:

@@ -89,6 +89,39 @@ def test_dead_letters_can_be_requeued_one_by_one_or_all(txn: sqlite3.Cursor) -> 
     assert store.requeue_dead(txn, ["$1"], 9000) == 0  # already pending: untouched
 
 
+def test_a_row_can_be_read_and_rewritten_in_place(txn: sqlite3.Cursor) -> None:
+    store.enqueue(txn, event("$1"), 1000)
+    store.mark_dead(txn, "$1", "HTTP 422: quoting the message")
+    assert store.row_of(txn, "$1") == store.StoredRow(
+        store.DEAD, event("$1"), "HTTP 422: quoting the message"
+    )
+    erased = {**event("$1"), "content": {}, "withdrawn": {}}
+    store.rewrite(txn, "$1", erased, "HTTP 422 (details erased)")
+    assert store.row_of(txn, "$1") == store.StoredRow(
+        store.DEAD, erased, "HTTP 422 (details erased)"
+    )
+    # State, attempts and schedule stay: a retry still takes it from the dead letters.
+    assert store.counts(txn) == (0, 1)
+    assert store.requeue_dead(txn, ["$1"], 2000) == 1
+    (row,) = store.due_rows(txn, 2000, limit=10)
+    assert row.event == erased
+    assert store.row_of(txn, "$unknown") is None
+
+
+def test_rows_of_a_room_can_be_found_by_their_event(txn: sqlite3.Cursor) -> None:
+    store.enqueue(txn, {**event("$edit"), "content": {"edits": "$orig"}}, 1000)
+    store.enqueue(txn, {**event("$other"), "content": {}}, 1001)
+    store.enqueue(
+        txn, {**event("$elsewhere", "!b:example.org"), "content": {"edits": "$orig"}}, 1002
+    )
+    store.mark_dead(txn, "$edit", "HTTP 422")
+
+    def edits_orig(e: dict) -> bool:
+        return bool(e["content"].get("edits") == "$orig")
+
+    assert store.event_ids_in_room(txn, "!a:example.org", edits_orig) == ["$edit"]
+
+
 def test_backoff_grows_with_jitter_and_a_cap() -> None:
     rng = random.Random(7)
     delays = [store.retry_delay_ms(n, rng=rng) for n in range(12)]
