@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from synapse.api.errors import Codes, SynapseError
 from synapse.module_api import (
     DirectServeJsonResource,
     ModuleApi,
     SynapseRequest,
     parse_json_object_from_request,
 )
+from synapse.module_api.errors import Codes, SynapseError
 
 from synapse_fhir_module import outbox_store
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import synapse_fhir_module
 
 # What Synapse documents for modules: ModuleApi and its errors, the spam-checker's
-# registration answers, the errors module ModuleApi raises, and where the `@cached`
-# functions that `register_cached_function` takes come from.
+# registration answers, the errors module ModuleApi raises (the same classes as
+# synapse.module_api.errors, which the module uses), and where the `@cached` functions
+# that `register_cached_function` takes come from.
 ALLOWED = frozenset(
     {
         "synapse.module_api",
