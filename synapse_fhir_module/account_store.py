@@ -77,3 +77,9 @@ def persons_of_accounts(txn: Cursor, user_ids: Sequence[str]) -> dict[str, str]:
         tuple(user_ids),
     )
     return {str(user_id): str(person) for user_id, person in txn.fetchall()}
+
+
+def accounts_of_person(txn: Cursor, person: str) -> list[str]:
+    """The accounts recorded as ``person``'s."""
+    txn.execute(f"SELECT user_id FROM {TABLE} WHERE person = ? ORDER BY user_id", (person,))
+    return [str(user_id) for (user_id,) in txn.fetchall()]

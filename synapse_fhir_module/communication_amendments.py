@@ -28,8 +28,10 @@ from synapse_fhir_module.care_team import reference_of
 from synapse_fhir_module.communication_mapping import (
     ENCRYPTED_TAG,
     EVENT_ID_SYSTEM,
+    ORIGIN_TAG,
     WITHDRAWN,
     Redaction,
+    is_event_id,
     moderator_note,
 )
 from synapse_fhir_module.communication_writer import invalid_communication
@@ -85,13 +87,19 @@ def edited(
     return resource
 
 
-def withdrawn(stored: Mapping[str, Any], redaction: Redaction, policy: RedactionPolicy) -> Decision:
+def withdrawn(
+    stored: Mapping[str, Any],
+    redaction: Redaction,
+    policy: RedactionPolicy,
+    *,
+    by_local_user: bool = True,
+) -> Decision:
     """The stored Communication withdrawn by a redaction, if the policy lets the redacter;
     a note names them when they are not its sender."""
     if stored.get("status") == ENTERED_IN_ERROR:
         return Unchanged("already withdrawn")
     by_sender = _same_person(redaction.person, reference_of(stored.get("sender")))
-    if not redaction_counts(policy, by_sender=by_sender):
+    if not redaction_counts(policy, by_sender=by_sender, by_local_user=by_local_user):
         return Unchanged("redacted by someone other than its sender (redactions: sender)")
     resource = _next_version(stored)
     resource.pop("payload", None)
@@ -101,9 +109,12 @@ def withdrawn(stored: Mapping[str, Any], redaction: Redaction, policy: Redaction
     return resource
 
 
-def redaction_counts(policy: RedactionPolicy, *, by_sender: bool) -> bool:
-    """Whether a redaction withdraws the message's record."""
-    return by_sender or policy is RedactionPolicy.MODERATORS
+def redaction_counts(policy: RedactionPolicy, *, by_sender: bool, by_local_user: bool) -> bool:
+    """Whether a redaction withdraws the message's record. Someone else's counts only with
+    ``moderators``, and only from this server's users: Synapse checked their ``redact``
+    power level when it accepted the redaction, which it does not for a redaction received
+    over federation (room versions 3 and later apply those only when showing the room)."""
+    return by_sender or (policy is RedactionPolicy.MODERATORS and by_local_user)
 
 
 def same_author(
@@ -193,12 +204,20 @@ class CommunicationAmender:
         raise StillConflicting(f"{location} kept changing while it was being updated")
 
     async def stored(self, event_id: str) -> dict[str, Any] | None:
-        """The Communication recorded for ``event_id``, as FHIR holds it now."""
+        """The Communication this module recorded for ``event_id``, as FHIR holds it now
+        (not another system's that happens to carry the identifier)."""
+        if not is_event_id(event_id):
+            return None
         found = await self._fhir.search_json(
             "Communication", {"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"}
         )
         for resource in found:
-            if resource.get("resourceType") == "Communication" and resource.get("id"):
+            if (
+                resource.get("resourceType") == "Communication"
+                and resource.get("id")
+                and _has_tag(resource, ORIGIN_TAG)
+                and _carries_event_id(resource, event_id)
+            ):
                 return resource
         return None
 
@@ -217,6 +236,23 @@ def _version_of(stored: Mapping[str, Any]) -> str | None:
     meta = stored.get("meta")
     version = meta.get("versionId") if isinstance(meta, Mapping) else None
     return str(version) if version else None
+
+
+def _carries_event_id(resource: Mapping[str, Any], event_id: str) -> bool:
+    return any(
+        isinstance(identifier, Mapping)
+        and identifier.get("system") == EVENT_ID_SYSTEM
+        and identifier.get("value") == event_id
+        for identifier in _mappings(resource.get("identifier"))
+    )
+
+
+def in_thread(stored: Mapping[str, Any], thread: str | None) -> bool:
+    """Whether the stored Communication is part of ``thread`` (the room an edit or a
+    redaction was sent in): a room's events never change another room's record."""
+    return thread is not None and any(
+        reference_of(part) == thread for part in _mappings(stored.get("partOf"))
+    )
 
 
 def _same_person(person: str | None, other: str | None) -> bool:

@@ -34,6 +34,8 @@ WITHDRAWN = "withdrawn"
 # A moderator's withdrawal, as the note names it: no clinical words, it sits beside the record.
 MODERATOR_NOTE = "Withdrawn in Matrix by a moderator"
 
+_EVENT_ID = re.compile(r"\$[A-Za-z0-9_\-+/=.:]{1,254}")
+
 FILE_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
 # FHIR's `code` and `unsignedInt` limits (what Attachment.contentType and .size accept).
 FHIR_CODE = re.compile(r"[^\s]+( [^\s]+)*")
@@ -178,12 +180,19 @@ def moderator_note(redaction: Redaction) -> dict[str, Any]:
 
 
 def replaced_event(content: Mapping[str, Any]) -> str | None:
-    """The event id an edit (``m.replace``) replaces; None when it is not an edit."""
+    """The event id an edit (``m.replace``) replaces; None when it is not an edit (or names
+    no well-formed event id: the value goes into FHIR searches)."""
     relates_to = content.get("m.relates_to")
     if not isinstance(relates_to, Mapping) or relates_to.get("rel_type") != "m.replace":
         return None
     original = relates_to.get("event_id")
-    return original if isinstance(original, str) else None
+    return original if is_event_id(original) else None
+
+
+def is_event_id(value: Any) -> bool:
+    """Whether ``value`` is a Matrix event id: ``$`` and the characters event ids are made
+    of — never a comma or a bar, which a FHIR token search reads as "or" and "system"."""
+    return isinstance(value, str) and _EVENT_ID.fullmatch(value) is not None
 
 
 def edit_payload(content: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,7 +280,7 @@ def _reply_target(relates_to: Any) -> str | None:
     if not isinstance(relates_to, Mapping):
         return None
     in_reply_to = relates_to.get("m.in_reply_to")
-    if isinstance(in_reply_to, Mapping) and isinstance(in_reply_to.get("event_id"), str):
+    if isinstance(in_reply_to, Mapping) and is_event_id(in_reply_to.get("event_id")):
         return str(in_reply_to["event_id"])
     return None
 

@@ -33,6 +33,7 @@ from synapse_fhir_module.communication_amendments import (
     edited_event,
     erased_error,
     erased_event,
+    in_thread,
     redaction_counts,
     same_author,
     withdrawn,
@@ -342,7 +343,15 @@ class CommunicationRecorder:
             logger.info("Outbox: edit %s of %s holds nothing to record", row.event_id, original)
             return _Outcome(done=[row.event_id])
         editor = await self._person_of(str(row.event.get("sender")))
-        result = await self._amender.amend(original, lambda stored: edited(stored, editor, payload))
+        thread = await self._room_thread(row.room_id)
+        result = await self._amender.amend(
+            original,
+            lambda stored: (
+                edited(stored, editor, payload)
+                if in_thread(stored, thread)
+                else Unchanged("the original is another room's")
+            ),
+        )
         if result is None:
             return await self._edit_in_outbox(row, original, editor)
         return self._amended(row, original, result)
@@ -357,6 +366,8 @@ class CommunicationRecorder:
         if stored is None:
             # Never recorded (not a care-team message, or posted from FHIR): nothing to do.
             return _Outcome(done=[row.event_id])
+        if stored.room_id != row.room_id:
+            return self._amended(row, original, Unchanged("the original is another room's"))
         if stored.state == outbox_store.PENDING:
             # Normally written before its edit (a room's rows go in order): soon, then.
             raise _NotYet(f"the message edited by {row.event_id} is not in FHIR yet")
@@ -389,10 +400,19 @@ class CommunicationRecorder:
             "fhir_outbox_row", outbox_store.row_of, original
         )
         if stored is not None:
+            if stored.room_id != row.room_id:
+                return self._amended(row, original, Unchanged("the original is another room's"))
             return await self._redact_in_outbox(row, original, stored, redaction)
         policy = self._config.redactions
+        local = self._api.is_mine(redacter)
+        thread = await self._room_thread(row.room_id)
         result = await self._amender.amend(
-            original, lambda stored: withdrawn(stored, redaction, policy)
+            original,
+            lambda stored: (
+                withdrawn(stored, redaction, policy, by_local_user=local)
+                if in_thread(stored, thread)
+                else Unchanged("the original is another room's")
+            ),
         )
         if result is None:
             return _Outcome(done=[row.event_id])  # never recorded: nothing to withdraw
@@ -416,7 +436,11 @@ class CommunicationRecorder:
         sender_id = str(stored.event.get("sender"))
         sender = None if sender_id == redaction.user_id else await self._person_of(sender_id)
         by_sender = same_author(redaction.user_id, redaction.person, sender_id, sender)
-        if not redaction_counts(self._config.redactions, by_sender=by_sender):
+        if not redaction_counts(
+            self._config.redactions,
+            by_sender=by_sender,
+            by_local_user=self._api.is_mine(redaction.user_id),
+        ):
             return self._amended(row, original, Unchanged("redacted by someone else"))
         content = stored.event.get("content")
         if isinstance(content, Mapping) and (
@@ -438,6 +462,19 @@ class CommunicationRecorder:
             await self._drop_edits_of(row.room_id, original)
         logger.info("Outbox: redaction %s erased %s, still in the outbox", row.event_id, original)
         return _Outcome(done=[row.event_id])
+
+    async def _room_thread(self, room_id: str) -> str | None:
+        """The room's thread (``CommunicationRequest/<id>``) if it has one: bound in room
+        state, opened by this instance, or opened for it before (found by its room id)."""
+        thread = await self._bindings.thread_of(room_id) or self._opened_threads.get(room_id)
+        if thread is not None or any(c in room_id for c in ",|$\\"):
+            return thread
+        for request in await self._fhir.search_json(
+            "CommunicationRequest", {"identifier": f"{ROOM_ID_SYSTEM}|{room_id}"}
+        ):
+            if request.get("resourceType") == "CommunicationRequest" and request.get("id"):
+                return f"CommunicationRequest/{request['id']}"
+        return None
 
     async def _drop_edits_of(self, room_id: str, original: str) -> None:
         """A withdrawn message's edits still in the outbox (waiting, or refused by FHIR)

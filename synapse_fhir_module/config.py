@@ -39,7 +39,7 @@ class RedactionPolicy(str, Enum):
     """Whose redaction withdraws a recorded message (its Communication entered-in-error)."""
 
     SENDER = "sender"  # only its sender's (the same FHIR person)
-    MODERATORS = "moderators"  # also anyone Synapse lets redact it, named in a note
+    MODERATORS = "moderators"  # also this server's users Synapse let redact it, noted
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True, repr=False)

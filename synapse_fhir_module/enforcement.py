@@ -35,6 +35,7 @@ from synapse.module_api.errors import Codes
 from synapse_fhir_module.care_team import TeamMembership
 from synapse_fhir_module.denials import Denied, Reason
 from synapse_fhir_module.power_levels import RESERVED_EVENTS
+from synapse_fhir_module.registered_accounts import RegisteredAccounts
 from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
 
@@ -58,6 +59,7 @@ class CareTeamGate:
         bindings: RoomBindings,
         teams: CareTeamDirectory,
         *,
+        accounts: RegisteredAccounts | None = None,
         service_user_id: str,
         exempt_users: Collection[str],
         fail_closed: bool,
@@ -67,6 +69,7 @@ class CareTeamGate:
     ) -> None:
         self._bindings = bindings
         self._teams = teams
+        self._accounts = accounts
         self._service_user_id = service_user_id
         self._exempt = frozenset(exempt_users) | {service_user_id}
         self._fail_closed = fail_closed
@@ -213,7 +216,20 @@ class CareTeamGate:
             if entering in team.inactive:
                 return Reason.ACCOUNT_INACTIVE
             return Reason.NOT_IN_CARE_TEAM
+        if await self._conflicting(team, entering):
+            return Reason.NOT_IN_CARE_TEAM
         return None
+
+    async def _conflicting(self, team: TeamMembership, user_id: str) -> bool:
+        """Whether the member's account was registered as somebody else's (its name taken
+        before a record came to name it): then it is nobody's, and stays out."""
+        if self._accounts is None:
+            return False
+        person = team.members[user_id].person
+        if await self._accounts.conflicting({user_id: person}):
+            logger.warning("%s names an account registered as another person's: refused", person)
+            return True
+        return False
 
     async def _acting_refusal(self, room_id: str, sender: str) -> Reason | None:
         if sender in self._exempt:

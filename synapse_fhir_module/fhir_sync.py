@@ -41,6 +41,7 @@ from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirNotFoundError
 from synapse_fhir_module.membership_plan import plan_membership
 from synapse_fhir_module.person_directory import PersonDirectory
+from synapse_fhir_module.registered_accounts import RegisteredAccounts
 from synapse_fhir_module.relay_content import relay_content
 from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.sync_metrics import BINDING_INCIDENTS
@@ -83,12 +84,14 @@ class FhirSync:
         persons: PersonDirectory,
         boundaries: TeamBoundaries,
         now_ms: Callable[[], int],
+        accounts: RegisteredAccounts | None = None,
     ) -> None:
         self._api = api
         self._bindings = bindings
         self._persons = persons
         self._boundaries = boundaries
         self._now_ms = now_ms
+        self._accounts = accounts
         self._config = config
         self._fhir = fhir
         self._teams = teams
@@ -276,6 +279,17 @@ class FhirSync:
     async def _sync_room(self, room_id: str, team: TeamMembership) -> None:
         emptied = team.status in EMPTIED_STATUSES
         members = {} if emptied else team.current_members()
+        if members and self._accounts is not None:
+            # An account registered as somebody else's before a record named it: nobody's.
+            for user_id in await self._accounts.conflicting(
+                {user_id: member.person for user_id, member in members.items()}
+            ):
+                logger.warning(
+                    "%s: %s names an account registered as another person's; left out",
+                    team.team,
+                    members[user_id].person,
+                )
+                del members[user_id]
         plan = plan_membership(
             members,
             await self._rooms.memberships(room_id),

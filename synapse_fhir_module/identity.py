@@ -9,7 +9,10 @@ Its email addresses are its ``telecom {system: "email"}`` entries.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any
+
+from synapse_fhir_module.fhir_time import period_covers
 
 MATRIX_ID_SYSTEM = "https://matrix.org/user-id"
 MATRIX_URI_PREFIX = "matrix:u/"
@@ -23,10 +26,18 @@ def matrix_uri(user_id: str) -> str:
 
 
 def user_id_from_uri(uri: str) -> str | None:
-    """``matrix:u/alice:example.org`` (with or without ``?action=...``) → ``@alice:example.org``."""
+    """``matrix:u/alice:example.org`` → ``@alice:example.org``.
+
+    Only that exact form: the module finds persons by searching FHIR for it, token by
+    token, so a form the search cannot find (``?action=chat``, a fragment) must not name
+    an account here either — or a username FHIR seems not to name at registration would
+    later turn out to be somebody's.
+    """
     if not uri.startswith(MATRIX_URI_PREFIX):
         return None
-    rest = uri[len(MATRIX_URI_PREFIX) :].split("?", 1)[0].split("#", 1)[0]
+    rest = uri[len(MATRIX_URI_PREFIX) :]
+    if "?" in rest or "#" in rest or rest != rest.strip():
+        return None
     localpart, sep, server = rest.partition(":")
     if not localpart or not sep or not server:
         return None
@@ -61,18 +72,23 @@ def emails_of(person: Mapping[str, Any]) -> set[str]:
     identifier systems) can be added here alone.
     """
     found: set[str] = set()
+    now = datetime.now(timezone.utc)
     for telecom in _dicts(person.get("telecom")):
         value = telecom.get("value")
-        if telecom.get("system") == EMAIL_TELECOM_SYSTEM and isinstance(value, str):
-            address = normalise_email(value)
-            if address:
-                found.add(address)
+        if telecom.get("system") != EMAIL_TELECOM_SYSTEM or not isinstance(value, str):
+            continue
+        if telecom.get("use") == "old" or not period_covers(telecom.get("period"), now):
+            continue  # an address the person no longer has (a successor may read it)
+        address = normalise_email(value)
+        if address:
+            found.add(address)
     return found
 
 
 def is_active(resource: Mapping[str, Any]) -> bool:
-    """``active`` absent means active (FHIR's default reading for these resources)."""
-    return resource.get("active", True) is not False
+    """``active`` absent means active (FHIR's default reading for these resources); anything
+    but ``true`` or absent (``false``, or a malformed ``"false"``) is not active."""
+    return resource.get("active", True) is True
 
 
 def person_searches(user_ids: Sequence[str]) -> list[tuple[str, dict[str, str]]]:

@@ -73,7 +73,7 @@ class FhirModule:
         # drain had written and removed the row, would be written a second time.)
         self._enqueues = api.worker_name is None
 
-        accounts = RegisteredAccounts(api)  # which person each gated registration was
+        accounts = self._accounts = RegisteredAccounts(api)  # whose each gated registration was
         self._persons = PersonDirectory(self._fhir, recorded_persons=accounts.persons_of)
         self._teams = CareTeamDirectory(api, self._fhir, ttl=config.enforcement.cache_ttl)
         self._bindings = RoomBindings(api, self._fhir, self._service_user_id)
@@ -154,6 +154,7 @@ class FhirModule:
                 persons=self._persons,
                 boundaries=self._boundaries,
                 now_ms=now_ms,
+                accounts=accounts,
             )
             self._changes = ChangeQueue(
                 api, self._sync.apply, self.invalidate, prepare=self._sync.prepare
@@ -281,6 +282,7 @@ class FhirModule:
         gate = CareTeamGate(
             self._bindings,
             self._teams,
+            accounts=self._accounts,
             service_user_id=self._service_user_id,
             exempt_users=exempt,
             fail_closed=config.fail_closed,

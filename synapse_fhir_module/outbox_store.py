@@ -125,17 +125,19 @@ class StoredRow:
     state: str
     event: dict[str, Any]
     last_error: str | None
+    room_id: str = ""
 
 
 def row_of(txn: Cursor, event_id: str) -> StoredRow | None:
     txn.execute(
-        f"SELECT state, event_json, last_error FROM {TABLE} WHERE event_id = ?", (event_id,)
+        f"SELECT state, event_json, last_error, room_id FROM {TABLE} WHERE event_id = ?",
+        (event_id,),
     )
     found = txn.fetchone()
     if found is None:
         return None
-    state, event_json, last_error = found
-    return StoredRow(state, json.loads(event_json), last_error)
+    state, event_json, last_error, room_id = found
+    return StoredRow(state, json.loads(event_json), last_error, str(room_id))
 
 
 def rewrite(txn: Cursor, event_id: str, event: dict[str, Any], last_error: str | None) -> None:

@@ -94,16 +94,27 @@ class PersonDirectory:
 
     async def _lookup_batch(self, user_ids: Sequence[str]) -> list[PersonRecord]:
         named = await self._named_persons(user_ids)
-        unnamed = [user_id for user_id in user_ids if not named[user_id]]
-        recorded = dict(await self._recorded_persons(unnamed)) if unnamed else {}
-        resources = await self._read_persons(set(recorded.values()))
+        recorded = dict(await self._recorded_persons(list(user_ids)))
+        unnamed = {user_id: recorded[user_id] for user_id in recorded if not named[user_id]}
+        resources = await self._read_persons(set(unnamed.values()))
         now = self._monotonic()
-        return [
-            _recorded_record(user_id, recorded[user_id], resources, now)
-            if user_id in recorded
-            else _record(user_id, named[user_id], now)
-            for user_id in user_ids
-        ]
+        records = []
+        for user_id in user_ids:
+            if user_id in unnamed:
+                records.append(_recorded_record(user_id, unnamed[user_id], resources, now))
+                continue
+            record = _record(user_id, named[user_id], now)
+            if user_id in recorded and record.person not in (None, recorded[user_id]):
+                # Registered as one person's, named since by another's record (the name was
+                # taken first): nobody's until the data says one thing.
+                logger.warning(
+                    "An account recorded as %s is named by %s; treating it as unmapped",
+                    recorded[user_id],
+                    record.person,
+                )
+                record = PersonRecord(user_id, None, False, now, ambiguous=True)
+            records.append(record)
+        return records
 
     async def _named_persons(self, user_ids: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
         # Plain searches one after another, not a `batch` Bundle of them: HAPI runs batch

@@ -8,7 +8,7 @@ no longer gated, for the accounts recorded before).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from synapse.module_api import ModuleApi
 
@@ -42,6 +42,20 @@ class RegisteredAccounts:
         return await self._api.run_db_interaction(
             "fhir_account_persons", account_store.persons_of_accounts, list(user_ids)
         )
+
+    async def accounts_of(self, person: str) -> list[str]:
+        """The accounts recorded as ``person``'s."""
+        await self._create_table()
+        return await self._api.run_db_interaction(
+            "fhir_person_accounts", account_store.accounts_of_person, person
+        )
+
+    async def conflicting(self, persons_by_user: Mapping[str, str]) -> set[str]:
+        """Of these accounts (user id → the person whose record names it), those recorded
+        as somebody else's: an account registered before a record came to name it — it
+        is nobody's until the data says one thing."""
+        recorded = await self.persons_of(list(persons_by_user)) if persons_by_user else {}
+        return {user for user, person in recorded.items() if persons_by_user[user] != person}
 
     async def _create_table(self) -> None:
         if self._table_exists:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import attr
 from synapse.module_api import ModuleApi
 from synapse.spam_checker_api import RegistrationBehaviour
 
@@ -74,6 +75,12 @@ class RegistrationGate:
             raise Denied(Reason.NO_FHIR_IDENTITY)
         user_id = self._api.get_qualified_user_id(username)
         if user_id in self._exempt:
+            if request_info:
+                # A client (it has a user agent and an address) asking for the service
+                # user's or an exempt account's name: only the module and Synapse's admin
+                # APIs make those (they pass none).
+                logger.warning("Refusing a client's registration of an exempt account's name")
+                raise Denied(Reason.NO_FHIR_IDENTITY)
             return RegistrationBehaviour.ALLOW
         email = verified_email(email_threepid)
         try:
@@ -82,6 +89,10 @@ class RegistrationGate:
                 for reference, person in (await self._persons.persons_naming(user_id)).items()
             ]
             carriers = None if email is None else await self._persons_carrying(email)
+            if carriers is not None and len(carriers) == 1 and not named_by:
+                (carrier,) = carriers
+                if await self._accounts.accounts_of(carrier.reference):
+                    carriers = [attr.evolve(carrier, has_recorded_account=True)]
         except FhirError as e:
             logger.warning(
                 "Refusing a registration: FHIR could not be asked (%s, HTTP %s)",

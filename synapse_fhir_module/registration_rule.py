@@ -6,10 +6,14 @@ address, so it is tested without a server. A registration identifies person P wh
 - the username is named by P alone, P is active, and the verified email is carried by
   P alone (``USERNAME_AND_EMAIL``); or
 - no person names the username, and the verified email is carried by P alone, P is
-  active and names no Matrix account of its own (``EMAIL``): the account becomes P's.
+  active, names no Matrix account of its own and has none recorded yet (``EMAIL``): the
+  account becomes P's. (One such account per person: someone who can read P's mailbox
+  cannot collect usernames for P.)
 
 Anything else identifies nobody. An address several persons carry identifies none of
-them, whether they are active or not: a shared mailbox cannot tell who registers.
+them, whether they are active or not: a shared mailbox cannot tell who registers. (Of
+the persons FHIR's email search finds: HAPI matches it exactly, so addresses are to be
+kept in lower case in FHIR.)
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class Refusal(str, Enum):
     EMAIL_PERSON_INACTIVE = "email_person_inactive"
     # The person's record names its Matrix account already: that account is theirs.
     EMAIL_PERSON_NAMES_ANOTHER_ACCOUNT = "email_person_names_another_account"
+    # An earlier registration by the email alone made the person's account already.
+    EMAIL_PERSON_HAS_AN_ACCOUNT = "email_person_has_an_account"
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -48,6 +54,9 @@ class Candidate:
     reference: str  # "Practitioner/12"
     active: bool
     names_an_account: bool  # whether its record names any Matrix user id
+    # Whether an account was recorded as this person's already (by an earlier registration).
+    # (Not part of what makes two sightings of a person the same.)
+    has_recorded_account: bool = attr.ib(default=False, eq=False)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -91,4 +100,6 @@ def identify(
         return Refusal.EMAIL_PERSON_INACTIVE
     if person.names_an_account:
         return Refusal.EMAIL_PERSON_NAMES_ANOTHER_ACCOUNT
+    if person.has_recorded_account:
+        return Refusal.EMAIL_PERSON_HAS_AN_ACCOUNT
     return Identified(person.reference, Establishment.EMAIL)

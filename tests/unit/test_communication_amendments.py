@@ -162,9 +162,12 @@ def test_a_second_redaction_changes_nothing() -> None:
 
 
 def test_which_redactions_count() -> None:
-    assert redaction_counts(SENDER, by_sender=True)
-    assert not redaction_counts(SENDER, by_sender=False)
-    assert redaction_counts(MODERATORS, by_sender=False)
+    assert redaction_counts(SENDER, by_sender=True, by_local_user=True)
+    assert not redaction_counts(SENDER, by_sender=False, by_local_user=True)
+    assert redaction_counts(MODERATORS, by_sender=False, by_local_user=True)
+    # A redaction another server sends: Synapse did not check its sender's power level.
+    assert not redaction_counts(MODERATORS, by_sender=False, by_local_user=False)
+    assert redaction_counts(MODERATORS, by_sender=True, by_local_user=False)
 
 
 def test_an_author_is_the_same_account_or_the_same_fhir_person() -> None:
@@ -362,3 +365,23 @@ async def test_a_refusal_other_than_a_conflict_is_not_retried() -> None:
         await CommunicationAmender(fhir).amend("$orig", edit_by_gp)  # type: ignore[arg-type]
     assert caught.value.status == 422
     assert len(fhir.updates) == 1
+
+
+def test_an_event_id_is_never_a_search_expression() -> None:
+    from synapse_fhir_module.communication_mapping import is_event_id, replaced_event
+
+    assert is_event_id("$Abc-_+/=.:9")
+    assert is_event_id("$1234:example.org")  # room versions 1 and 2
+    for forged in ("$x,https://matrix.org/event-id|$victim", "$x|y", "x", "", None, "$a b"):
+        assert not is_event_id(forged), forged
+    edit = {"m.relates_to": {"rel_type": "m.replace", "event_id": "$a,$b"}}
+    assert replaced_event(edit) is None
+
+
+def test_an_amendment_applies_only_to_its_own_rooms_record() -> None:
+    from synapse_fhir_module.communication_amendments import in_thread
+
+    stored = {"partOf": [{"reference": "CommunicationRequest/7", "type": "CommunicationRequest"}]}
+    assert in_thread(stored, "CommunicationRequest/7")
+    assert not in_thread(stored, "CommunicationRequest/8")  # sent in another room
+    assert not in_thread(stored, None)

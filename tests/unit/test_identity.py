@@ -26,7 +26,10 @@ def test_both_forms_and_noise() -> None:
         "telecom": [
             {"system": "email", "value": "matrix:u/not-this:example.org"},
             {"system": "url", "value": "https://example.org/alice"},
-            {"system": "url", "value": "matrix:u/alice:example.org?action=chat"},
+            {"system": "url", "value": "matrix:u/alice:example.org"},
+            # Forms FHIR's token search cannot find by the account's id name nobody.
+            {"system": "url", "value": "matrix:u/carol:example.org?action=chat"},
+            {"system": "url", "value": "matrix:u/dave:example.org#x"},
             "garbage",
         ],
         "identifier": [
@@ -49,6 +52,8 @@ def test_active_defaults_to_true() -> None:
     assert is_active({}) is True
     assert is_active({"active": True}) is True
     assert is_active({"active": False}) is False
+    assert is_active({"active": "false"}) is False  # malformed: not active (fail closed)
+    assert is_active({"active": None}) is False
 
 
 def test_searches_cover_every_person_type_and_both_forms() -> None:

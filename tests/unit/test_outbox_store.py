@@ -92,13 +92,14 @@ def test_dead_letters_can_be_requeued_one_by_one_or_all(txn: sqlite3.Cursor) -> 
 def test_a_row_can_be_read_and_rewritten_in_place(txn: sqlite3.Cursor) -> None:
     store.enqueue(txn, event("$1"), 1000)
     store.mark_dead(txn, "$1", "HTTP 422: quoting the message")
+    room = event("$1")["room_id"]
     assert store.row_of(txn, "$1") == store.StoredRow(
-        store.DEAD, event("$1"), "HTTP 422: quoting the message"
+        store.DEAD, event("$1"), "HTTP 422: quoting the message", room
     )
     erased = {**event("$1"), "content": {}, "withdrawn": {}}
     store.rewrite(txn, "$1", erased, "HTTP 422 (details erased)")
     assert store.row_of(txn, "$1") == store.StoredRow(
-        store.DEAD, erased, "HTTP 422 (details erased)"
+        store.DEAD, erased, "HTTP 422 (details erased)", room
     )
     # State, attempts and schedule stay: a retry still takes it from the dead letters.
     assert store.counts(txn) == (0, 1)

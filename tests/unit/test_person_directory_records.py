@@ -70,9 +70,18 @@ async def test_a_recorded_account_is_its_person_s_while_the_person_is_active() -
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_explicit_matrix_id_wins_over_the_record() -> None:
+async def test_an_account_named_by_one_person_and_recorded_as_another_is_nobodys() -> None:
+    # Registered by Henk's address first, named in Anna's record later: squatted or a data
+    # error, either way it may act as neither.
     fhir = PersonsInFhir(ANNA, HENK)
     persons = directory(fhir, {"@anna:x": "Patient/henk"})
+    record = await persons.lookup("@anna:x")
+    assert (record.person, record.active, record.ambiguous) == (None, False, True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_account_named_and_recorded_as_the_same_person_is_theirs() -> None:
+    persons = directory(PersonsInFhir(ANNA), {"@anna:x": "Practitioner/anna"})
     record = await persons.lookup("@anna:x")
     assert (record.person, record.active) == ("Practitioner/anna", True)
 

@@ -54,3 +54,14 @@ def test_searches_cover_every_person_type_and_escape_search_syntax() -> None:
     assert [resource_type for resource_type, _ in searches] == list(PERSON_TYPES)
     # "|" would split system from value and "," would OR two values.
     assert {params["email"] for _, params in searches} == {"a\\|b\\,c\\$d\\\\e@example.org"}
+
+
+def test_an_address_the_person_no_longer_has_is_not_theirs() -> None:
+    person = {
+        "telecom": [
+            {"system": "email", "value": "old@example.org", "use": "old"},
+            {"system": "email", "value": "ended@example.org", "period": {"end": "2020-01-01"}},
+            {"system": "email", "value": "now@example.org", "use": "work"},
+        ]
+    }
+    assert emails_of(person) == {"now@example.org"}

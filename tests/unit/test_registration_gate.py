@@ -62,6 +62,9 @@ class Accounts:
     async def record(self, user_id: str, person: str, established_by: str) -> None:
         self.recorded.append((user_id, person, established_by))
 
+    async def accounts_of(self, person: str) -> list[str]:
+        return [user_id for user_id, recorded, _ in self.recorded if recorded == person]
+
 
 class Clock:
     now = 1000.0
@@ -133,9 +136,22 @@ async def test_refusals_without_a_person() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_exempt_users_register_without_fhir_being_asked() -> None:
+async def test_exempt_users_are_registered_by_the_module_and_admins_only() -> None:
     g = gate(Fhir(down=True))
-    assert await check(g, None, "audit") is RegistrationBehaviour.ALLOW
+    # The module's own registration (and Synapse's admin APIs) carry no client details.
+    assert await g.check_registration_for_spam(None, "audit", []) is RegistrationBehaviour.ALLOW
+    # A client asking for that name first is refused: it would hold the account.
+    assert await refusal(g, None, "audit") == "no_fhir_identity"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_email_alone_makes_one_account_per_person() -> None:
+    accounts = Accounts()
+    g = gate(Fhir(HENK), accounts)
+    assert await check(g, verified("henk@example.org"), "henk") is RegistrationBehaviour.ALLOW
+    await g.on_user_registration(f"@henk:{SERVER}")
+    # Whoever reads Henk's mailbox cannot collect more usernames for him.
+    assert await refusal(g, verified("henk@example.org"), "henk2") == "no_fhir_identity"
 
 
 @pytest_twisted.ensureDeferred

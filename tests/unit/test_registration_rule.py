@@ -45,6 +45,9 @@ def test_the_refusals() -> None:
     assert identify([], [OLD]) is Refusal.EMAIL_PERSON_INACTIVE
     # Anna's record names her account: her address does not open another one.
     assert identify([], [ANNA]) is Refusal.EMAIL_PERSON_NAMES_ANOTHER_ACCOUNT
+    # Henk's address made his account already: it does not make a second.
+    henk_registered = Candidate("Patient/henk", True, False, has_recorded_account=True)
+    assert identify([], [henk_registered]) is Refusal.EMAIL_PERSON_HAS_AN_ACCOUNT
 
 
 def test_one_person_seen_differently_by_the_two_searches_is_refused() -> None:
