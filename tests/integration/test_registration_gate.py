@@ -22,6 +22,7 @@ from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, register_publicly, register_user
 from devstack.ports import free_port
+from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.smtp import SmtpServer
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
@@ -75,6 +76,7 @@ class People(CareNetwork):
             person("Practitioner", "bram", self.named_with_email("bram")),
             # Nobody names henk's account: his email alone identifies him.
             person("Patient", "henk", self.with_email("henk")),
+            person("Patient", "quinn", self.with_email("quinn")),
             person("Practitioner", "ivo", self.named_with_email("ivo"), active=False),
             # Two records name the same account.
             person("Practitioner", "twin-a", self.named_with_email("twin")),
@@ -110,7 +112,10 @@ def gated(
     config = module_config(
         hapi.base_url,
         registration={"require_fhir_identity": True},
-        enforcement={"cache_ttl": CACHE_TTL, "exempt_users": [people.user_id("audit")]},
+        enforcement={
+            "cache_ttl": CACHE_TTL,
+            "exempt_users": [people.user_id("audit"), people.user_id("root")],
+        },
     )
     server = SynapseServer(
         run_dir / "synapse-registration", config, extra_config=email_registration(smtp)
@@ -257,13 +262,56 @@ def test_inactive_or_doubly_named_persons_cannot_register(
         assert_refused(gated, response, localpart)
 
 
-def test_exempt_users_register_without_a_person(
+def test_exempt_names_are_registered_by_admins_only_and_without_a_person(
     gated: SynapseServer, smtp: SmtpServer, people: People
 ) -> None:
+    """An exempt account (an audit bot; the service user alike) is nobody's person: a client
+    asking for its name first would hold it, so only the admin APIs may make it."""
     localpart = people.localpart("audit")
     response = register_with_email(gated, smtp, localpart, people.email("audit"))
-    audit = assert_registered(gated, response, localpart)
+    assert_refused(gated, response, localpart)
+    audit = register_user(gated, localpart)  # the shared-secret admin API
+    assert audit.user_id == gated.user_id(localpart)
     assert recorded_account(gated, audit.user_id) is None
+
+
+def test_a_name_registered_first_is_nobody_s_once_another_record_names_it(
+    hapi: HapiDevServer, gated: SynapseServer, smtp: SmtpServer, people: People
+) -> None:
+    """Quinn registers a free username with her own address: it is hers. Later Dr Smith's
+    record names that very account (he would have registered it himself): the account is
+    neither's, and stays out of his care team's rooms."""
+    localpart = people.localpart("drsmith")
+    taken = assert_registered(
+        gated, register_with_email(gated, smtp, localpart, people.email("quinn")), localpart
+    )
+    record = recorded_account(gated, taken.user_id)
+    assert record is not None and record.person == people.ref("Patient", "quinn")
+
+    seeder = FhirSeeder(hapi.base_url)
+    team_ref = people.ref("CareTeam", "smith-team")
+    seeder.put_all(
+        [
+            people.person("Practitioner", "drsmith", via_telecom(localpart)),
+            {
+                "resourceType": "CareTeam",
+                "id": team_ref.split("/")[1],
+                "status": "active",
+                "participant": [
+                    {"member": {"reference": people.ref("Practitioner", "drsmith")}},
+                    {"member": {"reference": people.ref("Practitioner", "anna")}},
+                ],
+            },
+        ]
+    )
+    root = register_user(gated, people.localpart("root"), admin=True)  # exempt
+    service = service_session(root)
+    room = create_room_in_space(service, create_bound_space(service, team_ref))
+    with pytest.raises(MatrixError) as refused:
+        service.invite(room, taken.user_id)
+    assert (refused.value.status, refused.value.reason) == (403, "not_in_care_team")
+    # The control: the team's other member is let in.
+    service.invite(room, gated.user_id(people.localpart("anna")))
 
 
 def test_the_admin_api_registers_only_exempt_users_too(
