@@ -275,7 +275,10 @@ async def full_reconcile(fhir_url: str, *, cache_for: int | None) -> Reconcile:
     teams = directory(api, fhir, cache_for)
     rooms = StandInRooms()
     failures = synced = invalidations = 0
-    idle: defer.Deferred[None] = defer.Deferred()
+    # Who waits for the queue to be idle (one waiter at a time, made when it starts waiting:
+    # the queue also falls idle between two pages of a sweep, which is not the end).
+    waiter: defer.Deferred[None] | None = None
+    failure: Exception | None = None
     queue: ChangeQueue | None = None
 
     def check(team_ref: str) -> None:
@@ -311,26 +314,37 @@ async def full_reconcile(fhir_url: str, *, cache_for: int | None) -> Reconcile:
         try:
             await sync.apply(reference, changed)
         except Exception as e:
+            nonlocal failure
             failures += 1
             # The queue would retry it for ever: the measurement is void, say so now.
-            if not idle.called:
-                idle.errback(RuntimeError(f"reconcile: the sync of {reference} failed: {e!r}"))
+            failure = RuntimeError(f"reconcile: the sync of {reference} failed: {e!r}")
+            if waiter is not None and not waiter.called:
+                waiter.errback(failure)
             raise
 
     queue = ChangeQueue(api, apply, invalidate, prepare=sync.prepare)  # type: ignore[arg-type]
     reconciler = Reconciler(api, fhir, queue)  # type: ignore[arg-type]
 
     async def on_idle() -> None:
-        if not idle.called:
-            idle.callback(None)
+        if waiter is not None and not waiter.called:
+            waiter.callback(None)
+
+    async def until_idle() -> None:
+        nonlocal waiter
+        assert queue is not None
+        if failure is not None:
+            raise failure
+        if queue.idle:
+            return
+        waiter = defer.Deferred()
+        await waiter
 
     queue.when_idle(on_idle)
     await sync.start()
     queue.open()
     started = time.perf_counter()
     await reconciler.sweep()
-    if not queue.idle:
-        await idle
+    await until_idle()
     seconds = time.perf_counter() - started
     if failures or api.background_failures:
         raise RuntimeError(f"reconcile: {failures} syncs, {api.background_failures} jobs failed")
@@ -339,13 +353,11 @@ async def full_reconcile(fhir_url: str, *, cache_for: int | None) -> Reconcile:
     )
 
     # The full reconcile: every team checked again, Matrix already matching.
-    idle = defer.Deferred()
     synced_before, requests_before, invalidations = synced, fhir.requests_made, 0
     result.cached_before_full = cached_teams(teams)
     started = time.perf_counter()
     await reconciler.full_reconcile()
-    if not queue.idle:
-        await idle
+    await until_idle()
     result.full_seconds = time.perf_counter() - started
     if failures or api.background_failures:
         raise RuntimeError(f"full reconcile: {failures} syncs failed")
@@ -639,6 +651,11 @@ async def measure(network: Network, fhir_url: str, sizes: Sizes) -> dict[str, An
         result = await full_reconcile(fhir_url, cache_for=network.teams)
         reconcile.append(result.seconds)
         full_reconcile_s.append(result.full_seconds)
+        if result.synced < network.teams or result.full_checked < network.teams:
+            raise RuntimeError(
+                f"not every team was synced: {result.synced} by the first sweep,"
+                f" {result.full_checked} by the full reconcile, of {network.teams}"
+            )
         if result.full_invalidations or result.cached_after_full < result.cached_before_full:
             raise RuntimeError(
                 f"the full reconcile evicted the cache: {result.full_invalidations} teams"
