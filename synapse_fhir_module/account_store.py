@@ -83,3 +83,19 @@ def accounts_of_person(txn: Cursor, person: str) -> list[str]:
     """The accounts recorded as ``person``'s."""
     txn.execute(f"SELECT user_id FROM {TABLE} WHERE person = ? ORDER BY user_id", (person,))
     return [str(user_id) for (user_id,) in txn.fetchall()]
+
+
+def accounts_of_persons(txn: Cursor, persons: Sequence[str]) -> dict[str, list[str]]:
+    """``{person: accounts}`` for those of ``persons`` that have recorded accounts."""
+    found: dict[str, list[str]] = {}
+    for start in range(0, len(persons), 500):  # (SQLite's limit on parameters)
+        chunk = list(persons[start : start + 500])
+        placeholders = ", ".join("?" for _ in chunk)
+        txn.execute(
+            f"SELECT person, user_id FROM {TABLE} WHERE person IN ({placeholders})"
+            " ORDER BY user_id",
+            tuple(chunk),
+        )
+        for person, user_id in txn.fetchall():
+            found.setdefault(str(person), []).append(str(user_id))
+    return found

@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any
 
 import attr
 
 from synapse_fhir_module.fhir_time import period_bounds
-from synapse_fhir_module.identity import PERSON_TYPES, is_active, matrix_ids_of
+from synapse_fhir_module.identity import PERSON_TYPES, dicts_in, is_active, matrix_ids_of
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,13 @@ TYPE_PRECEDENCE = ("Practitioner", "RelatedPerson", "Patient")
 NO_ROLES: frozenset[str] = frozenset()
 
 Resources = Mapping[str, Mapping[str, Any]]
+# ("Practitioner/12", its resource) → the Matrix accounts that are that person.
+AccountsOf = Callable[[str, Mapping[str, Any]], Collection[str]]
+
+
+def explicit_accounts(reference: str, person: Mapping[str, Any]) -> Collection[str]:
+    """The accounts a person names itself (no email identity)."""
+    return matrix_ids_of(person)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -82,9 +89,10 @@ class TeamMembership:
 class _Walk:
     """What one resolution gathers on its way through the team's graph."""
 
-    def __init__(self, resources: Resources, now: datetime) -> None:
+    def __init__(self, resources: Resources, now: datetime, accounts_of: AccountsOf) -> None:
         self.resources = resources
         self.now = now
+        self.accounts_of = accounts_of
         self.found: dict[str, Member] = {}
         self.claimed_by: dict[str, set[str]] = {}
         self.inactive: set[str] = set()
@@ -106,10 +114,16 @@ class _Walk:
         return True, _earlier(until, end)
 
 
-def resolve_membership(team_ref: str, resources: Resources, now: datetime) -> TeamMembership:
-    """The current members of ``team_ref`` (which must be in ``resources``)."""
+def resolve_membership(
+    team_ref: str,
+    resources: Resources,
+    now: datetime,
+    accounts_of: AccountsOf = explicit_accounts,
+) -> TeamMembership:
+    """The current members of ``team_ref`` (which must be in ``resources``); a person's
+    accounts are what ``accounts_of`` says (the person directory's one resolution)."""
     team = resources[team_ref]
-    walk = _Walk(resources, now)
+    walk = _Walk(resources, now, accounts_of)
     in_period, until = walk.covers(team.get("period"), None)
     if in_period:
         _collect(team_ref, walk, until, visiting=set(), depth=0)
@@ -155,7 +169,7 @@ def _collect(
         if not covered:
             return
     visiting = visiting | {team_ref}
-    for participant in _dicts(team.get("participant")):
+    for participant in dicts_in(team.get("participant")):
         covered, participant_until = walk.covers(participant.get("period"), until)
         if not covered:
             continue
@@ -184,8 +198,9 @@ def _add_person(
     person = walk.resources.get(person_ref)
     if person is None:
         return
+    accounts = walk.accounts_of(person_ref, person)
     if not is_active(person):
-        walk.inactive.update(matrix_ids_of(person))
+        walk.inactive.update(accounts)
         return
     # Interned: the same people sit in many teams, and every cached answer would otherwise
     # hold its own copies of their ids (measured by bench/scale).
@@ -193,7 +208,7 @@ def _add_person(
     person_ref = sys.intern(person_ref)
     roles = frozenset(map(sys.intern, roles)) if roles else NO_ROLES
     ends = until.timestamp() if until is not None else None
-    for user_id in map(sys.intern, matrix_ids_of(person)):
+    for user_id in map(sys.intern, sorted(accounts)):
         walk.claimed_by.setdefault(user_id, set()).add(person_ref)
         # (Per account: another person met earlier under one of this person's accounts
         # must not change what the next account is credited to.)
@@ -220,8 +235,8 @@ def _earlier(a: datetime | None, b: datetime | None) -> datetime | None:
 
 def _role_codes(participant: Mapping[str, Any]) -> frozenset[str]:
     codes = set()
-    for concept in _dicts(participant.get("role")):
-        for coding in _dicts(concept.get("coding")):
+    for concept in dicts_in(participant.get("role")):
+        for coding in dicts_in(concept.get("coding")):
             if coding.get("code"):
                 codes.add(f"{coding.get('system', '')}|{coding['code']}")
     return frozenset(codes)
@@ -239,9 +254,3 @@ def reference_of(value: Any) -> str | None:
     if "://" in ref:
         return None
     return f"{parts[0]}/{parts[1]}"
-
-
-def _dicts(value: Any) -> list[Mapping[str, Any]]:
-    if isinstance(value, list):
-        return [item for item in value if isinstance(item, Mapping)]
-    return []

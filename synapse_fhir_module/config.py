@@ -119,6 +119,14 @@ class RegistrationConfig:
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class IdentityConfig:
+    # A local account is the FHIR person carrying one of its verified email addresses.
+    email: bool = True
+    # Identifier systems whose values are email addresses (OZO puts practitioners' there).
+    email_identifier_systems: tuple[str, ...] = ()
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class ModuleConfig:
     fhir: FhirConfig
     service_user: str = "fhir"
@@ -128,6 +136,7 @@ class ModuleConfig:
     sync: SyncConfig = SyncConfig()
     account_validity: AccountValidityConfig = AccountValidityConfig()
     registration: RegistrationConfig = RegistrationConfig()
+    identity: IdentityConfig = IdentityConfig()
     # Name of the Synapse worker that runs background work; None = main process.
     worker: str | None = None
 
@@ -148,6 +157,7 @@ def parse_module_config(raw: Any) -> ModuleConfig:
                 "require_fhir_identity", False
             )
         ),
+        identity=_parse_identity(section.section("identity")),
         worker=section.value("worker", _nonempty_string, None),
     )
     section.reject_unknown_keys()
@@ -200,6 +210,15 @@ def _parse_enforcement(section: _Section) -> EnforcementConfig:
         fail_closed=section.flag("fail_closed", True),
         cache_ttl=section.value("cache_ttl", _positive_duration, 300.0),
         exempt_users=section.value("exempt_users", _user_ids, ()),
+    )
+    section.reject_unknown_keys()
+    return config
+
+
+def _parse_identity(section: _Section) -> IdentityConfig:
+    config = IdentityConfig(
+        email=section.flag("email", True),
+        email_identifier_systems=section.value("email_identifier_systems", _identifier_systems, ()),
     )
     section.reject_unknown_keys()
     return config
@@ -364,6 +383,17 @@ def _user_ids(value: Any) -> tuple[str, ...]:
                 f"expected a Matrix user id such as '@audit:example.org', got {item!r}"
             )
     return tuple(value)
+
+
+def _identifier_systems(value: Any) -> tuple[str, ...]:
+    example = "https://www.ozoverbindzorg.nl/namingsystem/email"
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of identifier systems such as {example!r}")
+    for item in value:
+        # (Searched as "system|value": a bar, a comma or a space would break the search.)
+        if not isinstance(item, str) or not item or any(c in item for c in "|, \t\n"):
+            raise ValueError(f"expected an identifier system such as {example!r}, got {item!r}")
+    return tuple(dict.fromkeys(value))
 
 
 def _base_url(value: Any) -> str:

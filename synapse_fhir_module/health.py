@@ -44,6 +44,17 @@ class SyncCounts:
     binding_incidents: int = 0
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class IdentityCounts:
+    email: bool = False  # identity by email on
+    # Addresses an account holds that several FHIR persons carry (they map nobody).
+    ambiguous_emails: int = 0
+
+
+def no_identity() -> IdentityCounts:
+    return IdentityCounts()
+
+
 async def no_sync() -> SyncCounts:
     return SyncCounts()
 
@@ -93,11 +104,13 @@ class HealthResource(DirectServeJsonResource):
         reachability: FhirReachability,
         outbox_counts: Callable[[], Awaitable[OutboxCounts]] = no_outbox,
         sync_counts: Callable[[], Awaitable[SyncCounts]] = no_sync,
+        identity_counts: Callable[[], IdentityCounts] = no_identity,
     ) -> None:
         super().__init__()
         self._reachability = reachability
         self._outbox_counts = outbox_counts
         self._sync_counts = sync_counts
+        self._identity_counts = identity_counts
 
     async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
         reachable = await self._reachability.is_reachable()
@@ -108,4 +121,5 @@ class HealthResource(DirectServeJsonResource):
             "fhir": {"reachable": reachable},
             "outbox": {"pending": outbox.pending, "dead": outbox.dead},
             "sync": attr.asdict(sync),
+            "identity": attr.asdict(self._identity_counts()),
         }

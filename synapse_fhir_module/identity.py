@@ -1,14 +1,19 @@
 """Matrix user ids ↔ FHIR persons (DESIGN §3), as pure functions on FHIR JSON.
 
-A person (Practitioner, RelatedPerson or Patient) names its Matrix account either as
-``telecom {system: "url", value: "matrix:u/alice:example.org"}`` (MSC2312 URI) or as
-``identifier {system: "https://matrix.org/user-id", value: "@alice:example.org"}``.
-Its email addresses are its ``telecom {system: "email"}`` entries.
+A person (Practitioner, RelatedPerson or Patient) names its Matrix account explicitly as
+``telecom {system: "url", value: "matrix:u/alice:example.org"}`` (MSC2312 URI), as
+``identifier {system: "https://matrix.org/user-id", value: "@alice:example.org"}``, or
+(the Nuts proposal) as ``telecom {system: "other", value: "@alice:example.org"}`` marked
+with a ``contactpoint-purpose`` extension whose value is ``matrix-messaging``.
+Its email addresses are its ``telecom {system: "email"}`` entries and the identifiers
+whose system the operator lists (``identity.email_identifier_systems``; OZO puts a
+practitioner's address there). Which account an address makes a person's is decided
+elsewhere (``person_directory``); here are only the readings of one resource.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,6 +22,10 @@ from synapse_fhir_module.fhir_time import period_covers
 MATRIX_ID_SYSTEM = "https://matrix.org/user-id"
 MATRIX_URI_PREFIX = "matrix:u/"
 EMAIL_TELECOM_SYSTEM = "email"
+# The Nuts proposal's mark on a ``telecom {system: "other"}`` that holds a Matrix id. Any
+# publisher's ``contactpoint-purpose`` extension counts (HL7's and Nictiz's share the name).
+PURPOSE_EXTENSION_SUFFIX = "/contactpoint-purpose"
+MATRIX_MESSAGING = "matrix-messaging"
 PERSON_TYPES = ("Practitioner", "RelatedPerson", "Patient")
 
 
@@ -45,13 +54,19 @@ def user_id_from_uri(uri: str) -> str | None:
 
 
 def matrix_ids_of(person: Mapping[str, Any]) -> set[str]:
-    """Every Matrix user id a person resource names, in either form."""
+    """Every Matrix user id a person resource names, in any of the three forms."""
     found: set[str] = set()
     for telecom in _dicts(person.get("telecom")):
-        if telecom.get("system") == "url" and isinstance(telecom.get("value"), str):
-            user_id = user_id_from_uri(telecom["value"])
+        value = telecom.get("value")
+        if not isinstance(value, str):
+            continue
+        if telecom.get("system") == "url":
+            user_id = user_id_from_uri(value)
             if user_id:
                 found.add(user_id)
+        elif telecom.get("system") == "other" and _for_matrix_messaging(telecom):
+            if is_user_id(value):
+                found.add(value)
     for identifier in _dicts(person.get("identifier")):
         value = identifier.get("value")
         if identifier.get("system") == MATRIX_ID_SYSTEM and isinstance(value, str):
@@ -60,19 +75,58 @@ def matrix_ids_of(person: Mapping[str, Any]) -> set[str]:
     return found
 
 
+def is_user_id(value: str) -> bool:
+    """``@localpart:server`` with nothing around it (what a FHIR search can find exactly)."""
+    localpart, sep, server = value.removeprefix("@").partition(":")
+    return (
+        value.startswith("@")
+        and bool(localpart and sep and server)
+        and not any(c.isspace() or c in "?#|," for c in value)
+    )
+
+
+def _for_matrix_messaging(telecom: Mapping[str, Any]) -> bool:
+    for extension in _dicts(telecom.get("extension")):
+        url = extension.get("url")
+        if isinstance(url, str) and url.endswith(PURPOSE_EXTENSION_SUFFIX):
+            if MATRIX_MESSAGING in _codes_of(extension):
+                return True
+    return False
+
+
+def _codes_of(extension: Mapping[str, Any]) -> set[str]:
+    """The codes an extension's value carries, whichever value[x] it uses."""
+    codes = set()
+    for key in ("valueCode", "valueString"):
+        if isinstance(extension.get(key), str):
+            codes.add(extension[key])
+    codings = list(_dicts(extension.get("valueCodeableConcept", {}).get("coding")))
+    if isinstance(extension.get("valueCoding"), Mapping):
+        codings.append(extension["valueCoding"])
+    codes.update(c["code"] for c in codings if isinstance(c.get("code"), str))
+    return codes
+
+
 def normalise_email(address: str) -> str:
     """The form in which two email addresses are compared: trimmed, case-insensitive."""
     return address.strip().casefold()
 
 
-def emails_of(person: Mapping[str, Any]) -> set[str]:
-    """Every email address a person carries, normalised (``normalise_email``).
+def emails_of(person: Mapping[str, Any], identifier_systems: Collection[str] = ()) -> set[str]:
+    """Every email address a person carries, normalised (``normalise_email``): its current
+    email ``telecom`` entries and its identifiers of ``identifier_systems``.
 
-    The one place that says where a person's addresses are, so that more places (e.g.
-    identifier systems) can be added here alone.
+    The one place that says where a person's addresses are.
     """
     found: set[str] = set()
     now = datetime.now(timezone.utc)
+    for identifier in _dicts(person.get("identifier")):
+        value = identifier.get("value")
+        if identifier.get("system") in identifier_systems and isinstance(value, str):
+            if period_covers(identifier.get("period"), now) and identifier.get("use") != "old":
+                address = normalise_email(value)
+                if _looks_like_email(address):
+                    found.add(address)
     for telecom in _dicts(person.get("telecom")):
         value = telecom.get("value")
         if telecom.get("system") != EMAIL_TELECOM_SYSTEM or not isinstance(value, str):
@@ -80,9 +134,15 @@ def emails_of(person: Mapping[str, Any]) -> set[str]:
         if telecom.get("use") == "old" or not period_covers(telecom.get("period"), now):
             continue  # an address the person no longer has (a successor may read it)
         address = normalise_email(value)
-        if address:
+        if _looks_like_email(address):
             found.add(address)
     return found
+
+
+def _looks_like_email(address: str) -> bool:
+    # (Only a sanity check: an address matches only an account's verified one anyway.)
+    local, sep, domain = address.rpartition("@")
+    return bool(local and sep and domain) and not any(c.isspace() for c in address)
 
 
 def is_active(resource: Mapping[str, Any]) -> bool:
@@ -92,28 +152,47 @@ def is_active(resource: Mapping[str, Any]) -> bool:
 
 
 def person_searches(user_ids: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
-    """FHIR token searches that find the persons naming any of ``user_ids``, in both forms.
+    """FHIR token searches that find the persons naming any of ``user_ids``, in all three
+    forms.
 
-    Six searches whatever the number of users: a comma ORs token values (Matrix ids
-    contain no commas).
+    Six searches whatever the number of users: a comma ORs token values (the ids are
+    checked by ``is_user_id``, which admits no comma or bar).
     """
+    user_ids = [user_id for user_id in user_ids if is_user_id(user_id)]
     identifiers = ",".join(f"{MATRIX_ID_SYSTEM}|{user_id}" for user_id in user_ids)
-    uris = ",".join(f"url|{matrix_uri(user_id)}" for user_id in user_ids)
+    telecoms = ",".join(
+        value
+        for user_id in user_ids
+        for value in (f"url|{matrix_uri(user_id)}", f"other|{user_id}")
+    )
     searches = []
     for resource_type in PERSON_TYPES:
         searches.append((resource_type, {"identifier": identifiers}))
-        searches.append((resource_type, {"telecom": uris}))
+        searches.append((resource_type, {"telecom": telecoms}))
     return searches
 
 
-def email_searches(address: str) -> list[tuple[str, dict[str, str]]]:
-    """FHIR searches (the ``email`` parameter) for the persons carrying ``address``.
+def email_searches(
+    addresses: Iterable[str], identifier_systems: Collection[str] = ()
+) -> list[tuple[str, dict[str, str]]]:
+    """FHIR searches for the persons carrying any of ``addresses``: the ``email``
+    parameter, and ``identifier`` under each of ``identifier_systems``.
 
     Only candidates: how a server matches tokens (case, spaces) is its own affair, so
     the caller checks what comes back with ``emails_of``.
     """
-    value = _escape_search_value(address.strip())
-    return [(resource_type, {"email": value}) for resource_type in PERSON_TYPES]
+    values = [_escape_search_value(address.strip()) for address in addresses]
+    values = sorted({value for value in values if value})
+    if not values:
+        return []
+    searches = []
+    for resource_type in PERSON_TYPES:
+        searches.append((resource_type, {"email": ",".join(values)}))
+        for system in sorted(identifier_systems):
+            system_value = _escape_search_value(system)
+            tokens = ",".join(f"{system_value}|{value}" for value in values)
+            searches.append((resource_type, {"identifier": tokens}))
+    return searches
 
 
 def _escape_search_value(value: str) -> str:
@@ -123,7 +202,11 @@ def _escape_search_value(value: str) -> str:
     return value
 
 
-def _dicts(value: Any) -> Iterable[Mapping[str, Any]]:
+def dicts_in(value: Any) -> list[Mapping[str, Any]]:
+    """The mappings in a JSON list (FHIR arrays from elsewhere may hold anything)."""
     if isinstance(value, list):
         return [item for item in value if isinstance(item, Mapping)]
     return []
+
+
+_dicts = dicts_in

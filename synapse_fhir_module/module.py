@@ -19,6 +19,7 @@ from synapse_fhir_module.communication_recorder import (
     now_ms,
 )
 from synapse_fhir_module.config import EncryptedRoomsPolicy, ModuleConfig, parse_module_config
+from synapse_fhir_module.email_identity import EmailIdentity
 from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_sync import FhirSync
@@ -26,6 +27,7 @@ from synapse_fhir_module.health import (
     HEALTH_PATH,
     FhirReachability,
     HealthResource,
+    IdentityCounts,
     SyncCounts,
     no_outbox,
 )
@@ -46,6 +48,7 @@ from synapse_fhir_module.service_user import ensure_service_user
 from synapse_fhir_module.subscriptions import SubscriptionRegistrar
 from synapse_fhir_module.team_boundaries import TeamBoundaries
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
+from synapse_fhir_module.verified_emails import VerifiedEmails
 from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResource
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ logger = logging.getLogger(__name__)
 SERVICE_USER_RETRY_MS = 30_000
 RECORDER_RETRY_MS = 5_000
 BINDINGS_RETRY_MS = 5_000
+# How often the syncing instance looks for accounts whose verified addresses changed.
+IDENTITY_CHANGES_INTERVAL_MS = 1_000
 PERSON_PREFIXES = tuple(f"{kind}/" for kind in PERSON_TYPES)
 
 
@@ -74,8 +79,21 @@ class FhirModule:
         self._enqueues = api.worker_name is None
 
         accounts = self._accounts = RegisteredAccounts(api)  # whose each gated registration was
-        self._persons = PersonDirectory(self._fhir, recorded_persons=accounts.persons_of)
-        self._teams = CareTeamDirectory(api, self._fhir, ttl=config.enforcement.cache_ttl)
+        emails = VerifiedEmails(api, enabled=config.identity.email)
+        self._persons = PersonDirectory(
+            self._fhir,
+            recorded_persons=accounts.persons_of,
+            account_emails=emails.of_account,
+            email_identifier_systems=config.identity.email_identifier_systems,
+        )
+        # The same resolution, person → accounts, for care teams.
+        self._identity = EmailIdentity(api, self._persons, accounts, emails)
+        self._teams = CareTeamDirectory(
+            api,
+            self._fhir,
+            ttl=config.enforcement.cache_ttl,
+            resolver=self._identity.resolver_for,
+        )
         self._bindings = RoomBindings(api, self._fhir, self._service_user_id)
         self._validity: AccountValidity | None = None
         self._recorder: CommunicationRecorder | None = None
@@ -100,6 +118,7 @@ class FhirModule:
                 FhirReachability(self._fhir),
                 self._recorder.counts if self._recorder else no_outbox,
                 self._sync_counts,
+                self._identity_counts,
             ),
         )
         if self._recorder is not None:
@@ -112,10 +131,20 @@ class FhirModule:
             # register only when needed.)
             api.register_third_party_rules_callbacks(on_new_event=self._on_new_event)
 
+        if config.identity.email:
+            # (Wherever the request that changes an address is served.)
+            api.register_third_party_rules_callbacks(
+                on_add_user_third_party_identifier=never_raises(
+                    self._identity.on_add_user_third_party_identifier, fallback=None
+                ),
+                on_remove_user_third_party_identifier=never_raises(
+                    self._identity.on_remove_user_third_party_identifier, fallback=None
+                ),
+            )
         if config.enforcement.enabled:
             self._register_enforcement(exempt)
         if config.registration.require_fhir_identity:
-            gate = RegistrationGate(api, self._fhir, self._persons, accounts, exempt_users=exempt)
+            gate = RegistrationGate(api, self._persons, accounts, exempt_users=exempt)
             api.register_spam_checker_callbacks(
                 check_registration_for_spam=access_decision(
                     gate.check_registration_for_spam,
@@ -221,6 +250,13 @@ class FhirModule:
             )
             return
         self._changes.open()
+        if self._config.identity.email:
+            self._api.looping_background_call(
+                self._apply_identity_changes,
+                IDENTITY_CHANGES_INTERVAL_MS,
+                desc="fhir_identity_changes",
+                run_on_all_instances=True,  # (gated by `worker`, as above)
+            )
         if self._config.sync.subscription:  # in the background: FHIR may be away
             SubscriptionRegistrar(self._api, self._fhir, self._config).start()
         # The loops first: whatever the first sweep meets, the later ones still run.
@@ -239,6 +275,21 @@ class FhirModule:
         await self._reconciler.sweep()
         # Boundaries live in memory: after a restart every team is synced (and scheduled).
         await self._reconciler.full_reconcile()
+
+    async def _apply_identity_changes(self) -> None:
+        """Re-sync the teams of accounts whose verified addresses changed (noted by
+        whichever instance served the change)."""
+        assert self._changes is not None
+        try:
+            await self._identity.apply_changes(self._changes.push, self._teams.teams_depending_on)
+        except Exception as e:  # (the changes stay noted: the next round tries again)
+            logger.info("Applying email changes failed (%s); trying again", type(e).__name__)
+
+    def _identity_counts(self) -> IdentityCounts:
+        return IdentityCounts(
+            email=self._config.identity.email,
+            ambiguous_emails=len(self._persons.ambiguous_emails),
+        )
 
     async def _start_bindings(self) -> None:
         try:

@@ -1,9 +1,13 @@
 """Matrix user id → the FHIR person that names it, and whether that person is active.
 
-Looked up with FHIR token searches on both identity forms over the three person types,
-six searches per group of users. An account no person names explicitly, but that the
-registration gate recorded as a person's (``registered_accounts``), maps to that person,
-active as its FHIR resource says: an explicit Matrix id always wins over the record.
+Looked up with FHIR token searches on the explicit identity forms over the three person
+types, six searches per group of users. An account no person names explicitly, but that
+the registration gate recorded as a person's (``registered_accounts``), maps to that
+person, active as its FHIR resource says. Failing both, an account is the person that
+carries one of its verified email addresses (Synapse's own 3PIDs), when exactly one
+person carries it, no other address of the account points elsewhere, and that person
+names no Matrix account explicitly. Explicit ids win over the record, the record over
+email; two persons on one address make it nobody's (never a guess).
 Answers are remembered (positive and negative) so that account validity, which runs on
 every request, reads memory only; ``refresh`` re-asks FHIR in the background, and while
 FHIR is unreachable the last known answer stands.
@@ -19,7 +23,16 @@ from typing import Any
 import attr
 
 from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.identity import PERSON_TYPES, is_active, matrix_ids_of, person_searches
+from synapse_fhir_module.identity import (
+    PERSON_TYPES,
+    dicts_in,
+    email_searches,
+    emails_of,
+    is_active,
+    matrix_ids_of,
+    normalise_email,
+    person_searches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +43,18 @@ USERS_PER_BATCH = 25
 RecordedPersons = Callable[[Sequence[str]], Awaitable[Mapping[str, str]]]
 
 
+# user id → the addresses Synapse holds as that account's verified emails (normalised).
+AccountEmails = Callable[[str], Awaitable[set[str]]]
+# "Practitioner/12" → its resource
+Persons = dict[str, dict[str, Any]]
+
+
 async def no_recorded_persons(user_ids: Sequence[str]) -> Mapping[str, str]:
     return {}
+
+
+async def no_account_emails(user_id: str) -> set[str]:
+    return set()
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -43,6 +66,8 @@ class PersonRecord:
     active: bool
     checked_at: float
     ambiguous: bool = False
+    # How the tie was made: "explicit", "recorded", "email" (None when unmapped).
+    by: str | None = None
 
     @property
     def mapped(self) -> bool:
@@ -55,12 +80,71 @@ class PersonDirectory:
         fhir: FhirClient,
         *,
         recorded_persons: RecordedPersons = no_recorded_persons,
+        account_emails: AccountEmails = no_account_emails,
+        email_identifier_systems: Sequence[str] = (),
         monotonic: Callable[[], float] = time.monotonic,
     ):
         self._fhir = fhir
         self._recorded_persons = recorded_persons
+        self._account_emails = account_emails
+        self._identifier_systems = tuple(email_identifier_systems)
         self._monotonic = monotonic
         self._records: dict[str, PersonRecord] = {}
+        # Normalised address → how FHIR records spelled it (FHIR servers match tokens
+        # exactly, so a search must use the record's spelling to find it).
+        self._spellings: dict[str, set[str]] = {}
+        # Addresses that several persons carry, as last seen (for /health).
+        self.ambiguous_emails: set[str] = set()
+
+    @property
+    def identifier_systems(self) -> tuple[str, ...]:
+        return self._identifier_systems
+
+    def emails_of(self, person: Mapping[str, Any]) -> set[str]:
+        """The person's addresses (``identity.emails_of`` under this server's systems)."""
+        return emails_of(person, self._identifier_systems)
+
+    def learn_spellings(self, persons: Iterable[Mapping[str, Any]]) -> None:
+        """Remember how these resources spell their addresses, for later searches."""
+        for person in persons:
+            for telecom in dicts_in(person.get("telecom")):
+                if telecom.get("system") == "email" and isinstance(telecom.get("value"), str):
+                    self._spell(telecom["value"])
+            for identifier in dicts_in(person.get("identifier")):
+                value = identifier.get("value")
+                if identifier.get("system") in self._identifier_systems and isinstance(value, str):
+                    self._spell(value)
+
+    def _spell(self, value: str) -> None:
+        spelled = value.strip()
+        normalised = normalise_email(spelled)
+        if spelled != normalised:
+            self._spellings.setdefault(normalised, set()).add(spelled)
+
+    async def persons_carrying(self, addresses: Iterable[str]) -> dict[str, Persons]:
+        """For each address (normalised), the persons carrying it, asked of FHIR now."""
+        wanted = {normalise_email(address) for address in addresses}
+        wanted.discard("")
+        found: dict[str, Persons] = {address: {} for address in wanted}
+        if not wanted:
+            return found
+        spellings = set(wanted)
+        for address in wanted:
+            spellings |= self._spellings.get(address, set())
+        for resource_type, params in email_searches(sorted(spellings), self._identifier_systems):
+            for person in await self._fhir.search_json(resource_type, params):
+                if person.get("resourceType") != resource_type or not person.get("id"):
+                    continue
+                self.learn_spellings([person])
+                # The server's match is only a candidate: check the address ourselves.
+                for address in self.emails_of(person) & wanted:
+                    found[address][f"{resource_type}/{person['id']}"] = person
+        for address, persons in found.items():
+            if len(persons) > 1:
+                self.ambiguous_emails.add(address)
+            else:
+                self.ambiguous_emails.discard(address)
+        return found
 
     def remembered(self, user_id: str) -> PersonRecord | None:
         """The last answer for ``user_id``, from memory only."""
@@ -97,11 +181,15 @@ class PersonDirectory:
         recorded = dict(await self._recorded_persons(list(user_ids)))
         unnamed = {user_id: recorded[user_id] for user_id in recorded if not named[user_id]}
         resources = await self._read_persons(set(unnamed.values()))
+        by_email = await self._by_email([u for u in user_ids if not named[u] and u not in unnamed])
         now = self._monotonic()
         records = []
         for user_id in user_ids:
             if user_id in unnamed:
                 records.append(_recorded_record(user_id, unnamed[user_id], resources, now))
+                continue
+            if user_id in by_email:
+                records.append(attr.evolve(by_email[user_id], checked_at=now))
                 continue
             record = _record(user_id, named[user_id], now)
             if user_id in recorded and record.person not in (None, recorded[user_id]):
@@ -115,6 +203,19 @@ class PersonDirectory:
                 record = PersonRecord(user_id, None, False, now, ambiguous=True)
             records.append(record)
         return records
+
+    async def _by_email(self, user_ids: Sequence[str]) -> dict[str, PersonRecord]:
+        """What their verified addresses make of accounts no person names or was recorded
+        for; accounts without an address are left out (they are nobody's)."""
+        addresses = {user_id: await self._account_emails(user_id) for user_id in user_ids}
+        addresses = {user_id: found for user_id, found in addresses.items() if found}
+        if not addresses:
+            return {}
+        carriers = await self.persons_carrying(set().union(*addresses.values()))
+        return {
+            user_id: _email_record(user_id, found, carriers, self._monotonic())
+            for user_id, found in addresses.items()
+        }
 
     async def _named_persons(self, user_ids: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
         # Plain searches one after another, not a `batch` Bundle of them: HAPI runs batch
@@ -146,19 +247,53 @@ class PersonDirectory:
         return found
 
 
+def _email_record(
+    user_id: str, addresses: set[str], carriers: Mapping[str, Persons], now: float
+) -> PersonRecord:
+    """Whose account this is by its addresses: one person for all of them that carry
+    any, that person alone on each, and naming no account explicitly (an explicit id
+    says which account is theirs, and it is not this one)."""
+    persons: Persons = {}
+    for address in sorted(addresses):
+        on_address = carriers.get(address, {})
+        if len(on_address) > 1:
+            logger.warning(
+                "An account's verified email is carried by %d persons (%s); treating it as "
+                "unmapped",
+                len(on_address),
+                ", ".join(sorted(on_address)),
+            )
+            return PersonRecord(user_id, None, False, now, ambiguous=True)
+        persons.update(on_address)
+    if len(persons) > 1:
+        logger.warning(
+            "An account's verified emails lead to %d persons (%s); treating it as unmapped",
+            len(persons),
+            ", ".join(sorted(persons)),
+        )
+        return PersonRecord(user_id, None, False, now, ambiguous=True)
+    if not persons:
+        return PersonRecord(user_id, None, False, now)
+    ((reference, person),) = persons.items()
+    if matrix_ids_of(person):
+        return PersonRecord(user_id, None, False, now)
+    return PersonRecord(user_id, reference, is_active(person), now, by="email")
+
+
 def _recorded_record(
     user_id: str, person: str, resources: Mapping[str, dict[str, Any]], now: float
 ) -> PersonRecord:
     """An account recorded as ``person``'s: active while that person is (a person gone
     from FHIR is not active)."""
     resource = resources.get(person)
-    return PersonRecord(user_id, person, resource is not None and is_active(resource), now)
+    active = resource is not None and is_active(resource)
+    return PersonRecord(user_id, person, active, now, by="recorded")
 
 
 def _record(user_id: str, persons: dict[str, dict[str, Any]], now: float) -> PersonRecord:
     active = sorted(ref for ref, person in persons.items() if is_active(person))
     if len(active) == 1:
-        return PersonRecord(user_id, active[0], True, now)
+        return PersonRecord(user_id, active[0], True, now, by="explicit")
     if len(active) > 1:
         # A data error in the directory: nobody may act as either person.
         logger.warning(
@@ -168,5 +303,5 @@ def _record(user_id: str, persons: dict[str, dict[str, Any]], now: float) -> Per
         )
         return PersonRecord(user_id, None, False, now, ambiguous=True)
     if persons:
-        return PersonRecord(user_id, sorted(persons)[0], False, now)
+        return PersonRecord(user_id, sorted(persons)[0], False, now, by="explicit")
     return PersonRecord(user_id, None, False, now)

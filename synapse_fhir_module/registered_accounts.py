@@ -50,6 +50,15 @@ class RegisteredAccounts:
             "fhir_person_accounts", account_store.accounts_of_person, person
         )
 
+    async def accounts_of_persons(self, persons: Sequence[str]) -> dict[str, list[str]]:
+        """``{person: accounts}`` for those of ``persons`` with recorded accounts."""
+        if not persons:
+            return {}
+        await self._create_table()
+        return await self._api.run_db_interaction(
+            "fhir_persons_accounts", account_store.accounts_of_persons, list(persons)
+        )
+
     async def conflicting(self, persons_by_user: Mapping[str, str]) -> set[str]:
         """Of these accounts (user id → the person whose record names it), those recorded
         as somebody else's: an account registered before a record came to name it — it

@@ -19,11 +19,8 @@ from synapse.module_api import ModuleApi
 from synapse.spam_checker_api import RegistrationBehaviour
 
 from synapse_fhir_module.denials import Denied, Reason
-from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError
 from synapse_fhir_module.identity import (
-    email_searches,
-    emails_of,
     is_active,
     matrix_ids_of,
     normalise_email,
@@ -44,7 +41,6 @@ class RegistrationGate:
     def __init__(
         self,
         api: ModuleApi,
-        fhir: FhirClient,
         persons: PersonDirectory,
         accounts: RegisteredAccounts,
         *,
@@ -52,7 +48,6 @@ class RegistrationGate:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._api = api
-        self._fhir = fhir
         self._persons = persons
         self._accounts = accounts
         self._exempt = frozenset(exempt_users)
@@ -143,19 +138,11 @@ class RegistrationGate:
         self._pending[user_id] = (decision, now)
 
     async def _persons_carrying(self, email: str) -> list[Candidate]:
-        wanted = normalise_email(email)
-        found: dict[str, Candidate] = {}
-        for resource_type, params in email_searches(email):
-            for person in await self._fhir.search_json(resource_type, params):
-                if person.get("resourceType") != resource_type or not person.get("id"):
-                    continue
-                # The server's match is only a candidate: check the address ourselves.
-                if wanted in emails_of(person):
-                    reference = f"{resource_type}/{person['id']}"
-                    found[reference] = Candidate(
-                        reference, is_active(person), names_an_account=bool(matrix_ids_of(person))
-                    )
-        return list(found.values())
+        carriers = (await self._persons.persons_carrying([email]))[normalise_email(email)]
+        return [
+            Candidate(reference, is_active(person), names_an_account=bool(matrix_ids_of(person)))
+            for reference, person in sorted(carriers.items())
+        ]
 
 
 def verified_email(email_threepid: Mapping[str, Any] | None) -> str | None:

@@ -15,14 +15,20 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import attr
 from synapse.module_api import ModuleApi, cached
 
-from synapse_fhir_module.care_team import TeamMembership, reference_of, resolve_membership
+from synapse_fhir_module.care_team import (
+    AccountsOf,
+    TeamMembership,
+    explicit_accounts,
+    reference_of,
+    resolve_membership,
+)
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError, FhirTransientError
 
@@ -39,6 +45,15 @@ PREFETCH_BATCH = 25
 SAFE_INCLUDES = 800
 # Teams whose answers are kept, before Synapse's cache factor (see care_team_membership).
 MAX_CACHED_TEAMS = 20_000
+
+# (reference, resources) → how their persons map to accounts, and what that depended on
+# (``email_identity.EmailIdentity.resolver_for``).
+Resolver = Callable[[dict[str, dict[str, Any]]], Awaitable[tuple[AccountsOf, frozenset[str]]]]
+
+
+async def explicit_only(resources: dict[str, dict[str, Any]]) -> tuple[AccountsOf, frozenset[str]]:
+    return explicit_accounts, frozenset()
+
 
 # Stands for "a care-team room whose team cannot be named": it has no members.
 UNRESOLVED_TEAM = "CareTeam/#unresolved"
@@ -69,11 +84,13 @@ class CareTeamDirectory:
         fhir: FhirClient,
         *,
         ttl: float,
+        resolver: Resolver = explicit_only,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._api = api
         self._fhir = fhir
         self._ttl = ttl
+        self._resolver = resolver
         self._monotonic = monotonic
         self._unreachable_until = 0.0
         self._refreshing: set[str] = set()
@@ -172,6 +189,11 @@ class CareTeamDirectory:
         """Forget a team's answer on every worker (its CareTeam changed)."""
         await self._api.invalidate_cache(self.care_team_membership, (team_ref,))
 
+    def teams_depending_on(self, reference: str) -> Collection[str]:
+        """The teams whose answers (on this instance) used ``reference``: a resource, or
+        an address or account consulted for identity by email."""
+        return sorted(self._dependents.get(reference, set()))
+
     async def invalidate_resource(self, reference: str) -> None:
         """Forget every answer that depended on ``reference`` (e.g. ``Practitioner/12``)."""
         for team_ref in sorted(self._dependents.pop(reference, set())):
@@ -229,12 +251,15 @@ class CareTeamDirectory:
                 # silently): members could be missing. These teams load one by one.
                 logger.info("Batched load of %d teams too large; loading each", len(chunk))
                 continue
+            # One identity resolution for the whole batch (its persons' candidates at once).
+            accounts_of, keys = await self._resolver(by_ref)
             for team_id in chunk:
                 team_ref = f"CareTeam/{team_id}"
                 reached = _reachable(team_ref, by_ref)
-                self.care_team_membership.prefill(
-                    (team_ref,), self._fetched(team_ref, {r: by_ref[r] for r in reached})
+                fetched = self._fetched(
+                    team_ref, {r: by_ref[r] for r in reached}, accounts_of, keys
                 )
+                self.care_team_membership.prefill((team_ref,), fetched)
 
     async def _load(self, team_ref: str) -> _Fetched:
         team_id = team_ref.split("/", 1)[1]
@@ -244,15 +269,25 @@ class CareTeamDirectory:
         resources = await self._fhir.search_json(
             "CareTeam", [("_id", team_id), *MEMBERSHIP_INCLUDES]
         )
-        return self._fetched(team_ref, _by_reference(resources))
+        by_ref = _by_reference(resources)
+        accounts_of, keys = await self._resolver(by_ref)
+        return self._fetched(team_ref, by_ref, accounts_of, keys)
 
-    def _fetched(self, team_ref: str, by_ref: dict[str, dict[str, Any]]) -> _Fetched:
+    def _fetched(
+        self,
+        team_ref: str,
+        by_ref: dict[str, dict[str, Any]],
+        accounts_of: AccountsOf,
+        identity_keys: frozenset[str],
+    ) -> _Fetched:
         if team_ref in by_ref:
-            membership = resolve_membership(team_ref, by_ref, datetime.now(timezone.utc))
+            membership = resolve_membership(
+                team_ref, by_ref, datetime.now(timezone.utc), accounts_of
+            )
         else:
             # Deleted or never existed: a team without members that admits nobody.
             membership = TeamMembership(team=team_ref, status="missing", members={})
-        references = frozenset(sys.intern(r) for r in by_ref) | {team_ref}
+        references = frozenset(sys.intern(r) for r in [*by_ref, *identity_keys]) | {team_ref}
         for reference in references:
             self._dependents.setdefault(reference, set()).add(team_ref)
         return _Fetched(membership, self._monotonic(), references)

@@ -56,10 +56,13 @@ def test_active_defaults_to_true() -> None:
     assert is_active({"active": None}) is False
 
 
-def test_searches_cover_every_person_type_and_both_forms() -> None:
+def test_searches_cover_every_person_type_and_all_three_forms() -> None:
     searches = person_searches(["@alice:example.org"])
     assert len(searches) == 6
-    assert ("Practitioner", {"telecom": "url|matrix:u/alice:example.org"}) in searches
+    assert (
+        "Practitioner",
+        {"telecom": "url|matrix:u/alice:example.org,other|@alice:example.org"},
+    ) in searches
     assert ("Patient", {"identifier": "https://matrix.org/user-id|@alice:example.org"}) in searches
 
 
@@ -68,5 +71,54 @@ def test_searches_or_several_users_together() -> None:
     assert len(searches) == 6
     assert (
         "RelatedPerson",
-        {"telecom": "url|matrix:u/a:example.org,url|matrix:u/b:example.org"},
+        {
+            "telecom": "url|matrix:u/a:example.org,other|@a:example.org,"
+            "url|matrix:u/b:example.org,other|@b:example.org"
+        },
     ) in searches
+
+
+NUTS_PURPOSE = "http://example.org/fhir/StructureDefinition/contactpoint-purpose"
+
+
+def nuts_telecom(value: str, **extension: object) -> dict[str, object]:
+    return {
+        "system": "other",
+        "value": value,
+        "extension": [{"url": NUTS_PURPOSE, **extension}],
+    }
+
+
+def test_the_nuts_form_names_an_account_only_when_marked_for_matrix_messaging() -> None:
+    marked = {"coding": [{"system": "http://example.org/purpose", "code": "matrix-messaging"}]}
+    assert matrix_ids_of(
+        {"telecom": [nuts_telecom("@alice:example.org", valueCodeableConcept=marked)]}
+    ) == {"@alice:example.org"}
+    assert matrix_ids_of(
+        {"telecom": [nuts_telecom("@bob:example.org", valueCoding={"code": "matrix-messaging"})]}
+    ) == {"@bob:example.org"}
+    # Unmarked, marked for something else, or not a Matrix id: nobody.
+    assert matrix_ids_of({"telecom": [{"system": "other", "value": "@eve:example.org"}]}) == set()
+    assert (
+        matrix_ids_of({"telecom": [nuts_telecom("@eve:example.org", valueCode="phone-messaging")]})
+        == set()
+    )
+    assert (
+        matrix_ids_of({"telecom": [nuts_telecom("eve:example.org", valueCode="matrix-messaging")]})
+        == set()
+    )
+    assert (
+        matrix_ids_of(
+            {"telecom": [nuts_telecom("@eve:example.org,@x:y", valueCode="matrix-messaging")]}
+        )
+        == set()
+    )
+    # An extension of another name with the right code does not count.
+    other = {
+        "system": "other",
+        "value": "@eve:example.org",
+        "extension": [
+            {"url": "http://example.org/purpose-of-use", "valueCode": "matrix-messaging"}
+        ],
+    }
+    assert matrix_ids_of({"telecom": [other]}) == set()

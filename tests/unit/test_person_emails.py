@@ -50,7 +50,7 @@ def test_normalising_twice_changes_nothing(address: str) -> None:
 
 
 def test_searches_cover_every_person_type_and_escape_search_syntax() -> None:
-    searches = email_searches(" a|b,c$d\\e@example.org ")
+    searches = email_searches([" a|b,c$d\\e@example.org "])
     assert [resource_type for resource_type, _ in searches] == list(PERSON_TYPES)
     # "|" would split system from value and "," would OR two values.
     assert {params["email"] for _, params in searches} == {"a\\|b\\,c\\$d\\\\e@example.org"}
@@ -65,3 +65,69 @@ def test_an_address_the_person_no_longer_has_is_not_theirs() -> None:
         ]
     }
     assert emails_of(person) == {"now@example.org"}
+
+
+OZO_EMAIL = "https://www.ozoverbindzorg.nl/namingsystem/email"
+
+
+def test_identifiers_of_a_listed_system_are_addresses_too() -> None:
+    practitioner = {
+        "identifier": [
+            {"system": OZO_EMAIL, "value": "H.Jansen@Praktijk.example"},
+            {"system": OZO_EMAIL, "value": "former@praktijk.example", "use": "old"},
+            {"system": "http://fhir.nl/fhir/NamingSystem/uzi-nr-pers", "value": "12345"},
+            {"system": OZO_EMAIL, "value": "not an address"},
+        ]
+    }
+    assert emails_of(practitioner) == set()  # the system is not listed
+    assert emails_of(practitioner, [OZO_EMAIL]) == {"h.jansen@praktijk.example"}
+
+
+def test_searches_or_the_addresses_and_cover_each_identifier_system() -> None:
+    searches = email_searches(["b@example.org", "a@example.org", "a@example.org"], [OZO_EMAIL])
+    assert ("Patient", {"email": "a@example.org,b@example.org"}) in searches
+    assert (
+        "Practitioner",
+        {"identifier": f"{OZO_EMAIL}|a@example.org,{OZO_EMAIL}|b@example.org"},
+    ) in searches
+    assert len(searches) == 2 * len(PERSON_TYPES)
+    assert email_searches([]) == []
+
+
+@given(
+    telecom=st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "system": st.sampled_from(["email", "phone", "url", 3, None]),
+                "value": st.one_of(st.text(max_size=30), st.emails(), st.integers()),
+                "use": st.sampled_from(["work", "home", "old", None, 1]),
+                "period": st.one_of(
+                    st.none(),
+                    st.text(max_size=5),
+                    st.fixed_dictionaries({}, optional={"end": st.text(max_size=25)}),
+                ),
+            },
+        )
+        | st.text(max_size=5),
+        max_size=6,
+    ),
+    identifier=st.one_of(
+        st.none(),
+        st.text(max_size=5),
+        st.lists(
+            st.dictionaries(
+                st.sampled_from(["system", "value", "use", "period"]),
+                st.one_of(st.text(max_size=20), st.sampled_from([OZO_EMAIL]), st.integers()),
+            ),
+            max_size=4,
+        ),
+    ),
+)
+def test_any_json_gives_normalised_addresses_and_never_raises(
+    telecom: list[object], identifier: object
+) -> None:
+    found = emails_of({"telecom": telecom, "identifier": identifier}, [OZO_EMAIL])
+    for address in found:
+        assert address == normalise_email(address)
+        assert "@" in address and not any(c.isspace() for c in address)

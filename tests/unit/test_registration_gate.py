@@ -13,6 +13,7 @@ from synapse.spam_checker_api import RegistrationBehaviour
 
 from synapse_fhir_module.denials import Denied, Reason
 from synapse_fhir_module.fhir_errors import FhirTransientError
+from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.registration_gate import (
     PENDING_SECONDS,
     RegistrationGate,
@@ -50,7 +51,9 @@ class Fhir:
         return [p for p in self.persons if p["resourceType"] == resource_type]
 
 
-class NobodyNamed:
+class NobodyNamed(PersonDirectory):
+    """The real directory's email searches over the stand-in FHIR; no explicit Matrix ids."""
+
     async def persons_naming(self, user_id: str) -> dict[str, dict[str, Any]]:
         return {}
 
@@ -78,8 +81,7 @@ def gate(
 ) -> RegistrationGate:
     return RegistrationGate(
         Api(),  # type: ignore[arg-type]
-        fhir,  # type: ignore[arg-type]
-        NobodyNamed(),  # type: ignore[arg-type]
+        NobodyNamed(fhir),  # type: ignore[arg-type]
         accounts or Accounts(),  # type: ignore[arg-type]
         exempt_users={f"@audit:{SERVER}"},
         monotonic=clock or Clock(),

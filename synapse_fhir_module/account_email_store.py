@@ -1,0 +1,121 @@
+"""Which local accounts hold which verified email addresses, in Synapse's own database
+(SQLite and PostgreSQL), and which accounts' addresses changed since the sync last looked.
+
+- ``synapse_fhir_account_emails``: a copy of Synapse's email 3PIDs the module keeps so it
+  can go from an address to accounts (the ModuleApi only goes from an account to its
+  addresses). Kept by the 3PID callbacks and by every lookup of an account, which
+  corrects it from Synapse's own record; used to find *candidates* only — an account's
+  person is always decided from Synapse's current 3PIDs.
+- ``synapse_fhir_identity_changes``: accounts whose addresses changed, for the instance
+  that runs the sync to re-sync the teams concerned (the callbacks run wherever the
+  request was served).
+
+Functions take a cursor (Synapse's ``LoggingTransaction`` in ``run_db_interaction``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from synapse_fhir_module.outbox_store import Cursor
+
+EMAILS = "synapse_fhir_account_emails"
+CHANGES = "synapse_fhir_identity_changes"
+
+SCHEMA = (
+    f"""
+    CREATE TABLE IF NOT EXISTS {EMAILS} (
+        user_id TEXT NOT NULL,
+        address TEXT NOT NULL,
+        PRIMARY KEY (user_id, address)
+    )
+    """,
+    f"CREATE INDEX IF NOT EXISTS {EMAILS}_address ON {EMAILS} (address)",
+    f"""
+    CREATE TABLE IF NOT EXISTS {CHANGES} (
+        user_id TEXT NOT NULL,
+        address TEXT NOT NULL,
+        changed_ms BIGINT NOT NULL,
+        PRIMARY KEY (user_id, address)
+    )
+    """,
+)
+
+# Addresses per query (SQLite's default limit on parameters is 999).
+CHUNK = 500
+
+
+def create_schema(txn: Cursor) -> None:
+    for statement in SCHEMA:
+        txn.execute(statement)
+
+
+def replace_addresses(txn: Cursor, user_id: str, addresses: Collection[str]) -> bool:
+    """Make ``addresses`` the account's set; True when that changed anything."""
+    txn.execute(f"SELECT address FROM {EMAILS} WHERE user_id = ?", (user_id,))
+    before = {str(address) for (address,) in txn.fetchall()}
+    after = set(addresses)
+    if before == after:
+        return False
+    for address in sorted(before - after):
+        txn.execute(f"DELETE FROM {EMAILS} WHERE user_id = ? AND address = ?", (user_id, address))
+    for address in sorted(after - before):
+        txn.execute(f"INSERT INTO {EMAILS} (user_id, address) VALUES (?, ?)", (user_id, address))
+    return True
+
+
+def add_address(txn: Cursor, user_id: str, address: str) -> None:
+    txn.execute(
+        f"INSERT INTO {EMAILS} (user_id, address) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (user_id, address),
+    )
+
+
+def remove_address(txn: Cursor, user_id: str, address: str) -> None:
+    txn.execute(f"DELETE FROM {EMAILS} WHERE user_id = ? AND address = ?", (user_id, address))
+
+
+def accounts_with(txn: Cursor, addresses: Collection[str]) -> dict[str, set[str]]:
+    """``{address: accounts}`` for those of ``addresses`` any account holds."""
+    found: dict[str, set[str]] = {}
+    wanted = sorted(addresses)
+    for start in range(0, len(wanted), CHUNK):
+        chunk = wanted[start : start + CHUNK]
+        placeholders = ", ".join("?" for _ in chunk)
+        txn.execute(
+            f"SELECT address, user_id FROM {EMAILS} WHERE address IN ({placeholders})",
+            tuple(chunk),
+        )
+        for address, user_id in txn.fetchall():
+            found.setdefault(str(address), set()).add(str(user_id))
+    return found
+
+
+def all_addresses(txn: Cursor) -> list[str]:
+    txn.execute(f"SELECT DISTINCT address FROM {EMAILS} ORDER BY address")
+    return [str(address) for (address,) in txn.fetchall()]
+
+
+def note_change(txn: Cursor, user_id: str, address: str, now_ms: int) -> None:
+    txn.execute(
+        f"INSERT INTO {CHANGES} (user_id, address, changed_ms) VALUES (?, ?, ?)"
+        " ON CONFLICT (user_id, address) DO UPDATE SET changed_ms = excluded.changed_ms",
+        (user_id, address, now_ms),
+    )
+
+
+def take_changes(txn: Cursor, limit: int = 100) -> list[tuple[str, str, int]]:
+    """The oldest noted changes (left in place: ``done`` removes each once handled)."""
+    txn.execute(
+        f"SELECT user_id, address, changed_ms FROM {CHANGES} ORDER BY changed_ms LIMIT ?",
+        (limit,),
+    )
+    return [(str(u), str(a), int(ms)) for u, a, ms in txn.fetchall()]
+
+
+def done(txn: Cursor, user_id: str, address: str, changed_ms: int) -> None:
+    """Forget a handled change, unless the same address changed again since it was taken."""
+    txn.execute(
+        f"DELETE FROM {CHANGES} WHERE user_id = ? AND address = ? AND changed_ms = ?",
+        (user_id, address, changed_ms),
+    )
