@@ -49,6 +49,15 @@ class SmtpServer:
             what=f"a mail delivered to {to}",
         )
 
+    def waiting_for(self) -> set[str]:
+        """The recipients of every message received and not taken yet (lower case)."""
+        with self._lock:
+            return {
+                address.lower()
+                for message in self._messages
+                for address in message.get_all("X-Rcpt-To", [])
+            }
+
     def _take(self, to: str) -> EmailMessage | None:
         with self._lock:
             for message in self._messages:

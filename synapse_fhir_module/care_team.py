@@ -66,6 +66,9 @@ class TeamMembership:
     members: Mapping[str, Member]
     # Participants whose person is marked inactive (they are not members).
     inactive: frozenset[str] = frozenset()
+    # Current participants (persons, "Practitioner/12") with no Matrix account: who an
+    # email invitation may reach (identity.invite_by_email).
+    without_account: frozenset[str] = frozenset()
     subject: str | None = None  # "Patient/<id>", the team's patient
     name: str | None = None  # CareTeam.name (room names; never the patient's)
     # Whether the CareTeam's own period covers the moment it was resolved.
@@ -96,6 +99,7 @@ class _Walk:
         self.found: dict[str, Member] = {}
         self.claimed_by: dict[str, set[str]] = {}
         self.inactive: set[str] = set()
+        self.without_account: set[str] = set()
         self.next_change: datetime | None = None
 
     def covers(self, period: Any, until: datetime | None) -> tuple[bool, datetime | None]:
@@ -142,6 +146,7 @@ def resolve_membership(
         status=str(team.get("status") or "unknown"),
         members=walk.found,
         inactive=frozenset(walk.inactive - walk.found.keys()),
+        without_account=frozenset(walk.without_account),
         subject=reference_of(team.get("subject")),
         name=team["name"] if isinstance(team.get("name"), str) else None,
         in_period=in_period,
@@ -201,6 +206,9 @@ def _add_person(
     accounts = walk.accounts_of(person_ref, person)
     if not is_active(person):
         walk.inactive.update(accounts)
+        return
+    if not accounts:
+        walk.without_account.add(person_ref)
         return
     # Interned: the same people sit in many teams, and every cached answer would otherwise
     # hold its own copies of their ids (measured by bench/scale).

@@ -124,6 +124,12 @@ class IdentityConfig:
     email: bool = True
     # Identifier systems whose values are email addresses (OZO puts practitioners' there).
     email_identifier_systems: tuple[str, ...] = ()
+    # Mail a team member who has no account (and exactly one address) how to join.
+    invite_by_email: bool = False
+    # Where the invitation sends them (e.g. the Element or registration page).
+    join_url: str | None = None
+    # At most one invitation per address this often.
+    invite_interval: float = 7 * 24 * 3600.0  # seconds
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -219,8 +225,23 @@ def _parse_identity(section: _Section) -> IdentityConfig:
     config = IdentityConfig(
         email=section.flag("email", True),
         email_identifier_systems=section.value("email_identifier_systems", _identifier_systems, ()),
+        invite_by_email=section.flag("invite_by_email", False),
+        join_url=section.value("join_url", _join_url, None),
+        invite_interval=section.value("invite_interval", _positive_duration, 7 * 24 * 3600.0),
     )
     section.reject_unknown_keys()
+    if config.invite_by_email and config.join_url is None:
+        raise ConfigError(
+            "invite_by_email is true: the invitation must say where to join "
+            "(e.g. https://element.example.org/#/register)",
+            path=section.path + ("join_url",),
+        )
+    if config.invite_by_email and not config.email:
+        raise ConfigError(
+            "invite_by_email needs identity.email: true (the address is how the new "
+            "account is found to be the invited person)",
+            path=section.path + ("invite_by_email",),
+        )
     return config
 
 
@@ -394,6 +415,16 @@ def _identifier_systems(value: Any) -> tuple[str, ...]:
         if not isinstance(item, str) or not item or any(c in item for c in "|, \t\n"):
             raise ValueError(f"expected an identifier system such as {example!r}, got {item!r}")
     return tuple(dict.fromkeys(value))
+
+
+def _join_url(value: Any) -> str:
+    text = _nonempty_string(value).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"expected an http(s) URL such as https://element.example.org, got {text!r}"
+        )
+    return text
 
 
 def _base_url(value: Any) -> str:

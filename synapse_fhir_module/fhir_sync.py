@@ -37,8 +37,9 @@ from synapse_fhir_module.care_rooms import CareRooms, MatrixActionsFailed
 from synapse_fhir_module.care_team import MAX_NESTING, TeamMembership, reference_of
 from synapse_fhir_module.communication_mapping import ORIGIN_TAG, ROOM_ID_SYSTEM
 from synapse_fhir_module.config import SyncConfig
+from synapse_fhir_module.email_invites import EmailInvites
 from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.fhir_errors import FhirNotFoundError
+from synapse_fhir_module.fhir_errors import FhirError, FhirNotFoundError
 from synapse_fhir_module.membership_plan import plan_membership
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.registered_accounts import RegisteredAccounts
@@ -85,6 +86,7 @@ class FhirSync:
         boundaries: TeamBoundaries,
         now_ms: Callable[[], int],
         accounts: RegisteredAccounts | None = None,
+        invites: EmailInvites | None = None,
     ) -> None:
         self._api = api
         self._bindings = bindings
@@ -92,6 +94,7 @@ class FhirSync:
         self._boundaries = boundaries
         self._now_ms = now_ms
         self._accounts = accounts
+        self._invites = invites
         self._config = config
         self._fhir = fhir
         self._teams = teams
@@ -218,6 +221,11 @@ class FhirSync:
             except Exception as e:
                 failed += 1
                 logger.warning("%s: could not repair %s (%s)", team_ref, room_id, _safe(e))
+        if self._invites is not None and team.admits_members:
+            try:
+                await self._invites.invite(team.without_account)
+            except FhirError as e:  # only an invitation: the next sync of the team tries again
+                logger.info("%s: invitations by email not sent (%s)", team_ref, _safe(e))
         if failed:
             raise SyncIncomplete(f"{team_ref}: {failed} room(s) not synced")
         return space

@@ -20,6 +20,7 @@ from synapse_fhir_module.communication_recorder import (
 )
 from synapse_fhir_module.config import EncryptedRoomsPolicy, ModuleConfig, parse_module_config
 from synapse_fhir_module.email_identity import EmailIdentity
+from synapse_fhir_module.email_invites import EmailInvites
 from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_sync import FhirSync
@@ -171,6 +172,9 @@ class FhirModule:
             rooms = CareRooms(
                 api, config.sync, service_user_id=self._service_user_id, exempt_users=exempt
             )
+            invites = None
+            if config.identity.invite_by_email:
+                invites = EmailInvites(api, config.identity, self._persons, emails)
             self._sync = FhirSync(
                 api,
                 config.sync,
@@ -184,6 +188,7 @@ class FhirModule:
                 boundaries=self._boundaries,
                 now_ms=now_ms,
                 accounts=accounts,
+                invites=invites,
             )
             self._changes = ChangeQueue(
                 api, self._sync.apply, self.invalidate, prepare=self._sync.prepare

@@ -180,7 +180,7 @@ class PersonDirectory:
         named = await self._named_persons(user_ids)
         recorded = dict(await self._recorded_persons(list(user_ids)))
         unnamed = {user_id: recorded[user_id] for user_id in recorded if not named[user_id]}
-        resources = await self._read_persons(set(unnamed.values()))
+        resources = await self.read_persons(set(unnamed.values()))
         by_email = await self._by_email([u for u in user_ids if not named[u] and u not in unnamed])
         now = self._monotonic()
         records = []
@@ -230,7 +230,7 @@ class PersonDirectory:
                     found[user_id][f"{resource_type}/{person['id']}"] = person
         return found
 
-    async def _read_persons(self, references: Iterable[str]) -> dict[str, dict[str, Any]]:
+    async def read_persons(self, references: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The current resources of these persons (one search per type); a deleted one,
         or a reference to anything but a person, is left out."""
         ids_by_type: dict[str, list[str]] = {}

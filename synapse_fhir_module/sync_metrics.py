@@ -18,3 +18,8 @@ BINDING_INCIDENTS = Counter(
     "synapse_fhir_binding_incidents",
     "Binding state of a room the module bound, changed behind its back (then repaired)",
 )
+EMAIL_INVITES = Counter(
+    "synapse_fhir_email_invites",
+    "Invitations to join mailed to care-team members without an account, by outcome",
+    ["outcome"],  # sent | failed
+)
