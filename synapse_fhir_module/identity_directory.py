@@ -37,16 +37,6 @@ class EmailResolver(Protocol):
         ...
 
 
-class NoEmailIdentity:
-    """Resolves nothing: every lookup answers no mappings."""
-
-    async def account_of_email(self, address: str) -> str | None:
-        return None
-
-    async def known_addresses(self) -> Iterable[str]:
-        return ()
-
-
 class LookupUnavailable(Exception):
     """No address index could be built yet (the resolver cannot say which addresses)."""
 
@@ -57,14 +47,14 @@ class AddressDirectory:
         resolver: EmailResolver,
         pepper: Callable[[], Awaitable[str]],
         *,
-        is_local: Callable[[str], bool],
+        usable_account: Callable[[str], Awaitable[bool]],
         run_in_background: Callable[[Callable[[], Awaitable[None]]], object],
         max_age: float = INDEX_MAX_AGE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._resolver = resolver
         self._pepper = pepper
-        self._is_local = is_local
+        self._usable_account = usable_account
         self._run_in_background = run_in_background
         self._max_age = max_age
         self._clock = clock
@@ -80,8 +70,9 @@ class AddressDirectory:
         accounts: dict[str, str | None] = {}
         for address in set(wanted.values()):
             account = await self._resolver.account_of_email(address)
-            # (Only this server's users: the service answers for its own accounts.)
-            accounts[address] = account if account and self._is_local(account) else None
+            # Only an account one can invite: of this server, existing, not deactivated.
+            usable = account is not None and await self._usable_account(account)
+            accounts[address] = account if usable else None
         mappings: dict[str, str] = {}
         for entry, address in wanted.items():
             account = accounts[address]

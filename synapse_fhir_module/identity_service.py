@@ -209,13 +209,19 @@ class IdentityServiceResource(DirectServeJsonResource):
         return user_id
 
     async def _check_account(self, user_id: str) -> None:
-        """Only a usable account of this homeserver: not remote, deactivated, locked or
-        a guest (checked on every request: a token outlives a deactivation)."""
-        info = await self._api.get_userinfo_by_id(user_id) if self._api.is_mine(user_id) else None
-        if info is None or info.is_deactivated or info.is_guest or info.locked:
+        """Checked on every request: a token outlives a deactivation."""
+        if not await usable_account(self._api, user_id):
             raise SynapseError(
                 403, "This account may not use the identity service", Codes.FORBIDDEN
             )
+
+
+async def usable_account(api: ModuleApi, user_id: str) -> bool:
+    """An existing account of this homeserver, not deactivated, locked or a guest."""
+    if not api.is_mine(user_id):
+        return False
+    info = await api.get_userinfo_by_id(user_id)
+    return info is not None and not (info.is_deactivated or info.is_guest or info.locked)
 
 
 def _segments(request: SynapseRequest) -> tuple[str, ...]:

@@ -34,7 +34,11 @@ from synapse_fhir_module.health import (
 from synapse_fhir_module.identity import PERSON_TYPES
 from synapse_fhir_module.identity_directory import AddressDirectory
 from synapse_fhir_module.identity_records import IdentityRecords
-from synapse_fhir_module.identity_service import IDENTITY_PATH, IdentityServiceResource
+from synapse_fhir_module.identity_service import (
+    IDENTITY_PATH,
+    IdentityServiceResource,
+    usable_account,
+)
 from synapse_fhir_module.openid_userinfo import OpenIdUserInfo
 from synapse_fhir_module.outbox_admin import (
     DEAD_LETTERS_PATH,
@@ -391,7 +395,7 @@ class FhirModule:
         directory = AddressDirectory(
             self._identity,
             records.pepper,
-            is_local=self._api.is_mine,
+            usable_account=lambda user_id: usable_account(self._api, user_id),
             run_in_background=lambda rebuild: self._api.run_as_background_process(
                 "fhir_identity_index", rebuild
             ),
