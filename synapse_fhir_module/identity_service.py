@@ -52,6 +52,12 @@ REFUSAL = (
 )
 REFUSAL_REASON = "third_party_invite_forbidden"
 
+# /account/register needs no token, and each call has the homeserver asked about an
+# OpenID token: per client address, a burst of 20, then one a second. (A client registers
+# once per token lifetime; many people behind one address still fit.)
+REGISTER_BURST = 20
+REGISTER_PER_SECOND = 1.0
+
 Handler = Callable[[SynapseRequest], Awaitable[tuple[int, dict[str, Any]]]]
 
 
@@ -73,6 +79,7 @@ class IdentityServiceResource(DirectServeJsonResource):
         self._openid = openid
         self._directory = directory
         self._buckets = buckets
+        self._registrations = TokenBuckets(REGISTER_BURST, REGISTER_PER_SECOND)
         # A request may not ask for more than the bucket ever holds.
         self._max_addresses = min(MAX_ADDRESSES, int(buckets.capacity))
         self._routes: dict[tuple[str, ...], dict[str, Handler]] = {
@@ -131,6 +138,7 @@ class IdentityServiceResource(DirectServeJsonResource):
         return 200, {}  # there are no policies to record acceptance of
 
     async def _register(self, request: SynapseRequest) -> tuple[int, dict[str, Any]]:
+        _check_wait(self._registrations.take(request.get_client_ip_if_available(), 1))
         token = parse_openid_token(_read_json_object(request))
         if token.matrix_server_name != self._api.server_name:
             # Never asked: contacting a server a client names would let anyone make this
@@ -168,16 +176,7 @@ class IdentityServiceResource(DirectServeJsonResource):
         user_id = await self._authenticate(request)
         lookup = parse_lookup_request(_read_json_object(request), max_addresses=self._max_addresses)
         check_pepper(lookup, await self._records.pepper())
-        wait = self._buckets.take(user_id, max(1, len(lookup.addresses)))
-        if wait > 0:
-            retry_after_ms = math.ceil(wait * 1000)
-            raise SynapseError(
-                429,
-                "Too many addresses looked up; try again later",
-                Codes.LIMIT_EXCEEDED,
-                additional_fields={"retry_after_ms": retry_after_ms},
-                headers={"Retry-After": str(math.ceil(wait))},
-            )
+        _check_wait(self._buckets.take(user_id, max(1, len(lookup.addresses))))
         try:
             mappings = await self._directory.resolve(lookup)
         except LookupUnavailable:
@@ -222,6 +221,18 @@ async def usable_account(api: ModuleApi, user_id: str) -> bool:
         return False
     info = await api.get_userinfo_by_id(user_id)
     return info is not None and not (info.is_deactivated or info.is_guest or info.locked)
+
+
+def _check_wait(wait: float) -> None:
+    """A token bucket's answer: 0 goes on, anything else is 429 with when to retry."""
+    if wait > 0:
+        raise SynapseError(
+            429,
+            "Too many requests; try again later",
+            Codes.LIMIT_EXCEEDED,
+            additional_fields={"retry_after_ms": math.ceil(wait * 1000)},
+            headers={"Retry-After": str(math.ceil(wait))},
+        )
 
 
 def _segments(request: SynapseRequest) -> tuple[str, ...]:

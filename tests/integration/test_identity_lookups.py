@@ -12,7 +12,7 @@ one person carrying it; unknown and ambiguous addresses are absent.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,6 +27,7 @@ from devstack.ports import free_port
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module.identity_lookup import lookup_hash
+from synapse_fhir_module.identity_service import REGISTER_BURST
 from tests.conftest import SERVER_LOGS
 
 IS = "/_matrix/identity/v2"
@@ -401,3 +402,25 @@ def test_tokens_and_the_pepper_survive_a_restart_and_nothing_private_is_logged(
     for secret in (token, pepper, people.email("anna"), people.email("shared")):
         assert secret not in log
     assert lookup_hash(people.email("anna"), "email", pepper) not in log
+
+
+def test_without_the_openid_resource_registration_says_so_and_is_rate_limited(
+    hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
+) -> None:
+    """The default listener serves `client` only: the module cannot check OpenID tokens
+    there, answers 503 and tells the operator why. Registering needs no token, so it is
+    limited per client address."""
+    synapse = start_synapse(module_config(hapi.base_url, identity={"lookup": True}))
+    url = synapse.url(IS + "/account/register")
+    body = {"access_token": "anything", "matrix_server_name": synapse.server_name}
+    unavailable = error(requests.post(url, json=body, timeout=30), 503, "M_UNKNOWN")
+    assert "try again later" in unavailable["error"]
+    wait_until(
+        lambda: "serve the 'openid' resource" in synapse.log_path.read_text(errors="replace"),
+        timeout=10,
+        what="the log naming the missing openid resource",
+    )
+    for _ in range(REGISTER_BURST - 1):
+        assert requests.post(url, json=body, timeout=30).status_code == 503
+    limited = error(requests.post(url, json=body, timeout=30), 429, "M_LIMIT_EXCEEDED")
+    assert limited["retry_after_ms"] > 0
