@@ -130,6 +130,19 @@ class IdentityConfig:
     join_url: str | None = None
     # At most one invitation per address this often.
     invite_interval: float = 7 * 24 * 3600.0  # seconds
+    # Answer the Identity Service API v2 lookups on Synapse's own listener (README,
+    # "Identity lookups"). Off by default: it tells local users which account an email
+    # address belongs to.
+    lookup: bool = False
+    # How long an identity-service token (from /account/register) is valid.
+    lookup_token_lifetime: float = 86400.0  # seconds
+    # Where the module asks this homeserver about OpenID tokens
+    # (<url>/_matrix/federation/v1/openid/userinfo); None = Synapse's public_baseurl.
+    lookup_homeserver_url: str | None = None
+    # Per user and instance: addresses one request may look up at most (the bucket's
+    # size), and addresses the bucket regains per second.
+    lookup_burst: int = 1000
+    lookup_per_second: float = 1.0
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
@@ -167,6 +180,12 @@ def parse_module_config(raw: Any) -> ModuleConfig:
         worker=section.value("worker", _nonempty_string, None),
     )
     section.reject_unknown_keys()
+    if config.identity.lookup and not config.identity.email:
+        raise ConfigError(
+            "identity.lookup answers from identity by email: with identity.email off it "
+            "would find nobody",
+            path=("identity", "lookup"),
+        )
     if config.sync.subscription and config.webhook.secret is None:
         raise ConfigError(
             "sync.subscription is true: the Subscriptions send this secret, and without it "
@@ -228,6 +247,11 @@ def _parse_identity(section: _Section) -> IdentityConfig:
         invite_by_email=section.flag("invite_by_email", False),
         join_url=section.value("join_url", _join_url, None),
         invite_interval=section.value("invite_interval", _positive_duration, 7 * 24 * 3600.0),
+        lookup=section.flag("lookup", False),
+        lookup_token_lifetime=section.value("lookup_token_lifetime", _positive_duration, 86400.0),
+        lookup_homeserver_url=section.value("lookup_homeserver_url", _homeserver_url, None),
+        lookup_burst=section.value("lookup_burst", _int_between(1, 1_000_000), 1000),
+        lookup_per_second=section.value("lookup_per_second", _positive_number, 1.0),
     )
     section.reject_unknown_keys()
     if config.invite_by_email and config.join_url is None:
@@ -440,6 +464,27 @@ def _base_url(value: Any) -> str:
         # It would end up in logs; credentials belong in fhir.auth.
         raise ValueError("put credentials in fhir.auth, not in the URL")
     return text.rstrip("/")
+
+
+def _homeserver_url(value: Any) -> str:
+    text = _nonempty_string(value).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"expected this homeserver's http(s) base URL such as http://127.0.0.1:8008, "
+            f"got {text!r}"
+        )
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("expected a base URL without query, fragment or credentials")
+    return text.rstrip("/")
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    if not 0 < value <= 1_000_000:
+        raise ValueError(f"expected a number more than 0 (at most 1000000), got {value}")
+    return float(value)
 
 
 def _int_between(low: int, high: int) -> Callable[[Any], int]:

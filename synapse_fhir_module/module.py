@@ -33,6 +33,14 @@ from synapse_fhir_module.health import (
     no_outbox,
 )
 from synapse_fhir_module.identity import PERSON_TYPES
+from synapse_fhir_module.identity_directory import AddressDirectory
+from synapse_fhir_module.identity_records import IdentityRecords
+from synapse_fhir_module.identity_service import (
+    IDENTITY_PATH,
+    IdentityServiceResource,
+    usable_account,
+)
+from synapse_fhir_module.openid_userinfo import OpenIdUserInfo
 from synapse_fhir_module.outbox_admin import (
     DEAD_LETTERS_PATH,
     RETRY_PATH,
@@ -49,6 +57,7 @@ from synapse_fhir_module.service_user import ensure_service_user
 from synapse_fhir_module.subscriptions import SubscriptionRegistrar
 from synapse_fhir_module.team_boundaries import TeamBoundaries
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
+from synapse_fhir_module.token_bucket import TokenBuckets
 from synapse_fhir_module.verified_emails import VerifiedEmails
 from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResource
 
@@ -160,6 +169,8 @@ class FhirModule:
             )
         if config.account_validity.enabled:
             self._register_account_validity(exempt)
+        if config.identity.lookup:
+            self._register_identity_lookups()
 
         # FHIR says what changed (DESIGN §5); the background instance makes Matrix match.
         api.register_web_resource(
@@ -379,6 +390,25 @@ class FhirModule:
             self._config.enforcement.cache_ttl * 1000,
             desc="fhir_refresh_persons",
             run_on_all_instances=True,
+        )
+
+    def _register_identity_lookups(self) -> None:
+        """The Identity Service API's lookups on this listener (every instance answers;
+        tokens and the pepper are in the database, the address index in each one's memory)."""
+        config = self._config.identity
+        records = IdentityRecords(self._api, token_lifetime=config.lookup_token_lifetime)
+        directory = AddressDirectory(
+            self._identity,
+            records.pepper,
+            usable_account=lambda user_id: usable_account(self._api, user_id),
+            run_in_background=lambda rebuild: self._api.run_as_background_process(
+                "fhir_identity_index", rebuild
+            ),
+        )
+        openid = OpenIdUserInfo(config.lookup_homeserver_url or self._api.public_baseurl)
+        buckets = TokenBuckets(config.lookup_burst, config.lookup_per_second)
+        self._api.register_web_resource(
+            IDENTITY_PATH, IdentityServiceResource(self._api, records, openid, directory, buckets)
         )
 
     def _remove_member_soon(self, room_id: str, user_id: str) -> None:
