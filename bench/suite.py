@@ -52,6 +52,7 @@ ROW_TITLES = {
     7: "Synapse on PostgreSQL vs SQLite (rows 1 and 2)",
     8: "Send latency while FHIR stalls 10 s per request vs healthy FHIR",
     9: "Period end → member removed, no FHIR write (issue 11)",
+    10: "Identity by email: address → account from memory; decisions (issue 12)",
 }
 
 
@@ -89,6 +90,7 @@ STEPS = [
     # and its reconcile sweeps everything there (other benchmarks' threads and messages).
     Step(6, "scale", shared_hapi=False),
     Step(9, "access_in_time"),
+    Step(10, "identity_resolution"),
 ]
 
 

@@ -153,45 +153,49 @@ def is_active(resource: Mapping[str, Any]) -> bool:
 
 def person_searches(user_ids: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
     """FHIR token searches that find the persons naming any of ``user_ids``, in all three
-    forms.
-
-    Six searches whatever the number of users: a comma ORs token values (the ids are
-    checked by ``is_user_id``, which admits no comma or bar).
-    """
-    user_ids = [user_id for user_id in user_ids if is_user_id(user_id)]
-    identifiers = ",".join(f"{MATRIX_ID_SYSTEM}|{user_id}" for user_id in user_ids)
-    telecoms = ",".join(
-        value
-        for user_id in user_ids
-        for value in (f"url|{matrix_uri(user_id)}", f"other|{user_id}")
-    )
-    searches = []
-    for resource_type in PERSON_TYPES:
-        searches.append((resource_type, {"identifier": identifiers}))
-        searches.append((resource_type, {"telecom": telecoms}))
-    return searches
+    forms (see ``identity_searches``)."""
+    return identity_searches(user_ids, ())
 
 
 def email_searches(
     addresses: Iterable[str], identifier_systems: Collection[str] = ()
 ) -> list[tuple[str, dict[str, str]]]:
-    """FHIR searches for the persons carrying any of ``addresses``: the ``email``
-    parameter, and ``identifier`` under each of ``identifier_systems``.
+    """FHIR token searches for the persons carrying any of ``addresses`` (see
+    ``identity_searches``)."""
+    return identity_searches((), addresses, identifier_systems)
+
+
+def identity_searches(
+    user_ids: Sequence[str],
+    addresses: Iterable[str],
+    identifier_systems: Collection[str] = (),
+) -> list[tuple[str, dict[str, str]]]:
+    """FHIR token searches that find, at once, the persons naming any of ``user_ids``
+    (three forms) and those carrying any of ``addresses`` (``telecom`` with system
+    ``email``, identifiers of ``identifier_systems``): per person type at most two,
+    ``identifier`` and ``telecom``, each ORing its tokens with commas.
 
     Only candidates: how a server matches tokens (case, spaces) is its own affair, so
-    the caller checks what comes back with ``emails_of``.
+    the caller checks what comes back (``matrix_ids_of``, ``emails_of``). Matrix ids are
+    checked by ``is_user_id`` (no comma or bar); addresses are escaped.
     """
-    values = [_escape_search_value(address.strip()) for address in addresses]
-    values = sorted({value for value in values if value})
-    if not values:
-        return []
+    user_ids = [user_id for user_id in user_ids if is_user_id(user_id)]
+    values = sorted({_escape_search_value(a.strip()) for a in addresses} - {""})
+    identifiers = [f"{MATRIX_ID_SYSTEM}|{user_id}" for user_id in user_ids]
+    for system in sorted(identifier_systems):
+        identifiers += [f"{_escape_search_value(system)}|{value}" for value in values]
+    telecoms = [
+        token
+        for user_id in user_ids
+        for token in (f"url|{matrix_uri(user_id)}", f"other|{user_id}")
+    ]
+    telecoms += [f"{EMAIL_TELECOM_SYSTEM}|{value}" for value in values]
     searches = []
     for resource_type in PERSON_TYPES:
-        searches.append((resource_type, {"email": ",".join(values)}))
-        for system in sorted(identifier_systems):
-            system_value = _escape_search_value(system)
-            tokens = ",".join(f"{system_value}|{value}" for value in values)
-            searches.append((resource_type, {"identifier": tokens}))
+        if identifiers:
+            searches.append((resource_type, {"identifier": ",".join(identifiers)}))
+        if telecoms:
+            searches.append((resource_type, {"telecom": ",".join(telecoms)}))
     return searches
 
 

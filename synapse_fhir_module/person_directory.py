@@ -26,12 +26,11 @@ from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.identity import (
     PERSON_TYPES,
     dicts_in,
-    email_searches,
     emails_of,
+    identity_searches,
     is_active,
     matrix_ids_of,
     normalise_email,
-    person_searches,
 )
 
 logger = logging.getLogger(__name__)
@@ -123,28 +122,39 @@ class PersonDirectory:
 
     async def persons_carrying(self, addresses: Iterable[str]) -> dict[str, Persons]:
         """For each address (normalised), the persons carrying it, asked of FHIR now."""
-        wanted = {normalise_email(address) for address in addresses}
-        wanted.discard("")
-        found: dict[str, Persons] = {address: {} for address in wanted}
-        if not wanted:
-            return found
+        return (await self._search((), addresses))[1]
+
+    async def _search(
+        self, user_ids: Sequence[str], addresses: Iterable[str]
+    ) -> tuple[dict[str, Persons], dict[str, Persons]]:
+        """The persons naming each of ``user_ids`` and those carrying each of
+        ``addresses`` (normalised), in one round of searches (two per person type)."""
+        wanted = {normalise_email(address) for address in addresses} - {""}
+        named: dict[str, Persons] = {user_id: {} for user_id in user_ids}
+        carrying: dict[str, Persons] = {address: {} for address in wanted}
         spellings = set(wanted)
         for address in wanted:
             spellings |= self._spellings.get(address, set())
-        for resource_type, params in email_searches(sorted(spellings), self._identifier_systems):
+        # Plain searches one after another, not a `batch` Bundle of them: HAPI runs batch
+        # entries in parallel, and many searches at once can exhaust its database pool.
+        searches = identity_searches(list(user_ids), sorted(spellings), self._identifier_systems)
+        for resource_type, params in searches:
             for person in await self._fhir.search_json(resource_type, params):
                 if person.get("resourceType") != resource_type or not person.get("id"):
                     continue
+                reference = f"{resource_type}/{person['id']}"
+                # The token search matched; check what the person really says.
+                for user_id in matrix_ids_of(person) & named.keys():
+                    named[user_id][reference] = person
                 self.learn_spellings([person])
-                # The server's match is only a candidate: check the address ourselves.
                 for address in self.emails_of(person) & wanted:
-                    found[address][f"{resource_type}/{person['id']}"] = person
-        for address, persons in found.items():
+                    carrying[address][reference] = person
+        for address, persons in carrying.items():
             if len(persons) > 1:
                 self.ambiguous_emails.add(address)
             else:
                 self.ambiguous_emails.discard(address)
-        return found
+        return named, carrying
 
     def remembered(self, user_id: str) -> PersonRecord | None:
         """The last answer for ``user_id``, from memory only."""
@@ -174,22 +184,28 @@ class PersonDirectory:
     async def persons_naming(self, user_id: str) -> dict[str, dict[str, Any]]:
         """The persons whose record names ``user_id`` (``{"Practitioner/12": resource}``),
         asked of FHIR now; no memory, no recorded accounts."""
-        return (await self._named_persons([user_id]))[user_id]
+        return (await self._search([user_id], ()))[0][user_id]
 
     async def _lookup_batch(self, user_ids: Sequence[str]) -> list[PersonRecord]:
-        named = await self._named_persons(user_ids)
+        # Addresses first, so one round of searches finds who names and who carries.
+        addresses = {user_id: await self._account_emails(user_id) for user_id in user_ids}
+        named, carriers = await self._search(user_ids, set().union(*addresses.values()))
         recorded = dict(await self._recorded_persons(list(user_ids)))
         unnamed = {user_id: recorded[user_id] for user_id in recorded if not named[user_id]}
         resources = await self.read_persons(set(unnamed.values()))
-        by_email = await self._by_email([u for u in user_ids if not named[u] and u not in unnamed])
         now = self._monotonic()
+        by_email = {
+            user_id: _email_record(user_id, addresses[user_id], carriers, now)
+            for user_id in user_ids
+            if addresses[user_id] and not named[user_id] and user_id not in unnamed
+        }
         records = []
         for user_id in user_ids:
             if user_id in unnamed:
                 records.append(_recorded_record(user_id, unnamed[user_id], resources, now))
                 continue
             if user_id in by_email:
-                records.append(attr.evolve(by_email[user_id], checked_at=now))
+                records.append(by_email[user_id])
                 continue
             record = _record(user_id, named[user_id], now)
             if user_id in recorded and record.person not in (None, recorded[user_id]):
@@ -203,32 +219,6 @@ class PersonDirectory:
                 record = PersonRecord(user_id, None, False, now, ambiguous=True)
             records.append(record)
         return records
-
-    async def _by_email(self, user_ids: Sequence[str]) -> dict[str, PersonRecord]:
-        """What their verified addresses make of accounts no person names or was recorded
-        for; accounts without an address are left out (they are nobody's)."""
-        addresses = {user_id: await self._account_emails(user_id) for user_id in user_ids}
-        addresses = {user_id: found for user_id, found in addresses.items() if found}
-        if not addresses:
-            return {}
-        carriers = await self.persons_carrying(set().union(*addresses.values()))
-        return {
-            user_id: _email_record(user_id, found, carriers, self._monotonic())
-            for user_id, found in addresses.items()
-        }
-
-    async def _named_persons(self, user_ids: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
-        # Plain searches one after another, not a `batch` Bundle of them: HAPI runs batch
-        # entries in parallel, and many searches at once can exhaust its database pool.
-        found: dict[str, dict[str, dict[str, Any]]] = {user_id: {} for user_id in user_ids}
-        for resource_type, params in person_searches(user_ids):
-            for person in await self._fhir.search_json(resource_type, params):
-                if person.get("resourceType") != resource_type or not person.get("id"):
-                    continue
-                # The token search matched; check which of our users it really names.
-                for user_id in matrix_ids_of(person) & found.keys():
-                    found[user_id][f"{resource_type}/{person['id']}"] = person
-        return found
 
     async def read_persons(self, references: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The current resources of these persons (one search per type); a deleted one,

@@ -9,6 +9,7 @@ from synapse_fhir_module.identity import (
     PERSON_TYPES,
     email_searches,
     emails_of,
+    identity_searches,
     normalise_email,
 )
 
@@ -53,7 +54,7 @@ def test_searches_cover_every_person_type_and_escape_search_syntax() -> None:
     searches = email_searches([" a|b,c$d\\e@example.org "])
     assert [resource_type for resource_type, _ in searches] == list(PERSON_TYPES)
     # "|" would split system from value and "," would OR two values.
-    assert {params["email"] for _, params in searches} == {"a\\|b\\,c\\$d\\\\e@example.org"}
+    assert {params["telecom"] for _, params in searches} == {"email|a\\|b\\,c\\$d\\\\e@example.org"}
 
 
 def test_an_address_the_person_no_longer_has_is_not_theirs() -> None:
@@ -85,7 +86,7 @@ def test_identifiers_of_a_listed_system_are_addresses_too() -> None:
 
 def test_searches_or_the_addresses_and_cover_each_identifier_system() -> None:
     searches = email_searches(["b@example.org", "a@example.org", "a@example.org"], [OZO_EMAIL])
-    assert ("Patient", {"email": "a@example.org,b@example.org"}) in searches
+    assert ("Patient", {"telecom": "email|a@example.org,email|b@example.org"}) in searches
     assert (
         "Practitioner",
         {"identifier": f"{OZO_EMAIL}|a@example.org,{OZO_EMAIL}|b@example.org"},
@@ -131,3 +132,18 @@ def test_any_json_gives_normalised_addresses_and_never_raises(
     for address in found:
         assert address == normalise_email(address)
         assert "@" in address and not any(c.isspace() for c in address)
+
+
+def test_one_round_finds_who_names_the_accounts_and_who_carries_the_addresses() -> None:
+    searches = identity_searches(["@a:example.org"], ["a@example.org"], [OZO_EMAIL])
+    assert len(searches) == 2 * len(PERSON_TYPES)
+    assert (
+        "RelatedPerson",
+        {"identifier": f"https://matrix.org/user-id|@a:example.org,{OZO_EMAIL}|a@example.org"},
+    ) in searches
+    assert (
+        "Patient",
+        {"telecom": "url|matrix:u/a:example.org,other|@a:example.org,email|a@example.org"},
+    ) in searches
+    # A malformed Matrix id is left out, not searched for (a comma would OR in a token).
+    assert identity_searches(["@a:example.org,other|@b:x"], []) == []
