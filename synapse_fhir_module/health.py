@@ -1,7 +1,8 @@
 """``GET /_synapse/client/fhir/health`` (DESIGN §5).
 
 Answers ``{"status": "ok"|"degraded", "fhir": {"reachable": bool},
-"outbox": {"pending": int, "dead": int}, "sync": {...}}``. Reachability comes from FHIR's
+"outbox": {"pending": int, "dead": int}, "recording": {"not_written_profile": int},
+"sync": {...}}``. Reachability comes from FHIR's
 ``/metadata`` with a short timeout and is remembered for a few seconds, so a
 monitoring system polling the endpoint does not turn into load on FHIR.
 
@@ -33,6 +34,8 @@ HEALTH_PATH = "/_synapse/client/fhir/health"
 class OutboxCounts:
     pending: int = 0
     dead: int = 0
+    # Messages communication.profile: ozo left unwritten since start (no individual sender).
+    not_written_profile: int = 0
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -107,5 +110,6 @@ class HealthResource(DirectServeJsonResource):
             "status": "ok" if reachable and not sync.retrying else "degraded",
             "fhir": {"reachable": reachable},
             "outbox": {"pending": outbox.pending, "dead": outbox.dead},
+            "recording": {"not_written_profile": outbox.not_written_profile},
             "sync": attr.asdict(sync),
         }
