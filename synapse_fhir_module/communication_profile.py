@@ -114,7 +114,7 @@ def _reference_problems(
 
 
 def _content_problems(item: Mapping[str, Any]) -> list[str]:
-    kinds = [key for key in item if key.startswith("content")]
+    kinds = [key for key in item if isinstance(key, str) and key.startswith("content")]
     if kinds == ["contentString"]:
         text = item["contentString"]
         return [] if isinstance(text, str) and text else ["payload.contentString: empty"]
