@@ -155,7 +155,8 @@ class CommunicationRecorder:
         self._service_user_id = service_user_id
         self._all_rooms = config.rooms is RecordedRooms.ALL
         self._ozo = config.profile is CommunicationProfile.OZO
-        self._not_written = 0  # since start, on this (draining) instance
+        # Since start, on this (draining) instance; None: the base profile counts nothing.
+        self._not_written: int | None = 0 if self._ozo else None
         # Threads opened but not bound in room state (the service user is not in the room).
         self._opened_threads: dict[str, str] = {}
         self._draining = False
@@ -342,7 +343,7 @@ class CommunicationRecorder:
             if isinstance(sent_ms, int):
                 COMMUNICATION_LAG.observe(max(0.0, (committed_ms - sent_ms) / 1000))
         for event_id, reason in outcome.not_written.items():
-            self._not_written += 1
+            self._not_written = (self._not_written or 0) + 1
             COMMUNICATIONS_NOT_WRITTEN.labels(reason=reason).inc()
             # Event and room ids only: the sender's id can name a patient.
             logger.info(
