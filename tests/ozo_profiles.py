@@ -34,6 +34,13 @@ def definition(name: str) -> dict[str, Any]:
     return _definitions()[name]
 
 
+def guide_resources() -> list[dict[str, Any]]:
+    """Every conformance resource of the folder (StructureDefinitions and ValueSets), to load
+    into a FHIR server that validates against them."""
+    _definitions()  # (fails clearly when the folder is missing)
+    return [json.loads(path.read_text()) for path in sorted(OZO_PROFILES.glob("*.json"))]
+
+
 def by_url(url: str) -> dict[str, Any]:
     for found in _definitions().values():
         if found.get("url") == url:

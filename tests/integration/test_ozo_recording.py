@@ -1,7 +1,8 @@
 """communication.profile: ozo against a real Synapse and the real HAPI dev server: every
 Communication the module writes, and the thread it opens, meets the OZO guide's profiles —
-checked on what HAPI gives back, against the guide's StructureDefinitions (read at test
-time from ../shared/ozo) and the R4B models."""
+checked on what HAPI gives back three ways: HAPI's own validator (``$validate``) with the
+guide's StructureDefinitions loaded into it, the definitions' cardinalities and types read
+directly (``tests/ozo_profiles``; both from ../shared/ozo at test time), and the R4B models."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import requests
 from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
@@ -19,13 +21,18 @@ from devstack.matrix_client import MatrixUser, register_user
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SERVER_NAME, SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module.communication_mapping import ENCRYPTED_TAG, ROOM_ID_SYSTEM
+from synapse_fhir_module.communication_mapping import (
+    ENCRYPTED_TAG,
+    ROOM_ID_SYSTEM,
+    thread_request,
+)
 from synapse_fhir_module.communication_profile import (
     ENCRYPTED_PLACEHOLDER,
     OZO_COMMUNICATION,
     OZO_COMMUNICATION_REQUEST,
     WITHDRAWN_PLACEHOLDER,
 )
+from synapse_fhir_module.config import CommunicationProfile
 from tests.integration.care_network import CareNetwork
 from tests.integration.test_authorship import edit
 from tests.integration.test_communication_recording import (
@@ -34,8 +41,15 @@ from tests.integration.test_communication_recording import (
     dead_letters,
     health,
 )
-from tests.ozo_profiles import COMMUNICATION, COMMUNICATION_REQUEST, definition, unmet
+from tests.ozo_profiles import (
+    COMMUNICATION,
+    COMMUNICATION_REQUEST,
+    definition,
+    guide_resources,
+    unmet,
+)
 
+OZO = CommunicationProfile.OZO
 SECRET = "test-webhook-secret"  # devstack.synapse.module_config's webhook secret
 MEGOLM = {
     "algorithm": "m.megolm.v1.aes-sha2",
@@ -44,6 +58,37 @@ MEGOLM = {
     "sender_key": "IlRMeOPX2e0MurIyfWEucYBRVOEEUMrOHqn/8mLqMjA",
     "session_id": "X3lUlvLELLYxeTx4yOVu6UDpasGEVO0Jbu+QFnm0cKQ",
 }
+
+
+@pytest.fixture(scope="module")
+def ozo_hapi(hapi: HapiDevServer) -> HapiDevServer:
+    """The session's HAPI, holding the guide's profiles so that ``$validate`` checks a
+    resource against those it declares (nothing else changes: HAPI validates on request
+    only)."""
+    for conformance in guide_resources():
+        response = requests.put(
+            f"{hapi.base_url}/{conformance['resourceType']}/{conformance['id']}",
+            json=conformance,
+            headers={"Content-Type": "application/fhir+json"},
+            timeout=60,
+        )
+        assert response.status_code in (200, 201), response.text[:500]
+    return hapi
+
+
+def validator_errors(hapi: HapiDevServer, resource: dict[str, Any]) -> list[str]:
+    """HAPI's errors for ``resource``, validated against the profiles it declares."""
+    response = requests.post(
+        f"{hapi.base_url}/{resource['resourceType']}/$validate",
+        json=resource,
+        headers={"Content-Type": "application/fhir+json"},
+        timeout=300,  # (the first one generates the profiles' snapshots)
+    )
+    return [
+        str(issue.get("diagnostics", ""))
+        for issue in response.json().get("issue", [])
+        if issue.get("severity") in ("error", "fatal")
+    ]
 
 
 def ozo_server(
@@ -73,16 +118,20 @@ def written(hapi: HapiDevServer, event_id: str, condition: Any = bool, what: str
     )
 
 
-def assert_ozo_communication(c: dict[str, Any]) -> None:
-    """What HAPI returns declares OZOCommunication and meets it (the guide's definition),
-    and is a valid R4 Communication."""
+def assert_ozo_communication(hapi: HapiDevServer, c: dict[str, Any]) -> None:
+    """What HAPI returns declares OZOCommunication and meets it (HAPI's validator, the
+    guide's definition read directly), and is a valid R4 Communication."""
     assert c["meta"]["profile"] == [OZO_COMMUNICATION]
+    assert validator_errors(hapi, c) == []
     assert unmet(c, definition(COMMUNICATION)) == []
     Communication.model_validate(c)
 
 
-def assert_ozo_thread(request: dict[str, Any], network: CareNetwork, requester: str) -> None:
+def assert_ozo_thread(
+    hapi: HapiDevServer, request: dict[str, Any], network: CareNetwork, requester: str
+) -> None:
     assert request["meta"]["profile"] == [OZO_COMMUNICATION_REQUEST]
+    assert validator_errors(hapi, request) == []
     assert unmet(request, definition(COMMUNICATION_REQUEST)) == []
     CommunicationRequest.model_validate(request)
     assert request["status"] == "active"
@@ -121,8 +170,9 @@ def room_made_by(creator: MatrixUser, service: MatrixUser, space: str) -> str:
 
 
 def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
-    hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
+    ozo_hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
 ) -> None:
+    hapi = ozo_hapi
     network = CareNetwork(uuid.uuid4().hex[:8])
     audit_id = network.user_id("audit")  # exempt: in every room, but no FHIR person
     server = ozo_server(start_synapse, hapi, enforcement={"exempt_users": [audit_id]})
@@ -137,7 +187,7 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     # A message: the module opens the room's thread, requested by the room's creator.
     first = gp.send_text(room, "Wound looks clean")
     c = written(hapi, first)
-    assert_ozo_communication(c)
+    assert_ozo_communication(hapi, c)
     assert c["status"] == "completed"
     assert c["payload"] == [{"contentString": "Wound looks clean"}]
     assert c["sender"] == {"reference": network.ref("Practitioner", "gp"), "type": "Practitioner"}
@@ -145,7 +195,7 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     assert part_of["type"] == "CommunicationRequest"
     thread = resource(hapi, part_of["reference"])
     assert thread["identifier"] == [{"system": ROOM_ID_SYSTEM, "value": room}]
-    assert_ozo_thread(thread, network, requester=network.ref("Practitioner", "gp"))
+    assert_ozo_thread(hapi, thread, network, requester=network.ref("Practitioner", "gp"))
 
     # A reply, by the daughter (a RelatedPerson).
     reply = daughter.send(
@@ -157,7 +207,7 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
         },
     )
     r = written(hapi, reply)
-    assert_ozo_communication(r)
+    assert_ozo_communication(hapi, r)
     assert r["inResponseTo"] == [{"reference": f"Communication/{c['id']}"}]
     assert r["sender"] == {
         "reference": network.ref("RelatedPerson", "daughter"),
@@ -173,7 +223,7 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
         lambda x: x["payload"] == [{"contentString": "Wound looks clean, dressing changed"}],
         "the edit applied",
     )
-    assert_ozo_communication(edited)
+    assert_ozo_communication(hapi, edited)
     assert edited["id"] == c["id"] and edited["meta"]["versionId"] != c["meta"]["versionId"]
 
     # A redaction: withdrawn, with the fixed placeholder as its payload.
@@ -183,13 +233,16 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     withdrawn = written(
         hapi, mistake, lambda x: x["status"] == "entered-in-error", "the redaction applied"
     )
-    assert_ozo_communication(withdrawn)
+    assert_ozo_communication(hapi, withdrawn)
     assert withdrawn["payload"] == [{"contentString": WITHDRAWN_PLACEHOLDER}]
+    # (Without it — as under base — HAPI's validator would refuse the profile's claim.)
+    bare = {key: value for key, value in withdrawn.items() if key != "payload"}
+    assert any("payload" in error for error in validator_errors(hapi, bare))
 
     # An encrypted event (metadata_only): the encryption placeholder.
     secret = gp.send(room, MEGOLM, "m.room.encrypted")
     e = written(hapi, secret)
-    assert_ozo_communication(e)
+    assert_ozo_communication(hapi, e)
     assert e["payload"] == [{"contentString": ENCRYPTED_PLACEHOLDER}]
     assert ENCRYPTED_TAG in e["meta"]["tag"]
 
@@ -226,12 +279,13 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     in_thread = [entry["resource"] for entry in bundle["entry"]]
     assert len(in_thread) == 4  # first, reply, mistake, secret
     for communication in in_thread:
-        assert_ozo_communication(communication)
+        assert_ozo_communication(hapi, communication)
 
 
 def test_the_thread_of_a_room_the_service_user_made_is_requested_by_its_first_writer(
-    hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
+    ozo_hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
 ) -> None:
+    hapi = ozo_hapi
     server = ozo_server(start_synapse, hapi)
     network = CareNetwork(uuid.uuid4().hex[:8])
     network.seed(FhirSeeder(hapi.base_url))
@@ -242,10 +296,10 @@ def test_the_thread_of_a_room_the_service_user_made_is_requested_by_its_first_wr
 
     first = daughter.send_text(room, "Dad slept badly")
     c = written(hapi, first)
-    assert_ozo_communication(c)
+    assert_ozo_communication(hapi, c)
     thread = resource(hapi, c["partOf"][0]["reference"])
     # The service user, who made the room, is no person: whoever opened the conversation is.
-    assert_ozo_thread(thread, network, requester=network.ref("RelatedPerson", "daughter"))
+    assert_ozo_thread(hapi, thread, network, requester=network.ref("RelatedPerson", "daughter"))
     # (and the room is bound to it)
     assert service.request(
         "GET", f"/_matrix/client/v3/rooms/{room}/state/org.synapse_fhir.thread"
@@ -256,8 +310,9 @@ def test_the_thread_of_a_room_the_service_user_made_is_requested_by_its_first_wr
 
 
 def test_a_team_without_a_patient_gets_no_thread_until_fhir_names_one(
-    hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
+    ozo_hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
 ) -> None:
+    hapi = ozo_hapi
     server = ozo_server(start_synapse, hapi)
     network = CareNetwork(uuid.uuid4().hex[:8])
     seeder = FhirSeeder(hapi.base_url)
@@ -287,6 +342,11 @@ def test_a_team_without_a_patient_gets_no_thread_until_fhir_names_one(
         timeout=30,
     ).json()
     assert threads.get("entry", []) == []  # no thread that could not meet the profile
+    # (Which it could not: HAPI's validator refuses that thread for want of its subject.)
+    refused = thread_request(
+        room, network.team, None, requester=network.ref("Practitioner", "gp"), profile=OZO
+    )
+    assert any("subject" in error for error in validator_errors(hapi, refused))
 
     # FHIR names the team's patient; the operator retries the dead letter.
     seeder.put({**team, "subject": subject})
@@ -305,6 +365,6 @@ def test_a_team_without_a_patient_gets_no_thread_until_fhir_names_one(
         return communication_of(hapi, message)
 
     c = wait_until(retried, timeout=30, what="the message written after the retry")
-    assert_ozo_communication(c)
+    assert_ozo_communication(hapi, c)
     thread = resource(hapi, c["partOf"][0]["reference"])
-    assert_ozo_thread(thread, network, requester=network.ref("Practitioner", "gp"))
+    assert_ozo_thread(hapi, thread, network, requester=network.ref("Practitioner", "gp"))
