@@ -7,6 +7,8 @@
   it; with ``communication.redactions: moderators`` also when anyone else Synapse let
   redact it did, and then a note names them.
 - Nothing brings a withdrawn Communication back.
+- With ``communication.profile: ozo`` the new version declares OZOCommunication, and a
+  withdrawn one keeps a fixed placeholder as its payload (``in_profile``).
 
 The decisions are pure functions of what is stored: the Communication, or the outbox row
 of a message FHIR does not have yet. ``CommunicationAmender`` reads the Communication,
@@ -31,11 +33,13 @@ from synapse_fhir_module.communication_mapping import (
     ORIGIN_TAG,
     WITHDRAWN,
     Redaction,
+    has_tag,
+    in_profile,
     is_event_id,
     moderator_note,
 )
 from synapse_fhir_module.communication_writer import invalid_communication
-from synapse_fhir_module.config import RedactionPolicy
+from synapse_fhir_module.config import CommunicationProfile, RedactionPolicy
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirPermanentError
 
@@ -73,18 +77,22 @@ class StillConflicting(Exception):
 
 
 def edited(
-    stored: Mapping[str, Any], editor_person: str | None, payload: Mapping[str, Any]
+    stored: Mapping[str, Any],
+    editor_person: str | None,
+    payload: Mapping[str, Any],
+    *,
+    profile: CommunicationProfile = CommunicationProfile.BASE,
 ) -> Decision:
     """The stored Communication with an edit's payload, if the editor may change it."""
     if stored.get("status") == ENTERED_IN_ERROR:
         return Unchanged("the message was withdrawn; an edit does not bring it back")
-    if _has_tag(stored, ENCRYPTED_TAG):
+    if has_tag(stored, ENCRYPTED_TAG):
         return Unchanged("recorded without payload on purpose (encrypted)")
     if not _same_person(editor_person, reference_of(stored.get("sender"))):
         return Unchanged("edited by someone other than its sender")
     resource = _next_version(stored)
     resource["payload"] = [dict(payload)]
-    return resource
+    return in_profile(resource, profile)
 
 
 def withdrawn(
@@ -93,6 +101,7 @@ def withdrawn(
     policy: RedactionPolicy,
     *,
     by_local_user: bool = True,
+    profile: CommunicationProfile = CommunicationProfile.BASE,
 ) -> Decision:
     """The stored Communication withdrawn by a redaction, if the policy lets the redacter;
     a note names them when they are not its sender."""
@@ -106,7 +115,7 @@ def withdrawn(
     resource["status"] = ENTERED_IN_ERROR
     if not by_sender:
         resource["note"] = [*_mappings(stored.get("note")), moderator_note(redaction)]
-    return resource
+    return in_profile(resource, profile)
 
 
 def redaction_counts(policy: RedactionPolicy, *, by_sender: bool, by_local_user: bool) -> bool:
@@ -215,7 +224,7 @@ class CommunicationAmender:
             if (
                 resource.get("resourceType") == "Communication"
                 and resource.get("id")
-                and _has_tag(resource, ORIGIN_TAG)
+                and has_tag(resource, ORIGIN_TAG)
                 and _carries_event_id(resource, event_id)
             ):
                 return resource
@@ -257,15 +266,6 @@ def in_thread(stored: Mapping[str, Any], thread: str | None) -> bool:
 
 def _same_person(person: str | None, other: str | None) -> bool:
     return person is not None and person == other
-
-
-def _has_tag(resource: Mapping[str, Any], tag: Mapping[str, str]) -> bool:
-    meta = resource.get("meta")
-    tags = meta.get("tag") if isinstance(meta, Mapping) else None
-    return any(
-        isinstance(t, Mapping) and t.get("system") == tag["system"] and t.get("code") == tag["code"]
-        for t in tags or []
-    )
 
 
 def _mappings(value: Any) -> list[Mapping[str, Any]]:

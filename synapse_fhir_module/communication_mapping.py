@@ -6,6 +6,11 @@ create (a new message: ``ifNoneExist`` on the event-id identifier, so a retry ne
 a second Communication), or, for a message redacted before FHIR had it, a conditional
 update by that identifier to its withdrawn form. Edits and redactions of a message FHIR
 already has are applied to its stored Communication (``communication_amendments``).
+
+With ``communication.profile: ozo`` every Communication also declares and meets
+``OZOCommunication`` (``communication_profile``): a withdrawn or encrypted one carries a
+fixed placeholder as its payload, and the thread the module opens is an
+``OZOCommunicationRequest`` with a requester.
 """
 
 from __future__ import annotations
@@ -17,6 +22,15 @@ from typing import Any
 
 import attr
 
+from synapse_fhir_module.communication_profile import (
+    ENCRYPTED_PLACEHOLDER,
+    OZO_COMMUNICATION,
+    OZO_COMMUNICATION_REQUEST,
+    WITHDRAWN_PLACEHOLDER,
+    declare,
+    declares,
+)
+from synapse_fhir_module.config import CommunicationProfile
 from synapse_fhir_module.fhir_time import format_fhir_instant
 
 EVENT_ID_SYSTEM = "https://matrix.org/event-id"
@@ -24,7 +38,8 @@ EVENT_ID_SYSTEM = "https://matrix.org/event-id"
 ROOM_ID_SYSTEM = "https://matrix.org/room-id"
 # Marks what this module wrote, so it is never relayed back into Matrix (no loops).
 ORIGIN_TAG = {"system": "urn:synapse-fhir-module:origin", "code": "matrix"}
-# Marks a Communication recorded from an encrypted event: it has no payload on purpose.
+# Marks a Communication recorded from an encrypted event: it has no payload on purpose
+# (under the OZO profile, a placeholder).
 ENCRYPTED_TAG = {"system": "urn:synapse-fhir-module:content", "code": "encrypted"}
 
 # Key of an outbox row's event whose message was redacted before FHIR had it: its content
@@ -40,6 +55,8 @@ FILE_MSGTYPES = frozenset({"m.image", "m.file", "m.audio", "m.video"})
 # FHIR's `code` and `unsignedInt` limits (what Attachment.contentType and .size accept).
 FHIR_CODE = re.compile(r"[^\s]+( [^\s]+)*")
 MAX_UNSIGNED_INT = 2**31 - 1
+ENTERED_IN_ERROR = "entered-in-error"
+BASE = CommunicationProfile.BASE
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -104,6 +121,7 @@ def message_write(
     *,
     encrypted_policy: str = "metadata_only",
     parent_source: str | None = None,
+    profile: CommunicationProfile = BASE,
 ) -> CommunicationWrite:
     """The write for a new ``m.room.message``/``m.room.encrypted`` event (withdrawn, when
     it was redacted while waiting in the outbox: see ``WITHDRAWN``).
@@ -111,8 +129,8 @@ def message_write(
     ``sender_person`` is ``Practitioner/<id>`` (or RelatedPerson/Patient).
     ``parent_source``: for a reply to a message the module posted from FHIR, the resource
     it came from (``Communication/7``, or ``CommunicationRequest/3`` for a thread's first
-    message); such a parent has no Communication under its event id. Raises
-    NotRecorded for events that are not recorded.
+    message); such a parent has no Communication under its event id. ``profile``: the
+    form written (see ``in_profile``). Raises NotRecorded for events that are not recorded.
     """
     event_type = event.get("type")
     content = event.get("content") or {}
@@ -124,11 +142,11 @@ def message_write(
     if isinstance(withdrawn, Mapping) and event_type in ("m.room.message", "m.room.encrypted"):
         # Nothing of what it said is left to write, not even whom it replied to.
         moderator = Redaction.from_json(withdrawn) if withdrawn else None
-        return redaction_write(event, room, sender_person, moderator=moderator)
+        return redaction_write(event, room, sender_person, moderator=moderator, profile=profile)
     if event_type == "m.room.encrypted":
         resource = _communication(event, room, sender_person, payload=None)
         resource["meta"]["tag"].append(dict(ENCRYPTED_TAG))
-        return _create(event, resource)
+        return _create(event, in_profile(resource, profile))
     if event_type != "m.room.message":
         raise NotRecorded(f"{event_type} is not a message")
 
@@ -145,7 +163,7 @@ def message_write(
         elif parent_source.startswith("Communication/"):
             resource["inResponseTo"] = [{"reference": parent_source, "type": "Communication"}]
         # (A reply to a thread's first message: the request is already its partOf.)
-    return _create(event, resource)
+    return _create(event, in_profile(resource, profile))
 
 
 def redaction_write(
@@ -154,17 +172,81 @@ def redaction_write(
     sender_person: str,
     *,
     moderator: Redaction | None = None,
+    profile: CommunicationProfile = BASE,
 ) -> CommunicationWrite:
     """A message redacted before FHIR had it: its Communication withdrawn (entered-in-error,
-    without payload), created or, if an earlier attempt did reach FHIR, updated."""
+    without payload — under the OZO profile, the placeholder), created or, if an earlier
+    attempt did reach FHIR, updated."""
     resource = _communication(original, room, sender_person, payload=None)
     if original.get("type") == "m.room.encrypted":
         resource["meta"]["tag"].append(dict(ENCRYPTED_TAG))
-    resource["status"] = "entered-in-error"
+    resource["status"] = ENTERED_IN_ERROR
     if moderator is not None:
         resource["note"] = [moderator_note(moderator)]
     return CommunicationWrite(
-        method="PUT", url=communication_reference(str(original["event_id"])), resource=resource
+        method="PUT",
+        url=communication_reference(str(original["event_id"])),
+        resource=in_profile(resource, profile),
+    )
+
+
+def in_profile(resource: dict[str, Any], profile: CommunicationProfile) -> dict[str, Any]:
+    """A Communication the module writes, in the form ``profile`` asks (changed in place).
+
+    Under ``ozo`` it declares OZOCommunication. Whatever declares it — also a record
+    written so before the profile was switched off — keeps the payload OZO requires: a
+    withdrawn one the withdrawal placeholder instead of what was said, an encrypted one the
+    encryption placeholder. Under ``base`` a record that does not declare it is left alone.
+    """
+    if profile is CommunicationProfile.OZO:
+        declare(resource, OZO_COMMUNICATION)
+    if not declares(resource, OZO_COMMUNICATION):
+        return resource
+    if resource.get("status") == ENTERED_IN_ERROR:
+        resource["payload"] = [{"contentString": WITHDRAWN_PLACEHOLDER}]
+    elif not resource.get("payload") and has_tag(resource, ENCRYPTED_TAG):
+        resource["payload"] = [{"contentString": ENCRYPTED_PLACEHOLDER}]
+    return resource
+
+
+def thread_request(
+    room_id: str,
+    care_team: str | None,
+    patient: str | None,
+    *,
+    requester: str | None = None,
+    profile: CommunicationProfile = BASE,
+) -> dict[str, Any]:
+    """The CommunicationRequest the module opens as a room's thread (keyed by the room id).
+
+    Under ``ozo`` it declares OZOCommunicationRequest and names ``requester`` (a person
+    reference); whether it then meets the profile (a patient, a requester, a team) is
+    ``communication_profile.request_problems``' to say.
+    """
+    request: dict[str, Any] = {
+        "resourceType": "CommunicationRequest",
+        "meta": {"tag": [dict(ORIGIN_TAG)]},
+        "identifier": [{"system": ROOM_ID_SYSTEM, "value": room_id}],
+        "status": "active",
+    }
+    if care_team:
+        request["recipient"] = [{"reference": care_team, "type": "CareTeam"}]
+    if patient:
+        request["subject"] = {"reference": patient, "type": "Patient"}
+    if profile is CommunicationProfile.OZO:
+        declare(request, OZO_COMMUNICATION_REQUEST)
+        if requester:
+            request["requester"] = _reference(requester)
+    return request
+
+
+def has_tag(resource: Mapping[str, Any], tag: Mapping[str, str]) -> bool:
+    """Whether ``resource`` carries ``tag`` (system and code) in ``meta.tag``."""
+    meta = resource.get("meta")
+    tags = meta.get("tag") if isinstance(meta, Mapping) else None
+    return isinstance(tags, list) and any(
+        isinstance(t, Mapping) and t.get("system") == tag["system"] and t.get("code") == tag["code"]
+        for t in tags
     )
 
 

@@ -10,6 +10,14 @@ meanwhile) and only the background worker drains.
 A batch writes its new messages first, as one transaction; then its edits and redactions
 one by one, each to its original's stored Communication (``communication_amendments``), or,
 while the original is still in the outbox, to the original's row.
+
+With ``communication.profile: ozo`` what is written meets the OZO profiles
+(``communication_profile``). A message OZO cannot attribute to an individual — sent by the
+service user (not a relay from FHIR), or by an account without a FHIR person — is not
+written: counted (``/health`` ``recording.not_written_profile``, Prometheus) and logged
+with its event and room ids. A thread that cannot meet OZOCommunicationRequest (the team
+names no patient) is not opened: the room's messages become dead letters, to be retried
+once FHIR has what is missing.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any
 
 import attr
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
-from synapse.module_api import EventBase, ModuleApi
+from synapse.module_api import EventBase, ModuleApi, StateMap
 
 from synapse_fhir_module import outbox_store, sync_store
 from synapse_fhir_module.communication_amendments import (
@@ -39,7 +47,6 @@ from synapse_fhir_module.communication_amendments import (
     withdrawn,
 )
 from synapse_fhir_module.communication_mapping import (
-    ORIGIN_TAG,
     ROOM_ID_SYSTEM,
     WITHDRAWN,
     CommunicationWrite,
@@ -50,15 +57,18 @@ from synapse_fhir_module.communication_mapping import (
     message_write,
     replaced_event,
     reply_target,
+    thread_request,
 )
+from synapse_fhir_module.communication_profile import request_problems
 from synapse_fhir_module.communication_writer import CommunicationWriter
-from synapse_fhir_module.config import CommunicationConfig, RecordedRooms
+from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile, RecordedRooms
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError, FhirPermanentError, FhirTransientError
 from synapse_fhir_module.health import OutboxCounts
 from synapse_fhir_module.outbox_metrics import (
     COMMUNICATION_LAG,
     COMMUNICATIONS_FAILED,
+    COMMUNICATIONS_NOT_WRITTEN,
     COMMUNICATIONS_WRITTEN,
     OUTBOX_DEAD,
     OUTBOX_PENDING,
@@ -77,6 +87,13 @@ RECORDED_TYPES = MESSAGE_TYPES | {"m.room.redaction"}
 RETRY_CAP_MS = 10_000
 MAX_REMEMBERED_THREADS = 100_000
 GAUGE_REFRESH_S = 1.0
+ROOM_CREATE = ("m.room.create", "")
+# Why communication.profile: ozo leaves a message unwritten (the metric's label), and the
+# log's words for it: fixed texts, never the message or who sent it.
+NOT_WRITTEN_REASONS = {
+    "service_user": "sent by the service user, not a person",
+    "no_person": "its sender has no (single) FHIR person",
+}
 
 
 class _Retry(Exception):
@@ -92,6 +109,14 @@ class _Dead(Exception):
     """This row can never be written as it is (the reason is kept with it)."""
 
 
+class _NotWritten(Exception):
+    """The profile cannot hold this message: it is not written, only counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason  # a key of NOT_WRITTEN_REASONS
+
+
 @attr.s(auto_attribs=True)
 class _Outcome:
     """What became of some rows of a batch."""
@@ -99,6 +124,7 @@ class _Outcome:
     written: list[str] = attr.Factory(list)  # FHIR has them now (counted as written)
     done: list[str] = attr.Factory(list)  # nothing (more) to write for them
     dead: dict[str, str] = attr.Factory(dict)  # event id -> why it can never be written
+    not_written: dict[str, str] = attr.Factory(dict)  # event id -> NOT_WRITTEN_REASONS key
     locations: list[str] = attr.Factory(list)  # "Communication/<id>" written
 
 
@@ -128,6 +154,9 @@ class CommunicationRecorder:
         self._amender = CommunicationAmender(fhir)
         self._service_user_id = service_user_id
         self._all_rooms = config.rooms is RecordedRooms.ALL
+        self._ozo = config.profile is CommunicationProfile.OZO
+        # Since start, on this (draining) instance; None: the base profile counts nothing.
+        self._not_written: int | None = 0 if self._ozo else None
         # Threads opened but not bound in room state (the service user is not in the room).
         self._opened_threads: dict[str, str] = {}
         self._draining = False
@@ -148,8 +177,14 @@ class CommunicationRecorder:
         """Enqueue a message of a (possibly) care-team room. No network I/O here."""
         if event.type not in RECORDED_TYPES:
             return
-        if event.sender == self._service_user_id and event.type != "m.room.redaction":
-            # (Its redactions are a moderator's, made through it: communication.redactions.)
+        if (
+            event.sender == self._service_user_id
+            and event.type != "m.room.redaction"
+            and not self._ozo
+        ):
+            # (Its redactions are a moderator's, made through it: communication.redactions.
+            # Under the OZO profile its messages are enqueued too, for the drain to count
+            # those that are not relays from FHIR.)
             return
         if not self._schema_ready:
             return  # the table is not there yet (start-up)
@@ -176,10 +211,10 @@ class CommunicationRecorder:
             )
         except Exception:  # e.g. the background instance has not created the table yet
             logger.debug("Outbox counts unavailable", exc_info=True)
-            return OutboxCounts()
+            return OutboxCounts(not_written_profile=self._not_written)
         OUTBOX_PENDING.set(pending)
         OUTBOX_DEAD.set(dead)
-        return OutboxCounts(pending=pending, dead=dead)
+        return OutboxCounts(pending=pending, dead=dead, not_written_profile=self._not_written)
 
     def wake(self) -> None:
         """Drain now (or again right after the drain under way)."""
@@ -257,6 +292,9 @@ class CommunicationRecorder:
             except NotRecorded:
                 outcome.done.append(row.event_id)  # not a care-team message: nothing to write
                 continue
+            except _NotWritten as e:
+                outcome.not_written[row.event_id] = e.reason
+                continue
             except _Dead as e:
                 outcome.dead[row.event_id] = str(e)
                 continue
@@ -292,7 +330,7 @@ class CommunicationRecorder:
     async def _settle(self, outcome: _Outcome, rows: list[outbox_store.OutboxRow]) -> None:
         """Record in the outbox what became of the rows."""
         self._recent_writes.add_all(outcome.locations)
-        finished = [*outcome.done, *outcome.written]
+        finished = [*outcome.done, *outcome.written, *outcome.not_written]
         if finished:
             await self._api.run_db_interaction(
                 "fhir_outbox_done", outbox_store.mark_written, finished
@@ -304,6 +342,16 @@ class CommunicationRecorder:
             sent_ms = by_id[event_id].event.get("origin_server_ts")
             if isinstance(sent_ms, int):
                 COMMUNICATION_LAG.observe(max(0.0, (committed_ms - sent_ms) / 1000))
+        for event_id, reason in outcome.not_written.items():
+            self._not_written = (self._not_written or 0) + 1
+            COMMUNICATIONS_NOT_WRITTEN.labels(reason=reason).inc()
+            # Event and room ids only: the sender's id can name a patient.
+            logger.info(
+                "Outbox: %s in %s not written (communication.profile: ozo): %s",
+                event_id,
+                by_id[event_id].room_id,
+                NOT_WRITTEN_REASONS[reason],
+            )
         COMMUNICATIONS_FAILED.inc(len(outcome.dead))
         for event_id, reason in outcome.dead.items():
             logger.warning("Outbox: %s cannot be written to FHIR; kept as a dead letter", event_id)
@@ -344,10 +392,11 @@ class CommunicationRecorder:
             return _Outcome(done=[row.event_id])
         editor = await self._person_of(str(row.event.get("sender")))
         thread = await self._room_thread(row.room_id)
+        profile = self._config.profile
         result = await self._amender.amend(
             original,
             lambda stored: (
-                edited(stored, editor, payload)
+                edited(stored, editor, payload, profile=profile)
                 if in_thread(stored, thread)
                 else Unchanged("the original is another room's")
             ),
@@ -404,12 +453,13 @@ class CommunicationRecorder:
                 return self._amended(row, original, Unchanged("the original is another room's"))
             return await self._redact_in_outbox(row, original, stored, redaction)
         policy = self._config.redactions
+        profile = self._config.profile
         local = self._api.is_mine(redacter)
         thread = await self._room_thread(row.room_id)
         result = await self._amender.amend(
             original,
             lambda stored: (
-                withdrawn(stored, redaction, policy, by_local_user=local)
+                withdrawn(stored, redaction, policy, by_local_user=local, profile=profile)
                 if in_thread(stored, thread)
                 else Unchanged("the original is another room's")
             ),
@@ -516,8 +566,12 @@ class CommunicationRecorder:
             if team_ref is None and not self._all_rooms:
                 raise NotRecorded("not a care-team room")
             patient = (await self._teams.membership(team_ref)).subject if team_ref else None
-            person = await self._sender_person(row.event["sender"])
-            thread = await self._thread_of(row.room_id, team_ref, patient)
+            sender = str(row.event["sender"])
+            if self._ozo:
+                person = await self._individual(sender)
+            else:
+                person = await self._sender_person(sender)
+            thread = await self._thread_of(row.room_id, team_ref, patient, person)
         except DirectoryUnavailable as e:
             raise _Retry(str(e)) from e
         room = RoomContext(thread=thread, care_team=team_ref, patient=patient)
@@ -527,6 +581,7 @@ class CommunicationRecorder:
             person,
             encrypted_policy=self._config.encrypted_rooms.value,
             parent_source=await self._parent_source(row),
+            profile=self._config.profile,
         )
 
     async def _parent_source(self, row: outbox_store.OutboxRow) -> str | None:
@@ -563,6 +618,16 @@ class CommunicationRecorder:
             raise _Dead("the sender has no (single) FHIR person")
         return person
 
+    async def _individual(self, user_id: str) -> str:
+        """The sender's person, as OZO needs one (``Practitioner``, ``RelatedPerson`` or
+        ``Patient``); raises _NotWritten when there is none."""
+        if user_id == self._service_user_id:
+            raise _NotWritten("service_user")
+        person = await self._person_of(user_id)
+        if person is None:
+            raise _NotWritten("no_person")
+        return person
+
     async def _person_of(self, user_id: str) -> str | None:
         """The FHIR person of a Matrix account; None when no single person names it."""
         record = self._persons.remembered(user_id)
@@ -573,28 +638,43 @@ class CommunicationRecorder:
                 raise _Retry(_without_outcome(e)) from e
         return record.person
 
-    async def _thread_of(self, room_id: str, team_ref: str | None, patient: str | None) -> str:
+    async def _thread_of(
+        self, room_id: str, team_ref: str | None, patient: str | None, sender_person: str
+    ) -> str:
         bound = await self._bindings.thread_of(room_id)
         if bound:
             return bound
         if room_id not in self._opened_threads:
             if len(self._opened_threads) >= MAX_REMEMBERED_THREADS:
                 self._opened_threads.clear()
-            self._opened_threads[room_id] = await self._open_thread(room_id, team_ref, patient)
+            self._opened_threads[room_id] = await self._open_thread(
+                room_id, team_ref, patient, sender_person
+            )
         return self._opened_threads[room_id]
 
-    async def _open_thread(self, room_id: str, team_ref: str | None, patient: str | None) -> str:
-        """Create the room's CommunicationRequest (once: keyed by the room id) and bind it."""
-        request: dict[str, Any] = {
-            "resourceType": "CommunicationRequest",
-            "meta": {"tag": [dict(ORIGIN_TAG)]},
-            "identifier": [{"system": ROOM_ID_SYSTEM, "value": room_id}],
-            "status": "active",
-        }
-        if team_ref:
-            request["recipient"] = [{"reference": team_ref, "type": "CareTeam"}]
-        if patient:
-            request["subject"] = {"reference": patient, "type": "Patient"}
+    async def _open_thread(
+        self, room_id: str, team_ref: str | None, patient: str | None, sender_person: str
+    ) -> str:
+        """Create the room's CommunicationRequest (once: keyed by the room id) and bind it.
+
+        ``sender_person``: the person whose message opens it (OZO's requester when the
+        room's creator has no person)."""
+        requester = None
+        if self._ozo:
+            if patient is None or not patient.startswith("Patient/"):
+                # Nothing to name as OZOCommunicationRequest.subject. Kept as dead letters,
+                # the messages are written once the CareTeam names its patient (retry).
+                raise _Dead(
+                    "no OZO thread for the room: its CareTeam names no Patient "
+                    "(OZOCommunicationRequest.subject is required)"
+                )
+            requester = await self._requester(room_id, sender_person)
+        request = thread_request(
+            room_id, team_ref, patient, requester=requester, profile=self._config.profile
+        )
+        unmet = request_problems(request) if self._ozo else []
+        if unmet:
+            raise _Dead("no OZO thread for the room: " + "; ".join(unmet))
         try:
             stored, _ = await self._fhir.create_if_none_exist(
                 CommunicationRequest.model_validate(request),
@@ -628,6 +708,19 @@ class CommunicationRecorder:
             logger.warning("Could not bind %s to %s: %s", room_id, thread, type(e).__name__)
         logger.info("Opened %s for %s", thread, room_id)
         return thread
+
+    async def _requester(self, room_id: str, sender_person: str) -> str:
+        """Who opens a room's thread under the OZO profile: the person of whoever created
+        the room (its ``m.room.create`` sender), or — when that is the service user or an
+        account without a person — the person whose message opens the thread."""
+        state: StateMap[EventBase] = await self._api.get_room_state(room_id, [ROOM_CREATE])
+        create = state.get(ROOM_CREATE)
+        creator = create.sender if create is not None else None
+        if creator and creator != self._service_user_id:
+            person = await self._person_of(creator)
+            if person is not None:
+                return person
+        return sender_person
 
 
 def now_ms() -> int:

@@ -19,6 +19,11 @@ from fhir.resources.R4B.communication import Communication
 from pydantic import ValidationError
 
 from synapse_fhir_module.communication_mapping import CommunicationWrite
+from synapse_fhir_module.communication_profile import (
+    OZO_COMMUNICATION,
+    communication_problems,
+    declares,
+)
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirPermanentError
 
@@ -81,7 +86,8 @@ def invalid_fhir(write: CommunicationWrite) -> str | None:
 
 
 def invalid_communication(resource: dict[str, Any]) -> str | None:
-    """Why ``resource`` is not a valid R4B Communication, or None when it is.
+    """Why ``resource`` is not a valid R4B Communication, or does not meet the OZO profile
+    it declares; None when it is fine.
 
     The reason names the fields and rules only, never their values (message text).
     """
@@ -93,6 +99,11 @@ def invalid_communication(resource: dict[str, Any]) -> str | None:
             for error in e.errors(include_input=False, include_url=False)
         )
         return "not valid FHIR: " + "; ".join(problems)
+    if declares(resource, OZO_COMMUNICATION):
+        # Never a profile claimed that the resource does not meet.
+        unmet = communication_problems(resource)
+        if unmet:
+            return "does not meet OZOCommunication: " + "; ".join(unmet)
     return None
 
 

@@ -42,6 +42,13 @@ class RedactionPolicy(str, Enum):
     MODERATORS = "moderators"  # also this server's users Synapse let redact it, noted
 
 
+class CommunicationProfile(str, Enum):
+    """The form of what recording writes."""
+
+    BASE = "base"  # R4 Communications as DESIGN §3 describes them
+    OZO = "ozo"  # also meets (and declares) the OZO guide's OZOCommunication(Request)
+
+
 @attr.s(frozen=True, auto_attribs=True, kw_only=True, repr=False)
 class FhirAuthConfig:
     bearer_token: str | None = None
@@ -83,6 +90,7 @@ class CommunicationConfig:
     batch_size: int = 50
     rooms: RecordedRooms = RecordedRooms.CARE_TEAM
     redactions: RedactionPolicy = RedactionPolicy.SENDER
+    profile: CommunicationProfile = CommunicationProfile.BASE
 
 
 DEFAULT_POWER_LEVELS = {"Practitioner": 50, "RelatedPerson": 0, "Patient": 0}
@@ -287,8 +295,17 @@ def _parse_communication(section: _Section) -> CommunicationConfig:
         batch_size=section.value("batch_size", _int_between(1, 1000), 50),
         rooms=section.value("rooms", _enum(RecordedRooms), RecordedRooms.CARE_TEAM),
         redactions=section.value("redactions", _enum(RedactionPolicy), RedactionPolicy.SENDER),
+        profile=section.value("profile", _enum(CommunicationProfile), CommunicationProfile.BASE),
     )
     section.reject_unknown_keys()
+    if config.profile is CommunicationProfile.OZO and config.rooms is RecordedRooms.ALL:
+        # An ordinary room has no care team, so no patient: its thread could never have
+        # the subject OZOCommunicationRequest requires.
+        raise ConfigError(
+            "profile: ozo records care-team rooms only (an ordinary room's thread has no "
+            "patient for OZOCommunicationRequest.subject); use rooms: care_team",
+            path=section.path + ("rooms",),
+        )
     return config
 
 

@@ -1,7 +1,9 @@
 """``GET /_synapse/client/fhir/health`` (DESIGN §5).
 
 Answers ``{"status": "ok"|"degraded", "fhir": {"reachable": bool},
-"outbox": {"pending": int, "dead": int}, "sync": {...}}``. Reachability comes from FHIR's
+"outbox": {"pending": int, "dead": int}, "sync": {...}}`` (and, with
+``communication.profile: ozo``, ``"recording": {"not_written_profile": int}``: messages the
+profile could not hold since start, not written). Reachability comes from FHIR's
 ``/metadata`` with a short timeout and is remembered for a few seconds, so a
 monitoring system polling the endpoint does not turn into load on FHIR.
 
@@ -33,6 +35,9 @@ HEALTH_PATH = "/_synapse/client/fhir/health"
 class OutboxCounts:
     pending: int = 0
     dead: int = 0
+    # Messages communication.profile: ozo left unwritten since start (no individual sender);
+    # None under the base profile, which leaves nothing unwritten for its sake.
+    not_written_profile: int | None = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -120,6 +125,14 @@ class HealthResource(DirectServeJsonResource):
             "status": "ok" if reachable and not sync.retrying else "degraded",
             "fhir": {"reachable": reachable},
             "outbox": {"pending": outbox.pending, "dead": outbox.dead},
+            **_recording(outbox),
             "sync": attr.asdict(sync),
             "identity": attr.asdict(self._identity_counts()),
         }
+
+
+def _recording(outbox: OutboxCounts) -> dict[str, dict[str, int]]:
+    """``recording``, shown when the OZO profile counts what it leaves unwritten."""
+    if outbox.not_written_profile is None:
+        return {}
+    return {"recording": {"not_written_profile": outbox.not_written_profile}}

@@ -16,6 +16,11 @@ COMMUNICATIONS_WRITTEN = Counter(
 COMMUNICATIONS_FAILED = Counter(
     "synapse_fhir_communications_failed", "Outbox rows turned into dead letters"
 )
+COMMUNICATIONS_NOT_WRITTEN = Counter(
+    "synapse_fhir_communications_not_written",
+    "Messages communication.profile: ozo cannot hold (no individual sender), not written",
+    ["reason"],
+)
 WRITE_RETRIES = Counter(
     "synapse_fhir_outbox_retries", "Outbox batches put back because FHIR was unreachable"
 )
