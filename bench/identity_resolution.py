@@ -61,8 +61,8 @@ class MemoryEmails:
         for user, address in addresses.items():
             self._holders.setdefault(address, set()).add(user)
 
-    async def of_account(self, user_id: str) -> set[str]:
-        return set(self._of_account.get(user_id, set()))
+    async def of_account(self, user_id: str) -> dict[str, int]:
+        return dict.fromkeys(self._of_account.get(user_id, set()), 1)
 
     async def accounts_with(self, addresses: Collection[str]) -> dict[str, set[str]]:
         return {a: set(self._holders[a]) for a in addresses if a in self._holders}
@@ -72,6 +72,15 @@ class MemoryEmails:
 
     async def create_table(self) -> None:
         pass
+
+    async def spellings(self, addresses: Collection[str]) -> dict[str, set[str]]:
+        return {}
+
+    async def remember_spellings(self, pairs: Collection[tuple[str, str]]) -> None:
+        pass
+
+    async def confirm_tie(self, user_id: str, address: str, person: str, validated: int) -> bool:
+        return True
 
 
 class NoRecords:
@@ -125,9 +134,7 @@ async def measure_memory(persons: int, runs: int, rounds: int) -> dict[str, Roun
     # Explicit: the accounts named by the x-persons. Email: other accounts, same addresses.
     email_users = [f"@m{i}_{tag}:{SERVER}" for i in range(persons)]
     emails: Any = MemoryEmails(dict(zip(email_users, addresses, strict=True)))
-    directory = PersonDirectory(
-        fhir, account_emails=emails.of_account, email_identifier_systems=[OZO_EMAIL]
-    )
+    directory = PersonDirectory(fhir, emails=emails, email_identifier_systems=[OZO_EMAIL])
     identity = EmailIdentity(BenchApi(), directory, NoRecords(), emails)  # type: ignore[arg-type]
     await directory.refresh(users)
     for address in addresses:  # every address decided once: from here on, memory
@@ -174,9 +181,7 @@ async def measure_decisions(fhir_url: str, runs: int, rounds: int) -> dict[str, 
     fhir = FhirClient(FhirConfig(base_url=fhir_url, timeout=10.0))
     api: Any = BenchApi()
     emails: Any = MemoryEmails(dict(zip(email_users, addresses, strict=True)))
-    directory = PersonDirectory(
-        fhir, account_emails=emails.of_account, email_identifier_systems=[OZO_EMAIL]
-    )
+    directory = PersonDirectory(fhir, emails=emails, email_identifier_systems=[OZO_EMAIL])
     identity = EmailIdentity(api, directory, NoRecords(), emails)  # type: ignore[arg-type]
     team_directory = CareTeamDirectory(api, fhir, ttl=3600.0, resolver=identity.resolver_for)
     rooms = {f"!{kind}:{SERVER}": f"CareTeam/{kind}-{tag}" for kind in teams}

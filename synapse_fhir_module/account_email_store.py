@@ -9,6 +9,13 @@
 - ``synapse_fhir_identity_changes``: accounts whose addresses changed, for the instance
   that runs the sync to re-sync the teams concerned (the callbacks run wherever the
   request was served).
+- ``synapse_fhir_email_spellings``: how FHIR records spell addresses (``Jan@X.nl`` for
+  ``jan@x.nl``): FHIR servers match search tokens exactly, so every instance searches
+  every spelling any of them has read.
+- ``synapse_fhir_email_ties``: which person an account's address made it, and when that
+  address was verified. An address that later leads to another person (the record gave a
+  leaver's old address to a successor) does not carry the account over: it must be
+  verified again first.
 
 Functions take a cursor (Synapse's ``LoggingTransaction`` in ``run_db_interaction``).
 """
@@ -21,6 +28,8 @@ from synapse_fhir_module.outbox_store import Cursor
 
 EMAILS = "synapse_fhir_account_emails"
 CHANGES = "synapse_fhir_identity_changes"
+SPELLINGS = "synapse_fhir_email_spellings"
+TIES = "synapse_fhir_email_ties"
 
 SCHEMA = (
     f"""
@@ -31,6 +40,22 @@ SCHEMA = (
     )
     """,
     f"CREATE INDEX IF NOT EXISTS {EMAILS}_address ON {EMAILS} (address)",
+    f"""
+    CREATE TABLE IF NOT EXISTS {SPELLINGS} (
+        address TEXT NOT NULL,
+        spelling TEXT NOT NULL,
+        PRIMARY KEY (address, spelling)
+    )
+    """,
+    f"""
+    CREATE TABLE IF NOT EXISTS {TIES} (
+        user_id TEXT NOT NULL,
+        address TEXT NOT NULL,
+        person TEXT NOT NULL,
+        validated_ms BIGINT NOT NULL,
+        PRIMARY KEY (user_id, address)
+    )
+    """,
     f"""
     CREATE TABLE IF NOT EXISTS {CHANGES} (
         user_id TEXT NOT NULL,
@@ -119,3 +144,49 @@ def done(txn: Cursor, user_id: str, address: str, changed_ms: int) -> None:
         f"DELETE FROM {CHANGES} WHERE user_id = ? AND address = ? AND changed_ms = ?",
         (user_id, address, changed_ms),
     )
+
+
+def spellings_of(txn: Cursor, addresses: Collection[str]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    wanted = sorted(addresses)
+    for start in range(0, len(wanted), CHUNK):
+        chunk = wanted[start : start + CHUNK]
+        placeholders = ", ".join("?" for _ in chunk)
+        txn.execute(
+            f"SELECT address, spelling FROM {SPELLINGS} WHERE address IN ({placeholders})",
+            tuple(chunk),
+        )
+        for address, spelling in txn.fetchall():
+            found.setdefault(str(address), set()).add(str(spelling))
+    return found
+
+
+def add_spellings(txn: Cursor, pairs: Collection[tuple[str, str]]) -> None:
+    for address, spelling in sorted(pairs):
+        txn.execute(
+            f"INSERT INTO {SPELLINGS} (address, spelling) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (address, spelling),
+        )
+
+
+def confirm_tie(txn: Cursor, user_id: str, address: str, person: str, validated_ms: int) -> bool:
+    """Whether ``address`` may make ``user_id`` the account of ``person``: yes the first
+    time (the tie is recorded), yes while it leads to the same person, and yes to another
+    person only if the account verified the address after the tie was made (the tie
+    moves). Else no."""
+    txn.execute(
+        f"SELECT person, validated_ms FROM {TIES} WHERE user_id = ? AND address = ?",
+        (user_id, address),
+    )
+    row = txn.fetchone()
+    if row is not None and str(row[0]) == person:
+        return True
+    if row is not None and validated_ms <= int(row[1]):
+        return False
+    txn.execute(
+        f"INSERT INTO {TIES} (user_id, address, person, validated_ms) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (user_id, address) DO UPDATE SET person = excluded.person,"
+        " validated_ms = excluded.validated_ms",
+        (user_id, address, person, validated_ms),
+    )
+    return True

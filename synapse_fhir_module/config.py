@@ -149,6 +149,9 @@ class IdentityConfig:
     lookup_homeserver_url: str | None = None
     # Per user and instance: addresses one request may look up at most (the bucket's
     # size), and addresses the bucket regains per second.
+    # Whose accounts lookups may reveal: practitioners by default (that a relative's or a
+    # patient's address has an account here says someone is in care).
+    lookup_person_types: tuple[str, ...] = ("Practitioner",)
     lookup_burst: int = 1000
     lookup_per_second: float = 1.0
 
@@ -258,6 +261,7 @@ def _parse_identity(section: _Section) -> IdentityConfig:
         lookup=section.flag("lookup", False),
         lookup_token_lifetime=section.value("lookup_token_lifetime", _positive_duration, 86400.0),
         lookup_homeserver_url=section.value("lookup_homeserver_url", _homeserver_url, None),
+        lookup_person_types=section.value("lookup_person_types", _person_types, ("Practitioner",)),
         lookup_burst=section.value("lookup_burst", _int_between(1, 1_000_000), 1000),
         lookup_per_second=section.value("lookup_per_second", _positive_number, 1.0),
     )
@@ -455,6 +459,13 @@ def _identifier_systems(value: Any) -> tuple[str, ...]:
         # (Searched as "system|value": a bar, a comma or a space would break the search.)
         if not isinstance(item, str) or not item or any(c in item for c in "|, \t\n"):
             raise ValueError(f"expected an identifier system such as {example!r}, got {item!r}")
+    return tuple(dict.fromkeys(value))
+
+
+def _person_types(value: Any) -> tuple[str, ...]:
+    allowed = ("Practitioner", "RelatedPerson", "Patient")
+    if not isinstance(value, list) or any(item not in allowed for item in value):
+        raise ValueError(f"expected a list of {', '.join(allowed)}, got {value!r}")
     return tuple(dict.fromkeys(value))
 
 

@@ -50,6 +50,7 @@ class EmailIdentity:
         accounts: RegisteredAccounts,
         emails: VerifiedEmails,
         *,
+        lookup_person_types: Collection[str] = ("Practitioner",),
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._api = api
@@ -57,6 +58,7 @@ class EmailIdentity:
         self._accounts = accounts
         self._emails = emails
         self._enabled = emails.enabled
+        self._lookup_types = frozenset(lookup_person_types)
         self._monotonic = monotonic
         # Normalised address → (account or None, when decided), for identity lookups.
         self._lookups: dict[str, tuple[str | None, float]] = {}
@@ -91,13 +93,25 @@ class EmailIdentity:
             for record in await self._persons.refresh(sorted(candidates)):
                 if record.person in implicit:
                     owned.setdefault(record.person, set()).add(record.user_id)
+        for reference, accounts in list(owned.items()):
+            if len(accounts) > 1:
+                # Two accounts are one person by addresses or records (a shared mailbox on
+                # the record, say): which of them is the person is a guess. Neither.
+                logger.warning(
+                    "%s is %d accounts by email or registration; admitting none of them",
+                    reference,
+                    len(accounts),
+                )
+                del owned[reference]
         keys = {ADDRESS_KEY + address for address in addresses}
         keys |= {ACCOUNT_KEY + user_id for user_id in candidates}
         return _explicit_or(owned), frozenset(keys)
 
     async def account_of_email(self, address: str) -> str | None:
-        """The local account that is, by email, the one active person carrying
-        ``address``; None when nobody or several carry it, or FHIR cannot say now."""
+        """For identity lookups: the local account that is, by email, the one active
+        person carrying ``address`` — of a type lookups may reveal
+        (``identity.lookup_person_types``); None when nobody or several carry it, or FHIR
+        cannot say now."""
         wanted = normalise_email(address)
         known = self._lookups.get(wanted)
         if known is not None and self._monotonic() - known[1] < LOOKUP_TTL:
@@ -119,7 +133,7 @@ class EmailIdentity:
             if len(carriers) != 1:
                 return None
             ((reference, person),) = carriers.items()
-            if not is_active(person):
+            if not is_active(person) or reference.split("/", 1)[0] not in self._lookup_types:
                 return None
             explicit = sorted(matrix_ids_of(person))
             if explicit:
@@ -179,11 +193,21 @@ class EmailIdentity:
             "fhir_identity_changes_take", account_email_store.take_changes
         )
         for user_id, address, changed_ms in changes:
-            before = self._persons.remembered(user_id)
-            (after,) = await self._persons.refresh([user_id])  # FhirError: retried next time
             self._lookups.pop(address, None)
+            # The teams whose answers used the account or the address first: they re-sync
+            # even if FHIR cannot say who the account is now.
             references = set(teams_depending_on(ACCOUNT_KEY + user_id))
             references |= set(teams_depending_on(ADDRESS_KEY + address))
+            before = self._persons.remembered(user_id)
+            try:
+                (after,) = await self._persons.refresh([user_id])
+            except Exception as e:  # (each change on its own: one cannot hold up the rest)
+                logger.info(
+                    "An address change waits: its account's lookup failed (%s)", type(e).__name__
+                )
+                for reference in sorted(references):
+                    resync(reference)
+                continue
             for record in (before, after):
                 if record is not None and record.person is not None:
                     references.add(record.person)

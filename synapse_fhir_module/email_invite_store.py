@@ -26,6 +26,12 @@ def create_schema(txn: Cursor) -> None:
         txn.execute(statement)
 
 
+def mailed_since(txn: Cursor, address: str, since_ms: int) -> bool:
+    txn.execute(f"SELECT sent_ms FROM {TABLE} WHERE address = ?", (address,))
+    row = txn.fetchone()
+    return row is not None and int(row[0]) > since_ms
+
+
 def claim(txn: Cursor, address: str, now_ms: int, interval_ms: int) -> int | None:
     """Take the right to mail ``address`` now: None when it was mailed within the
     interval, else the previous claim's time (0: never), to hand back with ``release``

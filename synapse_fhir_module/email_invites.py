@@ -29,6 +29,10 @@ from synapse_fhir_module.verified_emails import VerifiedEmails
 
 logger = logging.getLogger(__name__)
 
+# Mails per team sync at most (a FHIR writer filling a team with persons must not make
+# the server a mail cannon); the rest go at later syncs.
+MAX_PER_SYNC = 20
+
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
@@ -90,6 +94,17 @@ class EmailInvites:
             if len(addresses) != 1:
                 continue  # none, or several: which one would be theirs is a guess
             (address,) = addresses
+            if sent >= MAX_PER_SYNC:
+                logger.info("Invitations by email: %d sent this sync, the rest wait", sent)
+                break
+            await self._create_table()
+            if await self._api.run_db_interaction(
+                "fhir_email_invite_recent",
+                email_invite_store.mailed_since,
+                address,
+                self._now_ms() - self._interval_ms,
+            ):
+                continue  # (checked before asking FHIR anything about the address)
             if await self._emails.accounts_with([address]):
                 continue  # an account holds it already (whoever's it turns out to be)
             carriers = (await self._persons.persons_carrying([address]))[address]

@@ -108,8 +108,16 @@ def _codes_of(extension: Mapping[str, Any]) -> set[str]:
 
 
 def normalise_email(address: str) -> str:
-    """The form in which two email addresses are compared: trimmed, case-insensitive."""
-    return address.strip().casefold()
+    """The form in which two email addresses are compared — Synapse's own canonical form of
+    an account's address (MSC2265): trimmed, the local part case-folded, the domain lower
+    case. Anything but one ``@`` with text on both sides is no address: ``""``.
+
+    (Case-folding the domain too would make ``fußpflege.de`` and ``fusspflege.de``, two
+    domains with two owners, one address.)"""
+    local, sep, domain = address.strip().partition("@")
+    if not local or not sep or not domain or "@" in domain:
+        return ""
+    return f"{local.casefold()}@{domain.lower()}"
 
 
 def emails_of(person: Mapping[str, Any], identifier_systems: Collection[str] = ()) -> set[str]:
@@ -140,9 +148,17 @@ def emails_of(person: Mapping[str, Any], identifier_systems: Collection[str] = (
 
 
 def _looks_like_email(address: str) -> bool:
-    # (Only a sanity check: an address matches only an account's verified one anyway.)
+    """One plain ``local@domain``: what a mailer delivers to exactly as written. (Display
+    names, comments, lists or quotes would let two spellings reach one mailbox.)"""
     local, sep, domain = address.rpartition("@")
-    return bool(local and sep and domain) and not any(c.isspace() for c in address)
+    return (
+        bool(local and sep and domain)
+        and "." in domain
+        and not any(c.isspace() or c in _NOT_IN_PLAIN_ADDRESS or ord(c) < 32 for c in address)
+    )
+
+
+_NOT_IN_PLAIN_ADDRESS = frozenset('()<>,;:"[]\\')
 
 
 def is_active(resource: Mapping[str, Any]) -> bool:
@@ -192,11 +208,33 @@ def identity_searches(
     telecoms += [f"{EMAIL_TELECOM_SYSTEM}|{value}" for value in values]
     searches = []
     for resource_type in PERSON_TYPES:
-        if identifiers:
-            searches.append((resource_type, {"identifier": ",".join(identifiers)}))
-        if telecoms:
-            searches.append((resource_type, {"telecom": ",".join(telecoms)}))
+        for chunk in _joined(identifiers):
+            searches.append((resource_type, {"identifier": chunk}))
+        for chunk in _joined(telecoms):
+            searches.append((resource_type, {"telecom": chunk}))
     return searches
+
+
+# Longest value of one search parameter: servers refuse URLs over 8 KiB (Jetty's and
+# Tomcat's default), and the URL also carries the base and the escaping.
+MAX_SEARCH_VALUE = 1500
+
+
+def _joined(tokens: Sequence[str]) -> list[str]:
+    """Tokens ORed with commas, split into values of at most ``MAX_SEARCH_VALUE``
+    characters (a token longer than that is not searched for: no real address is)."""
+    chunks: list[str] = []
+    current = ""
+    for token in tokens:
+        if len(token) > MAX_SEARCH_VALUE:
+            continue
+        if current and len(current) + 1 + len(token) > MAX_SEARCH_VALUE:
+            chunks.append(current)
+            current = ""
+        current = f"{current},{token}" if current else token
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _escape_search_value(value: str) -> str:

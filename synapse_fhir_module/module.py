@@ -93,11 +93,17 @@ class FhirModule:
         self._persons = PersonDirectory(
             self._fhir,
             recorded_persons=accounts.persons_of,
-            account_emails=emails.of_account,
+            emails=emails,
             email_identifier_systems=config.identity.email_identifier_systems,
         )
         # The same resolution, person → accounts, for care teams.
-        self._identity = EmailIdentity(api, self._persons, accounts, emails)
+        self._identity = EmailIdentity(
+            api,
+            self._persons,
+            accounts,
+            emails,
+            lookup_person_types=config.identity.lookup_person_types,
+        )
         self._teams = CareTeamDirectory(
             api,
             self._fhir,

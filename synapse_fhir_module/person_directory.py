@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import attr
 
@@ -35,6 +35,8 @@ from synapse_fhir_module.identity import (
 
 logger = logging.getLogger(__name__)
 
+# Spellings of one address remembered for searches.
+MAX_SPELLINGS = 4
 # Users asked about in one round of searches (their ids are ORed into each search URL).
 USERS_PER_BATCH = 25
 
@@ -42,8 +44,21 @@ USERS_PER_BATCH = 25
 RecordedPersons = Callable[[Sequence[str]], Awaitable[Mapping[str, str]]]
 
 
-# user id → the addresses Synapse holds as that account's verified emails (normalised).
-AccountEmails = Callable[[str], Awaitable[set[str]]]
+class EmailRecords(Protocol):
+    """The account side of identity by email (``verified_emails.VerifiedEmails``)."""
+
+    async def of_account(self, user_id: str) -> dict[str, int]:
+        """The account's verified addresses (normalised) → when verified (ms)."""
+
+    async def spellings(self, addresses: Collection[str]) -> dict[str, set[str]]: ...
+
+    async def remember_spellings(self, pairs: Collection[tuple[str, str]]) -> None: ...
+
+    async def confirm_tie(
+        self, user_id: str, address: str, person: str, validated: int
+    ) -> bool: ...
+
+
 # "Practitioner/12" → its resource
 Persons = dict[str, dict[str, Any]]
 
@@ -52,8 +67,20 @@ async def no_recorded_persons(user_ids: Sequence[str]) -> Mapping[str, str]:
     return {}
 
 
-async def no_account_emails(user_id: str) -> set[str]:
-    return set()
+class NoEmails:
+    """Identity by email off: no account has an address."""
+
+    async def of_account(self, user_id: str) -> dict[str, int]:
+        return {}
+
+    async def spellings(self, addresses: Collection[str]) -> dict[str, set[str]]:
+        return {}
+
+    async def remember_spellings(self, pairs: Collection[tuple[str, str]]) -> None:
+        pass
+
+    async def confirm_tie(self, user_id: str, address: str, person: str, validated: int) -> bool:
+        return False
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -79,19 +106,21 @@ class PersonDirectory:
         fhir: FhirClient,
         *,
         recorded_persons: RecordedPersons = no_recorded_persons,
-        account_emails: AccountEmails = no_account_emails,
+        emails: EmailRecords | None = None,
         email_identifier_systems: Sequence[str] = (),
         monotonic: Callable[[], float] = time.monotonic,
     ):
         self._fhir = fhir
         self._recorded_persons = recorded_persons
-        self._account_emails = account_emails
+        self._emails: EmailRecords = emails if emails is not None else NoEmails()
         self._identifier_systems = tuple(email_identifier_systems)
         self._monotonic = monotonic
         self._records: dict[str, PersonRecord] = {}
         # Normalised address → how FHIR records spelled it (FHIR servers match tokens
         # exactly, so a search must use the record's spelling to find it).
         self._spellings: dict[str, set[str]] = {}
+        # Learned here and not yet stored for the other instances (and after a restart).
+        self._unsaved_spellings: set[tuple[str, str]] = set()
         # Addresses that several persons carry, as last seen (for /health).
         self.ambiguous_emails: set[str] = set()
 
@@ -117,8 +146,18 @@ class PersonDirectory:
     def _spell(self, value: str) -> None:
         spelled = value.strip()
         normalised = normalise_email(spelled)
-        if spelled != normalised:
-            self._spellings.setdefault(normalised, set()).add(spelled)
+        if normalised and spelled != normalised:
+            known = self._spellings.setdefault(normalised, set())
+            # (A record can spell an address many ways; a few are enough to search with.)
+            if len(known) < MAX_SPELLINGS and spelled not in known:
+                known.add(spelled)
+                self._unsaved_spellings.add((normalised, spelled))
+
+    async def save_spellings(self) -> None:
+        """Store the spellings learned here, for every instance."""
+        if self._unsaved_spellings:
+            pairs, self._unsaved_spellings = self._unsaved_spellings, set()
+            await self._emails.remember_spellings(pairs)
 
     async def persons_carrying(self, addresses: Iterable[str]) -> dict[str, Persons]:
         """For each address (normalised), the persons carrying it, asked of FHIR now."""
@@ -132,7 +171,10 @@ class PersonDirectory:
         wanted = {normalise_email(address) for address in addresses} - {""}
         named: dict[str, Persons] = {user_id: {} for user_id in user_ids}
         carrying: dict[str, Persons] = {address: {} for address in wanted}
+        await self.save_spellings()
         spellings = set(wanted)
+        for spelled in (await self._emails.spellings(wanted)).values():
+            spellings |= set(sorted(spelled)[:MAX_SPELLINGS])
         for address in wanted:
             spellings |= self._spellings.get(address, set())
         # Plain searches one after another, not a `batch` Bundle of them: HAPI runs batch
@@ -149,6 +191,7 @@ class PersonDirectory:
                 self.learn_spellings([person])
                 for address in self.emails_of(person) & wanted:
                     carrying[address][reference] = person
+        await self.save_spellings()
         for address, persons in carrying.items():
             if len(persons) > 1:
                 self.ambiguous_emails.add(address)
@@ -188,14 +231,18 @@ class PersonDirectory:
 
     async def _lookup_batch(self, user_ids: Sequence[str]) -> list[PersonRecord]:
         # Addresses first, so one round of searches finds who names and who carries.
-        addresses = {user_id: await self._account_emails(user_id) for user_id in user_ids}
+        addresses = {user_id: await self._emails.of_account(user_id) for user_id in user_ids}
         named, carriers = await self._search(user_ids, set().union(*addresses.values()))
         recorded = dict(await self._recorded_persons(list(user_ids)))
         unnamed = {user_id: recorded[user_id] for user_id in recorded if not named[user_id]}
         resources = await self.read_persons(set(unnamed.values()))
         now = self._monotonic()
         by_email = {
-            user_id: _email_record(user_id, addresses[user_id], carriers, now)
+            user_id: await self._tied(
+                _email_record(user_id, set(addresses[user_id]), carriers, now),
+                addresses[user_id],
+                carriers,
+            )
             for user_id in user_ids
             if addresses[user_id] and not named[user_id] and user_id not in unnamed
         }
@@ -219,6 +266,28 @@ class PersonDirectory:
                 record = PersonRecord(user_id, None, False, now, ambiguous=True)
             records.append(record)
         return records
+
+    async def _tied(
+        self, record: PersonRecord, verified: Mapping[str, int], carriers: Mapping[str, Persons]
+    ) -> PersonRecord:
+        """The record, if each address that makes it was verified for that person: an
+        address that led this account to someone else before must be verified again
+        (a leaver's old address given to a successor carries nothing over)."""
+        if record.person is None:
+            return record
+        for address in sorted(verified):
+            if record.person not in carriers.get(address, {}):
+                continue
+            if not await self._emails.confirm_tie(
+                record.user_id, address, record.person, verified[address]
+            ):
+                logger.warning(
+                    "An account's verified email led to another person before; it now leads"
+                    " to %s: unmapped until the account verifies it again",
+                    record.person,
+                )
+                return PersonRecord(record.user_id, None, False, record.checked_at)
+        return record
 
     async def read_persons(self, references: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The current resources of these persons (one search per type); a deleted one,

@@ -21,22 +21,57 @@ class VerifiedEmails:
         self.enabled = enabled
         self._table_exists = False
 
-    async def of_account(self, user_id: str) -> set[str]:
-        """The account's verified addresses as Synapse holds them now (normalised)."""
+    async def of_account(self, user_id: str) -> dict[str, int]:
+        """The account's verified addresses as Synapse holds them now (normalised), each
+        with when it was verified (ms)."""
         if not self.enabled:
-            return set()
-        threepids = await self._api.get_threepids_for_user(user_id)
-        addresses = {
-            normalise_email(threepid["address"])
-            for threepid in threepids
-            if threepid.get("medium") == "email" and isinstance(threepid.get("address"), str)
-        }
-        addresses.discard("")
+            return {}
+        addresses: dict[str, int] = {}
+        for threepid in await self._api.get_threepids_for_user(user_id):
+            address = threepid.get("address")
+            if threepid.get("medium") != "email" or not isinstance(address, str):
+                continue
+            normalised = normalise_email(address)
+            if normalised:
+                validated = threepid.get("validated_at")
+                addresses[normalised] = int(validated) if isinstance(validated, int) else 0
         await self.create_table()
         await self._api.run_db_interaction(
-            "fhir_account_emails_replace", account_email_store.replace_addresses, user_id, addresses
+            "fhir_account_emails_replace",
+            account_email_store.replace_addresses,
+            user_id,
+            set(addresses),
         )
         return addresses
+
+    async def spellings(self, addresses: Collection[str]) -> dict[str, set[str]]:
+        """How FHIR records were seen to spell these (normalised) addresses."""
+        if not addresses:
+            return {}
+        await self.create_table()
+        return await self._api.run_db_interaction(
+            "fhir_email_spellings", account_email_store.spellings_of, list(addresses)
+        )
+
+    async def remember_spellings(self, pairs: Collection[tuple[str, str]]) -> None:
+        if pairs:
+            await self.create_table()
+            await self._api.run_db_interaction(
+                "fhir_email_spellings_add", account_email_store.add_spellings, list(pairs)
+            )
+
+    async def confirm_tie(self, user_id: str, address: str, person: str, validated: int) -> bool:
+        """Whether the address may make the account that person's (see
+        ``account_email_store.confirm_tie``)."""
+        await self.create_table()
+        return await self._api.run_db_interaction(
+            "fhir_email_tie",
+            account_email_store.confirm_tie,
+            user_id,
+            address,
+            person,
+            validated,
+        )
 
     async def accounts_with(self, addresses: Collection[str]) -> dict[str, set[str]]:
         """``{address: accounts}`` (candidates, from the copy) for normalised addresses."""

@@ -147,3 +147,30 @@ def test_one_round_finds_who_names_the_accounts_and_who_carries_the_addresses() 
     ) in searches
     # A malformed Matrix id is left out, not searched for (a comma would OR in a token).
     assert identity_searches(["@a:example.org,other|@b:x"], []) == []
+
+
+def test_addresses_compare_as_synapse_canonicalises_them() -> None:
+    # The local part case-folded, the domain only lower-cased: two domains stay two.
+    assert normalise_email(" Jan.de.Vries@Praktijk.NL ") == "jan.de.vries@praktijk.nl"
+    assert normalise_email("STRASSE@fußpflege.de") == "strasse@fußpflege.de"
+    assert normalise_email("info@fußpflege.de") != normalise_email("info@fusspflege.de")
+    assert normalise_email("no-at-sign") == ""
+    assert normalise_email("a@b@c.example") == ""
+
+
+def test_only_plain_addresses_are_a_person_s() -> None:
+    # A mailer would deliver each of these to victim@x.example: as two addresses they
+    # would each get their own invitation.
+    for value in ("(1)victim@x.example", "victim@x.example,2", "Victim <victim@x.example>"):
+        assert emails_of({"telecom": [{"system": "email", "value": value}]}) == set()
+    assert emails_of({"telecom": [{"system": "email", "value": "a@localhost"}]}) == set()
+
+
+def test_long_token_lists_are_split_so_no_search_url_grows_past_what_servers_take() -> None:
+    addresses = [f"person{i:04d}-with-a-long-address@hospital.example" for i in range(200)]
+    searches = identity_searches([], addresses, [OZO_EMAIL])
+    values = [value for _, params in searches for value in params.values()]
+    assert all(len(value) <= 1500 for value in values)
+    # Every address is still searched for, under each form, for each person type.
+    joined = ",".join(values)
+    assert all(joined.count(address) == 2 * len(PERSON_TYPES) for address in addresses)
