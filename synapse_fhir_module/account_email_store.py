@@ -16,6 +16,9 @@
   address was verified. An address that later leads to another person (the record gave a
   leaver's old address to a successor) does not carry the account over: it must be
   verified again first.
+- ``synapse_fhir_sso_accounts``: accounts made through single sign-on. Synapse stores the
+  identity provider's email claim as verified without asking the provider whether it
+  verified it, so those addresses identify nobody unless ``identity.trust_sso_emails``.
 
 Functions take a cursor (Synapse's ``LoggingTransaction`` in ``run_db_interaction``).
 """
@@ -30,6 +33,7 @@ EMAILS = "synapse_fhir_account_emails"
 CHANGES = "synapse_fhir_identity_changes"
 SPELLINGS = "synapse_fhir_email_spellings"
 TIES = "synapse_fhir_email_ties"
+SSO = "synapse_fhir_sso_accounts"
 
 SCHEMA = (
     f"""
@@ -54,6 +58,13 @@ SCHEMA = (
         person TEXT NOT NULL,
         validated_ms BIGINT NOT NULL,
         PRIMARY KEY (user_id, address)
+    )
+    """,
+    f"""
+    CREATE TABLE IF NOT EXISTS {SSO} (
+        user_id TEXT NOT NULL PRIMARY KEY,
+        provider TEXT NOT NULL,
+        recorded_ms BIGINT NOT NULL
     )
     """,
     f"""
@@ -190,3 +201,21 @@ def confirm_tie(txn: Cursor, user_id: str, address: str, person: str, validated_
         (user_id, address, person, validated_ms),
     )
     return True
+
+
+def note_registration(txn: Cursor, user_id: str, provider: str | None, now_ms: int) -> None:
+    """An account is being registered, through ``provider`` (single sign-on) or not."""
+    if provider is None:
+        txn.execute(f"DELETE FROM {SSO} WHERE user_id = ?", (user_id,))
+        return
+    txn.execute(
+        f"INSERT INTO {SSO} (user_id, provider, recorded_ms) VALUES (?, ?, ?)"
+        " ON CONFLICT (user_id) DO UPDATE SET provider = excluded.provider,"
+        " recorded_ms = excluded.recorded_ms",
+        (user_id, provider, now_ms),
+    )
+
+
+def made_by_sso(txn: Cursor, user_id: str) -> bool:
+    txn.execute(f"SELECT 1 FROM {SSO} WHERE user_id = ?", (user_id,))
+    return txn.fetchone() is not None

@@ -132,6 +132,9 @@ class IdentityConfig:
     email: bool = True
     # Identifier systems whose values are email addresses (OZO puts practitioners' there).
     email_identifier_systems: tuple[str, ...] = ()
+    # Count the addresses of accounts made through single sign-on (the identity
+    # provider's claims, which Synapse stores as verified without asking).
+    trust_sso_emails: bool = False
     # Mail a team member who has no account (and exactly one address) how to join.
     invite_by_email: bool = False
     # Where the invitation sends them (e.g. the Element or registration page).
@@ -255,6 +258,7 @@ def _parse_identity(section: _Section) -> IdentityConfig:
     config = IdentityConfig(
         email=section.flag("email", True),
         email_identifier_systems=section.value("email_identifier_systems", _identifier_systems, ()),
+        trust_sso_emails=section.flag("trust_sso_emails", False),
         invite_by_email=section.flag("invite_by_email", False),
         join_url=section.value("join_url", _join_url, None),
         invite_interval=section.value("invite_interval", _positive_duration, 7 * 24 * 3600.0),

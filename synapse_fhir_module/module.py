@@ -89,7 +89,9 @@ class FhirModule:
         self._enqueues = api.worker_name is None
 
         accounts = self._accounts = RegisteredAccounts(api)  # whose each gated registration was
-        emails = VerifiedEmails(api, enabled=config.identity.email)
+        emails = VerifiedEmails(
+            api, enabled=config.identity.email, trust_sso=config.identity.trust_sso_emails
+        )
         self._persons = PersonDirectory(
             self._fhir,
             recorded_persons=accounts.persons_of,
@@ -148,6 +150,10 @@ class FhirModule:
             api.register_third_party_rules_callbacks(on_new_event=self._on_new_event)
 
         if config.identity.email:
+            # Which accounts single sign-on makes (their addresses are the provider's word).
+            api.register_spam_checker_callbacks(
+                check_registration_for_spam=emails.check_registration_for_spam
+            )
             # (Wherever the request that changes an address is served.)
             api.register_third_party_rules_callbacks(
                 on_add_user_third_party_identifier=never_raises(

@@ -2,24 +2,51 @@
 copy of them that goes the other way (address → accounts), in ``account_email_store``.
 
 Synapse's record is the truth; the copy only finds candidates, and is corrected each time
-an account's addresses are read.
+an account's addresses are read. Except: the addresses of an account made through single
+sign-on are the identity provider's claims, which Synapse stores as verified without
+checking the provider verified them — they count only with ``identity.trust_sso_emails``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
+from typing import Any
 
 from synapse.module_api import ModuleApi
+from synapse.spam_checker_api import RegistrationBehaviour
 
 from synapse_fhir_module import account_email_store
 from synapse_fhir_module.identity import normalise_email
 
 
 class VerifiedEmails:
-    def __init__(self, api: ModuleApi, *, enabled: bool) -> None:
+    def __init__(self, api: ModuleApi, *, enabled: bool, trust_sso: bool = False) -> None:
         self._api = api
         self.enabled = enabled
+        self._trust_sso = trust_sso
         self._table_exists = False
+
+    async def check_registration_for_spam(
+        self,
+        email_threepid: dict[str, Any] | None,
+        username: str | None,
+        request_info: Collection[tuple[str, str]],
+        auth_provider_id: str | None = None,
+    ) -> RegistrationBehaviour:
+        """Note whether an account is made through single sign-on (before Synapse stores
+        the provider's email claim for it). Never refuses; a database error fails the
+        registration rather than trust a claim unnoticed."""
+        if username is not None and self.enabled:
+            await self.create_table()
+            await self._api.run_db_interaction(
+                "fhir_note_registration",
+                account_email_store.note_registration,
+                self._api.get_qualified_user_id(username),
+                auth_provider_id,
+                int(time.time() * 1000),
+            )
+        return RegistrationBehaviour.ALLOW
 
     async def of_account(self, user_id: str) -> dict[str, int]:
         """The account's verified addresses as Synapse holds them now (normalised), each
@@ -27,6 +54,11 @@ class VerifiedEmails:
         if not self.enabled:
             return {}
         addresses: dict[str, int] = {}
+        await self.create_table()
+        if not self._trust_sso and await self._api.run_db_interaction(
+            "fhir_made_by_sso", account_email_store.made_by_sso, user_id
+        ):
+            return {}
         for threepid in await self._api.get_threepids_for_user(user_id):
             address = threepid.get("address")
             if threepid.get("medium") != "email" or not isinstance(address, str):
@@ -35,7 +67,6 @@ class VerifiedEmails:
             if normalised:
                 validated = threepid.get("validated_at")
                 addresses[normalised] = int(validated) if isinstance(validated, int) else 0
-        await self.create_table()
         await self._api.run_db_interaction(
             "fhir_account_emails_replace",
             account_email_store.replace_addresses,

@@ -9,6 +9,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import pytest_twisted
+from synapse.spam_checker_api import RegistrationBehaviour
 
 from synapse_fhir_module.email_identity import EmailIdentity
 from synapse_fhir_module.identity import MATRIX_ID_SYSTEM
@@ -192,6 +193,9 @@ class SqliteApi:
     async def run_db_interaction(self, desc: str, func: Any, *args: Any) -> Any:
         return func(self._cursor, *args)
 
+    def get_qualified_user_id(self, localpart: str) -> str:
+        return f"@{localpart}:x"
+
 
 @pytest_twisted.ensureDeferred
 async def test_a_leaver_s_verified_address_given_to_a_successor_is_not_the_successor() -> None:
@@ -231,3 +235,23 @@ async def test_spellings_one_instance_read_are_searched_by_every_other() -> None
     one.learn_spellings([gp])  # (a team load on one instance)
     await one.save_spellings()
     assert (await other.lookup("@gp:x")).person == "Practitioner/gp"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_identity_provider_s_email_claim_identifies_nobody_unless_trusted() -> None:
+    gp = person("Practitioner", "gp", "dr@hospital.example")
+    claimed = [{"medium": "email", "address": "dr@hospital.example", "validated_at": 1}]
+    api = SqliteApi({"@sso:x": claimed, "@pw:x": list(claimed)})
+    for trusted, expected in ((False, None), (True, "Practitioner/gp")):
+        emails = VerifiedEmails(api, enabled=True, trust_sso=trusted)  # type: ignore[arg-type]
+        # Synapse asks the spam checker first, with the provider for single sign-on.
+        assert await emails.check_registration_for_spam(None, "sso", [], "oidc-hospital") == (
+            RegistrationBehaviour.ALLOW
+        )
+        persons = PersonDirectory(Fhir(gp), emails=emails, email_identifier_systems=[OZO_EMAIL])  # type: ignore[arg-type]
+        assert (await persons.lookup("@sso:x")).person == expected
+    # A registration with a password (no provider) is not marked.
+    emails = VerifiedEmails(api, enabled=True)  # type: ignore[arg-type]
+    await emails.check_registration_for_spam(None, "pw", [("ua", "127.0.0.1")], None)
+    assert await emails.of_account("@pw:x") == {"dr@hospital.example": 1}
+    assert await emails.of_account("@sso:x") == {}
