@@ -33,6 +33,8 @@ def test_health_reports_fhir_reachable(synapse: SynapseServer) -> None:
             "scheduled_boundaries": 0,
             "binding_incidents": 0,
         },
+        # Identity by email is on by default; no address of this server's is ambiguous.
+        "identity": {"email": True, "ambiguous_emails": 0},
     }
 
 
