@@ -126,7 +126,8 @@ def publish(result: dict[str, Any], plot: Path) -> None:
         BEGIN,
         f"Latest `make bench` ({result['date']}{', smoke sizes' if result['smoke'] else ''}"
         + "".join(
-            f"; rows {', '.join(map(str, u['rows'] or []))} run again {u['date']}"
+            f"; row{'s' if len(u['rows'] or []) != 1 else ''} "
+            f"{', '.join(map(str, u['rows'] or []))} run again {u['date']}"
             for u in result.get("updated", [])
         )
         + "):",
