@@ -10,8 +10,9 @@ Matrix match it:
   suspended: read-only and nobody new; ``entered-in-error``, deleted or outside its
   period: everyone but the service user leaves. The team's next period boundary is
   scheduled (``TeamBoundaries``), so leavers go on time with no FHIR write then.
-- ``CommunicationRequest`` addressed to a CareTeam: a room in the team's space, its
-  payload posted as the first message.
+- ``CommunicationRequest`` addressed to a CareTeam: a room in the team's space (while
+  ``draft`` or ``active``), its payload posted as the first message; its status decides
+  whether the room is open, read-only or emptied (``thread_status``).
 - ``Communication`` written by another system (no origin mark) in a thread with a room:
   posted into the room once by the service user, attributed to its FHIR sender (never
   through a person's own account: whoever writes FHIR must not speak for a Matrix user),
@@ -48,6 +49,13 @@ from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.sync_metrics import BINDING_INCIDENTS
 from synapse_fhir_module.team_boundaries import TeamBoundaries
 from synapse_fhir_module.team_directory import CareTeamDirectory
+from synapse_fhir_module.thread_status import (
+    ThreadMode,
+    opens_room,
+    parse_mode,
+    room_rules,
+    thread_mode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +217,7 @@ class FhirSync:
             # Membership first and on its own: a binding that cannot be repaired must not
             # keep a leaver in the room.
             try:
-                await self._sync_room(room_id, team)
+                await self._sync_room(room_id, team, await self._thread_mode(room_id))
             except Exception as e:  # e.g. a room an admin shut down: the others still follow
                 failed += 1
                 logger.warning("%s: could not sync %s (%s)", team_ref, room_id, _safe(e))
@@ -284,9 +292,15 @@ class FhirSync:
             event_type,
         )
 
-    async def _sync_room(self, room_id: str, team: TeamMembership) -> None:
-        emptied = team.status in EMPTIED_STATUSES
-        members = {} if emptied else team.current_members()
+    async def _sync_room(
+        self, room_id: str, team: TeamMembership, mode: ThreadMode = ThreadMode.OPEN
+    ) -> None:
+        rules = room_rules(
+            team_admits=team.admits_members,
+            team_emptied=team.status in EMPTIED_STATUSES,
+            mode=mode,
+        )
+        members = {} if rules.emptied else team.current_members()
         if members and self._accounts is not None:
             # An account registered as somebody else's before a record named it: nobody's.
             for user_id in await self._accounts.conflicting(
@@ -302,13 +316,13 @@ class FhirSync:
             members,
             await self._rooms.memberships(room_id),
             keep=self._keep,
-            admit_new=team.admits_members and not emptied,
+            admit_new=rules.admit_new,
         )
         # Power levels first, so an invitee arrives with theirs (a removal still happens
         # if setting them fails: apply_plan runs in `finally`).
         try:
             await self._rooms.set_power_levels(
-                room_id, list(members.values()), read_only=not team.admits_members
+                room_id, list(members.values()), read_only=rules.read_only
             )
         finally:
             await self._apply_plan(room_id, team, plan)
@@ -357,9 +371,10 @@ class FhirSync:
         if team_ref is None:
             return None
         room_id = await self._room_of(request_ref)
+        mode = thread_mode(request.get("status"))
         if room_id is None:
-            if request.get("status") not in ("active", "draft", "on-hold", None):
-                return None
+            if not opens_room(request.get("status")):
+                return None  # arrived closed: no room (thread_status)
             space = await self.apply_care_team(team_ref)
             if space is None:
                 return None
@@ -395,12 +410,25 @@ class FhirSync:
         # The request's own words first, so whoever is invited finds them there (kept like
         # a relay, so a reply to them is linked to the request).
         first = relay_content(request.get("payload"), source=request_ref, sender_name=None)
-        if first is not None:
+        if first is not None and mode is not ThreadMode.EMPTIED:
             await self._post_once(request_ref, room_id, self._service_user_id, first)
+        # Stored before the room follows it: a sync of the team meanwhile reads it too.
+        await self._api.run_db_interaction(
+            "fhir_thread_mode_set", sync_store.set_thread_mode, room_id, mode.value
+        )
         await self._sync_room(
-            room_id, await self._teams.fresh_membership(team_ref, since=self._batch_started)
+            room_id,
+            await self._teams.fresh_membership(team_ref, since=self._batch_started),
+            mode,
         )
         return room_id
+
+    async def _thread_mode(self, room_id: str) -> ThreadMode:
+        """What the room's request status last made it (open when none was stored)."""
+        stored = await self._api.run_db_interaction(
+            "fhir_thread_mode_of", sync_store.thread_mode_of, room_id
+        )
+        return ThreadMode.OPEN if stored is None else parse_mode(stored)
 
     async def _relay(self, communication_ref: str) -> None:
         communication = await self._read(communication_ref)

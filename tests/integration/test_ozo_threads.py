@@ -1,0 +1,182 @@
+"""OZO threads (issue 12, point 5): a CommunicationRequest's status decides its room —
+``draft``/``active`` open, ``completed``/``revoked``/``on-hold`` read-only, back to
+``active`` writable again, ``entered-in-error`` emptied; a request that arrives closed
+gets no room until it is reopened.
+
+The session's quiet HAPI and a Synapse with the sync on; the tests notify by hand. The
+change queue applies references one at a time in the order they came, so a later marker
+(another request's room) shows that an earlier notification has been applied.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devstack.hapi import HapiDevServer
+from devstack.matrix_client import MatrixError, MatrixUser, register_user
+from devstack.waiting import wait_until
+from tests.integration.matrix_views import Team, invited_space, open_invites
+from tests.integration.quiet_stack import QuietStack, quiet_stack
+
+FOLLOWS_WITHIN = 30.0
+SERVICE_LEVEL = 100
+PRACTITIONER_LEVEL = 50
+
+
+@pytest.fixture(scope="module")
+def stack(run_dir: Path, quiet_hapi: HapiDevServer) -> Iterator[QuietStack]:
+    with quiet_stack(run_dir / "threads-stack", quiet_hapi, full_reconcile_interval="1h") as s:
+        yield s
+
+
+def put_request(team: Team, name: str, status: str, **fields: Any) -> str:
+    reference = f"CommunicationRequest/{name}-{team.network.tag}"
+    team.fhir.put(
+        {
+            "resourceType": "CommunicationRequest",
+            "id": reference.split("/")[1],
+            "status": status,
+            "subject": {"reference": team.network.ref("Patient", "patient")},
+            "recipient": [{"reference": team.network.team, "type": "CareTeam"}],
+            **fields,
+        }
+    )
+    return reference
+
+
+def room_of(user: MatrixUser, thread: str) -> str:
+    return wait_until(
+        lambda: next((r for r, ref in open_invites(user).items() if ref == thread), None),
+        timeout=FOLLOWS_WITHIN,
+        what=f"an invite to the room of {thread}",
+    )
+
+
+def levels(user: MatrixUser, room_id: str) -> dict[str, Any]:
+    return dict(
+        user.request("GET", f"/_matrix/client/v3/rooms/{room_id}/state/m.room.power_levels")
+    )
+
+
+def read_only(user: MatrixUser, room_id: str) -> bool:
+    return bool(levels(user, room_id)["events_default"] == SERVICE_LEVEL)
+
+
+def refused_to_send(user: MatrixUser, room_id: str) -> bool:
+    try:
+        user.send_text(room_id, "may I?")
+    except MatrixError as e:
+        return e.status == 403
+    return False
+
+
+def bodies(user: MatrixUser, room_id: str) -> list[str]:
+    chunk = user.request("GET", f"/_matrix/client/v3/rooms/{room_id}/messages?dir=f&limit=100")
+    return [str(e["content"]["body"]) for e in chunk["chunk"] if e["type"] == "m.room.message"]
+
+
+def present(stack: QuietStack, room_id: str) -> dict[str, str]:
+    """Who is joined or invited, as a server admin sees it."""
+    admin = register_user(stack.synapse, f"ops_{uuid.uuid4().hex[:8]}", admin=True)
+    state = admin.request("GET", f"/_synapse/admin/v1/rooms/{room_id}/state")["state"]
+    return {
+        e["state_key"]: e["content"]["membership"]
+        for e in state
+        if e["type"] == "m.room.member" and e["content"]["membership"] in ("join", "invite")
+    }
+
+
+def test_a_threads_status_opens_closes_reopens_and_empties_its_room(stack: QuietStack) -> None:
+    team = Team(stack)
+    team.seed()
+    anna, bram, lena = team.users["anna"], team.users["bram"], team.users["lena"]
+    thread = put_request(team, "thread", "active", payload=[{"contentString": "Wound care"}])
+    stack.notify(thread)
+    room = room_of(anna, thread)
+    anna.join(room)
+    bram.join(room_of(bram, thread))
+    assert levels(anna, room)["events_default"] == 0
+    assert levels(anna, room)["users"][anna.user_id] == PRACTITIONER_LEVEL
+    anna.send_text(room, "open")
+
+    # Completed: read-only. Nobody but the service user holds a level; members still read.
+    team.fhir.put(team.fhir.read(thread) | {"status": "completed"})
+    stack.notify(thread)
+    wait_until(lambda: read_only(anna, room), timeout=FOLLOWS_WITHIN, what="read-only")
+    closed = levels(anna, room)
+    # (The service user created the room: in room v12 it holds power without a listing.)
+    assert set(closed["users"]) <= {stack.synapse.user_id("fhir")}
+    assert closed["events_default"] == SERVICE_LEVEL
+    assert refused_to_send(anna, room)
+    assert bodies(anna, room) == ["Wound care", "open"]
+
+    # A sync of the team meanwhile keeps the thread closed, and invites nobody new to it:
+    # lena joins the team (her space invite shows the team was synced), then a marker
+    # request opened after it shows the team's rooms were all done.
+    care_team = team.care_team()
+    care_team["participant"].append(
+        team.network.participant(team.network.ref("Practitioner", "leaver"))
+    )
+    team.put_team(care_team)
+    stack.notify(team.network.team)
+    marker = put_request(team, "marker", "active")
+    stack.notify(marker)
+    wait_until(lambda: invited_space(lena, team.network.team), timeout=FOLLOWS_WITHIN, what="lena")
+    room_of(lena, marker)
+    assert read_only(anna, room)
+    assert lena.user_id not in present(stack, room)
+
+    # Active again: writable, levels back, and lena (a member now) is invited.
+    team.fhir.put(team.fhir.read(thread) | {"status": "active"})
+    stack.notify(thread)
+    wait_until(lambda: not read_only(anna, room), timeout=FOLLOWS_WITHIN, what="reopened")
+    assert levels(anna, room)["users"][anna.user_id] == PRACTITIONER_LEVEL
+    anna.send_text(room, "reopened")
+    assert room_of(lena, thread) == room
+
+    # On hold: read-only again; leaving is still allowed.
+    team.fhir.put(team.fhir.read(thread) | {"status": "on-hold"})
+    stack.notify(thread)
+    wait_until(lambda: read_only(anna, room), timeout=FOLLOWS_WITHIN, what="on hold")
+    assert refused_to_send(bram, room)
+    bram.leave(room)
+
+    # Entered in error: everyone but the service user is removed, invites withdrawn.
+    team.fhir.put(team.fhir.read(thread) | {"status": "entered-in-error"})
+    stack.notify(thread)
+    service = stack.synapse.user_id("fhir")
+    wait_until(
+        lambda: present(stack, room) == {service: "join"},
+        timeout=FOLLOWS_WITHIN,
+        what="the room emptied",
+    )
+    # Nobody is admitted afterwards.
+    with pytest.raises(MatrixError):
+        anna.join(room)
+
+
+@pytest.mark.parametrize("status", ["completed", "on-hold", "revoked", "entered-in-error"])
+def test_a_request_that_arrives_closed_gets_no_room_until_reopened(
+    stack: QuietStack, status: str
+) -> None:
+    team = Team(stack)
+    team.seed()
+    anna = team.users["anna"]
+    closed = put_request(team, "closed", status, payload=[{"contentString": "History"}])
+    stack.notify(closed)
+    marker = put_request(team, "marker", "draft")
+    stack.notify(marker)
+    room_of(anna, marker)  # (applied after the closed one)
+    assert closed not in open_invites(anna).values()
+
+    team.fhir.put(team.fhir.read(closed) | {"status": "active"})
+    stack.notify(closed)
+    room = room_of(anna, closed)
+    anna.join(room)
+    assert bodies(anna, room) == ["History"]
+    assert levels(anna, room)["events_default"] == 0
