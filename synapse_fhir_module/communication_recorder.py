@@ -76,7 +76,7 @@ from synapse_fhir_module.outbox_metrics import (
 )
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.recent_writes import RecentWrites
-from synapse_fhir_module.relay_content import source_of
+from synapse_fhir_module.relay_content import resource_of_key, source_of
 from synapse_fhir_module.room_bindings import THREAD_STATE, RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
 
@@ -593,7 +593,8 @@ class CommunicationRecorder:
         source = await self._api.run_db_interaction(
             "fhir_relay_source", sync_store.source_of_event, parent
         )
-        return str(source) if source else None
+        # (Any part of a relayed payload stands for its resource.)
+        return resource_of_key(str(source)) if source else None
 
     async def _is_relayed(self, event: Mapping[str, Any]) -> bool:
         content = event.get("content")

@@ -44,9 +44,9 @@ from synapse_fhir_module.fhir_errors import FhirError, FhirNotFoundError
 from synapse_fhir_module.membership_plan import plan_membership
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.registered_accounts import RegisteredAccounts
-from synapse_fhir_module.relay_content import relay_content
+from synapse_fhir_module.relay_content import RelayPlan, relay_messages
 from synapse_fhir_module.room_bindings import RoomBindings
-from synapse_fhir_module.sync_metrics import BINDING_INCIDENTS
+from synapse_fhir_module.sync_metrics import BINDING_INCIDENTS, PAYLOAD_PARTS_SKIPPED
 from synapse_fhir_module.team_boundaries import TeamBoundaries
 from synapse_fhir_module.team_directory import CareTeamDirectory
 from synapse_fhir_module.thread_status import (
@@ -409,9 +409,9 @@ class FhirSync:
             await self._rooms.link_to_space(space, room_id)
         # The request's own words first, so whoever is invited finds them there (kept like
         # a relay, so a reply to them is linked to the request).
-        first = relay_content(request.get("payload"), source=request_ref, sender_name=None)
-        if first is not None and mode is not ThreadMode.EMPTIED:
-            await self._post_once(request_ref, room_id, self._service_user_id, first)
+        if mode is not ThreadMode.EMPTIED:
+            opening = relay_messages(request.get("payload"), source=request_ref, sender_name=None)
+            await self._post_parts(request_ref, room_id, opening)
         # Stored before the room follows it: a sync of the team meanwhile reads it too.
         await self._api.run_db_interaction(
             "fhir_thread_mode_set", sync_store.set_thread_mode, room_id, mode.value
@@ -441,16 +441,32 @@ class FhirSync:
             return
         sender_ref = _reference(communication.get("sender"))
         sender = await self._read(sender_ref) if sender_ref else None
-        content = relay_content(
+        plan = relay_messages(
             communication.get("payload"),
             source=communication_ref,
             sender_name=_display_name(sender),
             sender_ref=sender_ref,
         )
-        if content is None:
-            return
-        if await self._post_once(communication_ref, room_id, self._service_user_id, content):
+        if await self._post_parts(communication_ref, room_id, plan):
             logger.info("Relayed %s into %s", communication_ref, room_id)
+
+    async def _post_parts(self, source: str, room_id: str, plan: RelayPlan) -> int:
+        """Post each message of ``plan`` once, in order; how many were posted now.
+
+        Parts the room cannot show are counted (and logged by index, never content) when
+        the resource is first posted, or on every try when it shows nothing at all."""
+        posted = 0
+        for message in plan.messages:
+            if await self._post_once(message.key, room_id, self._service_user_id, message.content):
+                posted += 1
+        if plan.skipped and (posted or not plan.messages):
+            PAYLOAD_PARTS_SKIPPED.inc(plan.skipped)
+            logger.info(
+                "%s: %d payload part(s) not posted (no http(s) or mxc:// URL)",
+                source,
+                plan.skipped,
+            )
+        return posted
 
     async def _post_once(
         self, source: str, room_id: str, poster: str, content: dict[str, Any]

@@ -180,3 +180,65 @@ def test_a_request_that_arrives_closed_gets_no_room_until_reopened(
     anna.join(room)
     assert bodies(anna, room) == ["History"]
     assert levels(anna, room)["events_default"] == 0
+
+
+def test_a_requests_payload_is_posted_first_part_by_part_in_order(stack: QuietStack) -> None:
+    team = Team(stack)
+    team.seed()
+    anna = team.users["anna"]
+    thread = put_request(
+        team,
+        "payload",
+        "active",
+        payload=[
+            {"contentString": "Please photograph the wound daily"},
+            {"contentAttachment": {"title": "Care plan", "url": "https://files.example/plan"}},
+            {"contentAttachment": {"title": "scan", "url": "ftp://files.example/scan"}},
+            {
+                "contentAttachment": {
+                    "title": "wound.png",
+                    "url": "mxc://example.org/wound1",
+                    "contentType": "image/png",
+                    "size": 1024,
+                }
+            },
+            {
+                "contentAttachment": {
+                    "title": "inline",
+                    "data": "aGVsbG8=",
+                    "contentType": "text/plain",
+                }
+            },
+            {"contentString": "Call me if it gets worse"},
+        ],
+    )
+    stack.notify(thread)
+    room = room_of(anna, thread)
+    anna.join(room)
+    timeline = anna.request("GET", f"/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=100")[
+        "chunk"
+    ]
+    posted = [e for e in timeline if e["type"] == "m.room.message"]
+    assert [(e["content"]["msgtype"], e["content"]["body"]) for e in posted] == [
+        ("m.text", "Please photograph the wound daily"),
+        ("m.text", "Attachment: Care plan https://files.example/plan"),
+        ("m.image", "wound.png"),
+        ("m.text", "Call me if it gets worse"),
+    ]
+    assert {e["sender"] for e in posted} == {stack.synapse.user_id("fhir")}
+    assert posted[2]["content"]["url"] == "mxc://example.org/wound1"
+    assert posted[2]["content"]["info"] == {"mimetype": "image/png", "size": 1024}
+    # First: before anybody was invited.
+    invites = [
+        i
+        for i, e in enumerate(timeline)
+        if e["type"] == "m.room.member" and e["content"]["membership"] == "invite"
+    ]
+    assert timeline.index(posted[-1]) < min(invites)
+
+    # Applied again (a duplicate notification, then a change): nothing is posted twice.
+    stack.notify(thread)
+    team.fhir.put(team.fhir.read(thread) | {"status": "completed"})
+    stack.notify(thread)
+    wait_until(lambda: read_only(anna, room), timeout=FOLLOWS_WITHIN, what="read-only")
+    assert len(bodies(anna, room)) == len(posted)
