@@ -13,10 +13,11 @@ Matrix match it:
 - ``CommunicationRequest`` addressed to a CareTeam: a room in the team's space (while
   ``draft`` or ``active``), its payload posted as the first message; its status decides
   whether the room is open, read-only or emptied (``thread_status``).
-- ``Communication`` written by another system (no origin mark) in a thread with a room:
-  posted into the room once by the service user, attributed to its FHIR sender (never
-  through a person's own account: whoever writes FHIR must not speak for a Matrix user),
-  and never written back.
+- ``Communication`` written by another system (``foreign_messages``) in a thread with a
+  room: posted into the room once by the service user, attributed to its FHIR sender
+  (never through a person's own account: whoever writes FHIR must not speak for a Matrix
+  user), and never written back; older ones of the thread still pending first, in
+  ``meta.lastUpdated`` order; its ``inResponseTo`` as a Matrix reply.
 - A person (Practitioner, PractitionerRole, RelatedPerson, Patient): the teams it belongs
   to are synced again.
 
@@ -29,6 +30,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attr
 from synapse.module_api import EventBase, ModuleApi
 
 from synapse_fhir_module import binding_store, sync_store
@@ -36,15 +38,26 @@ from synapse_fhir_module.binding_state import SPACE_CHILD, drifted, expected_con
 from synapse_fhir_module.binding_store import Binding
 from synapse_fhir_module.care_rooms import CareRooms, MatrixActionsFailed
 from synapse_fhir_module.care_team import MAX_NESTING, TeamMembership, reference_of
-from synapse_fhir_module.communication_mapping import ORIGIN_TAG, ROOM_ID_SYSTEM
+from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM, ORIGIN_TAG, ROOM_ID_SYSTEM
 from synapse_fhir_module.config import SyncConfig
 from synapse_fhir_module.email_invites import EmailInvites
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError, FhirNotFoundError
+from synapse_fhir_module.fhir_time import parse_fhir_datetime
+from synapse_fhir_module.foreign_messages import (
+    answered,
+    conditional_event_id,
+    is_module_written,
+    literal_id,
+    part_of,
+    recorded_event_id,
+    relay_order,
+    with_reply,
+)
 from synapse_fhir_module.membership_plan import plan_membership
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.registered_accounts import RegisteredAccounts
-from synapse_fhir_module.relay_content import RelayPlan, relay_messages
+from synapse_fhir_module.relay_content import RelayMessage, RelayPlan, relay_messages
 from synapse_fhir_module.room_bindings import RoomBindings
 from synapse_fhir_module.sync_metrics import BINDING_INCIDENTS, PAYLOAD_PARTS_SKIPPED
 from synapse_fhir_module.team_boundaries import TeamBoundaries
@@ -70,6 +83,9 @@ UNNAMED = {
     "RelatedPerson": "A related person",
     "Patient": "A patient",
 }
+# At most this many of a thread's older Communications are looked at, per relay, for ones
+# still waiting (one page: the catch-up after an outage, not a replay of the thread).
+CATCH_UP = 50
 # Set once the spaces and rooms made before the binding record existed are in it.
 RECORD_MIGRATED = "bindings:migrated"
 
@@ -432,12 +448,64 @@ class FhirSync:
 
     async def _relay(self, communication_ref: str) -> None:
         communication = await self._read(communication_ref)
-        if communication is None or _is_own(communication):
+        if communication is None or is_module_written(communication):
             return  # ours came from Matrix: relaying it would echo the message
-        if communication.get("status") == "entered-in-error":
+        found = await self._thread_room(communication.get("partOf"))
+        if found is None:
             return
-        room_id = await self._room_of_thread(communication.get("partOf"))
-        if room_id is None:
+        thread, room_id = found
+        if await self._thread_mode(room_id) is ThreadMode.EMPTIED:
+            return  # nobody is there, and the thread should never have been
+        # Older ones of the thread still waiting (an outage, notifications out of order)
+        # go first, so the room shows the thread in FHIR's order.
+        for earlier in await self._waiting_before(thread, communication):
+            await self._relay_one(earlier, thread, room_id)
+        await self._relay_one(communication, thread, room_id)
+
+    async def _waiting_before(
+        self, thread: str, communication: Mapping[str, Any]
+    ) -> list[Mapping[str, Any]]:
+        """The thread's foreign Communications older than ``communication`` not relayed
+        yet, oldest first (among the newest ``CATCH_UP``)."""
+        meta = communication.get("meta")
+        last_updated = meta.get("lastUpdated") if isinstance(meta, Mapping) else None
+        try:
+            parse_fhir_datetime(str(last_updated))
+        except (ValueError, ArithmeticError):
+            return []  # (FHIR's own clock: unreadable only from a broken server)
+        params = [
+            ("part-of", thread),
+            ("_lastUpdated", f"le{last_updated}"),
+            ("_tag:not", f"{ORIGIN_TAG['system']}|{ORIGIN_TAG['code']}"),
+            ("_sort", "-_lastUpdated"),
+            ("_count", str(CATCH_UP)),
+        ]
+        page: list[Mapping[str, Any]] = []
+        async for bundle in self._fhir.search_pages_json("Communication", params):
+            page = [
+                e["resource"]
+                for e in bundle.get("entry") or []
+                if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            ]
+            break  # the newest page only
+        waiting = []
+        for resource in page:
+            if (
+                resource.get("id") == communication.get("id")
+                or not isinstance(resource.get("id"), str)
+                or is_module_written(resource)
+                or not part_of(resource, thread)
+            ):
+                continue
+            if not await self._api.run_db_interaction(
+                "fhir_relay_claimed", sync_store.is_claimed, f"Communication/{resource['id']}"
+            ):
+                waiting.append(resource)
+        return relay_order(waiting)
+
+    async def _relay_one(self, communication: Mapping[str, Any], thread: str, room_id: str) -> None:
+        communication_ref = f"Communication/{communication.get('id')}"
+        if communication.get("status") == "entered-in-error":
             return
         sender_ref = _reference(communication.get("sender"))
         sender = await self._read(sender_ref) if sender_ref else None
@@ -447,8 +515,46 @@ class FhirSync:
             sender_name=_display_name(sender),
             sender_ref=sender_ref,
         )
+        if plan.messages:
+            reply_to = await self._reply_target(communication, thread, room_id)
+            if reply_to is not None:
+                first = plan.messages[0]
+                replying = RelayMessage(first.key, with_reply(first.content, reply_to))
+                plan = attr.evolve(plan, messages=(replying, *plan.messages[1:]))
         if await self._post_parts(communication_ref, room_id, plan):
             logger.info("Relayed %s into %s", communication_ref, room_id)
+
+    async def _reply_target(
+        self, communication: Mapping[str, Any], thread: str, room_id: str
+    ) -> str | None:
+        """The event in ``room_id`` that the Communication's ``inResponseTo`` points at:
+        a relayed message's first event, or the event a Communication of the same thread
+        was recorded from (never an event the FHIR writer names outside the thread)."""
+        reference = answered(communication)
+        if reference is None:
+            return None
+        target_id = literal_id(reference)
+        if target_id is not None:
+            relayed = await self._api.run_db_interaction(
+                "fhir_relayed_event",
+                sync_store.relayed_event,
+                f"Communication/{target_id}",
+                room_id,
+            )
+            if relayed:
+                return str(relayed)
+            target = await self._read(f"Communication/{target_id}")
+        else:
+            event_id = conditional_event_id(reference)
+            if event_id is None:
+                return None
+            found = await self._fhir.search_json(
+                "Communication", {"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"}
+            )
+            target = found[0] if len(found) == 1 else None
+        if target is None or not part_of(target, thread):
+            return None
+        return recorded_event_id(target)
 
     async def _post_parts(self, source: str, room_id: str, plan: RelayPlan) -> int:
         """Post each message of ``plan`` once, in order; how many were posted now.
@@ -492,8 +598,8 @@ class FhirSync:
         )
         return True
 
-    async def _room_of_thread(self, part_of: Any) -> str | None:
-        """The care-team room of the thread a Communication is part of, if it has one.
+    async def _thread_room(self, part_of: Any) -> tuple[str, str] | None:
+        """The thread a Communication is part of that has a care-team room, and the room.
 
         Only rooms FHIR cannot point anywhere else: a room the sync made for that request,
         or a room whose own (service-user) binding names the request. A request's room-id
@@ -505,7 +611,7 @@ class FhirSync:
                 continue
             room_id = await self._room_of(reference)
             if room_id:
-                return room_id
+                return reference, room_id
             request = await self._read(reference)
             if request is None:
                 continue
@@ -514,7 +620,7 @@ class FhirSync:
                 # behind this one): make it now.
                 room_id = await self._apply_request(reference)
                 if room_id:
-                    return room_id
+                    return reference, room_id
                 continue
             for identifier in request.get("identifier") or []:
                 if not isinstance(identifier, Mapping) or identifier.get("system") != (
@@ -524,7 +630,7 @@ class FhirSync:
                 candidate = identifier.get("value")
                 if isinstance(candidate, str) and candidate.startswith("!"):
                     if await self._bindings.thread_of(candidate) == reference:
-                        return candidate
+                        return reference, candidate
         return None
 
     async def _teams_of_person(self, person_ref: str) -> list[str]:

@@ -93,6 +93,21 @@ def source_of_event(txn: Cursor, event_id: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+def relayed_event(txn: Cursor, communication: str, room_id: str) -> str | None:
+    """The event ``communication`` (a claim key) was posted as in ``room_id``, once posted."""
+    txn.execute(
+        f"SELECT event_id FROM {RELAYED} WHERE communication = ? AND room_id = ?",
+        (communication, room_id),
+    )
+    row = txn.fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def is_claimed(txn: Cursor, communication: str) -> bool:
+    txn.execute(f"SELECT 1 FROM {RELAYED} WHERE communication = ?", (communication,))
+    return txn.fetchone() is not None
+
+
 def release_relay(txn: Cursor, communication: str) -> None:
     txn.execute(f"DELETE FROM {RELAYED} WHERE communication = ?", (communication,))
 

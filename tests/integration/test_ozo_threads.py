@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.waiting import wait_until
+from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
 from tests.integration.matrix_views import Team, invited_space, open_invites
 from tests.integration.quiet_stack import QuietStack, quiet_stack
 
@@ -242,3 +244,95 @@ def test_a_requests_payload_is_posted_first_part_by_part_in_order(stack: QuietSt
     stack.notify(thread)
     wait_until(lambda: read_only(anna, room), timeout=FOLLOWS_WITHIN, what="read-only")
     assert len(bodies(anna, room)) == len(posted)
+
+
+def recorded(stack: QuietStack, event_id: str) -> dict[str, Any] | None:
+    bundle = requests.get(
+        f"{stack.hapi.base_url}/Communication",
+        params={"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"},
+        headers={"Cache-Control": "no-cache"},
+        timeout=30,
+    ).json()
+    entries = bundle.get("entry", [])
+    return entries[0]["resource"] if entries else None
+
+
+def foreign(team: Team, name: str, thread: str, text: str, **fields: Any) -> str:
+    """A Communication as another system (OZO) writes one: no identifier, no ``sent``."""
+    reference = f"Communication/{name}-{team.network.tag}"
+    team.fhir.put(
+        {
+            "resourceType": "Communication",
+            "id": reference.split("/")[1],
+            "status": "in-progress",
+            "partOf": [{"reference": thread, "type": "CommunicationRequest"}],
+            "recipient": [{"reference": team.network.team, "type": "CareTeam"}],
+            "sender": {"reference": team.network.ref("RelatedPerson", "daughter")},
+            "payload": [{"contentString": text}],
+            **fields,
+        }
+    )
+    return reference
+
+
+def test_foreign_communications_are_relayed_once_in_fhir_order_as_replies(
+    stack: QuietStack,
+) -> None:
+    team = Team(stack)
+    team.seed()
+    anna = team.users["anna"]
+    thread = put_request(team, "replies", "active")
+    stack.notify(thread)
+    room = room_of(anna, thread)
+    anna.join(room)
+    question = anna.send_text(room, "How is the wound today?")
+    mine = wait_until(lambda: recorded(stack, question), timeout=FOLLOWS_WITHIN, what="recorded")
+
+    # Written while Matrix hears nothing (an outage); ids sort against FHIR's order.
+    first = foreign(
+        team, "zz", thread, "Better", inResponseTo=[{"reference": f"Communication/{mine['id']}"}]
+    )
+    foreign(team, "mm", thread, "Photo follows", inResponseTo=[{"reference": first}])
+    foreign(team, "gone", thread, "Wrong thread", status="entered-in-error")
+    # Carries the module's event-id identifier (its tag stripped on the way): never echoed.
+    foreign(
+        team,
+        "echo",
+        thread,
+        "An echo",
+        identifier=[{"system": EVENT_ID_SYSTEM, "value": "$not-relayed"}],
+    )
+    last = foreign(
+        team,
+        "aa",
+        thread,
+        "Anything else?",
+        inResponseTo=[{"reference": f"Communication?identifier={EVENT_ID_SYSTEM}|{question}"}],
+    )
+    # Only the newest is notified: the older ones still waiting come first.
+    stack.notify(last)
+
+    def relayed() -> list[dict[str, Any]]:
+        chunk = anna.request("GET", f"/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=100")
+        return [e for e in chunk["chunk"] if e["type"] == "m.room.message"]
+
+    wait_until(lambda: len(relayed()) >= 4, timeout=FOLLOWS_WITHIN, what="the relays")
+    # Notified again, each of them: nothing twice.
+    for name in ("zz", "mm", "gone", "echo", "aa"):
+        stack.notify(f"Communication/{name}-{team.network.tag}")
+    marker = put_request(team, "after", "active")
+    stack.notify(marker)
+    room_of(anna, marker)  # (the notifications above were applied before it)
+    events = relayed()
+    assert [e["content"]["body"] for e in events] == [
+        "How is the wound today?",
+        "A related person: Better",
+        "A related person: Photo follows",
+        "A related person: Anything else?",
+    ]
+    replies = [e["content"].get("m.relates_to") for e in events[1:]]
+    assert replies == [
+        {"m.in_reply_to": {"event_id": question}},  # a recorded message, by its id
+        {"m.in_reply_to": {"event_id": events[1]["event_id"]}},  # a relayed one
+        {"m.in_reply_to": {"event_id": question}},  # by the recorder's conditional reference
+    ]
