@@ -10,8 +10,9 @@ Matrix match it:
   suspended: read-only and nobody new; ``entered-in-error``, deleted or outside its
   period: everyone but the service user leaves. The team's next period boundary is
   scheduled (``TeamBoundaries``), so leavers go on time with no FHIR write then.
-- ``CommunicationRequest`` addressed to a CareTeam: a room in the team's space (while
-  ``draft`` or ``active``), its payload posted as the first message; its status decides
+- ``CommunicationRequest`` addressed to one or more CareTeams: a room in the first team's
+  space, listed in the others' and shared by their members (``thread_teams``), made while
+  ``draft`` or ``active``; its payload posted as the first message; its status decides
   whether the room is open, read-only or emptied (``thread_status``).
 - ``Communication`` written by another system (``foreign_messages``) in a thread with a
   room: posted into the room once by the service user, attributed to its FHIR sender
@@ -27,7 +28,7 @@ Applying the same reference twice changes nothing the second time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attr
@@ -37,7 +38,7 @@ from synapse_fhir_module import binding_store, sync_store
 from synapse_fhir_module.binding_state import SPACE_CHILD, drifted, expected_content, repairs
 from synapse_fhir_module.binding_store import Binding
 from synapse_fhir_module.care_rooms import CareRooms, MatrixActionsFailed
-from synapse_fhir_module.care_team import MAX_NESTING, TeamMembership, reference_of
+from synapse_fhir_module.care_team import MAX_NESTING, Member, TeamMembership, reference_of
 from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM, ORIGIN_TAG, ROOM_ID_SYSTEM
 from synapse_fhir_module.config import SyncConfig
 from synapse_fhir_module.email_invites import EmailInvites
@@ -69,6 +70,7 @@ from synapse_fhir_module.thread_status import (
     room_rules,
     thread_mode,
 )
+from synapse_fhir_module.thread_teams import further_teams, request_teams
 
 logger = logging.getLogger(__name__)
 
@@ -232,12 +234,17 @@ class FhirSync:
         for room_id in rooms:
             # Membership first and on its own: a binding that cannot be repaired must not
             # keep a leaver in the room.
+            binding = next((b for b in recorded if b.room_id == room_id), None)
             try:
-                await self._sync_room(room_id, team, await self._thread_mode(room_id))
+                teams = [team]
+                if binding is not None and len(binding.teams) > 1:
+                    # A room shared with other teams: all of them, or each team's sync would
+                    # undo the others'.
+                    teams = [await self._membership_of(ref, team) for ref in binding.teams]
+                await self._sync_room(room_id, teams, await self._thread_mode(room_id))
             except Exception as e:  # e.g. a room an admin shut down: the others still follow
                 failed += 1
                 logger.warning("%s: could not sync %s (%s)", team_ref, room_id, _safe(e))
-            binding = next((b for b in recorded if b.room_id == room_id), None)
             if binding is None:
                 continue
             try:
@@ -253,6 +260,11 @@ class FhirSync:
         if failed:
             raise SyncIncomplete(f"{team_ref}: {failed} room(s) not synced")
         return space
+
+    async def _membership_of(self, team_ref: str, known: TeamMembership) -> TeamMembership:
+        if team_ref == known.team:
+            return known
+        return await self._teams.fresh_membership(team_ref, since=self._batch_started)
 
     async def _repair_binding(self, binding: Binding, team_bindings: list[Binding]) -> None:
         """Put the room's binding state back to what the module bound, if it drifted."""
@@ -309,14 +321,33 @@ class FhirSync:
         )
 
     async def _sync_room(
-        self, room_id: str, team: TeamMembership, mode: ThreadMode = ThreadMode.OPEN
+        self,
+        room_id: str,
+        teams: Sequence[TeamMembership],
+        mode: ThreadMode = ThreadMode.OPEN,
     ) -> None:
-        rules = room_rules(
-            team_admits=team.admits_members,
-            team_emptied=team.status in EMPTIED_STATUSES,
-            mode=mode,
-        )
-        members = {} if rules.emptied else team.current_members()
+        """Make the room's members and power levels match its teams (one, or several for a
+        thread addressed to several: their union) and its thread's status."""
+        members: dict[str, Member] = {}
+        invitable: set[str] = set()
+        writable = True
+        kept = False  # some team not emptied
+        for team in teams:
+            rules = room_rules(
+                team_admits=team.admits_members,
+                team_emptied=team.status in EMPTIED_STATUSES,
+                mode=mode,
+            )
+            if rules.emptied:
+                continue  # its members go, unless another of the room's teams lists them
+            kept = True
+            current = team.current_members()
+            for user_id, member in current.items():
+                members.setdefault(user_id, member)  # (the level of the first team listing them)
+            if rules.admit_new:
+                invitable |= set(current)
+            # The stricter wins: one team closed makes the shared room read-only.
+            writable = writable and not rules.read_only
         if members and self._accounts is not None:
             # An account registered as somebody else's before a record named it: nobody's.
             for user_id in await self._accounts.conflicting(
@@ -324,7 +355,7 @@ class FhirSync:
             ):
                 logger.warning(
                     "%s: %s names an account registered as another person's; left out",
-                    team.team,
+                    room_id,
                     members[user_id].person,
                 )
                 del members[user_id]
@@ -332,22 +363,23 @@ class FhirSync:
             members,
             await self._rooms.memberships(room_id),
             keep=self._keep,
-            admit_new=rules.admit_new,
+            admit_new=bool(invitable),
+            invitable=invitable,
         )
         # Power levels first, so an invitee arrives with theirs (a removal still happens
         # if setting them fails: apply_plan runs in `finally`).
         try:
             await self._rooms.set_power_levels(
-                room_id, list(members.values()), read_only=rules.read_only
+                room_id, list(members.values()), read_only=not (kept and writable)
             )
         finally:
-            await self._apply_plan(room_id, team, plan)
+            await self._apply_plan(room_id, teams[0].team, plan)
 
-    async def _apply_plan(self, room_id: str, team: TeamMembership, plan: Any) -> None:
+    async def _apply_plan(self, room_id: str, team_ref: str, plan: Any) -> None:
         if not plan.empty:
             logger.info(
                 "%s: inviting %d, removing %d in %s",
-                team.team,
+                team_ref,
                 len(plan.invite),
                 len(plan.remove),
                 room_id,
@@ -383,15 +415,15 @@ class FhirSync:
         request = await self._read(request_ref)
         if request is None or _is_own(request):
             return None  # gone, or a thread the module opened for an existing room
-        team_ref = _care_team_recipient(request)
-        if team_ref is None:
+        wanted = request_teams(request)
+        if not wanted:
             return None
         room_id = await self._room_of(request_ref)
         mode = thread_mode(request.get("status"))
         if room_id is None:
             if not opens_room(request.get("status")):
                 return None  # arrived closed: no room (thread_status)
-            space = await self.apply_care_team(team_ref)
+            space = await self.apply_care_team(wanted[0])
             if space is None:
                 return None
             room_id = await self._rooms.create_thread_room(space, request_ref)
@@ -399,30 +431,45 @@ class FhirSync:
             # instead of making a second one.
             await self._remember_room(request_ref, room_id)
             await self._bindings.record(
-                Binding(room_id, team_ref, thread=request_ref, space_id=space), self._now_ms()
+                Binding(
+                    room_id,
+                    wanted[0],
+                    thread=request_ref,
+                    space_id=space,
+                    further_teams=further_teams(wanted[0], wanted),
+                ),
+                self._now_ms(),
             )
             logger.info("Made a room for %s: %s", request_ref, room_id)
             await self._rooms.name_room(room_id, _request_name(request))
         binding = await self._bindings.recorded(room_id)
-        if binding is not None and binding.care_team != team_ref:
-            # The request now names another team: its room (and history) stays with the
-            # team it was made for.
+        # The room (and its history) stays with the team it was made for (thread_teams).
+        first = binding.care_team if binding is not None else wanted[0]
+        if first not in wanted:
             logger.warning(
-                "%s is addressed to %s now; its room %s stays with %s",
-                request_ref,
-                team_ref,
-                room_id,
-                binding.care_team,
+                "%s no longer addresses %s; its room %s stays with it", request_ref, first, room_id
             )
-            team_ref = binding.care_team
-        space = await self._room_of(team_ref)
+        further = further_teams(first, wanted)
+        before = binding.further_teams if binding is not None else ()
+        space = await self._room_of(first)
         if space is not None:
-            if binding is None:  # made before the record existed
+            if binding is None or binding.further_teams != further:
+                # (None: made before the record existed.) Recorded before the spaces list
+                # it, so no team's sync takes the listing for drift.
+                bound = binding or Binding(room_id, first, thread=request_ref, space_id=space)
                 await self._bindings.record(
-                    Binding(room_id, team_ref, thread=request_ref, space_id=space),
-                    self._now_ms(),
+                    attr.evolve(bound, further_teams=further), self._now_ms()
                 )
             await self._rooms.link_to_space(space, room_id)
+            # The other teams' spaces list it too (made if need be); dropped ones no longer.
+            for team_ref in further:
+                team_space = await self._room_of(team_ref) or await self.apply_care_team(team_ref)
+                if team_space is not None:
+                    await self._rooms.link_to_space(team_space, room_id)
+            for team_ref in sorted(set(before) - set(further)):
+                team_space = await self._room_of(team_ref)
+                if team_space is not None:
+                    await self._rooms.unlink_from_space(team_space, room_id)
         # The request's own words first, so whoever is invited finds them there (kept like
         # a relay, so a reply to them is linked to the request).
         if mode is not ThreadMode.EMPTIED:
@@ -432,11 +479,11 @@ class FhirSync:
         await self._api.run_db_interaction(
             "fhir_thread_mode_set", sync_store.set_thread_mode, room_id, mode.value
         )
-        await self._sync_room(
-            room_id,
-            await self._teams.fresh_membership(team_ref, since=self._batch_started),
-            mode,
-        )
+        teams = [
+            await self._teams.fresh_membership(team_ref, since=self._batch_started)
+            for team_ref in (first, *further)
+        ]
+        await self._sync_room(room_id, teams, mode)
         return room_id
 
     async def _thread_mode(self, room_id: str) -> ThreadMode:
@@ -685,14 +732,6 @@ def _is_own(resource: Mapping[str, Any]) -> bool:
 def _reference(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("reference"), str):
         return str(value["reference"])
-    return None
-
-
-def _care_team_recipient(request: Mapping[str, Any]) -> str | None:
-    for recipient in request.get("recipient") or []:
-        reference = _reference(recipient)
-        if reference and reference.startswith("CareTeam/"):
-            return reference
     return None
 
 

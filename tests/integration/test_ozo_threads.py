@@ -336,3 +336,90 @@ def test_foreign_communications_are_relayed_once_in_fhir_order_as_replies(
         {"m.in_reply_to": {"event_id": events[1]["event_id"]}},  # a relayed one
         {"m.in_reply_to": {"event_id": question}},  # by the recorder's conditional reference
     ]
+
+
+SENDER_CARETEAM = "http://ozoverbindzorg.nl/fhir/StructureDefinition/ozo-sender-careteam"
+
+
+def hierarchy(user: MatrixUser, space: str) -> set[str]:
+    rooms = user.request("GET", f"/_matrix/client/v1/rooms/{space}/hierarchy")["rooms"]
+    return {r["room_id"] for r in rooms} - {space}
+
+
+def test_a_thread_addressed_to_two_teams_is_shared_by_both(stack: QuietStack) -> None:
+    team = Team(stack)
+    team.seed()
+    anna, lena, mallory = team.users["anna"], team.users["lena"], team.users["mallory"]
+    clinic = f"CareTeam/clinic-{team.network.tag}"
+    team.fhir.put(
+        {
+            "resourceType": "CareTeam",
+            "id": clinic.split("/")[1],
+            "status": "active",
+            "participant": [
+                team.network.participant(team.network.ref("Practitioner", "leaver")),
+                team.network.participant(team.network.ref("Practitioner", "outsider")),
+            ],
+        }
+    )
+    # OZO: the home team addressed, the clinic the team that opened it and gets the replies.
+    sender = {"url": SENDER_CARETEAM, "valueReference": {"reference": clinic, "type": "CareTeam"}}
+    thread = put_request(team, "shared", "active", extension=[sender])
+    stack.notify(thread)
+    room = room_of(anna, thread)
+    assert room_of(lena, thread) == room
+    assert room_of(mallory, thread) == room
+    # Listed in each team's space.
+    home_space = wait_until(
+        lambda: invited_space(anna, team.network.team), timeout=FOLLOWS_WITHIN, what="home"
+    )
+    clinic_space = wait_until(
+        lambda: invited_space(lena, clinic), timeout=FOLLOWS_WITHIN, what="clinic space"
+    )
+    anna.join(home_space)
+    lena.join(clinic_space)
+    assert room in hierarchy(anna, home_space)
+    assert room in hierarchy(lena, clinic_space)
+    # A member of either team enters and speaks.
+    anna.join(room)
+    lena.join(room)
+    lena.send_text(room, "From the clinic")
+    anna.send_text(room, "From home")
+
+    # Each team's own sync keeps the other team's members (no tug of war), and the
+    # listings stay.
+    stack.notify(team.network.team)
+    stack.notify(clinic)
+    marker = put_request(team, "after-sync", "active")
+    stack.notify(marker)
+    room_of(anna, marker)
+    members = present(stack, room)
+    assert members[lena.user_id] == "join" and members[anna.user_id] == "join"
+    assert room in hierarchy(lena, clinic_space)
+
+    # The clinic dropped from the request: its members leave, its space unlists the room.
+    team.fhir.put({k: v for k, v in team.fhir.read(thread).items() if k != "extension"})
+    stack.notify(thread)
+    wait_until(
+        lambda: lena.user_id not in present(stack, room),
+        timeout=FOLLOWS_WITHIN,
+        what="lena removed",
+    )
+    assert mallory.user_id not in present(stack, room)
+    assert present(stack, room)[anna.user_id] == "join"
+    assert room not in hierarchy(lena, clinic_space)
+    with pytest.raises(MatrixError):
+        lena.join(room)
+
+    # Readdressed to the clinic only: the room stays with the home team it was made for
+    # (anna stays), and the clinic's members are back.
+    request = team.fhir.read(thread)
+    request["recipient"] = [{"reference": clinic, "type": "CareTeam"}]
+    team.fhir.put(request)
+    stack.notify(thread)
+    assert room_of(lena, thread) == room
+    assert present(stack, room)[anna.user_id] == "join"
+    assert room in hierarchy(anna, home_space)
+    wait_until(
+        lambda: room in hierarchy(lena, clinic_space), timeout=FOLLOWS_WITHIN, what="relisted"
+    )
