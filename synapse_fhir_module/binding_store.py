@@ -103,13 +103,26 @@ def binding_of(txn: Cursor, room_id: str) -> Binding | None:
 def bindings_of_team(txn: Cursor, care_team: str) -> list[Binding]:
     """The team's space and thread rooms (those it was made for, and those it shares as a
     further team), the space first."""
+    shared = f"SELECT room_id FROM {TEAMS} WHERE care_team = ?"
     txn.execute(
         f"SELECT room_id, care_team, thread, space_id FROM {TABLE} WHERE care_team = ?"
-        f" OR room_id IN (SELECT room_id FROM {TEAMS} WHERE care_team = ?)"
-        " ORDER BY space_id IS NOT NULL, room_id",
+        f" OR room_id IN ({shared}) ORDER BY space_id IS NOT NULL, room_id",
         (care_team, care_team),
     )
-    return [_with_teams(txn, Binding(*row)) for row in txn.fetchall()]
+    bindings = [Binding(*row) for row in txn.fetchall()]
+    # Every room's further teams in one query (a team may have thousands of rooms).
+    txn.execute(
+        f"SELECT t.room_id, t.care_team FROM {TEAMS} t JOIN {TABLE} b ON b.room_id = t.room_id"
+        f" WHERE b.care_team = ? OR t.room_id IN ({shared}) ORDER BY t.room_id, t.care_team",
+        (care_team, care_team),
+    )
+    further: dict[str, list[str]] = {}
+    for room_id, team in txn.fetchall():
+        further.setdefault(str(room_id), []).append(str(team))
+    return [
+        attr.evolve(b, further_teams=tuple(further[b.room_id])) if b.room_id in further else b
+        for b in bindings
+    ]
 
 
 def bound_teams(txn: Cursor) -> list[str]:
