@@ -562,7 +562,8 @@ class CommunicationRecorder:
         if await self._is_relayed(row.event):
             raise NotRecorded("posted from a FHIR Communication: FHIR has it already")
         try:
-            team_ref = await self._bindings.care_team_of(row.room_id)
+            teams = await self._bindings.care_teams_of(row.room_id)
+            team_ref = teams[0] if teams else None
             if team_ref is None and not self._all_rooms:
                 raise NotRecorded("not a care-team room")
             patient = (await self._teams.membership(team_ref)).subject if team_ref else None
@@ -574,7 +575,9 @@ class CommunicationRecorder:
             thread = await self._thread_of(row.room_id, team_ref, patient, person)
         except DirectoryUnavailable as e:
             raise _Retry(str(e)) from e
-        room = RoomContext(thread=thread, care_team=team_ref, patient=patient)
+        room = RoomContext(
+            thread=thread, care_team=team_ref, patient=patient, further_teams=teams[1:]
+        )
         return message_write(
             row.event,
             room,

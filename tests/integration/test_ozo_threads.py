@@ -383,8 +383,14 @@ def test_a_thread_addressed_to_two_teams_is_shared_by_both(stack: QuietStack) ->
     # A member of either team enters and speaks.
     anna.join(room)
     lena.join(room)
-    lena.send_text(room, "From the clinic")
+    from_clinic = lena.send_text(room, "From the clinic")
     anna.send_text(room, "From home")
+    # Recorded addressed to both teams, the one the room was made for first.
+    written = wait_until(
+        lambda: recorded(stack, from_clinic), timeout=FOLLOWS_WITHIN, what="recorded"
+    )
+    assert [r["reference"] for r in written["recipient"]] == [team.network.team, clinic]
+    assert written["partOf"][0]["reference"] == thread
 
     # Each team's own sync keeps the other team's members (no tug of war), and the
     # listings stay.
