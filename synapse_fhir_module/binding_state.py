@@ -3,7 +3,8 @@ says something else (pure: the module's record and the room's state in, events o
 
 For a team's space: ``org.synapse_fhir.care_team`` names the team, and an ``m.space.child``
 lists each of the team's thread rooms. For a thread's room: ``org.synapse_fhir.thread``
-names its CommunicationRequest and ``m.space.parent`` points at the team's space. Any
+names its CommunicationRequest and ``m.space.parent`` points at the team's space (the space
+of the team it was made for; the spaces of its further teams list it too). Any
 other binding state in such a room (a second parent, a care-team claim in a thread room, a
 child the module never listed) must be empty.
 """
@@ -44,9 +45,18 @@ def expected_content(
         return {"via": [server_name], "canonical": True}
     if event_type == SPACE_CHILD and binding.is_space:
         child = children.get(state_key)
-        if child is not None and child.space_id == binding.room_id:
+        if child is not None and lists(binding, child):
             return {"via": [server_name]}
     return None
+
+
+def lists(space: Binding, child: Binding) -> bool:
+    """Whether the space ``space`` must list the room ``child``: the space it was made in,
+    or the space of one of its further teams."""
+    return space.is_space and (
+        child.space_id == space.room_id
+        or (not child.is_space and space.care_team in child.further_teams)
+    )
 
 
 def drifted(expected: Content | None, actual: Content | None) -> bool:
@@ -66,7 +76,7 @@ def repairs(
 
     ``state``: the room's current binding state (type, state key) → content.
     """
-    listed = {child.room_id: child for child in children if child.space_id == binding.room_id}
+    listed = {child.room_id: child for child in children if lists(binding, child)}
     required: list[StateKey] = []
     if binding.is_space:
         required.append((CARE_TEAM_STATE, ""))

@@ -106,6 +106,11 @@ class CareRooms:
         if room_id not in await self.rooms_of_space(space_id):
             await self.send_state(space_id, SPACE_CHILD, room_id, {"via": [self._api.server_name]})
 
+    async def unlink_from_space(self, space_id: str, room_id: str) -> None:
+        """The space no longer lists the room (nothing is sent when it does not)."""
+        if room_id in await self.rooms_of_space(space_id):
+            await self.send_state(space_id, SPACE_CHILD, room_id, {})
+
     async def rooms_of_space(self, space_id: str) -> list[str]:
         """The rooms the service user listed in the space."""
         state = await self._api.get_room_state(space_id, [(SPACE_CHILD, None)])

@@ -66,6 +66,8 @@ class RoomContext:
     thread: str  # "CommunicationRequest/<id>"
     care_team: str | None  # "CareTeam/<id>"; None for an ordinary room (rooms: all)
     patient: str | None  # "Patient/<id>", when the CareTeam has a subject
+    # The room's other teams, when its thread addresses several (recipients too).
+    further_teams: tuple[str, ...] = ()
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -311,7 +313,7 @@ def _communication(
         "sender": _reference(sender_person),
     }
     if room.care_team:
-        resource["recipient"] = [_reference(room.care_team)]
+        resource["recipient"] = [_reference(t) for t in (room.care_team, *room.further_teams)]
     if room.patient:
         resource["subject"] = _reference(room.patient)
     if payload is not None:

@@ -76,7 +76,7 @@ from synapse_fhir_module.outbox_metrics import (
 )
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.recent_writes import RecentWrites
-from synapse_fhir_module.relay_content import source_of
+from synapse_fhir_module.relay_content import resource_of_key, source_of
 from synapse_fhir_module.room_bindings import THREAD_STATE, RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
 
@@ -562,7 +562,8 @@ class CommunicationRecorder:
         if await self._is_relayed(row.event):
             raise NotRecorded("posted from a FHIR Communication: FHIR has it already")
         try:
-            team_ref = await self._bindings.care_team_of(row.room_id)
+            teams = await self._bindings.care_teams_of(row.room_id)
+            team_ref = teams[0] if teams else None
             if team_ref is None and not self._all_rooms:
                 raise NotRecorded("not a care-team room")
             patient = (await self._teams.membership(team_ref)).subject if team_ref else None
@@ -574,7 +575,9 @@ class CommunicationRecorder:
             thread = await self._thread_of(row.room_id, team_ref, patient, person)
         except DirectoryUnavailable as e:
             raise _Retry(str(e)) from e
-        room = RoomContext(thread=thread, care_team=team_ref, patient=patient)
+        room = RoomContext(
+            thread=thread, care_team=team_ref, patient=patient, further_teams=teams[1:]
+        )
         return message_write(
             row.event,
             room,
@@ -593,7 +596,8 @@ class CommunicationRecorder:
         source = await self._api.run_db_interaction(
             "fhir_relay_source", sync_store.source_of_event, parent
         )
-        return str(source) if source else None
+        # (Any part of a relayed payload stands for its resource.)
+        return resource_of_key(str(source)) if source else None
 
     async def _is_relayed(self, event: Mapping[str, Any]) -> bool:
         content = event.get("content")

@@ -203,13 +203,18 @@ class CareTeamGate:
     ) -> Reason | None:
         if entering in self._exempt and (inviter is None or inviter in self._exempt):
             return None
-        team, unavailable = await self._team_of_room(room_id)
-        if team is None:
+        teams, unavailable = await self._teams_of_room(room_id)
+        if not teams:
             return unavailable
-        if inviter is not None and inviter not in self._exempt and not team.is_member(inviter):
+        if (
+            inviter is not None
+            and inviter not in self._exempt
+            and not any(team.is_member(inviter) for team in teams)
+        ):
             return Reason.INVITER_NOT_IN_CARE_TEAM
         if entering in self._exempt:
             return None
+        team = _deciding_team(teams, entering)
         if not team.admits_members:
             return Reason.CARE_TEAM_INACTIVE
         if not team.is_member(entering):
@@ -234,27 +239,36 @@ class CareTeamGate:
     async def _acting_refusal(self, room_id: str, sender: str) -> Reason | None:
         if sender in self._exempt:
             return None
-        team, unavailable = await self._team_of_room(room_id)
-        if team is None:
+        teams, unavailable = await self._teams_of_room(room_id)
+        if not teams:
             return unavailable
-        if team.is_member(sender):
+        if any(team.is_member(sender) for team in teams):
             return None
-        return Reason.ACCOUNT_INACTIVE if sender in team.inactive else Reason.NOT_IN_CARE_TEAM
+        if any(sender in team.inactive for team in teams):
+            return Reason.ACCOUNT_INACTIVE
+        return Reason.NOT_IN_CARE_TEAM
 
-    async def _team_of_room(self, room_id: str) -> tuple[TeamMembership | None, Reason | None]:
-        """(the room's team, None); (None, None) for an ordinary room; and when FHIR
-        can't tell: (None, DIRECTORY_UNAVAILABLE) failing closed, (None, None) failing open."""
+    async def _teams_of_room(self, room_id: str) -> tuple[list[TeamMembership], Reason | None]:
+        """(the room's teams, None) — several for a thread addressed to several teams, whose
+        members all share it; ([], None) for an ordinary room; and when FHIR can't tell:
+        ([], DIRECTORY_UNAVAILABLE) failing closed, ([], None) failing open."""
         try:
-            team_ref = await self._bindings.care_team_of(room_id)
-            if team_ref is None:
-                return None, None
-            return await self._teams.membership(team_ref), None
+            team_refs = await self._bindings.care_teams_of(room_id)
+            return [await self._teams.membership(team_ref) for team_ref in team_refs], None
         except DirectoryUnavailable as e:
             if self._fail_closed:
                 logger.warning("Refusing in %s: care team directory unavailable (%s)", room_id, e)
-                return None, Reason.DIRECTORY_UNAVAILABLE
+                return [], Reason.DIRECTORY_UNAVAILABLE
             logger.warning("Allowing in %s without a care team check (fail_open): %s", room_id, e)
-            return None, None
+            return [], None
+
+
+def _deciding_team(teams: list[TeamMembership], user_id: str) -> TeamMembership:
+    """The team whose rules decide about ``user_id`` in a room several teams share: one
+    that lists them and admits members, else one that lists them, else the room's first."""
+    listing = [team for team in teams if team.is_member(user_id)]
+    admitting = [team for team in listing if team.admits_members]
+    return (admitting or listing or teams)[0]
 
 
 def _raise_if(reason: Reason | None) -> None:

@@ -10,12 +10,15 @@ Matrix match it:
   suspended: read-only and nobody new; ``entered-in-error``, deleted or outside its
   period: everyone but the service user leaves. The team's next period boundary is
   scheduled (``TeamBoundaries``), so leavers go on time with no FHIR write then.
-- ``CommunicationRequest`` addressed to a CareTeam: a room in the team's space, its
-  payload posted as the first message.
-- ``Communication`` written by another system (no origin mark) in a thread with a room:
-  posted into the room once by the service user, attributed to its FHIR sender (never
-  through a person's own account: whoever writes FHIR must not speak for a Matrix user),
-  and never written back.
+- ``CommunicationRequest`` addressed to one or more CareTeams: a room in the first team's
+  space, listed in the others' and shared by their members (``thread_teams``), made while
+  ``draft`` or ``active``; its payload posted as the first message; its status decides
+  whether the room is open, read-only or emptied (``thread_status``).
+- ``Communication`` written by another system (``foreign_messages``) in a thread with a
+  room: posted into the room once by the service user, attributed to its FHIR sender
+  (never through a person's own account: whoever writes FHIR must not speak for a Matrix
+  user), and never written back; older ones of the thread still pending first, in
+  ``meta.lastUpdated`` order; its ``inResponseTo`` as a Matrix reply.
 - A person (Practitioner, PractitionerRole, RelatedPerson, Patient): the teams it belongs
   to are synced again.
 
@@ -25,29 +28,49 @@ Applying the same reference twice changes nothing the second time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import attr
 from synapse.module_api import EventBase, ModuleApi
 
 from synapse_fhir_module import binding_store, sync_store
 from synapse_fhir_module.binding_state import SPACE_CHILD, drifted, expected_content, repairs
 from synapse_fhir_module.binding_store import Binding
 from synapse_fhir_module.care_rooms import CareRooms, MatrixActionsFailed
-from synapse_fhir_module.care_team import MAX_NESTING, TeamMembership, reference_of
-from synapse_fhir_module.communication_mapping import ORIGIN_TAG, ROOM_ID_SYSTEM
+from synapse_fhir_module.care_team import MAX_NESTING, Member, TeamMembership, reference_of
+from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM, ORIGIN_TAG, ROOM_ID_SYSTEM
 from synapse_fhir_module.config import SyncConfig
 from synapse_fhir_module.email_invites import EmailInvites
 from synapse_fhir_module.fhir_client import FhirClient
 from synapse_fhir_module.fhir_errors import FhirError, FhirNotFoundError
+from synapse_fhir_module.fhir_time import parse_fhir_datetime
+from synapse_fhir_module.foreign_messages import (
+    answered,
+    conditional_event_id,
+    is_module_written,
+    literal_id,
+    part_of,
+    recorded_event_id,
+    relay_order,
+    with_reply,
+)
 from synapse_fhir_module.membership_plan import plan_membership
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.registered_accounts import RegisteredAccounts
-from synapse_fhir_module.relay_content import relay_content
+from synapse_fhir_module.relay_content import RelayMessage, RelayPlan, relay_messages
 from synapse_fhir_module.room_bindings import RoomBindings
-from synapse_fhir_module.sync_metrics import BINDING_INCIDENTS
+from synapse_fhir_module.sync_metrics import BINDING_INCIDENTS, PAYLOAD_PARTS_SKIPPED
 from synapse_fhir_module.team_boundaries import TeamBoundaries
 from synapse_fhir_module.team_directory import CareTeamDirectory
+from synapse_fhir_module.thread_status import (
+    ThreadMode,
+    opens_room,
+    parse_mode,
+    room_rules,
+    thread_mode,
+)
+from synapse_fhir_module.thread_teams import further_teams, request_teams
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +85,9 @@ UNNAMED = {
     "RelatedPerson": "A related person",
     "Patient": "A patient",
 }
+# At most this many of a thread's older Communications are looked at, per relay, for ones
+# still waiting (one page: the catch-up after an outage, not a replay of the thread).
+CATCH_UP = 50
 # Set once the spaces and rooms made before the binding record existed are in it.
 RECORD_MIGRATED = "bindings:migrated"
 
@@ -208,12 +234,17 @@ class FhirSync:
         for room_id in rooms:
             # Membership first and on its own: a binding that cannot be repaired must not
             # keep a leaver in the room.
+            binding = next((b for b in recorded if b.room_id == room_id), None)
             try:
-                await self._sync_room(room_id, team)
+                teams = [team]
+                if binding is not None and len(binding.teams) > 1:
+                    # A room shared with other teams: all of them, or each team's sync would
+                    # undo the others'.
+                    teams = [await self._membership_of(ref, team) for ref in binding.teams]
+                await self._sync_room(room_id, teams, await self._thread_mode(room_id))
             except Exception as e:  # e.g. a room an admin shut down: the others still follow
                 failed += 1
                 logger.warning("%s: could not sync %s (%s)", team_ref, room_id, _safe(e))
-            binding = next((b for b in recorded if b.room_id == room_id), None)
             if binding is None:
                 continue
             try:
@@ -229,6 +260,11 @@ class FhirSync:
         if failed:
             raise SyncIncomplete(f"{team_ref}: {failed} room(s) not synced")
         return space
+
+    async def _membership_of(self, team_ref: str, known: TeamMembership) -> TeamMembership:
+        if team_ref == known.team:
+            return known
+        return await self._teams.fresh_membership(team_ref, since=self._batch_started)
 
     async def _repair_binding(self, binding: Binding, team_bindings: list[Binding]) -> None:
         """Put the room's binding state back to what the module bound, if it drifted."""
@@ -284,9 +320,34 @@ class FhirSync:
             event_type,
         )
 
-    async def _sync_room(self, room_id: str, team: TeamMembership) -> None:
-        emptied = team.status in EMPTIED_STATUSES
-        members = {} if emptied else team.current_members()
+    async def _sync_room(
+        self,
+        room_id: str,
+        teams: Sequence[TeamMembership],
+        mode: ThreadMode = ThreadMode.OPEN,
+    ) -> None:
+        """Make the room's members and power levels match its teams (one, or several for a
+        thread addressed to several: their union) and its thread's status."""
+        members: dict[str, Member] = {}
+        invitable: set[str] = set()
+        writable = True
+        kept = False  # some team not emptied
+        for team in teams:
+            rules = room_rules(
+                team_admits=team.admits_members,
+                team_emptied=team.status in EMPTIED_STATUSES,
+                mode=mode,
+            )
+            if rules.emptied:
+                continue  # its members go, unless another of the room's teams lists them
+            kept = True
+            current = team.current_members()
+            for user_id, member in current.items():
+                members.setdefault(user_id, member)  # (the level of the first team listing them)
+            if rules.admit_new:
+                invitable |= set(current)
+            # The stricter wins: one team closed makes the shared room read-only.
+            writable = writable and not rules.read_only
         if members and self._accounts is not None:
             # An account registered as somebody else's before a record named it: nobody's.
             for user_id in await self._accounts.conflicting(
@@ -294,7 +355,7 @@ class FhirSync:
             ):
                 logger.warning(
                     "%s: %s names an account registered as another person's; left out",
-                    team.team,
+                    room_id,
                     members[user_id].person,
                 )
                 del members[user_id]
@@ -302,22 +363,23 @@ class FhirSync:
             members,
             await self._rooms.memberships(room_id),
             keep=self._keep,
-            admit_new=team.admits_members and not emptied,
+            admit_new=bool(invitable),
+            invitable=invitable,
         )
         # Power levels first, so an invitee arrives with theirs (a removal still happens
         # if setting them fails: apply_plan runs in `finally`).
         try:
             await self._rooms.set_power_levels(
-                room_id, list(members.values()), read_only=not team.admits_members
+                room_id, list(members.values()), read_only=not (kept and writable)
             )
         finally:
-            await self._apply_plan(room_id, team, plan)
+            await self._apply_plan(room_id, teams[0].team, plan)
 
-    async def _apply_plan(self, room_id: str, team: TeamMembership, plan: Any) -> None:
+    async def _apply_plan(self, room_id: str, team_ref: str, plan: Any) -> None:
         if not plan.empty:
             logger.info(
                 "%s: inviting %d, removing %d in %s",
-                team.team,
+                team_ref,
                 len(plan.invite),
                 len(plan.remove),
                 room_id,
@@ -353,14 +415,15 @@ class FhirSync:
         request = await self._read(request_ref)
         if request is None or _is_own(request):
             return None  # gone, or a thread the module opened for an existing room
-        team_ref = _care_team_recipient(request)
-        if team_ref is None:
+        wanted = request_teams(request)
+        if not wanted:
             return None
         room_id = await self._room_of(request_ref)
+        mode = thread_mode(request.get("status"))
         if room_id is None:
-            if request.get("status") not in ("active", "draft", "on-hold", None):
-                return None
-            space = await self.apply_care_team(team_ref)
+            if not opens_room(request.get("status")):
+                return None  # arrived closed: no room (thread_status)
+            space = await self.apply_care_team(wanted[0])
             if space is None:
                 return None
             room_id = await self._rooms.create_thread_room(space, request_ref)
@@ -368,61 +431,195 @@ class FhirSync:
             # instead of making a second one.
             await self._remember_room(request_ref, room_id)
             await self._bindings.record(
-                Binding(room_id, team_ref, thread=request_ref, space_id=space), self._now_ms()
+                Binding(
+                    room_id,
+                    wanted[0],
+                    thread=request_ref,
+                    space_id=space,
+                    further_teams=further_teams(wanted[0], wanted),
+                ),
+                self._now_ms(),
             )
             logger.info("Made a room for %s: %s", request_ref, room_id)
             await self._rooms.name_room(room_id, _request_name(request))
         binding = await self._bindings.recorded(room_id)
-        if binding is not None and binding.care_team != team_ref:
-            # The request now names another team: its room (and history) stays with the
-            # team it was made for.
+        # The room (and its history) stays with the team it was made for (thread_teams).
+        first = binding.care_team if binding is not None else wanted[0]
+        if first not in wanted:
             logger.warning(
-                "%s is addressed to %s now; its room %s stays with %s",
-                request_ref,
-                team_ref,
-                room_id,
-                binding.care_team,
+                "%s no longer addresses %s; its room %s stays with it", request_ref, first, room_id
             )
-            team_ref = binding.care_team
-        space = await self._room_of(team_ref)
+        further = further_teams(first, wanted)
+        before = binding.further_teams if binding is not None else ()
+        space = await self._room_of(first)
         if space is not None:
-            if binding is None:  # made before the record existed
+            if binding is None or binding.further_teams != further:
+                # (None: made before the record existed.) Recorded before the spaces list
+                # it, so no team's sync takes the listing for drift.
+                bound = binding or Binding(room_id, first, thread=request_ref, space_id=space)
                 await self._bindings.record(
-                    Binding(room_id, team_ref, thread=request_ref, space_id=space),
-                    self._now_ms(),
+                    attr.evolve(bound, further_teams=further), self._now_ms()
                 )
             await self._rooms.link_to_space(space, room_id)
+            # The other teams' spaces list it too (made if need be); dropped ones no longer.
+            for team_ref in further:
+                team_space = await self._room_of(team_ref) or await self.apply_care_team(team_ref)
+                if team_space is not None:
+                    await self._rooms.link_to_space(team_space, room_id)
+            for team_ref in sorted(set(before) - set(further)):
+                team_space = await self._room_of(team_ref)
+                if team_space is not None:
+                    await self._rooms.unlink_from_space(team_space, room_id)
         # The request's own words first, so whoever is invited finds them there (kept like
         # a relay, so a reply to them is linked to the request).
-        first = relay_content(request.get("payload"), source=request_ref, sender_name=None)
-        if first is not None:
-            await self._post_once(request_ref, room_id, self._service_user_id, first)
-        await self._sync_room(
-            room_id, await self._teams.fresh_membership(team_ref, since=self._batch_started)
+        if mode is not ThreadMode.EMPTIED:
+            opening = relay_messages(request.get("payload"), source=request_ref, sender_name=None)
+            await self._post_parts(request_ref, room_id, opening)
+        # Stored before the room follows it: a sync of the team meanwhile reads it too.
+        await self._api.run_db_interaction(
+            "fhir_thread_mode_set", sync_store.set_thread_mode, room_id, mode.value
         )
+        teams = [
+            await self._teams.fresh_membership(team_ref, since=self._batch_started)
+            for team_ref in (first, *further)
+        ]
+        await self._sync_room(room_id, teams, mode)
         return room_id
+
+    async def _thread_mode(self, room_id: str) -> ThreadMode:
+        """What the room's request status last made it (open when none was stored)."""
+        stored = await self._api.run_db_interaction(
+            "fhir_thread_mode_of", sync_store.thread_mode_of, room_id
+        )
+        return ThreadMode.OPEN if stored is None else parse_mode(stored)
 
     async def _relay(self, communication_ref: str) -> None:
         communication = await self._read(communication_ref)
-        if communication is None or _is_own(communication):
+        if communication is None or is_module_written(communication):
             return  # ours came from Matrix: relaying it would echo the message
-        if communication.get("status") == "entered-in-error":
+        found = await self._thread_room(communication.get("partOf"))
+        if found is None:
             return
-        room_id = await self._room_of_thread(communication.get("partOf"))
-        if room_id is None:
+        thread, room_id = found
+        if await self._thread_mode(room_id) is ThreadMode.EMPTIED:
+            return  # nobody is there, and the thread should never have been
+        # Older ones of the thread still waiting (an outage, notifications out of order)
+        # go first, so the room shows the thread in FHIR's order.
+        for earlier in await self._waiting_before(thread, communication):
+            await self._relay_one(earlier, thread, room_id)
+        await self._relay_one(communication, thread, room_id)
+
+    async def _waiting_before(
+        self, thread: str, communication: Mapping[str, Any]
+    ) -> list[Mapping[str, Any]]:
+        """The thread's foreign Communications older than ``communication`` not relayed
+        yet, oldest first (among the newest ``CATCH_UP``)."""
+        meta = communication.get("meta")
+        last_updated = meta.get("lastUpdated") if isinstance(meta, Mapping) else None
+        try:
+            parse_fhir_datetime(str(last_updated))
+        except (ValueError, ArithmeticError):
+            return []  # (FHIR's own clock: unreadable only from a broken server)
+        params = [
+            ("part-of", thread),
+            ("_lastUpdated", f"le{last_updated}"),
+            ("_tag:not", f"{ORIGIN_TAG['system']}|{ORIGIN_TAG['code']}"),
+            ("_sort", "-_lastUpdated"),
+            ("_count", str(CATCH_UP)),
+        ]
+        page: list[Mapping[str, Any]] = []
+        async for bundle in self._fhir.search_pages_json("Communication", params):
+            page = [
+                e["resource"]
+                for e in bundle.get("entry") or []
+                if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+            ]
+            break  # the newest page only
+        waiting = []
+        for resource in page:
+            if (
+                resource.get("id") == communication.get("id")
+                or not isinstance(resource.get("id"), str)
+                or is_module_written(resource)
+                or not part_of(resource, thread)
+            ):
+                continue
+            if not await self._api.run_db_interaction(
+                "fhir_relay_claimed", sync_store.is_claimed, f"Communication/{resource['id']}"
+            ):
+                waiting.append(resource)
+        return relay_order(waiting)
+
+    async def _relay_one(self, communication: Mapping[str, Any], thread: str, room_id: str) -> None:
+        communication_ref = f"Communication/{communication.get('id')}"
+        if communication.get("status") == "entered-in-error":
             return
         sender_ref = _reference(communication.get("sender"))
         sender = await self._read(sender_ref) if sender_ref else None
-        content = relay_content(
+        plan = relay_messages(
             communication.get("payload"),
             source=communication_ref,
             sender_name=_display_name(sender),
             sender_ref=sender_ref,
         )
-        if content is None:
-            return
-        if await self._post_once(communication_ref, room_id, self._service_user_id, content):
+        if plan.messages:
+            reply_to = await self._reply_target(communication, thread, room_id)
+            if reply_to is not None:
+                first = plan.messages[0]
+                replying = RelayMessage(first.key, with_reply(first.content, reply_to))
+                plan = attr.evolve(plan, messages=(replying, *plan.messages[1:]))
+        if await self._post_parts(communication_ref, room_id, plan):
             logger.info("Relayed %s into %s", communication_ref, room_id)
+
+    async def _reply_target(
+        self, communication: Mapping[str, Any], thread: str, room_id: str
+    ) -> str | None:
+        """The event in ``room_id`` that the Communication's ``inResponseTo`` points at:
+        a relayed message's first event, or the event a Communication of the same thread
+        was recorded from (never an event the FHIR writer names outside the thread)."""
+        reference = answered(communication)
+        if reference is None:
+            return None
+        target_id = literal_id(reference)
+        if target_id is not None:
+            relayed = await self._api.run_db_interaction(
+                "fhir_relayed_event",
+                sync_store.relayed_event,
+                f"Communication/{target_id}",
+                room_id,
+            )
+            if relayed:
+                return str(relayed)
+            target = await self._read(f"Communication/{target_id}")
+        else:
+            event_id = conditional_event_id(reference)
+            if event_id is None:
+                return None
+            found = await self._fhir.search_json(
+                "Communication", {"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"}
+            )
+            target = found[0] if len(found) == 1 else None
+        if target is None or not part_of(target, thread):
+            return None
+        return recorded_event_id(target)
+
+    async def _post_parts(self, source: str, room_id: str, plan: RelayPlan) -> int:
+        """Post each message of ``plan`` once, in order; how many were posted now.
+
+        Parts the room cannot show are counted (and logged by index, never content) when
+        the resource is first posted, or on every try when it shows nothing at all."""
+        posted = 0
+        for message in plan.messages:
+            if await self._post_once(message.key, room_id, self._service_user_id, message.content):
+                posted += 1
+        if plan.skipped and (posted or not plan.messages):
+            PAYLOAD_PARTS_SKIPPED.inc(plan.skipped)
+            logger.info(
+                "%s: %d payload part(s) not posted (no http(s) or mxc:// URL)",
+                source,
+                plan.skipped,
+            )
+        return posted
 
     async def _post_once(
         self, source: str, room_id: str, poster: str, content: dict[str, Any]
@@ -448,8 +645,8 @@ class FhirSync:
         )
         return True
 
-    async def _room_of_thread(self, part_of: Any) -> str | None:
-        """The care-team room of the thread a Communication is part of, if it has one.
+    async def _thread_room(self, part_of: Any) -> tuple[str, str] | None:
+        """The thread a Communication is part of that has a care-team room, and the room.
 
         Only rooms FHIR cannot point anywhere else: a room the sync made for that request,
         or a room whose own (service-user) binding names the request. A request's room-id
@@ -461,7 +658,7 @@ class FhirSync:
                 continue
             room_id = await self._room_of(reference)
             if room_id:
-                return room_id
+                return reference, room_id
             request = await self._read(reference)
             if request is None:
                 continue
@@ -470,7 +667,7 @@ class FhirSync:
                 # behind this one): make it now.
                 room_id = await self._apply_request(reference)
                 if room_id:
-                    return room_id
+                    return reference, room_id
                 continue
             for identifier in request.get("identifier") or []:
                 if not isinstance(identifier, Mapping) or identifier.get("system") != (
@@ -480,7 +677,7 @@ class FhirSync:
                 candidate = identifier.get("value")
                 if isinstance(candidate, str) and candidate.startswith("!"):
                     if await self._bindings.thread_of(candidate) == reference:
-                        return candidate
+                        return reference, candidate
         return None
 
     async def _teams_of_person(self, person_ref: str) -> list[str]:
@@ -535,14 +732,6 @@ def _is_own(resource: Mapping[str, Any]) -> bool:
 def _reference(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("reference"), str):
         return str(value["reference"])
-    return None
-
-
-def _care_team_recipient(request: Mapping[str, Any]) -> str | None:
-    for recipient in request.get("recipient") or []:
-        reference = _reference(recipient)
-        if reference and reference.startswith("CareTeam/"):
-            return reference
     return None
 
 

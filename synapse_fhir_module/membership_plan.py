@@ -33,13 +33,16 @@ def plan_membership(
     *,
     keep: Collection[str],
     admit_new: bool,
+    invitable: Collection[str] | None = None,
 ) -> MembershipPlan:
     """``current``: user id → membership in the room now; ``keep``: never removed (the
-    service user, exempt users); ``admit_new``: False while the team is not active."""
+    service user, exempt users); ``admit_new``: False while the team is not active;
+    ``invitable``: the members who may be invited (default: all; in a room several teams
+    share, the members of those that admit anyone new)."""
     present = {user for user, membership in current.items() if membership in PRESENT}
     remove = sorted(present - set(members) - set(keep))
     if not admit_new:
         return MembershipPlan(remove=tuple(remove))
-    invite = sorted(set(members) - present)
+    invite = sorted(set(members if invitable is None else set(members) & set(invitable)) - present)
     unban = [user for user in invite if current.get(user) == "ban"]
     return MembershipPlan(unban=tuple(unban), invite=tuple(invite), remove=tuple(remove))

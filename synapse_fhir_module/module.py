@@ -480,20 +480,22 @@ class FhirModule:
         if membership not in ("invite", "join", "knock", "ban"):
             return
         try:
-            team_ref = await self._bindings.care_team_of(event.room_id)
+            team_refs = await self._bindings.care_teams_of(event.room_id)
         except DirectoryUnavailable:
             return
-        if team_ref is None or event.state_key in self._exempt:
+        if not team_refs or event.state_key in self._exempt:
             return
+        team_ref = team_refs[0]  # (its sync follows every team of the room)
         try:
-            team = await self._teams.membership(team_ref)
+            teams = [await self._teams.membership(ref) for ref in team_refs]
         except DirectoryUnavailable:
             if membership == "ban" and event.sender == self._service_user_id:
                 # Banned while FHIR cannot tell: the sync retries until FHIR answers, and
                 # lifts the ban if the person is a member.
                 self._changes.check(team_ref)
             return
-        admitted = team.is_member(event.state_key)
+        # (A thread addressed to several teams admits a member of any of them.)
+        admitted = any(team.is_member(event.state_key) for team in teams)
         if membership == "ban" and admitted and event.sender == self._service_user_id:
             self._changes.check(team_ref)  # lift it
         elif membership != "ban" and not admitted:

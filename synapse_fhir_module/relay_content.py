@@ -1,6 +1,10 @@
-"""A FHIR payload (of a CommunicationRequest or Communication) as Matrix message content,
-as a pure function. The content names its FHIR source, so the recorder knows the event
-came from FHIR and does not write it back.
+"""A FHIR payload (of a CommunicationRequest or Communication) as Matrix messages, as a
+pure function: one message per part, in the payload's order — a string as text, an
+attachment with an ``mxc://`` URI as a file (image, audio, video by its content type), one
+with an http(s) URL as a text naming it and its link. Attachments of any other kind
+(inline data, other schemes) and references are not posted: the caller counts them. Each
+message names its FHIR source, so the recorder knows the event came from FHIR and does
+not write it back.
 
 The service user posts every relayed message (never a person's own account: whoever can
 write FHIR must not be able to make a Matrix user appear to say something). It says who
@@ -13,50 +17,94 @@ name in FHIR cannot pass for a Matrix user of that name.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
-# Content key naming the FHIR resource a message was posted from.
+import attr
+
+# Content key naming the FHIR resource (and part, ``part_key``) a message was posted from.
 SOURCE_KEY = "org.synapse_fhir.source"
 PER_MESSAGE_PROFILE = "com.beeper.per_message_profile"
 # MSC4144: `id` and `displayname` at most 255 bytes of UTF-8, no null bytes.
 PROFILE_FIELD_BYTES = 255
 FROM_THE_RECORD = " (care record)"
+# An attachment's content type → how Matrix shows the file.
+FILE_MSGTYPES = {"image": "m.image", "audio": "m.audio", "video": "m.video"}
+DEFAULT_FILE_NAME = "attachment"
+# mxc://<server name>/<media id> (the media id's grammar from the spec).
+_MXC = re.compile(r"mxc://[A-Za-z0-9.\-:\[\]]+/[A-Za-z0-9_\-]+")
 
 
-def relay_content(
+@attr.s(frozen=True, auto_attribs=True)
+class RelayMessage:
+    key: str  # what the post is claimed under (``part_key``)
+    content: dict[str, Any]
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RelayPlan:
+    """The messages a payload becomes, in the payload's order, and how many of its parts
+    show nothing in Matrix (an attachment without an http(s) or ``mxc://`` URL, a
+    ``contentReference``, an empty string)."""
+
+    messages: tuple[RelayMessage, ...]
+    skipped: int
+
+
+def part_key(source: str, index: int) -> str:
+    """The claim of the ``index``-th message posted from ``source``: the source itself for
+    the first (what a reply to the resource links to), ``<source>#payload/<i>`` after."""
+    return source if index == 0 else f"{source}#payload/{index}"
+
+
+def resource_of_key(key: str) -> str:
+    """The FHIR resource a claim key belongs to."""
+    return key.split("#", 1)[0]
+
+
+def relay_messages(
     payload: Any,
     *,
     source: str,
     sender_name: str | None,
     sender_ref: str | None = None,
-) -> dict[str, Any] | None:
-    """``m.text`` content for the payload, or None when it has nothing to show.
+) -> RelayPlan:
+    """One message per payload part that Matrix can show, in order.
 
     ``sender_name``: who wrote it, as FHIR names them (None: the care network itself, as
     for a thread's opening words); ``sender_ref``: their FHIR reference, the profile's id.
     """
-    parts = (
-        [_text_of(item) for item in payload if isinstance(item, Mapping)]
-        if isinstance(payload, list)
-        else []
+    items = payload if isinstance(payload, list) else []
+    contents = [_content_of(item) if isinstance(item, Mapping) else None for item in items]
+    shown = [content for content in contents if content is not None]
+    messages = tuple(
+        RelayMessage(key, _attributed(content, key, sender_name, sender_ref))
+        for key, content in ((part_key(source, i), c) for i, c in enumerate(shown))
     )
-    text = "\n\n".join(part for part in parts if part)
-    if not text:
-        return None
+    return RelayPlan(messages, skipped=len(items) - len(shown))
+
+
+def _attributed(
+    content: dict[str, Any], key: str, sender_name: str | None, sender_ref: str | None
+) -> dict[str, Any]:
+    # (The claim key, so the recorder can check this very part was the module's post.)
+    content = {**content, SOURCE_KEY: key}
     if not sender_name:
-        return {"msgtype": "m.text", "body": text, SOURCE_KEY: source}
-    return {
-        "msgtype": "m.text",
-        "body": f"{sender_name}: {text}",
-        "format": "org.matrix.custom.html",
-        "formatted_body": f"<strong>{_html(sender_name)}</strong>: {_html(text)}",
-        PER_MESSAGE_PROFILE: {
-            "id": _profile_field(sender_ref or sender_name),
-            "displayname": _profile_field(sender_name, suffix=FROM_THE_RECORD),
-        },
-        SOURCE_KEY: source,
+        return content
+    if content["msgtype"] == "m.text":
+        text = content["body"]
+        content["body"] = f"{sender_name}: {text}"
+        content["format"] = "org.matrix.custom.html"
+        content["formatted_body"] = f"<strong>{_html(sender_name)}</strong>: {_html(text)}"
+    else:  # a file: its caption names the sender (the file name stays in `filename`)
+        content["body"] = f"{sender_name}: {content['filename']}"
+    content[PER_MESSAGE_PROFILE] = {
+        "id": _profile_field(sender_ref or sender_name),
+        "displayname": _profile_field(sender_name, suffix=FROM_THE_RECORD),
     }
+    return content
 
 
 def source_of(content: Mapping[str, Any]) -> str | None:
@@ -75,13 +123,52 @@ def _profile_field(text: str, *, suffix: str = "") -> str:
     return clean.encode("utf-8")[:limit].decode("utf-8", errors="ignore") + suffix
 
 
-def _text_of(item: Mapping[str, Any]) -> str | None:
-    if isinstance(item.get("contentString"), str):
-        return str(item["contentString"])
+def _content_of(item: Mapping[str, Any]) -> dict[str, Any] | None:
+    text = item.get("contentString")
+    if isinstance(text, str):
+        return {"msgtype": "m.text", "body": text} if text.strip() else None
     attachment = item.get("contentAttachment")
-    if isinstance(attachment, Mapping):
-        title = attachment.get("title")
-        url = attachment.get("url")
-        described = " ".join(str(v) for v in (title, url) if isinstance(v, str) and v)
-        return f"Attachment: {described}" if described else None
-    return None
+    if not isinstance(attachment, Mapping):
+        return None  # (a contentReference: nothing a member could open)
+    url = attachment.get("url")
+    title = attachment.get("title")
+    title = title.strip() if isinstance(title, str) and title.strip() else None
+    if is_mxc_uri(url):
+        return _file(str(url), title, attachment)
+    if is_web_url(url):
+        described = " ".join(part for part in (title, str(url)) if part)
+        return {"msgtype": "m.text", "body": f"Attachment: {described}"}
+    return None  # inline data, another scheme: not posted (counted by the caller)
+
+
+def _file(url: str, title: str | None, attachment: Mapping[str, Any]) -> dict[str, Any]:
+    mimetype = attachment.get("contentType")
+    mimetype = mimetype if isinstance(mimetype, str) and "/" in mimetype else None
+    major = mimetype.split("/", 1)[0] if mimetype else ""
+    info: dict[str, Any] = {}
+    if mimetype:
+        info["mimetype"] = mimetype
+    size = attachment.get("size")
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        info["size"] = size
+    name = title or DEFAULT_FILE_NAME
+    content: dict[str, Any] = {
+        "msgtype": FILE_MSGTYPES.get(major, "m.file"),
+        "body": name,
+        "filename": name,
+        "url": url,
+    }
+    if info:
+        content["info"] = info
+    return content
+
+
+def is_mxc_uri(value: Any) -> bool:
+    return isinstance(value, str) and _MXC.fullmatch(value) is not None
+
+
+def is_web_url(value: Any) -> bool:
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        return False
+    parsed = urlsplit(value)
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)

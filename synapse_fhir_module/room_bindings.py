@@ -48,7 +48,8 @@ class RoomBindings:
         self._api = api
         self._fhir = fhir
         self._service_user_id = service_user_id
-        self._team_of_room: dict[str, str | None] = {}
+        # Room → its teams (the one it was made for first); () for an ordinary room.
+        self._team_of_room: dict[str, tuple[str, ...]] = {}
         self._thread_of_room: dict[str, str | None] = {}
         # Bumped by every forget: an answer resolved across a forget is not kept.
         self._generation = 0
@@ -75,18 +76,30 @@ class RoomBindings:
         self.forget_all()
 
     async def care_team_of(self, room_id: str) -> str | None:
-        """``CareTeam/<id>`` the room belongs to, or None for an ordinary room."""
+        """``CareTeam/<id>`` the room belongs to (the one it was made for, when it has
+        several), or None for an ordinary room."""
+        teams = await self.care_teams_of(room_id)
+        return teams[0] if teams else None
+
+    async def care_teams_of(self, room_id: str) -> tuple[str, ...]:
+        """Every CareTeam whose members share the room, the one it was made for first;
+        () for an ordinary room. (Several only by the module's record: room state binds a
+        room to one team.)"""
         if room_id in self._team_of_room:
             return self._team_of_room[room_id]
         generation = self._generation
         recorded = await self.recorded(room_id)
-        team = recorded.care_team if recorded else await self._resolve(room_id)
+        if recorded is not None:
+            teams = recorded.teams
+        else:
+            team = await self._resolve(room_id)
+            teams = (team,) if team else ()
         # An unresolved thread may resolve once FHIR shows its request: don't keep that.
-        if generation == self._generation and team != UNRESOLVED_TEAM:
+        if generation == self._generation and UNRESOLVED_TEAM not in teams:
             if len(self._team_of_room) >= MAX_REMEMBERED_ROOMS:
                 self._team_of_room.clear()
-            self._team_of_room[room_id] = team
-        return team
+            self._team_of_room[room_id] = teams
+        return teams
 
     async def thread_of(self, room_id: str) -> str | None:
         """``CommunicationRequest/<id>`` the room is bound to, if the service user set one."""
@@ -107,7 +120,10 @@ class RoomBindings:
 
     def remembered(self, room_id: str) -> str | bool | None:
         """The remembered answer for a room, or False when there is none (no I/O)."""
-        return self._team_of_room.get(room_id, False)
+        teams = self._team_of_room.get(room_id)
+        if teams is None:
+            return False
+        return teams[0] if teams else None
 
     async def binding_event_ids(self, room_id: str) -> set[str]:
         """Ids of the current state events that bind this room (to redact-protect them)."""

@@ -23,3 +23,8 @@ EMAIL_INVITES = Counter(
     "Invitations to join mailed to care-team members without an account, by outcome",
     ["outcome"],  # sent | failed
 )
+PAYLOAD_PARTS_SKIPPED = Counter(
+    "synapse_fhir_payload_parts_skipped",
+    "Payload parts of a relayed Communication or opening CommunicationRequest not posted "
+    "into Matrix (attachments without an http(s) or mxc:// URL, references)",
+)

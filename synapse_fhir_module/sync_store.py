@@ -5,6 +5,9 @@
 - ``synapse_fhir_relayed``: Communications from other systems already posted into Matrix,
   so each appears once.
 - ``synapse_fhir_sync_state``: small named values (the reconcile sweep's watermarks).
+- ``synapse_fhir_thread_modes``: what a thread room's CommunicationRequest status last
+  made it (``thread_status.ThreadMode``), so a sync of its team keeps a closed thread
+  closed without reading every request (no row: open, as every room was before).
 
 Functions take a cursor (Synapse's ``LoggingTransaction`` in ``run_db_interaction``).
 """
@@ -16,6 +19,7 @@ from synapse_fhir_module.outbox_store import Cursor
 ROOMS = "synapse_fhir_rooms"
 RELAYED = "synapse_fhir_relayed"
 STATE = "synapse_fhir_sync_state"
+THREAD_MODES = "synapse_fhir_thread_modes"
 
 SCHEMA = (
     f"""
@@ -36,6 +40,12 @@ SCHEMA = (
     CREATE TABLE IF NOT EXISTS {STATE} (
         name TEXT NOT NULL PRIMARY KEY,
         value TEXT NOT NULL
+    )
+    """,
+    f"""
+    CREATE TABLE IF NOT EXISTS {THREAD_MODES} (
+        room_id TEXT NOT NULL PRIMARY KEY,
+        mode TEXT NOT NULL
     )
     """,
 )
@@ -83,6 +93,21 @@ def source_of_event(txn: Cursor, event_id: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+def relayed_event(txn: Cursor, communication: str, room_id: str) -> str | None:
+    """The event ``communication`` (a claim key) was posted as in ``room_id``, once posted."""
+    txn.execute(
+        f"SELECT event_id FROM {RELAYED} WHERE communication = ? AND room_id = ?",
+        (communication, room_id),
+    )
+    row = txn.fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def is_claimed(txn: Cursor, communication: str) -> bool:
+    txn.execute(f"SELECT 1 FROM {RELAYED} WHERE communication = ?", (communication,))
+    return txn.fetchone() is not None
+
+
 def release_relay(txn: Cursor, communication: str) -> None:
     txn.execute(f"DELETE FROM {RELAYED} WHERE communication = ?", (communication,))
 
@@ -104,6 +129,20 @@ def set_value(txn: Cursor, name: str, value: str) -> None:
         f"INSERT INTO {STATE} (name, value) VALUES (?, ?)"
         " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
         (name, value),
+    )
+
+
+def thread_mode_of(txn: Cursor, room_id: str) -> str | None:
+    txn.execute(f"SELECT mode FROM {THREAD_MODES} WHERE room_id = ?", (room_id,))
+    row = txn.fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_thread_mode(txn: Cursor, room_id: str, mode: str) -> None:
+    txn.execute(
+        f"INSERT INTO {THREAD_MODES} (room_id, mode) VALUES (?, ?)"
+        " ON CONFLICT (room_id) DO UPDATE SET mode = excluded.mode",
+        (room_id, mode),
     )
 
 

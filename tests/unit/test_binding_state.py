@@ -59,3 +59,41 @@ def test_only_what_decisions_read_counts_as_drift() -> None:
     assert drifted({"via": [SERVER]}, {"via": []})
     assert not drifted(None, {})
     assert drifted(None, {"reference": "CareTeam/1"})
+
+
+def test_a_room_shared_by_two_teams_is_listed_by_both_spaces_and_neither_unlists_it() -> None:
+    shared = Binding(
+        "!shared:x",
+        "CareTeam/1",
+        thread="CommunicationRequest/8",
+        space_id="!space:x",
+        further_teams=("CareTeam/2",),
+    )
+    other_space = Binding("!space2:x", "CareTeam/2")
+    listed = {
+        (CARE_TEAM_STATE, ""): {"reference": "CareTeam/2"},
+        (SPACE_CHILD, "!shared:x"): {"via": [SERVER]},
+    }
+    assert repairs(other_space, listed, children=[shared], server_name=SERVER) == []
+    assert repairs(SPACE, INTACT_SPACE, children=[ROOM], server_name=SERVER) == []
+    # Missing from the further team's space: listed again.
+    unlisted = {(CARE_TEAM_STATE, ""): {"reference": "CareTeam/2"}}
+    assert repairs(other_space, unlisted, children=[shared], server_name=SERVER) == [
+        (SPACE_CHILD, "!shared:x", {"via": [SERVER]})
+    ]
+    # The room itself keeps one parent: the space it was made in.
+    state = {
+        (THREAD_STATE, ""): {"reference": "CommunicationRequest/8"},
+        (SPACE_PARENT, "!space:x"): {"via": [SERVER], "canonical": True},
+        (SPACE_PARENT, "!space2:x"): {"via": [SERVER]},
+    }
+    assert repairs(shared, state, children=[], server_name=SERVER) == [
+        (SPACE_PARENT, "!space2:x", {})
+    ]
+    # A team no longer among the room's teams: its space must not list it.
+    dropped = Binding(
+        "!shared:x", "CareTeam/1", thread="CommunicationRequest/8", space_id="!space:x"
+    )
+    assert repairs(other_space, listed, children=[dropped], server_name=SERVER) == [
+        (SPACE_CHILD, "!shared:x", {})
+    ]

@@ -238,3 +238,17 @@ def test_encrypted_event_not_recorded_otherwise(policy: str) -> None:
 def test_what_is_not_recorded(bad: dict[str, Any]) -> None:
     with pytest.raises(NotRecorded):
         message_write(bad, ROOM, GP)
+
+
+def test_a_room_several_teams_share_names_them_all_as_recipients() -> None:
+    room = RoomContext(
+        thread="CommunicationRequest/t",
+        care_team="CareTeam/home",
+        patient="Patient/p-1",
+        further_teams=("CareTeam/clinic",),
+    )
+    c = valid(message_write(event({"msgtype": "m.text", "body": "hi"}), room, GP).resource)
+    assert c["recipient"] == [
+        {"reference": "CareTeam/home", "type": "CareTeam"},
+        {"reference": "CareTeam/clinic", "type": "CareTeam"},
+    ]

@@ -13,7 +13,7 @@ from synapse.module_api import NOT_SPAM
 from synapse.module_api.errors import Codes
 
 from synapse_fhir_module.care_team import Member, TeamMembership
-from synapse_fhir_module.denials import Denied
+from synapse_fhir_module.denials import Denied, Reason
 from synapse_fhir_module.enforcement import CareTeamGate
 from synapse_fhir_module.team_directory import DirectoryUnavailable
 
@@ -55,6 +55,9 @@ class Bindings:
 
     async def care_team_of(self, room_id: str) -> str | None:
         return self.team
+
+    async def care_teams_of(self, room_id: str) -> tuple[str, ...]:
+        return (self.team,) if self.team else ()
 
     async def membership_of(self, room_id: str, user_id: str) -> str | None:
         return self.memberships.get(user_id)
@@ -318,3 +321,48 @@ async def test_a_dummy_event_with_content_is_not_free() -> None:
     with pytest.raises(Denied):
         carrier = Event("org.matrix.dummy_event", OUTSIDER_LOCAL, {"note": "still here"})
         await g.check_event_allowed(carrier, {})  # type: ignore[arg-type]
+
+
+class SharedBindings(Bindings):
+    """A thread addressed to two teams."""
+
+    async def care_teams_of(self, room_id: str) -> tuple[str, ...]:
+        return ("CareTeam/a", "CareTeam/b")
+
+
+class TwoTeams:
+    """Team a lists only MEMBER_LOCAL; team b lists only OUTSIDER_LOCAL (and is inactive
+    when ``b_status`` says so)."""
+
+    def __init__(self, b_status: str = "active") -> None:
+        self.b_status = b_status
+
+    async def membership(self, team_ref: str) -> TeamMembership:
+        user, status = (
+            (MEMBER_LOCAL, "active")
+            if team_ref == "CareTeam/a"
+            else (OUTSIDER_LOCAL, self.b_status)
+        )
+        members = {user: Member(user, f"Practitioner/{user}", "Practitioner")}
+        return TeamMembership(team=team_ref, status=status, members=members)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_of_any_of_a_threads_teams_enters_and_speaks() -> None:
+    g, _ = gate(SharedBindings(), TwoTeams())
+    for user in (MEMBER_LOCAL, OUTSIDER_LOCAL):
+        assert await g.user_may_join_room(user, ROOM, True) == NOT_SPAM
+        message = Event("m.room.message", user, {"msgtype": "m.text", "body": "hi"})
+        assert await g.check_event_allowed(message, {}) == (True, None)
+    with pytest.raises(Denied) as caught:
+        await g.user_may_join_room(MEMBER_REMOTE, ROOM, True)
+    assert caught.value.reason is Reason.NOT_IN_CARE_TEAM
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_inactive_team_admits_nobody_new_while_the_others_still_do() -> None:
+    g, _ = gate(SharedBindings(), TwoTeams(b_status="inactive"))
+    assert await g.user_may_join_room(MEMBER_LOCAL, ROOM, True) == NOT_SPAM
+    with pytest.raises(Denied) as caught:
+        await g.user_may_join_room(OUTSIDER_LOCAL, ROOM, True)
+    assert caught.value.reason is Reason.CARE_TEAM_INACTIVE

@@ -47,3 +47,15 @@ def test_kept_users_are_never_removed() -> None:
         [], {SERVICE: "join", "@audit:x": "join"}, keep=[SERVICE, "@audit:x"], admit_new=True
     )
     assert plan.empty
+
+
+def test_only_the_invitable_are_invited_and_the_rest_kept() -> None:
+    # A room shared by two teams, one of them inactive: its members stay, none is invited.
+    plan = plan_membership(
+        ["@a:x", "@b:x", "@c:x"],
+        {"@b:x": "join", "@c:x": "ban", "@gone:x": "join"},
+        keep=["@svc:x"],
+        admit_new=True,
+        invitable=["@c:x"],
+    )
+    assert plan == MembershipPlan(unban=("@c:x",), invite=("@c:x",), remove=("@gone:x",))

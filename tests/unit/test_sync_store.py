@@ -54,3 +54,11 @@ def test_named_values(txn: sqlite3.Cursor) -> None:
     store.set_value(txn, "watermark:CareTeam", "2026-11-25T10:00:00.000Z")
     store.set_value(txn, "watermark:CareTeam", "2026-11-25T11:00:00.000Z")
     assert store.get_value(txn, "watermark:CareTeam") == "2026-11-25T11:00:00.000Z"
+
+
+def test_a_thread_rooms_mode_is_kept_and_replaced(txn: sqlite3.Cursor) -> None:
+    assert store.thread_mode_of(txn, "!r:x") is None
+    store.set_thread_mode(txn, "!r:x", "read_only")
+    store.set_thread_mode(txn, "!r:x", "open")  # reopened: replaced, not duplicated
+    assert store.thread_mode_of(txn, "!r:x") == "open"
+    assert store.thread_mode_of(txn, "!other:x") is None
