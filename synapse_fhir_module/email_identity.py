@@ -63,10 +63,6 @@ class EmailIdentity:
         # Normalised address → (account or None, when decided), for identity lookups.
         self._lookups: dict[str, tuple[str | None, float]] = {}
 
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
-
     async def resolver_for(self, resources: Resources) -> tuple[AccountsOf, frozenset[str]]:
         """How the persons among ``resources`` map to accounts, and the dependency keys of
         that answer (addresses and accounts consulted). Raises FhirError when FHIR can't
@@ -77,7 +73,7 @@ class EmailIdentity:
             if reference.split("/", 1)[0] in PERSON_TYPES and not matrix_ids_of(person)
         }
         if not implicit:
-            return _explicit_or(dict()), frozenset()
+            return _explicit_or({}), frozenset()
         self._persons.learn_spellings(implicit.values())
         addresses: set[str] = set()
         if self._enabled:
@@ -119,11 +115,6 @@ class EmailIdentity:
         account = await self._decide(wanted)
         self._lookups[wanted] = (account, self._monotonic())
         return account
-
-    def remembered_account_of_email(self, address: str) -> str | None:
-        """``account_of_email``'s last answer from memory only (None if never asked)."""
-        known = self._lookups.get(normalise_email(address))
-        return known[0] if known is not None else None
 
     async def _decide(self, address: str) -> str | None:
         if not self._enabled or not address:

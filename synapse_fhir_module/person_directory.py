@@ -124,10 +124,6 @@ class PersonDirectory:
         # Addresses that several persons carry, as last seen (for /health).
         self.ambiguous_emails: set[str] = set()
 
-    @property
-    def identifier_systems(self) -> tuple[str, ...]:
-        return self._identifier_systems
-
     def emails_of(self, person: Mapping[str, Any]) -> set[str]:
         """The person's addresses (``identity.emails_of`` under this server's systems)."""
         return emails_of(person, self._identifier_systems)
