@@ -92,6 +92,9 @@ class FixedBinding:
     async def care_team_of(self, room_id: str) -> str | None:
         return self._team_ref
 
+    async def care_teams_of(self, room_id: str) -> tuple[str, ...]:
+        return (self._team_ref,)
+
 
 class MappedBinding:
     """Room id → team, from a dict (as RoomBindings answers once it has seen the room)."""
@@ -101,6 +104,10 @@ class MappedBinding:
 
     async def care_team_of(self, room_id: str) -> str | None:
         return self._team_of_room.get(room_id)
+
+    async def care_teams_of(self, room_id: str) -> tuple[str, ...]:
+        team = self._team_of_room.get(room_id)
+        return (team,) if team else ()
 
 
 class StandInRooms:
