@@ -413,13 +413,27 @@ class FhirSync:
     async def _apply_request(self, request_ref: str) -> str | None:
         """The request's room, made (or completed, after a failure) if it needs one."""
         request = await self._read(request_ref)
-        if request is None or _is_own(request):
-            return None  # gone, or a thread the module opened for an existing room
+        if request is not None and _is_own(request):
+            return None  # a thread the module opened for an existing room
+        room_id = await self._room_of(request_ref)
+        if request is None:
+            if room_id is not None:
+                # Deleted: whatever the thread was, nobody sees it any longer (fail closed).
+                await self._empty(room_id, request_ref)
+            return None
         wanted = request_teams(request)
         if not wanted:
-            return None
-        room_id = await self._room_of(request_ref)
+            binding = await self._bindings.recorded(room_id) if room_id is not None else None
+            if binding is None:
+                return None
+            # Addressed to no team any more: its room stays with the team it was made for
+            # (thread_teams), and the request's status still applies to it.
+            wanted = [binding.care_team]
         mode = thread_mode(request.get("status"))
+        if room_id is not None and await self._thread_mode(room_id) is ThreadMode.EMPTIED:
+            # entered-in-error is final: the request back to active must not show the
+            # thread's history to its teams again (a new request makes a new room).
+            mode = ThreadMode.EMPTIED
         if room_id is None:
             if not opens_room(request.get("status")):
                 return None  # arrived closed: no room (thread_status)
@@ -470,11 +484,9 @@ class FhirSync:
                 team_space = await self._room_of(team_ref)
                 if team_space is not None:
                     await self._rooms.unlink_from_space(team_space, room_id)
-        # The request's own words first, so whoever is invited finds them there (kept like
-        # a relay, so a reply to them is linked to the request).
-        if mode is not ThreadMode.EMPTIED:
-            opening = relay_messages(request.get("payload"), source=request_ref, sender_name=None)
-            await self._post_parts(request_ref, room_id, opening)
+        if mode is ThreadMode.EMPTIED:
+            await self._empty(room_id, first)
+            return room_id
         # Stored before the room follows it: a sync of the team meanwhile reads it too.
         await self._api.run_db_interaction(
             "fhir_thread_mode_set", sync_store.set_thread_mode, room_id, mode.value
@@ -483,8 +495,31 @@ class FhirSync:
             await self._teams.fresh_membership(team_ref, since=self._batch_started)
             for team_ref in (first, *further)
         ]
+        # Members and power levels before the request's words: a closing status or a
+        # dropped team takes effect even if the words cannot be posted (too long, say).
         await self._sync_room(room_id, teams, mode)
+        if mode is ThreadMode.OPEN:
+            # Kept like a relay, so a reply to them is linked to the request.
+            opening = relay_messages(request.get("payload"), source=request_ref, sender_name=None)
+            try:
+                await self._post_parts(request_ref, room_id, opening)
+            except Exception as e:
+                raise SyncIncomplete(f"{request_ref}: its text not posted ({_safe(e)})") from e
         return room_id
+
+    async def _empty(self, room_id: str, about: str) -> None:
+        """Empty a thread's room for good (entered-in-error, or its request deleted): no
+        FHIR read needed, so an outage cannot keep anyone in."""
+        await self._api.run_db_interaction(
+            "fhir_thread_mode_set", sync_store.set_thread_mode, room_id, ThreadMode.EMPTIED.value
+        )
+        binding = await self._bindings.recorded(room_id)
+        team = TeamMembership(
+            team=binding.care_team if binding is not None else about,
+            status="entered-in-error",
+            members={},
+        )
+        await self._sync_room(room_id, [team], ThreadMode.EMPTIED)
 
     async def _thread_mode(self, room_id: str) -> ThreadMode:
         """What the room's request status last made it (open when none was stored)."""
@@ -506,7 +541,15 @@ class FhirSync:
         # Older ones of the thread still waiting (an outage, notifications out of order)
         # go first, so the room shows the thread in FHIR's order.
         for earlier in await self._waiting_before(thread, communication):
-            await self._relay_one(earlier, thread, room_id)
+            try:
+                await self._relay_one(earlier, thread, room_id)
+            except Exception as e:  # (its own notification's retry carries on with it)
+                logger.warning(
+                    "%s: an earlier Communication of %s could not be relayed (%s)",
+                    room_id,
+                    thread,
+                    _safe(e),
+                )
         await self._relay_one(communication, thread, room_id)
 
     async def _waiting_before(

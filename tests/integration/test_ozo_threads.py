@@ -82,6 +82,13 @@ def bodies(user: MatrixUser, room_id: str) -> list[str]:
     return [str(e["content"]["body"]) for e in chunk["chunk"] if e["type"] == "m.room.message"]
 
 
+def current_levels(stack: QuietStack, room_id: str) -> dict[str, Any]:
+    """The room's power levels now, as a server admin sees them (members may have left)."""
+    admin = register_user(stack.synapse, f"ops_{uuid.uuid4().hex[:8]}", admin=True)
+    state = admin.request("GET", f"/_synapse/admin/v1/rooms/{room_id}/state")["state"]
+    return next(e["content"] for e in state if e["type"] == "m.room.power_levels")
+
+
 def present(stack: QuietStack, room_id: str) -> dict[str, str]:
     """Who is joined or invited, as a server admin sees it."""
     admin = register_user(stack.synapse, f"ops_{uuid.uuid4().hex[:8]}", admin=True)
@@ -160,6 +167,46 @@ def test_a_threads_status_opens_closes_reopens_and_empties_its_room(stack: Quiet
     # Nobody is admitted afterwards.
     with pytest.raises(MatrixError):
         anna.join(room)
+
+
+def test_entered_in_error_is_final_and_a_deleted_request_empties_its_room(
+    stack: QuietStack,
+) -> None:
+    team = Team(stack)
+    team.seed()
+    anna = team.users["anna"]
+    service = stack.synapse.user_id("fhir")
+    wrong = put_request(team, "wrong", "active", payload=[{"contentString": "Wrong patient"}])
+    stack.notify(wrong)
+    wrong_room = room_of(anna, wrong)
+    anna.join(wrong_room)
+    team.fhir.put(team.fhir.read(wrong) | {"status": "entered-in-error"})
+    stack.notify(wrong)
+    wait_until(
+        lambda: present(stack, wrong_room) == {service: "join"},
+        timeout=FOLLOWS_WITHIN,
+        what="the room of the request entered in error emptied",
+    )
+    # Set back to active (a replayed old version, a slip): the history stays hidden.
+    team.fhir.put(team.fhir.read(wrong) | {"status": "active"})
+    stack.notify(wrong)
+    deleted = put_request(team, "deleted", "active")
+    stack.notify(deleted)
+    deleted_room = room_of(anna, deleted)  # (applied after the reactivation)
+    anna.join(deleted_room)
+    assert present(stack, wrong_room) == {service: "join"}
+    assert wrong not in open_invites(anna).values()
+    assert current_levels(stack, wrong_room)["events_default"] == SERVICE_LEVEL
+
+    # A deleted request: its room is emptied too (whatever it was, it is no more).
+    response = requests.delete(f"{stack.hapi.base_url}/{deleted}", timeout=30)
+    assert response.status_code in (200, 204), response.text
+    stack.notify(deleted)
+    wait_until(
+        lambda: present(stack, deleted_room) == {service: "join"},
+        timeout=FOLLOWS_WITHIN,
+        what="the room of the deleted request emptied",
+    )
 
 
 @pytest.mark.parametrize("status", ["completed", "on-hold", "revoked", "entered-in-error"])
