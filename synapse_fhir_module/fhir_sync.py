@@ -487,6 +487,16 @@ class FhirSync:
         if mode is ThreadMode.EMPTIED:
             await self._empty(room_id, first)
             return room_id
+        # The request's own words first, so whoever is invited finds them there (kept like
+        # a relay, so a reply to them is linked to the request) — only into an open room,
+        # and words that cannot be posted (too long, say) hold no status or team back.
+        unposted: Exception | None = None
+        if mode is ThreadMode.OPEN:
+            opening = relay_messages(request.get("payload"), source=request_ref, sender_name=None)
+            try:
+                await self._post_parts(request_ref, room_id, opening)
+            except Exception as e:
+                unposted = e
         # Stored before the room follows it: a sync of the team meanwhile reads it too.
         await self._api.run_db_interaction(
             "fhir_thread_mode_set", sync_store.set_thread_mode, room_id, mode.value
@@ -495,16 +505,9 @@ class FhirSync:
             await self._teams.fresh_membership(team_ref, since=self._batch_started)
             for team_ref in (first, *further)
         ]
-        # Members and power levels before the request's words: a closing status or a
-        # dropped team takes effect even if the words cannot be posted (too long, say).
         await self._sync_room(room_id, teams, mode)
-        if mode is ThreadMode.OPEN:
-            # Kept like a relay, so a reply to them is linked to the request.
-            opening = relay_messages(request.get("payload"), source=request_ref, sender_name=None)
-            try:
-                await self._post_parts(request_ref, room_id, opening)
-            except Exception as e:
-                raise SyncIncomplete(f"{request_ref}: its text not posted ({_safe(e)})") from e
+        if unposted is not None:
+            raise SyncIncomplete(f"{request_ref}: its text not posted ({_safe(unposted)})")
         return room_id
 
     async def _empty(self, room_id: str, about: str) -> None:
