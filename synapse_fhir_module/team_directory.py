@@ -46,7 +46,7 @@ SAFE_INCLUDES = 800
 # Teams whose answers are kept, before Synapse's cache factor (see care_team_membership).
 MAX_CACHED_TEAMS = 20_000
 
-# (reference, resources) → how their persons map to accounts, and what that depended on
+# A team's resources → how their persons map to accounts, and what that depended on
 # (``email_identity.EmailIdentity.resolver_for``).
 Resolver = Callable[[dict[str, dict[str, Any]]], Awaitable[tuple[AccountsOf, frozenset[str]]]]
 
