@@ -113,18 +113,7 @@ def remove_address(txn: Cursor, user_id: str, address: str) -> None:
 
 def accounts_with(txn: Cursor, addresses: Collection[str]) -> dict[str, set[str]]:
     """``{address: accounts}`` for those of ``addresses`` any account holds."""
-    found: dict[str, set[str]] = {}
-    wanted = sorted(addresses)
-    for start in range(0, len(wanted), CHUNK):
-        chunk = wanted[start : start + CHUNK]
-        placeholders = ", ".join("?" for _ in chunk)
-        txn.execute(
-            f"SELECT address, user_id FROM {EMAILS} WHERE address IN ({placeholders})",
-            tuple(chunk),
-        )
-        for address, user_id in txn.fetchall():
-            found.setdefault(str(address), set()).add(str(user_id))
-    return found
+    return _by_address(txn, f"SELECT address, user_id FROM {EMAILS}", addresses)
 
 
 def all_addresses(txn: Cursor) -> list[str]:
@@ -158,17 +147,19 @@ def done(txn: Cursor, user_id: str, address: str, changed_ms: int) -> None:
 
 
 def spellings_of(txn: Cursor, addresses: Collection[str]) -> dict[str, set[str]]:
+    return _by_address(txn, f"SELECT address, spelling FROM {SPELLINGS}", addresses)
+
+
+def _by_address(txn: Cursor, select: str, addresses: Collection[str]) -> dict[str, set[str]]:
+    """``select`` (address and one more column) for these addresses, in chunks, grouped."""
     found: dict[str, set[str]] = {}
     wanted = sorted(addresses)
     for start in range(0, len(wanted), CHUNK):
         chunk = wanted[start : start + CHUNK]
         placeholders = ", ".join("?" for _ in chunk)
-        txn.execute(
-            f"SELECT address, spelling FROM {SPELLINGS} WHERE address IN ({placeholders})",
-            tuple(chunk),
-        )
-        for address, spelling in txn.fetchall():
-            found.setdefault(str(address), set()).add(str(spelling))
+        txn.execute(f"{select} WHERE address IN ({placeholders})", tuple(chunk))
+        for address, value in txn.fetchall():
+            found.setdefault(str(address), set()).add(str(value))
     return found
 
 
@@ -219,3 +210,13 @@ def note_registration(txn: Cursor, user_id: str, provider: str | None, now_ms: i
 def made_by_sso(txn: Cursor, user_id: str) -> bool:
     txn.execute(f"SELECT 1 FROM {SSO} WHERE user_id = ?", (user_id,))
     return txn.fetchone() is not None
+
+
+def copy_addresses(txn: Cursor, user_id: str, addresses: Collection[str], trust_sso: bool) -> bool:
+    """One transaction per lookup: whether the account's addresses count (not an account
+    made through single sign-on, unless its provider is trusted), and if so the copy
+    brought up to date with them."""
+    if not trust_sso and made_by_sso(txn, user_id):
+        return False
+    replace_addresses(txn, user_id, addresses)
+    return True

@@ -54,11 +54,6 @@ class VerifiedEmails:
         if not self.enabled:
             return {}
         addresses: dict[str, int] = {}
-        await self.create_table()
-        if not self._trust_sso and await self._api.run_db_interaction(
-            "fhir_made_by_sso", account_email_store.made_by_sso, user_id
-        ):
-            return {}
         for threepid in await self._api.get_threepids_for_user(user_id):
             address = threepid.get("address")
             if threepid.get("medium") != "email" or not isinstance(address, str):
@@ -67,12 +62,15 @@ class VerifiedEmails:
             if normalised:
                 validated = threepid.get("validated_at")
                 addresses[normalised] = int(validated) if isinstance(validated, int) else 0
-        await self._api.run_db_interaction(
-            "fhir_account_emails_replace",
-            account_email_store.replace_addresses,
+        await self.create_table()
+        if not await self._api.run_db_interaction(
+            "fhir_account_emails_copy",
+            account_email_store.copy_addresses,
             user_id,
             set(addresses),
-        )
+            self._trust_sso,
+        ):
+            return {}
         return addresses
 
     async def spellings(self, addresses: Collection[str]) -> dict[str, set[str]]:

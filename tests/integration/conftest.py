@@ -14,6 +14,7 @@ import pytest
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixUser, register_user
 from devstack.postgres import PostgresCluster, PostgresDatabase
+from devstack.smtp import SmtpServer
 from devstack.synapse import SynapseServer, module_config
 from synapse_fhir_module.config import FhirConfig
 from synapse_fhir_module.fhir_client import FhirClient
@@ -85,6 +86,17 @@ def postgres(run_dir: Path) -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.stop()  # also after a failed start: no server or data directory left behind
+
+
+@pytest.fixture(scope="module")
+def smtp() -> Iterator[SmtpServer]:
+    """A throwaway SMTP server on loopback that keeps what it receives (one per module)."""
+    server = SmtpServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -28,9 +28,9 @@ from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.synapse import SynapseServer
 from devstack.waiting import wait_until
-from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
 from tests.integration.matrix_views import invited_space, membership, open_invites
 from tests.integration.quiet_stack import QuietStack, quiet_stack
+from tests.integration.test_communication_recording import communication_of
 
 OZO_EMAIL = "https://www.ozoverbindzorg.nl/namingsystem/email"
 PURPOSE = "http://example.org/fhir/StructureDefinition/contactpoint-purpose"
@@ -283,26 +283,11 @@ def test_messages_are_recorded_as_the_person_the_address_makes_the_account(
     daughter.join(room)
     event_id = daughter.send_text(room, "Ik kom morgen om tien uur")
     communication = wait_until(
-        lambda: communication_of(network.stack, event_id),
+        lambda: communication_of(network.stack.hapi, event_id),
         timeout=FOLLOWS_WITHIN,
         what="the daughter's message recorded",
     )
     assert communication["sender"]["reference"] == network.ref("RelatedPerson", "daughter")
-
-
-def communication_of(stack: QuietStack, event_id: str) -> dict[str, Any] | None:
-    entries = (
-        requests.get(
-            f"{stack.hapi.base_url}/Communication",
-            params={"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"},
-            headers={"Cache-Control": "no-cache"},
-            timeout=30,
-        )
-        .json()
-        .get("entry", [])
-    )
-    assert len(entries) <= 1, f"{len(entries)} Communications for one event"
-    return entries[0]["resource"] if entries else None
 
 
 def test_a_person_found_by_email_made_inactive_loses_the_account_and_the_room(

@@ -41,16 +41,6 @@ CLINICAL_WORDS = re.compile(
 
 
 @pytest.fixture(scope="module")
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def stack(run_dir: Path, quiet_hapi: HapiDevServer, smtp: SmtpServer) -> Iterator[QuietStack]:
     with quiet_stack(
         run_dir / "email-invitations",

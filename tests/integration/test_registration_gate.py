@@ -96,16 +96,6 @@ def people(hapi: HapiDevServer) -> People:
 
 
 @pytest.fixture(scope="module")
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def gated(
     hapi: HapiDevServer, run_dir: Path, smtp: SmtpServer, people: People
 ) -> Iterator[SynapseServer]:
