@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attr
@@ -79,8 +79,12 @@ from synapse_fhir_module.recent_writes import RecentWrites
 from synapse_fhir_module.relay_content import resource_of_key, source_of
 from synapse_fhir_module.room_bindings import THREAD_STATE, RoomBindings
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
+from synapse_fhir_module.unread_mapping import LatestMessage
 
 logger = logging.getLogger(__name__)
+
+# (cursor, [(room id, message)]) → None, run inside the outbox's transaction.
+NoteMessages = Callable[[outbox_store.Cursor, list[tuple[str, LatestMessage]]], None]
 
 MESSAGE_TYPES = frozenset({"m.room.message", "m.room.encrypted"})
 RECORDED_TYPES = MESSAGE_TYPES | {"m.room.redaction"}
@@ -126,6 +130,8 @@ class _Outcome:
     dead: dict[str, str] = attr.Factory(dict)  # event id -> why it can never be written
     not_written: dict[str, str] = attr.Factory(dict)  # event id -> NOT_WRITTEN_REASONS key
     locations: list[str] = attr.Factory(list)  # "Communication/<id>" written
+    # New messages FHIR has now, by room (for the unread Tasks).
+    messages: list[tuple[str, LatestMessage]] = attr.Factory(list)
 
 
 class CommunicationRecorder:
@@ -141,10 +147,13 @@ class CommunicationRecorder:
         service_user_id: str,
         recent_writes: RecentWrites,
         drains: bool = True,
+        note_messages: NoteMessages | None = None,
     ) -> None:
         self._api = api
         self._drains = drains  # False: this instance only enqueues
         self._recent_writes = recent_writes
+        # Told, in the outbox's own transaction, of each message FHIR now has.
+        self._note_messages = note_messages
         self._config = config
         self._fhir = fhir
         self._bindings = bindings
@@ -312,6 +321,17 @@ class CommunicationRecorder:
         outcome.written.extend(result.written)
         outcome.dead.update(result.dead)
         outcome.locations.extend(result.locations)
+        by_id = {row.event_id: row for row in rows}
+        for event_id, _ in writes:
+            location = result.location_of.get(event_id)
+            row = by_id[event_id]
+            if location is None or WITHDRAWN in row.event:
+                continue  # (a message withdrawn before FHIR had it is nothing to read)
+            sent_ms = row.event.get("origin_server_ts")
+            if not isinstance(sent_ms, int):
+                sent_ms = row.enqueued_ms
+            message = LatestMessage(event_id, sent_ms, str(row.event.get("sender")), location)
+            outcome.messages.append((row.room_id, message))
         return outcome
 
     async def _retry_later(self, rows: list[outbox_store.OutboxRow], error: Exception) -> None:
@@ -331,7 +351,16 @@ class CommunicationRecorder:
         """Record in the outbox what became of the rows."""
         self._recent_writes.add_all(outcome.locations)
         finished = [*outcome.done, *outcome.written, *outcome.not_written]
-        if finished:
+        note = self._note_messages
+        if finished and note is not None and outcome.messages:
+            messages = outcome.messages
+
+            def done_and_noted(txn: outbox_store.Cursor) -> None:
+                outbox_store.mark_written(txn, finished)
+                note(txn, messages)
+
+            await self._api.run_db_interaction("fhir_outbox_done", done_and_noted)
+        elif finished:
             await self._api.run_db_interaction(
                 "fhir_outbox_done", outbox_store.mark_written, finished
             )

@@ -35,6 +35,7 @@ class WriteResult:
     written: list[str] = attr.Factory(list)  # event ids FHIR now has
     dead: dict[str, str] = attr.Factory(dict)  # event id -> why FHIR refused it
     locations: list[str] = attr.Factory(list)  # "Communication/<id>" FHIR wrote
+    location_of: dict[str, str] = attr.Factory(dict)  # event id -> its "Communication/<id>"
 
 
 class CommunicationWriter:
@@ -76,8 +77,12 @@ class CommunicationWriter:
             await self._write_part(writes[:middle], result)
             await self._write_part(writes[middle:], result)
             return
+        locations = _locations(response)
         result.written.extend(event_id for event_id, _ in writes)
-        result.locations.extend(_locations(response))
+        result.locations.extend(locations)
+        if len(locations) == len(writes):  # (a response's entries follow the request's)
+            event_ids = [event_id for event_id, _ in writes]
+            result.location_of.update(zip(event_ids, locations, strict=True))
 
 
 def invalid_fhir(write: CommunicationWrite) -> str | None:

@@ -91,6 +91,8 @@ class CommunicationConfig:
     rooms: RecordedRooms = RecordedRooms.CARE_TEAM
     redactions: RedactionPolicy = RedactionPolicy.SENDER
     profile: CommunicationProfile = CommunicationProfile.BASE
+    # One FHIR Task per thread and member: requested while they have a message to read.
+    unread_tasks: bool = False
 
 
 DEFAULT_POWER_LEVELS = {"Practitioner": 50, "RelatedPerson": 0, "Patient": 0}
@@ -304,8 +306,15 @@ def _parse_communication(section: _Section) -> CommunicationConfig:
         rooms=section.value("rooms", _enum(RecordedRooms), RecordedRooms.CARE_TEAM),
         redactions=section.value("redactions", _enum(RedactionPolicy), RedactionPolicy.SENDER),
         profile=section.value("profile", _enum(CommunicationProfile), CommunicationProfile.BASE),
+        unread_tasks=section.flag("unread_tasks", False),
     )
     section.reject_unknown_keys()
+    if config.unread_tasks and not config.enabled:
+        # The Tasks point at the Communications recording writes.
+        raise ConfigError(
+            "unread_tasks needs the messages recorded: set communication.enabled: true",
+            path=section.path + ("unread_tasks",),
+        )
     if config.profile is CommunicationProfile.OZO and config.rooms is RecordedRooms.ALL:
         # An ordinary room has no care team, so no patient: its thread could never have
         # the subject OZOCommunicationRequest requires.

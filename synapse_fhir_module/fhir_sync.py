@@ -28,7 +28,7 @@ Applying the same reference twice changes nothing the second time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import attr
@@ -71,6 +71,7 @@ from synapse_fhir_module.thread_status import (
     thread_mode,
 )
 from synapse_fhir_module.thread_teams import further_teams, request_teams
+from synapse_fhir_module.unread_mapping import LatestMessage
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,11 @@ class FhirSync:
         now_ms: Callable[[], int],
         accounts: RegisteredAccounts | None = None,
         invites: EmailInvites | None = None,
+        on_relayed: Callable[[str, LatestMessage], Awaitable[None]] | None = None,
     ) -> None:
         self._api = api
+        # Told of each Communication relayed into a room (room id, its newest event).
+        self._on_relayed = on_relayed
         self._bindings = bindings
         self._persons = persons
         self._boundaries = boundaries
@@ -614,8 +618,14 @@ class FhirSync:
                 first = plan.messages[0]
                 replying = RelayMessage(first.key, with_reply(first.content, reply_to))
                 plan = attr.evolve(plan, messages=(replying, *plan.messages[1:]))
-        if await self._post_parts(communication_ref, room_id, plan):
+        posted = await self._post_parts(communication_ref, room_id, plan)
+        if posted:
             logger.info("Relayed %s into %s", communication_ref, room_id)
+            if self._on_relayed is not None:
+                message = LatestMessage(
+                    posted[-1], self._now_ms(), self._service_user_id, communication_ref
+                )
+                await self._on_relayed(room_id, message)
 
     async def _reply_target(
         self, communication: Mapping[str, Any], thread: str, room_id: str
@@ -649,15 +659,18 @@ class FhirSync:
             return None
         return recorded_event_id(target)
 
-    async def _post_parts(self, source: str, room_id: str, plan: RelayPlan) -> int:
-        """Post each message of ``plan`` once, in order; how many were posted now.
+    async def _post_parts(self, source: str, room_id: str, plan: RelayPlan) -> list[str]:
+        """Post each message of ``plan`` once, in order; the events posted now.
 
         Parts the room cannot show are counted (and logged by index, never content) when
         the resource is first posted, or on every try when it shows nothing at all."""
-        posted = 0
+        posted = []
         for message in plan.messages:
-            if await self._post_once(message.key, room_id, self._service_user_id, message.content):
-                posted += 1
+            event_id = await self._post_once(
+                message.key, room_id, self._service_user_id, message.content
+            )
+            if event_id is not None:
+                posted.append(event_id)
         if plan.skipped and (posted or not plan.messages):
             PAYLOAD_PARTS_SKIPPED.inc(plan.skipped)
             logger.info(
@@ -669,8 +682,9 @@ class FhirSync:
 
     async def _post_once(
         self, source: str, room_id: str, poster: str, content: dict[str, Any]
-    ) -> bool:
-        """Post what ``source`` says into the room unless it was posted before; False then.
+    ) -> str | None:
+        """Post what ``source`` says into the room unless it was posted before (None then);
+        the event posted.
 
         Claimed before posting, so a retry never posts twice; the claim is given back if
         the post fails, so a retry or the next sweep posts it.
@@ -678,7 +692,7 @@ class FhirSync:
         if not await self._api.run_db_interaction(
             "fhir_relay_claim", sync_store.claim_relay, source, room_id, poster
         ):
-            return False
+            return None
         try:
             event_id = await self._rooms.post(room_id, poster, content)
         except Exception:
@@ -689,7 +703,7 @@ class FhirSync:
         await self._api.run_db_interaction(
             "fhir_relay_done", sync_store.relayed_as, source, event_id
         )
-        return True
+        return event_id
 
     async def _thread_room(self, part_of: Any) -> tuple[str, str] | None:
         """The thread a Communication is part of that has a care-team room, and the room.

@@ -58,6 +58,8 @@ from synapse_fhir_module.subscriptions import SubscriptionRegistrar
 from synapse_fhir_module.team_boundaries import TeamBoundaries
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
 from synapse_fhir_module.token_bucket import TokenBuckets
+from synapse_fhir_module.unread_tasks import INTERVAL_MS as UNREAD_INTERVAL_MS
+from synapse_fhir_module.unread_tasks import UnreadTasks, note_messages_txn
 from synapse_fhir_module.verified_emails import VerifiedEmails
 from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResource
 
@@ -117,6 +119,11 @@ class FhirModule:
         self._recorder: CommunicationRecorder | None = None
         # What the recorder wrote, so the sync skips the shim's echo of it without a read.
         self._recent_writes = RecentWrites()
+        self._unread: UnreadTasks | None = None
+        if config.communication.unread_tasks:
+            self._unread = UnreadTasks(
+                api, self._fhir, self._bindings, self._teams, profile=config.communication.profile
+            )
         if config.communication.enabled:
             self._recorder = CommunicationRecorder(
                 api,
@@ -128,6 +135,7 @@ class FhirModule:
                 service_user_id=self._service_user_id,
                 recent_writes=self._recent_writes,
                 drains=self._runs_background_work,
+                note_messages=note_messages_txn if self._unread is not None else None,
             )
 
         api.register_web_resource(
@@ -163,6 +171,8 @@ class FhirModule:
                     self._identity.on_remove_user_third_party_identifier, fallback=None
                 ),
             )
+        if self._unread is not None:
+            self._register_unread_tasks(self._unread)
         if config.enforcement.enabled:
             self._register_enforcement(exempt)
         if config.registration.require_fhir_identity:
@@ -212,6 +222,7 @@ class FhirModule:
                 now_ms=now_ms,
                 accounts=accounts,
                 invites=invites,
+                on_relayed=self._unread.note_relayed if self._unread is not None else None,
             )
             self._changes = ChangeQueue(
                 api, self._sync.apply, self.invalidate, prepare=self._sync.prepare
@@ -356,6 +367,31 @@ class FhirModule:
                 RECORDER_RETRY_MS, self._start_recorder, desc="fhir_outbox_start"
             )
 
+    def _register_unread_tasks(self, unread: UnreadTasks) -> None:
+        """Read markers are noted wherever Synapse stores them; the background instance
+        writes the Tasks."""
+        self._api.register_account_data_callbacks(
+            on_account_data_updated=never_raises(unread.on_account_data_updated, fallback=None)
+        )
+        self._api.delayed_background_call(0, self._start_unread, desc="fhir_unread_start")
+        if self._runs_background_work:
+            self._api.looping_background_call(
+                unread.run,
+                UNREAD_INTERVAL_MS,
+                desc="fhir_unread_tasks",
+                run_on_all_instances=True,  # (gated by `worker`, as above)
+            )
+
+    async def _start_unread(self) -> None:
+        assert self._unread is not None
+        try:
+            await self._unread.start()
+        except Exception as e:
+            logger.warning("Could not open the unread-marker tables (%s); trying again in 5 s", e)
+            self._api.delayed_background_call(
+                RECORDER_RETRY_MS, self._start_unread, desc="fhir_unread_start"
+            )
+
     def _register_enforcement(self, exempt: set[str]) -> None:
         config = self._config.enforcement
         gate = CareTeamGate(
@@ -461,6 +497,12 @@ class FhirModule:
             self._api.run_as_background_process(
                 "fhir_membership_check", self._check_membership, event
             )
+        if self._unread is not None:
+            self._unread.seen(event)
+            if self._runs_background_work and event.type == "m.room.member":
+                self._api.run_as_background_process(
+                    "fhir_unread_members", self._unread.members_changed, event.room_id
+                )
         if self._recorder is None:
             return
         if self._enqueues:

@@ -239,3 +239,14 @@ def test_subscriptions_need_the_webhook_secret() -> None:
     config = parse({**raw, "webhook": {"secret": "s3cret"}})
     assert config.sync.subscription is True
     assert config.sync.subscription_base_url is None  # public_baseurl, then
+
+
+def test_unread_tasks_need_the_messages_recorded() -> None:
+    """The Tasks point at the Communications recording writes."""
+    assert parse(with_key("communication", "unread_tasks", True)).communication.unread_tasks
+    raw = {**BASE, "communication": {"enabled": False, "unread_tasks": True}}
+    assert error_path(raw) == ("communication", "unread_tasks")
+    assert error_path(with_key("communication", "unread_tasks", "yes")) == (
+        "communication",
+        "unread_tasks",
+    )

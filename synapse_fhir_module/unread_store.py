@@ -1,0 +1,148 @@
+"""What the unread Tasks (``communication.unread_tasks``) are made from, in Synapse's own
+database (SQLite and PostgreSQL), so no change is lost across restarts or instances:
+
+- ``synapse_fhir_thread_latest``: each thread room's newest message FHIR holds;
+- ``synapse_fhir_read_markers``: each account's ``m.fully_read`` marker in those rooms;
+- ``synapse_fhir_unread_tasks``: what the module last wrote to each person's Task;
+- ``synapse_fhir_unread_dirty``: rooms whose Tasks may have to change, with a version so a
+  change noted while the room was being worked on is not cleared with it.
+
+Functions take a cursor (Synapse's ``LoggingTransaction`` in ``run_db_interaction``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from synapse_fhir_module.outbox_store import Cursor
+from synapse_fhir_module.unread_mapping import LatestMessage, ReadMarker, TaskState
+
+LATEST = "synapse_fhir_thread_latest"
+MARKERS = "synapse_fhir_read_markers"
+TASKS = "synapse_fhir_unread_tasks"
+DIRTY = "synapse_fhir_unread_dirty"
+
+SCHEMA = (
+    f"""
+    CREATE TABLE IF NOT EXISTS {LATEST} (
+        room_id TEXT NOT NULL PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        sent_ms BIGINT NOT NULL,
+        sender TEXT NOT NULL,
+        communication TEXT NOT NULL
+    )
+    """,
+    f"""
+    CREATE TABLE IF NOT EXISTS {MARKERS} (
+        room_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        sent_ms BIGINT,
+        PRIMARY KEY (room_id, user_id)
+    )
+    """,
+    f"""
+    CREATE TABLE IF NOT EXISTS {TASKS} (
+        room_id TEXT NOT NULL,
+        person TEXT NOT NULL,
+        status TEXT NOT NULL,
+        focus TEXT,
+        PRIMARY KEY (room_id, person)
+    )
+    """,
+    f"""
+    CREATE TABLE IF NOT EXISTS {DIRTY} (
+        room_id TEXT NOT NULL PRIMARY KEY,
+        version BIGINT NOT NULL
+    )
+    """,
+)
+
+
+def create_schema(txn: Cursor) -> None:
+    for statement in SCHEMA:
+        txn.execute(statement)
+
+
+def _mark_dirty(txn: Cursor, room_id: str) -> None:
+    txn.execute(
+        f"INSERT INTO {DIRTY} (room_id, version) VALUES (?, 1)"
+        f" ON CONFLICT (room_id) DO UPDATE SET version = {DIRTY}.version + 1",
+        (room_id,),
+    )
+
+
+def note_messages(txn: Cursor, rooms: Mapping[str, LatestMessage]) -> None:
+    """Each room's newest message now in FHIR (kept only if newer than the one noted)."""
+    for room_id, message in rooms.items():
+        txn.execute(
+            f"INSERT INTO {LATEST} (room_id, event_id, sent_ms, sender, communication)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (room_id) DO UPDATE SET"
+            " event_id = excluded.event_id, sent_ms = excluded.sent_ms,"
+            " sender = excluded.sender, communication = excluded.communication"
+            f" WHERE excluded.sent_ms >= {LATEST}.sent_ms",
+            (room_id, message.event_id, message.sent_ms, message.sender, message.communication),
+        )
+        _mark_dirty(txn, room_id)
+
+
+def note_marker(txn: Cursor, room_id: str, user_id: str, marker: ReadMarker) -> None:
+    txn.execute(
+        f"INSERT INTO {MARKERS} (room_id, user_id, event_id, sent_ms) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (room_id, user_id) DO UPDATE SET"
+        " event_id = excluded.event_id, sent_ms = excluded.sent_ms",
+        (room_id, user_id, marker.event_id, marker.sent_ms),
+    )
+    _mark_dirty(txn, room_id)
+
+
+def mark_dirty(txn: Cursor, room_ids: Iterable[str]) -> None:
+    """Look at these rooms' Tasks again (e.g. their members changed)."""
+    for room_id in room_ids:
+        _mark_dirty(txn, room_id)
+
+
+def dirty_rooms(txn: Cursor, limit: int) -> list[tuple[str, int]]:
+    # In no fixed order: rooms that cannot be worked on for now (their team unreadable)
+    # must not keep the others out of every round.
+    txn.execute(f"SELECT room_id, version FROM {DIRTY} ORDER BY RANDOM() LIMIT ?", (limit,))
+    return [(str(room_id), int(version)) for room_id, version in txn.fetchall()]
+
+
+def clear_dirty(txn: Cursor, rooms: Iterable[tuple[str, int]]) -> None:
+    """Done with these rooms — unless something changed since (a newer version)."""
+    for room_id, version in rooms:
+        txn.execute(f"DELETE FROM {DIRTY} WHERE room_id = ? AND version = ?", (room_id, version))
+
+
+def room_state(
+    txn: Cursor, room_id: str
+) -> tuple[LatestMessage | None, dict[str, ReadMarker], dict[str, TaskState]]:
+    """A room's latest message, its accounts' markers and its Tasks as last written."""
+    txn.execute(
+        f"SELECT event_id, sent_ms, sender, communication FROM {LATEST} WHERE room_id = ?",
+        (room_id,),
+    )
+    row = txn.fetchone()
+    latest = LatestMessage(str(row[0]), int(row[1]), str(row[2]), str(row[3])) if row else None
+    txn.execute(f"SELECT user_id, event_id, sent_ms FROM {MARKERS} WHERE room_id = ?", (room_id,))
+    markers = {
+        str(user_id): ReadMarker(str(event_id), None if sent_ms is None else int(sent_ms))
+        for user_id, event_id, sent_ms in txn.fetchall()
+    }
+    txn.execute(f"SELECT person, status, focus FROM {TASKS} WHERE room_id = ?", (room_id,))
+    written = {
+        str(person): TaskState(str(status), None if focus is None else str(focus))
+        for person, status, focus in txn.fetchall()
+    }
+    return latest, markers, written
+
+
+def tasks_written(txn: Cursor, room_id: str, states: Mapping[str, TaskState]) -> None:
+    for person, state in states.items():
+        txn.execute(
+            f"INSERT INTO {TASKS} (room_id, person, status, focus) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (room_id, person) DO UPDATE SET"
+            " status = excluded.status, focus = excluded.focus",
+            (room_id, person, state.status, state.focus),
+        )
