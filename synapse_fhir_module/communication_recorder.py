@@ -327,10 +327,9 @@ class CommunicationRecorder:
             row = by_id[event_id]
             if location is None or WITHDRAWN in row.event:
                 continue  # (a message withdrawn before FHIR had it is nothing to read)
-            sent_ms = row.event.get("origin_server_ts")
-            if not isinstance(sent_ms, int):
-                sent_ms = row.enqueued_ms
-            message = LatestMessage(event_id, sent_ms, str(row.event.get("sender")), location)
+            # (When it reached this server: its origin_server_ts is the sender's to choose.)
+            sender = str(row.event.get("sender"))
+            message = LatestMessage(event_id, row.enqueued_ms, sender, location)
             outcome.messages.append((row.room_id, message))
         return outcome
 

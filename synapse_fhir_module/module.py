@@ -59,6 +59,7 @@ from synapse_fhir_module.team_boundaries import TeamBoundaries
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
 from synapse_fhir_module.token_bucket import TokenBuckets
 from synapse_fhir_module.unread_tasks import INTERVAL_MS as UNREAD_INTERVAL_MS
+from synapse_fhir_module.unread_tasks import SWEEP_INTERVAL_MS as UNREAD_SWEEP_INTERVAL_MS
 from synapse_fhir_module.unread_tasks import UnreadTasks, note_messages_txn
 from synapse_fhir_module.verified_emails import VerifiedEmails
 from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResource
@@ -359,6 +360,9 @@ class FhirModule:
     async def _start_recorder(self) -> None:
         assert self._recorder is not None
         try:
+            if self._unread is not None:
+                # (The recorder notes messages into its tables in the outbox's transaction.)
+                await self._unread.start()
             await self._recorder.start()
         except Exception as e:
             # Until the tables exist nothing is enqueued: keep trying.
@@ -380,6 +384,12 @@ class FhirModule:
                 UNREAD_INTERVAL_MS,
                 desc="fhir_unread_tasks",
                 run_on_all_instances=True,  # (gated by `worker`, as above)
+            )
+            self._api.looping_background_call(
+                unread.sweep,
+                UNREAD_SWEEP_INTERVAL_MS,
+                desc="fhir_unread_sweep",
+                run_on_all_instances=True,
             )
 
     async def _start_unread(self) -> None:

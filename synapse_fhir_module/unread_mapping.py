@@ -1,13 +1,15 @@
 """Unread markers as FHIR Tasks (``communication.unread_tasks``), as pure functions.
 
-Per thread and person one Task, found again by its identifier (the thread and the
-person): ``requested`` while the thread's latest message is one the person has not read,
-``completed`` once one of their accounts has read up to it (or posted it), ``cancelled``
-when they are no longer a member. ``focus`` is that latest message's Communication.
+Per thread and person one Task, at an id made from the thread and the person (so there is
+never a second one to choose from) and with them as its identifier: ``requested`` while
+the thread's latest message is one the person has not read, ``completed`` once one of
+their accounts has read up to it (or posted it), ``cancelled`` when they are no longer a
+member. ``focus`` is that latest message's Communication.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -31,7 +33,9 @@ class LatestMessage:
     """The newest message of a thread that FHIR holds as a Communication."""
 
     event_id: str
-    sent_ms: int  # origin_server_ts
+    # When this server got it (never the sender's own origin_server_ts, which a remote
+    # server or an appservice chooses): what markers are placed against.
+    arrived_ms: int
     sender: str  # the Matrix account that posted it
     communication: str  # "Communication/<id>"
 
@@ -41,8 +45,8 @@ class ReadMarker:
     """How far an account has read a room (its ``m.fully_read`` marker)."""
 
     event_id: str
-    # The marked event's origin_server_ts; None when the module never saw that event.
-    sent_ms: int | None
+    # When this server got the marked event; None when the module never saw it.
+    arrived_ms: int | None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -61,7 +65,7 @@ def has_read(latest: LatestMessage, account: str, marker: ReadMarker | None) -> 
     if marker.event_id == latest.event_id:
         return True
     # Strictly later: of two events in the same millisecond either may come first.
-    return marker.sent_ms is not None and marker.sent_ms > latest.sent_ms
+    return marker.arrived_ms is not None and marker.arrived_ms > latest.arrived_ms
 
 
 def task_changes(
@@ -96,7 +100,7 @@ def task_entry(
     modified: str,
     profile: CommunicationProfile = CommunicationProfile.BASE,
 ) -> dict[str, Any]:
-    """A transaction entry: the conditional update of the person's Task in the thread
+    """A transaction entry: the update of the person's Task in the thread, at its own id
     (which creates it the first time).
 
     ``modified``: FHIR ``dateTime`` of now. Under the OZO profile the Task declares
@@ -123,11 +127,12 @@ def task_entry(
         and owner_type in OZO_OWNER_TYPES
     ):
         declare(resource, OZO_TASK)
-    return {
-        "resource": resource,
-        "request": {"method": "PUT", "url": f"Task?{task_search(thread, person)}"},
-    }
+    resource["id"] = task_id(thread, person)
+    return {"resource": resource, "request": {"method": "PUT", "url": f"Task/{resource['id']}"}}
 
 
-def task_search(thread: str, person: str) -> str:
-    return f"identifier={UNREAD_TASK_SYSTEM}|{task_key(thread, person)}"
+def task_id(thread: str, person: str) -> str:
+    """``unread-`` and a digest of the thread and the person: a valid FHIR id (letters, so
+    servers that allow only such client ids take it) that no other pair gets."""
+    digest = hashlib.sha256(task_key(thread, person).encode()).hexdigest()[:40]
+    return f"unread-{digest}"

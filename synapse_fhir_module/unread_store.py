@@ -5,7 +5,8 @@ database (SQLite and PostgreSQL), so no change is lost across restarts or instan
 - ``synapse_fhir_read_markers``: each account's ``m.fully_read`` marker in those rooms;
 - ``synapse_fhir_unread_tasks``: what the module last wrote to each person's Task;
 - ``synapse_fhir_unread_dirty``: rooms whose Tasks may have to change, with a version so a
-  change noted while the room was being worked on is not cleared with it.
+  change noted while the room was being worked on is not cleared with it, and the moment
+  before which a room that could not be done is not tried again.
 
 Functions take a cursor (Synapse's ``LoggingTransaction`` in ``run_db_interaction``).
 """
@@ -27,7 +28,7 @@ SCHEMA = (
     CREATE TABLE IF NOT EXISTS {LATEST} (
         room_id TEXT NOT NULL PRIMARY KEY,
         event_id TEXT NOT NULL,
-        sent_ms BIGINT NOT NULL,
+        arrived_ms BIGINT NOT NULL,
         sender TEXT NOT NULL,
         communication TEXT NOT NULL
     )
@@ -37,7 +38,7 @@ SCHEMA = (
         room_id TEXT NOT NULL,
         user_id TEXT NOT NULL,
         event_id TEXT NOT NULL,
-        sent_ms BIGINT,
+        arrived_ms BIGINT,
         PRIMARY KEY (room_id, user_id)
     )
     """,
@@ -53,7 +54,8 @@ SCHEMA = (
     f"""
     CREATE TABLE IF NOT EXISTS {DIRTY} (
         room_id TEXT NOT NULL PRIMARY KEY,
-        version BIGINT NOT NULL
+        version BIGINT NOT NULL,
+        not_before_ms BIGINT NOT NULL DEFAULT 0
     )
     """,
 )
@@ -76,22 +78,22 @@ def note_messages(txn: Cursor, rooms: Mapping[str, LatestMessage]) -> None:
     """Each room's newest message now in FHIR (kept only if newer than the one noted)."""
     for room_id, message in rooms.items():
         txn.execute(
-            f"INSERT INTO {LATEST} (room_id, event_id, sent_ms, sender, communication)"
+            f"INSERT INTO {LATEST} (room_id, event_id, arrived_ms, sender, communication)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (room_id) DO UPDATE SET"
-            " event_id = excluded.event_id, sent_ms = excluded.sent_ms,"
+            " event_id = excluded.event_id, arrived_ms = excluded.arrived_ms,"
             " sender = excluded.sender, communication = excluded.communication"
-            f" WHERE excluded.sent_ms >= {LATEST}.sent_ms",
-            (room_id, message.event_id, message.sent_ms, message.sender, message.communication),
+            f" WHERE excluded.arrived_ms >= {LATEST}.arrived_ms",
+            (room_id, message.event_id, message.arrived_ms, message.sender, message.communication),
         )
         _mark_dirty(txn, room_id)
 
 
 def note_marker(txn: Cursor, room_id: str, user_id: str, marker: ReadMarker) -> None:
     txn.execute(
-        f"INSERT INTO {MARKERS} (room_id, user_id, event_id, sent_ms) VALUES (?, ?, ?, ?)"
+        f"INSERT INTO {MARKERS} (room_id, user_id, event_id, arrived_ms) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (room_id, user_id) DO UPDATE SET"
-        " event_id = excluded.event_id, sent_ms = excluded.sent_ms",
-        (room_id, user_id, marker.event_id, marker.sent_ms),
+        " event_id = excluded.event_id, arrived_ms = excluded.arrived_ms",
+        (room_id, user_id, marker.event_id, marker.arrived_ms),
     )
     _mark_dirty(txn, room_id)
 
@@ -102,10 +104,20 @@ def mark_dirty(txn: Cursor, room_ids: Iterable[str]) -> None:
         _mark_dirty(txn, room_id)
 
 
-def dirty_rooms(txn: Cursor, limit: int) -> list[tuple[str, int]]:
-    # In no fixed order: rooms that cannot be worked on for now (their team unreadable)
-    # must not keep the others out of every round.
-    txn.execute(f"SELECT room_id, version FROM {DIRTY} ORDER BY RANDOM() LIMIT ?", (limit,))
+def mark_rooms_with_open_tasks(txn: Cursor) -> None:
+    """Every room with a Task not cancelled (a periodic check: a team can change with no
+    event in the room, e.g. someone who never joined leaves it)."""
+    txn.execute(f"SELECT DISTINCT room_id FROM {TASKS} WHERE status != 'cancelled'")
+    for (room_id,) in txn.fetchall():
+        _mark_dirty(txn, str(room_id))
+
+
+def dirty_rooms(txn: Cursor, now_ms: int, limit: int) -> list[tuple[str, int]]:
+    # In no fixed order: rooms waiting behind one that cannot be done yet still get a turn.
+    txn.execute(
+        f"SELECT room_id, version FROM {DIRTY} WHERE not_before_ms <= ? ORDER BY RANDOM() LIMIT ?",
+        (now_ms, limit),
+    )
     return [(str(room_id), int(version)) for room_id, version in txn.fetchall()]
 
 
@@ -115,20 +127,33 @@ def clear_dirty(txn: Cursor, rooms: Iterable[tuple[str, int]]) -> None:
         txn.execute(f"DELETE FROM {DIRTY} WHERE room_id = ? AND version = ?", (room_id, version))
 
 
+def postpone(txn: Cursor, room_id: str, until_ms: int) -> None:
+    """Leave the room marked, but not tried again before ``until_ms``."""
+    txn.execute(f"UPDATE {DIRTY} SET not_before_ms = ? WHERE room_id = ?", (until_ms, room_id))
+
+
+def marked_rooms(txn: Cursor) -> int:
+    txn.execute(f"SELECT COUNT(*) FROM {DIRTY}")
+    row = txn.fetchone()
+    return int(row[0]) if row else 0
+
+
 def room_state(
     txn: Cursor, room_id: str
 ) -> tuple[LatestMessage | None, dict[str, ReadMarker], dict[str, TaskState]]:
     """A room's latest message, its accounts' markers and its Tasks as last written."""
     txn.execute(
-        f"SELECT event_id, sent_ms, sender, communication FROM {LATEST} WHERE room_id = ?",
+        f"SELECT event_id, arrived_ms, sender, communication FROM {LATEST} WHERE room_id = ?",
         (room_id,),
     )
     row = txn.fetchone()
     latest = LatestMessage(str(row[0]), int(row[1]), str(row[2]), str(row[3])) if row else None
-    txn.execute(f"SELECT user_id, event_id, sent_ms FROM {MARKERS} WHERE room_id = ?", (room_id,))
+    txn.execute(
+        f"SELECT user_id, event_id, arrived_ms FROM {MARKERS} WHERE room_id = ?", (room_id,)
+    )
     markers = {
-        str(user_id): ReadMarker(str(event_id), None if sent_ms is None else int(sent_ms))
-        for user_id, event_id, sent_ms in txn.fetchall()
+        str(user_id): ReadMarker(str(event_id), None if arrived is None else int(arrived))
+        for user_id, event_id, arrived in txn.fetchall()
     }
     txn.execute(f"SELECT person, status, focus FROM {TASKS} WHERE room_id = ?", (room_id,))
     written = {
