@@ -32,6 +32,7 @@ from fhir.resources.R4B.communicationrequest import CommunicationRequest
 from synapse.module_api import EventBase, ModuleApi, StateMap
 
 from synapse_fhir_module import outbox_store, sync_store
+from synapse_fhir_module.care_team import reference_of
 from synapse_fhir_module.communication_amendments import (
     Amended,
     CommunicationAmender,
@@ -322,14 +323,19 @@ class CommunicationRecorder:
         outcome.dead.update(result.dead)
         outcome.locations.extend(result.locations)
         by_id = {row.event_id: row for row in rows}
-        for event_id, _ in writes:
+        for event_id, write in writes:
             location = result.location_of.get(event_id)
             row = by_id[event_id]
             if location is None or WITHDRAWN in row.event:
                 continue  # (a message withdrawn before FHIR had it is nothing to read)
             # (When it reached this server: its origin_server_ts is the sender's to choose.)
-            sender = str(row.event.get("sender"))
-            message = LatestMessage(event_id, row.enqueued_ms, sender, location)
+            message = LatestMessage(
+                event_id,
+                row.enqueued_ms,
+                str(row.event.get("sender")),
+                location,
+                author=reference_of(write.resource.get("sender")),
+            )
             outcome.messages.append((row.room_id, message))
         return outcome
 

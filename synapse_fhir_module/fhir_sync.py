@@ -28,7 +28,7 @@ Applying the same reference twice changes nothing the second time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attr
@@ -75,6 +75,9 @@ from synapse_fhir_module.unread_mapping import LatestMessage
 
 logger = logging.getLogger(__name__)
 
+# (cursor, room id, message) → None: a relayed part noted as the room's latest message.
+NoteRelayed = Callable[[sync_store.Cursor, str, LatestMessage], None]
+
 PERSON_TYPES = ("Practitioner", "PractitionerRole", "RelatedPerson", "Patient")
 SYNCED_TYPES = ("CareTeam", "CommunicationRequest", "Communication", *PERSON_TYPES)
 # Team statuses under which the team's rooms are emptied (DESIGN: entered-in-error, deleted).
@@ -114,11 +117,12 @@ class FhirSync:
         now_ms: Callable[[], int],
         accounts: RegisteredAccounts | None = None,
         invites: EmailInvites | None = None,
-        on_relayed: Callable[[str, LatestMessage], Awaitable[None]] | None = None,
+        note_relayed: NoteRelayed | None = None,
     ) -> None:
         self._api = api
-        # Told of each Communication relayed into a room (room id, its newest event).
-        self._on_relayed = on_relayed
+        # Told of each part of a Communication relayed into a room, in the transaction
+        # that records it relayed (so a crash cannot leave it relayed but not noted).
+        self._note_relayed = note_relayed
         self._bindings = bindings
         self._persons = persons
         self._boundaries = boundaries
@@ -618,14 +622,14 @@ class FhirSync:
                 first = plan.messages[0]
                 replying = RelayMessage(first.key, with_reply(first.content, reply_to))
                 plan = attr.evolve(plan, messages=(replying, *plan.messages[1:]))
-        posted = await self._post_parts(communication_ref, room_id, plan)
-        if posted:
+
+        def as_latest(event_id: str) -> LatestMessage:
+            return LatestMessage(
+                event_id, self._now_ms(), self._service_user_id, communication_ref, sender_ref
+            )
+
+        if await self._post_parts(communication_ref, room_id, plan, as_latest):
             logger.info("Relayed %s into %s", communication_ref, room_id)
-            if self._on_relayed is not None:
-                message = LatestMessage(
-                    posted[-1], self._now_ms(), self._service_user_id, communication_ref
-                )
-                await self._on_relayed(room_id, message)
 
     async def _reply_target(
         self, communication: Mapping[str, Any], thread: str, room_id: str
@@ -659,18 +663,24 @@ class FhirSync:
             return None
         return recorded_event_id(target)
 
-    async def _post_parts(self, source: str, room_id: str, plan: RelayPlan) -> list[str]:
-        """Post each message of ``plan`` once, in order; the events posted now.
+    async def _post_parts(
+        self,
+        source: str,
+        room_id: str,
+        plan: RelayPlan,
+        as_latest: Callable[[str], LatestMessage] | None = None,
+    ) -> int:
+        """Post each message of ``plan`` once, in order; how many were posted now.
 
         Parts the room cannot show are counted (and logged by index, never content) when
-        the resource is first posted, or on every try when it shows nothing at all."""
-        posted = []
+        the resource is first posted, or on every try when it shows nothing at all.
+        ``as_latest``: for a Communication, each posted part as the room's latest message."""
+        posted = 0
         for message in plan.messages:
-            event_id = await self._post_once(
-                message.key, room_id, self._service_user_id, message.content
-            )
-            if event_id is not None:
-                posted.append(event_id)
+            if await self._post_once(
+                message.key, room_id, self._service_user_id, message.content, as_latest
+            ):
+                posted += 1
         if plan.skipped and (posted or not plan.messages):
             PAYLOAD_PARTS_SKIPPED.inc(plan.skipped)
             logger.info(
@@ -681,10 +691,14 @@ class FhirSync:
         return posted
 
     async def _post_once(
-        self, source: str, room_id: str, poster: str, content: dict[str, Any]
-    ) -> str | None:
-        """Post what ``source`` says into the room unless it was posted before (None then);
-        the event posted.
+        self,
+        source: str,
+        room_id: str,
+        poster: str,
+        content: dict[str, Any],
+        as_latest: Callable[[str], LatestMessage] | None = None,
+    ) -> bool:
+        """Post what ``source`` says into the room unless it was posted before; False then.
 
         Claimed before posting, so a retry never posts twice; the claim is given back if
         the post fails, so a retry or the next sweep posts it.
@@ -692,7 +706,7 @@ class FhirSync:
         if not await self._api.run_db_interaction(
             "fhir_relay_claim", sync_store.claim_relay, source, room_id, poster
         ):
-            return None
+            return False
         try:
             event_id = await self._rooms.post(room_id, poster, content)
         except Exception:
@@ -700,10 +714,15 @@ class FhirSync:
                 "fhir_relay_release", sync_store.release_relay, source
             )
             raise
-        await self._api.run_db_interaction(
-            "fhir_relay_done", sync_store.relayed_as, source, event_id
-        )
-        return event_id
+        note = self._note_relayed if as_latest is not None else None
+
+        def relayed(txn: sync_store.Cursor) -> None:
+            sync_store.relayed_as(txn, source, event_id)
+            if note is not None and as_latest is not None:
+                note(txn, room_id, as_latest(event_id))
+
+        await self._api.run_db_interaction("fhir_relay_done", relayed)
+        return True
 
     async def _thread_room(self, part_of: Any) -> tuple[str, str] | None:
         """The thread a Communication is part of that has a care-team room, and the room.

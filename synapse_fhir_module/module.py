@@ -60,7 +60,7 @@ from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnava
 from synapse_fhir_module.token_bucket import TokenBuckets
 from synapse_fhir_module.unread_tasks import INTERVAL_MS as UNREAD_INTERVAL_MS
 from synapse_fhir_module.unread_tasks import SWEEP_INTERVAL_MS as UNREAD_SWEEP_INTERVAL_MS
-from synapse_fhir_module.unread_tasks import UnreadTasks, note_messages_txn
+from synapse_fhir_module.unread_tasks import UnreadTasks, note_messages_txn, note_relayed_txn
 from synapse_fhir_module.verified_emails import VerifiedEmails
 from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResource
 
@@ -223,7 +223,7 @@ class FhirModule:
                 now_ms=now_ms,
                 accounts=accounts,
                 invites=invites,
-                on_relayed=self._unread.note_relayed if self._unread is not None else None,
+                note_relayed=note_relayed_txn if self._unread is not None else None,
             )
             self._changes = ChangeQueue(
                 api, self._sync.apply, self.invalidate, prepare=self._sync.prepare

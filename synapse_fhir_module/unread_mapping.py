@@ -38,6 +38,9 @@ class LatestMessage:
     arrived_ms: int
     sender: str  # the Matrix account that posted it
     communication: str  # "Communication/<id>"
+    # The Communication's sender ("Practitioner/7"), when it names one: a message relayed
+    # from the person's own OZO app is theirs, though the service user posted it.
+    author: str | None = None
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -78,7 +81,9 @@ def task_changes(
     have in that state (``written``: what the module last wrote)."""
     wanted: dict[str, TaskState] = {}
     for person, accounts in accounts_by_person.items():
-        read = any(has_read(latest, account, markers.get(account)) for account in accounts)
+        read = person == latest.author or any(
+            has_read(latest, account, markers.get(account)) for account in accounts
+        )
         wanted[person] = TaskState(COMPLETED if read else REQUESTED, latest.communication)
     for person, state in written.items():
         if person not in wanted and state.status != CANCELLED:

@@ -30,7 +30,8 @@ SCHEMA = (
         event_id TEXT NOT NULL,
         arrived_ms BIGINT NOT NULL,
         sender TEXT NOT NULL,
-        communication TEXT NOT NULL
+        communication TEXT NOT NULL,
+        author TEXT
     )
     """,
     f"""
@@ -78,12 +79,20 @@ def note_messages(txn: Cursor, rooms: Mapping[str, LatestMessage]) -> None:
     """Each room's newest message now in FHIR (kept only if newer than the one noted)."""
     for room_id, message in rooms.items():
         txn.execute(
-            f"INSERT INTO {LATEST} (room_id, event_id, arrived_ms, sender, communication)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (room_id) DO UPDATE SET"
+            f"INSERT INTO {LATEST} (room_id, event_id, arrived_ms, sender, communication, author)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (room_id) DO UPDATE SET"
             " event_id = excluded.event_id, arrived_ms = excluded.arrived_ms,"
-            " sender = excluded.sender, communication = excluded.communication"
+            " sender = excluded.sender, communication = excluded.communication,"
+            " author = excluded.author"
             f" WHERE excluded.arrived_ms >= {LATEST}.arrived_ms",
-            (room_id, message.event_id, message.arrived_ms, message.sender, message.communication),
+            (
+                room_id,
+                message.event_id,
+                message.arrived_ms,
+                message.sender,
+                message.communication,
+                message.author,
+            ),
         )
         _mark_dirty(txn, room_id)
 
@@ -143,11 +152,15 @@ def room_state(
 ) -> tuple[LatestMessage | None, dict[str, ReadMarker], dict[str, TaskState]]:
     """A room's latest message, its accounts' markers and its Tasks as last written."""
     txn.execute(
-        f"SELECT event_id, arrived_ms, sender, communication FROM {LATEST} WHERE room_id = ?",
+        f"SELECT event_id, arrived_ms, sender, communication, author FROM {LATEST}"
+        " WHERE room_id = ?",
         (room_id,),
     )
     row = txn.fetchone()
-    latest = LatestMessage(str(row[0]), int(row[1]), str(row[2]), str(row[3])) if row else None
+    latest = None
+    if row is not None:
+        author = None if row[4] is None else str(row[4])
+        latest = LatestMessage(str(row[0]), int(row[1]), str(row[2]), str(row[3]), author)
     txn.execute(
         f"SELECT user_id, event_id, arrived_ms FROM {MARKERS} WHERE room_id = ?", (room_id,)
     )

@@ -98,6 +98,11 @@ def note_messages_txn(txn: Cursor, messages: list[tuple[str, LatestMessage]]) ->
     unread_store.note_messages(txn, latest_of(messages))
 
 
+def note_relayed_txn(txn: Cursor, room_id: str, message: LatestMessage) -> None:
+    """For the relay's own transaction: a Communication from another system was posted."""
+    unread_store.note_messages(txn, {room_id: message})
+
+
 class UnreadTasks:
     def __init__(
         self,
@@ -155,12 +160,6 @@ class UnreadTasks:
             )
         except Exception as e:  # (the Task waits for the next marker)
             logger.warning("Could not note a read marker in %s: %s", room_id, type(e).__name__)
-
-    async def note_relayed(self, room_id: str, message: LatestMessage) -> None:
-        """A Communication from another system was posted into the room."""
-        await self._api.run_db_interaction(
-            "fhir_unread_relayed", unread_store.note_messages, {room_id: message}
-        )
 
     async def members_changed(self, room_id: str) -> None:
         """Someone joined or left a room: if a thread's, its Tasks are looked at again."""

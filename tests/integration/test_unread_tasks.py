@@ -16,12 +16,13 @@ import requests
 
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixUser
+from devstack.synapse import SERVER_NAME
 from devstack.waiting import wait_until
 from synapse_fhir_module.unread_mapping import OZO_TASK, UNREAD_TASK_SYSTEM
 from tests.integration.matrix_views import Team
 from tests.integration.quiet_stack import QuietStack, quiet_stack
 from tests.integration.test_communication_recording import communication_of
-from tests.integration.test_ozo_threads import put_request, room_of
+from tests.integration.test_ozo_threads import foreign, put_request, room_of
 from tests.ozo_profiles import definition, guide_resources, unmet
 
 WITHIN = 30.0
@@ -95,6 +96,17 @@ def mark_read(user: MatrixUser, room_id: str, event_id: str) -> None:
         f"/_matrix/client/v3/rooms/{quote(room_id)}/read_markers",
         {"m.fully_read": event_id, "m.read": event_id},
     )
+
+
+def last_message(user: MatrixUser, room_id: str, sender: str) -> str | None:
+    """The room's newest message event, if ``sender`` sent it."""
+    chunk = user.request(
+        "GET", f"/_matrix/client/v3/rooms/{quote(room_id)}/messages?dir=b&limit=20"
+    )["chunk"]
+    newest = next((e for e in chunk if e["type"] == "m.room.message"), None)
+    if newest is None or newest["sender"] != sender:
+        return None
+    return str(newest["event_id"])
 
 
 def validator_errors(hapi: HapiDevServer, resource: dict[str, Any]) -> list[str]:
@@ -186,6 +198,28 @@ def test_each_member_has_one_task_that_follows_what_they_have_read(stack: QuietS
     for owner in (nurse, daughter, patient, pharmacist):
         assert done[owner]["meta"]["versionId"] == answered[owner]["meta"]["versionId"], owner
 
+    # The nurse writes from her OZO app (a Communication in FHIR, relayed into the room by
+    # the service user): it is the latest, unread for the others, read by her.
+    from_app = foreign(team, "from-app", thread, "Visit moved to 3 pm", sender={"reference": nurse})
+    stack.notify(from_app)
+    tasks_become(
+        hapi,
+        thread,
+        {
+            nurse: ("completed", from_app),
+            gp: ("requested", from_app),
+            daughter: ("requested", from_app),
+        },
+        "the Tasks following a message relayed from FHIR",
+    )
+    relayed = wait_until(
+        lambda: last_message(carla, room, f"@fhir:{SERVER_NAME}"),  # (the service user)
+        timeout=WITHIN,
+        what="the relayed message in the room",
+    )
+    mark_read(carla, room, relayed)
+    tasks_become(hapi, thread, {daughter: ("completed", from_app)}, "the daughter's read")
+
     # The daughter leaves the team: her Task is cancelled, the others stay one each.
     care_team = team.care_team()
     care_team["participant"] = [
@@ -193,7 +227,9 @@ def test_each_member_has_one_task_that_follows_what_they_have_read(stack: QuietS
     ]
     team.put_team(care_team)
     stack.notify(net.team)
-    left = tasks_become(hapi, thread, {daughter: ("cancelled", c2)}, "the leaver's Task cancelled")
+    left = tasks_become(
+        hapi, thread, {daughter: ("cancelled", from_app)}, "the leaver's Task cancelled"
+    )
     assert set(left) == {gp, nurse, daughter, patient, pharmacist}
 
     # The thread turns out to be entered in error: its room is emptied, every Task cancelled.
@@ -202,7 +238,7 @@ def test_each_member_has_one_task_that_follows_what_they_have_read(stack: QuietS
     ended = tasks_become(
         hapi,
         thread,
-        {owner: ("cancelled", c2) for owner in (gp, nurse, daughter, patient, pharmacist)},
+        {owner: ("cancelled", from_app) for owner in (gp, nurse, daughter, patient, pharmacist)},
         "every Task of a thread entered in error cancelled",
     )
     assert ended[daughter]["meta"]["versionId"] == left[daughter]["meta"]["versionId"]
