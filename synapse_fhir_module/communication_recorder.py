@@ -11,13 +11,14 @@ A batch writes its new messages first, as one transaction; then its edits and re
 one by one, each to its original's stored Communication (``communication_amendments``), or,
 while the original is still in the outbox, to the original's row.
 
-With ``communication.profile: ozo`` what is written meets the OZO profiles
-(``communication_profile``). A message OZO cannot attribute to an individual — sent by the
-service user (not a relay from FHIR), or by an account without a FHIR person — is not
-written: counted (``/health`` ``recording.not_written_profile``, Prometheus) and logged
-with its event and room ids. A thread that cannot meet OZOCommunicationRequest (the team
-names no patient) is not opened: the room's messages become dead letters, to be retried
-once FHIR has what is missing.
+A sender without a (single) FHIR person makes a dead letter, to be retried once FHIR names
+one (a person missing only for now must not lose the message). With
+``communication.profile: ozo`` what is written meets the OZO profiles
+(``communication_profile``), and a message the service user sent (not a relay from FHIR),
+which can never have a person, is not written: counted (``/health``
+``recording.not_written_profile``, Prometheus) and logged with its event and room ids. A
+thread that cannot meet OZOCommunicationRequest (the team names no patient) is not opened:
+the room's messages become dead letters, to be retried once FHIR has what is missing.
 """
 
 from __future__ import annotations
@@ -89,10 +90,10 @@ MAX_REMEMBERED_THREADS = 100_000
 GAUGE_REFRESH_S = 1.0
 ROOM_CREATE = ("m.room.create", "")
 # Why communication.profile: ozo leaves a message unwritten (the metric's label), and the
-# log's words for it: fixed texts, never the message or who sent it.
+# log's words for it: fixed texts, never the message or who sent it. (A sender without a
+# person is a dead letter instead: FHIR may name one later.)
 NOT_WRITTEN_REASONS = {
     "service_user": "sent by the service user, not a person",
-    "no_person": "its sender has no (single) FHIR person",
 }
 
 
@@ -568,10 +569,9 @@ class CommunicationRecorder:
                 raise NotRecorded("not a care-team room")
             patient = (await self._teams.membership(team_ref)).subject if team_ref else None
             sender = str(row.event["sender"])
-            if self._ozo:
-                person = await self._individual(sender)
-            else:
-                person = await self._sender_person(sender)
+            if self._ozo and sender == self._service_user_id:
+                raise _NotWritten("service_user")  # (never a person; relays left above)
+            person = await self._sender_person(sender)
             thread = await self._thread_of(row.room_id, team_ref, patient, person)
         except DirectoryUnavailable as e:
             raise _Retry(str(e)) from e
@@ -617,19 +617,12 @@ class CommunicationRecorder:
         )
 
     async def _sender_person(self, user_id: str) -> str:
+        """The sender's person (``Practitioner``, ``RelatedPerson`` or ``Patient``, as OZO
+        needs too); a dead letter while there is none: FHIR may name one later (a record
+        not updated yet, an address briefly shared), and a retry then writes it."""
         person = await self._person_of(user_id)
         if person is None:
             raise _Dead("the sender has no (single) FHIR person")
-        return person
-
-    async def _individual(self, user_id: str) -> str:
-        """The sender's person, as OZO needs one (``Practitioner``, ``RelatedPerson`` or
-        ``Patient``); raises _NotWritten when there is none."""
-        if user_id == self._service_user_id:
-            raise _NotWritten("service_user")
-        person = await self._person_of(user_id)
-        if person is None:
-            raise _NotWritten("no_person")
         return person
 
     async def _person_of(self, user_id: str) -> str | None:

@@ -33,7 +33,7 @@ from synapse_fhir_module.communication_profile import (
     WITHDRAWN_PLACEHOLDER,
 )
 from synapse_fhir_module.config import CommunicationProfile
-from tests.integration.care_network import CareNetwork
+from tests.integration.care_network import CareNetwork, via_identifier
 from tests.integration.test_authorship import edit
 from tests.integration.test_communication_recording import (
     RETRY_DEAD_LETTERS,
@@ -176,7 +176,9 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     network = CareNetwork(uuid.uuid4().hex[:8])
     audit_id = network.user_id("audit")  # exempt: in every room, but no FHIR person
     server = ozo_server(start_synapse, hapi, enforcement={"exempt_users": [audit_id]})
-    network.seed(FhirSeeder(hapi.base_url))
+    seeder = FhirSeeder(hapi.base_url)
+    network.seed(seeder)
+    ops = register_user(server, network.localpart("ops"), admin=True)
     service = service_session(register_user(server, network.localpart("root"), admin=True))
     space = create_bound_space(service, network.team)
     gp = register_user(server, network.localpart("anna"))
@@ -246,29 +248,38 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     assert e["payload"] == [{"contentString": ENCRYPTED_PLACEHOLDER}]
     assert ENCRYPTED_TAG in e["meta"]["tag"]
 
-    # A message by someone without a FHIR person, and one by the service user in the
-    # team's space: neither is written; both are counted, and nothing waits or is dead.
+    # A message by someone without a FHIR person (yet): kept as a dead letter, durably
+    # counted, to be written once FHIR names one. One by the service user in the team's
+    # space can never have a person: not written, counted.
     unattributable = audit.send_text(room, "Audit check")
     by_service = service.send_text(space, "Maintenance tonight")
-    wait_until(
-        lambda: health(server)["recording"] == {"not_written_profile": 2},
+    (dead,) = wait_until(
+        lambda: [d for d in dead_letters(ops) if d["event_id"] == unattributable] or None,
         timeout=30,
-        what="two messages counted as not written",
+        what="the message of the account without a person kept as a dead letter",
+    )
+    assert dead["reason"] == "the sender has no (single) FHIR person"
+    wait_until(
+        lambda: health(server)["recording"] == {"not_written_profile": 1},
+        timeout=30,
+        what="the service user's message counted as not written",
     )
     assert communication_of(hapi, unattributable) is None
     assert communication_of(hapi, by_service) is None
-    assert health(server)["outbox"] == {"pending": 0, "dead": 0}
+    assert health(server)["outbox"] == {"pending": 0, "dead": 1}
     not_written = "synapse_fhir_communications_not_written_total"
-    assert metric(server, f'{not_written}{{reason="no_person"}}') == 1.0
+    assert metric(server, f'{not_written}{{reason="no_person"}}') is None
     assert metric(server, f'{not_written}{{reason="service_user"}}') == 1.0
-    # The log says why, naming the event and the room only.
-    lines = [
+    # The recorder's log names the events and the rooms only.
+    log = [
         line
         for line in server.log_path.read_text(errors="replace").splitlines()
-        if unattributable in line and "not written" in line
+        if "synapse_fhir_module.communication_recorder" in line
     ]
-    assert lines and all(room in line for line in lines)
-    assert not any(audit_id in line or "Audit check" in line for line in lines)
+    lines = [line for line in log if by_service in line and "not written" in line]
+    assert lines and all(space in line for line in lines)
+    assert [line for line in log if unattributable in line and "dead letter" in line]
+    assert not any(audit_id in line or "Audit check" in line for line in log)
     # Every Communication in the thread declares and meets the profile.
     bundle = requests.get(
         f"{hapi.base_url}/Communication",
@@ -280,6 +291,21 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     assert len(in_thread) == 4  # first, reply, mistake, secret
     for communication in in_thread:
         assert_ozo_communication(hapi, communication)
+
+    # FHIR names the audit account's person; the operator retries: nothing was lost.
+    auditor = network.person("Practitioner", "auditor", via_identifier(network.localpart("audit")))
+    seeder.put(auditor)
+    assert ops.request("POST", RETRY_DEAD_LETTERS, {"event_ids": [unattributable]}) == {
+        "requeued": 1
+    }
+    a = written(hapi, unattributable)
+    assert_ozo_communication(hapi, a)
+    assert a["sender"] == {
+        "reference": network.ref("Practitioner", "auditor"),
+        "type": "Practitioner",
+    }
+    assert a["partOf"] == c["partOf"]
+    assert health(server)["outbox"] == {"pending": 0, "dead": 0}
 
 
 def test_the_thread_of_a_room_the_service_user_made_is_requested_by_its_first_writer(
