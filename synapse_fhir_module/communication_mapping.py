@@ -122,17 +122,21 @@ def message_write(
     sender_person: str,
     *,
     encrypted_policy: str = "metadata_only",
-    parent_source: str | None = None,
+    parent: str | None = None,
     profile: CommunicationProfile = BASE,
 ) -> CommunicationWrite:
     """The write for a new ``m.room.message``/``m.room.encrypted`` event (withdrawn, when
     it was redacted while waiting in the outbox: see ``WITHDRAWN``).
 
     ``sender_person`` is ``Practitioner/<id>`` (or RelatedPerson/Patient).
-    ``parent_source``: for a reply to a message the module posted from FHIR, the resource
-    it came from (``Communication/7``, or ``CommunicationRequest/3`` for a thread's first
-    message); such a parent has no Communication under its event id. ``profile``: the
-    form written (see ``in_profile``). Raises NotRecorded for events that are not recorded.
+    ``parent``: for a reply, what its ``inResponseTo`` names, as the caller found the
+    parent in the room's thread: ``Communication/<id>`` (recorded, or the resource a
+    message posted from FHIR came from), ``communication_reference(<event id>)`` (written
+    in the same transaction), or ``CommunicationRequest/<id>`` (a thread's first message:
+    ``partOf`` says it all). None: the reply is written without ``inResponseTo`` — a
+    reference FHIR cannot resolve would refuse the message for good, and one to another
+    room's record would tie the message to another patient's thread. ``profile``: the form
+    written (see ``in_profile``). Raises NotRecorded for events that are not recorded.
     """
     event_type = event.get("type")
     content = event.get("content") or {}
@@ -158,12 +162,11 @@ def message_write(
         raise NotRecorded("an edit is not a message of its own")
 
     resource = _communication(event, room, sender_person, payload=_payload(content))
-    reply_to = reply_target(content)
-    if reply_to:
-        if parent_source is None:
-            resource["inResponseTo"] = [{"reference": communication_reference(reply_to)}]
-        elif parent_source.startswith("Communication/"):
-            resource["inResponseTo"] = [{"reference": parent_source, "type": "Communication"}]
+    if parent is not None and reply_target(content) is not None:
+        if parent.startswith("Communication?"):
+            resource["inResponseTo"] = [{"reference": parent}]
+        elif parent.startswith("Communication/"):
+            resource["inResponseTo"] = [{"reference": parent, "type": "Communication"}]
         # (A reply to a thread's first message: the request is already its partOf.)
     return _create(event, in_profile(resource, profile))
 

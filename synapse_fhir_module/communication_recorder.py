@@ -11,6 +11,12 @@ A batch writes its new messages first, as one transaction; then its edits and re
 one by one, each to its original's stored Communication (``communication_amendments``), or,
 while the original is still in the outbox, to the original's row.
 
+A reply names its parent (``inResponseTo``) only when the parent is this room's: written
+in the same transaction, posted into the room from FHIR, or recorded in FHIR as part of the
+room's thread. Otherwise — never recorded, or another room's message — it is written
+without the relation: a reference FHIR cannot resolve would refuse it for good, and one to
+another room's record would tie it to another patient's thread.
+
 A sender without a (single) FHIR person makes a dead letter, to be retried once FHIR names
 one (a person missing only for now must not lose the message). With
 ``communication.profile: ozo`` what is written meets the OZO profiles
@@ -54,6 +60,7 @@ from synapse_fhir_module.communication_mapping import (
     NotRecorded,
     Redaction,
     RoomContext,
+    communication_reference,
     edit_payload,
     message_write,
     replaced_event,
@@ -287,9 +294,10 @@ class CommunicationRecorder:
         """New messages, as one transaction."""
         outcome = _Outcome()
         writes: list[tuple[str, CommunicationWrite]] = []
+        in_batch: dict[str, str] = {}  # event id -> room id, of the writes so far
         for row in rows:
             try:
-                write = await self._write_for(row)
+                write = await self._write_for(row, in_batch)
             except NotRecorded:
                 outcome.done.append(row.event_id)  # not a care-team message: nothing to write
                 continue
@@ -309,6 +317,7 @@ class CommunicationRecorder:
                 outcome.dead[row.event_id] = f"could not be mapped: {type(e).__name__}"
                 continue
             writes.append((row.event_id, write))
+            in_batch[row.event_id] = row.room_id
         result = await self._writer.write(writes)
         outcome.written.extend(result.written)
         outcome.dead.update(result.dead)
@@ -559,7 +568,11 @@ class CommunicationRecorder:
         except DirectoryUnavailable as e:
             raise _Retry(str(e)) from e
 
-    async def _write_for(self, row: outbox_store.OutboxRow) -> CommunicationWrite:
+    async def _write_for(
+        self, row: outbox_store.OutboxRow, in_batch: Mapping[str, str]
+    ) -> CommunicationWrite:
+        """``in_batch``: the messages written before it in the same transaction (event id
+        -> room id)."""
         if await self._is_relayed(row.event):
             raise NotRecorded("posted from a FHIR Communication: FHIR has it already")
         try:
@@ -583,21 +596,42 @@ class CommunicationRecorder:
             room,
             person,
             encrypted_policy=self._config.encrypted_rooms.value,
-            parent_source=await self._parent_source(row),
+            parent=await self._reply_parent(row, thread, in_batch),
             profile=self._config.profile,
         )
 
-    async def _parent_source(self, row: outbox_store.OutboxRow) -> str | None:
-        """For a reply to a message posted from FHIR: the resource it came from."""
+    async def _reply_parent(
+        self, row: outbox_store.OutboxRow, thread: str, in_batch: Mapping[str, str]
+    ) -> str | None:
+        """What a reply's ``inResponseTo`` names (see ``message_write``): its parent only
+        where that is this room's — posted into it from FHIR, written before it in this
+        transaction, or recorded in FHIR as part of its thread. None otherwise: a room
+        member chooses the parent's id, and FHIR could never resolve one never recorded."""
         content = row.event.get("content")
-        parent = reply_target(content) if isinstance(content, dict) else None
-        if parent is None:
+        if row.event.get("type") != "m.room.message" or not isinstance(content, Mapping):
             return None
+        parent = reply_target(content)
+        if parent is None or WITHDRAWN in row.event:
+            return None  # (a withdrawn message keeps nothing of the reply it was)
         source = await self._api.run_db_interaction(
-            "fhir_relay_source", sync_store.source_of_event, parent
+            "fhir_relay_source", sync_store.source_of_event, parent, row.room_id
         )
-        # (Any part of a relayed payload stands for its resource.)
-        return resource_of_key(str(source)) if source else None
+        if source:
+            # (Any part of a relayed payload stands for its resource.)
+            return resource_of_key(str(source))
+        if in_batch.get(parent) == row.room_id:
+            return communication_reference(parent)
+        stored = await self._amender.stored(parent)
+        if stored is not None and in_thread(stored, thread):
+            return f"Communication/{stored['id']}"
+        # Event and room ids only: the parent's id is whatever the client sent.
+        logger.info(
+            "Outbox: %s in %s replies to no message recorded in its thread;"
+            " written without inResponseTo",
+            row.event_id,
+            row.room_id,
+        )
+        return None
 
     async def _is_relayed(self, event: Mapping[str, Any]) -> bool:
         content = event.get("content")

@@ -210,7 +210,8 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     )
     r = written(hapi, reply)
     assert_ozo_communication(hapi, r)
-    assert r["inResponseTo"] == [{"reference": f"Communication/{c['id']}"}]
+    # (By the conditional reference when both were written together, else by its id.)
+    assert [p["reference"] for p in r["inResponseTo"]] == [f"Communication/{c['id']}"]
     assert r["sender"] == {
         "reference": network.ref("RelatedPerson", "daughter"),
         "type": "RelatedPerson",
@@ -394,3 +395,63 @@ def test_a_team_without_a_patient_gets_no_thread_until_fhir_names_one(
     assert_ozo_communication(hapi, c)
     thread = resource(hapi, c["partOf"][0]["reference"])
     assert_ozo_thread(hapi, thread, network, requester=network.ref("Practitioner", "gp"))
+
+
+def reply_to(user: MatrixUser, room: str, parent: str, text: str) -> str:
+    return user.send(
+        room,
+        {
+            "msgtype": "m.text",
+            "body": text,
+            "m.relates_to": {"m.in_reply_to": {"event_id": parent}},
+        },
+    )
+
+
+def test_a_reply_names_its_parent_only_when_the_rooms_thread_holds_it(
+    ozo_hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
+) -> None:
+    """A reply to a message FHIR never got, or to another room's, is written without
+    ``inResponseTo``: once a dead letter for good (HAPI could not resolve the reference),
+    or a pointer into another thread."""
+    hapi = ozo_hapi
+    server = ozo_server(start_synapse, hapi)
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    network.seed(FhirSeeder(hapi.base_url))
+    ops = register_user(server, network.localpart("ops"), admin=True)
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    space = create_bound_space(service, network.team)
+    room, other_room = create_room_in_space(service, space), create_room_in_space(service, space)
+    gp = joined(server, service, room, network.localpart("anna"))
+    daughter = joined(server, service, room, network.localpart("carla"))
+    service.invite(other_room, gp.user_id)
+    gp.join(other_room)
+
+    elsewhere = written(hapi, gp.send_text(other_room, "Lab results are in"))
+    by_service = service.send_text(room, "Visiting hours changed")  # never recorded (OZO)
+    first = written(hapi, gp.send_text(room, "Wound looks clean"))
+    made_up = f"$never-sent-{network.tag}"
+    replies = {
+        "recorded": reply_to(daughter, room, first["identifier"][0]["value"], "Thank you"),
+        "service": reply_to(daughter, room, by_service, "Noted"),
+        "elsewhere": reply_to(daughter, room, elsewhere["identifier"][0]["value"], "Which lab?"),
+        "made up": reply_to(daughter, room, made_up, "Sorry?"),
+    }
+    recorded = {what: written(hapi, event_id) for what, event_id in replies.items()}
+    for c in recorded.values():
+        assert_ozo_communication(hapi, c)
+        assert c["partOf"] == first["partOf"] != elsewhere["partOf"]
+    assert [p["reference"] for p in recorded["recorded"]["inResponseTo"]] == [
+        f"Communication/{first['id']}"
+    ]
+    for unrelated in ("service", "elsewhere", "made up"):
+        assert "inResponseTo" not in recorded[unrelated], unrelated
+    assert [d for d in dead_letters(ops) if d["room_id"] == room] == []
+    # Logged with the reply's own ids: the parent's is whatever the client sent.
+    log = [
+        line
+        for line in server.log_path.read_text(errors="replace").splitlines()
+        if "synapse_fhir_module" in line
+    ]
+    assert [line for line in log if replies["made up"] in line and "inResponseTo" in line]
+    assert not any(made_up in line for line in log)

@@ -16,6 +16,7 @@ from synapse_fhir_module.communication_mapping import (
     NotRecorded,
     Redaction,
     RoomContext,
+    communication_reference,
     edit_payload,
     message_write,
     redaction_write,
@@ -71,16 +72,39 @@ def test_no_subject_without_a_patient() -> None:
     assert "subject" not in c
 
 
-def test_reply_points_at_the_parent_communication() -> None:
-    content = {
-        "msgtype": "m.text",
-        "body": "Will do",
-        "m.relates_to": {"m.in_reply_to": {"event_id": "$parent"}},
-    }
-    c = valid(message_write(event(content), ROOM, GP).resource)
-    assert c["inResponseTo"] == [
+REPLY = {
+    "msgtype": "m.text",
+    "body": "Will do",
+    "m.relates_to": {"m.in_reply_to": {"event_id": "$parent"}},
+}
+
+
+def test_a_reply_names_the_parent_the_recorder_found() -> None:
+    # Written before it in the same transaction: FHIR resolves the conditional reference.
+    same_batch = message_write(event(REPLY), ROOM, GP, parent=communication_reference("$parent"))
+    assert valid(same_batch.resource)["inResponseTo"] == [
         {"reference": f"Communication?identifier={EVENT_ID_SYSTEM}|$parent"}
     ]
+    # Recorded earlier, in this room's thread.
+    recorded = message_write(event(REPLY), ROOM, GP, parent="Communication/c-7")
+    assert valid(recorded.resource)["inResponseTo"] == [
+        {"reference": "Communication/c-7", "type": "Communication"}
+    ]
+
+
+def test_a_reply_whose_parent_is_not_in_the_thread_is_written_without_it() -> None:
+    """Never recorded, or another room's: no reference FHIR cannot resolve (which would
+    refuse the message for good) and none into another thread."""
+    c = valid(message_write(event(REPLY), ROOM, GP).resource)
+    assert "inResponseTo" not in c
+    assert c["payload"] == [{"contentString": "Will do"}]
+
+
+def test_a_parent_is_named_only_for_a_reply() -> None:
+    c = message_write(
+        event({"msgtype": "m.text", "body": "hi"}), ROOM, GP, parent="Communication/c-7"
+    )
+    assert "inResponseTo" not in valid(c.resource)
 
 
 def test_a_reply_to_a_message_posted_from_fhir_points_at_its_source() -> None:
@@ -89,12 +113,12 @@ def test_a_reply_to_a_message_posted_from_fhir_points_at_its_source() -> None:
         "body": "Thanks",
         "m.relates_to": {"m.in_reply_to": {"event_id": "$relayed"}},
     }
-    relayed = message_write(event(content), ROOM, GP, parent_source="Communication/lab-1")
+    relayed = message_write(event(content), ROOM, GP, parent="Communication/lab-1")
     assert valid(relayed.resource)["inResponseTo"] == [
         {"reference": "Communication/lab-1", "type": "Communication"}
     ]
     # A reply to a thread's first message (the request's payload): partOf says it all.
-    first = message_write(event(content), ROOM, GP, parent_source="CommunicationRequest/t")
+    first = message_write(event(content), ROOM, GP, parent="CommunicationRequest/t")
     assert "inResponseTo" not in valid(first.resource)
 
 
@@ -132,7 +156,7 @@ def test_redaction_marks_entered_in_error_and_drops_the_payload() -> None:
 
 def test_a_message_redacted_in_the_outbox_is_written_withdrawn_without_its_reply() -> None:
     erased = event({}, **{WITHDRAWN: {}})  # (content erased, reply relation with it)
-    write = message_write(erased, ROOM, GP, parent_source="Communication/lab-1")
+    write = message_write(erased, ROOM, GP, parent="Communication/lab-1")
     assert (write.method, write.url) == ("PUT", f"Communication?identifier={EVENT_ID_SYSTEM}|$ev1")
     c = valid(write.resource)
     assert c["status"] == "entered-in-error"

@@ -14,7 +14,7 @@ import attr
 import pytest
 import pytest_twisted
 
-from synapse_fhir_module import outbox_store
+from synapse_fhir_module import outbox_store, sync_store
 from synapse_fhir_module.communication_mapping import (
     EVENT_ID_SYSTEM,
 )
@@ -230,6 +230,10 @@ def text(event_id: str, sender: str = "@anna:example.org", room: str = ROOM, **m
     return Event(event_id, room, sender, {"msgtype": "m.text", "body": "BP 150/95", **more})
 
 
+def reply(event_id: str, parent: str, room: str = ROOM) -> Event:
+    return text(event_id, room=room, **{"m.relates_to": {"m.in_reply_to": {"event_id": parent}}})
+
+
 async def started(stand: Stand) -> Stand:
     await stand.recorder.start()
     await stand.api.drain()
@@ -273,3 +277,57 @@ async def test_only_the_service_users_own_messages_are_left_unwritten_under_ozo(
     assert stand.fhir.communication("$maintenance") is None
     counts = await stand.recorder.counts()
     assert (counts.pending, counts.dead, counts.not_written_profile) == (0, 0, 1)
+
+
+# -- replies ------------------------------------------------------------------------------
+
+
+def in_response_to(stand: Stand, event_id: str) -> list[dict[str, Any]] | None:
+    written = stand.fhir.communication(event_id)
+    assert written is not None, f"{event_id} not written"
+    return written.get("inResponseTo")
+
+
+@pytest.mark.parametrize("profile", [OZO, BASE])
+@pytest_twisted.ensureDeferred
+async def test_a_reply_names_its_parent_only_where_fhir_has_it_in_the_rooms_thread(
+    db: sqlite3.Cursor, profile: CommunicationProfile
+) -> None:
+    stand = await started(stand_in(db, profile))
+    await stand.send(text("$earlier"), text("$elsewhere", room=OTHER_ROOM))
+    earlier = stand.fhir.communication("$earlier")
+    assert earlier is not None
+    await stand.send(
+        text("$same-batch"),
+        reply("$to-earlier", "$earlier"),  # recorded in this thread before
+        reply("$to-same-batch", "$same-batch"),  # written just before it
+        reply("$to-nothing", "$never-recorded"),  # FHIR could never resolve it
+        reply("$to-another-room", "$elsewhere"),  # another patient's thread
+        reply("$from-another-room", "$same-batch", room=OTHER_ROOM),  # (same batch)
+    )
+    assert stand.dead() == {}
+    assert in_response_to(stand, "$to-earlier") == [
+        {"reference": f"Communication/{earlier['id']}", "type": "Communication"}
+    ]
+    same_batch = stand.fhir.communication("$same-batch")
+    assert same_batch is not None
+    assert in_response_to(stand, "$to-same-batch") == [
+        {"reference": f"Communication/{same_batch['id']}"}
+    ]
+    for unrelated in ("$to-nothing", "$to-another-room", "$from-another-room"):
+        assert in_response_to(stand, unrelated) is None, unrelated
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_to_a_relay_names_its_source_only_in_the_room_it_was_posted_to(
+    db: sqlite3.Cursor,
+) -> None:
+    stand = await started(stand_in(db))
+    stand.fhir.put({"resourceType": "Communication", "id": "lab-1", "status": "completed"})
+    sync_store.claim_relay(db, "Communication/lab-1", ROOM, SERVICE)
+    sync_store.relayed_as(db, "Communication/lab-1", "$relayed")
+    await stand.send(reply("$here", "$relayed"), reply("$there", "$relayed", room=OTHER_ROOM))
+    assert in_response_to(stand, "$here") == [
+        {"reference": "Communication/lab-1", "type": "Communication"}
+    ]
+    assert in_response_to(stand, "$there") is None

@@ -23,6 +23,7 @@ from synapse_fhir_module.communication_mapping import (
     NotRecorded,
     Redaction,
     RoomContext,
+    communication_reference,
     message_write,
     redaction_write,
     thread_request,
@@ -142,7 +143,10 @@ def test_a_message_declares_and_meets_ozo_communication(content: dict[str, Any])
 
 def test_a_reply_meets_it_too() -> None:
     content = {**TEXT, "m.relates_to": {"m.in_reply_to": {"event_id": "$parent"}}}
-    c = meets_ozo_communication(message_write(event(content), ROOM, DAUGHTER, profile=OZO).resource)
+    parent = communication_reference("$parent")
+    c = meets_ozo_communication(
+        message_write(event(content), ROOM, DAUGHTER, parent=parent, profile=OZO).resource
+    )
     assert c["inResponseTo"] == [
         {"reference": "Communication?identifier=https://matrix.org/event-id|$parent"}
     ]
@@ -401,6 +405,9 @@ contents = st.one_of(
     withdrawn_by=st.sampled_from([None, "sender", "moderator"]),
     sender=st.sampled_from([GP, DAUGHTER, "Patient/p-1"]),
     reply_to=st.one_of(st.none(), st.just("$parent"), text),
+    parent=st.sampled_from(
+        [None, "Communication/c-9", "CommunicationRequest/t-1", "Communication?identifier=x|$p"]
+    ),
 )
 def test_every_message_the_writer_would_send_meets_the_profile(
     content: dict[str, Any],
@@ -408,6 +415,7 @@ def test_every_message_the_writer_would_send_meets_the_profile(
     withdrawn_by: str | None,
     sender: str,
     reply_to: str | None,
+    parent: str | None,
 ) -> None:
     """Whatever a client puts in an event: under ozo the module either records nothing,
     or writes a valid R4 Communication meeting OZOCommunication, or (R4 cannot hold what
@@ -421,7 +429,9 @@ def test_every_message_the_writer_would_send_meets_the_profile(
     elif withdrawn_by == "moderator":
         extra[WITHDRAWN] = BY_NURSE.to_json()
     try:
-        write = message_write(event(content, event_type, **extra), ROOM, sender, profile=OZO)
+        write = message_write(
+            event(content, event_type, **extra), ROOM, sender, parent=parent, profile=OZO
+        )
     except NotRecorded:
         return
     if invalid_communication(write.resource) is None:  # what the writer sends
