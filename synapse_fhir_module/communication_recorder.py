@@ -17,6 +17,11 @@ room's thread. Otherwise — never recorded, or another room's message — it is
 without the relation: a reference FHIR cannot resolve would refuse it for good, and one to
 another room's record would tie it to another patient's thread.
 
+A room's thread is the request bound to it, or the one the module opens for it under the
+room's id. A request that FHIR already holds under that id is taken only when it is one the
+module opens (``communication_mapping.unadoptable``): anyone who writes FHIR can create one
+naming another team or patient. Otherwise the room's messages become dead letters.
+
 A sender without a (single) FHIR person makes a dead letter, to be retried once FHIR names
 one (a person missing only for now must not lose the message). With
 ``communication.profile: ozo`` what is written meets the OZO profiles
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attr
@@ -66,11 +71,12 @@ from synapse_fhir_module.communication_mapping import (
     replaced_event,
     reply_target,
     thread_request,
+    unadoptable,
 )
 from synapse_fhir_module.communication_profile import request_problems
 from synapse_fhir_module.communication_writer import CommunicationWriter
 from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile, RecordedRooms
-from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_client import FhirClient, to_json
 from synapse_fhir_module.fhir_errors import FhirError, FhirPermanentError, FhirTransientError
 from synapse_fhir_module.health import OutboxCounts
 from synapse_fhir_module.outbox_metrics import (
@@ -525,14 +531,24 @@ class CommunicationRecorder:
 
     async def _room_thread(self, room_id: str) -> str | None:
         """The room's thread (``CommunicationRequest/<id>``) if it has one: bound in room
-        state, opened by this instance, or opened for it before (found by its room id)."""
+        state, opened by this instance, or opened for it before (found by its room id, and
+        only one the module would open: see ``unadoptable``)."""
         thread = await self._bindings.thread_of(room_id) or self._opened_threads.get(room_id)
         if thread is not None or any(c in room_id for c in ",|$\\"):
             return thread
+        try:
+            teams = await self._bindings.care_teams_of(room_id)
+            patient = await self._patient_of(teams[0]) if teams else None
+        except DirectoryUnavailable as e:
+            raise _Retry(str(e)) from e
         for request in await self._fhir.search_json(
             "CommunicationRequest", {"identifier": f"{ROOM_ID_SYSTEM}|{room_id}"}
         ):
-            if request.get("resourceType") == "CommunicationRequest" and request.get("id"):
+            if (
+                request.get("resourceType") == "CommunicationRequest"
+                and request.get("id")
+                and unadoptable(request, teams, patient) is None
+            ):
                 return f"CommunicationRequest/{request['id']}"
         return None
 
@@ -580,12 +596,12 @@ class CommunicationRecorder:
             team_ref = teams[0] if teams else None
             if team_ref is None and not self._all_rooms:
                 raise NotRecorded("not a care-team room")
-            patient = (await self._teams.membership(team_ref)).subject if team_ref else None
+            patient = await self._patient_of(team_ref) if team_ref else None
             sender = str(row.event["sender"])
             if self._ozo and sender == self._service_user_id:
                 raise _NotWritten("service_user")  # (never a person; relays left above)
             person = await self._sender_person(sender)
-            thread = await self._thread_of(row.room_id, team_ref, patient, person)
+            thread = await self._thread_of(row.room_id, teams, patient, person)
         except DirectoryUnavailable as e:
             raise _Retry(str(e)) from e
         room = RoomContext(
@@ -599,6 +615,10 @@ class CommunicationRecorder:
             parent=await self._reply_parent(row, thread, in_batch),
             profile=self._config.profile,
         )
+
+    async def _patient_of(self, team_ref: str) -> str | None:
+        """The team's patient, as FHIR says now (raises DirectoryUnavailable)."""
+        return (await self._teams.membership(team_ref)).subject
 
     async def _reply_parent(
         self, row: outbox_store.OutboxRow, thread: str, in_batch: Mapping[str, str]
@@ -670,7 +690,7 @@ class CommunicationRecorder:
         return record.person
 
     async def _thread_of(
-        self, room_id: str, team_ref: str | None, patient: str | None, sender_person: str
+        self, room_id: str, teams: Sequence[str], patient: str | None, sender_person: str
     ) -> str:
         bound = await self._bindings.thread_of(room_id)
         if bound:
@@ -679,17 +699,20 @@ class CommunicationRecorder:
             if len(self._opened_threads) >= MAX_REMEMBERED_THREADS:
                 self._opened_threads.clear()
             self._opened_threads[room_id] = await self._open_thread(
-                room_id, team_ref, patient, sender_person
+                room_id, teams, patient, sender_person
             )
         return self._opened_threads[room_id]
 
     async def _open_thread(
-        self, room_id: str, team_ref: str | None, patient: str | None, sender_person: str
+        self, room_id: str, teams: Sequence[str], patient: str | None, sender_person: str
     ) -> str:
         """Create the room's CommunicationRequest (once: keyed by the room id) and bind it.
 
         ``sender_person``: the person whose message opens it (OZO's requester when the
-        room's creator has no person)."""
+        room's creator has no person). A request FHIR holds under the room's id already is
+        taken only if it is one the module opens (``unadoptable``); otherwise the room has
+        no thread to write into, and its messages are dead letters."""
+        team_ref = teams[0] if teams else None
         requester = None
         if self._ozo:
             if patient is None or not patient.startswith("Patient/"):
@@ -707,7 +730,7 @@ class CommunicationRecorder:
         if unmet:
             raise _Dead("no OZO thread for the room: " + "; ".join(unmet))
         try:
-            stored, _ = await self._fhir.create_if_none_exist(
+            stored, created = await self._fhir.create_if_none_exist(
                 CommunicationRequest.model_validate(request),
                 f"identifier={ROOM_ID_SYSTEM}|{room_id}",
             )
@@ -716,6 +739,15 @@ class CommunicationRecorder:
         except FhirError as e:
             raise _Dead(f"could not open a thread for the room: {e.detail}") from e
         thread = f"CommunicationRequest/{stored.id}"
+        foreign = None if created else unadoptable(to_json(stored), teams, patient)
+        if foreign is not None:
+            # Never written into, never bound: the room's messages wait as dead letters
+            # until FHIR no longer holds that request under the room's id.
+            logger.warning("Not recording %s into %s: %s", room_id, thread, foreign)
+            raise _Dead(
+                f"no thread for the room: {thread} carries the room's id, but {foreign};"
+                " take the room's id off it in FHIR, then retry"
+            )
         if team_ref is None:
             # An ordinary room stays unbound: a thread binding would make it a care-team
             # room whose request names no team, which nobody may use.

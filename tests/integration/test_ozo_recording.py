@@ -17,7 +17,7 @@ from fhir.resources.R4B.communicationrequest import CommunicationRequest
 
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
-from devstack.matrix_client import MatrixUser, register_user
+from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SERVER_NAME, SynapseServer, module_config
 from devstack.waiting import wait_until
@@ -455,3 +455,60 @@ def test_a_reply_names_its_parent_only_when_the_rooms_thread_holds_it(
     ]
     assert [line for line in log if replies["made up"] in line and "inResponseTo" in line]
     assert not any(made_up in line for line in log)
+
+
+def test_a_request_another_writer_made_under_the_rooms_id_never_becomes_its_thread(
+    ozo_hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
+) -> None:
+    """Anyone who writes FHIR can create a CommunicationRequest under a room's id before the
+    module opens the room's thread — even with the module's origin tag. Naming another team
+    and patient, it is never adopted: the room's messages wait as dead letters."""
+    hapi = ozo_hapi
+    server = ozo_server(start_synapse, hapi)
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    seeder = FhirSeeder(hapi.base_url)
+    network.seed(seeder)
+    other_patient = network.person("Patient", "stranger", {})
+    seeder.put(other_patient)
+    ops = register_user(server, network.localpart("ops"), admin=True)
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = joined(server, service, room, network.localpart("anna"))
+    forged = thread_request(
+        room,
+        network.ref("CareTeam", "pharmacy"),
+        network.ref("Patient", "stranger"),
+        requester=network.ref("Practitioner", "outsider"),
+        profile=OZO,
+    )
+    forged["id"] = f"forged-{network.tag}"
+    seeder.put(forged)
+    forged_ref = f"CommunicationRequest/{forged['id']}"
+
+    message = gp.send_text(room, "Wound looks clean")
+    (dead,) = wait_until(
+        lambda: [d for d in dead_letters(ops) if d["event_id"] == message] or None,
+        timeout=30,
+        what="the message kept as a dead letter",
+    )
+    assert dead["reason"].startswith(f"no thread for the room: {forged_ref} carries the room's id")
+    assert "not addressed to the room's care team" in dead["reason"]
+    assert communication_of(hapi, message) is None
+    in_forged = requests.get(
+        f"{hapi.base_url}/Communication",
+        params={"part-of": forged_ref},
+        headers={"Cache-Control": "no-cache"},
+        timeout=30,
+    ).json()
+    assert in_forged.get("entry", []) == []
+    with pytest.raises(MatrixError):  # the room is not bound to it
+        service.request("GET", f"/_matrix/client/v3/rooms/{room}/state/org.synapse_fhir.thread")
+
+    # The request loses the room's id in FHIR; the operator retries: the module opens its own.
+    seeder.put({key: value for key, value in forged.items() if key != "identifier"})
+    assert ops.request("POST", RETRY_DEAD_LETTERS, {"event_ids": [message]}) == {"requeued": 1}
+    c = written(hapi, message)
+    assert_ozo_communication(hapi, c)
+    assert c["partOf"][0]["reference"] != forged_ref
+    thread = resource(hapi, c["partOf"][0]["reference"])
+    assert_ozo_thread(hapi, thread, network, requester=network.ref("Practitioner", "gp"))

@@ -17,6 +17,9 @@ import pytest_twisted
 from synapse_fhir_module import outbox_store, sync_store
 from synapse_fhir_module.communication_mapping import (
     EVENT_ID_SYSTEM,
+    ORIGIN_TAG,
+    ROOM_ID_SYSTEM,
+    thread_request,
 )
 from synapse_fhir_module.communication_recorder import CommunicationRecorder
 from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile
@@ -331,3 +334,63 @@ async def test_a_reply_to_a_relay_names_its_source_only_in_the_room_it_was_poste
         {"reference": "Communication/lab-1", "type": "Communication"}
     ]
     assert in_response_to(stand, "$there") is None
+
+
+# -- a request under the room's id --------------------------------------------------------
+
+
+def own_request(**changes: Any) -> dict[str, Any]:
+    request = thread_request(ROOM, TEAM, PATIENT, requester="Practitioner/gp-1", profile=OZO)
+    request.update(changes)
+    return {key: value for key, value in request.items() if value is not None}
+
+
+FORGED = {
+    "without the origin tag": own_request(meta={"tag": []}),
+    "for another team": own_request(recipient=[{"reference": OTHER_TEAM, "type": "CareTeam"}]),
+    "for this team and another": own_request(
+        recipient=[{"reference": TEAM, "type": "CareTeam"}, {"reference": OTHER_TEAM}]
+    ),
+    "about another patient": own_request(subject={"reference": OTHER_PATIENT}),
+    "about nobody": own_request(subject=None),
+}
+
+
+@pytest.mark.parametrize("forged", FORGED.values(), ids=FORGED.keys())
+@pytest_twisted.ensureDeferred
+async def test_a_request_someone_else_wrote_under_the_rooms_id_is_never_the_rooms_thread(
+    db: sqlite3.Cursor, forged: dict[str, Any]
+) -> None:
+    fhir = Fhir()
+    thread = fhir.put(forged)
+    stand = await started(stand_in(db, fhir=fhir))
+    await stand.send(text("$first"))
+    assert stand.fhir.communication("$first") is None
+    (reason,) = stand.dead().values()
+    assert reason.startswith(f"no thread for the room: {thread} carries the room's id, but ")
+    assert stand.api.state_sent == []  # the room is not bound to it
+    # An edit, a redaction in the room: never applied to anything in that request.
+    assert await stand.recorder._room_thread(ROOM) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_the_module_opened_for_the_room_is_its_thread(db: sqlite3.Cursor) -> None:
+    fhir = Fhir()
+    thread = fhir.put(own_request())
+    stand = await started(stand_in(db, fhir=fhir))
+    await stand.send(text("$first"))
+    written = stand.fhir.communication("$first")
+    assert written is not None and written["partOf"][0]["reference"] == thread
+    assert await stand.recorder._room_thread(ROOM) == thread
+    assert [e["content"] for e in stand.api.state_sent] == [{"reference": thread}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_room_without_a_request_gets_its_own(db: sqlite3.Cursor) -> None:
+    stand = await started(stand_in(db))
+    await stand.send(text("$first"))
+    written = stand.fhir.communication("$first")
+    assert written is not None
+    (request,) = stand.fhir.find("CommunicationRequest", ROOM_ID_SYSTEM, ROOM)
+    assert written["partOf"][0]["reference"] == f"CommunicationRequest/{request['id']}"
+    assert ORIGIN_TAG in request["meta"]["tag"]
