@@ -512,3 +512,38 @@ def test_a_request_another_writer_made_under_the_rooms_id_never_becomes_its_thre
     assert c["partOf"][0]["reference"] != forged_ref
     thread = resource(hapi, c["partOf"][0]["reference"])
     assert_ozo_thread(hapi, thread, network, requester=network.ref("Practitioner", "gp"))
+
+
+def test_a_redaction_withdraws_a_record_that_claims_ozo_without_meeting_it(
+    ozo_hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
+) -> None:
+    """Written so by another system or an older version, the record cannot meet the profile:
+    the withdrawal still goes through (placeholder, entered-in-error), without the claim."""
+    hapi = ozo_hapi
+    server = ozo_server(start_synapse, hapi)
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    seeder = FhirSeeder(hapi.base_url)
+    network.seed(seeder)
+    ops = register_user(server, network.localpart("ops"), admin=True)
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = joined(server, service, room, network.localpart("anna"))
+    mistake = gp.send_text(room, "Wrong patient, sorry")
+    c = written(hapi, mistake)
+    older = {key: value for key, value in c.items() if key != "meta"}
+    older["meta"] = {"tag": c["meta"]["tag"], "profile": c["meta"]["profile"]}
+    older["partOf"] = [{"reference": c["partOf"][0]["reference"]}]  # no `type`
+    older["sender"] = {"reference": c["sender"]["reference"]}
+    seeder.put(older)
+    assert any("type" in error for error in validator_errors(hapi, older))
+
+    gp.redact(room, mistake)
+    withdrawn = written(
+        hapi, mistake, lambda x: x["status"] == "entered-in-error", "the redaction applied"
+    )
+    assert withdrawn["payload"] == [{"contentString": WITHDRAWN_PLACEHOLDER}]
+    assert "profile" not in withdrawn["meta"]
+    assert "Wrong patient" not in str(withdrawn)
+    assert validator_errors(hapi, withdrawn) == []
+    Communication.model_validate(withdrawn)
+    assert [d for d in dead_letters(ops) if d["room_id"] == room] == []
