@@ -8,7 +8,9 @@
   redact it did, and then a note names them.
 - Nothing brings a withdrawn Communication back.
 - With ``communication.profile: ozo`` the new version declares OZOCommunication, and a
-  withdrawn one keeps a fixed placeholder as its payload (``in_profile``).
+  withdrawn one keeps a fixed placeholder as its payload (``in_profile``). A withdrawal is
+  never refused for the profile's sake: a record that cannot meet it (written so by another
+  system or an older version) is withdrawn without the claim.
 
 The decisions are pure functions of what is stored: the Communication, or the outbox row
 of a message FHIR does not have yet. ``CommunicationAmender`` reads the Communication,
@@ -37,6 +39,12 @@ from synapse_fhir_module.communication_mapping import (
     in_profile,
     is_event_id,
     moderator_note,
+)
+from synapse_fhir_module.communication_profile import (
+    OZO_COMMUNICATION,
+    communication_problems,
+    declares,
+    undeclare,
 )
 from synapse_fhir_module.communication_writer import invalid_communication
 from synapse_fhir_module.config import CommunicationProfile, RedactionPolicy
@@ -115,7 +123,13 @@ def withdrawn(
     resource["status"] = ENTERED_IN_ERROR
     if not by_sender:
         resource["note"] = [*_mappings(stored.get("note")), moderator_note(redaction)]
-    return in_profile(resource, profile)
+    resource = in_profile(resource, profile)
+    if declares(resource, OZO_COMMUNICATION) and communication_problems(resource):
+        # A record that claims the profile without meeting it (another system's, an older
+        # version's): the withdrawal must not be refused for that, nor a false claim
+        # written, so the claim goes (the placeholder stays).
+        undeclare(resource, OZO_COMMUNICATION)
+    return resource
 
 
 def redaction_counts(policy: RedactionPolicy, *, by_sender: bool, by_local_user: bool) -> bool:

@@ -16,12 +16,13 @@ fixed placeholder as its payload, and the thread the module opens is an
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import attr
 
+from synapse_fhir_module.care_team import reference_of
 from synapse_fhir_module.communication_profile import (
     ENCRYPTED_PLACEHOLDER,
     OZO_COMMUNICATION,
@@ -32,6 +33,7 @@ from synapse_fhir_module.communication_profile import (
 )
 from synapse_fhir_module.config import CommunicationProfile
 from synapse_fhir_module.fhir_time import format_fhir_instant
+from synapse_fhir_module.thread_teams import request_teams
 
 EVENT_ID_SYSTEM = "https://matrix.org/event-id"
 # Identifies the CommunicationRequest the module opened for a room (its thread).
@@ -122,17 +124,21 @@ def message_write(
     sender_person: str,
     *,
     encrypted_policy: str = "metadata_only",
-    parent_source: str | None = None,
+    parent: str | None = None,
     profile: CommunicationProfile = BASE,
 ) -> CommunicationWrite:
     """The write for a new ``m.room.message``/``m.room.encrypted`` event (withdrawn, when
     it was redacted while waiting in the outbox: see ``WITHDRAWN``).
 
     ``sender_person`` is ``Practitioner/<id>`` (or RelatedPerson/Patient).
-    ``parent_source``: for a reply to a message the module posted from FHIR, the resource
-    it came from (``Communication/7``, or ``CommunicationRequest/3`` for a thread's first
-    message); such a parent has no Communication under its event id. ``profile``: the
-    form written (see ``in_profile``). Raises NotRecorded for events that are not recorded.
+    ``parent``: for a reply, what its ``inResponseTo`` names, as the caller found the
+    parent in the room's thread: ``Communication/<id>`` (recorded, or the resource a
+    message posted from FHIR came from), ``communication_reference(<event id>)`` (written
+    in the same transaction), or ``CommunicationRequest/<id>`` (a thread's first message:
+    ``partOf`` says it all). None: the reply is written without ``inResponseTo`` — a
+    reference FHIR cannot resolve would refuse the message for good, and one to another
+    room's record would tie the message to another patient's thread. ``profile``: the form
+    written (see ``in_profile``). Raises NotRecorded for events that are not recorded.
     """
     event_type = event.get("type")
     content = event.get("content") or {}
@@ -158,12 +164,11 @@ def message_write(
         raise NotRecorded("an edit is not a message of its own")
 
     resource = _communication(event, room, sender_person, payload=_payload(content))
-    reply_to = reply_target(content)
-    if reply_to:
-        if parent_source is None:
-            resource["inResponseTo"] = [{"reference": communication_reference(reply_to)}]
-        elif parent_source.startswith("Communication/"):
-            resource["inResponseTo"] = [{"reference": parent_source, "type": "Communication"}]
+    if parent is not None and reply_target(content) is not None:
+        if parent.startswith("Communication?"):
+            resource["inResponseTo"] = [{"reference": parent}]
+        elif parent.startswith("Communication/"):
+            resource["inResponseTo"] = [{"reference": parent, "type": "Communication"}]
         # (A reply to a thread's first message: the request is already its partOf.)
     return _create(event, in_profile(resource, profile))
 
@@ -240,6 +245,33 @@ def thread_request(
         if requester:
             request["requester"] = _reference(requester)
     return request
+
+
+def unadoptable(
+    request: Mapping[str, Any], care_teams: Sequence[str], patient: str | None
+) -> str | None:
+    """Why ``request`` — a CommunicationRequest FHIR holds under a room's id — must not be
+    taken as that room's thread, or None when it is one the module opens for it: its origin
+    tag, addressed to the room's first team and to none but the room's teams (recipients
+    and OZO's sender team), about the team's patient (about nobody when the team names
+    none).
+
+    Whoever writes FHIR can create a request under any room's id: taken as it is, it would
+    make the room's messages part of a thread about another patient or for another team.
+    The reason names rules, never values."""
+    if not has_tag(request, ORIGIN_TAG):
+        return "it does not carry this module's origin tag"
+    # (A recipient that is no relative reference counts as None: never one of the teams.)
+    addressees = {reference_of(r) for r in _list(request.get("recipient"))}
+    if care_teams and care_teams[0] not in addressees:
+        return "it is not addressed to the room's care team"
+    if not addressees | set(request_teams(request)) <= set(care_teams):
+        return "it is addressed to someone other than the room's care teams"
+    subject = request.get("subject")
+    named = reference_of(subject)
+    if (subject is not None and named is None) or named != patient:
+        return "its subject is not the care team's patient"
+    return None
 
 
 def has_tag(resource: Mapping[str, Any], tag: Mapping[str, str]) -> bool:
@@ -367,6 +399,10 @@ def _reply_target(relates_to: Any) -> str | None:
     if isinstance(in_reply_to, Mapping) and is_event_id(in_reply_to.get("event_id")):
         return str(in_reply_to["event_id"])
     return None
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _reference(ref: str) -> dict[str, str]:

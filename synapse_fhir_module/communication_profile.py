@@ -50,6 +50,21 @@ def declare(resource: dict[str, Any], profile: str) -> None:
         profiles.append(profile)
 
 
+def undeclare(resource: dict[str, Any], profile: str) -> None:
+    """Remove ``profile`` from ``resource``'s ``meta.profile`` (and an empty list)."""
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        return
+    profiles = meta.get("profile")
+    if not isinstance(profiles, list) or profile not in profiles:
+        return
+    kept = [p for p in profiles if p != profile]
+    if kept:
+        meta["profile"] = kept
+    else:
+        del meta["profile"]
+
+
 def communication_problems(resource: Mapping[str, Any]) -> list[str]:
     """Where ``resource`` falls short of OZOCommunication (empty: it meets it)."""
     problems = []

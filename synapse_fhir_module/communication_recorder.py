@@ -11,20 +11,32 @@ A batch writes its new messages first, as one transaction; then its edits and re
 one by one, each to its original's stored Communication (``communication_amendments``), or,
 while the original is still in the outbox, to the original's row.
 
-With ``communication.profile: ozo`` what is written meets the OZO profiles
-(``communication_profile``). A message OZO cannot attribute to an individual — sent by the
-service user (not a relay from FHIR), or by an account without a FHIR person — is not
-written: counted (``/health`` ``recording.not_written_profile``, Prometheus) and logged
-with its event and room ids. A thread that cannot meet OZOCommunicationRequest (the team
-names no patient) is not opened: the room's messages become dead letters, to be retried
-once FHIR has what is missing.
+A reply names its parent (``inResponseTo``) only when the parent is this room's: written
+in the same transaction, posted into the room from FHIR, or recorded in FHIR as part of the
+room's thread. Otherwise — never recorded, or another room's message — it is written
+without the relation: a reference FHIR cannot resolve would refuse it for good, and one to
+another room's record would tie it to another patient's thread.
+
+A room's thread is the request bound to it, or the one the module opens for it under the
+room's id. A request that FHIR already holds under that id is taken only when it is one the
+module opens (``communication_mapping.unadoptable``): anyone who writes FHIR can create one
+naming another team or patient. Otherwise the room's messages become dead letters.
+
+A sender without a (single) FHIR person makes a dead letter, to be retried once FHIR names
+one (a person missing only for now must not lose the message). With
+``communication.profile: ozo`` what is written meets the OZO profiles
+(``communication_profile``), and a message the service user sent (not a relay from FHIR),
+which can never have a person, is not written: counted (``/health``
+``recording.not_written_profile``, Prometheus) and logged with its event and room ids. A
+thread that cannot meet OZOCommunicationRequest (the team names no patient) is not opened:
+the room's messages become dead letters, to be retried once FHIR has what is missing.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attr
@@ -54,16 +66,18 @@ from synapse_fhir_module.communication_mapping import (
     NotRecorded,
     Redaction,
     RoomContext,
+    communication_reference,
     edit_payload,
     message_write,
     replaced_event,
     reply_target,
     thread_request,
+    unadoptable,
 )
 from synapse_fhir_module.communication_profile import request_problems
 from synapse_fhir_module.communication_writer import CommunicationWriter
 from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile, RecordedRooms
-from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir_client import FhirClient, to_json
 from synapse_fhir_module.fhir_errors import FhirError, FhirPermanentError, FhirTransientError
 from synapse_fhir_module.health import OutboxCounts
 from synapse_fhir_module.outbox_metrics import (
@@ -94,10 +108,10 @@ MAX_REMEMBERED_THREADS = 100_000
 GAUGE_REFRESH_S = 1.0
 ROOM_CREATE = ("m.room.create", "")
 # Why communication.profile: ozo leaves a message unwritten (the metric's label), and the
-# log's words for it: fixed texts, never the message or who sent it.
+# log's words for it: fixed texts, never the message or who sent it. (A sender without a
+# person is a dead letter instead: FHIR may name one later.)
 NOT_WRITTEN_REASONS = {
     "service_user": "sent by the service user, not a person",
-    "no_person": "its sender has no (single) FHIR person",
 }
 
 
@@ -296,9 +310,10 @@ class CommunicationRecorder:
         """New messages, as one transaction."""
         outcome = _Outcome()
         writes: list[tuple[str, CommunicationWrite]] = []
+        in_batch: dict[str, str] = {}  # event id -> room id, of the writes so far
         for row in rows:
             try:
-                write = await self._write_for(row)
+                write = await self._write_for(row, in_batch)
             except NotRecorded:
                 outcome.done.append(row.event_id)  # not a care-team message: nothing to write
                 continue
@@ -318,6 +333,7 @@ class CommunicationRecorder:
                 outcome.dead[row.event_id] = f"could not be mapped: {type(e).__name__}"
                 continue
             writes.append((row.event_id, write))
+            in_batch[row.event_id] = row.room_id
         result = await self._writer.write(writes)
         outcome.written.extend(result.written)
         outcome.dead.update(result.dead)
@@ -549,14 +565,24 @@ class CommunicationRecorder:
 
     async def _room_thread(self, room_id: str) -> str | None:
         """The room's thread (``CommunicationRequest/<id>``) if it has one: bound in room
-        state, opened by this instance, or opened for it before (found by its room id)."""
+        state, opened by this instance, or opened for it before (found by its room id, and
+        only one the module would open: see ``unadoptable``)."""
         thread = await self._bindings.thread_of(room_id) or self._opened_threads.get(room_id)
         if thread is not None or any(c in room_id for c in ",|$\\"):
             return thread
+        try:
+            teams = await self._bindings.care_teams_of(room_id)
+            patient = await self._patient_of(teams[0]) if teams else None
+        except DirectoryUnavailable as e:
+            raise _Retry(str(e)) from e
         for request in await self._fhir.search_json(
             "CommunicationRequest", {"identifier": f"{ROOM_ID_SYSTEM}|{room_id}"}
         ):
-            if request.get("resourceType") == "CommunicationRequest" and request.get("id"):
+            if (
+                request.get("resourceType") == "CommunicationRequest"
+                and request.get("id")
+                and unadoptable(request, teams, patient) is None
+            ):
                 return f"CommunicationRequest/{request['id']}"
         return None
 
@@ -592,7 +618,11 @@ class CommunicationRecorder:
         except DirectoryUnavailable as e:
             raise _Retry(str(e)) from e
 
-    async def _write_for(self, row: outbox_store.OutboxRow) -> CommunicationWrite:
+    async def _write_for(
+        self, row: outbox_store.OutboxRow, in_batch: Mapping[str, str]
+    ) -> CommunicationWrite:
+        """``in_batch``: the messages written before it in the same transaction (event id
+        -> room id)."""
         if await self._is_relayed(row.event):
             raise NotRecorded("posted from a FHIR Communication: FHIR has it already")
         try:
@@ -600,13 +630,12 @@ class CommunicationRecorder:
             team_ref = teams[0] if teams else None
             if team_ref is None and not self._all_rooms:
                 raise NotRecorded("not a care-team room")
-            patient = (await self._teams.membership(team_ref)).subject if team_ref else None
+            patient = await self._patient_of(team_ref) if team_ref else None
             sender = str(row.event["sender"])
-            if self._ozo:
-                person = await self._individual(sender)
-            else:
-                person = await self._sender_person(sender)
-            thread = await self._thread_of(row.room_id, team_ref, patient, person)
+            if self._ozo and sender == self._service_user_id:
+                raise _NotWritten("service_user")  # (never a person; relays left above)
+            person = await self._sender_person(sender)
+            thread = await self._thread_of(row.room_id, teams, patient, person)
         except DirectoryUnavailable as e:
             raise _Retry(str(e)) from e
         room = RoomContext(
@@ -617,21 +646,46 @@ class CommunicationRecorder:
             room,
             person,
             encrypted_policy=self._config.encrypted_rooms.value,
-            parent_source=await self._parent_source(row),
+            parent=await self._reply_parent(row, thread, in_batch),
             profile=self._config.profile,
         )
 
-    async def _parent_source(self, row: outbox_store.OutboxRow) -> str | None:
-        """For a reply to a message posted from FHIR: the resource it came from."""
+    async def _patient_of(self, team_ref: str) -> str | None:
+        """The team's patient, as FHIR says now (raises DirectoryUnavailable)."""
+        return (await self._teams.membership(team_ref)).subject
+
+    async def _reply_parent(
+        self, row: outbox_store.OutboxRow, thread: str, in_batch: Mapping[str, str]
+    ) -> str | None:
+        """What a reply's ``inResponseTo`` names (see ``message_write``): its parent only
+        where that is this room's — posted into it from FHIR, written before it in this
+        transaction, or recorded in FHIR as part of its thread. None otherwise: a room
+        member chooses the parent's id, and FHIR could never resolve one never recorded."""
         content = row.event.get("content")
-        parent = reply_target(content) if isinstance(content, dict) else None
-        if parent is None:
+        if row.event.get("type") != "m.room.message" or not isinstance(content, Mapping):
             return None
+        parent = reply_target(content)
+        if parent is None or WITHDRAWN in row.event:
+            return None  # (a withdrawn message keeps nothing of the reply it was)
         source = await self._api.run_db_interaction(
-            "fhir_relay_source", sync_store.source_of_event, parent
+            "fhir_relay_source", sync_store.source_of_event, parent, row.room_id
         )
-        # (Any part of a relayed payload stands for its resource.)
-        return resource_of_key(str(source)) if source else None
+        if source:
+            # (Any part of a relayed payload stands for its resource.)
+            return resource_of_key(str(source))
+        if in_batch.get(parent) == row.room_id:
+            return communication_reference(parent)
+        stored = await self._amender.stored(parent)
+        if stored is not None and in_thread(stored, thread):
+            return f"Communication/{stored['id']}"
+        # Event and room ids only: the parent's id is whatever the client sent.
+        logger.info(
+            "Outbox: %s in %s replies to no message recorded in its thread;"
+            " written without inResponseTo",
+            row.event_id,
+            row.room_id,
+        )
+        return None
 
     async def _is_relayed(self, event: Mapping[str, Any]) -> bool:
         content = event.get("content")
@@ -651,19 +705,12 @@ class CommunicationRecorder:
         )
 
     async def _sender_person(self, user_id: str) -> str:
+        """The sender's person (``Practitioner``, ``RelatedPerson`` or ``Patient``, as OZO
+        needs too); a dead letter while there is none: FHIR may name one later (a record
+        not updated yet, an address briefly shared), and a retry then writes it."""
         person = await self._person_of(user_id)
         if person is None:
             raise _Dead("the sender has no (single) FHIR person")
-        return person
-
-    async def _individual(self, user_id: str) -> str:
-        """The sender's person, as OZO needs one (``Practitioner``, ``RelatedPerson`` or
-        ``Patient``); raises _NotWritten when there is none."""
-        if user_id == self._service_user_id:
-            raise _NotWritten("service_user")
-        person = await self._person_of(user_id)
-        if person is None:
-            raise _NotWritten("no_person")
         return person
 
     async def _person_of(self, user_id: str) -> str | None:
@@ -677,7 +724,7 @@ class CommunicationRecorder:
         return record.person
 
     async def _thread_of(
-        self, room_id: str, team_ref: str | None, patient: str | None, sender_person: str
+        self, room_id: str, teams: Sequence[str], patient: str | None, sender_person: str
     ) -> str:
         bound = await self._bindings.thread_of(room_id)
         if bound:
@@ -686,17 +733,20 @@ class CommunicationRecorder:
             if len(self._opened_threads) >= MAX_REMEMBERED_THREADS:
                 self._opened_threads.clear()
             self._opened_threads[room_id] = await self._open_thread(
-                room_id, team_ref, patient, sender_person
+                room_id, teams, patient, sender_person
             )
         return self._opened_threads[room_id]
 
     async def _open_thread(
-        self, room_id: str, team_ref: str | None, patient: str | None, sender_person: str
+        self, room_id: str, teams: Sequence[str], patient: str | None, sender_person: str
     ) -> str:
         """Create the room's CommunicationRequest (once: keyed by the room id) and bind it.
 
         ``sender_person``: the person whose message opens it (OZO's requester when the
-        room's creator has no person)."""
+        room's creator has no person). A request FHIR holds under the room's id already is
+        taken only if it is one the module opens (``unadoptable``); otherwise the room has
+        no thread to write into, and its messages are dead letters."""
+        team_ref = teams[0] if teams else None
         requester = None
         if self._ozo:
             if patient is None or not patient.startswith("Patient/"):
@@ -714,7 +764,7 @@ class CommunicationRecorder:
         if unmet:
             raise _Dead("no OZO thread for the room: " + "; ".join(unmet))
         try:
-            stored, _ = await self._fhir.create_if_none_exist(
+            stored, created = await self._fhir.create_if_none_exist(
                 CommunicationRequest.model_validate(request),
                 f"identifier={ROOM_ID_SYSTEM}|{room_id}",
             )
@@ -723,6 +773,15 @@ class CommunicationRecorder:
         except FhirError as e:
             raise _Dead(f"could not open a thread for the room: {e.detail}") from e
         thread = f"CommunicationRequest/{stored.id}"
+        foreign = None if created else unadoptable(to_json(stored), teams, patient)
+        if foreign is not None:
+            # Never written into, never bound: the room's messages wait as dead letters
+            # until FHIR no longer holds that request under the room's id.
+            logger.warning("Not recording %s into %s: %s", room_id, thread, foreign)
+            raise _Dead(
+                f"no thread for the room: {thread} carries the room's id, but {foreign};"
+                " take the room's id off it in FHIR, then retry"
+            )
         if team_ref is None:
             # An ordinary room stays unbound: a thread binding would make it a care-team
             # room whose request names no team, which nobody may use.

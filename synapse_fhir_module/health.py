@@ -3,9 +3,9 @@
 Answers ``{"status": "ok"|"degraded", "fhir": {"reachable": bool},
 "outbox": {"pending": int, "dead": int}, "sync": {...}}`` (and, with
 ``communication.profile: ozo``, ``"recording": {"not_written_profile": int}``: messages the
-profile could not hold since start, not written). Reachability comes from FHIR's
-``/metadata`` with a short timeout and is remembered for a few seconds, so a
-monitoring system polling the endpoint does not turn into load on FHIR.
+profile could not hold since start, the service user's own, not written). Reachability
+comes from FHIR's ``/metadata`` with a short timeout and is remembered for a few seconds,
+so a monitoring system polling the endpoint does not turn into load on FHIR.
 
 ``sync`` (added to the contract's keys) describes the FHIR → Matrix sync on the instance
 that runs it (``running``): resources queued, resources whose sync failed and waits for
@@ -35,7 +35,7 @@ HEALTH_PATH = "/_synapse/client/fhir/health"
 class OutboxCounts:
     pending: int = 0
     dead: int = 0
-    # Messages communication.profile: ozo left unwritten since start (no individual sender);
+    # Messages communication.profile: ozo left unwritten since start (the service user's);
     # None under the base profile, which leaves nothing unwritten for its sake.
     not_written_profile: int | None = None
 

@@ -18,7 +18,7 @@ COMMUNICATIONS_FAILED = Counter(
 )
 COMMUNICATIONS_NOT_WRITTEN = Counter(
     "synapse_fhir_communications_not_written",
-    "Messages communication.profile: ozo cannot hold (no individual sender), not written",
+    "Messages communication.profile: ozo cannot hold (sent by the service user), not written",
     ["reason"],
 )
 WRITE_RETRIES = Counter(

@@ -86,9 +86,13 @@ def claim_relay(txn: Cursor, communication: str, room_id: str, sender: str | Non
     return txn.rowcount == 1
 
 
-def source_of_event(txn: Cursor, event_id: str) -> str | None:
-    """The FHIR resource the module posted ``event_id`` from, if it did."""
-    txn.execute(f"SELECT communication FROM {RELAYED} WHERE event_id = ?", (event_id,))
+def source_of_event(txn: Cursor, event_id: str, room_id: str) -> str | None:
+    """The FHIR resource the module posted ``event_id`` from into ``room_id``, if it did
+    (an event id names no other room's relay)."""
+    txn.execute(
+        f"SELECT communication FROM {RELAYED} WHERE event_id = ? AND room_id = ?",
+        (event_id, room_id),
+    )
     row = txn.fetchone()
     return None if row is None else str(row[0])
 

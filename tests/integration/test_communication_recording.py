@@ -269,23 +269,24 @@ def test_messages_pending_when_synapse_is_killed_are_written_once_after_restart(
     wait_for_empty_outbox(server)
 
 
-def test_a_message_fhir_refuses_is_a_dead_letter_and_the_rest_are_written(
+def test_a_message_that_cannot_be_written_yet_is_a_dead_letter_and_the_rest_are_written(
     hapi: HapiDevServer, start_synapse: Any
 ) -> None:
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    audit_id = network.user_id("audit")  # exempt: in the room, but no FHIR person (yet)
     # A homeserver of its own: the dead letter must not show in the shared one's health.
-    synapse = start_synapse(module_config(hapi.base_url))
-    network, _service, room, gp = care_room(synapse, hapi.base_url)
+    synapse = start_synapse(module_config(hapi.base_url, enforcement={"exempt_users": [audit_id]}))
+    network.seed(FhirSeeder(hapi.base_url))
+    service = service_session(register_user(synapse, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = member_in_room(synapse, service, room, network)
+    audit = register_user(synapse, network.localpart("audit"))
+    service.invite(room, audit.user_id)
+    audit.join(room)
     ops = register_user(synapse, network.localpart("ops"), admin=True)
     before = gp.send_text(room, "first")
-    # A reply to an event that has no Communication: HAPI cannot resolve `inResponseTo`.
-    poison = gp.send(
-        room,
-        {
-            "msgtype": "m.text",
-            "body": "> quoted\n\nreply",
-            "m.relates_to": {"m.in_reply_to": {"event_id": f"$never-recorded-{network.tag}"}},
-        },
-    )
+    # Its sender has no FHIR person: kept, with the reason, until FHIR names one.
+    unattributed = audit.send_text(room, "audit note")
     # An attachment whose `info` FHIR cannot hold is still written (without those fields).
     odd_file = gp.send(
         room,
@@ -296,19 +297,18 @@ def test_a_message_fhir_refuses_is_a_dead_letter_and_the_rest_are_written(
             "info": {"mimetype": "", "size": 3_000_000_000},
         },
     )
-    after = gp.send_text(room, "after the poison")
+    after = gp.send_text(room, "after the dead letter")
 
     for event_id in (before, odd_file, after):
         wait_until(lambda e=event_id: communication_of(hapi, e), timeout=30, what="written")
     dead = wait_until(
         lambda: [d for d in dead_letters(ops) if d["room_id"] == room] or None,
         timeout=30,
-        what="the refused message listed as a dead letter",
+        what="the unattributed message listed as a dead letter",
     )
-    assert [d["event_id"] for d in dead] == [poison]
-    assert dead[0]["reason"].startswith("HTTP 4")
-    assert "Communication?identifier=" in dead[0]["reason"]  # HAPI's own words
-    assert communication_of(hapi, poison) is None
+    assert [d["event_id"] for d in dead] == [unattributed]
+    assert dead[0]["reason"] == "the sender has no (single) FHIR person"
+    assert communication_of(hapi, unattributed) is None
     assert health(synapse)["outbox"]["dead"] >= 1
 
     # Dead letters are for admins only.

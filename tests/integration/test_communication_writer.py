@@ -25,6 +25,7 @@ from synapse_fhir_module.communication_mapping import (
     EVENT_ID_SYSTEM,
     Redaction,
     RoomContext,
+    communication_reference,
     message_write,
     redaction_write,
 )
@@ -136,6 +137,7 @@ async def test_every_kind_of_message_is_written_valid_and_once(
                 ),
                 room,
                 gp,
+                parent=communication_reference(ids["text"]),  # (in the same transaction)
             ),
         ),
         (

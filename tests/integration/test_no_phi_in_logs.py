@@ -4,8 +4,9 @@ synced into Matrix, talked about, relayed, refused, failed — and the log read 
 with the module logging at DEBUG.
 
 The test notifies the Synapse after each FHIR write, as the shim would, so every path runs:
-notification, sync, recording, relay, account validity, a denial, and a Communication FHIR
-refuses with diagnostics that quote what the message carried.
+notification, sync, recording, relay, account validity, a denial, and a reply to an event
+id a client made up out of the patient's BSN and name (recorded without the relation; the
+id goes into a FHIR search, never into the log).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ MESSAGE = "Mevrouw Vermeulen-Bakker heeft sinds vannacht koorts, 38,9"
 EDITED = "Correctie: temperatuur 39,2 om 07:00, paracetamol gegeven"
 REDACTED_TEXT = "Verkeerde patient: BSN 999998456 hoort hier niet"
 RELAYED = "Bloeddruk 152/94 gemeten, controle over een week"
-POISON_TEXT = "Antwoord over de wondgenezing van Johanna"
+REPLY_TEXT = "Antwoord over de wondgenezing van Johanna"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,6 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: QuietStack) -
         role: register_user(stack.synapse, f"u{n}_{tag}")
         for n, role in enumerate(("patient", "gp", "daughter", "outsider", "ops"))
     }
-    ops = register_user(stack.synapse, f"admin_{tag}", admin=True)
     gp, daughter, outsider = users["gp"], users["daughter"], users["outsider"]
     team, thread = f"CareTeam/net-{tag}", f"CommunicationRequest/wound-{tag}"
     patient = person("Patient", f"p-{tag}", users["patient"], (PATIENT_GIVEN, PATIENT_FAMILY))
@@ -137,8 +137,8 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: QuietStack) -
     )
     gp.join(room)
 
-    # Talk: a message, its edit, one redacted, a reply FHIR refuses (its diagnostics quote
-    # the reply's target, which here carries the BSN).
+    # Talk: a message, its edit, one redacted, a reply to a made-up target that carries the
+    # BSN and the patient's name (the module looks it up in FHIR, finds nothing).
     said = gp.send_text(room, MESSAGE)
     gp.send(
         room,
@@ -150,11 +150,11 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: QuietStack) -
         },
     )
     wrong = gp.send_text(room, REDACTED_TEXT)
-    poison = gp.send(
+    reply = gp.send(
         room,
         {
             "msgtype": "m.text",
-            "body": POISON_TEXT,
+            "body": REPLY_TEXT,
             "m.relates_to": {"m.in_reply_to": {"event_id": f"$bsn-{BSN}-{PATIENT_FAMILY}"}},
         },
     )
@@ -187,15 +187,10 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: QuietStack) -
         gp.invite(room, outsider.user_id)
     fhir.put(patient | {"active": False})
     stack.notify(f"Patient/p-{tag}")
-    wait_until(
-        lambda: [
-            d
-            for d in ops.request("GET", "/_synapse/client/fhir/outbox/dead")["dead"]
-            if d["event_id"] == poison
-        ],
-        timeout=FOLLOWS_WITHIN,
-        what="the refused reply kept as a dead letter",
+    answer = wait_until(
+        lambda: communication_of(stack, reply), timeout=FOLLOWS_WITHIN, what="the reply recorded"
     )
+    assert "inResponseTo" not in answer
     # A last recorded message: everything before it has passed through the module.
     last = gp.send_text(room, "Tot morgen")
     wait_until(lambda: communication_of(stack, last), timeout=FOLLOWS_WITHIN, what="recorded")
@@ -217,7 +212,7 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: QuietStack) -
         "edit": EDITED,
         "redacted message": REDACTED_TEXT,
         "relayed text": RELAYED,
-        "refused reply": POISON_TEXT,
+        "reply": REPLY_TEXT,
         "thread's words": "Wondcontrole",
     }
     leaks = {what: text for what, text in private.items() if text in log}

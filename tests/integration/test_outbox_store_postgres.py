@@ -241,7 +241,8 @@ def test_the_sync_tables_work_on_postgresql(db: SynapseStyleDb) -> None:
     assert (
         db.run(sync_store.is_relay_event, "Communication/9", "!r:x", "$forged", "@bram:x") is False
     )
-    assert db.run(sync_store.source_of_event, "$e1") == "Communication/9"
+    assert db.run(sync_store.source_of_event, "$e1", "!r:x") == "Communication/9"
+    assert db.run(sync_store.source_of_event, "$e1", "!other:x") is None
     db.run(sync_store.release_relay, "Communication/9")
     assert db.run(sync_store.claim_relay, "Communication/9", "!r:x", "@bram:x") is True
     db.run(sync_store.set_value, "watermark:CareTeam", "2026-11-25T10:00:00.000Z")

@@ -17,7 +17,7 @@ from fhir.resources.R4B.communicationrequest import CommunicationRequest
 
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
-from devstack.matrix_client import MatrixUser, register_user
+from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SERVER_NAME, SynapseServer, module_config
 from devstack.waiting import wait_until
@@ -33,7 +33,7 @@ from synapse_fhir_module.communication_profile import (
     WITHDRAWN_PLACEHOLDER,
 )
 from synapse_fhir_module.config import CommunicationProfile
-from tests.integration.care_network import CareNetwork
+from tests.integration.care_network import CareNetwork, via_identifier
 from tests.integration.test_authorship import edit
 from tests.integration.test_communication_recording import (
     RETRY_DEAD_LETTERS,
@@ -176,7 +176,9 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     network = CareNetwork(uuid.uuid4().hex[:8])
     audit_id = network.user_id("audit")  # exempt: in every room, but no FHIR person
     server = ozo_server(start_synapse, hapi, enforcement={"exempt_users": [audit_id]})
-    network.seed(FhirSeeder(hapi.base_url))
+    seeder = FhirSeeder(hapi.base_url)
+    network.seed(seeder)
+    ops = register_user(server, network.localpart("ops"), admin=True)
     service = service_session(register_user(server, network.localpart("root"), admin=True))
     space = create_bound_space(service, network.team)
     gp = register_user(server, network.localpart("anna"))
@@ -208,7 +210,8 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     )
     r = written(hapi, reply)
     assert_ozo_communication(hapi, r)
-    assert r["inResponseTo"] == [{"reference": f"Communication/{c['id']}"}]
+    # (By the conditional reference when both were written together, else by its id.)
+    assert [p["reference"] for p in r["inResponseTo"]] == [f"Communication/{c['id']}"]
     assert r["sender"] == {
         "reference": network.ref("RelatedPerson", "daughter"),
         "type": "RelatedPerson",
@@ -246,29 +249,38 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     assert e["payload"] == [{"contentString": ENCRYPTED_PLACEHOLDER}]
     assert ENCRYPTED_TAG in e["meta"]["tag"]
 
-    # A message by someone without a FHIR person, and one by the service user in the
-    # team's space: neither is written; both are counted, and nothing waits or is dead.
+    # A message by someone without a FHIR person (yet): kept as a dead letter, durably
+    # counted, to be written once FHIR names one. One by the service user in the team's
+    # space can never have a person: not written, counted.
     unattributable = audit.send_text(room, "Audit check")
     by_service = service.send_text(space, "Maintenance tonight")
-    wait_until(
-        lambda: health(server)["recording"] == {"not_written_profile": 2},
+    (dead,) = wait_until(
+        lambda: [d for d in dead_letters(ops) if d["event_id"] == unattributable] or None,
         timeout=30,
-        what="two messages counted as not written",
+        what="the message of the account without a person kept as a dead letter",
+    )
+    assert dead["reason"] == "the sender has no (single) FHIR person"
+    wait_until(
+        lambda: health(server)["recording"] == {"not_written_profile": 1},
+        timeout=30,
+        what="the service user's message counted as not written",
     )
     assert communication_of(hapi, unattributable) is None
     assert communication_of(hapi, by_service) is None
-    assert health(server)["outbox"] == {"pending": 0, "dead": 0}
+    assert health(server)["outbox"] == {"pending": 0, "dead": 1}
     not_written = "synapse_fhir_communications_not_written_total"
-    assert metric(server, f'{not_written}{{reason="no_person"}}') == 1.0
+    assert metric(server, f'{not_written}{{reason="no_person"}}') is None
     assert metric(server, f'{not_written}{{reason="service_user"}}') == 1.0
-    # The log says why, naming the event and the room only.
-    lines = [
+    # The recorder's log names the events and the rooms only.
+    log = [
         line
         for line in server.log_path.read_text(errors="replace").splitlines()
-        if unattributable in line and "not written" in line
+        if "synapse_fhir_module.communication_recorder" in line
     ]
-    assert lines and all(room in line for line in lines)
-    assert not any(audit_id in line or "Audit check" in line for line in lines)
+    lines = [line for line in log if by_service in line and "not written" in line]
+    assert lines and all(space in line for line in lines)
+    assert [line for line in log if unattributable in line and "dead letter" in line]
+    assert not any(audit_id in line or "Audit check" in line for line in log)
     # Every Communication in the thread declares and meets the profile.
     bundle = requests.get(
         f"{hapi.base_url}/Communication",
@@ -280,6 +292,21 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     assert len(in_thread) == 4  # first, reply, mistake, secret
     for communication in in_thread:
         assert_ozo_communication(hapi, communication)
+
+    # FHIR names the audit account's person; the operator retries: nothing was lost.
+    auditor = network.person("Practitioner", "auditor", via_identifier(network.localpart("audit")))
+    seeder.put(auditor)
+    assert ops.request("POST", RETRY_DEAD_LETTERS, {"event_ids": [unattributable]}) == {
+        "requeued": 1
+    }
+    a = written(hapi, unattributable)
+    assert_ozo_communication(hapi, a)
+    assert a["sender"] == {
+        "reference": network.ref("Practitioner", "auditor"),
+        "type": "Practitioner",
+    }
+    assert a["partOf"] == c["partOf"]
+    assert health(server)["outbox"] == {"pending": 0, "dead": 0}
 
 
 def test_the_thread_of_a_room_the_service_user_made_is_requested_by_its_first_writer(
@@ -368,3 +395,155 @@ def test_a_team_without_a_patient_gets_no_thread_until_fhir_names_one(
     assert_ozo_communication(hapi, c)
     thread = resource(hapi, c["partOf"][0]["reference"])
     assert_ozo_thread(hapi, thread, network, requester=network.ref("Practitioner", "gp"))
+
+
+def reply_to(user: MatrixUser, room: str, parent: str, text: str) -> str:
+    return user.send(
+        room,
+        {
+            "msgtype": "m.text",
+            "body": text,
+            "m.relates_to": {"m.in_reply_to": {"event_id": parent}},
+        },
+    )
+
+
+def test_a_reply_names_its_parent_only_when_the_rooms_thread_holds_it(
+    ozo_hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
+) -> None:
+    """A reply to a message FHIR never got, or to another room's, is written without
+    ``inResponseTo``: once a dead letter for good (HAPI could not resolve the reference),
+    or a pointer into another thread."""
+    hapi = ozo_hapi
+    server = ozo_server(start_synapse, hapi)
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    network.seed(FhirSeeder(hapi.base_url))
+    ops = register_user(server, network.localpart("ops"), admin=True)
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    space = create_bound_space(service, network.team)
+    room, other_room = create_room_in_space(service, space), create_room_in_space(service, space)
+    gp = joined(server, service, room, network.localpart("anna"))
+    daughter = joined(server, service, room, network.localpart("carla"))
+    service.invite(other_room, gp.user_id)
+    gp.join(other_room)
+
+    elsewhere = written(hapi, gp.send_text(other_room, "Lab results are in"))
+    by_service = service.send_text(room, "Visiting hours changed")  # never recorded (OZO)
+    first = written(hapi, gp.send_text(room, "Wound looks clean"))
+    made_up = f"$never-sent-{network.tag}"
+    replies = {
+        "recorded": reply_to(daughter, room, first["identifier"][0]["value"], "Thank you"),
+        "service": reply_to(daughter, room, by_service, "Noted"),
+        "elsewhere": reply_to(daughter, room, elsewhere["identifier"][0]["value"], "Which lab?"),
+        "made up": reply_to(daughter, room, made_up, "Sorry?"),
+    }
+    recorded = {what: written(hapi, event_id) for what, event_id in replies.items()}
+    for c in recorded.values():
+        assert_ozo_communication(hapi, c)
+        assert c["partOf"] == first["partOf"] != elsewhere["partOf"]
+    assert [p["reference"] for p in recorded["recorded"]["inResponseTo"]] == [
+        f"Communication/{first['id']}"
+    ]
+    for unrelated in ("service", "elsewhere", "made up"):
+        assert "inResponseTo" not in recorded[unrelated], unrelated
+    assert [d for d in dead_letters(ops) if d["room_id"] == room] == []
+    # Logged with the reply's own ids: the parent's is whatever the client sent.
+    log = [
+        line
+        for line in server.log_path.read_text(errors="replace").splitlines()
+        if "synapse_fhir_module" in line
+    ]
+    assert [line for line in log if replies["made up"] in line and "inResponseTo" in line]
+    assert not any(made_up in line for line in log)
+
+
+def test_a_request_another_writer_made_under_the_rooms_id_never_becomes_its_thread(
+    ozo_hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
+) -> None:
+    """Anyone who writes FHIR can create a CommunicationRequest under a room's id before the
+    module opens the room's thread — even with the module's origin tag. Naming another team
+    and patient, it is never adopted: the room's messages wait as dead letters."""
+    hapi = ozo_hapi
+    server = ozo_server(start_synapse, hapi)
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    seeder = FhirSeeder(hapi.base_url)
+    network.seed(seeder)
+    other_patient = network.person("Patient", "stranger", {})
+    seeder.put(other_patient)
+    ops = register_user(server, network.localpart("ops"), admin=True)
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = joined(server, service, room, network.localpart("anna"))
+    forged = thread_request(
+        room,
+        network.ref("CareTeam", "pharmacy"),
+        network.ref("Patient", "stranger"),
+        requester=network.ref("Practitioner", "outsider"),
+        profile=OZO,
+    )
+    forged["id"] = f"forged-{network.tag}"
+    seeder.put(forged)
+    forged_ref = f"CommunicationRequest/{forged['id']}"
+
+    message = gp.send_text(room, "Wound looks clean")
+    (dead,) = wait_until(
+        lambda: [d for d in dead_letters(ops) if d["event_id"] == message] or None,
+        timeout=30,
+        what="the message kept as a dead letter",
+    )
+    assert dead["reason"].startswith(f"no thread for the room: {forged_ref} carries the room's id")
+    assert "not addressed to the room's care team" in dead["reason"]
+    assert communication_of(hapi, message) is None
+    in_forged = requests.get(
+        f"{hapi.base_url}/Communication",
+        params={"part-of": forged_ref},
+        headers={"Cache-Control": "no-cache"},
+        timeout=30,
+    ).json()
+    assert in_forged.get("entry", []) == []
+    with pytest.raises(MatrixError):  # the room is not bound to it
+        service.request("GET", f"/_matrix/client/v3/rooms/{room}/state/org.synapse_fhir.thread")
+
+    # The request loses the room's id in FHIR; the operator retries: the module opens its own.
+    seeder.put({key: value for key, value in forged.items() if key != "identifier"})
+    assert ops.request("POST", RETRY_DEAD_LETTERS, {"event_ids": [message]}) == {"requeued": 1}
+    c = written(hapi, message)
+    assert_ozo_communication(hapi, c)
+    assert c["partOf"][0]["reference"] != forged_ref
+    thread = resource(hapi, c["partOf"][0]["reference"])
+    assert_ozo_thread(hapi, thread, network, requester=network.ref("Practitioner", "gp"))
+
+
+def test_a_redaction_withdraws_a_record_that_claims_ozo_without_meeting_it(
+    ozo_hapi: HapiDevServer, start_synapse: Callable[..., SynapseServer]
+) -> None:
+    """Written so by another system or an older version, the record cannot meet the profile:
+    the withdrawal still goes through (placeholder, entered-in-error), without the claim."""
+    hapi = ozo_hapi
+    server = ozo_server(start_synapse, hapi)
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    seeder = FhirSeeder(hapi.base_url)
+    network.seed(seeder)
+    ops = register_user(server, network.localpart("ops"), admin=True)
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = joined(server, service, room, network.localpart("anna"))
+    mistake = gp.send_text(room, "Wrong patient, sorry")
+    c = written(hapi, mistake)
+    older = {key: value for key, value in c.items() if key != "meta"}
+    older["meta"] = {"tag": c["meta"]["tag"], "profile": c["meta"]["profile"]}
+    older["partOf"] = [{"reference": c["partOf"][0]["reference"]}]  # no `type`
+    older["sender"] = {"reference": c["sender"]["reference"]}
+    seeder.put(older)
+    assert any("type" in error for error in validator_errors(hapi, older))
+
+    gp.redact(room, mistake)
+    withdrawn = written(
+        hapi, mistake, lambda x: x["status"] == "entered-in-error", "the redaction applied"
+    )
+    assert withdrawn["payload"] == [{"contentString": WITHDRAWN_PLACEHOLDER}]
+    assert "profile" not in withdrawn["meta"]
+    assert "Wrong patient" not in str(withdrawn)
+    assert validator_errors(hapi, withdrawn) == []
+    Communication.model_validate(withdrawn)
+    assert [d for d in dead_letters(ops) if d["room_id"] == room] == []

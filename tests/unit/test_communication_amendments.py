@@ -36,7 +36,8 @@ from synapse_fhir_module.communication_mapping import (
     RoomContext,
     message_write,
 )
-from synapse_fhir_module.config import RedactionPolicy
+from synapse_fhir_module.communication_profile import OZO_COMMUNICATION, WITHDRAWN_PLACEHOLDER
+from synapse_fhir_module.config import CommunicationProfile, RedactionPolicy
 from synapse_fhir_module.fhir_errors import FhirPermanentError, error_for_status
 
 GP = "Practitioner/gp-1"
@@ -48,6 +49,7 @@ NEW_PAYLOAD = {"contentString": "BP 150/90"}
 BY_GP = Redaction("@anna:example.org", GP, 1_779_000_060_000)
 BY_NURSE = Redaction("@bram:example.org", NURSE, 1_779_000_060_000)
 SENDER, MODERATORS = RedactionPolicy.SENDER, RedactionPolicy.MODERATORS
+OZO = CommunicationProfile.OZO
 
 
 def stored_reply(version: str = "1") -> dict[str, Any]:
@@ -365,6 +367,26 @@ async def test_a_refusal_other_than_a_conflict_is_not_retried() -> None:
         await CommunicationAmender(fhir).amend("$orig", edit_by_gp)  # type: ignore[arg-type]
     assert caught.value.status == 422
     assert len(fhir.updates) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_withdrawal_is_written_though_the_record_claims_a_profile_it_does_not_meet() -> (
+    None
+):
+    """Once refused by the writer's profile check (a FhirPermanentError: a dead letter for
+    good), now withdrawn without the claim."""
+    claimed = stored_reply()
+    claimed["meta"]["profile"] = [OZO_COMMUNICATION]
+    claimed["sender"].pop("type")  # (as an older version wrote it)
+    fhir = FhirStandIn(claimed)
+    result = await CommunicationAmender(fhir).amend(  # type: ignore[arg-type]
+        "$orig", lambda stored: withdrawn(stored, BY_GP, SENDER, profile=OZO)
+    )
+    assert result == Amended("Communication/c-1")
+    ((_, body),) = fhir.updates
+    assert body["status"] == "entered-in-error"
+    assert body["payload"] == [{"contentString": WITHDRAWN_PLACEHOLDER}]
+    assert "profile" not in body["meta"]
 
 
 def test_an_event_id_is_never_a_search_expression() -> None:

@@ -6,7 +6,10 @@ from typing import Any
 
 import pytest
 from fhir.resources.R4B.communication import Communication
+from hypothesis import given
+from hypothesis import strategies as st
 
+from synapse_fhir_module.care_team import reference_of
 from synapse_fhir_module.communication_mapping import (
     ENCRYPTED_TAG,
     EVENT_ID_SYSTEM,
@@ -16,11 +19,16 @@ from synapse_fhir_module.communication_mapping import (
     NotRecorded,
     Redaction,
     RoomContext,
+    communication_reference,
     edit_payload,
     message_write,
     redaction_write,
     replaced_event,
+    thread_request,
+    unadoptable,
 )
+from synapse_fhir_module.config import CommunicationProfile
+from synapse_fhir_module.thread_teams import request_teams
 
 ROOM = RoomContext(
     thread="CommunicationRequest/thread-1", care_team="CareTeam/team-1", patient="Patient/p-1"
@@ -71,16 +79,39 @@ def test_no_subject_without_a_patient() -> None:
     assert "subject" not in c
 
 
-def test_reply_points_at_the_parent_communication() -> None:
-    content = {
-        "msgtype": "m.text",
-        "body": "Will do",
-        "m.relates_to": {"m.in_reply_to": {"event_id": "$parent"}},
-    }
-    c = valid(message_write(event(content), ROOM, GP).resource)
-    assert c["inResponseTo"] == [
+REPLY = {
+    "msgtype": "m.text",
+    "body": "Will do",
+    "m.relates_to": {"m.in_reply_to": {"event_id": "$parent"}},
+}
+
+
+def test_a_reply_names_the_parent_the_recorder_found() -> None:
+    # Written before it in the same transaction: FHIR resolves the conditional reference.
+    same_batch = message_write(event(REPLY), ROOM, GP, parent=communication_reference("$parent"))
+    assert valid(same_batch.resource)["inResponseTo"] == [
         {"reference": f"Communication?identifier={EVENT_ID_SYSTEM}|$parent"}
     ]
+    # Recorded earlier, in this room's thread.
+    recorded = message_write(event(REPLY), ROOM, GP, parent="Communication/c-7")
+    assert valid(recorded.resource)["inResponseTo"] == [
+        {"reference": "Communication/c-7", "type": "Communication"}
+    ]
+
+
+def test_a_reply_whose_parent_is_not_in_the_thread_is_written_without_it() -> None:
+    """Never recorded, or another room's: no reference FHIR cannot resolve (which would
+    refuse the message for good) and none into another thread."""
+    c = valid(message_write(event(REPLY), ROOM, GP).resource)
+    assert "inResponseTo" not in c
+    assert c["payload"] == [{"contentString": "Will do"}]
+
+
+def test_a_parent_is_named_only_for_a_reply() -> None:
+    c = message_write(
+        event({"msgtype": "m.text", "body": "hi"}), ROOM, GP, parent="Communication/c-7"
+    )
+    assert "inResponseTo" not in valid(c.resource)
 
 
 def test_a_reply_to_a_message_posted_from_fhir_points_at_its_source() -> None:
@@ -89,12 +120,12 @@ def test_a_reply_to_a_message_posted_from_fhir_points_at_its_source() -> None:
         "body": "Thanks",
         "m.relates_to": {"m.in_reply_to": {"event_id": "$relayed"}},
     }
-    relayed = message_write(event(content), ROOM, GP, parent_source="Communication/lab-1")
+    relayed = message_write(event(content), ROOM, GP, parent="Communication/lab-1")
     assert valid(relayed.resource)["inResponseTo"] == [
         {"reference": "Communication/lab-1", "type": "Communication"}
     ]
     # A reply to a thread's first message (the request's payload): partOf says it all.
-    first = message_write(event(content), ROOM, GP, parent_source="CommunicationRequest/t")
+    first = message_write(event(content), ROOM, GP, parent="CommunicationRequest/t")
     assert "inResponseTo" not in valid(first.resource)
 
 
@@ -132,7 +163,7 @@ def test_redaction_marks_entered_in_error_and_drops_the_payload() -> None:
 
 def test_a_message_redacted_in_the_outbox_is_written_withdrawn_without_its_reply() -> None:
     erased = event({}, **{WITHDRAWN: {}})  # (content erased, reply relation with it)
-    write = message_write(erased, ROOM, GP, parent_source="Communication/lab-1")
+    write = message_write(erased, ROOM, GP, parent="Communication/lab-1")
     assert (write.method, write.url) == ("PUT", f"Communication?identifier={EVENT_ID_SYSTEM}|$ev1")
     c = valid(write.resource)
     assert c["status"] == "entered-in-error"
@@ -252,3 +283,107 @@ def test_a_room_several_teams_share_names_them_all_as_recipients() -> None:
         {"reference": "CareTeam/home", "type": "CareTeam"},
         {"reference": "CareTeam/clinic", "type": "CareTeam"},
     ]
+
+
+# -- which request may be a room's thread -------------------------------------------------
+
+TEAMS = ("CareTeam/home", "CareTeam/clinic")
+PATIENT = "Patient/p-1"
+
+
+@pytest.mark.parametrize("profile", list(CommunicationProfile))
+def test_the_request_the_module_opens_is_one_it_adopts(profile: CommunicationProfile) -> None:
+    request = thread_request("!r:example.org", TEAMS[0], PATIENT, requester=GP, profile=profile)
+    assert unadoptable(request, TEAMS, PATIENT) is None
+    assert unadoptable(request, TEAMS[:1], PATIENT) is None
+    # (An ordinary room's, with rooms: all: no team, no patient.)
+    ordinary = thread_request("!r:example.org", None, None)
+    assert unadoptable(ordinary, (), None) is None
+    # A version suffix names the same resource.
+    versioned = {**request, "recipient": [{"reference": f"{TEAMS[0]}/_history/3"}]}
+    assert unadoptable(versioned, TEAMS, PATIENT) is None
+
+
+def own(**changes: Any) -> dict[str, Any]:
+    request = thread_request("!r:example.org", TEAMS[0], PATIENT)
+    request.update(changes)
+    return {key: value for key, value in request.items() if value is not None}
+
+
+SENDER_TEAM = "http://ozoverbindzorg.nl/fhir/StructureDefinition/ozo-sender-careteam"
+
+
+@pytest.mark.parametrize(
+    ("request_", "why"),
+    [
+        (own(meta={"tag": []}), "origin tag"),
+        (own(meta={"tag": [ORIGIN_TAG]}, recipient=[]), "room's care team"),
+        (own(recipient=[{"reference": TEAMS[1]}]), "room's care team"),
+        (own(recipient=[{"reference": TEAMS[0]}, {"reference": "CareTeam/x"}]), "someone other"),
+        (own(recipient=[{"reference": TEAMS[0]}, {"reference": GP}]), "someone other"),
+        (own(recipient=[{"reference": TEAMS[0]}, {"identifier": {"value": "x"}}]), "someone"),
+        (own(recipient=[{"reference": TEAMS[0]}, "CareTeam/x"]), "someone other"),
+        (
+            own(extension=[{"url": SENDER_TEAM, "valueReference": {"reference": "CareTeam/x"}}]),
+            "someone",
+        ),
+        (own(subject={"reference": "Patient/p-2"}), "patient"),
+        (own(subject={"identifier": {"system": "bsn", "value": "1"}}), "patient"),
+        (own(subject=None), "patient"),
+    ],
+)
+def test_a_request_under_the_rooms_id_that_the_module_would_not_open_is_not_adopted(
+    request_: dict[str, Any], why: str
+) -> None:
+    reason = unadoptable(request_, TEAMS, PATIENT)
+    assert reason is not None and why in reason
+    assert "p-2" not in reason and "bsn" not in reason  # rules, never values
+
+
+def test_a_request_about_a_patient_is_not_the_thread_of_a_team_that_names_none() -> None:
+    assert unadoptable(own(), TEAMS, None) is not None
+    assert unadoptable(own(subject=None), TEAMS, None) is None
+
+
+references = st.sampled_from(
+    [*TEAMS, f"{TEAMS[0]}/_history/2", "CareTeam/other", PATIENT, "Patient/p-2", GP, "x"]
+)
+references_or_junk = st.one_of(
+    references.map(lambda r: {"reference": r}),
+    st.just({"identifier": {"value": "x"}}),
+    st.just("junk"),
+    st.none(),
+)
+
+
+@given(
+    tagged=st.booleans(),
+    recipients=st.one_of(st.none(), st.lists(references_or_junk, max_size=3)),
+    subject=references_or_junk,
+    sender_team=st.one_of(st.none(), references),
+    patient=st.sampled_from([PATIENT, None]),
+)
+def test_an_adopted_thread_names_nobody_outside_the_room(
+    tagged: bool,
+    recipients: list[Any] | None,
+    subject: Any,
+    sender_team: str | None,
+    patient: str | None,
+) -> None:
+    request: dict[str, Any] = {
+        "resourceType": "CommunicationRequest",
+        "meta": {"tag": [ORIGIN_TAG] if tagged else []},
+    }
+    if recipients is not None:
+        request["recipient"] = recipients
+    if subject is not None:
+        request["subject"] = subject
+    if sender_team is not None:
+        request["extension"] = [{"url": SENDER_TEAM, "valueReference": {"reference": sender_team}}]
+    if unadoptable(request, TEAMS, patient) is not None:
+        return
+    assert tagged
+    named = [reference_of(r) for r in recipients or []]
+    assert TEAMS[0] in named and set(named) <= set(TEAMS)
+    assert set(request_teams(request)) <= set(TEAMS)
+    assert reference_of(subject) == patient and (subject is None) == (patient is None)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from synapse.module_api.errors import ConfigError
 
@@ -23,6 +23,7 @@ from synapse_fhir_module.communication_mapping import (
     NotRecorded,
     Redaction,
     RoomContext,
+    communication_reference,
     message_write,
     redaction_write,
     thread_request,
@@ -142,7 +143,10 @@ def test_a_message_declares_and_meets_ozo_communication(content: dict[str, Any])
 
 def test_a_reply_meets_it_too() -> None:
     content = {**TEXT, "m.relates_to": {"m.in_reply_to": {"event_id": "$parent"}}}
-    c = meets_ozo_communication(message_write(event(content), ROOM, DAUGHTER, profile=OZO).resource)
+    parent = communication_reference("$parent")
+    c = meets_ozo_communication(
+        message_write(event(content), ROOM, DAUGHTER, parent=parent, profile=OZO).resource
+    )
     assert c["inResponseTo"] == [
         {"reference": "Communication?identifier=https://matrix.org/event-id|$parent"}
     ]
@@ -209,6 +213,34 @@ def test_a_record_that_declares_ozo_keeps_meeting_it_after_the_switch_back_to_ba
     assert isinstance(after, dict)
     meets_ozo_communication(after)
     assert after["payload"] == [{"contentString": WITHDRAWN_PLACEHOLDER}]
+
+
+def an_older_form(c: dict[str, Any]) -> None:
+    """What another system (or an older version) may have stored under the profile's
+    claim without meeting it: references without their ``type``."""
+    c["partOf"][0].pop("type")
+    c["sender"].pop("type")
+
+
+@pytest.mark.parametrize("profile", [OZO, BASE])
+def test_a_withdrawal_of_a_record_that_claims_ozo_without_meeting_it_drops_the_claim(
+    profile: CommunicationProfile,
+) -> None:
+    """A withdrawal is never refused for the profile's sake: the record is withdrawn with
+    the placeholder, and loses a claim it could not keep (a false claim is not written)."""
+    claimed = stored(message_write(event(TEXT), ROOM, GP, profile=OZO).resource)
+    an_older_form(claimed)
+    assert communication_problems(claimed)  # (what the writer would refuse to send)
+    after = withdrawn(
+        claimed, Redaction("@anna:example.org", GP, 1), RedactionPolicy.SENDER, profile=profile
+    )
+    assert isinstance(after, dict)
+    assert invalid_communication(after) is None
+    assert after["status"] == "entered-in-error"
+    assert after["payload"] == [{"contentString": WITHDRAWN_PLACEHOLDER}]
+    assert "profile" not in after["meta"]
+    assert after["meta"]["tag"] == claimed["meta"]["tag"]
+    assert "BP 150/95" not in repr(after)
 
 
 def test_base_writes_declare_no_profile_and_keep_no_payload_once_withdrawn() -> None:
@@ -372,6 +404,34 @@ def test_whatever_the_guide_finds_wanting_in_a_thread_the_module_refuses(
         assert request_problems(request)
 
 
+@given(st.lists(st.tuples(st.sampled_from(COMMUNICATION_PATHS), junk), min_size=1, max_size=3))
+def test_whatever_a_record_claiming_ozo_holds_its_withdrawal_is_written(
+    changes: list[tuple[tuple[Any, ...], Any]],
+) -> None:
+    """Any valid R4 record that claims OZOCommunication, met or not, is withdrawn by a
+    redaction that counts: what is sent passes the writer's check, keeps nothing that was
+    said, and claims the profile only when it meets it."""
+    c = stored(message_write(event(TEXT), ROOM, GP, profile=OZO).resource)
+    for path, value in changes:
+        try:
+            c = _mutated(c, path, value)
+        except (KeyError, IndexError, TypeError):
+            continue
+    try:
+        Communication.model_validate(c)
+    except ValueError:
+        assume(False)  # (FHIR never hands back what R4 cannot hold)
+    for profile in (OZO, BASE):
+        after = withdrawn(c, BY_NURSE, RedactionPolicy.MODERATORS, profile=profile)
+        assert isinstance(after, dict)
+        assert invalid_communication(after) is None
+        assert after["status"] == "entered-in-error"
+        assert after["payload"] == [{"contentString": WITHDRAWN_PLACEHOLDER}]
+        assert "BP 150/95" not in repr(after)
+        if "profile" in after["meta"]:
+            meets_ozo_communication(after)
+
+
 text = st.text(max_size=40)
 contents = st.one_of(
     st.fixed_dictionaries(
@@ -401,6 +461,9 @@ contents = st.one_of(
     withdrawn_by=st.sampled_from([None, "sender", "moderator"]),
     sender=st.sampled_from([GP, DAUGHTER, "Patient/p-1"]),
     reply_to=st.one_of(st.none(), st.just("$parent"), text),
+    parent=st.sampled_from(
+        [None, "Communication/c-9", "CommunicationRequest/t-1", "Communication?identifier=x|$p"]
+    ),
 )
 def test_every_message_the_writer_would_send_meets_the_profile(
     content: dict[str, Any],
@@ -408,6 +471,7 @@ def test_every_message_the_writer_would_send_meets_the_profile(
     withdrawn_by: str | None,
     sender: str,
     reply_to: str | None,
+    parent: str | None,
 ) -> None:
     """Whatever a client puts in an event: under ozo the module either records nothing,
     or writes a valid R4 Communication meeting OZOCommunication, or (R4 cannot hold what
@@ -421,7 +485,9 @@ def test_every_message_the_writer_would_send_meets_the_profile(
     elif withdrawn_by == "moderator":
         extra[WITHDRAWN] = BY_NURSE.to_json()
     try:
-        write = message_write(event(content, event_type, **extra), ROOM, sender, profile=OZO)
+        write = message_write(
+            event(content, event_type, **extra), ROOM, sender, parent=parent, profile=OZO
+        )
     except NotRecorded:
         return
     if invalid_communication(write.resource) is None:  # what the writer sends

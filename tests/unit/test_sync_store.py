@@ -39,8 +39,9 @@ def test_a_communication_is_relayed_once(txn: sqlite3.Cursor) -> None:
     # ...and afterwards no other event, nor the same claim in another room.
     assert store.is_relay_event(txn, "Communication/9", "!r:x", "$forged", "@bram:x") is False
     assert store.is_relay_event(txn, "Communication/9", "!other:x", "$e1", "@bram:x") is False
-    assert store.source_of_event(txn, "$e1") == "Communication/9"
-    assert store.source_of_event(txn, "$forged") is None
+    assert store.source_of_event(txn, "$e1", "!r:x") == "Communication/9"
+    assert store.source_of_event(txn, "$forged", "!r:x") is None
+    assert store.source_of_event(txn, "$e1", "!other:x") is None  # (a reply from elsewhere)
 
 
 def test_a_released_claim_can_be_claimed_again(txn: sqlite3.Cursor) -> None:

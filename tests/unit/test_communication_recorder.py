@@ -1,0 +1,396 @@
+"""The recorder's drain against stand-ins: the outbox in SQLite (the same SQL Synapse runs),
+a small FHIR server that answers what the recorder sends as HAPI does, and fixed answers
+for rooms, teams and persons (tests/integration/test_ozo_recording.py runs the same against
+Synapse and HAPI)."""
+
+from __future__ import annotations
+
+import copy
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
+
+import attr
+import pytest
+import pytest_twisted
+
+from synapse_fhir_module import outbox_store, sync_store
+from synapse_fhir_module.communication_mapping import (
+    EVENT_ID_SYSTEM,
+    ORIGIN_TAG,
+    ROOM_ID_SYSTEM,
+    thread_request,
+)
+from synapse_fhir_module.communication_recorder import CommunicationRecorder
+from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile
+from synapse_fhir_module.fhir_client import parse_resource, to_json
+from synapse_fhir_module.fhir_errors import error_for_status
+from synapse_fhir_module.person_directory import PersonRecord
+from synapse_fhir_module.recent_writes import RecentWrites
+
+OZO, BASE = CommunicationProfile.OZO, CommunicationProfile.BASE
+SERVICE = "@fhir:example.org"
+ROOM, OTHER_ROOM = "!home:example.org", "!elsewhere:example.org"
+TEAM, OTHER_TEAM = "CareTeam/team-1", "CareTeam/team-2"
+PATIENT, OTHER_PATIENT = "Patient/p-1", "Patient/p-2"
+PERSONS = {"@anna:example.org": "Practitioner/gp-1", "@carla:example.org": "RelatedPerson/d-1"}
+ROOMS = {ROOM: (TEAM,), OTHER_ROOM: (OTHER_TEAM,)}
+PATIENTS = {TEAM: PATIENT, OTHER_TEAM: OTHER_PATIENT}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Event:
+    event_id: str
+    room_id: str
+    sender: str
+    content: dict[str, Any]
+    type: str = "m.room.message"
+    origin_server_ts: int = 1_779_000_000_000
+    redacts: str | None = None
+
+
+class Api:
+    """The ModuleApi calls the recorder makes; background work runs when ``drain`` says."""
+
+    def __init__(self, db: sqlite3.Cursor) -> None:
+        self._db = db
+        self._background: list[Callable[[], Awaitable[None]]] = []
+        self.state_sent: list[dict[str, Any]] = []
+
+    async def run_db_interaction(self, desc: str, func: Callable[..., Any], *args: Any) -> Any:
+        return func(self._db, *args)
+
+    def run_as_background_process(self, desc: str, func: Callable[[], Awaitable[None]]) -> None:
+        self._background.append(func)
+
+    async def drain(self) -> None:
+        while self._background:
+            await self._background.pop(0)()
+
+    def is_mine(self, user_id: str) -> bool:
+        return user_id.endswith(":example.org")
+
+    async def get_room_state(self, room_id: str, types: Any) -> dict[Any, Any]:
+        return {}
+
+    async def create_and_send_event_into_room(self, event: dict[str, Any]) -> None:
+        self.state_sent.append(event)
+
+
+class Fhir:
+    """Communications and CommunicationRequests, with HAPI's answers to what the recorder
+    sends: a conditional create finds or makes, a reference that names nothing is refused."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, dict[str, Any]] = {}  # "Type/id" -> resource
+        self._next = 0
+
+    def put(self, resource: dict[str, Any]) -> str:
+        self._next += 1
+        resource = {**copy.deepcopy(resource), "id": resource.get("id") or f"r{self._next}"}
+        resource["meta"] = {**resource.get("meta", {}), "versionId": "1"}
+        reference = f"{resource['resourceType']}/{resource['id']}"
+        self.stored[reference] = resource
+        return reference
+
+    def find(self, resource_type: str, system: str, value: str) -> list[dict[str, Any]]:
+        return [
+            copy.deepcopy(r)
+            for r in self.stored.values()
+            if r["resourceType"] == resource_type
+            and {"system": system, "value": value} in r.get("identifier", [])
+        ]
+
+    def communication(self, event_id: str) -> dict[str, Any] | None:
+        found = self.find("Communication", EVENT_ID_SYSTEM, event_id)
+        return found[0] if found else None
+
+    async def search_json(self, resource_type: str, params: Mapping[str, str]) -> list[dict]:
+        system, _, value = params["identifier"].partition("|")
+        return self.find(resource_type, system, value)
+
+    async def create_if_none_exist(self, resource: Any, condition: str) -> tuple[Any, bool]:
+        system, _, value = condition.removeprefix("identifier=").partition("|")
+        found = self.find(resource.get_resource_type(), system, value)
+        if found:
+            return parse_resource(found[0]), False
+        reference = self.put(to_json(resource))
+        return parse_resource(self.stored[reference]), True
+
+    async def transaction_json(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        """All or nothing, entries in order."""
+        created = []
+        before = dict(self.stored)
+        try:
+            for entry in bundle["entry"]:
+                resource = copy.deepcopy(entry["resource"])
+                for parent in resource.get("inResponseTo", []):
+                    parent["reference"] = self._resolve(parent["reference"])
+                _, _, value = entry["request"]["ifNoneExist"].partition("|")
+                if not self.communication(value):
+                    created.append(self.put(resource))
+        except Exception:
+            self.stored = before
+            raise
+        return {"entry": [{"response": {"location": f"{ref}/_history/1"}} for ref in created]}
+
+    def _resolve(self, reference: str) -> str:
+        if reference.startswith("Communication?identifier="):
+            value = reference.split("|", 1)[1]
+            found = self.communication(value)
+            if found is None:
+                raise error_for_status(400, "transaction", {"resourceType": "OperationOutcome"})
+            return f"Communication/{found['id']}"
+        if reference not in self.stored:
+            raise error_for_status(400, "transaction", {"resourceType": "OperationOutcome"})
+        return reference
+
+
+class Bindings:
+    def __init__(self, threads: Mapping[str, str] | None = None) -> None:
+        self._threads = dict(threads or {})
+
+    def remembered(self, room_id: str) -> str | None:
+        return ROOMS[room_id][0]
+
+    async def care_teams_of(self, room_id: str) -> tuple[str, ...]:
+        return ROOMS[room_id]
+
+    async def thread_of(self, room_id: str) -> str | None:
+        return self._threads.get(room_id)
+
+    async def recorded(self, room_id: str) -> None:
+        return None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Membership:
+    subject: str | None
+
+
+class Teams:
+    async def membership(self, team_ref: str) -> Membership:
+        return Membership(PATIENTS[team_ref])
+
+
+class Persons:
+    def __init__(self) -> None:
+        self.persons = dict(PERSONS)
+
+    def remembered(self, user_id: str) -> PersonRecord | None:
+        return None
+
+    async def lookup(self, user_id: str) -> PersonRecord:
+        return PersonRecord(user_id, self.persons.get(user_id), True, 0.0)
+
+
+@attr.s(auto_attribs=True)
+class Stand:
+    recorder: CommunicationRecorder
+    api: Api
+    fhir: Fhir
+    persons: Persons
+    db: sqlite3.Cursor
+
+    async def send(self, *events: Event) -> None:
+        """The events, as Synapse hands them over, then the drain (one batch)."""
+        for event in events:
+            await self.recorder.on_new_event(event)  # type: ignore[arg-type]
+        await self.api.drain()
+
+    def dead(self) -> dict[str, str]:
+        return {d.event_id: d.reason for d in outbox_store.dead_letters(self.db)}
+
+
+@pytest.fixture
+def db() -> Iterator[sqlite3.Cursor]:
+    connection = sqlite3.connect(":memory:")
+    yield connection.cursor()
+    connection.close()
+
+
+def stand_in(
+    db: sqlite3.Cursor,
+    profile: CommunicationProfile = OZO,
+    fhir: Fhir | None = None,
+    threads: Mapping[str, str] | None = None,
+) -> Stand:
+    api, fhir, persons = Api(db), fhir or Fhir(), Persons()
+    recorder = CommunicationRecorder(
+        api,  # type: ignore[arg-type]
+        CommunicationConfig(profile=profile),
+        fhir,  # type: ignore[arg-type]
+        Bindings(threads),  # type: ignore[arg-type]
+        Teams(),  # type: ignore[arg-type]
+        persons,  # type: ignore[arg-type]
+        service_user_id=SERVICE,
+        recent_writes=RecentWrites(),
+    )
+    return Stand(recorder, api, fhir, persons, db)
+
+
+def text(event_id: str, sender: str = "@anna:example.org", room: str = ROOM, **more: Any) -> Event:
+    return Event(event_id, room, sender, {"msgtype": "m.text", "body": "BP 150/95", **more})
+
+
+def reply(event_id: str, parent: str, room: str = ROOM) -> Event:
+    return text(event_id, room=room, **{"m.relates_to": {"m.in_reply_to": {"event_id": parent}}})
+
+
+async def started(stand: Stand) -> Stand:
+    await stand.recorder.start()
+    await stand.api.drain()
+    return stand
+
+
+# -- a sender without a person ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", [OZO, BASE])
+@pytest_twisted.ensureDeferred
+async def test_a_message_whose_sender_has_no_person_yet_waits_as_a_dead_letter(
+    db: sqlite3.Cursor, profile: CommunicationProfile
+) -> None:
+    stand = await started(stand_in(db, profile))
+    await stand.send(text("$first"), text("$unnamed", sender="@newcomer:example.org"))
+    assert stand.fhir.communication("$first") is not None
+    assert stand.fhir.communication("$unnamed") is None
+    assert stand.dead() == {"$unnamed": "the sender has no (single) FHIR person"}
+    counts = await stand.recorder.counts()
+    assert (counts.pending, counts.dead) == (0, 1)
+    assert counts.not_written_profile == (0 if profile is OZO else None)
+
+    # FHIR names the person; the operator retries: nothing was lost.
+    stand.persons.persons["@newcomer:example.org"] = "Practitioner/new-1"
+    assert outbox_store.requeue_dead(db, None, 0) == 1
+    stand.recorder.wake()
+    await stand.api.drain()
+    written = stand.fhir.communication("$unnamed")
+    assert written is not None
+    assert written["sender"] == {"reference": "Practitioner/new-1", "type": "Practitioner"}
+    assert stand.dead() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_service_users_own_messages_are_left_unwritten_under_ozo(
+    db: sqlite3.Cursor,
+) -> None:
+    stand = await started(stand_in(db))
+    await stand.send(text("$maintenance", sender=SERVICE))
+    assert stand.fhir.communication("$maintenance") is None
+    counts = await stand.recorder.counts()
+    assert (counts.pending, counts.dead, counts.not_written_profile) == (0, 0, 1)
+
+
+# -- replies ------------------------------------------------------------------------------
+
+
+def in_response_to(stand: Stand, event_id: str) -> list[dict[str, Any]] | None:
+    written = stand.fhir.communication(event_id)
+    assert written is not None, f"{event_id} not written"
+    return written.get("inResponseTo")
+
+
+@pytest.mark.parametrize("profile", [OZO, BASE])
+@pytest_twisted.ensureDeferred
+async def test_a_reply_names_its_parent_only_where_fhir_has_it_in_the_rooms_thread(
+    db: sqlite3.Cursor, profile: CommunicationProfile
+) -> None:
+    stand = await started(stand_in(db, profile))
+    await stand.send(text("$earlier"), text("$elsewhere", room=OTHER_ROOM))
+    earlier = stand.fhir.communication("$earlier")
+    assert earlier is not None
+    await stand.send(
+        text("$same-batch"),
+        reply("$to-earlier", "$earlier"),  # recorded in this thread before
+        reply("$to-same-batch", "$same-batch"),  # written just before it
+        reply("$to-nothing", "$never-recorded"),  # FHIR could never resolve it
+        reply("$to-another-room", "$elsewhere"),  # another patient's thread
+        reply("$from-another-room", "$same-batch", room=OTHER_ROOM),  # (same batch)
+    )
+    assert stand.dead() == {}
+    assert in_response_to(stand, "$to-earlier") == [
+        {"reference": f"Communication/{earlier['id']}", "type": "Communication"}
+    ]
+    same_batch = stand.fhir.communication("$same-batch")
+    assert same_batch is not None
+    assert in_response_to(stand, "$to-same-batch") == [
+        {"reference": f"Communication/{same_batch['id']}"}
+    ]
+    for unrelated in ("$to-nothing", "$to-another-room", "$from-another-room"):
+        assert in_response_to(stand, unrelated) is None, unrelated
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_to_a_relay_names_its_source_only_in_the_room_it_was_posted_to(
+    db: sqlite3.Cursor,
+) -> None:
+    stand = await started(stand_in(db))
+    stand.fhir.put({"resourceType": "Communication", "id": "lab-1", "status": "completed"})
+    sync_store.claim_relay(db, "Communication/lab-1", ROOM, SERVICE)
+    sync_store.relayed_as(db, "Communication/lab-1", "$relayed")
+    await stand.send(reply("$here", "$relayed"), reply("$there", "$relayed", room=OTHER_ROOM))
+    assert in_response_to(stand, "$here") == [
+        {"reference": "Communication/lab-1", "type": "Communication"}
+    ]
+    assert in_response_to(stand, "$there") is None
+
+
+# -- a request under the room's id --------------------------------------------------------
+
+
+def own_request(**changes: Any) -> dict[str, Any]:
+    request = thread_request(ROOM, TEAM, PATIENT, requester="Practitioner/gp-1", profile=OZO)
+    request.update(changes)
+    return {key: value for key, value in request.items() if value is not None}
+
+
+FORGED = {
+    "without the origin tag": own_request(meta={"tag": []}),
+    "for another team": own_request(recipient=[{"reference": OTHER_TEAM, "type": "CareTeam"}]),
+    "for this team and another": own_request(
+        recipient=[{"reference": TEAM, "type": "CareTeam"}, {"reference": OTHER_TEAM}]
+    ),
+    "about another patient": own_request(subject={"reference": OTHER_PATIENT}),
+    "about nobody": own_request(subject=None),
+}
+
+
+@pytest.mark.parametrize("forged", FORGED.values(), ids=FORGED.keys())
+@pytest_twisted.ensureDeferred
+async def test_a_request_someone_else_wrote_under_the_rooms_id_is_never_the_rooms_thread(
+    db: sqlite3.Cursor, forged: dict[str, Any]
+) -> None:
+    fhir = Fhir()
+    thread = fhir.put(forged)
+    stand = await started(stand_in(db, fhir=fhir))
+    await stand.send(text("$first"))
+    assert stand.fhir.communication("$first") is None
+    (reason,) = stand.dead().values()
+    assert reason.startswith(f"no thread for the room: {thread} carries the room's id, but ")
+    assert stand.api.state_sent == []  # the room is not bound to it
+    # An edit, a redaction in the room: never applied to anything in that request.
+    assert await stand.recorder._room_thread(ROOM) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_the_module_opened_for_the_room_is_its_thread(db: sqlite3.Cursor) -> None:
+    fhir = Fhir()
+    thread = fhir.put(own_request())
+    stand = await started(stand_in(db, fhir=fhir))
+    await stand.send(text("$first"))
+    written = stand.fhir.communication("$first")
+    assert written is not None and written["partOf"][0]["reference"] == thread
+    assert await stand.recorder._room_thread(ROOM) == thread
+    assert [e["content"] for e in stand.api.state_sent] == [{"reference": thread}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_room_without_a_request_gets_its_own(db: sqlite3.Cursor) -> None:
+    stand = await started(stand_in(db))
+    await stand.send(text("$first"))
+    written = stand.fhir.communication("$first")
+    assert written is not None
+    (request,) = stand.fhir.find("CommunicationRequest", ROOM_ID_SYSTEM, ROOM)
+    assert written["partOf"][0]["reference"] == f"CommunicationRequest/{request['id']}"
+    assert ORIGIN_TAG in request["meta"]["tag"]
