@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import attr
@@ -276,6 +276,11 @@ def in_thread(stored: Mapping[str, Any], thread: str | None) -> bool:
     return thread is not None and any(
         reference_of(part) == thread for part in _mappings(stored.get("partOf"))
     )
+
+
+def in_threads(stored: Mapping[str, Any], threads: Collection[str]) -> bool:
+    """Whether the stored Communication is part of one of ``threads``."""
+    return any(in_thread(stored, thread) for thread in threads)
 
 
 def _same_person(person: str | None, other: str | None) -> bool:

@@ -20,14 +20,17 @@ another room's record would tie it to another patient's thread.
 A room's thread is the request bound to it, or the one the module opens for it under the
 room's id. A request that FHIR already holds under that id is taken only when it is one the
 module opens (``communication_mapping.unadoptable``): anyone who writes FHIR can create one
-naming another team or patient. Otherwise the room's messages become dead letters.
+naming another team or patient. Otherwise the room's messages become dead letters. Edits
+and redactions look further: a recorded message is in a thread under the room's id, so any
+such request counts for them (the one the module opened may no longer pass that test).
 
 A sender without a (single) FHIR person makes a dead letter, to be retried once FHIR names
 one (a person missing only for now must not lose the message). With
 ``communication.profile: ozo`` what is written meets the OZO profiles
 (``communication_profile``), and a message the service user sent (not a relay from FHIR),
 which can never have a person, is not written: counted (``/health``
-``recording.not_written_profile``, Prometheus) and logged with its event and room ids. A
+``recording.not_written_profile``, Prometheus) and logged with its event and room ids —
+as is one an exempt account (``enforcement.exempt_users``) without a person sent. A
 thread that cannot meet OZOCommunicationRequest (the team names no patient) is not opened:
 the room's messages become dead letters, to be retried once FHIR has what is missing.
 """
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import attr
@@ -55,6 +58,7 @@ from synapse_fhir_module.communication_amendments import (
     erased_error,
     erased_event,
     in_thread,
+    in_threads,
     redaction_counts,
     same_author,
     withdrawn,
@@ -75,7 +79,7 @@ from synapse_fhir_module.communication_mapping import (
     unadoptable,
 )
 from synapse_fhir_module.communication_profile import request_problems
-from synapse_fhir_module.communication_writer import CommunicationWriter
+from synapse_fhir_module.communication_writer import CommunicationWriter, invalid_fhir
 from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile, RecordedRooms
 from synapse_fhir_module.fhir_client import FhirClient, to_json
 from synapse_fhir_module.fhir_errors import FhirError, FhirPermanentError, FhirTransientError
@@ -112,6 +116,7 @@ ROOM_CREATE = ("m.room.create", "")
 # person is a dead letter instead: FHIR may name one later.)
 NOT_WRITTEN_REASONS = {
     "service_user": "sent by the service user, not a person",
+    "exempt_user": "sent by an account exempt from the care-team rules, with no person",
 }
 
 
@@ -160,6 +165,7 @@ class CommunicationRecorder:
         persons: PersonDirectory,
         *,
         service_user_id: str,
+        exempt_users: Collection[str] = (),
         recent_writes: RecentWrites,
         drains: bool = True,
         note_messages: NoteMessages | None = None,
@@ -177,6 +183,7 @@ class CommunicationRecorder:
         self._writer = CommunicationWriter(fhir)
         self._amender = CommunicationAmender(fhir)
         self._service_user_id = service_user_id
+        self._exempt = frozenset(exempt_users)
         self._all_rooms = config.rooms is RecordedRooms.ALL
         self._ozo = config.profile is CommunicationProfile.OZO
         # Since start, on this (draining) instance; None: the base profile counts nothing.
@@ -333,7 +340,9 @@ class CommunicationRecorder:
                 outcome.dead[row.event_id] = f"could not be mapped: {type(e).__name__}"
                 continue
             writes.append((row.event_id, write))
-            in_batch[row.event_id] = row.room_id
+            if invalid_fhir(write) is None:
+                # (One the writer will refuse cannot be a reply's parent in this batch.)
+                in_batch[row.event_id] = row.room_id
         result = await self._writer.write(writes)
         outcome.written.extend(result.written)
         outcome.dead.update(result.dead)
@@ -419,6 +428,9 @@ class CommunicationRecorder:
             raise _NotYet(str(e)) from e
         except (_Retry, _NotYet, FhirTransientError):
             raise
+        except _Dead as e:
+            logger.warning("Outbox: %s cannot be applied; kept as a dead letter", row.event_id)
+            return _Outcome(dead={row.event_id: str(e)})
         except FhirPermanentError as e:
             logger.warning(
                 "Outbox: FHIR refused the change of %s (HTTP %s)", row.event_id, e.status
@@ -441,13 +453,13 @@ class CommunicationRecorder:
             logger.info("Outbox: edit %s of %s holds nothing to record", row.event_id, original)
             return _Outcome(done=[row.event_id])
         editor = await self._person_of(str(row.event.get("sender")))
-        thread = await self._room_thread(row.room_id)
+        threads = await self._threads_to_amend(row.room_id, original)
         profile = self._config.profile
         result = await self._amender.amend(
             original,
             lambda stored: (
                 edited(stored, editor, payload, profile=profile)
-                if in_thread(stored, thread)
+                if in_threads(stored, threads)
                 else Unchanged("the original is another room's")
             ),
         )
@@ -505,12 +517,12 @@ class CommunicationRecorder:
         policy = self._config.redactions
         profile = self._config.profile
         local = self._api.is_mine(redacter)
-        thread = await self._room_thread(row.room_id)
+        threads = await self._threads_to_amend(row.room_id, original)
         result = await self._amender.amend(
             original,
             lambda stored: (
                 withdrawn(stored, redaction, policy, by_local_user=local, profile=profile)
-                if in_thread(stored, thread)
+                if in_threads(stored, threads)
                 else Unchanged("the original is another room's")
             ),
         )
@@ -562,6 +574,26 @@ class CommunicationRecorder:
             await self._drop_edits_of(row.room_id, original)
         logger.info("Outbox: redaction %s erased %s, still in the outbox", row.event_id, original)
         return _Outcome(done=[row.event_id])
+
+    async def _threads_to_amend(self, room_id: str, original: str) -> frozenset[str]:
+        """Every thread a message of the room may be recorded in, for its edits and
+        redactions: bound, opened by this instance, or any request under the room's id —
+        not only one the module would take today, so a message recorded in its thread stays
+        editable and withdrawable after the team's patient changes or the request is edited.
+        (A request under this room's id holds only this room's messages: the module writes
+        another room's into another request.) Raises _Dead when none is found though FHIR
+        holds the original: it waits, rather than being left as it was unnoticed."""
+        threads = {await self._bindings.thread_of(room_id), self._opened_threads.get(room_id)}
+        if not any(c in room_id for c in ",|$\\"):
+            for request in await self._fhir.search_json(
+                "CommunicationRequest", {"identifier": f"{ROOM_ID_SYSTEM}|{room_id}"}
+            ):
+                if request.get("resourceType") == "CommunicationRequest" and request.get("id"):
+                    threads.add(f"CommunicationRequest/{request['id']}")
+        found = frozenset(thread for thread in threads if thread)
+        if not found and await self._amender.stored(original) is not None:
+            raise _Dead("no thread found for the room (its request is gone from FHIR?)")
+        return found
 
     async def _room_thread(self, room_id: str) -> str | None:
         """The room's thread (``CommunicationRequest/<id>``) if it has one: bound in room
@@ -634,7 +666,7 @@ class CommunicationRecorder:
             sender = str(row.event["sender"])
             if self._ozo and sender == self._service_user_id:
                 raise _NotWritten("service_user")  # (never a person; relays left above)
-            person = await self._sender_person(sender)
+            person = await self._sender_person(sender, self._ozo and sender in self._exempt)
             thread = await self._thread_of(row.room_id, teams, patient, person)
         except DirectoryUnavailable as e:
             raise _Retry(str(e)) from e
@@ -704,11 +736,16 @@ class CommunicationRecorder:
             )
         )
 
-    async def _sender_person(self, user_id: str) -> str:
+    async def _sender_person(self, user_id: str, exempt: bool = False) -> str:
         """The sender's person (``Practitioner``, ``RelatedPerson`` or ``Patient``, as OZO
         needs too); a dead letter while there is none: FHIR may name one later (a record
-        not updated yet, an address briefly shared), and a retry then writes it."""
+        not updated yet, an address briefly shared), and a retry then writes it.
+        ``exempt``: an account the operator keeps outside the care-team rules (an audit
+        bot): without a person its messages are not written, only counted, rather than
+        piling up as dead letters that no retry will ever write."""
         person = await self._person_of(user_id)
+        if person is None and exempt:
+            raise _NotWritten("exempt_user")
         if person is None:
             raise _Dead("the sender has no (single) FHIR person")
         return person

@@ -3,7 +3,8 @@
 Answers ``{"status": "ok"|"degraded", "fhir": {"reachable": bool},
 "outbox": {"pending": int, "dead": int}, "sync": {...}}`` (and, with
 ``communication.profile: ozo``, ``"recording": {"not_written_profile": int}``: messages the
-profile could not hold since start, the service user's own, not written). Reachability
+profile could not hold since start — the service user's own, and those of exempt accounts
+without a person — not written). Reachability
 comes from FHIR's ``/metadata`` with a short timeout and is remembered for a few seconds,
 so a monitoring system polling the endpoint does not turn into load on FHIR.
 

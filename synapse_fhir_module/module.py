@@ -134,6 +134,7 @@ class FhirModule:
                 self._teams,
                 self._persons,
                 service_user_id=self._service_user_id,
+                exempt_users=config.enforcement.exempt_users,
                 recent_writes=self._recent_writes,
                 drains=self._runs_background_work,
                 note_messages=note_messages_txn if self._unread is not None else None,

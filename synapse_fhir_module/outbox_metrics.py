@@ -18,7 +18,8 @@ COMMUNICATIONS_FAILED = Counter(
 )
 COMMUNICATIONS_NOT_WRITTEN = Counter(
     "synapse_fhir_communications_not_written",
-    "Messages communication.profile: ozo cannot hold (sent by the service user), not written",
+    "Messages communication.profile: ozo cannot hold (the service user's, an exempt account's"
+    " without a person), not written",
     ["reason"],
 )
 WRITE_RETRIES = Counter(

@@ -174,8 +174,12 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
 ) -> None:
     hapi = ozo_hapi
     network = CareNetwork(uuid.uuid4().hex[:8])
-    audit_id = network.user_id("audit")  # exempt: in every room, but no FHIR person
-    server = ozo_server(start_synapse, hapi, enforcement={"exempt_users": [audit_id]})
+    audit_id = network.user_id("audit")  # no FHIR person (yet)
+    bot_id = network.user_id("bot")  # exempt from the care-team rules, never a person
+    # (Enforcement off: with it, someone without a person could not join the room.)
+    server = ozo_server(
+        start_synapse, hapi, enforcement={"enabled": False, "exempt_users": [bot_id]}
+    )
     seeder = FhirSeeder(hapi.base_url)
     network.seed(seeder)
     ops = register_user(server, network.localpart("ops"), admin=True)
@@ -185,6 +189,7 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     room = room_made_by(gp, service, space)
     daughter = joined(server, gp, room, network.localpart("carla"))
     audit = joined(server, gp, room, network.localpart("audit"))
+    bot = joined(server, gp, room, network.localpart("bot"))
 
     # A message: the module opens the room's thread, requested by the room's creator.
     first = gp.send_text(room, "Wound looks clean")
@@ -251,9 +256,10 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
 
     # A message by someone without a FHIR person (yet): kept as a dead letter, durably
     # counted, to be written once FHIR names one. One by the service user in the team's
-    # space can never have a person: not written, counted.
+    # space, and one by the exempt bot, can never have a person: not written, counted.
     unattributable = audit.send_text(room, "Audit check")
     by_service = service.send_text(space, "Maintenance tonight")
+    by_bot = bot.send_text(room, "Reminder: rounds at 9")
     (dead,) = wait_until(
         lambda: [d for d in dead_letters(ops) if d["event_id"] == unattributable] or None,
         timeout=30,
@@ -261,16 +267,18 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     )
     assert dead["reason"] == "the sender has no (single) FHIR person"
     wait_until(
-        lambda: health(server)["recording"] == {"not_written_profile": 1},
+        lambda: health(server)["recording"] == {"not_written_profile": 2},
         timeout=30,
-        what="the service user's message counted as not written",
+        what="the service user's and the bot's messages counted as not written",
     )
     assert communication_of(hapi, unattributable) is None
     assert communication_of(hapi, by_service) is None
+    assert communication_of(hapi, by_bot) is None
     assert health(server)["outbox"] == {"pending": 0, "dead": 1}
     not_written = "synapse_fhir_communications_not_written_total"
     assert metric(server, f'{not_written}{{reason="no_person"}}') is None
     assert metric(server, f'{not_written}{{reason="service_user"}}') == 1.0
+    assert metric(server, f'{not_written}{{reason="exempt_user"}}') == 1.0
     # The recorder's log names the events and the rooms only.
     log = [
         line
@@ -281,6 +289,7 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     assert lines and all(space in line for line in lines)
     assert [line for line in log if unattributable in line and "dead letter" in line]
     assert not any(audit_id in line or "Audit check" in line for line in log)
+    assert not any(bot_id in line or "rounds at 9" in line for line in log)
     # Every Communication in the thread declares and meets the profile.
     bundle = requests.get(
         f"{hapi.base_url}/Communication",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attr
@@ -134,6 +134,19 @@ class Fhir:
             raise
         return {"entry": [{"response": {"location": f"{ref}/_history/1"}} for ref in created]}
 
+    async def update_json(
+        self, resource: Mapping[str, Any], *, if_match_version: str
+    ) -> dict[str, Any]:
+        reference = f"{resource['resourceType']}/{resource['id']}"
+        stored = self.stored[reference]
+        if stored["meta"]["versionId"] != if_match_version:
+            raise error_for_status(409, "update", {"resourceType": "OperationOutcome"})
+        version = str(int(if_match_version) + 1)
+        updated = copy.deepcopy(dict(resource))
+        updated["meta"] = {**updated.get("meta", {}), "versionId": version}
+        self.stored[reference] = updated
+        return copy.deepcopy(updated)
+
     def _resolve(self, reference: str) -> str:
         if reference.startswith("Communication?identifier="):
             value = reference.split("|", 1)[1]
@@ -155,6 +168,9 @@ class Bindings:
 
     async def care_teams_of(self, room_id: str) -> tuple[str, ...]:
         return ROOMS[room_id]
+
+    async def care_team_of(self, room_id: str) -> str | None:
+        return ROOMS[room_id][0] if ROOMS[room_id] else None
 
     async def thread_of(self, room_id: str) -> str | None:
         return self._threads.get(room_id)
@@ -214,6 +230,7 @@ def stand_in(
     profile: CommunicationProfile = OZO,
     fhir: Fhir | None = None,
     threads: Mapping[str, str] | None = None,
+    exempt_users: Sequence[str] = (),
 ) -> Stand:
     api, fhir, persons = Api(db), fhir or Fhir(), Persons()
     recorder = CommunicationRecorder(
@@ -224,6 +241,7 @@ def stand_in(
         Teams(),  # type: ignore[arg-type]
         persons,  # type: ignore[arg-type]
         service_user_id=SERVICE,
+        exempt_users=exempt_users,
         recent_writes=RecentWrites(),
     )
     return Stand(recorder, api, fhir, persons, db)
@@ -231,6 +249,10 @@ def stand_in(
 
 def text(event_id: str, sender: str = "@anna:example.org", room: str = ROOM, **more: Any) -> Event:
     return Event(event_id, room, sender, {"msgtype": "m.text", "body": "BP 150/95", **more})
+
+
+def redaction(event_id: str, redacts: str, room: str = ROOM) -> Event:
+    return Event(event_id, room, "@anna:example.org", {}, "m.room.redaction", redacts=redacts)
 
 
 def reply(event_id: str, parent: str, room: str = ROOM) -> Event:
@@ -369,8 +391,6 @@ async def test_a_request_someone_else_wrote_under_the_rooms_id_is_never_the_room
     (reason,) = stand.dead().values()
     assert reason.startswith(f"no thread for the room: {thread} carries the room's id, but ")
     assert stand.api.state_sent == []  # the room is not bound to it
-    # An edit, a redaction in the room: never applied to anything in that request.
-    assert await stand.recorder._room_thread(ROOM) is None
 
 
 @pytest_twisted.ensureDeferred
@@ -381,8 +401,74 @@ async def test_a_request_the_module_opened_for_the_room_is_its_thread(db: sqlite
     await stand.send(text("$first"))
     written = stand.fhir.communication("$first")
     assert written is not None and written["partOf"][0]["reference"] == thread
-    assert await stand.recorder._room_thread(ROOM) == thread
     assert [e["content"] for e in stand.api.state_sent] == [{"reference": thread}]
+
+
+@pytest.mark.parametrize("profile", [OZO, BASE])
+@pytest_twisted.ensureDeferred
+async def test_a_recorded_message_stays_withdrawable_when_its_thread_no_longer_passes(
+    db: sqlite3.Cursor, profile: CommunicationProfile
+) -> None:
+    """The thread the module opened is found again after a restart by the room's id; a
+    change since (someone added a recipient, the team's patient was corrected) must not make
+    the room's redactions skip its own messages."""
+    fhir = Fhir()
+    stand = await started(stand_in(db, profile, fhir=fhir))
+    await stand.send(text("$first"))
+    (request,) = fhir.find("CommunicationRequest", ROOM_ID_SYSTEM, ROOM)
+    thread = f"CommunicationRequest/{request['id']}"
+    fhir.stored[thread]["recipient"].append({"reference": OTHER_TEAM, "type": "CareTeam"})
+    restarted = await started(stand_in(db, profile, fhir=fhir))  # (no thread in memory)
+    await restarted.send(redaction("$undo", "$first"))
+    withdrawn = fhir.communication("$first")
+    assert withdrawn is not None and withdrawn["status"] == "entered-in-error"
+    assert restarted.dead() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redaction_in_one_room_never_withdraws_another_rooms_message(
+    db: sqlite3.Cursor,
+) -> None:
+    stand = await started(stand_in(db))
+    await stand.send(text("$theirs", room=OTHER_ROOM), text("$ours"))
+    restarted = await started(stand_in(db, fhir=stand.fhir))
+    await restarted.send(redaction("$undo", "$theirs"))  # (sent in ROOM)
+    theirs = stand.fhir.communication("$theirs")
+    assert theirs is not None and theirs["status"] == "completed"
+    assert restarted.dead() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redaction_waits_when_the_rooms_thread_is_gone(db: sqlite3.Cursor) -> None:
+    """FHIR holds the message but no request under the room's id any more: never left as
+    it was unnoticed — a dead letter, retried once the thread is back."""
+    fhir = Fhir()
+    stand = await started(stand_in(db, fhir=fhir))
+    await stand.send(text("$first"))
+    (request,) = fhir.find("CommunicationRequest", ROOM_ID_SYSTEM, ROOM)
+    del fhir.stored[f"CommunicationRequest/{request['id']}"]
+    restarted = await started(stand_in(db, fhir=fhir))
+    await restarted.send(redaction("$undo", "$first"))
+    assert restarted.dead() == {
+        "$undo": "no thread found for the room (its request is gone from FHIR?)"
+    }
+    first = fhir.communication("$first")
+    assert first is not None and first["status"] == "completed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_exempt_account_without_a_person_is_counted_not_kept(
+    db: sqlite3.Cursor,
+) -> None:
+    """An audit bot the operator exempted has no person by design: under OZO its messages
+    are not written (counted), rather than piling up as dead letters no retry will write."""
+    stand = stand_in(db, exempt_users=["@audit:example.org"])
+    await started(stand)
+    await stand.send(text("$audit", sender="@audit:example.org"), text("$first"))
+    assert stand.fhir.communication("$audit") is None
+    assert stand.fhir.communication("$first") is not None
+    counts = await stand.recorder.counts()
+    assert (counts.pending, counts.dead, counts.not_written_profile) == (0, 0, 1)
 
 
 @pytest_twisted.ensureDeferred
