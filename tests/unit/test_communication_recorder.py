@@ -480,3 +480,15 @@ async def test_a_room_without_a_request_gets_its_own(db: sqlite3.Cursor) -> None
     (request,) = stand.fhir.find("CommunicationRequest", ROOM_ID_SYSTEM, ROOM)
     assert written["partOf"][0]["reference"] == f"CommunicationRequest/{request['id']}"
     assert ORIGIN_TAG in request["meta"]["tag"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_to_a_message_fhir_will_refuse_in_the_same_batch_is_still_written(
+    db: sqlite3.Cursor,
+) -> None:
+    """Any member can send a message the writer refuses (an empty body): a reply to it in
+    the same batch must not name it, or the reply dies with it."""
+    stand = await started(stand_in(db))
+    await stand.send(text("$empty", body=""), reply("$answer", "$empty"))
+    assert set(stand.dead()) == {"$empty"}
+    assert in_response_to(stand, "$answer") is None
