@@ -53,6 +53,7 @@ ROW_TITLES = {
     8: "Send latency while FHIR stalls 10 s per request vs healthy FHIR",
     9: "Period end → member removed, no FHIR write (issue 11)",
     10: "Identity by email: address → account from memory; decisions (issue 12)",
+    11: "Unread markers as FHIR Tasks: sends with unread_tasks off vs on; Task lags",
 }
 
 
@@ -91,6 +92,8 @@ STEPS = [
     Step(6, "scale", shared_hapi=False),
     Step(9, "access_in_time"),
     Step(10, "identity_resolution"),
+    # --smoke: 10 messages and 2 timed read markers (the Tasks follow every 2 s).
+    Step(11, "unread_tasks"),
 ]
 
 
