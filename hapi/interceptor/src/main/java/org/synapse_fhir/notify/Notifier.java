@@ -8,6 +8,7 @@ import java.net.http.HttpClient;
 import java.net.http.HttpRequest;
 import java.net.http.HttpResponse;
 import java.util.concurrent.ArrayBlockingQueue;
+import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.Executors;
 import java.util.concurrent.RejectedExecutionException;
 import java.util.concurrent.ScheduledExecutorService;
@@ -24,6 +25,10 @@ import java.util.concurrent.atomic.AtomicLong;
  * once, and anything beyond it is dropped with a warning, so {@link #submit} never blocks. A
  * failed attempt is not retried by sleeping in the worker: a timer puts it back in the worker's
  * queue after the backoff, so the worker keeps serving new work meanwhile.
+ *
+ * <p>One resource waits at most once: a change of a resource whose notification is still
+ * queued replaces it in place (the receiver re-reads the resource, so the last version says
+ * it all), and a retry of an older change is dropped when a newer one waits.
  */
 final class Notifier implements AutoCloseable {
 
@@ -35,6 +40,9 @@ final class Notifier implements AutoCloseable {
 	private final ScheduledExecutorService retryTimer;
 	/** Notifications accepted and not yet finished (queued, sending, or waiting for a retry). */
 	private final AtomicInteger inFlight = new AtomicInteger();
+	/** The queued notification of each resource ({@code Type/id}), until the worker takes it. */
+	private final ConcurrentHashMap<String, Pending> queued = new ConcurrentHashMap<>();
+	private final AtomicLong merged = new AtomicLong();
 
 	private static final long DROP_WARNING_INTERVAL_NANOS = TimeUnit.SECONDS.toNanos(10);
 	private final AtomicLong dropped = new AtomicLong();
@@ -56,17 +64,47 @@ final class Notifier implements AutoCloseable {
 
 	/** Accepts a notification for delivery, or drops it if too many are in flight. Never blocks. */
 	void submit(Notification notification) {
-		if (inFlight.incrementAndGet() > settings.capacity()) {
-			inFlight.decrementAndGet();
-			drop(notification, "queue full");
-			return;
-		}
-		enqueue(notification, 1);
+		offer(notification, 1);
 	}
 
 	/** Notifications accepted but not finished yet; for tests and diagnostics. */
 	int inFlight() {
 		return inFlight.get();
+	}
+
+	/** Notifications folded into one already queued for the same resource, since start. */
+	long merged() {
+		return merged.get();
+	}
+
+	private void offer(Notification notification, int attempt) {
+		String key = notification.resourceKey();
+		Pending[] created = new Pending[1];
+		queued.compute(key, (k, waiting) -> {
+			if (waiting == null) {
+				created[0] = new Pending(notification, attempt);
+				return created[0];
+			}
+			// A retry is of an older change than the one waiting: the waiting one stands.
+			return attempt == 1 ? new Pending(notification, waiting.attempt()) : waiting;
+		});
+		if (created[0] == null) {
+			merged.incrementAndGet();
+			return;
+		}
+		if (inFlight.incrementAndGet() > settings.capacity()) {
+			inFlight.decrementAndGet();
+			queued.remove(key, created[0]);
+			drop(notification, "queue full");
+			return;
+		}
+		try {
+			worker.execute(() -> deliver(key));
+		} catch (RejectedExecutionException e) {
+			inFlight.decrementAndGet();
+			queued.remove(key, created[0]);
+			drop(notification, "notifier stopped or queue full");
+		}
 	}
 
 	@Override
@@ -75,22 +113,24 @@ final class Notifier implements AutoCloseable {
 		worker.shutdownNow();
 	}
 
-	private void enqueue(Notification notification, int attempt) {
-		try {
-			worker.execute(() -> deliver(notification, attempt));
-		} catch (RejectedExecutionException e) {
+	private void deliver(String key) {
+		// Taken out before sending: a change arriving meanwhile is queued anew, not lost.
+		Pending pending = queued.remove(key);
+		if (pending == null) {
 			inFlight.decrementAndGet();
-			drop(notification, "notifier stopped or queue full");
+			return;
 		}
-	}
-
-	private void deliver(Notification notification, int attempt) {
+		Notification notification = pending.notification();
+		int attempt = pending.attempt();
 		Outcome outcome = send(notification);
 		if (outcome == Outcome.RETRY && attempt < settings.maxAttempts()) {
 			long delay = backoffMillis(attempt);
 			LOG.debug("Notify {} failed (attempt {}), retrying in {} ms", notification, attempt, delay);
 			try {
-				retryTimer.schedule(() -> enqueue(notification, attempt + 1), delay, TimeUnit.MILLISECONDS);
+				retryTimer.schedule(() -> {
+					inFlight.decrementAndGet();
+					offer(notification, attempt + 1);
+				}, delay, TimeUnit.MILLISECONDS);
 				return;
 			} catch (RejectedExecutionException e) {
 				inFlight.decrementAndGet(); // shutting down
@@ -161,5 +201,9 @@ final class Notifier implements AutoCloseable {
 	private enum Outcome {
 		DONE,
 		RETRY
+	}
+
+	/** A notification waiting for the worker, and which attempt at it that will be. */
+	private record Pending(Notification notification, int attempt) {
 	}
 }

@@ -13,6 +13,10 @@ import org.springframework.transaction.support.TransactionSynchronizationManager
  * Tells Synapse which FHIR resources changed, right after the change is committed ("notify,
  * then pull": the message names the resource, the receiver re-reads it).
  *
+ * <p>Resources the module itself wrote (they carry its origin tag, {@link OriginTag}) are not
+ * reported when created or updated: the module would only skip the echo, after it had waited
+ * in the queue ahead of the changes that matter.
+ *
  * <p>The hooks run inside the FHIR write's transaction, just before commit. They only record
  * what changed; the HTTP call happens after commit on a background thread. Nothing here may
  * fail or slow the write: every hook catches its own errors and never waits on the network.
@@ -88,6 +92,9 @@ public class SynapseNotifyInterceptor {
 		try {
 			if (!settings.reports(resource.fhirType())) {
 				return;
+			}
+			if (action != Notification.Action.DELETE && OriginTag.isOnModuleWrite(resource)) {
+				return; // the module's own write: it has nothing to learn from it (deletes still go)
 			}
 			Notification notification = action == Notification.Action.DELETE
 					? Notification.ofDelete(resource, idBeforeDelete)

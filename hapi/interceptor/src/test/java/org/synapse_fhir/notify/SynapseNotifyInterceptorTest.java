@@ -2,6 +2,7 @@ package org.synapse_fhir.notify;
 
 import com.fasterxml.jackson.databind.ObjectMapper;
 import org.hl7.fhir.r4.model.CareTeam;
+import org.hl7.fhir.r4.model.Communication;
 import org.hl7.fhir.r4.model.IdType;
 import org.hl7.fhir.r4.model.Observation;
 import org.hl7.fhir.r4.model.Patient;
@@ -293,6 +294,66 @@ class SynapseNotifyInterceptorTest {
 	}
 
 	@Test
+	void skipsWhatTheModuleWroteButNotItsDeletes() throws Exception {
+		install(settings());
+
+		storage.createCommitted(tagged(communication("c1", "1")));
+		storage.transactions.executeWithoutResult(
+				s -> storage.update(tagged(communication("c1", "1")), tagged(communication("c1", "2"))));
+		storage.createCommitted(communication("foreign", "1")); // another system's: no tag
+		storage.transactions.executeWithoutResult(
+				s -> storage.delete(tagged(communication("c1", "2")), new IdType("Communication", "c1", "2")));
+
+		assertEquals(Map.of("resourceType", "Communication", "id", "foreign", "versionId", "1", "action", "create"),
+				body(1));
+		assertEquals(Map.of("resourceType", "Communication", "id", "c1", "versionId", "3", "action", "delete"),
+				body(2));
+		storage.createCommitted(patient("sentinel", "1"));
+		assertEquals("sentinel", body(3).get("id"));
+		assertEquals(3, receiver.count());
+	}
+
+	@Test
+	void aResourceChangedAgainWhileItsNotificationWaitsIsReportedOnceOnItsLastVersion() throws Exception {
+		install(settings().withTimeouts(Duration.ofSeconds(2), Duration.ofSeconds(30)));
+		receiver.hangUntilReleased();
+
+		storage.createCommitted(patient("first", "1"));
+		receiver.awaitRequest(1); // the sender is stuck: what follows waits in the queue
+		storage.createCommitted(careTeam("t1", "1"));
+		for (int version = 2; version <= 5; version++) {
+			String v = Integer.toString(version);
+			String before = Integer.toString(version - 1);
+			storage.transactions.executeWithoutResult(s -> storage.update(careTeam("t1", before), careTeam("t1", v)));
+		}
+		storage.createCommitted(patient("p2", "1"));
+		assertEquals(3, interceptor.pendingDeliveries(), "first, t1 once, p2");
+
+		receiver.release();
+		// t1 keeps its place in the queue, with its last version.
+		assertEquals(Map.of("resourceType", "CareTeam", "id", "t1", "versionId", "5", "action", "update"), body(2));
+		assertEquals("p2", body(3).get("id"));
+		storage.createCommitted(patient("sentinel", "1"));
+		assertEquals("sentinel", body(4).get("id"));
+		assertEquals(4, receiver.count());
+	}
+
+	@Test
+	void aRetryOfAnOlderChangeGivesWayToTheNewerOne() throws Exception {
+		install(settings().withRetries(3, Duration.ofMillis(300)));
+		receiver.respondWith(503);
+
+		storage.createCommitted(careTeam("t1", "1"));
+		receiver.awaitRequest(1); // refused: its retry waits ~300 ms
+		storage.transactions.executeWithoutResult(s -> storage.update(careTeam("t1", "1"), careTeam("t1", "2")));
+
+		assertEquals(Map.of("resourceType", "CareTeam", "id", "t1", "versionId", "2", "action", "update"), body(2));
+		storage.createCommitted(patient("sentinel", "1"));
+		assertEquals("sentinel", body(3).get("id"));
+		assertEquals(3, receiver.count(), "the retry of version 1 was not sent after version 2");
+	}
+
+	@Test
 	void inactiveWithoutUrl() {
 		install(NotifySettings.of(null, SECRET, NotifySettings.DEFAULT_TYPES));
 
@@ -318,6 +379,18 @@ class SynapseNotifyInterceptorTest {
 		Patient patient = new Patient();
 		patient.setIdElement(new IdType("Patient", id, version));
 		return patient;
+	}
+
+	static Communication communication(String id, String version) {
+		Communication communication = new Communication();
+		communication.setIdElement(new IdType("Communication", id, version));
+		return communication;
+	}
+
+	/** As the module writes it: with its origin tag. */
+	static <T extends org.hl7.fhir.r4.model.Resource> T tagged(T resource) {
+		resource.getMeta().addTag(OriginTag.SYSTEM, OriginTag.CODE, null);
+		return resource;
 	}
 
 	static CareTeam careTeam(String id, String version) {
