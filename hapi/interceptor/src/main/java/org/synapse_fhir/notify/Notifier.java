@@ -28,7 +28,7 @@ import java.util.concurrent.atomic.AtomicLong;
  *
  * <p>One resource waits at most once: a change of a resource whose notification is still
  * queued replaces it in place (the receiver re-reads the resource, so the last version says
- * it all), and a retry of an older change is dropped when a newer one waits.
+ * it all), and a retry of a change is dropped once a newer change of the resource came in.
  */
 final class Notifier implements AutoCloseable {
 
@@ -42,6 +42,9 @@ final class Notifier implements AutoCloseable {
 	private final AtomicInteger inFlight = new AtomicInteger();
 	/** The queued notification of each resource ({@code Type/id}), until the worker takes it. */
 	private final ConcurrentHashMap<String, Pending> queued = new ConcurrentHashMap<>();
+	/** Each resource's newest change not finished yet (its submission number). */
+	private final ConcurrentHashMap<String, Long> newest = new ConcurrentHashMap<>();
+	private final AtomicLong submissions = new AtomicLong();
 	private final AtomicLong merged = new AtomicLong();
 
 	private static final long DROP_WARNING_INTERVAL_NANOS = TimeUnit.SECONDS.toNanos(10);
@@ -64,7 +67,9 @@ final class Notifier implements AutoCloseable {
 
 	/** Accepts a notification for delivery, or drops it if too many are in flight. Never blocks. */
 	void submit(Notification notification) {
-		offer(notification, 1);
+		long number = submissions.incrementAndGet();
+		newest.put(notification.resourceKey(), number);
+		offer(new Pending(notification, 1, number));
 	}
 
 	/** Notifications accepted but not finished yet; for tests and diagnostics. */
@@ -77,16 +82,16 @@ final class Notifier implements AutoCloseable {
 		return merged.get();
 	}
 
-	private void offer(Notification notification, int attempt) {
-		String key = notification.resourceKey();
+	private void offer(Pending offered) {
+		String key = offered.notification().resourceKey();
 		Pending[] created = new Pending[1];
 		queued.compute(key, (k, waiting) -> {
 			if (waiting == null) {
-				created[0] = new Pending(notification, attempt);
-				return created[0];
+				created[0] = offered;
+				return offered;
 			}
-			// A retry is of an older change than the one waiting: the waiting one stands.
-			return attempt == 1 ? new Pending(notification, waiting.attempt()) : waiting;
+			// The newer change takes the waiting one's place in the queue.
+			return offered.number() > waiting.number() ? offered : waiting;
 		});
 		if (created[0] == null) {
 			merged.incrementAndGet();
@@ -94,16 +99,18 @@ final class Notifier implements AutoCloseable {
 		}
 		if (inFlight.incrementAndGet() > settings.capacity()) {
 			inFlight.decrementAndGet();
-			queued.remove(key, created[0]);
-			drop(notification, "queue full");
+			queued.remove(key, offered);
+			newest.remove(key, offered.number());
+			drop(offered.notification(), "queue full");
 			return;
 		}
 		try {
 			worker.execute(() -> deliver(key));
 		} catch (RejectedExecutionException e) {
 			inFlight.decrementAndGet();
-			queued.remove(key, created[0]);
-			drop(notification, "notifier stopped or queue full");
+			queued.remove(key, offered);
+			newest.remove(key, offered.number());
+			drop(offered.notification(), "notifier stopped or queue full");
 		}
 	}
 
@@ -127,10 +134,7 @@ final class Notifier implements AutoCloseable {
 			long delay = backoffMillis(attempt);
 			LOG.debug("Notify {} failed (attempt {}), retrying in {} ms", notification, attempt, delay);
 			try {
-				retryTimer.schedule(() -> {
-					inFlight.decrementAndGet();
-					offer(notification, attempt + 1);
-				}, delay, TimeUnit.MILLISECONDS);
+				retryTimer.schedule(() -> retry(pending), delay, TimeUnit.MILLISECONDS);
 				return;
 			} catch (RejectedExecutionException e) {
 				inFlight.decrementAndGet(); // shutting down
@@ -138,9 +142,20 @@ final class Notifier implements AutoCloseable {
 			}
 		}
 		inFlight.decrementAndGet();
+		newest.remove(key, pending.number());
 		if (outcome == Outcome.RETRY) {
 			LOG.warn("Giving up notifying Synapse of {} after {} attempts", notification, attempt);
 		}
+	}
+
+	private void retry(Pending failed) {
+		inFlight.decrementAndGet();
+		Long latest = newest.get(failed.notification().resourceKey());
+		if (latest == null || latest != failed.number()) {
+			merged.incrementAndGet(); // a newer change of the resource was reported since
+			return;
+		}
+		offer(new Pending(failed.notification(), failed.attempt() + 1, failed.number()));
 	}
 
 	private Outcome send(Notification notification) {
@@ -203,7 +218,7 @@ final class Notifier implements AutoCloseable {
 		RETRY
 	}
 
-	/** A notification waiting for the worker, and which attempt at it that will be. */
-	private record Pending(Notification notification, int attempt) {
+	/** A notification waiting for the worker, which attempt at it that will be, and its submission number. */
+	private record Pending(Notification notification, int attempt, long number) {
 	}
 }
