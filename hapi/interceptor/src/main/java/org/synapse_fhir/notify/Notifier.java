@@ -45,7 +45,6 @@ final class Notifier implements AutoCloseable {
 	/** Each resource's newest change not finished yet (its submission number). */
 	private final ConcurrentHashMap<String, Long> newest = new ConcurrentHashMap<>();
 	private final AtomicLong submissions = new AtomicLong();
-	private final AtomicLong merged = new AtomicLong();
 
 	private static final long DROP_WARNING_INTERVAL_NANOS = TimeUnit.SECONDS.toNanos(10);
 	private final AtomicLong dropped = new AtomicLong();
@@ -77,11 +76,6 @@ final class Notifier implements AutoCloseable {
 		return inFlight.get();
 	}
 
-	/** Notifications folded into one already queued for the same resource, since start. */
-	long merged() {
-		return merged.get();
-	}
-
 	private void offer(Pending offered) {
 		String key = offered.notification().resourceKey();
 		Pending[] created = new Pending[1];
@@ -94,12 +88,12 @@ final class Notifier implements AutoCloseable {
 			return offered.number() > waiting.number() ? offered : waiting;
 		});
 		if (created[0] == null) {
-			merged.incrementAndGet();
-			return;
+			return; // folded into the one waiting
 		}
 		if (inFlight.incrementAndGet() > settings.capacity()) {
 			inFlight.decrementAndGet();
-			queued.remove(key, offered);
+			// (Unconditionally: a newer change folded into this one meanwhile has no task either.)
+			queued.remove(key);
 			newest.remove(key, offered.number());
 			drop(offered.notification(), "queue full");
 			return;
@@ -108,7 +102,7 @@ final class Notifier implements AutoCloseable {
 			worker.execute(() -> deliver(key));
 		} catch (RejectedExecutionException e) {
 			inFlight.decrementAndGet();
-			queued.remove(key, offered);
+			queued.remove(key);
 			newest.remove(key, offered.number());
 			drop(offered.notification(), "notifier stopped or queue full");
 		}
@@ -152,8 +146,7 @@ final class Notifier implements AutoCloseable {
 		inFlight.decrementAndGet();
 		Long latest = newest.get(failed.notification().resourceKey());
 		if (latest == null || latest != failed.number()) {
-			merged.incrementAndGet(); // a newer change of the resource was reported since
-			return;
+			return; // a newer change of the resource was reported since
 		}
 		offer(new Pending(failed.notification(), failed.attempt() + 1, failed.number()));
 	}
