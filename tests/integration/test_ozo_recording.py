@@ -65,6 +65,12 @@ def ozo_hapi(hapi: HapiDevServer) -> HapiDevServer:
     """The session's HAPI, holding the guide's profiles so that ``$validate`` checks a
     resource against those it declares (nothing else changes: HAPI validates on request
     only)."""
+    load_guide(hapi)
+    return hapi
+
+
+def load_guide(hapi: HapiDevServer) -> None:
+    """The guide's StructureDefinitions and ValueSets, into ``hapi``."""
     for conformance in guide_resources():
         response = requests.put(
             f"{hapi.base_url}/{conformance['resourceType']}/{conformance['id']}",
@@ -73,7 +79,6 @@ def ozo_hapi(hapi: HapiDevServer) -> HapiDevServer:
             timeout=60,
         )
         assert response.status_code in (200, 201), response.text[:500]
-    return hapi
 
 
 def validator_errors(hapi: HapiDevServer, resource: dict[str, Any]) -> list[str]:

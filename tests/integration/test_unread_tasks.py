@@ -22,22 +22,16 @@ from synapse_fhir_module.unread_mapping import OZO_TASK, UNREAD_TASK_SYSTEM
 from tests.integration.matrix_views import Team
 from tests.integration.quiet_stack import QuietStack, quiet_stack
 from tests.integration.test_communication_recording import communication_of
+from tests.integration.test_ozo_recording import load_guide, validator_errors
 from tests.integration.test_ozo_threads import foreign, put_request, room_of
-from tests.ozo_profiles import definition, guide_resources, unmet
+from tests.ozo_profiles import definition, unmet
 
 WITHIN = 30.0
 
 
 @pytest.fixture(scope="module")
 def stack(run_dir: Path, quiet_hapi: HapiDevServer) -> Iterator[QuietStack]:
-    for conformance in guide_resources():  # (HAPI's $validate checks what Tasks declare)
-        response = requests.put(
-            f"{quiet_hapi.base_url}/{conformance['resourceType']}/{conformance['id']}",
-            json=conformance,
-            headers={"Content-Type": "application/fhir+json"},
-            timeout=60,
-        )
-        assert response.status_code in (200, 201), response.text[:500]
+    load_guide(quiet_hapi)  # (HAPI's $validate checks what Tasks declare)
     with quiet_stack(
         run_dir / "unread-stack",
         quiet_hapi,
@@ -107,20 +101,6 @@ def last_message(user: MatrixUser, room_id: str, sender: str) -> str | None:
     if newest is None or newest["sender"] != sender:
         return None
     return str(newest["event_id"])
-
-
-def validator_errors(hapi: HapiDevServer, resource: dict[str, Any]) -> list[str]:
-    response = requests.post(
-        f"{hapi.base_url}/Task/$validate",
-        json=resource,
-        headers={"Content-Type": "application/fhir+json"},
-        timeout=300,
-    )
-    return [
-        str(issue.get("diagnostics", ""))
-        for issue in response.json().get("issue", [])
-        if issue.get("severity") in ("error", "fatal")
-    ]
 
 
 def test_each_member_has_one_task_that_follows_what_they_have_read(stack: QuietStack) -> None:
