@@ -1,11 +1,17 @@
-"""Records care-team messages as FHIR Communications through the outbox.
+"""Records care-team messages as FHIR Communications, from Synapse's own event stream.
 
-``on_new_event`` only enqueues (one small write into Synapse's database) and wakes the
-drain; everything that needs the network — which room belongs to which team, the
-sender's FHIR person, the thread, the FHIR write itself — happens in the drain, a
-background process on the one instance that runs background work. With workers, the
-main process enqueues (it stores the events: a worker that is down would miss those sent
-meanwhile) and only the background worker drains.
+Synapse stores every message durably; the module keeps only its place in that stream
+(``recording_log``). On the one instance that runs background work, ``on_new_event``
+hands the message to memory (no I/O, no database: the send path pays nothing more) and
+wakes the drain, which writes from memory to FHIR. Everything that needs the network —
+which room belongs to which team, the sender's FHIR person, the thread, the FHIR write
+itself — happens in the drain. About once a second the stream is read from the saved
+position (``stream_follower``); once FHIR holds every message before the read's end,
+that end is saved. After a crash, a restart or a long FHIR outage the recorder reads on
+from the saved position, and FHIR's conditional creates (keyed by the event id) make a
+message written twice a no-op. The outbox table keeps the exceptions only: dead letters,
+and messages that must wait (an edit whose original FHIR does not have yet, and its
+room's later messages behind it).
 
 A batch writes its new messages first, as one transaction; then its edits and redactions
 one by one, each to its original's stored Communication (``communication_amendments``), or,
@@ -46,7 +52,7 @@ import attr
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
 from synapse.module_api import EventBase, ModuleApi, StateMap
 
-from synapse_fhir_module import outbox_store, sync_store
+from synapse_fhir_module import fault_hooks, outbox_store, recording_log_store, sync_store
 from synapse_fhir_module.care_team import reference_of
 from synapse_fhir_module.communication_amendments import (
     Amended,
@@ -95,8 +101,12 @@ from synapse_fhir_module.outbox_metrics import (
 )
 from synapse_fhir_module.person_directory import PersonDirectory
 from synapse_fhir_module.recent_writes import RecentWrites
+from synapse_fhir_module.recording_log import Candidate, PendingEvent, RecordingLog
+from synapse_fhir_module.recording_session import RecordingSession
 from synapse_fhir_module.relay_content import resource_of_key, source_of
 from synapse_fhir_module.room_bindings import THREAD_STATE, RoomBindings
+from synapse_fhir_module.stream_follower import StreamFollower
+from synapse_fhir_module.stream_reader import StreamReader, StreamUnavailable, TokenRejected
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
 from synapse_fhir_module.unread_mapping import LatestMessage
 
@@ -109,7 +119,10 @@ MESSAGE_TYPES = frozenset({"m.room.message", "m.room.encrypted"})
 RECORDED_TYPES = MESSAGE_TYPES | {"m.room.redaction"}
 RETRY_CAP_MS = 10_000
 MAX_REMEMBERED_THREADS = 100_000
-GAUGE_REFRESH_S = 1.0
+# How often the outbox table's figures are read again (they change only on exceptions).
+TABLE_REFRESH_S = 5.0
+# Reading the stream failed: say so in the log at most this often.
+STREAM_WARNING_INTERVAL_S = 60.0
 ROOM_CREATE = ("m.room.create", "")
 # Why communication.profile: ozo leaves a message unwritten (the metric's label), and the
 # log's words for it: fixed texts, never the message or who sent it. (A sender without a
@@ -169,9 +182,10 @@ class CommunicationRecorder:
         recent_writes: RecentWrites,
         drains: bool = True,
         note_messages: NoteMessages | None = None,
+        reader: StreamReader | None = None,
     ) -> None:
         self._api = api
-        self._drains = drains  # False: this instance only enqueues
+        self._drains = drains  # False: this instance only answers for the figures
         self._recent_writes = recent_writes
         # Told, in the outbox's own transaction, of each message FHIR now has.
         self._note_messages = note_messages
@@ -193,34 +207,52 @@ class CommunicationRecorder:
         self._draining = False
         self._again = False
         self._schema_ready = False
-        self._counted_at = 0.0
+        # Between Synapse's stream and FHIR (only where the drain runs).
+        self._log = RecordingLog(config.max_pending)
+        self._session = RecordingSession(api, service_user_id)
+        self._reader = reader or StreamReader(
+            config.client_url or api.public_baseurl, self._session.access_token
+        )
+        self._follower = StreamFollower(self._log, self._reader, RECORDED_TYPES)
+        self._position: str | None = None  # saved: FHIR has every message before it
+        self._stepping = False
+        self._stream_warned_at = -STREAM_WARNING_INTERVAL_S
+        self._notes: list[tuple[str, LatestMessage]] = []  # for the unread Tasks
+        self._reported: tuple[int, int] | None = None
+        # The outbox table's exceptions, as last read (pending rows, their rooms).
+        self._table_pending = 0
+        self._table_dead = 0
+        self._rooms_waiting: set[str] = set()
+        self._table_read_at = 0.0
+        self._failures = 0
+        self._backoff_until = 0.0
 
     async def start(self) -> None:
-        """Create the outbox table if needed, then write whatever a restart left pending."""
+        """Create the tables if needed, then write whatever a restart left: the messages
+        after the saved stream position, and the table's pending rows."""
         await self._api.run_db_interaction("fhir_outbox_schema", outbox_store.create_schema)
+        await self._api.run_db_interaction(
+            "fhir_recording_schema", recording_log_store.create_schema
+        )
         if self._drains:
             # (The relay's table too: the drain asks it which messages came from FHIR.)
             await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
+            row = await self._api.run_db_interaction(
+                "fhir_recording_position", recording_log_store.load
+            )
+            self._position = row.stream_token
+            await self._read_table()
+            await self._session.open()
         self._schema_ready = True
         self.wake()
 
-    async def on_new_event(self, event: EventBase) -> None:
-        """Enqueue a message of a (possibly) care-team room. No network I/O here."""
-        if event.type not in RECORDED_TYPES:
+    def on_new_event(self, event: EventBase) -> None:
+        """Hand a message of a (possibly) care-team room to the drain: memory only."""
+        if not self._drains or event.type not in RECORDED_TYPES:
             return
-        if (
-            event.sender == self._service_user_id
-            and event.type != "m.room.redaction"
-            and not self._ozo
-        ):
-            # (Its redactions are a moderator's, made through it: communication.redactions.
-            # Under the OZO profile its messages are enqueued too, for the drain to count
-            # those that are not relays from FHIR.)
+        if not self._recordable(event.sender, event.type, event.room_id):
+            self._log.settle_now(event.event_id, now_ms())
             return
-        if not self._schema_ready:
-            return  # the table is not there yet (start-up)
-        if not self._all_rooms and self._bindings.remembered(event.room_id) is None:
-            return  # a room known to be ordinary
         row = {
             "event_id": event.event_id,
             "room_id": event.room_id,
@@ -230,69 +262,203 @@ class CommunicationRecorder:
             "content": dict(event.content),
             "redacts": event.redacts,
         }
-        await self._api.run_db_interaction(
-            "fhir_outbox_enqueue", outbox_store.enqueue, row, now_ms()
-        )
-        self.wake()
+        if self._log.offer(row, now_ms()):
+            self.wake()
+
+    def _recordable(self, sender: str, event_type: str, room_id: str) -> bool:
+        """False for a message known, without I/O, to have nothing to write."""
+        if sender == self._service_user_id and event_type != "m.room.redaction" and not self._ozo:
+            # (Its redactions are a moderator's, made through it: communication.redactions.
+            # Under the OZO profile its messages go on too, for the drain to count those
+            # that are not relays from FHIR.)
+            return False
+        # (An unknown room is looked up by the drain.)
+        return self._all_rooms or self._bindings.remembered(room_id) is not None
 
     async def counts(self) -> OutboxCounts:
+        """``pending``: messages read from Synapse (or handed over) that FHIR does not
+        have yet, and the table's waiting rows; ``dead``: dead letters."""
         try:
-            pending, dead = await self._api.run_db_interaction(
+            table_pending, dead = await self._api.run_db_interaction(
                 "fhir_outbox_counts", outbox_store.counts
             )
-        except Exception:  # e.g. the background instance has not created the table yet
+            if self._drains:
+                in_memory = self._log.pending
+            else:  # (reported by the instance that runs the drain, about once a second)
+                row = await self._api.run_db_interaction(
+                    "fhir_recording_counts", recording_log_store.load
+                )
+                in_memory = row.pending
+        except Exception:  # e.g. the background instance has not created the tables yet
             logger.debug("Outbox counts unavailable", exc_info=True)
             return OutboxCounts(not_written_profile=self._not_written)
+        pending = table_pending + in_memory
         OUTBOX_PENDING.set(pending)
         OUTBOX_DEAD.set(dead)
         return OutboxCounts(pending=pending, dead=dead, not_written_profile=self._not_written)
 
     def wake(self) -> None:
         """Drain now (or again right after the drain under way)."""
-        if not self._drains:
-            return  # the background instance's 1 s wake-up finds the rows
+        if not self._drains or not self._schema_ready:
+            return
+        if time.monotonic() < self._backoff_until:
+            return  # FHIR was unreachable: the periodic wake-up tries again in time
         if self._draining:
             self._again = True
             return
         self._draining = True
         self._api.run_as_background_process("fhir_outbox_drain", self._drain)
 
+    def table_changed(self) -> None:
+        """Dead letters were made pending again (the admin's retry): drain them now."""
+        self._table_pending = max(self._table_pending, 1)
+        self.wake()
+
+    async def step(self) -> None:
+        """Read on in Synapse's stream and save the position FHIR has everything before
+        (with the notes for the unread Tasks), about once a second."""
+        if not self._drains or not self._schema_ready or self._stepping:
+            return
+        self._stepping = True
+        try:
+            candidate = None
+            if self._position is None:
+                # The first start: from now on (an earlier version's outbox rows drain).
+                self._position = await self._reader.now()
+                candidate = Candidate(self._position, now_ms())
+                self._log.caught_up()
+            else:
+                candidate = await self._follower.step(self._position, now_ms())
+            if self._log.pending:
+                self.wake()
+            await self._save(candidate)
+            if time.monotonic() - self._table_read_at >= TABLE_REFRESH_S:
+                await self._read_table()
+        except TokenRejected as e:
+            logger.warning("Recording: %s; making a new one", e)
+            self._follower.restart()
+            await self._session.renew()
+        except StreamUnavailable as e:
+            self._follower.restart()
+            if time.monotonic() - self._stream_warned_at >= STREAM_WARNING_INTERVAL_S:
+                self._stream_warned_at = time.monotonic()
+                logger.warning("Recording: cannot read Synapse's event stream (%s)", e)
+        except Exception:
+            self._follower.restart()
+            logger.exception("Recording: reading Synapse's event stream failed")
+        finally:
+            self._stepping = False
+
+    async def _save(self, candidate: Candidate | None) -> None:
+        """One transaction, only when something changed: the unread notes, the new
+        position, and the figures other instances answer ``/health`` with."""
+        notes, self._notes = self._notes, []
+        oldest = self._log.oldest_ms()
+        now = now_ms()
+        figures = (self._log.pending, 0 if oldest is None else max(0, now - oldest))
+        report = figures != self._reported
+        if not notes and candidate is None and not report:
+            return
+        note = self._note_messages
+
+        def save(txn: outbox_store.Cursor) -> None:
+            if notes and note is not None:
+                note(txn, notes)
+            if candidate is not None:
+                recording_log_store.save_position(txn, candidate.token, now)
+            if report:
+                recording_log_store.report(txn, figures[0], figures[1], now)
+
+        try:
+            await self._api.run_db_interaction("fhir_recording_save", save)
+        except Exception:
+            self._notes = notes + self._notes
+            raise
+        self._reported = figures
+        if candidate is not None:
+            self._position = candidate.token
+            # (Settled before the read and not in it: behind the position, or a room
+            # the service user is not in.)
+            self._log.saved(candidate, margin_ms=int(2 * self._config.checkpoint_interval * 1000))
+        if report:
+            OUTBOX_PENDING.set(self._table_pending + figures[0])
+
+    async def _read_table(self) -> None:
+        self._table_read_at = time.monotonic()
+        pending, dead = await self._api.run_db_interaction(
+            "fhir_outbox_counts", outbox_store.counts
+        )
+        self._table_pending, self._table_dead = pending, dead
+        self._rooms_waiting = (
+            await self._api.run_db_interaction("fhir_outbox_rooms", outbox_store.rooms_waiting)
+            if pending
+            else set()
+        )
+        OUTBOX_PENDING.set(pending + self._log.pending)
+        OUTBOX_DEAD.set(dead)
+
     async def _drain(self) -> None:
-        worked = False
         try:
             while True:
                 self._again = False
-                rows = await self._api.run_db_interaction(
-                    "fhir_outbox_due", outbox_store.due_rows, now_ms(), self._config.batch_size
-                )
-                if rows:
-                    worked = True
-                    if not await self._write_rows(rows):
-                        return  # backing off; the periodic wake-up tries again
-                # A short batch took everything that was due; ask again only if an
-                # enqueue came in meanwhile (each query costs the send path CPU).
-                if len(rows) < self._config.batch_size and not self._again:
+                rows, from_table = await self._next_rows()
+                if not rows:
                     break
-            if worked and time.monotonic() - self._counted_at >= GAUGE_REFRESH_S:
-                # Refresh the gauges after work, at most once a second: a count per
-                # message would cost the send path too.
-                self._counted_at = time.monotonic()
-                await self.counts()
+                if not await self._write_rows(rows, from_table):
+                    return  # backing off; the periodic wake-up tries again
+                self._failures = 0
         except Exception:
             logger.exception("Outbox drain failed; it runs again on the next wake-up")
         finally:
             self._draining = False
 
-    async def _write_rows(self, rows: list[outbox_store.OutboxRow]) -> bool:
+    async def _next_rows(self) -> tuple[list[outbox_store.OutboxRow], bool]:
+        """The table's due rows first (they are older), else the oldest in memory; a
+        message of a room with a waiting row joins it in the table."""
+        if self._table_pending:
+            rows = await self._api.run_db_interaction(
+                "fhir_outbox_due", outbox_store.due_rows, now_ms(), self._config.batch_size
+            )
+            if rows:
+                return rows, True
+        while True:
+            taken = self._log.take(self._config.batch_size)
+            behind = [entry for entry in taken if entry.room_id in self._rooms_waiting]
+            if not behind:
+                return [_row(entry) for entry in taken], False
+            await self._park([_row(entry) for entry in behind], "behind a waiting message", 0)
+
+    async def _park(self, rows: list[outbox_store.OutboxRow], why: str, delay_ms: int) -> None:
+        """Messages from memory that must wait: into the table (their rooms with them)."""
+        next_attempt = now_ms() + delay_ms
+
+        def add(txn: outbox_store.Cursor) -> None:
+            for row in rows:
+                outbox_store.add(
+                    txn,
+                    row.event,
+                    row.enqueued_ms,
+                    state=outbox_store.PENDING,
+                    next_attempt_ms=next_attempt,
+                    error=why,
+                )
+
+        await self._api.run_db_interaction("fhir_outbox_park", add)
+        self._table_pending += len(rows)
+        self._rooms_waiting.update(row.room_id for row in rows)
+        self._log.settle([row.event_id for row in rows], now_ms())
+
+    async def _write_rows(self, rows: list[outbox_store.OutboxRow], from_table: bool) -> bool:
         """Write one batch; False when FHIR is unreachable (rows rescheduled)."""
         messages = [row for row in rows if not _amends_a_message(row)]
         amendments = [row for row in rows if _amends_a_message(row)]
         try:
             outcome = await self._write_messages(messages)
         except (_Retry, FhirTransientError) as e:
-            await self._retry_later(rows, e)
+            await self._retry_later(rows, e, from_table)
             return False
-        await self._settle(outcome, rows)
+        fault_hooks.after_fhir_commit(row.event for row in messages)
+        await self._settle(outcome, rows, from_table)
         # Edits and redactions after the messages are committed: each needs its original
         # as stored, which may be in this very batch. One at a time: they are rare.
         waiting_rooms: set[str] = set()
@@ -303,14 +469,21 @@ class CommunicationRecorder:
                 outcome = await self._amend(row)
             except _NotYet as e:
                 waiting_rooms.add(row.room_id)
-                await self._retry_later([row], e)
+                if from_table:
+                    await self._retry_later([row], e, from_table)
+                else:
+                    await self._park([row], str(e), RETRY_CAP_MS // 10)
                 continue
             except (_Retry, FhirTransientError) as e:
                 await self._retry_later(
-                    [r for r in amendments[index:] if r.room_id not in waiting_rooms], e
+                    [r for r in amendments[index:] if r.room_id not in waiting_rooms],
+                    e,
+                    from_table,
                 )
                 return False
-            await self._settle(outcome, [row])
+            await self._settle(outcome, [row], from_table)
+        if from_table:
+            await self._read_table()  # (which rooms still wait)
         return True
 
     async def _write_messages(self, rows: list[outbox_store.OutboxRow]) -> _Outcome:
@@ -364,11 +537,22 @@ class CommunicationRecorder:
             outcome.messages.append((row.room_id, message))
         return outcome
 
-    async def _retry_later(self, rows: list[outbox_store.OutboxRow], error: Exception) -> None:
+    async def _retry_later(
+        self, rows: list[outbox_store.OutboxRow], error: Exception, from_table: bool
+    ) -> None:
         # Capped low: after an outage the backlog should flow within seconds.
+        WRITE_RETRIES.inc()
+        if not from_table:
+            # (They stay in memory; Synapse's stream holds them should memory fill.)
+            delay = outbox_store.retry_delay_ms(self._failures, cap_ms=RETRY_CAP_MS)
+            self._failures += 1
+            self._backoff_until = time.monotonic() + delay / 1000
+            logger.warning(
+                "Recording: %d messages wait %d ms (%s)", len(rows), delay, _without_outcome(error)
+            )
+            return
         delay = outbox_store.retry_delay_ms(rows[0].attempts, cap_ms=RETRY_CAP_MS)
         logger.warning("Outbox: %d rows wait %d ms (%s)", len(rows), delay, _without_outcome(error))
-        WRITE_RETRIES.inc()
         await self._api.run_db_interaction(
             "fhir_outbox_retry",
             outbox_store.mark_retry,
@@ -377,12 +561,22 @@ class CommunicationRecorder:
             str(error),
         )
 
-    async def _settle(self, outcome: _Outcome, rows: list[outbox_store.OutboxRow]) -> None:
-        """Record in the outbox what became of the rows."""
+    async def _settle(
+        self, outcome: _Outcome, rows: list[outbox_store.OutboxRow], from_table: bool
+    ) -> None:
+        """Record what became of the rows: in memory (their notes saved with the next
+        position), dead letters in the table; the table's own rows there."""
         self._recent_writes.add_all(outcome.locations)
         finished = [*outcome.done, *outcome.written, *outcome.not_written]
         note = self._note_messages
-        if finished and note is not None and outcome.messages:
+        by_id = {row.event_id: row for row in rows}
+        if not from_table:
+            if outcome.dead:
+                await self._keep_dead(outcome.dead, by_id)
+            if note is not None:
+                self._notes.extend(outcome.messages)
+            self._log.settle([*finished, *outcome.dead], now_ms())
+        elif finished and note is not None and outcome.messages:
             messages = outcome.messages
 
             def done_and_noted(txn: outbox_store.Cursor) -> None:
@@ -395,7 +589,6 @@ class CommunicationRecorder:
                 "fhir_outbox_done", outbox_store.mark_written, finished
             )
         committed_ms = now_ms()
-        by_id = {row.event_id: row for row in rows}
         for event_id in outcome.written:
             COMMUNICATIONS_WRITTEN.inc()
             sent_ms = by_id[event_id].event.get("origin_server_ts")
@@ -414,9 +607,31 @@ class CommunicationRecorder:
         COMMUNICATIONS_FAILED.inc(len(outcome.dead))
         for event_id, reason in outcome.dead.items():
             logger.warning("Outbox: %s cannot be written to FHIR; kept as a dead letter", event_id)
-            await self._api.run_db_interaction(
-                "fhir_outbox_dead", outbox_store.mark_dead, event_id, reason
-            )
+            if from_table:
+                await self._api.run_db_interaction(
+                    "fhir_outbox_dead", outbox_store.mark_dead, event_id, reason
+                )
+
+    async def _keep_dead(
+        self, dead: Mapping[str, str], by_id: Mapping[str, outbox_store.OutboxRow]
+    ) -> None:
+        """Dead letters from memory into the table, before they count as settled."""
+        now = now_ms()
+
+        def add(txn: outbox_store.Cursor) -> None:
+            for event_id, reason in dead.items():
+                row = by_id[event_id]
+                outbox_store.add(
+                    txn,
+                    row.event,
+                    row.enqueued_ms,
+                    state=outbox_store.DEAD,
+                    next_attempt_ms=now,
+                    error=reason,
+                )
+
+        await self._api.run_db_interaction("fhir_outbox_dead", add)
+        self._table_dead += len(dead)
 
     async def _amend(self, row: outbox_store.OutboxRow) -> _Outcome:
         """Apply an edit or a redaction; raises what means "try later"."""
@@ -474,6 +689,8 @@ class CommunicationRecorder:
         stored = await self._api.run_db_interaction(
             "fhir_outbox_row", outbox_store.row_of, original
         )
+        if stored is None and self._log.is_pending(original):
+            raise _NotYet(f"the message edited by {row.event_id} is not in FHIR yet")
         if stored is None:
             # Never recorded (not a care-team message, or posted from FHIR): nothing to do.
             return _Outcome(done=[row.event_id])
@@ -507,6 +724,9 @@ class CommunicationRecorder:
         redaction = Redaction(
             redacter, await self._person_of(redacter), int(row.event["origin_server_ts"])
         )
+        if self._log.is_pending(original):
+            # (Read back from the stream after its redaction came: it goes first.)
+            raise _NotYet(f"the message redacted by {row.event_id} is not in FHIR yet")
         stored = await self._api.run_db_interaction(
             "fhir_outbox_row", outbox_store.row_of, original
         )
@@ -859,6 +1079,10 @@ class CommunicationRecorder:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _row(entry: PendingEvent) -> outbox_store.OutboxRow:
+    return outbox_store.OutboxRow(entry.event_id, entry.room_id, entry.arrived_ms, entry.event, 0)
 
 
 def _amends_a_message(row: outbox_store.OutboxRow) -> bool:

@@ -93,6 +93,13 @@ class CommunicationConfig:
     profile: CommunicationProfile = CommunicationProfile.BASE
     # One FHIR Task per thread and member: requested while they have a message to read.
     unread_tasks: bool = False
+    # Where the recorder reads Synapse's event stream as the service user (its /sync):
+    # a client listener of the instance that runs background work (public_baseurl if None).
+    client_url: str | None = None
+    # How often the stream position FHIR has everything before is saved (seconds).
+    checkpoint_interval: float = 1.0
+    # Messages held in memory for FHIR at most; beyond, they are read again from Synapse.
+    max_pending: int = 20_000
 
 
 DEFAULT_POWER_LEVELS = {"Practitioner": 50, "RelatedPerson": 0, "Patient": 0}
@@ -307,6 +314,9 @@ def _parse_communication(section: _Section) -> CommunicationConfig:
         redactions=section.value("redactions", _enum(RedactionPolicy), RedactionPolicy.SENDER),
         profile=section.value("profile", _enum(CommunicationProfile), CommunicationProfile.BASE),
         unread_tasks=section.flag("unread_tasks", False),
+        client_url=section.value("client_url", _homeserver_url, None),
+        checkpoint_interval=section.value("checkpoint_interval", _checkpoint_interval, 1.0),
+        max_pending=section.value("max_pending", _int_between(100, 10_000_000), 20_000),
     )
     section.reject_unknown_keys()
     if config.unread_tasks and not config.enabled:
@@ -518,6 +528,14 @@ def _homeserver_url(value: Any) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError("expected a base URL without query, fragment or credentials")
     return text.rstrip("/")
+
+
+def _checkpoint_interval(value: Any) -> float:
+    seconds = _positive_duration(value)
+    if not 0.1 <= seconds <= 60:
+        # Shorter costs Synapse a stream read that often; longer replays more after a crash.
+        raise ValueError(f"expected between 100ms and 60s, got {value!r}")
+    return seconds
 
 
 def _positive_number(value: Any) -> float:

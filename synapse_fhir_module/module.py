@@ -8,13 +8,13 @@ from typing import Any
 from synapse.module_api import NOT_SPAM, EventBase, ModuleApi, StateMap
 from synapse.spam_checker_api import RegistrationBehaviour
 
+from synapse_fhir_module import fault_hooks
 from synapse_fhir_module.account_validity import AccountValidity
 from synapse_fhir_module.binding_state import BINDING_STATE_TYPES
 from synapse_fhir_module.callback_guard import access_decision, never_raises
 from synapse_fhir_module.care_rooms import CareRooms
 from synapse_fhir_module.change_queue import ChangeQueue
 from synapse_fhir_module.communication_recorder import (
-    RECORDED_TYPES,
     CommunicationRecorder,
     now_ms,
 )
@@ -84,12 +84,10 @@ class FhirModule:
         self._service_user_id = api.get_qualified_user_id(config.service_user)
         exempt = {self._service_user_id, *config.enforcement.exempt_users}
         self._exempt = frozenset(exempt)
-        # Background work (registration, outbox, reconcile) runs on exactly one instance.
+        # Background work (registration, recording, reconcile) runs on exactly one
+        # instance. (Recording reads Synapse's event stream from its saved position, so a
+        # message stored while that instance was down is recorded once it is back.)
         self._runs_background_work = api.worker_name == config.worker
-        # Messages are enqueued by the main process, which stores them: none is missed while
-        # a background worker is down. (Not also by the worker: its copy, arriving after the
-        # drain had written and removed the row, would be written a second time.)
-        self._enqueues = api.worker_name is None
 
         accounts = self._accounts = RegisteredAccounts(api)  # whose each gated registration was
         emails = VerifiedEmails(
@@ -152,7 +150,7 @@ class FhirModule:
         if self._recorder is not None:
             api.register_web_resource(DEAD_LETTERS_PATH, DeadLettersResource(api))
             # Only the background instance drains; elsewhere its 1 s wake-up finds the rows.
-            wake = self._recorder.wake if self._runs_background_work else _do_nothing
+            wake = self._recorder.table_changed if self._runs_background_work else _do_nothing
             api.register_web_resource(RETRY_PATH, RetryDeadLettersResource(api, now_ms, wake))
         if config.enforcement.enabled or self._recorder is not None:
             # (Synapse loads a room's state for every event once any module listens here:
@@ -234,9 +232,6 @@ class FhirModule:
             # (The background instance starts it with the sync's tables.)
             api.delayed_background_call(0, self._start_bindings, desc="fhir_bindings_start")
 
-        if self._recorder is not None and self._enqueues and not self._runs_background_work:
-            # The main process, with the drain on a worker: only the outbox table.
-            api.delayed_background_call(0, self._start_recorder, desc="fhir_outbox_start")
         if self._runs_background_work:
             api.delayed_background_call(0, self._register_service_user, desc="fhir_service_user")
             if self._recorder is not None:
@@ -246,6 +241,13 @@ class FhirModule:
                 # not also depend on Synapse's own run_background_tasks_on.)
                 api.looping_background_call(
                     self._recorder.wake, 1000, desc="fhir_outbox_wake", run_on_all_instances=True
+                )
+                # Where recording stands in Synapse's stream: read on, and saved.
+                api.looping_background_call(
+                    self._recorder.step,
+                    int(config.communication.checkpoint_interval * 1000),
+                    desc="fhir_recording_step",
+                    run_on_all_instances=True,
                 )
             if self._sync is not None:
                 api.delayed_background_call(0, self._start_sync, desc="fhir_sync_start")
@@ -496,6 +498,7 @@ class FhirModule:
             logger.warning("Could not ban a non-member from %s: %s", room_id, type(e).__name__)
 
     async def _on_new_event(self, event: EventBase, state_events: StateMap[EventBase]) -> None:
+        fault_hooks.in_callback(event.content)  # (test-only: inert unless armed)
         if event.internal_metadata.is_soft_failed():
             # Refused (e.g. by check_event_for_spam: a remote non-member's message) and kept
             # out of the room, yet Synapse still reports it here: not part of the
@@ -514,14 +517,8 @@ class FhirModule:
                 self._api.run_as_background_process(
                     "fhir_unread_members", self._unread.members_changed, event.room_id
                 )
-        if self._recorder is None:
-            return
-        if self._enqueues:
-            await self._recorder.on_new_event(event)
-        elif self._runs_background_work and event.type in RECORDED_TYPES:
-            # A worker that drains what the main process enqueued: look now rather than at
-            # the next 1 s wake-up (the row may not be there yet; that wake-up finds it).
-            self._recorder.wake()
+        if self._recorder is not None and self._runs_background_work:
+            self._recorder.on_new_event(event)
 
     async def _check_membership(self, event: EventBase) -> None:
         """Membership that got past the callbacks — an event whose content hash failed

@@ -1,10 +1,14 @@
-"""The outbox table in Synapse's own database: events waiting to become FHIR Communications.
+"""The outbox table in Synapse's own database: the messages that cannot be written now.
+
+Messages are read from Synapse's own event stream (``recording_log``); a row here is an
+exception: a dead letter (FHIR or the mapping refused it for good, with the reason), or
+one that must wait — an edit whose original is not in FHIR yet, and the room's later
+messages behind it — plus rows an earlier version of the module left pending.
 
 Each function takes a database cursor (Synapse's ``LoggingTransaction`` inside
 ``run_db_interaction``) and runs plain SQL that SQLite and PostgreSQL both accept
 (Synapse rewrites ``?`` placeholders for PostgreSQL). Rows are keyed by event id, so
-enqueueing an event twice keeps one row; a row leaves the table once FHIR has it, or
-turns ``dead`` with the reason FHIR gave.
+adding an event twice keeps one row; a pending row leaves the table once FHIR has it.
 """
 
 from __future__ import annotations
@@ -70,6 +74,39 @@ def enqueue(txn: Cursor, event: dict[str, Any], now_ms: int) -> bool:
         (event["event_id"], event["room_id"], now_ms, json.dumps(event), PENDING, now_ms),
     )
     return txn.rowcount == 1
+
+
+def add(
+    txn: Cursor,
+    event: dict[str, Any],
+    enqueued_ms: int,
+    *,
+    state: str,
+    next_attempt_ms: int,
+    error: str | None = None,
+) -> None:
+    """Keep an event read from the stream: waiting (``PENDING``) or refused (``DEAD``).
+    An event there already keeps its row (a replay after a crash changes nothing)."""
+    txn.execute(
+        f"INSERT INTO {TABLE} (event_id, room_id, enqueued_ms, event_json, state, attempts,"
+        f" next_attempt_ms, last_error) VALUES (?, ?, ?, ?, ?, 1, ?, ?)"
+        f" ON CONFLICT (event_id) DO NOTHING",
+        (
+            event["event_id"],
+            event["room_id"],
+            enqueued_ms,
+            json.dumps(event),
+            state,
+            next_attempt_ms,
+            None if error is None else _storable(error),
+        ),
+    )
+
+
+def rooms_waiting(txn: Cursor) -> set[str]:
+    """Rooms with a pending row: their later messages wait behind it."""
+    txn.execute(f"SELECT DISTINCT room_id FROM {TABLE} WHERE state = ?", (PENDING,))
+    return {str(room_id) for (room_id,) in txn.fetchall()}
 
 
 def due_rows(txn: Cursor, now_ms: int, limit: int) -> list[OutboxRow]:

@@ -27,6 +27,7 @@ from synapse_fhir_module.fhir_client import parse_resource, to_json
 from synapse_fhir_module.fhir_errors import error_for_status
 from synapse_fhir_module.person_directory import PersonRecord
 from synapse_fhir_module.recent_writes import RecentWrites
+from synapse_fhir_module.stream_reader import StreamRead
 
 OZO, BASE = CommunicationProfile.OZO, CommunicationProfile.BASE
 SERVICE = "@fhir:example.org"
@@ -52,10 +53,17 @@ class Event:
 class Api:
     """The ModuleApi calls the recorder makes; background work runs when ``drain`` says."""
 
+    public_baseurl = "http://127.0.0.1:1/"
+
     def __init__(self, db: sqlite3.Cursor) -> None:
         self._db = db
         self._background: list[Callable[[], Awaitable[None]]] = []
         self.state_sent: list[dict[str, Any]] = []
+
+    async def register_device(
+        self, user_id: str, device_id: str, display_name: str
+    ) -> tuple[str, str, None, None]:
+        return device_id, "token", None, None
 
     async def run_db_interaction(self, desc: str, func: Callable[..., Any], *args: Any) -> Any:
         return func(self._db, *args)
@@ -159,6 +167,17 @@ class Fhir:
         return reference
 
 
+class Stream:
+    """Synapse's event stream as the recorder reads it: here only its end (the events
+    come through the callback)."""
+
+    async def now(self) -> str:
+        return "s1"
+
+    async def read(self, since: str, types: Any, *, ids_only: bool) -> StreamRead:
+        return StreamRead(since, [], [])
+
+
 class Bindings:
     def __init__(self, threads: Mapping[str, str] | None = None) -> None:
         self._threads = dict(threads or {})
@@ -211,7 +230,7 @@ class Stand:
     async def send(self, *events: Event) -> None:
         """The events, as Synapse hands them over, then the drain (one batch)."""
         for event in events:
-            await self.recorder.on_new_event(event)  # type: ignore[arg-type]
+            self.recorder.on_new_event(event)  # type: ignore[arg-type]
         await self.api.drain()
 
     def dead(self) -> dict[str, str]:
@@ -243,6 +262,7 @@ def stand_in(
         service_user_id=SERVICE,
         exempt_users=exempt_users,
         recent_writes=RecentWrites(),
+        reader=Stream(),  # type: ignore[arg-type]
     )
     return Stand(recorder, api, fhir, persons, db)
 
@@ -261,6 +281,7 @@ def reply(event_id: str, parent: str, room: str = ROOM) -> Event:
 
 async def started(stand: Stand) -> Stand:
     await stand.recorder.start()
+    await stand.recorder.step()  # (from the stream's end: the callbacks bring the rest)
     await stand.api.drain()
     return stand
 
@@ -285,7 +306,7 @@ async def test_a_message_whose_sender_has_no_person_yet_waits_as_a_dead_letter(
     # FHIR names the person; the operator retries: nothing was lost.
     stand.persons.persons["@newcomer:example.org"] = "Practitioner/new-1"
     assert outbox_store.requeue_dead(db, None, 0) == 1
-    stand.recorder.wake()
+    stand.recorder.table_changed()
     await stand.api.drain()
     written = stand.fhir.communication("$unnamed")
     assert written is not None

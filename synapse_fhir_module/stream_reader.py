@@ -1,0 +1,261 @@
+"""Reads Synapse's event stream as the service user, through the client-server API.
+
+Synapse stores every event durably and in order; this is how the recorder reads that
+log back — after a restart, or to check nothing passed it by — without raw SQL on
+Synapse's tables: a filtered ``/sync`` from a stream position (its ``next_batch`` is the
+next position), ``/messages`` forward through a room whose ``/sync`` timeline was cut
+short (``limited``), and single events by id. Every request has one deadline for the
+whole exchange; anything below HTTP or a 5xx is ``StreamUnavailable`` (try later), a
+401 is ``TokenRejected`` (mint a new token).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, cast
+from urllib.parse import quote, urlencode
+
+import attr
+import treq
+from synapse.module_api import make_deferred_yieldable
+from twisted.internet import reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+
+logger = logging.getLogger(__name__)
+
+TIMELINE_LIMIT = 100
+PAGE_LIMIT = 1000
+REQUEST_TIMEOUT = 30.0
+
+
+class StreamUnavailable(Exception):
+    """Synapse's client API cannot be read now (unreachable, overloaded, odd answer)."""
+
+
+class TokenRejected(StreamUnavailable):
+    """The access token is no longer valid (the device was deleted, or it expired)."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Gap:
+    """A room's events between two stream positions that ``/sync`` left out."""
+
+    room_id: str
+    start: str  # where the read began (the previous position)
+    end: str  # the room timeline's prev_batch: the first event ``/sync`` did return
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class StreamRead:
+    """What one ``/sync`` from a position returned.
+
+    ``events``: the recorded types, each room's in stream order (with ``room_id``);
+    ``gaps``: rooms where events before these are still to be read; ``next_token``: the
+    position after all of them."""
+
+    next_token: str
+    events: list[dict[str, Any]]
+    gaps: list[Gap]
+
+
+def sync_filter(types: Collection[str], *, ids_only: bool) -> str:
+    """The service user's ``/sync`` filter: timelines of ``types`` only, nothing else.
+    ``ids_only`` keeps just what the checkpoint compares (cheaper for Synapse to send)."""
+    room: dict[str, Any] = {
+        "timeline": {"types": sorted(types), "limit": TIMELINE_LIMIT},
+        "state": {"types": []},
+        "ephemeral": {"types": []},
+        "account_data": {"types": []},
+        # A room the service user left still holds events from before it left.
+        "include_leave": True,
+    }
+    spec: dict[str, Any] = {
+        "room": room,
+        "presence": {"types": []},
+        "account_data": {"types": []},
+    }
+    if ids_only:
+        spec["event_fields"] = ["event_id", "type"]
+    return json.dumps(spec, separators=(",", ":"), sort_keys=True)
+
+
+def parse_sync(body: Any, since: str) -> StreamRead:
+    """A ``/sync`` answer as a StreamRead (``StreamUnavailable`` if it is not one)."""
+    if not isinstance(body, Mapping) or not isinstance(body.get("next_batch"), str):
+        raise StreamUnavailable("/sync answered without next_batch")
+    events: list[dict[str, Any]] = []
+    gaps: list[Gap] = []
+    rooms = body.get("rooms")
+    rooms = rooms if isinstance(rooms, Mapping) else {}
+    for section in ("join", "leave"):
+        by_room = rooms.get(section)
+        if not isinstance(by_room, Mapping):
+            continue
+        for room_id, room in by_room.items():
+            timeline = room.get("timeline") if isinstance(room, Mapping) else None
+            if not isinstance(timeline, Mapping):
+                continue
+            if timeline.get("limited") and isinstance(timeline.get("prev_batch"), str):
+                gaps.append(Gap(str(room_id), since, str(timeline["prev_batch"])))
+            events.extend(_with_room(timeline.get("events"), str(room_id)))
+    return StreamRead(str(body["next_batch"]), events, gaps)
+
+
+def _with_room(raw: Any, room_id: str) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        return []
+    return [
+        _as_recorded(event, room_id)
+        for event in raw
+        if isinstance(event, dict) and isinstance(event.get("event_id"), str)
+    ]
+
+
+def _as_recorded(event: dict[str, Any], room_id: str) -> dict[str, Any]:
+    """An event as the recorder takes it: with its room, and a redaction's target at
+    the top level (room version 11 keeps it in the content only)."""
+    recorded = {**event, "room_id": room_id}
+    content = event.get("content")
+    if (
+        event.get("type") == "m.room.redaction"
+        and not isinstance(event.get("redacts"), str)
+        and isinstance(content, Mapping)
+        and isinstance(content.get("redacts"), str)
+    ):
+        recorded["redacts"] = content["redacts"]
+    return recorded
+
+
+class StreamReader:
+    """Reads the service user's view of the stream at ``base_url`` (a client listener)."""
+
+    def __init__(self, base_url: str, access_token: Callable[[], str | None]) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._access_token = access_token
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 2
+        self._http = treq.client.HTTPClient(cast(IAgent, Agent(reactor, pool=pool)))
+
+    async def now(self) -> str:
+        """The stream's current position (a ``/sync`` that asks for no room)."""
+        spec: dict[str, Any] = {
+            "room": {"rooms": []},
+            "presence": {"types": []},
+            "account_data": {"types": []},
+        }
+        body = await self._get(
+            "/_matrix/client/v3/sync",
+            {"filter": json.dumps(spec), "timeout": "0", "set_presence": "offline"},
+        )
+        if not isinstance(body, Mapping) or not isinstance(body.get("next_batch"), str):
+            raise StreamUnavailable("/sync answered without next_batch")
+        return str(body["next_batch"])
+
+    async def read(self, since: str, types: Collection[str], *, ids_only: bool) -> StreamRead:
+        """Everything of ``types`` after ``since`` (each room's newest
+        ``TIMELINE_LIMIT``; see ``gaps`` for the rest)."""
+        body = await self._get(
+            "/_matrix/client/v3/sync",
+            {
+                "since": since,
+                "filter": sync_filter(types, ids_only=ids_only),
+                "timeout": "0",
+                "set_presence": "offline",
+            },
+        )
+        return parse_sync(body, since)
+
+    async def page(
+        self, gap: Gap, types: Collection[str], limit: int = PAGE_LIMIT
+    ) -> tuple[list[dict[str, Any]], Gap | None]:
+        """The oldest events of a gap, and what is left of it (None: nothing)."""
+        body = await self._get(
+            f"/_matrix/client/v3/rooms/{quote(gap.room_id, safe='')}/messages",
+            {
+                "dir": "f",
+                "from": gap.start,
+                "to": gap.end,
+                "limit": str(limit),
+                "filter": json.dumps({"types": sorted(types)}),
+            },
+        )
+        if body is _FORBIDDEN:
+            # The service user may not see that stretch of the room (it was not in it):
+            # nothing there can be read, now or later.
+            logger.warning(
+                "Cannot read back events of %s: not visible to the service user", gap.room_id
+            )
+            return [], None
+        if not isinstance(body, Mapping):
+            raise StreamUnavailable("/messages answered with no object")
+        events = _with_room(body.get("chunk"), gap.room_id)
+        end = body.get("end")
+        if not isinstance(end, str) or not body.get("chunk"):
+            return events, None
+        return events, attr.evolve(gap, start=end)
+
+    async def event(self, room_id: str, event_id: str) -> dict[str, Any] | None:
+        """One event as the service user sees it; None when Synapse has none by that id
+        for it."""
+        try:
+            body = await self._get(
+                f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/event/"
+                f"{quote(event_id, safe='')}",
+                {},
+            )
+        except _NotFound:
+            return None
+        if body is _FORBIDDEN:
+            return None
+        if not isinstance(body, dict) or body.get("event_id") != event_id:
+            return None
+        return _as_recorded(body, room_id)
+
+    async def _get(self, path: str, params: Mapping[str, str]) -> Any:
+        token = self._access_token()
+        if token is None:
+            raise TokenRejected("no access token yet")
+        url = f"{self._base_url}{path}" + (f"?{urlencode(params)}" if params else "")
+        d = self._http.request("GET", url, headers=Headers({"Authorization": [f"Bearer {token}"]}))
+        d.addCallback(
+            lambda response: treq.content(response).addCallback(lambda body: (response.code, body))
+        )
+        deadline = reactor.callLater(REQUEST_TIMEOUT, d.cancel)
+        try:
+            code, payload = await make_deferred_yieldable(d)
+        except Exception as e:
+            reason = "timed out" if not deadline.active() else type(e).__name__
+            raise StreamUnavailable(f"{path.split('?')[0]}: unreachable ({reason})") from e
+        finally:
+            if deadline.active():
+                deadline.cancel()
+        try:
+            body = json.loads(payload) if payload else None
+        except ValueError:
+            body = None
+        if code == 401:
+            raise TokenRejected(f"the service user's access token was refused ({_errcode(body)})")
+        if code == 404:
+            raise _NotFound(_errcode(body))
+        if code == 403:
+            return _FORBIDDEN
+        if code != 200:
+            raise StreamUnavailable(f"HTTP {code} ({_errcode(body)})")
+        return body
+
+
+class _NotFound(StreamUnavailable):
+    pass
+
+
+_FORBIDDEN = object()  # (a 403: the service user may not see it)
+
+
+def _errcode(body: Any) -> str:
+    if isinstance(body, Mapping) and isinstance(body.get("errcode"), str):
+        return str(body["errcode"])
+    return "no errcode"
