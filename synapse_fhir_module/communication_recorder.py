@@ -94,9 +94,11 @@ from synapse_fhir_module.outbox_metrics import (
     COMMUNICATION_LAG,
     COMMUNICATIONS_FAILED,
     COMMUNICATIONS_NOT_WRITTEN,
+    COMMUNICATIONS_REPLAYED,
     COMMUNICATIONS_WRITTEN,
     OUTBOX_DEAD,
     OUTBOX_PENDING,
+    RECORDING_BEHIND,
     WRITE_RETRIES,
 )
 from synapse_fhir_module.person_directory import PersonDirectory
@@ -159,6 +161,7 @@ class _Outcome:
     """What became of some rows of a batch."""
 
     written: list[str] = attr.Factory(list)  # FHIR has them now (counted as written)
+    already_there: set[str] = attr.Factory(set)  # of those, FHIR had before (a replay)
     done: list[str] = attr.Factory(list)  # nothing (more) to write for them
     dead: dict[str, str] = attr.Factory(dict)  # event id -> why it can never be written
     not_written: dict[str, str] = attr.Factory(dict)  # event id -> NOT_WRITTEN_REASONS key
@@ -382,6 +385,7 @@ class CommunicationRecorder:
             self._log.saved(candidate, margin_ms=int(2 * self._config.checkpoint_interval * 1000))
         if report:
             OUTBOX_PENDING.set(self._table_pending + figures[0])
+            RECORDING_BEHIND.set(figures[1] / 1000)
 
     async def _read_table(self) -> None:
         self._table_read_at = time.monotonic()
@@ -518,6 +522,7 @@ class CommunicationRecorder:
                 in_batch[row.event_id] = row.room_id
         result = await self._writer.write(writes)
         outcome.written.extend(result.written)
+        outcome.already_there.update(result.already_there)
         outcome.dead.update(result.dead)
         outcome.locations.extend(result.locations)
         by_id = {row.event_id: row for row in rows}
@@ -589,7 +594,10 @@ class CommunicationRecorder:
                 "fhir_outbox_done", outbox_store.mark_written, finished
             )
         committed_ms = now_ms()
+        COMMUNICATIONS_REPLAYED.inc(len(outcome.already_there))
         for event_id in outcome.written:
+            if event_id in outcome.already_there:
+                continue  # (read again after a crash: FHIR had it, nothing was written)
             COMMUNICATIONS_WRITTEN.inc()
             sent_ms = by_id[event_id].event.get("origin_server_ts")
             if isinstance(sent_ms, int):

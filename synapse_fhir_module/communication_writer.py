@@ -36,6 +36,8 @@ class WriteResult:
     dead: dict[str, str] = attr.Factory(dict)  # event id -> why FHIR refused it
     locations: list[str] = attr.Factory(list)  # "Communication/<id>" FHIR wrote
     location_of: dict[str, str] = attr.Factory(dict)  # event id -> its "Communication/<id>"
+    # Event ids FHIR had already (the conditional create matched: a replay after a crash).
+    already_there: set[str] = attr.Factory(set)
 
 
 class CommunicationWriter:
@@ -80,9 +82,16 @@ class CommunicationWriter:
         locations = _locations(response)
         result.written.extend(event_id for event_id, _ in writes)
         result.locations.extend(locations)
+        event_ids = [event_id for event_id, _ in writes]
         if len(locations) == len(writes):  # (a response's entries follow the request's)
-            event_ids = [event_id for event_id, _ in writes]
             result.location_of.update(zip(event_ids, locations, strict=True))
+        statuses = _statuses(response)
+        if len(statuses) == len(writes):
+            result.already_there.update(
+                event_id
+                for event_id, status in zip(event_ids, statuses, strict=True)
+                if status.startswith("200")
+            )
 
 
 def invalid_fhir(write: CommunicationWrite) -> str | None:
@@ -119,6 +128,15 @@ def _bundle(writes: Sequence[tuple[str, CommunicationWrite]]) -> dict[str, Any]:
         "type": "transaction",
         "entry": [write.bundle_entry() for _, write in writes],
     }
+
+
+def _statuses(response: dict[str, Any]) -> list[str]:
+    """Each entry's ``response.status`` ("201 Created"; "200 OK" when a conditional create
+    found the resource there already)."""
+    return [
+        str((entry.get("response") or {}).get("status") or "") if isinstance(entry, dict) else ""
+        for entry in response.get("entry") or []
+    ]
 
 
 def _locations(response: dict[str, Any]) -> list[str]:

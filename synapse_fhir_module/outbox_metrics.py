@@ -5,7 +5,13 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 OUTBOX_PENDING = Gauge(
-    "synapse_fhir_outbox_pending", "Messages waiting in the outbox to be written to FHIR"
+    "synapse_fhir_outbox_pending",
+    "Messages Synapse has stored that FHIR does not have yet (in memory, or waiting in the"
+    " outbox table)",
+)
+RECORDING_BEHIND = Gauge(
+    "synapse_fhir_recording_behind_seconds",
+    "How long the oldest message not yet in FHIR has waited (0: none waits)",
 )
 OUTBOX_DEAD = Gauge(
     "synapse_fhir_outbox_dead", "Messages FHIR refused for good (dead letters, with a reason)"
@@ -21,6 +27,10 @@ COMMUNICATIONS_NOT_WRITTEN = Counter(
     "Messages communication.profile: ozo cannot hold (the service user's, an exempt account's"
     " without a person), not written",
     ["reason"],
+)
+COMMUNICATIONS_REPLAYED = Counter(
+    "synapse_fhir_communications_replayed",
+    "Messages read again after a crash or restart that FHIR already had (nothing written)",
 )
 WRITE_RETRIES = Counter(
     "synapse_fhir_outbox_retries", "Outbox batches put back because FHIR was unreachable"
