@@ -897,6 +897,10 @@ class CommunicationRecorder:
             person = await self._sender_person(sender, self._ozo and sender in self._exempt)
             thread = await self._thread_of(row.room_id, teams, patient, person)
         except DirectoryUnavailable as e:
+            if isinstance(e.__cause__, FhirPermanentError):
+                # FHIR refuses for good what this message needs (its team, its thread):
+                # this one waits as a dead letter; the rest of the batch goes on.
+                raise _Dead(f"FHIR refused a lookup it needs: {_without_outcome(e.__cause__)}")
             raise _Retry(str(e)) from e
         room = RoomContext(
             thread=thread, care_team=team_ref, patient=patient, further_teams=teams[1:]

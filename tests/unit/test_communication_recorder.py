@@ -24,10 +24,11 @@ from synapse_fhir_module.communication_mapping import (
 from synapse_fhir_module.communication_recorder import CommunicationRecorder
 from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile
 from synapse_fhir_module.fhir_client import parse_resource, to_json
-from synapse_fhir_module.fhir_errors import error_for_status
+from synapse_fhir_module.fhir_errors import FhirTransientError, error_for_status
 from synapse_fhir_module.person_directory import PersonRecord
 from synapse_fhir_module.recent_writes import RecentWrites
 from synapse_fhir_module.stream_reader import StreamRead
+from synapse_fhir_module.team_directory import DirectoryUnavailable
 
 OZO, BASE = CommunicationProfile.OZO, CommunicationProfile.BASE
 SERVICE = "@fhir:example.org"
@@ -250,6 +251,7 @@ def stand_in(
     fhir: Fhir | None = None,
     threads: Mapping[str, str] | None = None,
     exempt_users: Sequence[str] = (),
+    teams: Teams | None = None,
 ) -> Stand:
     api, fhir, persons = Api(db), fhir or Fhir(), Persons()
     recorder = CommunicationRecorder(
@@ -257,7 +259,7 @@ def stand_in(
         CommunicationConfig(profile=profile),
         fhir,  # type: ignore[arg-type]
         Bindings(threads),  # type: ignore[arg-type]
-        Teams(),  # type: ignore[arg-type]
+        teams or Teams(),  # type: ignore[arg-type]
         persons,  # type: ignore[arg-type]
         service_user_id=SERVICE,
         exempt_users=exempt_users,
@@ -513,3 +515,60 @@ async def test_a_reply_to_a_message_fhir_will_refuse_in_the_same_batch_is_still_
     await stand.send(text("$empty", body=""), reply("$answer", "$empty"))
     assert set(stand.dead()) == {"$empty"}
     assert in_response_to(stand, "$answer") is None
+
+
+# -- one message's permanent failure never holds back the others ---------------------------
+
+
+class RefusingTeams(Teams):
+    """FHIR answers 4xx for one team (e.g. a search it cannot run): for good."""
+
+    async def membership(self, team_ref: str) -> Membership:
+        if team_ref == OTHER_TEAM:
+            refused = error_for_status(400, "search", {"resourceType": "OperationOutcome"})
+            raise DirectoryUnavailable(f"{team_ref}: {refused}") from refused
+        return await super().membership(team_ref)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lookup_fhir_refuses_for_one_message_dead_letters_that_one_only(
+    db: sqlite3.Cursor,
+) -> None:
+    stand = await started(stand_in(db, BASE, teams=RefusingTeams()))
+    await stand.send(text("$a"), text("$b", room=OTHER_ROOM), text("$c"))
+    assert stand.fhir.communication("$a") is not None
+    assert stand.fhir.communication("$c") is not None
+    assert stand.fhir.communication("$b") is None
+    assert list(stand.dead()) == ["$b"]
+    assert stand.dead()["$b"].startswith("FHIR refused a lookup it needs: ")
+    assert (await stand.recorder.counts()).pending == 0
+
+
+class FlakyFhir(Fhir):
+    """Unreachable while ``down``."""
+
+    down = False
+
+    async def transaction_json(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        if self.down:
+            raise FhirTransientError("transaction: FHIR server unreachable (refused)")
+        return await super().transaction_json(bundle)
+
+
+@pytest_twisted.ensureDeferred
+async def test_while_fhir_is_unreachable_messages_wait_in_memory_not_in_the_table(
+    db: sqlite3.Cursor,
+) -> None:
+    fhir = FlakyFhir()
+    stand = await started(stand_in(db, BASE, fhir=fhir))
+    fhir.down = True
+    await stand.send(text("$a"), text("$b"))
+    assert (await stand.recorder.counts()).pending == 2
+    assert outbox_store.counts(db) == (0, 0)  # (nothing written on the send path)
+    fhir.down = False
+    stand.recorder._backoff_until = 0.0  # (the periodic wake-up, without the wait)
+    stand.recorder.wake()
+    await stand.api.drain()
+    assert stand.fhir.communication("$a") is not None
+    assert stand.fhir.communication("$b") is not None
+    assert (await stand.recorder.counts()).pending == 0

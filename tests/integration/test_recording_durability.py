@@ -1,0 +1,224 @@
+"""No message is lost or written twice between Synapse's event stream and FHIR, whatever
+crashes where (real Synapse with the module, real HAPI).
+
+The module keeps no copy of a message: on_new_event hands it to memory, and the recorder
+keeps its place in Synapse's own stream, read on from there after a restart. The crash
+points come from ``synapse_fhir_module.fault_hooks`` (inert unless the environment arms
+them): Synapse ends itself at once, as a power cut would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import requests
+
+from devstack.fhir_seed import FhirSeeder
+from devstack.hapi import HapiDevServer
+from devstack.matrix_client import MatrixUser, register_user
+from devstack.rooms import create_bound_space, create_room_in_space, service_session
+from devstack.synapse import SynapseServer, module_config
+from devstack.waiting import wait_until
+from synapse_fhir_module import fault_hooks
+from tests.conftest import SERVER_LOGS
+from tests.integration.care_network import CareNetwork
+from tests.integration.test_communication_recording import (
+    care_room,
+    communication_of,
+    dead_letters,
+    first_written,
+    health,
+    member_in_room,
+    thread_holding,
+)
+from tests.integration.test_outbox_postgres import metric
+
+REPLAYED = "synapse_fhir_communications_replayed_total"
+WRITTEN = "synapse_fhir_communications_written_total"
+
+StartArmed = Callable[..., SynapseServer]
+
+
+@pytest.fixture
+def start_armed(run_dir: Path) -> Iterator[StartArmed]:
+    """A homeserver whose crash points ``faults`` are armed (stopped at the end)."""
+    started: list[SynapseServer] = []
+
+    def start(module: dict[str, Any], faults: str, **kwargs: Any) -> SynapseServer:
+        server = SynapseServer(run_dir / f"synapse-faults-{uuid.uuid4().hex[:8]}", module, **kwargs)
+        server.process.env = {fault_hooks.ENVIRONMENT: faults}
+        SERVER_LOGS.extend([server.log_path, server.process.log_path])
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def crashed_at_the_fault(server: SynapseServer) -> None:
+    wait_until(
+        lambda: not server.process.running,
+        timeout=60,
+        what="Synapse ending itself at the armed crash point",
+    )
+    assert server.process.exit_code() == fault_hooks.EXIT_CODE, server.process.log_tail()
+
+
+def restart_disarmed(server: SynapseServer) -> None:
+    server.process.env = None
+    server.start()
+
+
+def stored_event_with_fault(user: MatrixUser, room: str) -> str:
+    """The id of the room's message that carries the fault key (Synapse stored it)."""
+    path = f"/_matrix/client/v3/rooms/{quote(room)}/messages?dir=b&limit=50"
+    for event in user.request("GET", path)["chunk"]:
+        if fault_hooks.CONTENT_KEY in event.get("content", {}):
+            return str(event["event_id"])
+    raise AssertionError("Synapse did not store the message sent before the crash")
+
+
+def test_a_message_whose_callback_never_ran_is_recorded_after_the_restart(
+    hapi: HapiDevServer, start_armed: StartArmed
+) -> None:
+    server = start_armed(module_config(hapi.base_url), fault_hooks.IN_CALLBACK)
+    _network, _service, room, gp = care_room(server, hapi.base_url)
+    first, thread = first_written(hapi, gp, room, "before the crash")
+
+    # Synapse stores the message, then dies as on_new_event starts: the module never
+    # sees it. (The answer to /send may or may not make it out first.)
+    content = {
+        "msgtype": "m.text",
+        "body": "stored, then the crash",
+        fault_hooks.CONTENT_KEY: fault_hooks.IN_CALLBACK,
+    }
+    try:
+        gp.send(room, content)
+    except requests.RequestException:
+        pass  # (the connection died with Synapse)
+    crashed_at_the_fault(server)
+    restart_disarmed(server)
+
+    unseen = stored_event_with_fault(gp, room)
+    after = gp.send_text(room, "after the restart")
+    ids = thread_holding(
+        hapi, thread, 3, timeout=60, what="the message no callback saw, written after restart"
+    )
+    assert sorted(ids) == sorted([first, unseen, after]), "missing or duplicate Communications"
+    written = communication_of(hapi, unseen)
+    assert written is not None and written["payload"] == [
+        {"contentString": "stored, then the crash"}
+    ]
+
+
+def test_a_crash_after_fhir_committed_a_batch_writes_nothing_twice(
+    hapi_running: HapiDevServer, start_armed: StartArmed
+) -> None:
+    hapi = hapi_running
+    server = start_armed(module_config(hapi.base_url), fault_hooks.AFTER_FHIR_COMMIT, metrics=True)
+    _network, _service, room, gp = care_room(server, hapi.base_url)
+    first, thread = first_written(hapi, gp, room, "before the batch")
+
+    # HAPI frozen while the messages come: they form one batch once it thaws. FHIR
+    # commits it; Synapse dies before the recorder notes anything of it.
+    os.kill(hapi.process.pid, signal.SIGSTOP)
+    try:
+        sent = [gp.send_text(room, f"in the batch {n}") for n in range(10)]
+        sent.append(
+            gp.send(
+                room,
+                {
+                    "msgtype": "m.text",
+                    "body": "the batch's last",
+                    fault_hooks.CONTENT_KEY: fault_hooks.AFTER_FHIR_COMMIT,
+                },
+            )
+        )
+        wait_until(
+            lambda: health(server)["outbox"]["pending"] == 11,
+            timeout=30,
+            what="11 messages waiting for FHIR",
+        )
+    finally:
+        os.kill(hapi.process.pid, signal.SIGCONT)
+    crashed_at_the_fault(server)
+    assert communication_of(hapi, sent[-1]) is not None, "FHIR did not commit before the crash"
+    restart_disarmed(server)
+
+    # Read again from the saved position: FHIR had them, nothing is written twice.
+    wait_until(
+        lambda: (metric(server, REPLAYED) or 0) >= 1,
+        timeout=60,
+        what="the committed batch read again after the restart, and found in FHIR",
+    )
+    ids = thread_holding(hapi, thread, 12, timeout=60, what="every message once")
+    assert sorted(ids) == sorted([first, *sent]), "missing or duplicate Communications"
+    assert {communication_of(hapi, e)["meta"]["versionId"] for e in sent} == {"1"}  # type: ignore[index]
+    assert metric(server, WRITTEN) == 0.0  # (the restarted Synapse created none of them)
+    wait_until(
+        lambda: health(server)["outbox"] == {"pending": 0, "dead": 0},
+        timeout=30,
+        what="nothing pending after the replay",
+    )
+
+
+def test_a_poison_message_in_a_batch_of_50_leaves_49_written_and_one_dead_letter(
+    hapi_running: HapiDevServer, start_armed: StartArmed
+) -> None:
+    hapi = hapi_running
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    audit_id = network.user_id("audit")  # exempt: in the room, but no FHIR person
+    server = start_armed(
+        module_config(
+            hapi.base_url,
+            enforcement={"exempt_users": [audit_id]},
+            communication={"batch_size": 50},
+        ),
+        "",
+    )
+    network.seed(FhirSeeder(hapi.base_url))
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = member_in_room(server, service, room, network)
+    audit = register_user(server, network.localpart("audit"))
+    service.invite(room, audit.user_id)
+    audit.join(room)
+    ops = register_user(server, network.localpart("ops"), admin=True)
+    first, thread = first_written(hapi, gp, room, "before the outage")
+
+    hapi.stop()
+    good = [gp.send_text(room, f"good {n}") for n in range(24)]
+    poison = audit.send_text(room, "no person can be named for this")
+    good += [gp.send_text(room, f"good {n}") for n in range(24, 49)]
+    wait_until(
+        lambda: health(server)["outbox"]["pending"] == 50,
+        timeout=30,
+        what="the 50 messages waiting in memory for FHIR",
+    )
+    hapi.start()
+
+    ids = thread_holding(hapi, thread, 50, timeout=60, what="the 49 good messages written")
+    assert sorted(ids) == sorted([first, *good]), "missing or duplicate Communications"
+    dead = wait_until(
+        lambda: dead_letters(ops) or None,
+        timeout=30,
+        what="the poison message listed as a dead letter",
+    )
+    assert [(d["event_id"], d["reason"]) for d in dead] == [
+        (poison, "the sender has no (single) FHIR person")
+    ]
+    assert communication_of(hapi, poison) is None
+    wait_until(
+        lambda: health(server)["outbox"] == {"pending": 0, "dead": 1},
+        timeout=30,
+        what="nothing pending, one dead letter",
+    )
