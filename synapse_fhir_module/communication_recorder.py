@@ -900,7 +900,9 @@ class CommunicationRecorder:
             if isinstance(e.__cause__, FhirPermanentError):
                 # FHIR refuses for good what this message needs (its team, its thread):
                 # this one waits as a dead letter; the rest of the batch goes on.
-                raise _Dead(f"FHIR refused a lookup it needs: {_without_outcome(e.__cause__)}")
+                raise _Dead(
+                    f"FHIR refused a lookup it needs: {_without_outcome(e.__cause__)}"
+                ) from e
             raise _Retry(str(e)) from e
         room = RoomContext(
             thread=thread, care_team=team_ref, patient=patient, further_teams=teams[1:]
