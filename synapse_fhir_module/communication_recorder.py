@@ -497,6 +497,7 @@ class CommunicationRecorder:
         in_batch: dict[str, str] = {}  # event id -> room id, of the writes so far
         for row in rows:
             try:
+                row = await self._redacted_before_read(row)
                 write = await self._write_for(row, in_batch)
             except NotRecorded:
                 outcome.done.append(row.event_id)  # not a care-team message: nothing to write
@@ -541,6 +542,23 @@ class CommunicationRecorder:
             )
             outcome.messages.append((row.room_id, message))
         return outcome
+
+    async def _redacted_before_read(self, row: outbox_store.OutboxRow) -> outbox_store.OutboxRow:
+        """A message read back from Synapse's stream after its redaction (a restart, an
+        outage) comes without its content: it is written withdrawn — by a moderator when
+        its sender did not redact it — since what it said is gone."""
+        unsigned = row.event.get("unsigned")
+        because = unsigned.get("redacted_because") if isinstance(unsigned, Mapping) else None
+        if not isinstance(because, Mapping) or WITHDRAWN in row.event:
+            return row
+        redacter = str(because.get("sender"))
+        moderator = None
+        if redacter != row.event.get("sender"):
+            ts = because.get("origin_server_ts")
+            moderator = Redaction(
+                redacter, await self._person_of(redacter), ts if isinstance(ts, int) else 0
+            )
+        return attr.evolve(row, event=erased_event(row.event, moderator))
 
     async def _retry_later(
         self, rows: list[outbox_store.OutboxRow], error: Exception, from_table: bool

@@ -14,7 +14,7 @@ import attr
 import pytest
 import pytest_twisted
 
-from synapse_fhir_module import outbox_store, sync_store
+from synapse_fhir_module import outbox_store, recording_log_store, sync_store
 from synapse_fhir_module.communication_mapping import (
     EVENT_ID_SYSTEM,
     ORIGIN_TAG,
@@ -135,6 +135,12 @@ class Fhir:
                 resource = copy.deepcopy(entry["resource"])
                 for parent in resource.get("inResponseTo", []):
                     parent["reference"] = self._resolve(parent["reference"])
+                if entry["request"]["method"] == "PUT":  # (a conditional update)
+                    _, _, value = entry["request"]["url"].partition("|")
+                    found = self.communication(value)
+                    resource["id"] = found["id"] if found else None
+                    created.append(self.put(resource))
+                    continue
                 _, _, value = entry["request"]["ifNoneExist"].partition("|")
                 if not self.communication(value):
                     created.append(self.put(resource))
@@ -169,14 +175,17 @@ class Fhir:
 
 
 class Stream:
-    """Synapse's event stream as the recorder reads it: here only its end (the events
-    come through the callback)."""
+    """Synapse's event stream as the recorder reads it: its end, and what ``stored`` holds
+    after a saved position (the events come through the callback otherwise)."""
+
+    def __init__(self) -> None:
+        self.stored: list[dict[str, Any]] = []
 
     async def now(self) -> str:
         return "s1"
 
     async def read(self, since: str, types: Any, *, ids_only: bool) -> StreamRead:
-        return StreamRead(since, [], [])
+        return StreamRead("s2" if self.stored else since, list(self.stored), [])
 
 
 class Bindings:
@@ -252,6 +261,7 @@ def stand_in(
     threads: Mapping[str, str] | None = None,
     exempt_users: Sequence[str] = (),
     teams: Teams | None = None,
+    stream: Stream | None = None,
 ) -> Stand:
     api, fhir, persons = Api(db), fhir or Fhir(), Persons()
     recorder = CommunicationRecorder(
@@ -264,7 +274,7 @@ def stand_in(
         service_user_id=SERVICE,
         exempt_users=exempt_users,
         recent_writes=RecentWrites(),
-        reader=Stream(),  # type: ignore[arg-type]
+        reader=stream or Stream(),  # type: ignore[arg-type]
     )
     return Stand(recorder, api, fhir, persons, db)
 
@@ -572,3 +582,36 @@ async def test_while_fhir_is_unreachable_messages_wait_in_memory_not_in_the_tabl
     assert stand.fhir.communication("$a") is not None
     assert stand.fhir.communication("$b") is not None
     assert (await stand.recorder.counts()).pending == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_redacted_before_it_was_read_back_is_written_withdrawn(
+    db: sqlite3.Cursor,
+) -> None:
+    """Read from Synapse's stream after a restart, a redacted message comes without its
+    content: it is written withdrawn, and nothing of what it said."""
+    recording_log_store.create_schema(db)
+    recording_log_store.save_position(db, "s1", 0)  # (saved before the crash)
+    stream = Stream()
+    redaction_event = {"sender": "@carla:example.org", "origin_server_ts": 1_779_000_000_500}
+    stream.stored = [
+        {
+            "event_id": "$gone",
+            "room_id": ROOM,
+            "type": "m.room.message",
+            "sender": "@anna:example.org",
+            "origin_server_ts": 1_779_000_000_000,
+            "content": {},
+            "unsigned": {"redacted_because": redaction_event},
+        },
+        {**vars(text("$kept")), "unsigned": {"age": 10}},
+    ]
+    stand = await started(stand_in(db, BASE, stream=stream))
+    written = stand.fhir.communication("$gone")
+    assert written is not None and written["status"] == "entered-in-error"
+    assert "payload" not in written
+    assert written["note"][0]["authorReference"]["reference"] == "RelatedPerson/d-1"
+    assert stand.fhir.communication("$kept")["payload"] == [{"contentString": "BP 150/95"}]
+    assert recording_log_store.load(db).stream_token == "s1"  # (saved on the next step)
+    await stand.recorder.step()
+    assert recording_log_store.load(db).stream_token == "s2"
