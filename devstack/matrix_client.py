@@ -35,17 +35,32 @@ class MatrixError(AssertionError):
 
 
 class MatrixUser:
-    """A logged-in user acting through the client-server API."""
+    """A logged-in user acting through the client-server API.
 
-    def __init__(self, server: SynapseServer, user_id: str, access_token: str) -> None:
+    Its requests go to ``base_url``: the server's main process unless told otherwise
+    (``through`` gives the same session on another client listener, e.g. a worker's)."""
+
+    def __init__(
+        self,
+        server: SynapseServer,
+        user_id: str,
+        access_token: str,
+        *,
+        base_url: str | None = None,
+    ) -> None:
         self.server = server
         self.user_id = user_id
         self.access_token = access_token
+        self.base_url = (base_url or server.base_url).rstrip("/")
         self._session = requests.Session()
         self._session.headers["Authorization"] = f"Bearer {access_token}"
 
+    def through(self, base_url: str) -> MatrixUser:
+        """The same user and access token, talking to the client listener at ``base_url``."""
+        return MatrixUser(self.server, self.user_id, self.access_token, base_url=base_url)
+
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        response = self._session.request(method, self.server.url(path), json=body, timeout=30)
+        response = self._session.request(method, f"{self.base_url}{path}", json=body, timeout=30)
         if response.status_code >= 400:
             raise MatrixError(response)
         return response.json() if response.content else None

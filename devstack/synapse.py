@@ -64,6 +64,12 @@ class SynapseServer:
     there too) and its own log. Synapse's own background tasks stay on the main process
     (no ``run_background_tasks_on``): what moves to the worker is what the module config's
     ``worker`` key gives it, nothing else.
+
+    With ``worker_persists_events`` (and then ``worker``) the worker is also the events
+    stream writer (``stream_writers: {events: [<worker>]}``): it gets an HTTP replication
+    listener of its own and an ``instance_map`` entry, and every process — the main one
+    included — hands the events it creates to it for persisting. ``stop_main`` and
+    ``start_main`` stop and start the main process alone, the worker left running.
     """
 
     def __init__(
@@ -79,13 +85,17 @@ class SynapseServer:
         postgres: PostgresDatabase | None = None,
         redis: RedisServer | None = None,
         worker: str | None = None,
+        worker_persists_events: bool = False,
     ) -> None:
         if worker is not None and (postgres is None or redis is None):
             raise ValueError("a Synapse worker needs PostgreSQL and Redis")
+        if worker_persists_events and worker is None:
+            raise ValueError("worker_persists_events needs a worker")
         self.workdir = workdir
         self.postgres = postgres
         self.redis = redis
         self.worker_name = worker
+        self.worker_persists_events = worker_persists_events
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -104,6 +114,8 @@ class SynapseServer:
         # The worker's ports (unused without one).
         self.replication_port = free_port() if worker else 0
         self.worker_port = free_port() if worker else 0
+        # The worker's own replication listener (only as the events stream writer).
+        self.worker_replication_port = free_port() if worker_persists_events else 0
         self.worker_url = f"http://127.0.0.1:{self.worker_port}" if worker else None
         self.worker_metrics_port = free_port() if worker and metrics else None
         self.worker_metrics_url = (
@@ -147,6 +159,13 @@ class SynapseServer:
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the main process (then the worker, if any) and wait until they answer."""
+        self.start_main(timeout)
+        if self.worker_process is not None:
+            self.start_worker(timeout)
+
+    def start_main(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the main process alone and wait until it answers (the worker, if any, is
+        left as it is)."""
         self.process.start()
         wait_until(
             self._ready,
@@ -155,8 +174,10 @@ class SynapseServer:
             interval=0.05,
         )
         self.start_seconds = time.monotonic() - self.process.started_at
-        if self.worker_process is not None:
-            self.start_worker(timeout)
+
+    def stop_main(self) -> None:
+        """Stop the main process alone (SIGTERM); the worker, if any, keeps running."""
+        self.process.stop()
 
     def start_worker(self, timeout: float = START_TIMEOUT) -> None:
         assert self.worker_process is not None, "no worker configured"
@@ -231,6 +252,18 @@ class SynapseServer:
                 "resources": [{"names": ["client"], "compress": False}],
             }
         ]
+        if self.worker_persists_events:
+            # The other processes hand it the events they create, over HTTP replication.
+            listeners.append(
+                {
+                    "port": self.worker_replication_port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": False,
+                    "resources": [{"names": ["replication"], "compress": False}],
+                }
+            )
         if self.worker_metrics_port is not None:
             listeners.append(
                 {
@@ -335,6 +368,12 @@ class SynapseServer:
                 }
             )
             config["instance_map"] = {"main": {"host": "127.0.0.1", "port": self.replication_port}}
+            if self.worker_persists_events:
+                config["instance_map"][self.worker_name] = {
+                    "host": "127.0.0.1",
+                    "port": self.worker_replication_port,
+                }
+                config["stream_writers"] = {"events": [self.worker_name]}
             config["redis"] = self.redis.synapse_config()
         if self.federation_port is not None:
             federation = federation_config(

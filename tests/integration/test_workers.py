@@ -1,14 +1,24 @@
 """The module with Synapse workers: a main process plus one generic worker, ``background``,
-on PostgreSQL with Redis replication, the module configured with ``worker: background``.
+on PostgreSQL with Redis replication.
 
-Members send through the main process; the module enqueues their messages there (the
-process that stores them), drains the outbox on the worker only, and each message is in the
-session's HAPI exactly once, also when it was sent while the worker was down.
+With ``worker: background`` in the module config, members send through the main process,
+which stores their messages; the worker — the one instance that records — takes each
+from its ``on_new_event`` callback (replication brings it there) into memory and writes it
+to FHIR, and each message is in the session's HAPI exactly once. Restarted after being
+down, the worker reads Synapse's event stream on from its saved position (the service
+user's ``/sync``, through the main process's client listener), so a message sent in the
+meantime is written too.
+
+The other way round: with ``stream_writers.events`` on the worker (it persists every
+event) and the module's background work on the main process (no ``worker`` key), members
+send through the worker while the main process is stopped; restarted, the main process
+reads on from its saved position, and nothing is lost or written twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +38,7 @@ from tests.integration.test_communication_recording import (
     event_ids_in_thread,
     first_written,
     health,
+    thread_holding,
 )
 
 WORKER = "background"
@@ -61,6 +72,32 @@ def synapse_with_worker(
         worker=WORKER,
         metrics=True,
     )
+    with running(server):
+        yield server
+
+
+@pytest.fixture
+def synapse_persisting_on_worker(
+    hapi: HapiDevServer, run_dir: Path, postgres_database: PostgresDatabase, redis: RedisServer
+) -> Iterator[SynapseServer]:
+    """The worker persists every event (``stream_writers.events``); the module's background
+    work runs on the main process (no ``worker`` key)."""
+    server = SynapseServer(
+        run_dir / f"synapse-writer-{postgres_database.dbname}",
+        module_config(hapi.base_url),
+        postgres=postgres_database,
+        redis=redis,
+        worker=WORKER,
+        worker_persists_events=True,
+        metrics=True,
+    )
+    with running(server):
+        yield server
+
+
+@contextmanager
+def running(server: SynapseServer) -> Iterator[SynapseServer]:
+    """Started, with its logs kept for a failed run; stopped (worker, then main) after."""
     assert server.worker_log_path is not None and server.worker_process is not None
     SERVER_LOGS.extend(
         [
@@ -154,6 +191,47 @@ def test_a_message_sent_while_the_worker_is_down_is_written_once_it_is_back(
         timeout=30,
         what="the outbox empty",
     )
-    # The main process enqueued `during` (the worker, down, never saw it); the drain keeps
-    # each room's order, so it is written by now, once.
+    # No callback brought `during` (the worker was down): the restarted worker read it
+    # from the stream, from its saved position, and takes callbacks (`after`) only once
+    # that read is in, so each room's order holds and `during` is written by now, once.
     assert sorted(event_ids_in_thread(hapi, thread)) == sorted([first, during, after])
+
+
+def test_messages_persisted_by_the_worker_while_the_main_process_is_down_are_written_once(
+    hapi: HapiDevServer, synapse_persisting_on_worker: SynapseServer
+) -> None:
+    server = synapse_persisting_on_worker
+    assert server.worker_url is not None
+    _network, _service, room, gp = care_room(server, hapi.base_url)
+    first, thread = first_written(hapi, gp, room, "Voor de herstart van het hoofdproces")
+
+    server.stop_main()
+    assert not server.process.running and server.worker_process is not None
+    assert server.worker_process.running
+    # The same member, through the worker's client listener: the worker creates and
+    # persists each message itself (it is the events stream writer). Its own module's
+    # callback drops them (it runs no background work); the main process is not there.
+    via_worker = gp.through(server.worker_url)
+    sent = [via_worker.send_text(room, f"Wondzorg ronde {n}: rustig verlopen") for n in range(20)]
+
+    server.start_main()
+    # No callback tells the restarted main process of them (it starts at the stream's
+    # current position): it reads on from its saved position in the stream.
+    thread_holding(
+        hapi, thread, 1 + len(sent), timeout=60, what="the 20 messages sent while main was down"
+    )
+    wait_until(
+        lambda: health(server)["outbox"] == {"pending": 0, "dead": 0},
+        timeout=30,
+        what="the outbox empty",
+    )
+    # Written by the restarted main process, each once (the first, if read again, was
+    # already in FHIR: a replay, not a write); none refused.
+    wait_until(
+        lambda: metric(server.metrics_url, WRITTEN) == 20.0,
+        timeout=15,
+        what="the restarted main process counting 20 writes to FHIR",
+    )
+    assert metric(server.metrics_url, "synapse_fhir_communications_failed_total") == 0.0
+    ids = event_ids_in_thread(hapi, thread)
+    assert sorted(ids) == sorted([first, *sent]), "missing or duplicate Communications"
