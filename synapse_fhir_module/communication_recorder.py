@@ -98,6 +98,7 @@ from synapse_fhir_module.outbox_metrics import (
     COMMUNICATIONS_WRITTEN,
     OUTBOX_DEAD,
     OUTBOX_PENDING,
+    POSITION_AGE,
     RECORDING_BEHIND,
     WRITE_RETRIES,
 )
@@ -107,6 +108,7 @@ from synapse_fhir_module.recording_log import Candidate, PendingEvent, Recording
 from synapse_fhir_module.recording_session import RecordingSession
 from synapse_fhir_module.relay_content import resource_of_key, source_of
 from synapse_fhir_module.room_bindings import THREAD_STATE, RoomBindings
+from synapse_fhir_module.service_user import ensure_service_user
 from synapse_fhir_module.stream_follower import StreamFollower
 from synapse_fhir_module.stream_reader import StreamReader, StreamUnavailable, TokenRejected
 from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
@@ -218,6 +220,10 @@ class CommunicationRecorder:
         )
         self._follower = StreamFollower(self._log, self._reader, RECORDED_TYPES)
         self._position: str | None = None  # saved: FHIR has every message before it
+        self._confirmed_ms = now_ms()  # when a read last found everything before it in FHIR
+        # (Settled a little before a read and not in it: behind the position, or in a room
+        # the service user is not in; forgotten once the read is saved.)
+        self._saved_margin_ms = int(2 * config.checkpoint_interval * 1000)
         self._stepping = False
         self._stream_warned_at = -STREAM_WARNING_INTERVAL_S
         self._notes: list[tuple[str, LatestMessage]] = []  # for the unread Tasks
@@ -240,6 +246,8 @@ class CommunicationRecorder:
         if self._drains:
             # (The relay's table too: the drain asks it which messages came from FHIR.)
             await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
+            # (Its device is made below: the account must exist first.)
+            await ensure_service_user(self._api, self._service_user_id[1:].split(":", 1)[0])
             row = await self._api.run_db_interaction(
                 "fhir_recording_position", recording_log_store.load
             )
@@ -327,8 +335,7 @@ class CommunicationRecorder:
             candidate = None
             if self._position is None:
                 # The first start: from now on (an earlier version's outbox rows drain).
-                self._position = await self._reader.now()
-                candidate = Candidate(self._position, now_ms())
+                candidate = Candidate(await self._reader.now(), now_ms())
                 self._log.caught_up()
             else:
                 candidate = await self._follower.step(self._position, now_ms())
@@ -358,6 +365,12 @@ class CommunicationRecorder:
         notes, self._notes = self._notes, []
         oldest = self._log.oldest_ms()
         now = now_ms()
+        if candidate is not None:
+            self._confirmed_ms = now
+            if candidate.token == self._position:
+                self._log.saved(candidate, margin_ms=self._saved_margin_ms)
+                candidate = None  # (nothing new in the stream: nothing to save)
+        POSITION_AGE.set(max(0, now - self._confirmed_ms) / 1000)
         figures = (self._log.pending, 0 if oldest is None else max(0, now - oldest))
         report = figures != self._reported
         if not notes and candidate is None and not report:
@@ -382,7 +395,7 @@ class CommunicationRecorder:
             self._position = candidate.token
             # (Settled before the read and not in it: behind the position, or a room
             # the service user is not in.)
-            self._log.saved(candidate, margin_ms=int(2 * self._config.checkpoint_interval * 1000))
+            self._log.saved(candidate, margin_ms=self._saved_margin_ms)
         if report:
             OUTBOX_PENDING.set(self._table_pending + figures[0])
             RECORDING_BEHIND.set(figures[1] / 1000)

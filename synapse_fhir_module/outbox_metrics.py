@@ -16,6 +16,11 @@ RECORDING_BEHIND = Gauge(
 OUTBOX_DEAD = Gauge(
     "synapse_fhir_outbox_dead", "Messages FHIR refused for good (dead letters, with a reason)"
 )
+POSITION_AGE = Gauge(
+    "synapse_fhir_recording_position_age_seconds",
+    "Since a read of Synapse's stream last found FHIR holding every message before its end"
+    " (grows while FHIR or the stream cannot be read)",
+)
 COMMUNICATIONS_WRITTEN = Counter(
     "synapse_fhir_communications_written", "Outbox rows written to FHIR as Communications"
 )

@@ -66,6 +66,12 @@ class Api:
     ) -> tuple[str, str, None, None]:
         return device_id, "token", None, None
 
+    def get_qualified_user_id(self, localpart: str) -> str:
+        return f"@{localpart}:example.org"
+
+    async def get_userinfo_by_id(self, user_id: str) -> object:
+        return object()  # (the service user exists)
+
     async def run_db_interaction(self, desc: str, func: Callable[..., Any], *args: Any) -> Any:
         return func(self._db, *args)
 
