@@ -78,6 +78,7 @@ from synapse_fhir_module.communication_mapping import (
     RoomContext,
     communication_reference,
     edit_payload,
+    identifier_search,
     message_write,
     replaced_event,
     reply_target,
@@ -510,8 +511,23 @@ class CommunicationRecorder:
         in_batch: dict[str, str] = {}  # event id -> room id, of the writes so far
         for row in rows:
             try:
-                row = await self._redacted_before_read(row)
+                if not self._recordable(
+                    str(row.event.get("sender")), str(row.event.get("type")), row.room_id
+                ):
+                    raise NotRecorded("known to have nothing to write")  # (a read-back)
+                read_after_redaction = await self._redacted_before_read(row)
+                if read_after_redaction is not None:
+                    row = read_after_redaction
                 write = await self._write_for(row, in_batch)
+                if read_after_redaction is not None:
+                    # Created only: a record FHIR holds is never changed by this, whoever
+                    # redacted (the redaction itself follows, under the redaction policy).
+                    write = attr.evolve(
+                        write,
+                        method="POST",
+                        url="Communication",
+                        if_none_exist=identifier_search(row.event_id),
+                    )
             except NotRecorded:
                 outcome.done.append(row.event_id)  # not a care-team message: nothing to write
                 continue
@@ -556,14 +572,18 @@ class CommunicationRecorder:
             outcome.messages.append((row.room_id, message))
         return outcome
 
-    async def _redacted_before_read(self, row: outbox_store.OutboxRow) -> outbox_store.OutboxRow:
+    async def _redacted_before_read(
+        self, row: outbox_store.OutboxRow
+    ) -> outbox_store.OutboxRow | None:
         """A message read back from Synapse's stream after its redaction (a restart, an
-        outage) comes without its content: it is written withdrawn — by a moderator when
-        its sender did not redact it — since what it said is gone."""
+        outage) comes without its content: if FHIR does not have it yet, it is written
+        withdrawn — with the moderator note when its sender did not redact it — since what
+        it said is gone. None for any other message. (``unsigned`` is Synapse's own: the
+        stream reader keeps nothing else of it, and a callback's row has none.)"""
         unsigned = row.event.get("unsigned")
         because = unsigned.get("redacted_because") if isinstance(unsigned, Mapping) else None
         if not isinstance(because, Mapping) or WITHDRAWN in row.event:
-            return row
+            return None
         redacter = str(because.get("sender"))
         moderator = None
         if redacter != row.event.get("sender"):

@@ -87,10 +87,11 @@ class CommunicationWriter:
             result.location_of.update(zip(event_ids, locations, strict=True))
         statuses = _statuses(response)
         if len(statuses) == len(writes):
+            # (A conditional create that found its resource; a 200 to an update changed it.)
             result.already_there.update(
                 event_id
-                for event_id, status in zip(event_ids, statuses, strict=True)
-                if status.startswith("200")
+                for (event_id, write), status in zip(writes, statuses, strict=True)
+                if write.if_none_exist and status.startswith("200")
             )
 
 

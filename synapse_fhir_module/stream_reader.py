@@ -27,6 +27,16 @@ from twisted.web.iweb import IAgent
 
 logger = logging.getLogger(__name__)
 
+# What the recorder reads of an event (a callback hands over the same).
+RECORDED_FIELDS = (
+    "event_id",
+    "type",
+    "sender",
+    "origin_server_ts",
+    "content",
+    "redacts",
+    "unsigned",
+)
 TIMELINE_LIMIT = 100
 PAGE_LIMIT = 1000
 REQUEST_TIMEOUT = 30.0
@@ -116,9 +126,27 @@ def _with_room(raw: Any, room_id: str) -> list[dict[str, Any]]:
 
 
 def _as_recorded(event: dict[str, Any], room_id: str) -> dict[str, Any]:
-    """An event as the recorder takes it: with its room, and a redaction's target at
-    the top level (room version 11 keeps it in the content only)."""
-    recorded = {**event, "room_id": room_id}
+    """An event as the recorder takes it: the fields it reads and nothing else (another
+    server can add any key at an event's top level, and Synapse passes it on), with its
+    room, and a redaction's target at the top level (room version 11 keeps it in the
+    content only). Of ``unsigned`` — Synapse's own — only when it arrived and who
+    redacted it; never the bundled relations (a reply's text)."""
+    recorded: dict[str, Any] = {
+        key: event[key] for key in RECORDED_FIELDS if key in event and key != "unsigned"
+    }
+    recorded["room_id"] = room_id
+    unsigned = event.get("unsigned")
+    if isinstance(unsigned, Mapping):
+        kept: dict[str, Any] = {}
+        if isinstance(unsigned.get("age"), int):
+            kept["age"] = unsigned["age"]
+        because = unsigned.get("redacted_because")
+        if isinstance(because, Mapping):
+            kept["redacted_because"] = {
+                k: because[k] for k in ("sender", "origin_server_ts") if k in because
+            }
+        if kept:
+            recorded["unsigned"] = kept
     content = event.get("content")
     if (
         event.get("type") == "m.room.redaction"
@@ -184,8 +212,8 @@ class StreamReader:
             },
         )
         if body is _FORBIDDEN:
-            # The service user may not see that stretch of the room (it was not in it):
-            # nothing there can be read, now or later.
+            # Synapse's own refusal: the service user may not see that stretch of the room
+            # (it was not in it), so nothing there can be read, now or later.
             logger.warning(
                 "Cannot read back events of %s: not visible to the service user", gap.room_id
             )
@@ -194,7 +222,9 @@ class StreamReader:
             raise StreamUnavailable("/messages answered with no object")
         events = _with_room(body.get("chunk"), gap.room_id)
         end = body.get("end")
-        if not isinstance(end, str) or not body.get("chunk"):
+        # (A page can come back empty yet go on: Synapse filters what the user may not see
+        # after reading the page. No `end`, or one that does not move: the gap is read.)
+        if not isinstance(end, str) or end == gap.start:
             return events, None
         return events, attr.evolve(gap, start=end)
 
@@ -237,12 +267,12 @@ class StreamReader:
             body = json.loads(payload) if payload else None
         except ValueError:
             body = None
-        if code == 401:
-            raise TokenRejected(f"the service user's access token was refused ({_errcode(body)})")
+        if code == 401 and _errcode(body) == "M_UNKNOWN_TOKEN":
+            raise TokenRejected("the service user's access token was refused (M_UNKNOWN_TOKEN)")
         if code == 404:
             raise _NotFound(_errcode(body))
-        if code == 403:
-            return _FORBIDDEN
+        if code == 403 and _errcode(body) == "M_FORBIDDEN":
+            return _FORBIDDEN  # (Synapse's answer; a proxy's 403 is "unavailable")
         if code != 200:
             raise StreamUnavailable(f"HTTP {code} ({_errcode(body)})")
         return body

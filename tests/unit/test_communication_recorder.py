@@ -621,3 +621,29 @@ async def test_a_message_redacted_before_it_was_read_back_is_written_withdrawn(
     assert recording_log_store.load(db).stream_token == "s1"  # (saved on the next step)
     await stand.recorder.step()
     assert recording_log_store.load(db).stream_token == "s2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_fhir_has_is_never_withdrawn_by_reading_it_back_redacted(
+    db: sqlite3.Cursor,
+) -> None:
+    """Someone else's redaction does not withdraw a recorded message (redactions: sender),
+    also when the message is read back after a restart without its content."""
+    stream = Stream()
+    stand = await started(stand_in(db, BASE, stream=stream))
+    await stand.send(text("$had"))
+    before = copy.deepcopy(stand.fhir.communication("$had"))
+    assert before is not None and before["status"] == "completed"
+
+    recording_log_store.save_position(db, "s1", 0)  # (as if the position had not moved)
+    redaction_event = {"sender": "@carla:example.org", "origin_server_ts": 1_779_000_000_500}
+    stream.stored = [
+        {
+            **vars(text("$had")),
+            "content": {},
+            "unsigned": {"redacted_because": redaction_event},
+        },
+        {**vars(redaction("$r", "$had")), "sender": "@carla:example.org"},
+    ]
+    restarted = await started(stand_in(db, BASE, fhir=stand.fhir, stream=stream))
+    assert restarted.fhir.communication("$had") == before
