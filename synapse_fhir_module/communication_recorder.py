@@ -47,6 +47,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import attr
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
@@ -126,6 +127,10 @@ RETRY_CAP_MS = 10_000
 MAX_REMEMBERED_THREADS = 100_000
 # How often the outbox table's figures are read again (they change only on exceptions).
 TABLE_REFRESH_S = 5.0
+# A new access token for reading the stream at most this often.
+RENEW_INTERVAL_S = 60.0
+# Failed batches in a row before the recorder asks whether FHIR answers at all.
+STUCK_AFTER = 5
 # Reading the stream failed: say so in the log at most this often.
 STREAM_WARNING_INTERVAL_S = 60.0
 ROOM_CREATE = ("m.room.create", "")
@@ -226,6 +231,7 @@ class CommunicationRecorder:
         # the service user is not in; forgotten once the read is saved.)
         self._saved_margin_ms = int(2 * config.checkpoint_interval * 1000)
         self._stepping = False
+        self._renewed_at = -RENEW_INTERVAL_S
         self._stream_warned_at = -STREAM_WARNING_INTERVAL_S
         self._notes: list[tuple[str, LatestMessage]] = []  # for the unread Tasks
         self._reported: tuple[int, int] | None = None
@@ -236,6 +242,9 @@ class CommunicationRecorder:
         self._table_read_at = 0.0
         self._failures = 0
         self._backoff_until = 0.0
+        # Smaller after batches failed while FHIR answers: one message FHIR (or a lookup
+        # for it) keeps failing on must not hold back the others.
+        self._batch_limit = config.batch_size
 
     async def start(self) -> None:
         """Create the tables if needed, then write whatever a restart left: the messages
@@ -253,6 +262,7 @@ class CommunicationRecorder:
                 "fhir_recording_position", recording_log_store.load
             )
             self._position = row.stream_token
+            _warn_if_exposed(self._config.client_url, self._api.public_baseurl)
             await self._read_table()
             await self._session.open()
         self._schema_ready = True
@@ -297,10 +307,9 @@ class CommunicationRecorder:
             if self._drains:
                 in_memory = self._log.pending
             else:  # (reported by the instance that runs the drain, about once a second)
-                row = await self._api.run_db_interaction(
-                    "fhir_recording_counts", recording_log_store.load
+                in_memory = await self._api.run_db_interaction(
+                    "fhir_recording_counts", recording_log_store.pending
                 )
-                in_memory = row.pending
         except Exception:  # e.g. the background instance has not created the tables yet
             logger.debug("Outbox counts unavailable", exc_info=True)
             return OutboxCounts(not_written_profile=self._not_written)
@@ -333,6 +342,7 @@ class CommunicationRecorder:
             return
         self._stepping = True
         try:
+            await self._spill_held()
             candidate = None
             if self._position is None:
                 # The first start: from now on (an earlier version's outbox rows drain).
@@ -346,9 +356,11 @@ class CommunicationRecorder:
             if time.monotonic() - self._table_read_at >= TABLE_REFRESH_S:
                 await self._read_table()
         except TokenRejected as e:
-            logger.warning("Recording: %s; making a new one", e)
             self._follower.restart()
-            await self._session.renew()
+            if time.monotonic() - self._renewed_at >= RENEW_INTERVAL_S:
+                self._renewed_at = time.monotonic()
+                logger.warning("Recording: %s; making a new one", e)
+                await self._session.renew()
         except StreamUnavailable as e:
             self._follower.restart()
             if time.monotonic() - self._stream_warned_at >= STREAM_WARNING_INTERVAL_S:
@@ -359,6 +371,18 @@ class CommunicationRecorder:
             logger.exception("Recording: reading Synapse's event stream failed")
         finally:
             self._stepping = False
+
+    async def _spill_held(self) -> None:
+        spilled = self._log.spill(now_ms())
+        if spilled:
+            logger.warning(
+                "Recording: %d messages held while Synapse's stream was being read go to"
+                " the outbox table (the stream is slow to answer, or FHIR was away for long)",
+                len(spilled),
+            )
+            await self._park(
+                [_row(entry) for entry in spilled], "held while the stream was read", 0
+            )
 
     async def _save(self, candidate: Candidate | None) -> None:
         """One transaction, only when something changed: the unread notes, the new
@@ -424,7 +448,9 @@ class CommunicationRecorder:
                     break
                 if not await self._write_rows(rows, from_table):
                     return  # backing off; the periodic wake-up tries again
-                self._failures = 0
+                if not from_table:
+                    self._failures = 0
+                    self._batch_limit = self._config.batch_size
         except Exception:
             logger.exception("Outbox drain failed; it runs again on the next wake-up")
         finally:
@@ -440,7 +466,7 @@ class CommunicationRecorder:
             if rows:
                 return rows, True
         while True:
-            taken = self._log.take(self._config.batch_size)
+            taken = self._log.take(self._batch_limit)
             behind = [entry for entry in taken if entry.room_id in self._rooms_waiting]
             if not behind:
                 return [_row(entry) for entry in taken], False
@@ -475,7 +501,11 @@ class CommunicationRecorder:
         except (_Retry, FhirTransientError) as e:
             await self._retry_later(rows, e, from_table)
             return False
-        fault_hooks.after_fhir_commit(row.event for row in messages)
+        fault_hooks.after_fhir_commit(
+            row.event
+            for row in messages
+            if row.event_id in outcome.written and row.event_id not in outcome.already_there
+        )
         await self._settle(outcome, rows, from_table)
         # Edits and redactions after the messages are committed: each needs its original
         # as stored, which may be in this very batch. One at a time: they are rare.
@@ -593,6 +623,13 @@ class CommunicationRecorder:
             )
         return attr.evolve(row, event=erased_event(row.event, moderator))
 
+    async def _fhir_answers(self) -> bool:
+        try:
+            await self._fhir.capabilities(timeout=2.0)
+        except FhirError:
+            return False
+        return True
+
     async def _retry_later(
         self, rows: list[outbox_store.OutboxRow], error: Exception, from_table: bool
     ) -> None:
@@ -600,8 +637,23 @@ class CommunicationRecorder:
         WRITE_RETRIES.inc()
         if not from_table:
             # (They stay in memory; Synapse's stream holds them should memory fill.)
-            delay = outbox_store.retry_delay_ms(self._failures, cap_ms=RETRY_CAP_MS)
             self._failures += 1
+            if self._failures >= STUCK_AFTER and await self._fhir_answers():
+                # FHIR answers, yet this batch keeps failing: halve it until the message
+                # that fails is alone, then let it wait in the table (with its room).
+                self._failures = 0
+                if len(rows) > 1:
+                    self._batch_limit = max(1, len(rows) // 2)
+                else:
+                    await self._park(rows, _without_outcome(error), RETRY_CAP_MS)
+                    self._batch_limit = self._config.batch_size
+                    logger.warning(
+                        "Recording: %s keeps failing while FHIR answers; it waits in the"
+                        " outbox table",
+                        rows[0].event_id,
+                    )
+                    return
+            delay = outbox_store.retry_delay_ms(self._failures, cap_ms=RETRY_CAP_MS)
             self._backoff_until = time.monotonic() + delay / 1000
             logger.warning(
                 "Recording: %d messages wait %d ms (%s)", len(rows), delay, _without_outcome(error)
@@ -948,12 +1000,12 @@ class CommunicationRecorder:
             person = await self._sender_person(sender, self._ozo and sender in self._exempt)
             thread = await self._thread_of(row.room_id, teams, patient, person)
         except DirectoryUnavailable as e:
-            if isinstance(e.__cause__, FhirPermanentError):
+            cause = e.__cause__
+            if isinstance(cause, FhirPermanentError) and cause.status not in (401, 403, 407):
                 # FHIR refuses for good what this message needs (its team, its thread):
                 # this one waits as a dead letter; the rest of the batch goes on.
-                raise _Dead(
-                    f"FHIR refused a lookup it needs: {_without_outcome(e.__cause__)}"
-                ) from e
+                # (Not an authorisation refusal: that is the module's credentials, for all.)
+                raise _Dead(f"FHIR refused a lookup it needs: {_without_outcome(cause)}") from e
             raise _Retry(str(e)) from e
         room = RoomContext(
             thread=thread, care_team=team_ref, patient=patient, further_teams=teams[1:]
@@ -1144,6 +1196,21 @@ class CommunicationRecorder:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _warn_if_exposed(client_url: str | None, public_baseurl: str) -> None:
+    """The service user's access token goes wherever the stream is read: say so when that
+    is plain HTTP off this host."""
+    url = urlsplit(client_url or public_baseurl)
+    host = (url.hostname or "").lower()
+    if url.scheme == "http" and host not in ("localhost", "127.0.0.1", "::1"):
+        logger.warning(
+            "Recording reads Synapse's stream over plain HTTP at %s%s: the service user's"
+            " access token travels with each read; point communication.client_url at a"
+            " listener on this host or use https",
+            host,
+            "" if client_url else " (public_baseurl; communication.client_url is not set)",
+        )
 
 
 def _row(entry: PendingEvent) -> outbox_store.OutboxRow:

@@ -88,6 +88,7 @@ class FhirModule:
         # instance. (Recording reads Synapse's event stream from its saved position, so a
         # message stored while that instance was down is recorded once it is back.)
         self._runs_background_work = api.worker_name == config.worker
+        fault_hooks.warn_if_armed()
 
         accounts = self._accounts = RegisteredAccounts(api)  # whose each gated registration was
         emails = VerifiedEmails(
@@ -498,12 +499,12 @@ class FhirModule:
             logger.warning("Could not ban a non-member from %s: %s", room_id, type(e).__name__)
 
     async def _on_new_event(self, event: EventBase, state_events: StateMap[EventBase]) -> None:
-        fault_hooks.in_callback(event.content)  # (test-only: inert unless armed)
         if event.internal_metadata.is_soft_failed():
             # Refused (e.g. by check_event_for_spam: a remote non-member's message) and kept
             # out of the room, yet Synapse still reports it here: not part of the
             # conversation, so neither recorded nor a binding change.
             return
+        fault_hooks.in_callback(event.content)  # (test-only: inert unless armed)
         self._bindings.forget_for_event(event)
         if self._sync is not None and event.is_state() and event.type in BINDING_STATE_TYPES:
             self._api.run_as_background_process("fhir_binding_check", self._check_binding, event)

@@ -12,8 +12,10 @@ one a no-op.
 
 While the log *catches up* (reading the stream, not taking callbacks), a callback's event
 is held aside: the read will bring it in stream order, or — when it came after the read —
-it joins once the read is in. If more arrive than are held aside, the log keeps reading
-instead: taking them then would put a room's later messages before earlier ones.
+it joins once the read is in. Held aside too long or too many (the stream cannot be read,
+or FHIR is away for long), they are handed to the outbox table (``spill``), where they
+wait in order with their rooms: never dropped, since a room the service user is not in
+cannot be read back.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Any
 import attr
 
 MAX_SETTLED = 500_000
+# Held aside beyond either, events go to the outbox table.
 HELD_ASIDE = 10_000
+HELD_FOR_MS = 30_000
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -65,7 +69,6 @@ class RecordingLog:
         self._pending: dict[str, PendingEvent] = {}  # in arrival order
         self._settled: dict[str, int] = {}  # event id -> when (ms), in that order
         self._held: deque[PendingEvent] = deque()
-        self._held_overflowed = False
         # Until the first read from the saved position is in, everything comes from reads.
         self.catching_up = True
 
@@ -80,9 +83,6 @@ class RecordingLog:
             # FHIR is away for long: memory stops here, Synapse's stream keeps the rest.
             self.catching_up = True
         if self.catching_up:
-            if len(self._held) >= HELD_ASIDE:
-                self._held.popleft()
-                self._held_overflowed = True
             self._held.append(entry)
             return False
         self._pending[entry.event_id] = entry
@@ -126,19 +126,27 @@ class RecordingLog:
             arrived = now_ms - age if isinstance(age, int) and age >= 0 else now_ms
             self._pending[event_id] = PendingEvent(dict(event), arrived)
 
-    def caught_up(self) -> bool:
+    def caught_up(self) -> None:
         """A read reached the stream's end: take callbacks again, starting with those
-        held aside (False, still catching up, if some held aside were dropped)."""
-        if self._held_overflowed:
-            self._held.clear()
-            self._held_overflowed = False
-            return False
+        held aside."""
         held, self._held = self._held, deque()
         self.catching_up = False
         for entry in held:
             if entry.event_id not in self._pending and entry.event_id not in self._settled:
                 self._pending[entry.event_id] = entry
-        return True
+
+    def spill(self, now_ms: int) -> list[PendingEvent]:
+        """Those held aside, when they are too many or waited too long, for the outbox
+        table (they count as settled here: the table has them)."""
+        if not self._held or (
+            len(self._held) < HELD_ASIDE and now_ms - self._held[0].arrived_ms < HELD_FOR_MS
+        ):
+            return []
+        spilled = [e for e in self._held if e.event_id not in self._settled]
+        self._held.clear()
+        for entry in spilled:
+            self._remember_settled(entry.event_id, now_ms)
+        return spilled
 
     # --- checkpoints -----------------------------------------------------------------
 

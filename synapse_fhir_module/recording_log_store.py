@@ -69,6 +69,13 @@ def load(txn: Cursor) -> LogRow:
     )
 
 
+def pending(txn: Cursor) -> int:
+    """What the recording instance last reported holding (and nothing secret)."""
+    txn.execute(f"SELECT pending FROM {TABLE} WHERE id = ?", (ROW_ID,))
+    found = txn.fetchone()
+    return 0 if found is None else int(found[0])
+
+
 def save_position(txn: Cursor, stream_token: str, now_ms: int) -> None:
     txn.execute(
         f"UPDATE {TABLE} SET stream_token = ?, saved_ms = ? WHERE id = ?",

@@ -58,8 +58,8 @@ class StreamFollower:
             await self._read_on(candidate, now_ms)
             if not candidate.complete:
                 return None
-        if self._full and log.catching_up and not log.caught_up():
-            logger.info("Recording: more messages came while catching up; reading on")
+        if self._full and log.catching_up:
+            log.caught_up()
         if not log.unsettled(candidate):
             self._candidate = None
             return candidate

@@ -44,6 +44,8 @@ REPLAYED = "synapse_fhir_communications_replayed_total"
 WRITTEN = "synapse_fhir_communications_written_total"
 
 StartArmed = Callable[..., SynapseServer]
+# What fires an armed crash point (nobody without it can).
+SECRET = uuid.uuid4().hex
 
 
 @pytest.fixture
@@ -51,9 +53,9 @@ def start_armed(run_dir: Path) -> Iterator[StartArmed]:
     """A homeserver whose crash points ``faults`` are armed (stopped at the end)."""
     started: list[SynapseServer] = []
 
-    def start(module: dict[str, Any], faults: str, **kwargs: Any) -> SynapseServer:
+    def start(module: dict[str, Any], fault: str, **kwargs: Any) -> SynapseServer:
         server = SynapseServer(run_dir / f"synapse-faults-{uuid.uuid4().hex[:8]}", module, **kwargs)
-        server.process.env = {fault_hooks.ENVIRONMENT: faults}
+        server.process.env = {fault_hooks.ENVIRONMENT: f"{fault}={SECRET}"} if fault else None
         SERVER_LOGS.extend([server.log_path, server.process.log_path])
         started.append(server)
         server.start()
@@ -64,18 +66,14 @@ def start_armed(run_dir: Path) -> Iterator[StartArmed]:
         server.stop()
 
 
-def crashed_at_the_fault(server: SynapseServer) -> None:
+def crashed_at_the_fault(server: SynapseServer, point: str) -> None:
     wait_until(
         lambda: not server.process.running,
         timeout=60,
         what="Synapse ending itself at the armed crash point",
     )
     assert server.process.exit_code() == fault_hooks.EXIT_CODE, server.process.log_tail()
-
-
-def restart_disarmed(server: SynapseServer) -> None:
-    server.process.env = None
-    server.start()
+    assert f"Test crash point {point}: ending the process now" in server.log_path.read_text()
 
 
 def stored_event_with_fault(user: MatrixUser, room: str) -> str:
@@ -99,14 +97,14 @@ def test_a_message_whose_callback_never_ran_is_recorded_after_the_restart(
     content = {
         "msgtype": "m.text",
         "body": "stored, then the crash",
-        fault_hooks.CONTENT_KEY: fault_hooks.IN_CALLBACK,
+        fault_hooks.CONTENT_KEY: SECRET,
     }
     try:
         gp.send(room, content)
     except requests.RequestException:
         pass  # (the connection died with Synapse)
-    crashed_at_the_fault(server)
-    restart_disarmed(server)
+    crashed_at_the_fault(server, fault_hooks.IN_CALLBACK)
+    server.start()  # (still armed: what it reads back never fires the point again)
 
     unseen = stored_event_with_fault(gp, room)
     after = gp.send_text(room, "after the restart")
@@ -139,7 +137,7 @@ def test_a_crash_after_fhir_committed_a_batch_writes_nothing_twice(
                 {
                     "msgtype": "m.text",
                     "body": "the batch's last",
-                    fault_hooks.CONTENT_KEY: fault_hooks.AFTER_FHIR_COMMIT,
+                    fault_hooks.CONTENT_KEY: SECRET,
                 },
             )
         )
@@ -150,9 +148,9 @@ def test_a_crash_after_fhir_committed_a_batch_writes_nothing_twice(
         )
     finally:
         os.kill(hapi.process.pid, signal.SIGCONT)
-    crashed_at_the_fault(server)
+    crashed_at_the_fault(server, fault_hooks.AFTER_FHIR_COMMIT)
     assert communication_of(hapi, sent[-1]) is not None, "FHIR did not commit before the crash"
-    restart_disarmed(server)
+    server.start()  # (still armed: what it reads back never fires the point again)
 
     # Read again from the saved position: FHIR had them, nothing is written twice.
     wait_until(

@@ -12,7 +12,7 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synapse_fhir_module.recording_log import Candidate, RecordingLog
+from synapse_fhir_module.recording_log import HELD_FOR_MS, Candidate, RecordingLog
 from synapse_fhir_module.stream_follower import CALLBACK_GRACE_MS, StreamFollower
 from synapse_fhir_module.stream_reader import Gap, StreamRead
 
@@ -144,17 +144,20 @@ def test_callbacks_while_catching_up_are_held_aside_and_join_after_the_read() ->
     log.offer({"event_id": "$late", "room_id": "!a:x"}, 5)
     assert log.take(10) == []  # (catching up: the read brings messages in stream order)
     log.add_read([{"event_id": "$early", "room_id": "!a:x"}], 1)
-    assert log.caught_up()
+    log.caught_up()
     assert [e.event_id for e in log.take(10)] == ["$early", "$late"]
 
 
-def test_memory_full_turns_to_reading_the_stream() -> None:
+def test_memory_full_turns_to_reading_the_stream_and_holds_aside_into_the_table() -> None:
     log = RecordingLog(max_pending=100)
     log.caught_up()
     for n in range(100):
         assert log.offer({"event_id": f"$m{n}", "room_id": "!a:x"}, n)
     assert not log.offer({"event_id": "$over", "room_id": "!a:x"}, 100)
     assert log.catching_up and log.pending == 101  # (held aside, counted)
+    assert log.spill(100 + HELD_FOR_MS - 1) == []  # (the stream may bring it yet)
+    assert [e.event_id for e in log.spill(100 + HELD_FOR_MS)] == ["$over"]  # never dropped
+    assert log.pending == 100
 
 
 @settings(max_examples=300, deadline=None)
