@@ -239,6 +239,7 @@ class CommunicationRecorder:
         self._table_pending = 0
         self._table_dead = 0
         self._rooms_waiting: set[str] = set()
+        self._parked_ms = 0
         self._table_read_at = 0.0
         self._failures = 0
         self._backoff_until = 0.0
@@ -450,7 +451,8 @@ class CommunicationRecorder:
                     return  # backing off; the periodic wake-up tries again
                 if not from_table:
                     self._failures = 0
-                    self._batch_limit = self._config.batch_size
+                    # (Back up gently: a message that keeps failing stays ahead.)
+                    self._batch_limit = min(self._config.batch_size, self._batch_limit * 2)
         except Exception:
             logger.exception("Outbox drain failed; it runs again on the next wake-up")
         finally:
@@ -475,13 +477,19 @@ class CommunicationRecorder:
     async def _park(self, rows: list[outbox_store.OutboxRow], why: str, delay_ms: int) -> None:
         """Messages from memory that must wait: into the table (their rooms with them)."""
         next_attempt = now_ms() + delay_ms
+        # The table orders a room's rows by this time: strictly after every row parked
+        # before (a room's messages come here in their order, even within a millisecond).
+        order = []
+        for row in rows:
+            self._parked_ms = max(row.enqueued_ms, self._parked_ms + 1)
+            order.append(self._parked_ms)
 
         def add(txn: outbox_store.Cursor) -> None:
-            for row in rows:
+            for row, enqueued_ms in zip(rows, order, strict=True):
                 outbox_store.add(
                     txn,
                     row.event,
-                    row.enqueued_ms,
+                    enqueued_ms,
                     state=outbox_store.PENDING,
                     next_attempt_ms=next_attempt,
                     error=why,

@@ -647,3 +647,37 @@ async def test_a_message_fhir_has_is_never_withdrawn_by_reading_it_back_redacted
     ]
     restarted = await started(stand_in(db, BASE, fhir=stand.fhir, stream=stream))
     assert restarted.fhir.communication("$had") == before
+
+
+class StuckFhir(Fhir):
+    """Answers, but every transaction holding ``$stuck`` times out (a 5xx, for good)."""
+
+    async def capabilities(self, timeout: float) -> dict[str, Any]:
+        return {"resourceType": "CapabilityStatement"}
+
+    async def transaction_json(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        for entry in bundle["entry"]:
+            if entry["resource"]["identifier"][0]["value"] == "$stuck":
+                raise FhirTransientError("transaction failed with HTTP 504", status=504)
+        return await super().transaction_json(bundle)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_message_fhir_keeps_failing_on_waits_alone_and_the_rest_goes_on(
+    db: sqlite3.Cursor,
+) -> None:
+    stand = await started(stand_in(db, BASE, fhir=StuckFhir()))
+    others = [text(f"$m{n}", room=OTHER_ROOM if n % 2 else ROOM) for n in range(8)]
+    await stand.send(others[0], text("$stuck"), *others[1:])
+    for _ in range(40):  # (each a periodic wake-up, without waiting out the backoff)
+        stand.recorder._backoff_until = 0.0
+        stand.recorder.wake()
+        await stand.api.drain()
+    # $stuck waits in the table, and so do its room's later messages (a room's order);
+    # the other room's are written.
+    assert stand.fhir.communication("$m0") is not None
+    assert all(stand.fhir.communication(e.event_id) for e in others if e.room_id == OTHER_ROOM)
+    waiting = {row.event_id for row in outbox_store.due_rows(db, 2**62, 100)}
+    assert "$stuck" in waiting
+    assert waiting == {"$stuck"} | {e.event_id for e in others[1:] if e.room_id == ROOM}
+    assert stand.fhir.communication("$stuck") is None
