@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -285,12 +286,18 @@ def measure_delivery(arm: Arm, count: int, first: int) -> list[float]:
     return latencies
 
 
+def _experiment() -> dict[str, Any]:
+    """``communication`` keys for the recording arm from ``BENCH_RECORDING_CONFIG`` (JSON,
+    e.g. ``{"batch_linger": "100ms"}``): to weigh a setting; the suite sets none."""
+    return dict(json.loads(os.environ.get("BENCH_RECORDING_CONFIG", "{}")))
+
+
 def run(the_stack: Stack, *, messages: int, concurrent: int, deliveries: int, rounds: int) -> None:
     fhir_url = the_stack.fhir_url
     configs: dict[str, dict[str, Any] | None] = {
         ABSENT: None,
         NO_RECORDING: module_config(fhir_url, communication={"enabled": False}),
-        RECORDING: module_config(fhir_url),
+        RECORDING: module_config(fhir_url, communication=_experiment()),
     }
     if the_stack.database == "postgres":
         configs[ON_WORKER] = module_config(fhir_url, worker=WORKER)

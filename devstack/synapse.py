@@ -61,7 +61,8 @@ class SynapseServer:
     name runs beside the main process, started after it and stopped before it: the main
     process gets a replication listener, ``instance_map: {main: ...}`` and ``redis``, the
     worker a client listener of its own (``worker_url``; module web resources are served
-    there too) and its own log. Synapse's own background tasks stay on the main process
+    there too; when the module's ``worker`` is this worker, its ``communication.client_url``
+    defaults to it) and its own log. Synapse's own background tasks stay on the main process
     (no ``run_background_tasks_on``): what moves to the worker is what the module config's
     ``worker`` key gives it, nothing else.
 
@@ -350,6 +351,16 @@ class SynapseServer:
                 {"port": self.metrics_port, "bind_addresses": ["127.0.0.1"], "type": "metrics"}
             )
         if fhir_module is not None:
+            if (
+                self.worker_url is not None
+                and fhir_module.get("worker") == self.worker_name
+                and "client_url" not in fhir_module.get("communication", {})
+            ):
+                # As README advises: the recording worker reads the stream from its own
+                # client listener, not through the main process.
+                communication = {**fhir_module.get("communication", {})}
+                communication["client_url"] = self.worker_url
+                fhir_module = {**fhir_module, "communication": communication}
             config["modules"] = [
                 {"module": "synapse_fhir_module.FhirModule", "config": fhir_module}
             ]

@@ -100,6 +100,8 @@ class CommunicationConfig:
     checkpoint_interval: float = 1.0
     # Messages held in memory for FHIR at most; beyond, they are read again from Synapse.
     max_pending: int = 20_000
+    # How long a message waits for others to share its FHIR transaction (seconds).
+    batch_linger: float = 0.05
 
 
 DEFAULT_POWER_LEVELS = {"Practitioner": 50, "RelatedPerson": 0, "Patient": 0}
@@ -317,6 +319,7 @@ def _parse_communication(section: _Section) -> CommunicationConfig:
         client_url=section.value("client_url", _homeserver_url, None),
         checkpoint_interval=section.value("checkpoint_interval", _checkpoint_interval, 1.0),
         max_pending=section.value("max_pending", _int_between(100, 10_000_000), 20_000),
+        batch_linger=section.value("batch_linger", _batch_linger, 0.05),
     )
     section.reject_unknown_keys()
     if config.unread_tasks and not config.enabled:
@@ -528,6 +531,14 @@ def _homeserver_url(value: Any) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError("expected a base URL without query, fragment or credentials")
     return text.rstrip("/")
+
+
+def _batch_linger(value: Any) -> float:
+    seconds = parse_duration(value)
+    if not 0 <= seconds <= 1:
+        # Longer would hold every message back for it (the latency target is 100 ms).
+        raise ValueError(f"expected between 0 and 1s, got {value!r}")
+    return seconds
 
 
 def _checkpoint_interval(value: Any) -> float:

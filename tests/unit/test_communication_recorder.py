@@ -272,7 +272,7 @@ def stand_in(
     api, fhir, persons = Api(db), fhir or Fhir(), Persons()
     recorder = CommunicationRecorder(
         api,  # type: ignore[arg-type]
-        CommunicationConfig(profile=profile),
+        CommunicationConfig(profile=profile, batch_linger=0.0),
         fhir,  # type: ignore[arg-type]
         Bindings(threads),  # type: ignore[arg-type]
         teams or Teams(),  # type: ignore[arg-type]
@@ -681,3 +681,22 @@ async def test_one_message_fhir_keeps_failing_on_waits_alone_and_the_rest_goes_o
     assert "$stuck" in waiting
     assert waiting == {"$stuck"} | {e.event_id for e in others[1:] if e.room_id == ROOM}
     assert stand.fhir.communication("$stuck") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_an_earlier_version_left_in_the_outbox_are_written_first(
+    db: sqlite3.Cursor,
+) -> None:
+    """Upgrading in place: the outbox held every message on its way; what a stop left there
+    is written at start-up, in order, and the table keeps only dead letters after."""
+    outbox_store.create_schema(db)
+    for n, event in enumerate((text("$old1"), reply("$old2", "$old1"))):
+        row = {**vars(event), "room_id": ROOM}
+        assert outbox_store.enqueue(db, row, 1_000 + n)
+    stand = await started(stand_in(db, BASE))
+    await stand.send(text("$new"))
+    parent = stand.fhir.communication("$old1")
+    assert parent is not None
+    assert in_response_to(stand, "$old2") == [{"reference": f"Communication/{parent['id']}"}]
+    assert stand.fhir.communication("$new") is not None
+    assert outbox_store.counts(db) == (0, 0)
