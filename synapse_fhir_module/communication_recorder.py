@@ -129,6 +129,8 @@ RETRY_CAP_MS = 10_000
 MAX_REMEMBERED_THREADS = 100_000
 # How often the outbox table's figures are read again (they change only on exceptions).
 TABLE_REFRESH_S = 5.0
+# FHIR refusing the module itself (credentials, a policy): never one message's fault.
+AUTHORISATION_STATUSES = frozenset({401, 403, 407})
 # A new access token for reading the stream at most this often.
 RENEW_INTERVAL_S = 60.0
 # Failed batches in a row before the recorder asks whether FHIR answers at all.
@@ -218,7 +220,6 @@ class CommunicationRecorder:
         # Threads opened but not bound in room state (the service user is not in the room).
         self._opened_threads: dict[str, str] = {}
         self._draining = False
-        self._again = False
         self._schema_ready = False
         # Between Synapse's stream and FHIR (only where the drain runs).
         self._log = RecordingLog(config.max_pending)
@@ -242,6 +243,10 @@ class CommunicationRecorder:
         self._table_dead = 0
         self._rooms_waiting: set[str] = set()
         self._parked_ms = 0
+        self._parks = 0  # (counts parkings: a table read that overlaps one is not taken)
+        # A table batch that failed is retried one row at a time: a row that keeps
+        # failing must not hold other rooms' rows with it.
+        self._table_limit = config.batch_size
         self._table_read_at = 0.0
         self._failures = 0
         self._backoff_until = 0.0
@@ -329,7 +334,7 @@ class CommunicationRecorder:
         if self._linger_s <= 0:
             self.wake()
         elif self._draining:
-            self._again = True
+            pass  # (the drain under way takes it: it runs until memory is empty)
         elif self._lingering is None or not self._lingering.active():
             self._lingering = reactor.callLater(self._linger_s, self.wake)
 
@@ -340,8 +345,7 @@ class CommunicationRecorder:
         if time.monotonic() < self._backoff_until:
             return  # FHIR was unreachable: the periodic wake-up tries again in time
         if self._draining:
-            self._again = True
-            return
+            return  # (the drain under way runs until nothing is left)
         self._draining = True
         self._api.run_as_background_process("fhir_outbox_drain", self._drain)
 
@@ -357,6 +361,8 @@ class CommunicationRecorder:
             return
         self._stepping = True
         try:
+            if time.monotonic() - self._table_read_at >= TABLE_REFRESH_S:
+                await self._read_table()  # (also while the stream cannot be read)
             await self._spill_held()
             candidate = None
             if self._position is None:
@@ -368,8 +374,6 @@ class CommunicationRecorder:
             if self._log.pending:
                 self.wake()
             await self._save(candidate)
-            if time.monotonic() - self._table_read_at >= TABLE_REFRESH_S:
-                await self._read_table()
         except TokenRejected as e:
             self._follower.restart()
             if time.monotonic() - self._renewed_at >= RENEW_INTERVAL_S:
@@ -389,15 +393,20 @@ class CommunicationRecorder:
 
     async def _spill_held(self) -> None:
         spilled = self._log.spill(now_ms())
-        if spilled:
-            logger.warning(
-                "Recording: %d messages held while Synapse's stream was being read go to"
-                " the outbox table (the stream is slow to answer, or FHIR was away for long)",
-                len(spilled),
-            )
+        if not spilled:
+            return
+        logger.warning(
+            "Recording: %d messages held while Synapse's stream was being read go to"
+            " the outbox table (the stream is slow to answer, or FHIR was away for long)",
+            len(spilled),
+        )
+        try:
             await self._park(
                 [_row(entry) for entry in spilled], "held while the stream was read", 0
             )
+        except Exception:
+            self._log.hold_again(spilled)  # (nothing is settled until the table has it)
+            raise
 
     async def _save(self, candidate: Candidate | None) -> None:
         """One transaction, only when something changed: the unread notes, the new
@@ -442,28 +451,32 @@ class CommunicationRecorder:
 
     async def _read_table(self) -> None:
         self._table_read_at = time.monotonic()
+        parks = self._parks
         pending, dead = await self._api.run_db_interaction(
             "fhir_outbox_counts", outbox_store.counts
         )
-        self._table_pending, self._table_dead = pending, dead
-        self._rooms_waiting = (
+        rooms = (
             await self._api.run_db_interaction("fhir_outbox_rooms", outbox_store.rooms_waiting)
             if pending
             else set()
         )
+        if self._parks != parks:
+            return  # (rows were parked meanwhile: these figures miss them; read again later)
+        self._table_pending, self._table_dead, self._rooms_waiting = pending, dead, rooms
         OUTBOX_PENDING.set(pending + self._log.pending)
         OUTBOX_DEAD.set(dead)
 
     async def _drain(self) -> None:
         try:
             while True:
-                self._again = False
                 rows, from_table = await self._next_rows()
                 if not rows:
                     break
                 if not await self._write_rows(rows, from_table):
                     return  # backing off; the periodic wake-up tries again
-                if not from_table:
+                if from_table:
+                    self._table_limit = min(self._config.batch_size, self._table_limit * 2)
+                else:
                     self._failures = 0
                     # (Back up gently: a message that keeps failing stays ahead.)
                     self._batch_limit = min(self._config.batch_size, self._batch_limit * 2)
@@ -477,7 +490,7 @@ class CommunicationRecorder:
         message of a room with a waiting row joins it in the table."""
         if self._table_pending:
             rows = await self._api.run_db_interaction(
-                "fhir_outbox_due", outbox_store.due_rows, now_ms(), self._config.batch_size
+                "fhir_outbox_due", outbox_store.due_rows, now_ms(), self._table_limit
             )
             if rows:
                 return rows, True
@@ -509,7 +522,9 @@ class CommunicationRecorder:
                     error=why,
                 )
 
+        self._parks += 1
         await self._api.run_db_interaction("fhir_outbox_park", add)
+        self._parks += 1
         self._table_pending += len(rows)
         self._rooms_waiting.update(row.room_id for row in rows)
         self._log.settle([row.event_id for row in rows], now_ms())
@@ -681,6 +696,7 @@ class CommunicationRecorder:
                 "Recording: %d messages wait %d ms (%s)", len(rows), delay, _without_outcome(error)
             )
             return
+        self._table_limit = 1
         delay = outbox_store.retry_delay_ms(rows[0].attempts, cap_ms=RETRY_CAP_MS)
         logger.warning("Outbox: %d rows wait %d ms (%s)", len(rows), delay, _without_outcome(error))
         await self._api.run_db_interaction(
@@ -863,6 +879,14 @@ class CommunicationRecorder:
         stored = await self._api.run_db_interaction(
             "fhir_outbox_row", outbox_store.row_of, original
         )
+        if stored is not None and stored.state == outbox_store.PENDING:
+            if await self._amender.stored(original) is not None:
+                # Parked while FHIR took it too (a spill during a write): FHIR's record is
+                # the one the redaction applies to, under the redaction policy, below.
+                await self._api.run_db_interaction(
+                    "fhir_outbox_drop", outbox_store.mark_written, [original]
+                )
+                stored = None
         if stored is not None:
             if stored.room_id != row.room_id:
                 return self._amended(row, original, Unchanged("the original is another room's"))
@@ -1023,7 +1047,7 @@ class CommunicationRecorder:
             thread = await self._thread_of(row.room_id, teams, patient, person)
         except DirectoryUnavailable as e:
             cause = e.__cause__
-            if isinstance(cause, FhirPermanentError) and cause.status not in (401, 403, 407):
+            if isinstance(cause, FhirPermanentError) and cause.status not in AUTHORISATION_STATUSES:
                 # FHIR refuses for good what this message needs (its team, its thread):
                 # this one waits as a dead letter; the rest of the batch goes on.
                 # (Not an authorisation refusal: that is the module's credentials, for all.)
@@ -1117,6 +1141,10 @@ class CommunicationRecorder:
                 record = await self._persons.lookup(user_id)
             except FhirTransientError as e:
                 raise _Retry(_without_outcome(e)) from e
+            except FhirPermanentError as e:
+                if e.status in AUTHORISATION_STATUSES:  # (the module's credentials: for all)
+                    raise _Retry(_without_outcome(e)) from e
+                raise
         return record.person
 
     async def _thread_of(

@@ -25,7 +25,7 @@ from synapse_fhir_module.communication_profile import (
     declares,
 )
 from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.fhir_errors import FhirPermanentError
+from synapse_fhir_module.fhir_errors import FhirPermanentError, FhirTransientError
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ class CommunicationWriter:
         try:
             response = await self._fhir.transaction_json(_bundle(writes))
         except FhirPermanentError as e:
+            if e.status in (401, 403, 407):
+                # FHIR refuses the module itself (its credentials, a policy), not an entry:
+                # the batch waits, rather than every message becoming a dead letter.
+                raise FhirTransientError(str(e.args[0]), status=e.status) from e
             if len(writes) == 1:
                 event_id = writes[0][0]
                 reason = f"HTTP {e.status}: {e.outcome or e}"

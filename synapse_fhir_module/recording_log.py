@@ -122,9 +122,8 @@ class RecordingLog:
             event_id = str(event["event_id"])
             if event_id in self._pending or event_id in self._settled:
                 continue
-            age = (event.get("unsigned") or {}).get("age")
-            arrived = now_ms - age if isinstance(age, int) and age >= 0 else now_ms
-            self._pending[event_id] = PendingEvent(dict(event), arrived)
+            # (Read now: ``unsigned.age`` of a federated event is the other server's word.)
+            self._pending[event_id] = PendingEvent(dict(event), now_ms)
 
     def caught_up(self) -> None:
         """A read reached the stream's end: take callbacks again, starting with those
@@ -137,16 +136,21 @@ class RecordingLog:
 
     def spill(self, now_ms: int) -> list[PendingEvent]:
         """Those held aside, when they are too many or waited too long, for the outbox
-        table (they count as settled here: the table has them)."""
+        table, behind the pending messages of their rooms (a room's order): the caller
+        settles them once the table has them, or holds them again (``hold_again``)."""
         if not self._held or (
             len(self._held) < HELD_ASIDE and now_ms - self._held[0].arrived_ms < HELD_FOR_MS
         ):
             return []
-        spilled = [e for e in self._held if e.event_id not in self._settled]
+        held = [e for e in self._held if e.event_id not in self._settled]
         self._held.clear()
-        for entry in spilled:
-            self._remember_settled(entry.event_id, now_ms)
-        return spilled
+        rooms = {entry.room_id for entry in held}
+        earlier = [e for e in self._pending.values() if e.room_id in rooms]
+        return earlier + [e for e in held if e.event_id not in self._pending]
+
+    def hold_again(self, entries: list[PendingEvent]) -> None:
+        """A spill the table did not take: as they were (pending ones stay pending)."""
+        self._held.extendleft(reversed([e for e in entries if e.event_id not in self._pending]))
 
     # --- checkpoints -----------------------------------------------------------------
 

@@ -269,8 +269,8 @@ class StreamReader:
             body = None
         if code == 401 and _errcode(body) == "M_UNKNOWN_TOKEN":
             raise TokenRejected("the service user's access token was refused (M_UNKNOWN_TOKEN)")
-        if code == 404:
-            raise _NotFound(_errcode(body))
+        if code == 404 and _errcode(body) == "M_NOT_FOUND":
+            raise _NotFound("M_NOT_FOUND")  # (Synapse's answer; a proxy's 404 is not)
         if code == 403 and _errcode(body) == "M_FORBIDDEN":
             return _FORBIDDEN  # (Synapse's answer; a proxy's 403 is "unavailable")
         if code != 200:
