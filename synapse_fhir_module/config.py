@@ -101,7 +101,7 @@ class CommunicationConfig:
     # Messages held in memory for FHIR at most; beyond, they are read again from Synapse.
     max_pending: int = 20_000
     # How long a message waits for others to share its FHIR transaction (seconds).
-    batch_linger: float = 0.05
+    batch_linger: float = 0.0
 
 
 DEFAULT_POWER_LEVELS = {"Practitioner": 50, "RelatedPerson": 0, "Patient": 0}
@@ -319,7 +319,7 @@ def _parse_communication(section: _Section) -> CommunicationConfig:
         client_url=section.value("client_url", _homeserver_url, None),
         checkpoint_interval=section.value("checkpoint_interval", _checkpoint_interval, 1.0),
         max_pending=section.value("max_pending", _int_between(100, 10_000_000), 20_000),
-        batch_linger=section.value("batch_linger", _batch_linger, 0.05),
+        batch_linger=section.value("batch_linger", _batch_linger, 0.0),
     )
     section.reject_unknown_keys()
     if config.unread_tasks and not config.enabled:
