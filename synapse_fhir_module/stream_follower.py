@@ -33,11 +33,6 @@ class StreamFollower:
         self._candidate: Candidate | None = None
         self._full = False  # whether the candidate's read brings events (catching up)
 
-    @property
-    def reading(self) -> bool:
-        """A read is under way (not all its events are in memory yet)."""
-        return self._candidate is not None and not self._candidate.complete
-
     async def step(self, position: str, now_ms: int) -> Candidate | None:
         """Read on from ``position``; the candidate to save when one is all settled."""
         log = self._log
