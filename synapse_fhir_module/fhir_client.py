@@ -15,16 +15,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import urlencode, urlsplit
 
-import treq
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
-from synapse.module_api import make_deferred_yieldable
-from twisted.internet import reactor
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
 
 from synapse_fhir_module.config import FhirConfig
 from synapse_fhir_module.fhir_errors import (
@@ -32,6 +26,7 @@ from synapse_fhir_module.fhir_errors import (
     FhirTransientError,
     error_for_status,
 )
+from synapse_fhir_module.http_exchange import Unreachable, exchange, http_client
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +44,7 @@ class FhirClient:
         self._origin = _origin(config.base_url)
         self._timeout = config.timeout
         self._auth_header = _authorization(config)
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = pool_size
-        self._http = treq.client.HTTPClient(cast(IAgent, Agent(reactor, pool=pool)))
+        self._http = http_client(pool_size)
 
     @property
     def base_url(self) -> str:
@@ -280,27 +273,12 @@ class FhirClient:
         timeout: float,
         what: str,
     ) -> tuple[int, bytes]:
-        twisted_headers = Headers({k: [v] for k, v in headers.items()})
-        d = self._http.request(method, url, headers=twisted_headers, data=data)
-
-        def read_body(response: Any) -> Any:
-            return treq.content(response).addCallback(lambda body: (response.code, body))
-
-        d.addCallback(read_body)
-        # One deadline for connect + headers + body, so a server that trickles
-        # its answer cannot hold the caller longer than the configured timeout.
-        deadline = reactor.callLater(timeout, d.cancel)
         try:
-            return await make_deferred_yieldable(d)
-        except Exception as e:
-            # Anything from below HTTP (refused, reset, DNS, TLS, a connect or answer cut
-            # off by the deadline — Twisted has many names for these) may work next time.
-            # Cancelling surfaces as CancelledError or as a ResponseNeverReceived around it.
-            reason = "timed out" if not deadline.active() else type(e).__name__
-            raise FhirTransientError(f"{what}: FHIR server unreachable ({reason})") from e
-        finally:
-            if deadline.active():
-                deadline.cancel()
+            return await exchange(
+                self._http, method, url, timeout=timeout, headers=headers, data=data
+            )
+        except Unreachable as e:
+            raise FhirTransientError(f"{what}: FHIR server unreachable ({e.reason})") from e
 
     def _url(self, path: str) -> str:
         return f"{self._base_url}/{path}"

@@ -14,14 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, cast
 from urllib.parse import urlencode
 
-import treq
-from synapse.module_api import make_deferred_yieldable
-from twisted.internet import reactor
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgent
+from synapse_fhir_module.http_exchange import Unreachable, exchange, http_client
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +34,7 @@ class OpenIdUserInfo:
     def __init__(self, homeserver_url: str, *, timeout: float = TIMEOUT_SECONDS) -> None:
         self._url = homeserver_url.rstrip("/") + USERINFO_PATH
         self._timeout = timeout
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        self._http = treq.client.HTTPClient(cast(IAgent, Agent(reactor, pool=pool)))
+        self._http = http_client()
 
     @property
     def url(self) -> str:
@@ -67,23 +61,12 @@ class OpenIdUserInfo:
         return subject
 
     async def _get(self, url: str) -> tuple[int, bytes]:
-        d = self._http.get(url)
-
-        def read_body(response: Any) -> Any:
-            return treq.content(response).addCallback(lambda body: (response.code, body))
-
-        d.addCallback(read_body)
-        # One deadline for the whole exchange: a stuck listener must not hold the client.
-        deadline = reactor.callLater(self._timeout, d.cancel)
+        # (One deadline for the whole exchange: a stuck listener must not hold the client.)
         try:
-            return cast(tuple[int, bytes], await make_deferred_yieldable(d))
-        except Exception as e:
-            reason = "timed out" if not deadline.active() else type(e).__name__
-            logger.warning("OpenID userinfo at %s not reachable: %s", self._url, reason)
-            raise HomeserverUnavailable(reason) from e
-        finally:
-            if deadline.active():
-                deadline.cancel()
+            return await exchange(self._http, "GET", url, timeout=self._timeout)
+        except Unreachable as e:
+            logger.warning("OpenID userinfo at %s not reachable: %s", self._url, e.reason)
+            raise HomeserverUnavailable(e.reason) from e
 
 
 def _subject(body: bytes) -> str | None:

@@ -14,16 +14,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import attr
-import treq
-from synapse.module_api import make_deferred_yieldable
-from twisted.internet import reactor
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+
+from synapse_fhir_module.http_exchange import Unreachable, exchange, http_client
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +160,7 @@ class StreamReader:
     def __init__(self, base_url: str, access_token: Callable[[], str | None]) -> None:
         self._base_url = base_url.rstrip("/")
         self._access_token = access_token
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 2
-        self._http = treq.client.HTTPClient(cast(IAgent, Agent(reactor, pool=pool)))
+        self._http = http_client(2)
 
     async def now(self) -> str:
         """The stream's current position (a ``/sync`` that asks for no room)."""
@@ -250,19 +244,16 @@ class StreamReader:
         if token is None:
             raise TokenRejected("no access token yet")
         url = f"{self._base_url}{path}" + (f"?{urlencode(params)}" if params else "")
-        d = self._http.request("GET", url, headers=Headers({"Authorization": [f"Bearer {token}"]}))
-        d.addCallback(
-            lambda response: treq.content(response).addCallback(lambda body: (response.code, body))
-        )
-        deadline = reactor.callLater(REQUEST_TIMEOUT, d.cancel)
         try:
-            code, payload = await make_deferred_yieldable(d)
-        except Exception as e:
-            reason = "timed out" if not deadline.active() else type(e).__name__
-            raise StreamUnavailable(f"{path.split('?')[0]}: unreachable ({reason})") from e
-        finally:
-            if deadline.active():
-                deadline.cancel()
+            code, payload = await exchange(
+                self._http,
+                "GET",
+                url,
+                timeout=REQUEST_TIMEOUT,
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        except Unreachable as e:
+            raise StreamUnavailable(f"{path}: unreachable ({e.reason})") from e
         try:
             body = json.loads(payload) if payload else None
         except ValueError:
