@@ -114,11 +114,15 @@ def synapse(hapi: HapiDevServer, run_dir: Path) -> Iterator[SynapseServer]:
 
 @pytest.fixture
 def start_synapse(run_dir: Path) -> Iterator[Callable[..., SynapseServer]]:
-    """Start extra homeservers for one test (each stopped at the end of it)."""
+    """Start extra homeservers for one test (each stopped at the end of it); ``env``: more
+    environment for the Synapse process (kept for its restarts)."""
     started: list[SynapseServer] = []
 
-    def start(fhir_module: dict[str, Any] | None, **kwargs: Any) -> SynapseServer:
+    def start(
+        fhir_module: dict[str, Any] | None, env: dict[str, str] | None = None, **kwargs: Any
+    ) -> SynapseServer:
         server = SynapseServer(run_dir / f"synapse-{uuid.uuid4().hex[:8]}", fhir_module, **kwargs)
+        server.process.env = env
         SERVER_LOGS.extend([server.log_path, server.process.log_path])
         started.append(server)
         server.start()

@@ -96,6 +96,22 @@ def care_room(
     return network, service, room, member_in_room(server, service, room, network)
 
 
+def room_with_an_unattributed_member(
+    server: SynapseServer, hapi: HapiDevServer, network: CareNetwork
+) -> tuple[str, MatrixUser, MatrixUser, MatrixUser]:
+    """The network seeded; its bound room with the GP and ``audit`` (exempt in the module's
+    config: in the room, with no FHIR person); and an admin. (room, gp, audit, admin)"""
+    network.seed(FhirSeeder(hapi.base_url))
+    service = service_session(register_user(server, network.localpart("root"), admin=True))
+    room = create_room_in_space(service, create_bound_space(service, network.team))
+    gp = member_in_room(server, service, room, network)
+    audit = register_user(server, network.localpart("audit"))
+    service.invite(room, audit.user_id)
+    audit.join(room)
+    ops = register_user(server, network.localpart("ops"), admin=True)
+    return room, gp, audit, ops
+
+
 def member_in_room(
     synapse: SynapseServer, service: MatrixUser, room: str, network: CareNetwork
 ) -> MatrixUser:
@@ -276,14 +292,7 @@ def test_a_message_that_cannot_be_written_yet_is_a_dead_letter_and_the_rest_are_
     audit_id = network.user_id("audit")  # exempt: in the room, but no FHIR person (yet)
     # A homeserver of its own: the dead letter must not show in the shared one's health.
     synapse = start_synapse(module_config(hapi.base_url, enforcement={"exempt_users": [audit_id]}))
-    network.seed(FhirSeeder(hapi.base_url))
-    service = service_session(register_user(synapse, network.localpart("root"), admin=True))
-    room = create_room_in_space(service, create_bound_space(service, network.team))
-    gp = member_in_room(synapse, service, room, network)
-    audit = register_user(synapse, network.localpart("audit"))
-    service.invite(room, audit.user_id)
-    audit.join(room)
-    ops = register_user(synapse, network.localpart("ops"), admin=True)
+    room, gp, audit, ops = room_with_an_unattributed_member(synapse, hapi, network)
     before = gp.send_text(room, "first")
     # Its sender has no FHIR person: kept, with the reason, until FHIR names one.
     unattributed = audit.send_text(room, "audit note")

@@ -12,22 +12,16 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import pytest
 import requests
 
-from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
-from devstack.matrix_client import MatrixUser, register_user
-from devstack.rooms import create_bound_space, create_room_in_space, service_session
+from devstack.matrix_client import MatrixUser
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module import fault_hooks
-from tests.conftest import SERVER_LOGS
 from tests.integration.care_network import CareNetwork
 from tests.integration.test_communication_recording import (
     care_room,
@@ -35,7 +29,7 @@ from tests.integration.test_communication_recording import (
     dead_letters,
     first_written,
     health,
-    member_in_room,
+    room_with_an_unattributed_member,
     thread_holding,
 )
 from tests.integration.test_outbox_postgres import metric
@@ -43,27 +37,13 @@ from tests.integration.test_outbox_postgres import metric
 REPLAYED = "synapse_fhir_communications_replayed_total"
 WRITTEN = "synapse_fhir_communications_written_total"
 
-StartArmed = Callable[..., SynapseServer]
 # What fires an armed crash point (nobody without it can).
 SECRET = uuid.uuid4().hex
 
 
-@pytest.fixture
-def start_armed(run_dir: Path) -> Iterator[StartArmed]:
-    """A homeserver whose crash points ``faults`` are armed (stopped at the end)."""
-    started: list[SynapseServer] = []
-
-    def start(module: dict[str, Any], fault: str, **kwargs: Any) -> SynapseServer:
-        server = SynapseServer(run_dir / f"synapse-faults-{uuid.uuid4().hex[:8]}", module, **kwargs)
-        server.process.env = {fault_hooks.ENVIRONMENT: f"{fault}={SECRET}"} if fault else None
-        SERVER_LOGS.extend([server.log_path, server.process.log_path])
-        started.append(server)
-        server.start()
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+def armed(point: str) -> dict[str, str]:
+    """The environment that arms one crash point with this run's secret."""
+    return {fault_hooks.ENVIRONMENT: f"{point}={SECRET}"}
 
 
 def crashed_at_the_fault(server: SynapseServer, point: str) -> None:
@@ -86,9 +66,9 @@ def stored_event_with_fault(user: MatrixUser, room: str) -> str:
 
 
 def test_a_message_whose_callback_never_ran_is_recorded_after_the_restart(
-    hapi: HapiDevServer, start_armed: StartArmed
+    hapi: HapiDevServer, start_synapse: Any
 ) -> None:
-    server = start_armed(module_config(hapi.base_url), fault_hooks.IN_CALLBACK)
+    server = start_synapse(module_config(hapi.base_url), armed(fault_hooks.IN_CALLBACK))
     _network, _service, room, gp = care_room(server, hapi.base_url)
     first, thread = first_written(hapi, gp, room, "before the crash")
 
@@ -119,10 +99,12 @@ def test_a_message_whose_callback_never_ran_is_recorded_after_the_restart(
 
 
 def test_a_crash_after_fhir_committed_a_batch_writes_nothing_twice(
-    hapi_running: HapiDevServer, start_armed: StartArmed
+    hapi_running: HapiDevServer, start_synapse: Any
 ) -> None:
     hapi = hapi_running
-    server = start_armed(module_config(hapi.base_url), fault_hooks.AFTER_FHIR_COMMIT, metrics=True)
+    server = start_synapse(
+        module_config(hapi.base_url), armed(fault_hooks.AFTER_FHIR_COMMIT), metrics=True
+    )
     _network, _service, room, gp = care_room(server, hapi.base_url)
     first, thread = first_written(hapi, gp, room, "before the batch")
 
@@ -170,27 +152,19 @@ def test_a_crash_after_fhir_committed_a_batch_writes_nothing_twice(
 
 
 def test_a_poison_message_in_a_batch_of_50_leaves_49_written_and_one_dead_letter(
-    hapi_running: HapiDevServer, start_armed: StartArmed
+    hapi_running: HapiDevServer, start_synapse: Any
 ) -> None:
     hapi = hapi_running
     network = CareNetwork(uuid.uuid4().hex[:8])
     audit_id = network.user_id("audit")  # exempt: in the room, but no FHIR person
-    server = start_armed(
+    server = start_synapse(
         module_config(
             hapi.base_url,
             enforcement={"exempt_users": [audit_id]},
             communication={"batch_size": 50},
-        ),
-        "",
+        )
     )
-    network.seed(FhirSeeder(hapi.base_url))
-    service = service_session(register_user(server, network.localpart("root"), admin=True))
-    room = create_room_in_space(service, create_bound_space(service, network.team))
-    gp = member_in_room(server, service, room, network)
-    audit = register_user(server, network.localpart("audit"))
-    service.invite(room, audit.user_id)
-    audit.join(room)
-    ops = register_user(server, network.localpart("ops"), admin=True)
+    room, gp, audit, ops = room_with_an_unattributed_member(server, hapi, network)
     first, thread = first_written(hapi, gp, room, "before the outage")
 
     hapi.stop()
