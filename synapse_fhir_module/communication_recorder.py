@@ -198,8 +198,10 @@ class CommunicationRecorder:
         drains: bool = True,
         note_messages: NoteMessages | None = None,
         reader: StreamReader | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._api = api
+        self._clock = clock  # (when messages were handed over: tests set it)
         self._drains = drains  # False: this instance only answers for the figures
         self._recent_writes = recent_writes
         # Told, in the outbox's own transaction, of each message FHIR now has.
@@ -252,6 +254,7 @@ class CommunicationRecorder:
         self._backoff_until = 0.0
         self._linger_s = config.batch_linger
         self._lingering: IDelayedCall | None = None
+        self._offered_at = -1e9  # (monotonic time of the last message handed over)
         # Smaller after batches failed while FHIR answers: one message FHIR (or a lookup
         # for it) keeps failing on must not hold back the others.
         self._batch_limit = config.batch_size
@@ -329,12 +332,16 @@ class CommunicationRecorder:
         return OutboxCounts(pending=pending, dead=dead, not_written_profile=self._not_written)
 
     def _wake_soon(self) -> None:
-        """Drain after ``batch_linger``: messages arriving meanwhile share its transaction
-        (one FHIR exchange for several costs Synapse less CPU than one each)."""
-        if self._linger_s <= 0:
-            self.wake()
-        elif self._draining:
+        """Drain now, or, when messages come closer together than ``batch_linger``,
+        after it: those arriving meanwhile share one FHIR exchange (cheaper for Synapse
+        than one each), while a lone message is not kept waiting."""
+        now = self._clock()
+        close = now - self._offered_at < self._linger_s
+        self._offered_at = now
+        if self._draining:
             pass  # (the drain under way takes it: it runs until memory is empty)
+        elif not close:
+            self.wake()
         elif self._lingering is None or not self._lingering.active():
             self._lingering = reactor.callLater(self._linger_s, self.wake)
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import copy
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attr
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from synapse_fhir_module import outbox_store, recording_log_store, sync_store
 from synapse_fhir_module.communication_mapping import (
@@ -99,6 +102,7 @@ class Fhir:
     def __init__(self) -> None:
         self.stored: dict[str, dict[str, Any]] = {}  # "Type/id" -> resource
         self._next = 0
+        self.transactions = 0
 
     def put(self, resource: dict[str, Any]) -> str:
         self._next += 1
@@ -134,6 +138,7 @@ class Fhir:
 
     async def transaction_json(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """All or nothing, entries in order."""
+        self.transactions += 1
         created = []
         before = dict(self.stored)
         try:
@@ -268,11 +273,13 @@ def stand_in(
     exempt_users: Sequence[str] = (),
     teams: Teams | None = None,
     stream: Stream | None = None,
+    batch_linger: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Stand:
     api, fhir, persons = Api(db), fhir or Fhir(), Persons()
     recorder = CommunicationRecorder(
         api,  # type: ignore[arg-type]
-        CommunicationConfig(profile=profile, batch_linger=0.0),
+        CommunicationConfig(profile=profile, batch_linger=batch_linger),
         fhir,  # type: ignore[arg-type]
         Bindings(threads),  # type: ignore[arg-type]
         teams or Teams(),  # type: ignore[arg-type]
@@ -281,6 +288,7 @@ def stand_in(
         exempt_users=exempt_users,
         recent_writes=RecentWrites(),
         reader=stream or Stream(),  # type: ignore[arg-type]
+        clock=clock,
     )
     return Stand(recorder, api, fhir, persons, db)
 
@@ -302,6 +310,39 @@ async def started(stand: Stand) -> Stand:
     await stand.recorder.step()  # (from the stream's end: the callbacks bring the rest)
     await stand.api.drain()
     return stand
+
+
+# -- batch_linger: bursts share a FHIR exchange, a lone message does not wait ----------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lone_message_is_written_at_once_and_a_close_follower_waits_for_the_linger(
+    db: sqlite3.Cursor,
+) -> None:
+    now = [1000.0]
+    stand = await started(stand_in(db, batch_linger=0.05, clock=lambda: now[0]))
+    before = stand.fhir.transactions
+
+    await stand.send(text("$lone"))
+    assert stand.fhir.communication("$lone") is not None  # (no timer was waited for)
+
+    now[0] += 0.01  # closer than the linger: the drain waits for more to share its write
+    await stand.send(text("$close"))
+    assert stand.fhir.communication("$close") is None
+    now[0] += 0.01
+    await stand.send(text("$closer"))
+    deadline = time.monotonic() + 30
+    while stand.fhir.communication("$closer") is None:
+        assert time.monotonic() < deadline, "the lingering drain never ran"
+        await deferLater(reactor, 0.01, lambda: None)
+        await stand.api.drain()
+    assert stand.fhir.communication("$close") is not None
+    # One exchange for the lone message, one for the two close ones.
+    assert stand.fhir.transactions - before == 2
+
+    now[0] += 5  # quiet again: no waiting
+    await stand.send(text("$later"))
+    assert stand.fhir.communication("$later") is not None
 
 
 # -- a sender without a person ------------------------------------------------------------
