@@ -53,7 +53,7 @@ import attr
 from fhir.resources.R4B.communicationrequest import CommunicationRequest
 from synapse.module_api import EventBase, ModuleApi, StateMap
 from twisted.internet import reactor
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from synapse_fhir_module import fault_hooks, outbox_store, recording_log_store, sync_store
 from synapse_fhir_module.care_team import reference_of
@@ -198,10 +198,10 @@ class CommunicationRecorder:
         drains: bool = True,
         note_messages: NoteMessages | None = None,
         reader: StreamReader | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: IReactorTime = reactor,
     ) -> None:
         self._api = api
-        self._clock = clock  # (when messages were handed over: tests set it)
+        self._clock = clock  # (the linger's and the backoff's: tests pass their own)
         self._drains = drains  # False: this instance only answers for the figures
         self._recent_writes = recent_writes
         # Told, in the outbox's own transaction, of each message FHIR now has.
@@ -332,10 +332,11 @@ class CommunicationRecorder:
         return OutboxCounts(pending=pending, dead=dead, not_written_profile=self._not_written)
 
     def _wake_soon(self) -> None:
-        """Drain now, or, when messages come closer together than ``batch_linger``,
-        after it: those arriving meanwhile share one FHIR exchange (cheaper for Synapse
-        than one each), while a lone message is not kept waiting."""
-        now = self._clock()
+        """Drain now, or, when a message comes closer than ``batch_linger`` after the
+        one before (any room), at the end of a wait the first of them started: messages
+        arriving meanwhile share one FHIR exchange (cheaper for Synapse than one each),
+        a lone message is not kept waiting, and a flood delays none by more than that."""
+        now = self._clock.seconds()
         close = now - self._offered_at < self._linger_s
         self._offered_at = now
         if self._draining:
@@ -343,16 +344,18 @@ class CommunicationRecorder:
         elif not close:
             self.wake()
         elif self._lingering is None or not self._lingering.active():
-            self._lingering = reactor.callLater(self._linger_s, self.wake)
+            self._lingering = self._clock.callLater(self._linger_s, self.wake)
 
     def wake(self) -> None:
         """Drain now (or again right after the drain under way)."""
         if not self._drains or not self._schema_ready:
             return
-        if time.monotonic() < self._backoff_until:
+        if self._clock.seconds() < self._backoff_until:
             return  # FHIR was unreachable: the periodic wake-up tries again in time
         if self._draining:
             return  # (the drain under way runs until nothing is left)
+        if self._lingering is not None and self._lingering.active():
+            self._lingering.cancel()  # (this drain takes what it waited for)
         self._draining = True
         self._api.run_as_background_process("fhir_outbox_drain", self._drain)
 
@@ -698,7 +701,9 @@ class CommunicationRecorder:
                     )
                     return
             delay = outbox_store.retry_delay_ms(self._failures, cap_ms=RETRY_CAP_MS)
-            self._backoff_until = time.monotonic() + delay / 1000
+            self._backoff_until = self._clock.seconds() + delay / 1000
+            # (Not left to the checkpoint, which may come far later than the delay.)
+            self._clock.callLater(delay / 1000, self.wake)
             logger.warning(
                 "Recording: %d messages wait %d ms (%s)", len(rows), delay, _without_outcome(error)
             )

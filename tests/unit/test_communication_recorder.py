@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import sqlite3
-import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,7 +14,8 @@ import attr
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock
 
 from synapse_fhir_module import outbox_store, recording_log_store, sync_store
 from synapse_fhir_module.communication_mapping import (
@@ -274,7 +274,7 @@ def stand_in(
     teams: Teams | None = None,
     stream: Stream | None = None,
     batch_linger: float = 0.0,
-    clock: Callable[[], float] = time.monotonic,
+    clock: IReactorTime = reactor,
 ) -> Stand:
     api, fhir, persons = Api(db), fhir or Fhir(), Persons()
     recorder = CommunicationRecorder(
@@ -316,31 +316,30 @@ async def started(stand: Stand) -> Stand:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_lone_message_is_written_at_once_and_a_close_follower_waits_for_the_linger(
+async def test_a_lone_message_is_written_at_once_and_a_burst_shares_one_write(
     db: sqlite3.Cursor,
 ) -> None:
-    now = [1000.0]
-    stand = await started(stand_in(db, batch_linger=0.05, clock=lambda: now[0]))
+    clock = Clock()
+    clock.advance(1000)
+    stand = await started(stand_in(db, batch_linger=0.05, clock=clock))
     before = stand.fhir.transactions
 
     await stand.send(text("$lone"))
-    assert stand.fhir.communication("$lone") is not None  # (no timer was waited for)
+    assert stand.fhir.communication("$lone") is not None  # (no wait)
 
-    now[0] += 0.01  # closer than the linger: the drain waits for more to share its write
-    await stand.send(text("$close"))
-    assert stand.fhir.communication("$close") is None
-    now[0] += 0.01
-    await stand.send(text("$closer"))
-    deadline = time.monotonic() + 30
-    while stand.fhir.communication("$closer") is None:
-        assert time.monotonic() < deadline, "the lingering drain never ran"
-        await deferLater(reactor, 0.01, lambda: None)
-        await stand.api.drain()
-    assert stand.fhir.communication("$close") is not None
-    # One exchange for the lone message, one for the two close ones.
-    assert stand.fhir.transactions - before == 2
+    # A burst: each message closer than the linger to the one before. The wait the first
+    # of them started is not pushed back by the others: a flood delays none for longer.
+    burst = [f"$burst-{n}" for n in range(5)]
+    for event_id in burst:
+        clock.advance(0.01)
+        await stand.send(text(event_id))
+    assert [stand.fhir.communication(e) for e in burst] == [None] * 5
+    clock.advance(0.01)  # (0.05 after the first of the burst)
+    await stand.api.drain()
+    assert all(stand.fhir.communication(e) is not None for e in burst)
+    assert stand.fhir.transactions - before == 2  # one for the lone message, one for the burst
 
-    now[0] += 5  # quiet again: no waiting
+    clock.advance(5)  # quiet again: no wait
     await stand.send(text("$later"))
     assert stand.fhir.communication("$later") is not None
 
@@ -616,15 +615,15 @@ class FlakyFhir(Fhir):
 async def test_while_fhir_is_unreachable_messages_wait_in_memory_not_in_the_table(
     db: sqlite3.Cursor,
 ) -> None:
-    fhir = FlakyFhir()
-    stand = await started(stand_in(db, BASE, fhir=fhir))
+    fhir, clock = FlakyFhir(), Clock()
+    stand = await started(stand_in(db, BASE, fhir=fhir, clock=clock))
     fhir.down = True
     await stand.send(text("$a"), text("$b"))
     assert (await stand.recorder.counts()).pending == 2
     assert outbox_store.counts(db) == (0, 0)  # (nothing written on the send path)
     fhir.down = False
-    stand.recorder._backoff_until = 0.0  # (the periodic wake-up, without the wait)
-    stand.recorder.wake()
+    # The drain tries again once its wait is over, without waiting for a checkpoint.
+    clock.advance(1.0)  # (the first wait: at most 1 s)
     await stand.api.drain()
     assert stand.fhir.communication("$a") is not None
     assert stand.fhir.communication("$b") is not None
