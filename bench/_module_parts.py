@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 from twisted.internet import defer, reactor, task
 
 from bench._common import Row, Target, percentile
-from synapse_fhir_module import sync_store
-from synapse_fhir_module.binding_state import CARE_TEAM_STATE
-from synapse_fhir_module.care_team import Member
-from synapse_fhir_module.membership_plan import MembershipPlan
+from synapse_fhir_module.enforcement.binding_state import CARE_TEAM_STATE
+from synapse_fhir_module.fhir.care_team import Member
+from synapse_fhir_module.sync import store as sync_store
+from synapse_fhir_module.sync.membership_plan import MembershipPlan
 
 logger = logging.getLogger(__name__)
 

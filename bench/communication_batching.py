@@ -46,14 +46,14 @@ from bench._common import Row, Stack, Target, add_stack_arguments, message_body,
 from bench.java_profile import java_profile
 from devstack.fhir_seed import FhirSeeder
 from devstack.stalling_proxy import StallingProxy
-from synapse_fhir_module.communication_mapping import (
+from synapse_fhir_module.config import FhirConfig
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.mapping.communication import (
     CommunicationWrite,
     RoomContext,
     message_write,
 )
-from synapse_fhir_module.communication_writer import CommunicationWriter
-from synapse_fhir_module.config import FhirConfig
-from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.recording.writer import CommunicationWriter
 from tests.integration.care_network import CareNetwork
 
 NAME = "communication_batching"

@@ -55,7 +55,7 @@ from bench._common import (
 )
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module.communication_mapping import RoomContext, message_write
+from synapse_fhir_module.mapping.communication import RoomContext, message_write
 
 NAME = "communication_latency"
 MIN_POLL_PERIOD = 0.01

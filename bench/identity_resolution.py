@@ -34,12 +34,12 @@ from bench._common import Row, Target, add_stack_arguments, report, stack
 from bench._module_parts import BenchApi, MappedBinding, Rounds, run_in_reactor, timed_rounds
 from devstack.fhir_seed import FhirSeeder
 from synapse_fhir_module.config import FhirConfig
-from synapse_fhir_module.email_identity import EmailIdentity
-from synapse_fhir_module.enforcement import CareTeamGate
-from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.identity import MATRIX_ID_SYSTEM
-from synapse_fhir_module.person_directory import PersonDirectory
-from synapse_fhir_module.team_directory import CareTeamDirectory
+from synapse_fhir_module.enforcement.gate import CareTeamGate
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.person_directory import PersonDirectory
+from synapse_fhir_module.fhir.persons import MATRIX_ID_SYSTEM
+from synapse_fhir_module.fhir.team_directory import CareTeamDirectory
+from synapse_fhir_module.identity.email_identity import EmailIdentity
 
 NAME = "identity_resolution"
 OZO_EMAIL = "https://www.ozoverbindzorg.nl/namingsystem/email"

@@ -30,12 +30,12 @@ from synapse.module_api import NOT_SPAM
 from bench._common import Row, Target, add_stack_arguments, report, stack
 from bench._module_parts import BenchApi, FixedBinding, Rounds, run_in_reactor, timed_rounds
 from devstack.fhir_seed import FhirSeeder
-from synapse_fhir_module.account_validity import AccountValidity
 from synapse_fhir_module.config import FhirConfig
-from synapse_fhir_module.enforcement import CareTeamGate
-from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.person_directory import PersonDirectory
-from synapse_fhir_module.team_directory import MEMBERSHIP_INCLUDES, CareTeamDirectory
+from synapse_fhir_module.enforcement.account_validity import AccountValidity
+from synapse_fhir_module.enforcement.gate import CareTeamGate
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.person_directory import PersonDirectory
+from synapse_fhir_module.fhir.team_directory import MEMBERSHIP_INCLUDES, CareTeamDirectory
 from tests.integration.care_network import CareNetwork
 
 NAME = "membership_decision"

@@ -16,7 +16,7 @@ invite to the team's space. The arms differ only in how Synapse learns of the ch
   ``application/fhir+json``, ``Authorization: Bearer <secret>``, HAPI's
   send-delete-messages extension), make HAPI PUT ``…/notify/CareTeam/<id>``. They are
   registered by the module (``sync: {subscription: true, subscription_base_url}``) when
-  it has ``synapse_fhir_module.subscriptions``, else by the bench, same shape
+  it has ``synapse_fhir_module.sync.subscriptions``, else by the bench, same shape
   (``--subscriptions``). HAPI feeds stored changes to its subscription matcher every
   ``fhir.subscription.matching-interval-ms``: 5000 in stock HAPI, 1000 in our dev server.
   The full run measures each ``--matching-ms`` value in a HAPI of its own.
@@ -79,10 +79,10 @@ from devstack.matrix_client import MatrixUser, register_user
 from devstack.ports import free_port
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import NeverHappened, wait_until
-from synapse_fhir_module.fhir_sync import SYNCED_TYPES
-from synapse_fhir_module.reconcile import LOOK_BACK
-from synapse_fhir_module.team_directory import MEMBERSHIP_INCLUDES
-from synapse_fhir_module.webhook import NOTIFY_PATH
+from synapse_fhir_module.fhir.team_directory import MEMBERSHIP_INCLUDES
+from synapse_fhir_module.sync.fhir_to_matrix import SYNCED_TYPES
+from synapse_fhir_module.sync.reconcile import LOOK_BACK
+from synapse_fhir_module.web.webhook import NOTIFY_PATH
 from tests.integration.care_network import CareNetwork, via_telecom
 
 NAME = "membership_sync"
@@ -230,7 +230,7 @@ def bound_to(team_ref: str) -> Callable[[str, dict[str, Any]], bool]:
 
 
 def module_registers_subscriptions() -> bool:
-    return importlib.util.find_spec("synapse_fhir_module.subscriptions") is not None
+    return importlib.util.find_spec("synapse_fhir_module.sync.subscriptions") is not None
 
 
 def subscription_resource(resource_type: str, endpoint: str) -> dict[str, Any]:

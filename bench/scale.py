@@ -68,22 +68,22 @@ from bench._module_parts import (
 )
 from devstack.fhir_seed import FhirSeeder
 from devstack.waiting import wait_until
-from synapse_fhir_module.account_validity import AccountValidity
-from synapse_fhir_module.change_queue import ChangeQueue
 from synapse_fhir_module.config import FhirConfig, SyncConfig
-from synapse_fhir_module.enforcement import CareTeamGate
-from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.fhir_sync import FhirSync
-from synapse_fhir_module.identity import MATRIX_ID_SYSTEM, matrix_uri
-from synapse_fhir_module.person_directory import PersonDirectory
-from synapse_fhir_module.reconcile import Reconciler
-from synapse_fhir_module.room_bindings import RoomBindings
-from synapse_fhir_module.team_boundaries import TeamBoundaries
-from synapse_fhir_module.team_directory import (
+from synapse_fhir_module.enforcement.account_validity import AccountValidity
+from synapse_fhir_module.enforcement.gate import CareTeamGate
+from synapse_fhir_module.enforcement.room_bindings import RoomBindings
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.person_directory import PersonDirectory
+from synapse_fhir_module.fhir.persons import MATRIX_ID_SYSTEM, matrix_uri
+from synapse_fhir_module.fhir.team_directory import (
     MAX_CACHED_TEAMS,
     MEMBERSHIP_INCLUDES,
     CareTeamDirectory,
 )
+from synapse_fhir_module.sync.change_queue import ChangeQueue
+from synapse_fhir_module.sync.fhir_to_matrix import FhirSync
+from synapse_fhir_module.sync.reconcile import Reconciler
+from synapse_fhir_module.sync.team_boundaries import TeamBoundaries
 
 NAME = "scale"
 SERVICE_USER = f"@fhir:{SERVER_NAME}"

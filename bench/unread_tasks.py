@@ -94,10 +94,10 @@ from bench.send_throughput import MEMBERS, send_sequentially
 from devstack.matrix_client import MatrixUser, register_user
 from devstack.synapse import module_config
 from devstack.waiting import NeverHappened, wait_until
-from synapse_fhir_module.binding_state import THREAD_STATE
-from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
-from synapse_fhir_module.unread_mapping import COMPLETED, REQUESTED, task_id
-from synapse_fhir_module.unread_tasks import INTERVAL_MS
+from synapse_fhir_module.enforcement.binding_state import THREAD_STATE
+from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM
+from synapse_fhir_module.mapping.unread import COMPLETED, REQUESTED, task_id
+from synapse_fhir_module.unread.tasks import INTERVAL_MS
 
 NAME = "unread_tasks"
 OFF, ON = "unread Tasks off", "unread Tasks on"

@@ -26,8 +26,8 @@ from demo.stack import NOTIFY_PATH, DemoStack
 from devstack.fhir_seed import FhirSeeder
 from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.waiting import NeverHappened, StopWaiting, wait_until
-from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM, ORIGIN_TAG
-from synapse_fhir_module.relay_content import SOURCE_KEY
+from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM, ORIGIN_TAG
+from synapse_fhir_module.mapping.relay_content import SOURCE_KEY
 
 WORKDIR = Path(__file__).resolve().parent.parent / ".run" / "demo"
 # Generous deadlines: the module usually needs well under a second.

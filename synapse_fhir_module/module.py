@@ -8,23 +8,53 @@ from typing import Any
 from synapse.module_api import NOT_SPAM, EventBase, ModuleApi, StateMap
 from synapse.spam_checker_api import RegistrationBehaviour
 
-from synapse_fhir_module import fault_hooks
-from synapse_fhir_module.account_validity import AccountValidity
-from synapse_fhir_module.binding_state import BINDING_STATE_TYPES
-from synapse_fhir_module.callback_guard import access_decision, never_raises
-from synapse_fhir_module.care_rooms import CareRooms
-from synapse_fhir_module.change_queue import ChangeQueue
-from synapse_fhir_module.communication_recorder import (
+from synapse_fhir_module.config import EncryptedRoomsPolicy, ModuleConfig, parse_module_config
+from synapse_fhir_module.enforcement.account_validity import AccountValidity
+from synapse_fhir_module.enforcement.binding_state import BINDING_STATE_TYPES
+from synapse_fhir_module.enforcement.callback_guard import access_decision, never_raises
+from synapse_fhir_module.enforcement.gate import CareTeamGate
+from synapse_fhir_module.enforcement.registration_gate import RegistrationGate
+from synapse_fhir_module.enforcement.room_bindings import RoomBindings
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.person_directory import PersonDirectory
+from synapse_fhir_module.fhir.persons import PERSON_TYPES
+from synapse_fhir_module.fhir.team_directory import CareTeamDirectory, DirectoryUnavailable
+from synapse_fhir_module.identity.directory import AddressDirectory
+from synapse_fhir_module.identity.email_identity import EmailIdentity
+from synapse_fhir_module.identity.openid_userinfo import OpenIdUserInfo
+from synapse_fhir_module.identity.records import IdentityRecords
+from synapse_fhir_module.identity.registered_accounts import RegisteredAccounts
+from synapse_fhir_module.identity.service import (
+    IDENTITY_PATH,
+    IdentityServiceResource,
+    usable_account,
+)
+from synapse_fhir_module.identity.token_bucket import TokenBuckets
+from synapse_fhir_module.identity.verified_emails import VerifiedEmails
+from synapse_fhir_module.recording import fault_hooks
+from synapse_fhir_module.recording.recent_writes import RecentWrites
+from synapse_fhir_module.recording.recorder import (
     CommunicationRecorder,
     now_ms,
 )
-from synapse_fhir_module.config import EncryptedRoomsPolicy, ModuleConfig, parse_module_config
-from synapse_fhir_module.email_identity import EmailIdentity
-from synapse_fhir_module.email_invites import EmailInvites
-from synapse_fhir_module.enforcement import CareTeamGate
-from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.fhir_sync import FhirSync
-from synapse_fhir_module.health import (
+from synapse_fhir_module.service_user import ensure_service_user
+from synapse_fhir_module.sync.care_rooms import CareRooms
+from synapse_fhir_module.sync.change_queue import ChangeQueue
+from synapse_fhir_module.sync.email_invites import EmailInvites
+from synapse_fhir_module.sync.fhir_to_matrix import FhirSync
+from synapse_fhir_module.sync.reconcile import Reconciler
+from synapse_fhir_module.sync.subscriptions import SubscriptionRegistrar
+from synapse_fhir_module.sync.team_boundaries import TeamBoundaries
+from synapse_fhir_module.unread.tasks import INTERVAL_MS as UNREAD_INTERVAL_MS
+from synapse_fhir_module.unread.tasks import SWEEP_INTERVAL_MS as UNREAD_SWEEP_INTERVAL_MS
+from synapse_fhir_module.unread.tasks import UnreadTasks, note_messages_txn, note_relayed_txn
+from synapse_fhir_module.web.dead_letters import (
+    DEAD_LETTERS_PATH,
+    RETRY_PATH,
+    DeadLettersResource,
+    RetryDeadLettersResource,
+)
+from synapse_fhir_module.web.health import (
     HEALTH_PATH,
     FhirReachability,
     HealthResource,
@@ -32,37 +62,7 @@ from synapse_fhir_module.health import (
     SyncCounts,
     no_outbox,
 )
-from synapse_fhir_module.identity import PERSON_TYPES
-from synapse_fhir_module.identity_directory import AddressDirectory
-from synapse_fhir_module.identity_records import IdentityRecords
-from synapse_fhir_module.identity_service import (
-    IDENTITY_PATH,
-    IdentityServiceResource,
-    usable_account,
-)
-from synapse_fhir_module.openid_userinfo import OpenIdUserInfo
-from synapse_fhir_module.outbox_admin import (
-    DEAD_LETTERS_PATH,
-    RETRY_PATH,
-    DeadLettersResource,
-    RetryDeadLettersResource,
-)
-from synapse_fhir_module.person_directory import PersonDirectory
-from synapse_fhir_module.recent_writes import RecentWrites
-from synapse_fhir_module.reconcile import Reconciler
-from synapse_fhir_module.registered_accounts import RegisteredAccounts
-from synapse_fhir_module.registration_gate import RegistrationGate
-from synapse_fhir_module.room_bindings import RoomBindings
-from synapse_fhir_module.service_user import ensure_service_user
-from synapse_fhir_module.subscriptions import SubscriptionRegistrar
-from synapse_fhir_module.team_boundaries import TeamBoundaries
-from synapse_fhir_module.team_directory import CareTeamDirectory, DirectoryUnavailable
-from synapse_fhir_module.token_bucket import TokenBuckets
-from synapse_fhir_module.unread_tasks import INTERVAL_MS as UNREAD_INTERVAL_MS
-from synapse_fhir_module.unread_tasks import SWEEP_INTERVAL_MS as UNREAD_SWEEP_INTERVAL_MS
-from synapse_fhir_module.unread_tasks import UnreadTasks, note_messages_txn, note_relayed_txn
-from synapse_fhir_module.verified_emails import VerifiedEmails
-from synapse_fhir_module.webhook import NOTIFY_PATH, Notification, NotifyResource
+from synapse_fhir_module.web.webhook import NOTIFY_PATH, Notification, NotifyResource
 
 logger = logging.getLogger(__name__)
 

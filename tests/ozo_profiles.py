@@ -9,7 +9,7 @@ missing the test fails and says so — it never passes or skips silently.
 in: each element's ``min``/``max`` (per occurrence of its parent), the types a choice
 element (``content[x]``) may take, and the resource types a Reference may name (its
 ``targetProfile``s, resolved to their base types through the guide's own definitions). It
-is written from the definitions, independently of the module's ``communication_profile``,
+is written from the definitions, independently of the module's ``mapping.profile``,
 so the two check each other.
 """
 

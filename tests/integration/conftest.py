@@ -17,7 +17,7 @@ from devstack.postgres import PostgresCluster, PostgresDatabase
 from devstack.smtp import SmtpServer
 from devstack.synapse import SynapseServer, module_config
 from synapse_fhir_module.config import FhirConfig
-from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.fhir.client import FhirClient
 from tests.conftest import SERVER_LOGS
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from devstack.postgres import PostgresDatabase
-from synapse_fhir_module import account_store as store
+from synapse_fhir_module.identity import account_store as store
 from tests.integration.test_outbox_store_postgres import SynapseStyleDb
 
 

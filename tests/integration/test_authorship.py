@@ -20,8 +20,8 @@ from devstack.rooms import create_bound_space, create_room_in_space, service_ses
 from devstack.stalling_proxy import StallingProxy
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module.communication_amendments import ERASED
-from synapse_fhir_module.communication_mapping import MODERATOR_NOTE
+from synapse_fhir_module.mapping.communication import MODERATOR_NOTE
+from synapse_fhir_module.recording.amendments import ERASED
 from tests.integration.care_network import CareNetwork, via_telecom
 from tests.integration.test_communication_recording import (
     RETRY_DEAD_LETTERS,

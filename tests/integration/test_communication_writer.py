@@ -15,13 +15,9 @@ import requests
 
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
-from synapse_fhir_module.communication_amendments import (
-    Amended,
-    CommunicationAmender,
-    edited,
-    withdrawn,
-)
-from synapse_fhir_module.communication_mapping import (
+from synapse_fhir_module.config import RedactionPolicy
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.mapping.communication import (
     EVENT_ID_SYSTEM,
     Redaction,
     RoomContext,
@@ -29,9 +25,13 @@ from synapse_fhir_module.communication_mapping import (
     message_write,
     redaction_write,
 )
-from synapse_fhir_module.communication_writer import CommunicationWriter
-from synapse_fhir_module.config import RedactionPolicy
-from synapse_fhir_module.fhir_client import FhirClient
+from synapse_fhir_module.recording.amendments import (
+    Amended,
+    CommunicationAmender,
+    edited,
+    withdrawn,
+)
+from synapse_fhir_module.recording.writer import CommunicationWriter
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.practitioner import Practitioner
 
-from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.fhir_errors import FhirNotFoundError, FhirPermanentError
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.errors import FhirNotFoundError, FhirPermanentError
 
 TAG_SYSTEM = "urn:synapse-fhir-module:test-run"
 

@@ -20,7 +20,7 @@ from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.ports import free_port
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM
+from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM
 from tests.conftest import SERVER_LOGS
 from tests.integration.matrix_views import (
     Team,

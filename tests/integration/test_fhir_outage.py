@@ -17,8 +17,8 @@ from devstack.hapi import HapiDevServer
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module.config import FhirConfig
-from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.fhir_errors import FhirTransientError
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.errors import FhirTransientError
 
 
 def health(server: SynapseServer) -> dict:

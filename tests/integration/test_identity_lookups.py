@@ -26,8 +26,8 @@ from devstack.matrix_client import MatrixUser, register_user
 from devstack.ports import free_port
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module.identity_lookup import lookup_hash
-from synapse_fhir_module.identity_service import REGISTER_BURST
+from synapse_fhir_module.identity.lookup import lookup_hash
+from synapse_fhir_module.identity.service import REGISTER_BURST
 from tests.conftest import SERVER_LOGS
 
 IS = "/_matrix/identity/v2"

@@ -12,8 +12,8 @@ from devstack.hapi import HapiDevServer
 from devstack.postgres import PostgresDatabase
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module import recording_log_store
-from synapse_fhir_module.outbox_store import TABLE
+from synapse_fhir_module.recording import position_store as recording_log_store
+from synapse_fhir_module.recording.outbox_store import TABLE
 from tests.integration.test_communication_recording import care_room, communication_of, health
 
 

@@ -20,8 +20,8 @@ from synapse.storage.engines import PostgresEngine, create_engine
 
 from devstack.postgres import PostgresDatabase
 from devstack.waiting import wait_until
-from synapse_fhir_module import outbox_store as store
-from synapse_fhir_module import sync_store
+from synapse_fhir_module.recording import outbox_store as store
+from synapse_fhir_module.sync import store as sync_store
 
 T = TypeVar("T")
 

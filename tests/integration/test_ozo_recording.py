@@ -21,18 +21,18 @@ from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SERVER_NAME, SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module.communication_mapping import (
+from synapse_fhir_module.config import CommunicationProfile
+from synapse_fhir_module.mapping.communication import (
     ENCRYPTED_TAG,
     ROOM_ID_SYSTEM,
     thread_request,
 )
-from synapse_fhir_module.communication_profile import (
+from synapse_fhir_module.mapping.profile import (
     ENCRYPTED_PLACEHOLDER,
     OZO_COMMUNICATION,
     OZO_COMMUNICATION_REQUEST,
     WITHDRAWN_PLACEHOLDER,
 )
-from synapse_fhir_module.config import CommunicationProfile
 from tests.integration.care_network import CareNetwork, via_identifier
 from tests.integration.test_authorship import edit
 from tests.integration.test_communication_recording import (
@@ -288,7 +288,7 @@ def test_a_conversation_in_a_room_a_member_made_is_recorded_as_ozo_resources(
     log = [
         line
         for line in server.log_path.read_text(errors="replace").splitlines()
-        if "synapse_fhir_module.communication_recorder" in line
+        if "synapse_fhir_module.recording.recorder" in line
     ]
     lines = [line for line in log if by_service in line and "not written" in line]
     assert lines and all(space in line for line in lines)

@@ -3,7 +3,7 @@ crashes where (real Synapse with the module, real HAPI).
 
 The module keeps no copy of a message: on_new_event hands it to memory, and the recorder
 keeps its place in Synapse's own stream, read on from there after a restart. The crash
-points come from ``synapse_fhir_module.fault_hooks`` (inert unless the environment arms
+points come from ``synapse_fhir_module.recording.fault_hooks`` (inert unless the environment arms
 them): Synapse ends itself at once, as a power cut would.
 """
 
@@ -21,7 +21,7 @@ from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixUser
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module import fault_hooks
+from synapse_fhir_module.recording import fault_hooks
 from tests.integration.care_network import CareNetwork
 from tests.integration.test_communication_recording import (
     care_room,

@@ -26,7 +26,7 @@ from devstack.rooms import create_bound_space, create_room_in_space, service_ses
 from devstack.smtp import SmtpServer
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module import account_store
+from synapse_fhir_module.identity import account_store
 from tests.conftest import SERVER_LOGS
 from tests.integration.care_network import CareNetwork, via_identifier, via_telecom
 

@@ -20,8 +20,8 @@ from devstack.ports import free_port
 from devstack.stalling_proxy import StallingProxy
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module.fhir_sync import SYNCED_TYPES
-from synapse_fhir_module.subscriptions import SEND_DELETE_MESSAGES
+from synapse_fhir_module.sync.fhir_to_matrix import SYNCED_TYPES
+from synapse_fhir_module.sync.subscriptions import SEND_DELETE_MESSAGES
 from tests.conftest import SERVER_LOGS
 from tests.integration.matrix_views import Team, invited_space, member_invites, membership
 

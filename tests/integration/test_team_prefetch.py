@@ -13,8 +13,8 @@ from twisted.internet import defer
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
 from synapse_fhir_module.config import FhirConfig
-from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.team_directory import CareTeamDirectory
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.team_directory import CareTeamDirectory
 from tests.integration.care_network import CareNetwork
 
 

@@ -18,7 +18,7 @@ from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixUser
 from devstack.synapse import SERVER_NAME
 from devstack.waiting import wait_until
-from synapse_fhir_module.unread_mapping import OZO_TASK, UNREAD_TASK_SYSTEM
+from synapse_fhir_module.mapping.unread import OZO_TASK, UNREAD_TASK_SYSTEM
 from tests.integration.matrix_views import Team
 from tests.integration.quiet_stack import QuietStack, quiet_stack
 from tests.integration.test_communication_recording import communication_of

@@ -17,7 +17,7 @@ from devstack.matrix_client import MatrixError, MatrixUser
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer
 from devstack.waiting import wait_until
-from synapse_fhir_module.webhook import NOTIFY_PATH
+from synapse_fhir_module.web.webhook import NOTIFY_PATH
 from tests.integration.care_network import CareNetwork
 
 SECRET = "test-webhook-secret"  # devstack.synapse.module_config

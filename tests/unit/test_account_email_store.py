@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from synapse_fhir_module import account_email_store as store
+from synapse_fhir_module.identity import account_email_store as store
 
 
 @pytest.fixture

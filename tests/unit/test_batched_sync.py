@@ -9,9 +9,9 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import defer
 
-from synapse_fhir_module.change_queue import BATCH, ChangeQueue
-from synapse_fhir_module.fhir_sync import FhirSync
-from synapse_fhir_module.team_directory import _reachable
+from synapse_fhir_module.fhir.team_directory import _reachable
+from synapse_fhir_module.sync.change_queue import BATCH, ChangeQueue
+from synapse_fhir_module.sync.fhir_to_matrix import FhirSync
 
 
 class InlineApi:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synapse_fhir_module.binding_state import (
+from synapse_fhir_module.enforcement.binding_state import (
     CARE_TEAM_STATE,
     SPACE_CHILD,
     SPACE_PARENT,
@@ -10,7 +10,7 @@ from synapse_fhir_module.binding_state import (
     drifted,
     repairs,
 )
-from synapse_fhir_module.binding_store import Binding
+from synapse_fhir_module.enforcement.binding_store import Binding
 
 SERVER = "example.org"
 SPACE = Binding("!space:x", "CareTeam/1")

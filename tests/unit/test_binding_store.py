@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from synapse_fhir_module import binding_store as store
-from synapse_fhir_module.binding_store import Binding
+from synapse_fhir_module.enforcement import binding_store as store
+from synapse_fhir_module.enforcement.binding_store import Binding
 
 
 @pytest.fixture

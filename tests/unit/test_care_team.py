@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from synapse_fhir_module.care_team import resolve_membership
+from synapse_fhir_module.fhir.care_team import resolve_membership
 
 NOW = datetime(2026, 5, 15, 12, 0, tzinfo=timezone.utc)
 SNOMED = "http://snomed.info/sct"

@@ -12,7 +12,20 @@ import pytest
 import pytest_twisted
 from fhir.resources.R4B.communication import Communication
 
-from synapse_fhir_module.communication_amendments import (
+from synapse_fhir_module.config import CommunicationProfile, RedactionPolicy
+from synapse_fhir_module.fhir.errors import FhirPermanentError, error_for_status
+from synapse_fhir_module.mapping.communication import (
+    ENCRYPTED_TAG,
+    EVENT_ID_SYSTEM,
+    MODERATOR_NOTE,
+    ORIGIN_TAG,
+    WITHDRAWN,
+    Redaction,
+    RoomContext,
+    message_write,
+)
+from synapse_fhir_module.mapping.profile import OZO_COMMUNICATION, WITHDRAWN_PLACEHOLDER
+from synapse_fhir_module.recording.amendments import (
     ERASED,
     Amended,
     CommunicationAmender,
@@ -26,19 +39,6 @@ from synapse_fhir_module.communication_amendments import (
     same_author,
     withdrawn,
 )
-from synapse_fhir_module.communication_mapping import (
-    ENCRYPTED_TAG,
-    EVENT_ID_SYSTEM,
-    MODERATOR_NOTE,
-    ORIGIN_TAG,
-    WITHDRAWN,
-    Redaction,
-    RoomContext,
-    message_write,
-)
-from synapse_fhir_module.communication_profile import OZO_COMMUNICATION, WITHDRAWN_PLACEHOLDER
-from synapse_fhir_module.config import CommunicationProfile, RedactionPolicy
-from synapse_fhir_module.fhir_errors import FhirPermanentError, error_for_status
 
 GP = "Practitioner/gp-1"
 NURSE = "Practitioner/nurse-1"
@@ -390,7 +390,7 @@ async def test_a_withdrawal_is_written_though_the_record_claims_a_profile_it_doe
 
 
 def test_an_event_id_is_never_a_search_expression() -> None:
-    from synapse_fhir_module.communication_mapping import is_event_id, replaced_event
+    from synapse_fhir_module.mapping.communication import is_event_id, replaced_event
 
     assert is_event_id("$Abc-_+/=.:9")
     assert is_event_id("$1234:example.org")  # room versions 1 and 2
@@ -401,7 +401,7 @@ def test_an_event_id_is_never_a_search_expression() -> None:
 
 
 def test_an_amendment_applies_only_to_its_own_rooms_record() -> None:
-    from synapse_fhir_module.communication_amendments import in_thread
+    from synapse_fhir_module.recording.amendments import in_thread
 
     stored = {"partOf": [{"reference": "CommunicationRequest/7", "type": "CommunicationRequest"}]}
     assert in_thread(stored, "CommunicationRequest/7")

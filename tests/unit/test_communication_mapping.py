@@ -9,8 +9,10 @@ from fhir.resources.R4B.communication import Communication
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_fhir_module.care_team import reference_of
-from synapse_fhir_module.communication_mapping import (
+from synapse_fhir_module.config import CommunicationProfile
+from synapse_fhir_module.fhir.care_team import reference_of
+from synapse_fhir_module.fhir.thread_teams import request_teams
+from synapse_fhir_module.mapping.communication import (
     ENCRYPTED_TAG,
     EVENT_ID_SYSTEM,
     MODERATOR_NOTE,
@@ -27,8 +29,6 @@ from synapse_fhir_module.communication_mapping import (
     thread_request,
     unadoptable,
 )
-from synapse_fhir_module.config import CommunicationProfile
-from synapse_fhir_module.thread_teams import request_teams
 
 ROOM = RoomContext(
     thread="CommunicationRequest/thread-1", care_team="CareTeam/team-1", patient="Patient/p-1"

@@ -17,21 +17,23 @@ from twisted.internet import reactor
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 
-from synapse_fhir_module import outbox_store, recording_log_store, sync_store
-from synapse_fhir_module.communication_mapping import (
+from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile
+from synapse_fhir_module.fhir.client import parse_resource, to_json
+from synapse_fhir_module.fhir.errors import FhirTransientError, error_for_status
+from synapse_fhir_module.fhir.person_directory import PersonRecord
+from synapse_fhir_module.fhir.team_directory import DirectoryUnavailable
+from synapse_fhir_module.mapping.communication import (
     EVENT_ID_SYSTEM,
     ORIGIN_TAG,
     ROOM_ID_SYSTEM,
     thread_request,
 )
-from synapse_fhir_module.communication_recorder import CommunicationRecorder
-from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile
-from synapse_fhir_module.fhir_client import parse_resource, to_json
-from synapse_fhir_module.fhir_errors import FhirTransientError, error_for_status
-from synapse_fhir_module.person_directory import PersonRecord
-from synapse_fhir_module.recent_writes import RecentWrites
-from synapse_fhir_module.stream_reader import StreamRead
-from synapse_fhir_module.team_directory import DirectoryUnavailable
+from synapse_fhir_module.recording import outbox_store
+from synapse_fhir_module.recording import position_store as recording_log_store
+from synapse_fhir_module.recording.recent_writes import RecentWrites
+from synapse_fhir_module.recording.recorder import CommunicationRecorder
+from synapse_fhir_module.recording.stream_reader import StreamRead
+from synapse_fhir_module.sync import store as sync_store
 
 OZO, BASE = CommunicationProfile.OZO, CommunicationProfile.BASE
 SERVICE = "@fhir:example.org"

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest_twisted
 
-from synapse_fhir_module.communication_mapping import (
+from synapse_fhir_module.mapping.communication import (
     CommunicationWrite,
     RoomContext,
     message_write,
 )
-from synapse_fhir_module.communication_writer import CommunicationWriter, invalid_fhir
+from synapse_fhir_module.recording.writer import CommunicationWriter, invalid_fhir
 
 ROOM = RoomContext(thread="CommunicationRequest/t", care_team="CareTeam/c", patient=None)
 

@@ -12,10 +12,10 @@ import pytest_twisted
 from synapse.module_api import NOT_SPAM
 from synapse.module_api.errors import Codes
 
-from synapse_fhir_module.care_team import Member, TeamMembership
-from synapse_fhir_module.denials import Denied, Reason
-from synapse_fhir_module.enforcement import CareTeamGate
-from synapse_fhir_module.team_directory import DirectoryUnavailable
+from synapse_fhir_module.enforcement.denials import Denied, Reason
+from synapse_fhir_module.enforcement.gate import CareTeamGate
+from synapse_fhir_module.fhir.care_team import Member, TeamMembership
+from synapse_fhir_module.fhir.team_directory import DirectoryUnavailable
 
 SERVICE = "@fhir:a.org"
 ROOM = "!room:a.org"

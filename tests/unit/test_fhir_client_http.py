@@ -18,8 +18,8 @@ from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedEr
 from twisted.web import resource, server
 
 from synapse_fhir_module.config import FhirAuthConfig, FhirConfig
-from synapse_fhir_module.fhir_client import FhirClient
-from synapse_fhir_module.fhir_errors import FhirPermanentError, FhirTransientError
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.errors import FhirPermanentError, FhirTransientError
 
 
 class Scripted(resource.Resource):

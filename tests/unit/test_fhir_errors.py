@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from synapse_fhir_module.fhir_errors import (
+from synapse_fhir_module.fhir.errors import (
     FhirNotFoundError,
     FhirPermanentError,
     FhirTransientError,

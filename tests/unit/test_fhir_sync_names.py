@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synapse_fhir_module.fhir_sync import _display_name, _request_name
+from synapse_fhir_module.sync.fhir_to_matrix import _display_name, _request_name
 
 
 def test_a_room_is_named_from_the_request_category_never_its_payload() -> None:

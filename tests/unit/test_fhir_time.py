@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from synapse_fhir_module.fhir_time import (
+from synapse_fhir_module.fhir.dates import (
     format_fhir_instant,
     parse_fhir_datetime,
     period_covers,
@@ -62,7 +62,7 @@ def test_format_instant() -> None:
 
 
 def test_the_last_day_python_can_hold_is_a_period_end_like_any_other() -> None:
-    from synapse_fhir_module.fhir_time import period_bounds
+    from synapse_fhir_module.fhir.dates import period_bounds
 
     bounds = period_bounds({"end": "9999-12-31"})
     assert bounds is not None and bounds[1] is not None
@@ -72,7 +72,7 @@ def test_the_last_day_python_can_hold_is_a_period_end_like_any_other() -> None:
 
 
 def test_instants_beyond_what_python_holds_are_unreadable_not_a_crash() -> None:
-    from synapse_fhir_module.fhir_time import period_bounds
+    from synapse_fhir_module.fhir.dates import period_bounds
 
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     for period in (

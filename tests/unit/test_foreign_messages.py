@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_fhir_module.communication_mapping import EVENT_ID_SYSTEM, ORIGIN_TAG
-from synapse_fhir_module.foreign_messages import (
+from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM, ORIGIN_TAG
+from synapse_fhir_module.sync.foreign_messages import (
     answered,
     conditional_event_id,
     is_module_written,

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest_twisted
 
-from synapse_fhir_module.fhir_errors import FhirTransientError
-from synapse_fhir_module.health import FhirReachability
+from synapse_fhir_module.fhir.errors import FhirTransientError
+from synapse_fhir_module.web.health import FhirReachability
 
 
 class CountingFhir:

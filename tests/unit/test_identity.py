@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synapse_fhir_module.identity import (
+from synapse_fhir_module.fhir.persons import (
     is_active,
     matrix_ids_of,
     matrix_uri,

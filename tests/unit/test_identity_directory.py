@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable, Iterable
 import pytest
 import pytest_twisted
 
-from synapse_fhir_module.identity_directory import AddressDirectory, LookupUnavailable
-from synapse_fhir_module.identity_lookup import EMAIL, NONE, SHA256, LookupRequest, lookup_hash
+from synapse_fhir_module.identity.directory import AddressDirectory, LookupUnavailable
+from synapse_fhir_module.identity.lookup import EMAIL, NONE, SHA256, LookupRequest, lookup_hash
 
 PEPPER = "p3pper"
 

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from synapse.module_api.errors import SynapseError
 
-from synapse_fhir_module.identity_lookup import (
+from synapse_fhir_module.identity.lookup import (
     EMAIL,
     MAX_ADDRESSES,
     MAX_ENTRY_CHARS,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest_twisted
 
-from synapse_fhir_module.identity_records import IdentityRecords, token_hash
+from synapse_fhir_module.identity.records import IdentityRecords, token_hash
 
 
 class Database:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from synapse_fhir_module import identity_store as store
-from synapse_fhir_module.identity_records import TOKEN_PREFIX, new_token, token_hash
+from synapse_fhir_module.identity import store
+from synapse_fhir_module.identity.records import TOKEN_PREFIX, new_token, token_hash
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synapse_fhir_module.membership_plan import MembershipPlan, plan_membership
+from synapse_fhir_module.sync.membership_plan import MembershipPlan, plan_membership
 
 SERVICE = "@fhir:example.org"
 

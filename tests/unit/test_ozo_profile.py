@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from synapse.module_api.errors import ConfigError
 
 from synapse_fhir_module import FhirModule
-from synapse_fhir_module.communication_amendments import edited, withdrawn
-from synapse_fhir_module.communication_mapping import (
+from synapse_fhir_module.config import CommunicationProfile, RedactionPolicy
+from synapse_fhir_module.mapping.communication import (
     ENCRYPTED_TAG,
     ORIGIN_TAG,
     WITHDRAWN,
@@ -28,7 +28,7 @@ from synapse_fhir_module.communication_mapping import (
     redaction_write,
     thread_request,
 )
-from synapse_fhir_module.communication_profile import (
+from synapse_fhir_module.mapping.profile import (
     ENCRYPTED_PLACEHOLDER,
     OZO_COMMUNICATION,
     OZO_COMMUNICATION_REQUEST,
@@ -36,8 +36,8 @@ from synapse_fhir_module.communication_profile import (
     communication_problems,
     request_problems,
 )
-from synapse_fhir_module.communication_writer import invalid_communication
-from synapse_fhir_module.config import CommunicationProfile, RedactionPolicy
+from synapse_fhir_module.recording.amendments import edited, withdrawn
+from synapse_fhir_module.recording.writer import invalid_communication
 from tests.ozo_profiles import COMMUNICATION, COMMUNICATION_REQUEST, definition, element, unmet
 
 OZO, BASE = CommunicationProfile.OZO, CommunicationProfile.BASE

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_fhir_module.identity import (
+from synapse_fhir_module.fhir.persons import (
     PERSON_TYPES,
     email_searches,
     emails_of,

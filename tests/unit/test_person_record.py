@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synapse_fhir_module.person_directory import _record
+from synapse_fhir_module.fhir.person_directory import _record
 
 USER = "@anna:example.org"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from synapse_fhir_module.care_team import Member
 from synapse_fhir_module.config import DEFAULT_POWER_LEVELS
-from synapse_fhir_module.power_levels import power_levels_content
+from synapse_fhir_module.enforcement.power_levels import power_levels_content
+from synapse_fhir_module.fhir.care_team import Member
 
 SERVICE = "@fhir:x"
 GP_ROLE = "http://snomed.info/sct|62247001"

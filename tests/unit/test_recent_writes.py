@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synapse_fhir_module.recent_writes import RecentWrites
+from synapse_fhir_module.recording.recent_writes import RecentWrites
 
 
 def test_remembers_the_newest_and_forgets_the_oldest() -> None:

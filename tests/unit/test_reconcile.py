@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest_twisted
 
-from synapse_fhir_module import sync_store
-from synapse_fhir_module.reconcile import Reconciler
+from synapse_fhir_module.sync import store as sync_store
+from synapse_fhir_module.sync.reconcile import Reconciler
 
 
 class SqliteApi:

@@ -11,14 +11,14 @@ import pytest
 import pytest_twisted
 from synapse.spam_checker_api import RegistrationBehaviour
 
-from synapse_fhir_module.denials import Denied, Reason
-from synapse_fhir_module.fhir_errors import FhirTransientError
-from synapse_fhir_module.person_directory import PersonDirectory
-from synapse_fhir_module.registration_gate import (
+from synapse_fhir_module.enforcement.denials import Denied, Reason
+from synapse_fhir_module.enforcement.registration_gate import (
     PENDING_SECONDS,
     RegistrationGate,
     verified_email,
 )
+from synapse_fhir_module.fhir.errors import FhirTransientError
+from synapse_fhir_module.fhir.person_directory import PersonDirectory
 
 SERVER = "example.org"
 HENK = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_fhir_module.registration_rule import (
+from synapse_fhir_module.enforcement.registration_rule import (
     Candidate,
     Establishment,
     Identified,

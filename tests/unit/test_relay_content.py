@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_fhir_module.relay_content import (
+from synapse_fhir_module.mapping.relay_content import (
     PER_MESSAGE_PROFILE,
     SOURCE_KEY,
     is_mxc_uri,

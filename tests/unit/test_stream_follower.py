@@ -1,4 +1,4 @@
-"""The recorder's place in Synapse's event stream (``recording_log``, ``stream_follower``)
+"""The recorder's place in Synapse's event stream (``recording.message_log``, ``stream_follower``)
 against a stand-in stream: the saved position never passes a message FHIR does not have,
 and every message reaches the drain, whatever the callbacks, memory and crashes do.
 (tests/integration/test_recording_durability.py runs the same against Synapse.)"""
@@ -12,9 +12,9 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synapse_fhir_module.recording_log import HELD_FOR_MS, Candidate, RecordingLog
-from synapse_fhir_module.stream_follower import CALLBACK_GRACE_MS, StreamFollower
-from synapse_fhir_module.stream_reader import Gap, StreamRead
+from synapse_fhir_module.recording.message_log import HELD_FOR_MS, Candidate, RecordingLog
+from synapse_fhir_module.recording.stream_follower import CALLBACK_GRACE_MS, StreamFollower
+from synapse_fhir_module.recording.stream_reader import Gap, StreamRead
 
 ROOMS = ("!a:x", "!b:x", "!c:x")
 

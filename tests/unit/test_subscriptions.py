@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from synapse_fhir_module.subscriptions import (
+from synapse_fhir_module.sync.subscriptions import (
     SEND_DELETE_MESSAGES,
     is_up_to_date,
     plan_subscriptions,

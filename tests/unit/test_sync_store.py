@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from synapse_fhir_module import sync_store as store
+from synapse_fhir_module.sync import store
 
 
 @pytest.fixture

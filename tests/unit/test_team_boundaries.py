@@ -5,7 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from synapse_fhir_module.team_boundaries import HORIZON_S, MARGIN_S, MIN_SPACING_S, TeamBoundaries
+from synapse_fhir_module.sync.team_boundaries import (
+    HORIZON_S,
+    MARGIN_S,
+    MIN_SPACING_S,
+    TeamBoundaries,
+)
 
 
 class Call:

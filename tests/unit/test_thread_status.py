@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_fhir_module.thread_status import (
+from synapse_fhir_module.mapping.thread_status import (
     RoomRules,
     ThreadMode,
     opens_room,

@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_fhir_module.thread_teams import SENDER_CARETEAM, further_teams, request_teams
+from synapse_fhir_module.fhir.thread_teams import SENDER_CARETEAM, further_teams, request_teams
 
 
 def test_recipients_in_order_then_the_sender_team_without_repeats() -> None:

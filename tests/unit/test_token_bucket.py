@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_fhir_module import token_bucket
-from synapse_fhir_module.token_bucket import TokenBuckets
+from synapse_fhir_module.identity import token_bucket
+from synapse_fhir_module.identity.token_bucket import TokenBuckets
 
 
 class Clock:

@@ -13,11 +13,10 @@ from fhir.resources.R4B.task import Task
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_fhir_module import unread_store as store
-from synapse_fhir_module.care_team import Member, TeamMembership
 from synapse_fhir_module.config import CommunicationProfile
-from synapse_fhir_module.fhir_errors import FhirPermanentError, FhirTransientError
-from synapse_fhir_module.unread_mapping import (
+from synapse_fhir_module.fhir.care_team import Member, TeamMembership
+from synapse_fhir_module.fhir.errors import FhirPermanentError, FhirTransientError
+from synapse_fhir_module.mapping.unread import (
     CANCELLED,
     COMPLETED,
     OZO_TASK,
@@ -31,7 +30,8 @@ from synapse_fhir_module.unread_mapping import (
     task_entry,
     task_id,
 )
-from synapse_fhir_module.unread_tasks import REFUSED_WAIT_MS, UnreadTasks, latest_of
+from synapse_fhir_module.unread import store
+from synapse_fhir_module.unread.tasks import REFUSED_WAIT_MS, UnreadTasks, latest_of
 
 THREAD = "CommunicationRequest/7"
 NOW = 1_000_000

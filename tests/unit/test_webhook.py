@@ -27,8 +27,8 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from synapse_fhir_module import webhook
-from synapse_fhir_module.webhook import (
+from synapse_fhir_module.web import webhook
+from synapse_fhir_module.web.webhook import (
     HANDLED_RESOURCE_TYPES,
     MAX_BODY_BYTES,
     NOTIFY_PATH,

@@ -1,0 +1,7 @@
+"""The FHIR side, read as the module needs it: the REST client, its errors, and the pure
+readings of care data — persons and their Matrix accounts, care teams and their periods,
+the teams a thread (CommunicationRequest) names — with the caches in front of them.
+
+May import: ``config``, ``http_exchange``. Nothing else of the module: everything else
+builds on this.
+"""

@@ -1,0 +1,131 @@
+"""``GET /_synapse/client/fhir/health`` (DESIGN §5).
+
+Answers ``{"status": "ok"|"degraded", "fhir": {"reachable": bool},
+"outbox": {"pending": int, "dead": int}, "sync": {...}}`` (and, with
+``communication.profile: ozo``, ``"recording": {"not_written_profile": int}``: messages the
+profile could not hold since start — the service user's own, and those of exempt accounts
+without a person — not written). Reachability
+comes from FHIR's ``/metadata`` with a short timeout and is remembered for a few seconds,
+so a monitoring system polling the endpoint does not turn into load on FHIR.
+
+``sync`` (added to the contract's keys) describes the FHIR → Matrix sync on the instance
+that runs it (``running``): resources queued, resources whose sync failed and waits for
+another attempt (a failed invite or removal is never dropped), the teams with a period
+boundary scheduled, and binding state found changed behind the module's back. Degraded:
+FHIR unreachable, or a sync waiting for another attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import attr
+from synapse.module_api import DirectServeJsonResource, SynapseRequest
+
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.errors import FhirError
+from synapse_fhir_module.recording.counts import OutboxCounts
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATH = "/_synapse/client/fhir/health"
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SyncCounts:
+    running: bool = False
+    queued: int = 0
+    retrying: int = 0
+    scheduled_boundaries: int = 0
+    binding_incidents: int = 0
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class IdentityCounts:
+    email: bool = False  # identity by email on
+    # Addresses an account holds that several FHIR persons carry (they map nobody).
+    ambiguous_emails: int = 0
+
+
+def no_identity() -> IdentityCounts:
+    return IdentityCounts()
+
+
+async def no_sync() -> SyncCounts:
+    return SyncCounts()
+
+
+async def no_outbox() -> OutboxCounts:
+    """Until the outbox exists there is nothing pending and nothing dead."""
+    return OutboxCounts()
+
+
+class FhirReachability:
+    """Whether FHIR answered ``/metadata`` lately; probes at most once per ``cache_for``."""
+
+    def __init__(
+        self,
+        fhir: FhirClient,
+        *,
+        probe_timeout: float = 2.0,
+        cache_for: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fhir = fhir
+        self._probe_timeout = probe_timeout
+        self._cache_for = cache_for
+        self._clock = clock
+        self._checked_at: float | None = None
+        self._reachable = False
+
+    async def is_reachable(self) -> bool:
+        now = self._clock()
+        if self._checked_at is not None and now - self._checked_at < self._cache_for:
+            return self._reachable
+        try:
+            await self._fhir.capabilities(timeout=self._probe_timeout)
+            reachable = True
+        except FhirError as e:
+            if self._reachable or self._checked_at is None:
+                logger.warning("FHIR server at %s not reachable: %s", self._fhir.base_url, e)
+            reachable = False
+        self._checked_at = self._clock()
+        self._reachable = reachable
+        return reachable
+
+
+class HealthResource(DirectServeJsonResource):
+    def __init__(
+        self,
+        reachability: FhirReachability,
+        outbox_counts: Callable[[], Awaitable[OutboxCounts]] = no_outbox,
+        sync_counts: Callable[[], Awaitable[SyncCounts]] = no_sync,
+        identity_counts: Callable[[], IdentityCounts] = no_identity,
+    ) -> None:
+        super().__init__()
+        self._reachability = reachability
+        self._outbox_counts = outbox_counts
+        self._sync_counts = sync_counts
+        self._identity_counts = identity_counts
+
+    async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
+        reachable = await self._reachability.is_reachable()
+        outbox = await self._outbox_counts()
+        sync = await self._sync_counts()
+        return 200, {
+            "status": "ok" if reachable and not sync.retrying else "degraded",
+            "fhir": {"reachable": reachable},
+            "outbox": {"pending": outbox.pending, "dead": outbox.dead},
+            **_recording(outbox),
+            "sync": attr.asdict(sync),
+            "identity": attr.asdict(self._identity_counts()),
+        }
+
+
+def _recording(outbox: OutboxCounts) -> dict[str, dict[str, int]]:
+    """``recording``, shown when the OZO profile counts what it leaves unwritten."""
+    if outbox.not_written_profile is None:
+        return {}
+    return {"recording": {"not_written_profile": outbox.not_written_profile}}
