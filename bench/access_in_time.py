@@ -104,21 +104,6 @@ def practitioner(resource_id: str, user: MatrixUser) -> dict[str, Any]:
     }
 
 
-def notify(server: SynapseServer, reference: str) -> None:
-    resource_type, resource_id = reference.split("/")
-    requests.post(
-        server.url("/_synapse/client/fhir/notify"),
-        json={
-            "resourceType": resource_type,
-            "id": resource_id,
-            "versionId": "1",
-            "action": "update",
-        },
-        headers={"Authorization": f"Bearer {SECRET}"},
-        timeout=10,
-    ).raise_for_status()
-
-
 def new_team(server: SynapseServer, fhir_url: str, members: int) -> Team:
     tag = uuid.uuid4().hex[:8]
     gp = register_user(server, f"gp_{tag}")
@@ -169,7 +154,7 @@ def period_end_arm(server: SynapseServer, fhir_url: str, members: int) -> list[f
     first_end = time.time() + SETUP_S + members * 0.5
     ends = {i: first_end + i * SPACING_S for i in range(members)}
     team.fhir.put(team.care_team({i: instant(moment) for i, moment in ends.items()}))
-    notify(server, team.ref)
+    server.notify(team.ref)
     join_everyone(team)
     if time.time() >= first_end:
         raise RuntimeError("the set-up outlasted the first period: raise SETUP_S")
@@ -193,7 +178,7 @@ def period_end_arm(server: SynapseServer, fhir_url: str, members: int) -> list[f
 def fhir_write_arm(server: SynapseServer, fhir_url: str, members: int) -> list[float]:
     team = new_team(server, fhir_url, members)
     team.fhir.put(team.care_team({}))
-    notify(server, team.ref)
+    server.notify(team.ref)
     join_everyone(team)
     written: dict[str, float] = {}
     ended: dict[int, str] = {}
@@ -202,7 +187,7 @@ def fhir_write_arm(server: SynapseServer, fhir_url: str, members: int) -> list[f
         team.fhir.put(team.care_team(ended))
         stored = requests.get(f"{fhir_url}/{team.ref}", headers=NO_CACHE, timeout=30).json()
         written[user.user_id] = fhir_instant_seconds(stored["meta"]["lastUpdated"])
-        notify(server, team.ref)  # what the shim sends after the commit
+        server.notify(team.ref)  # what the shim sends after the commit
         wait_until(
             partial(removed, team, user),
             timeout=2 * TARGET_S,

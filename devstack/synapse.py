@@ -106,6 +106,8 @@ class SynapseServer:
             loopback_server_name(federation_port) if federation_port is not None else SERVER_NAME
         )
         self.registration_secret = secrets.token_hex(16)
+        # (What the HAPI shim would present: ``notify``.)
+        self.webhook_secret = ((fhir_module or {}).get("webhook") or {}).get("secret")
         # A Prometheus listener of its own, when asked for (`metrics_url`).
         self.metrics_port = free_port() if metrics else None
         self.metrics_url = (
@@ -212,6 +214,24 @@ class SynapseServer:
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
+
+    def notify(self, reference: str, *, action: str = "update", version: str = "1") -> None:
+        """What the HAPI shim says after a commit (``CareTeam/12`` changed), with the
+        module's webhook secret; the module answers 202 at once and queues the work."""
+        resource_type, resource_id = reference.split("/")
+        response = requests.post(
+            self.url("/_synapse/client/fhir/notify"),
+            json={
+                "resourceType": resource_type,
+                "id": resource_id,
+                "versionId": version,
+                "action": action,
+            },
+            headers={"Authorization": f"Bearer {self.webhook_secret}"},
+            timeout=10,
+        )
+        if response.status_code != 202:
+            raise AssertionError(f"notify {reference}: HTTP {response.status_code}")
 
     def user_id(self, localpart: str) -> str:
         return f"@{localpart}:{self.server_name}"

@@ -27,7 +27,10 @@ def wait_until(
     """Call ``check`` until it returns something truthy, and return that.
 
     Raises NeverHappened naming ``what`` (and the last exception, if any)
-    when ``timeout`` seconds pass first.
+    when ``timeout`` seconds pass first. A failed ``assert`` in ``check`` (a plain
+    AssertionError, e.g. two Communications for one message) fails at once: waiting
+    cannot undo it. Errors of the servers asked (a refused request, an HTTP error) are
+    retried until the deadline.
     """
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -38,6 +41,10 @@ def wait_until(
                 return result
         except StopWaiting:
             raise
+        except AssertionError as e:
+            if type(e) is AssertionError:
+                raise
+            last_error = e  # (a MatrixError: the server's answer, which may change)
         except Exception as e:  # remembered and reported on timeout
             last_error = e
         if time.monotonic() >= deadline:

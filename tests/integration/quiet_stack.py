@@ -47,19 +47,7 @@ class QuietStack:
 
     def notify(self, reference: str) -> None:
         """What the shim would say after a write (the set-up's only notifications)."""
-        resource_type, resource_id = reference.split("/")
-        response = requests.post(
-            self.synapse.url("/_synapse/client/fhir/notify"),
-            json={
-                "resourceType": resource_type,
-                "id": resource_id,
-                "versionId": "1",
-                "action": "update",
-            },
-            headers={"Authorization": f"Bearer {SECRET}"},
-            timeout=10,
-        )
-        assert response.status_code == 202, response.text
+        self.synapse.notify(reference)
 
     def writes_since(self, moment: float) -> list[str]:
         """Every FHIR write since ``moment`` (Unix seconds), as ``Type/id``."""

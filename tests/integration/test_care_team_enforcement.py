@@ -18,6 +18,7 @@ from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
 from tests.integration.care_network import CareNetwork
+from tests.integration.matrix_views import membership
 
 CACHE_TTL = 2.0  # seconds: FHIR changes show within a few seconds without a push
 
@@ -143,6 +144,7 @@ def test_nested_team_member_is_admitted_despite_a_cycle(
     piet = users("piet")  # in the pharmacy team, which lists the home team back
     service.invite(room, piet.user_id)
     piet.join(room)
+    assert membership(service, room, piet.user_id) == "join"
 
 
 def test_inactive_person_is_expired_until_reactivated(
@@ -389,8 +391,11 @@ def _send_error(user: MatrixUser, room: str) -> MatrixError | None:
     return None
 
 
-def test_health_still_ok(enforcing: SynapseServer) -> None:
-    assert (
-        requests.get(enforcing.url("/_synapse/client/fhir/health"), timeout=10).json()["status"]
-        == "ok"
-    )
+def test_after_all_those_refusals_health_reports_fhir_reachable_and_nothing_retrying(
+    enforcing: SynapseServer,
+) -> None:
+    """Refusals are decisions, not failures: none of the above left the module degraded."""
+    health = requests.get(enforcing.url("/_synapse/client/fhir/health"), timeout=10).json()
+    assert health["status"] == "ok", health
+    assert health["fhir"] == {"reachable": True}
+    assert health["sync"]["retrying"] == 0

@@ -3,7 +3,6 @@ fail closed with directory_unavailable (or fail open when configured)."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 
@@ -17,7 +16,9 @@ from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.integration.care_network import CareNetwork
 
-CACHE_TTL = 12.0  # long enough that "right after the stop" is clearly within it
+# Long enough that the message right after FHIR stops is well within it, even on a
+# loaded machine; the test waits about this long for the refusal.
+CACHE_TTL = 20.0
 
 
 def bound_room(server: SynapseServer, network: CareNetwork) -> tuple[MatrixUser, str]:
@@ -43,21 +44,21 @@ def test_cached_answers_hold_for_cache_ttl_then_fail_closed(
         module_config(hapi_running.base_url, enforcement={"cache_ttl": f"{CACHE_TTL}s"})
     )
     service, room = bound_room(server, network)
-    gp = register_user(server, network.localpart("anna"))
-    service.invite(room, gp.user_id)
-    gp.join(room)
-    gp.send_text(room, "before the outage")  # the team's membership is now remembered
     inactive = register_user(server, network.localpart("ivo"))
     wait_until(
         lambda: _is_expired(inactive),
-        timeout=20,
+        timeout=30,
         what="the inactive practitioner's account expired before the outage",
     )
+    # The team's membership is fetched here, at the invite, and remembered: nothing slow
+    # lies between this and the message answered from memory below.
+    gp = register_user(server, network.localpart("anna"))
+    service.invite(room, gp.user_id)
+    gp.join(room)
+    gp.send_text(room, "before the outage")
 
     hapi_running.stop()
-    stopped_at = time.monotonic()
     gp.send_text(room, "answered from memory")
-    assert time.monotonic() - stopped_at < CACHE_TTL, "the machine was too slow to show this"
 
     error = wait_until(
         lambda: send_error(gp, room),

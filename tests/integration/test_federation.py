@@ -24,7 +24,6 @@ person, so B sees them leave as well (the last test).
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -34,7 +33,6 @@ from urllib.parse import quote, urlencode
 
 import attr
 import pytest
-import requests
 
 from devstack.federation import free_ports, loopback_server_name
 from devstack.fhir_seed import FhirSeeder
@@ -43,9 +41,9 @@ from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM
 from tests.conftest import SERVER_LOGS
 from tests.integration.care_network import MATRIX_ID_SYSTEM
+from tests.integration.test_communication_recording import communication_of
 
 FEDERATION_TIMEOUT = 30.0
 REFUSAL_TEXT = "This room belongs to a care team"
@@ -228,15 +226,12 @@ def test_remote_outsiders_are_refused_by_check_event_allowed(
     # A practitioner known to FHIR but not in the team, and someone FHIR has never heard of.
     for name in ("mallory", "eve"):
         outsider = users(name)
-        started = time.monotonic()
         error = refused(partial(join_over_federation, outsider, room, a.server_name))
-        elapsed = time.monotonic() - started
         # A's refusal, relayed by B to its client as is.
         assert error.status == 403, error
         assert error.errcode == "M_FORBIDDEN", error
         assert error.reason == "not_in_care_team", error
         assert REFUSAL_TEXT in error.body["error"], error
-        assert elapsed < 10, f"the federated join took {elapsed:.1f} s to be refused"
         # A never let them in.
         assert membership_on(service, room, outsider.user_id) is None
     # A refused while building the join in /make_join (create_new_client_event, where
@@ -339,7 +334,7 @@ def test_a_refused_message_from_a_remote_former_member_is_not_recorded(
     member["period"] = {"end": "2021-01-01"}
     seeder.put(team)
     try:
-        notify(federation.a, network.team)  # what the shim would say: A forgets the team
+        federation.a.notify(network.team)  # what the shim would say: A forgets the team
         # B still has the GP in the room (A's module does not sync here): B accepts the
         # message, A refuses what it receives and soft-fails it.
         after = gp.send_text(room, "sent after leaving the team")
@@ -354,34 +349,4 @@ def test_a_refused_message_from_a_remote_former_member_is_not_recorded(
     finally:
         del member["period"]
         seeder.put(team)
-        notify(federation.a, network.team)
-
-
-def notify(server: SynapseServer, reference: str) -> None:
-    resource_type, resource_id = reference.split("/")
-    response = requests.post(
-        server.url("/_synapse/client/fhir/notify"),
-        json={
-            "resourceType": resource_type,
-            "id": resource_id,
-            "versionId": "1",
-            "action": "update",
-        },
-        headers={"Authorization": "Bearer test-webhook-secret"},
-        timeout=10,
-    )
-    assert response.status_code == 202, response.text
-
-
-def communication_of(hapi: HapiDevServer, event_id: str) -> dict[str, Any] | None:
-    entries = (
-        requests.get(
-            f"{hapi.base_url}/Communication",
-            params={"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"},
-            headers={"Cache-Control": "no-cache"},
-            timeout=30,
-        )
-        .json()
-        .get("entry", [])
-    )
-    return entries[0]["resource"] if entries else None
+        federation.a.notify(network.team)

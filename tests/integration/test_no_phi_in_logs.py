@@ -14,17 +14,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import requests
 
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.waiting import wait_until
-from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM
 from tests.integration.matrix_views import invited_space, open_invites
 from tests.integration.quiet_stack import QuietStack, quiet_stack
+from tests.integration.test_communication_recording import communication_of
 
 FOLLOWS_WITHIN = 30.0
 BSN_SYSTEM = "http://fhir.nl/fhir/NamingSystem/bsn"
@@ -58,20 +56,6 @@ def person(resource_type: str, rid: str, user: MatrixUser, name: tuple[str, str]
         "name": [{"given": [name[0]], "family": name[1], "text": " ".join(name)}],
         "telecom": [{"system": "url", "value": f"matrix:u/{user.user_id.removeprefix('@')}"}],
     }
-
-
-def communication_of(stack: QuietStack, event_id: str) -> dict[str, Any] | None:
-    entries = (
-        requests.get(
-            f"{stack.hapi.base_url}/Communication",
-            params={"identifier": f"{EVENT_ID_SYSTEM}|{event_id}"},
-            headers={"Cache-Control": "no-cache"},
-            timeout=30,
-        )
-        .json()
-        .get("entry", [])
-    )
-    return entries[0]["resource"] if entries else None
 
 
 def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: QuietStack) -> None:
@@ -158,7 +142,7 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: QuietStack) -
             "m.relates_to": {"m.in_reply_to": {"event_id": f"$bsn-{BSN}-{PATIENT_FAMILY}"}},
         },
     )
-    wait_until(lambda: communication_of(stack, said), timeout=FOLLOWS_WITHIN, what="recorded")
+    wait_until(lambda: communication_of(stack.hapi, said), timeout=FOLLOWS_WITHIN, what="recorded")
     gp.redact(room, wrong)
     # Another system writes into the thread; it is relayed, attributed by name.
     fhir.put(
@@ -188,12 +172,14 @@ def test_a_whole_scenario_leaves_no_patient_data_in_the_log(stack: QuietStack) -
     fhir.put(patient | {"active": False})
     stack.notify(f"Patient/p-{tag}")
     answer = wait_until(
-        lambda: communication_of(stack, reply), timeout=FOLLOWS_WITHIN, what="the reply recorded"
+        lambda: communication_of(stack.hapi, reply),
+        timeout=FOLLOWS_WITHIN,
+        what="the reply recorded",
     )
     assert "inResponseTo" not in answer
     # A last recorded message: everything before it has passed through the module.
     last = gp.send_text(room, "Tot morgen")
-    wait_until(lambda: communication_of(stack, last), timeout=FOLLOWS_WITHIN, what="recorded")
+    wait_until(lambda: communication_of(stack.hapi, last), timeout=FOLLOWS_WITHIN, what="recorded")
 
     log = stack.synapse.log_path.read_text(errors="replace")
     assert "synapse_fhir_module" in log and " - DEBUG - " in log  # the module's DEBUG lines

@@ -5,6 +5,7 @@ run against real Synapse and HAPI in tests/integration.)"""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -43,6 +44,15 @@ class Event:
         self.redacts = redacts
         self.room_id = ROOM
         self.event_id = "$e"
+
+    def sent_by(self, sender: str, *, state_key: str | None = None) -> Event:
+        """The same event from ``sender`` (and about ``state_key`` if given): a copy, so
+        a parametrized event stays as written for the next test."""
+        other = copy.copy(self)
+        other.sender = sender
+        if state_key is not None:
+            other.state_key = state_key
+        return other
 
     def is_state(self) -> bool:
         return self.state_key is not None
@@ -189,10 +199,10 @@ async def test_a_former_member_still_joined_can_do_nothing_but_leave(event: Even
         await g.check_event_allowed(event, state)  # type: ignore[arg-type]
     assert caught.value.reason.value == "not_in_care_team"
     # The same from a remote former member: soft-failed.
-    event.sender = OUTSIDER_REMOTE
-    if event.state_key == OUTSIDER_LOCAL:
-        event.state_key = OUTSIDER_REMOTE
-    assert await g.check_event_for_spam(event) == Codes.FORBIDDEN  # type: ignore[arg-type]
+    remote = event.sent_by(
+        OUTSIDER_REMOTE, state_key=OUTSIDER_REMOTE if event.state_key == OUTSIDER_LOCAL else None
+    )
+    assert await g.check_event_for_spam(remote) == Codes.FORBIDDEN  # type: ignore[arg-type]
 
 
 @pytest_twisted.ensureDeferred
@@ -249,8 +259,8 @@ async def test_members_cannot_change_what_decides_who_is_in_the_room(
     with pytest.raises(Denied) as caught:
         await g.check_event_allowed(event, {})  # type: ignore[arg-type]
     assert caught.value.reason.value == reason
-    event.sender = MEMBER_REMOTE
-    assert await g.check_event_for_spam(event) == Codes.FORBIDDEN  # type: ignore[arg-type]
+    remote = event.sent_by(MEMBER_REMOTE)
+    assert await g.check_event_for_spam(remote) == Codes.FORBIDDEN  # type: ignore[arg-type]
 
 
 @pytest_twisted.ensureDeferred
@@ -280,11 +290,11 @@ async def test_only_the_service_user_changes_what_binds_a_room(event: Event) -> 
         await g.check_event_allowed(event, {})  # type: ignore[arg-type]
     assert caught.value.reason.value == "protected_state"
     # Received over federation: soft-failed.
-    event.sender = MEMBER_REMOTE
-    assert await g.check_event_for_spam(event) == Codes.FORBIDDEN  # type: ignore[arg-type]
+    remote = event.sent_by(MEMBER_REMOTE)
+    assert await g.check_event_for_spam(remote) == Codes.FORBIDDEN  # type: ignore[arg-type]
     # The service user may.
-    event.sender = SERVICE
-    assert await g.check_event_allowed(event, {}) == (True, None)  # type: ignore[arg-type]
+    by_service = event.sent_by(SERVICE)
+    assert await g.check_event_allowed(by_service, {}) == (True, None)  # type: ignore[arg-type]
 
 
 @pytest_twisted.ensureDeferred
