@@ -184,7 +184,9 @@ class FhirClient:
             "POST", self._base_url, str(bundle.get("type")), raw_body=bundle
         )
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
-            raise FhirPermanentError("the transaction did not answer with a Bundle")
+            # (A success without its Bundle: the entries may or may not be written; they
+            # are conditional, so writing them again is safe, and no message is refused.)
+            raise FhirTransientError("the transaction did not answer with a Bundle")
         return body
 
     async def validate(self, resource: Resource) -> Resource:
@@ -260,6 +262,10 @@ class FhirClient:
             method, url, headers, data, timeout or self._timeout, what
         )
         body = _parse_json(payload)
+        if 200 <= status < 300 and payload.strip() and body is None:
+            # Not FHIR's answer (a proxy's page, a cut-off body): what was asked may or
+            # may not have happened, so it is asked again, never taken as a refusal.
+            raise FhirTransientError(f"{what}: the FHIR server answered {status} without JSON")
         if 200 <= status < 300 or status in accept_statuses:
             return status, body
         raise error_for_status(status, what, body)

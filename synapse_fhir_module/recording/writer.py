@@ -138,19 +138,24 @@ def _bundle(writes: Sequence[tuple[str, CommunicationWrite]]) -> dict[str, Any]:
 def _statuses(response: dict[str, Any]) -> list[str]:
     """Each entry's ``response.status`` ("201 Created"; "200 OK" when a conditional create
     found the resource there already)."""
-    return [
-        str((entry.get("response") or {}).get("status") or "") if isinstance(entry, dict) else ""
-        for entry in response.get("entry") or []
-    ]
+    return [str(_response_of(entry).get("status") or "") for entry in _entries(response)]
 
 
 def _locations(response: dict[str, Any]) -> list[str]:
     """``Communication/<id>`` of each entry FHIR created or updated (from ``Location``)."""
     found = []
-    for entry in response.get("entry") or []:
-        location = (
-            (entry.get("response") or {}).get("location") if isinstance(entry, dict) else None
-        )
+    for entry in _entries(response):
+        location = _response_of(entry).get("location")
         if isinstance(location, str) and location.startswith("Communication/"):
             found.append("/".join(location.split("/")[:2]))
     return found
+
+
+def _entries(response: dict[str, Any]) -> list[Any]:
+    entries = response.get("entry")
+    return entries if isinstance(entries, list) else []
+
+
+def _response_of(entry: Any) -> dict[str, Any]:
+    answer = entry.get("response") if isinstance(entry, dict) else None
+    return answer if isinstance(answer, dict) else {}

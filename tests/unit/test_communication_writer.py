@@ -3,9 +3,12 @@ the client is a recording stand-in; tests/integration/test_communication_writer.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest_twisted
+from hypothesis import given
+from hypothesis import strategies as st
 
 from synapse_fhir_module.mapping.communication import (
     CommunicationWrite,
@@ -69,3 +72,52 @@ async def test_an_invalid_entry_is_a_dead_letter_and_the_rest_is_written() -> No
     (bundle,) = fhir.bundles
     sent = [e["resource"]["identifier"][0]["value"] for e in bundle["entry"]]
     assert sent == ["$1", "$3"]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=20,
+)
+ODD_ENTRY = st.one_of(
+    JSON,
+    st.lists(
+        st.one_of(
+            JSON,
+            st.fixed_dictionaries(
+                {"response": st.one_of(JSON, st.fixed_dictionaries({"location": JSON}))}
+            ),
+        ),
+        max_size=4,
+    ),
+)
+
+
+class OddFhir:
+    """A FHIR server whose transaction answer is a Bundle with whatever ``entry`` holds."""
+
+    def __init__(self, entry: Any) -> None:
+        self.entry = entry
+
+    async def transaction_json(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        return {"resourceType": "Bundle", "type": "transaction-response", "entry": self.entry}
+
+
+@given(entry=ODD_ENTRY)
+def test_a_bundle_answer_of_any_shape_is_read_without_raising(entry: Any) -> None:
+    """Whatever the Bundle's ``entry`` holds, the batch counts as written (FHIR said 2xx):
+    only well-formed locations are taken, and nothing raises."""
+    writes = [("$a", write_of("$a")), ("$b", write_of("$b"))]
+    result = _run(CommunicationWriter(OddFhir(entry)).write(writes))  # type: ignore[arg-type]
+    assert sorted(result.written) == ["$a", "$b"]
+    assert result.dead == {}
+    assert all(location.startswith("Communication/") for location in result.locations)
+
+
+def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """A coroutine that never waits (its FHIR answers at once), run to its end."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("the coroutine waited")

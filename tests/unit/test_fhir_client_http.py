@@ -49,6 +49,9 @@ class Scripted(resource.Resource):
             request.setHeader("content-length", "1000")
             request.write(b"{")
             return server.NOT_DONE_YET
+        if isinstance(body, bytes):  # (not JSON: what a proxy or a cut-off answer sends)
+            request.setHeader("content-type", "text/html")
+            return body
         request.setHeader("content-type", "application/fhir+json")
         return json.dumps(body).encode()
 
@@ -182,3 +185,39 @@ async def test_any_failure_below_http_is_transient(failure: Exception) -> None:
     fhir._http = FailingHttp()  # type: ignore[assignment]
     with pytest.raises(FhirTransientError, match="unreachable"):
         await fhir.read("Patient", "p1")
+
+
+TRANSACTION = {"resourceType": "Bundle", "type": "transaction", "entry": []}
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html><body>Please log in</body></html>",  # a proxy's page
+        b'{"resourceType": "Bundle", "entry": [',  # cut off
+        {"resourceType": "OperationOutcome", "issue": []},  # JSON, but no Bundle
+        ["not", "a", "resource"],
+    ],
+    ids=["html", "cut-off", "outcome", "list"],
+)
+async def test_a_success_without_a_bundle_is_asked_again_never_refused(
+    scripted: tuple[Scripted, str], body: Any
+) -> None:
+    """A 200 that is not the transaction's Bundle says nothing about the entries: the
+    batch is retried (its creates are conditional), never turned into dead letters."""
+    root, url = scripted
+    root.answers.append((200, body))
+    with pytest.raises(FhirTransientError):
+        await client(url).transaction_json(TRANSACTION)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_answered_200_without_json_is_transient(
+    scripted: tuple[Scripted, str],
+) -> None:
+    root, url = scripted
+    root.answers.append((200, b"<html>maintenance</html>"))
+    with pytest.raises(FhirTransientError) as caught:
+        await client(url).read("Patient", "p1")
+    assert "without JSON" in str(caught.value)
