@@ -33,6 +33,13 @@ FROM_THE_RECORD = " (care record)"
 # An attachment's content type → how Matrix shows the file.
 FILE_MSGTYPES = {"image": "m.image", "audio": "m.audio", "video": "m.video"}
 DEFAULT_FILE_NAME = "attachment"
+# Synapse refuses an event over 64 KiB, and would refuse it on every retry: a text is cut
+# to this many bytes of UTF-8 (its HTML copy can be six times longer), a file name or a
+# URL too long to cut is not posted.
+TEXT_BYTES = 8_000
+NAME_BYTES = 1_000
+URL_BYTES = 4_000
+SHORTENED = " … (shortened: the full text is in the care record)"
 # mxc://<server name>/<media id> (the media id's grammar from the spec).
 _MXC = re.compile(r"mxc://[A-Za-z0-9.\-:\[\]]+/[A-Za-z0-9_\-]+")
 
@@ -93,6 +100,7 @@ def _attributed(
     content = {**content, SOURCE_KEY: key}
     if not sender_name:
         return content
+    sender_name = _profile_field(sender_name)
     if content["msgtype"] == "m.text":
         text = content["body"]
         content["body"] = f"{sender_name}: {text}"
@@ -113,6 +121,15 @@ def source_of(content: Mapping[str, Any]) -> str | None:
     return source if isinstance(source, str) else None
 
 
+def _cut(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` bytes of UTF-8; else its start, marked as cut."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    room = limit - len(SHORTENED.encode("utf-8"))
+    return encoded[:room].decode("utf-8", errors="ignore") + SHORTENED
+
+
 def _html(text: str) -> str:
     return html.escape(text).replace("\n", "<br>")
 
@@ -126,13 +143,15 @@ def _profile_field(text: str, *, suffix: str = "") -> str:
 def _content_of(item: Mapping[str, Any]) -> dict[str, Any] | None:
     text = item.get("contentString")
     if isinstance(text, str):
-        return {"msgtype": "m.text", "body": text} if text.strip() else None
+        return {"msgtype": "m.text", "body": _cut(text, TEXT_BYTES)} if text.strip() else None
     attachment = item.get("contentAttachment")
     if not isinstance(attachment, Mapping):
         return None  # (a contentReference: nothing a member could open)
     url = attachment.get("url")
+    if isinstance(url, str) and len(url.encode("utf-8")) > URL_BYTES:
+        return None  # (a cut URL leads nowhere: counted as not posted)
     title = attachment.get("title")
-    title = title.strip() if isinstance(title, str) and title.strip() else None
+    title = _cut(title.strip(), NAME_BYTES) if isinstance(title, str) and title.strip() else None
     if is_mxc_uri(url):
         return _file(str(url), title, attachment)
     if is_web_url(url):

@@ -31,6 +31,10 @@ from synapse_fhir_module.sync.metrics import MATRIX_ACTIONS_FAILED
 
 logger = logging.getLogger(__name__)
 
+# The spec's bound on a room name (m.room.name), in bytes of UTF-8.
+ROOM_NAME_BYTES = 255
+ELLIPSIS = "…"
+
 POWER_LEVELS = "m.room.power_levels"
 # Room versions whose creators hold unlimited power and must not be listed in power levels
 # (MSC4289: room version 12 and its unstable predecessor).
@@ -66,7 +70,7 @@ class CareRooms:
             self._service_user_id,
             {
                 "creation_content": {"type": "m.space"},
-                "name": name,
+                "name": fitting_name(name),
                 "preset": "private_chat",
                 "visibility": "private",
                 "power_level_content_override": creation_levels(),
@@ -99,7 +103,7 @@ class CareRooms:
         return room_id
 
     async def name_room(self, room_id: str, name: str) -> None:
-        await self.send_state(room_id, "m.room.name", "", {"name": name})
+        await self.send_state(room_id, "m.room.name", "", {"name": fitting_name(name)})
 
     async def link_to_space(self, space_id: str, room_id: str) -> None:
         """The space lists the room (once: nothing is sent when it already does)."""
@@ -230,3 +234,15 @@ def _privileged_creators(create_event: Any) -> frozenset[str]:
     extra = create_event.content.get("additional_creators")
     extra = [c for c in extra if isinstance(c, str)] if isinstance(extra, list) else []
     return frozenset({create_event.sender, *extra})
+
+
+def fitting_name(name: str) -> str:
+    """A name from FHIR within the 255 bytes Matrix allows a room name (a longer one is
+    refused by clients, or makes the event too large to send at all)."""
+    encoded = name.encode("utf-8")
+    if len(encoded) <= ROOM_NAME_BYTES:
+        return name
+    return (
+        encoded[: ROOM_NAME_BYTES - len(ELLIPSIS.encode("utf-8"))].decode("utf-8", errors="ignore")
+        + ELLIPSIS
+    )

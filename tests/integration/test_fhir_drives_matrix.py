@@ -20,6 +20,7 @@ from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.ports import free_port
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
+from synapse_fhir_module.mapping.relay_content import SHORTENED
 from tests.conftest import SERVER_LOGS
 from tests.integration.matrix_views import (
     Team,
@@ -310,6 +311,25 @@ def test_a_pushed_body_is_never_trusted(stack: ShimStack) -> None:
     anna = team.users["anna"]
     assert membership(anna, joined, anna.user_id) == "join"  # (she can read its state)
     assert membership(anna, joined, team.users["mallory"].user_id) is None
+
+
+def test_a_request_whose_payload_is_larger_than_an_event_still_opens_its_room(
+    stack: ShimStack,
+) -> None:
+    """Synapse refuses an event over 64 KiB; the opening words are cut to fit, so the room
+    opens and gets its members instead of failing on every retry."""
+    team = Team(stack)
+    team.seed()
+    joined_space(team, "anna")
+    anna = team.users["anna"]
+    long_text = "Wound care plan. " * 8_000  # ~136 KB
+    _, room = request_room(team, anna, payload=[{"contentString": long_text}])
+    anna.join(room)
+    (opening,) = messages(anna, room)
+    assert opening.endswith(SHORTENED)
+    assert long_text.startswith(opening.removesuffix(SHORTENED))
+    bram = team.users["bram"]
+    wait_until(lambda: room in open_invites(bram), timeout=FOLLOWS_WITHIN, what="bram invited")
 
 
 def test_changes_made_while_synapse_is_down_are_applied_after_restart(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import given
@@ -9,7 +10,9 @@ from hypothesis import strategies as st
 
 from synapse_fhir_module.mapping.relay_content import (
     PER_MESSAGE_PROFILE,
+    SHORTENED,
     SOURCE_KEY,
+    TEXT_BYTES,
     is_mxc_uri,
     is_web_url,
     part_key,
@@ -187,3 +190,38 @@ def test_any_payload_yields_shown_parts_plus_skipped_and_valid_messages(payload:
         assert isinstance(message.content["body"], str) and message.content["body"]
         if message.content["msgtype"] != "m.text":
             assert is_mxc_uri(message.content["url"])
+
+
+# Synapse refuses an event whose JSON exceeds 65,536 bytes; the content must leave room
+# for the event's own fields (ids, hashes, signatures).
+CONTENT_LIMIT = 60_000
+# Worst cases for the HTML copy: every character escaped to six bytes, or a 4-byte one.
+_HEAVY = st.text(alphabet=st.sampled_from(['"', "&", "<", "\n", "é", "𝄞", "a"]), min_size=1)
+
+
+@given(
+    text=st.builds(lambda part, n: part * n, _HEAVY, st.integers(1, 40_000)),
+    name=st.builds(lambda part, n: part * n, _HEAVY, st.integers(1, 2_000)),
+    url_length=st.integers(1, 20_000),
+)
+def test_a_relayed_message_always_fits_in_one_matrix_event(
+    text: str, name: str, url_length: int
+) -> None:
+    """However long FHIR's text, file name, URL or sender's name, every message can be
+    sent (one that cannot would be retried forever, and hold back the room's members)."""
+    payload = [
+        {"contentString": text},
+        {"contentAttachment": {"title": name, "url": "https://x.example/" + "a" * url_length}},
+        {"contentAttachment": {"title": name, "url": "mxc://example.org/" + "b" * url_length}},
+    ]
+    for sender in (None, name):
+        for content in contents(payload, sender_name=sender, sender_ref="Practitioner/1"):
+            size = len(json.dumps(content, ensure_ascii=False).encode("utf-8"))
+            assert size <= CONTENT_LIMIT, size
+
+
+def test_a_text_too_long_is_cut_and_says_so() -> None:
+    (content,) = contents([{"contentString": "x" * 100_000}])
+    assert content["body"].startswith("x" * 7_000)
+    assert content["body"].endswith(SHORTENED)
+    assert len(content["body"].encode("utf-8")) <= TEXT_BYTES
