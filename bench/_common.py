@@ -41,7 +41,7 @@ from devstack.redis import RedisServer
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer
 from devstack.waiting import wait_until
-from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM
 from tests.integration.care_network import CareNetwork
 
 # The suite (bench.suite) points every benchmark of one run at a directory of its own.

@@ -36,8 +36,8 @@ from devstack.fhir_seed import FhirSeeder
 from synapse_fhir_module.config import FhirConfig
 from synapse_fhir_module.enforcement.gate import CareTeamGate
 from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.conventions import MATRIX_ID_SYSTEM
 from synapse_fhir_module.fhir.person_directory import PersonDirectory
-from synapse_fhir_module.fhir.persons import MATRIX_ID_SYSTEM
 from synapse_fhir_module.fhir.team_directory import CareTeamDirectory
 from synapse_fhir_module.identity.email_identity import EmailIdentity
 

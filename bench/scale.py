@@ -73,8 +73,9 @@ from synapse_fhir_module.enforcement.account_validity import AccountValidity
 from synapse_fhir_module.enforcement.gate import CareTeamGate
 from synapse_fhir_module.enforcement.room_bindings import RoomBindings
 from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.conventions import MATRIX_ID_SYSTEM
 from synapse_fhir_module.fhir.person_directory import PersonDirectory
-from synapse_fhir_module.fhir.persons import MATRIX_ID_SYSTEM, matrix_uri
+from synapse_fhir_module.fhir.persons import matrix_uri
 from synapse_fhir_module.fhir.team_directory import (
     MAX_CACHED_TEAMS,
     MEMBERSHIP_INCLUDES,

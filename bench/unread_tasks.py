@@ -95,7 +95,7 @@ from devstack.matrix_client import MatrixUser, register_user
 from devstack.synapse import module_config
 from devstack.waiting import NeverHappened, wait_until
 from synapse_fhir_module.enforcement.binding_state import THREAD_STATE
-from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM
 from synapse_fhir_module.mapping.unread import COMPLETED, REQUESTED, task_id
 from synapse_fhir_module.unread.tasks import INTERVAL_MS
 

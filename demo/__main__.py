@@ -26,7 +26,7 @@ from demo.stack import NOTIFY_PATH, DemoStack
 from devstack.fhir_seed import FhirSeeder
 from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.waiting import NeverHappened, StopWaiting, wait_until
-from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM, ORIGIN_TAG
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM, ORIGIN_TAG
 from synapse_fhir_module.mapping.relay_content import SOURCE_KEY
 
 WORKDIR = Path(__file__).resolve().parent.parent / ".run" / "demo"

@@ -16,8 +16,8 @@ from synapse_fhir_module.enforcement.gate import CareTeamGate
 from synapse_fhir_module.enforcement.registration_gate import RegistrationGate
 from synapse_fhir_module.enforcement.room_bindings import RoomBindings
 from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.conventions import PERSON_TYPES
 from synapse_fhir_module.fhir.person_directory import PersonDirectory
-from synapse_fhir_module.fhir.persons import PERSON_TYPES
 from synapse_fhir_module.fhir.team_directory import CareTeamDirectory, DirectoryUnavailable
 from synapse_fhir_module.identity.directory import AddressDirectory
 from synapse_fhir_module.identity.email_identity import EmailIdentity

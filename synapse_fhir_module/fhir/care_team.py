@@ -23,8 +23,9 @@ from typing import Any
 
 import attr
 
+from synapse_fhir_module.fhir.conventions import PERSON_TYPES, dicts_in, reference_of
 from synapse_fhir_module.fhir.dates import period_bounds
-from synapse_fhir_module.fhir.persons import PERSON_TYPES, dicts_in, is_active, matrix_ids_of
+from synapse_fhir_module.fhir.persons import is_active, matrix_ids_of
 
 logger = logging.getLogger(__name__)
 
@@ -248,17 +249,3 @@ def _role_codes(participant: Mapping[str, Any]) -> frozenset[str]:
             if coding.get("code"):
                 codes.add(f"{coding.get('system', '')}|{coding['code']}")
     return frozenset(codes)
-
-
-def reference_of(value: Any) -> str | None:
-    """``{"reference": "Practitioner/12"}`` → ``Practitioner/12`` (relative refs only)."""
-    if not isinstance(value, Mapping):
-        return None
-    ref = value.get("reference")
-    if not isinstance(ref, str) or ref.count("/") < 1:
-        return None
-    parts = ref.split("/")
-    # Accept "Type/id" and "Type/id/_history/v"; absolute URLs are not ours to follow.
-    if "://" in ref:
-        return None
-    return f"{parts[0]}/{parts[1]}"

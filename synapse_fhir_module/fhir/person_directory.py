@@ -23,9 +23,8 @@ from typing import Any, Protocol
 import attr
 
 from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.conventions import PERSON_TYPES, dicts_in
 from synapse_fhir_module.fhir.persons import (
-    PERSON_TYPES,
-    dicts_in,
     emails_of,
     identity_searches,
     is_active,

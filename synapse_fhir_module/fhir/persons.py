@@ -17,16 +17,15 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from synapse_fhir_module.fhir.conventions import MATRIX_ID_SYSTEM, PERSON_TYPES, dicts_in
 from synapse_fhir_module.fhir.dates import period_covers
 
-MATRIX_ID_SYSTEM = "https://matrix.org/user-id"
 MATRIX_URI_PREFIX = "matrix:u/"
 EMAIL_TELECOM_SYSTEM = "email"
 # The Nuts proposal's mark on a ``telecom {system: "other"}`` that holds a Matrix id. Any
 # publisher's ``contactpoint-purpose`` extension counts (HL7's and Nictiz's share the name).
 PURPOSE_EXTENSION_SUFFIX = "/contactpoint-purpose"
 MATRIX_MESSAGING = "matrix-messaging"
-PERSON_TYPES = ("Practitioner", "RelatedPerson", "Patient")
 
 
 def matrix_uri(user_id: str) -> str:
@@ -56,7 +55,7 @@ def user_id_from_uri(uri: str) -> str | None:
 def matrix_ids_of(person: Mapping[str, Any]) -> set[str]:
     """Every Matrix user id a person resource names, in any of the three forms."""
     found: set[str] = set()
-    for telecom in _dicts(person.get("telecom")):
+    for telecom in dicts_in(person.get("telecom")):
         value = telecom.get("value")
         if not isinstance(value, str):
             continue
@@ -67,7 +66,7 @@ def matrix_ids_of(person: Mapping[str, Any]) -> set[str]:
         elif telecom.get("system") == "other" and _for_matrix_messaging(telecom):
             if is_user_id(value):
                 found.add(value)
-    for identifier in _dicts(person.get("identifier")):
+    for identifier in dicts_in(person.get("identifier")):
         value = identifier.get("value")
         if identifier.get("system") == MATRIX_ID_SYSTEM and isinstance(value, str):
             if value.startswith("@") and ":" in value:
@@ -86,7 +85,7 @@ def is_user_id(value: str) -> bool:
 
 
 def _for_matrix_messaging(telecom: Mapping[str, Any]) -> bool:
-    for extension in _dicts(telecom.get("extension")):
+    for extension in dicts_in(telecom.get("extension")):
         url = extension.get("url")
         if isinstance(url, str) and url.endswith(PURPOSE_EXTENSION_SUFFIX):
             if MATRIX_MESSAGING in _codes_of(extension):
@@ -100,7 +99,7 @@ def _codes_of(extension: Mapping[str, Any]) -> set[str]:
     for key in ("valueCode", "valueString"):
         if isinstance(extension.get(key), str):
             codes.add(extension[key])
-    codings = list(_dicts(extension.get("valueCodeableConcept", {}).get("coding")))
+    codings = list(dicts_in(extension.get("valueCodeableConcept", {}).get("coding")))
     if isinstance(extension.get("valueCoding"), Mapping):
         codings.append(extension["valueCoding"])
     codes.update(c["code"] for c in codings if isinstance(c.get("code"), str))
@@ -128,14 +127,14 @@ def emails_of(person: Mapping[str, Any], identifier_systems: Collection[str] = (
     """
     found: set[str] = set()
     now = datetime.now(timezone.utc)
-    for identifier in _dicts(person.get("identifier")):
+    for identifier in dicts_in(person.get("identifier")):
         value = identifier.get("value")
         if identifier.get("system") in identifier_systems and isinstance(value, str):
             if period_covers(identifier.get("period"), now) and identifier.get("use") != "old":
                 address = normalise_email(value)
                 if _looks_like_email(address):
                     found.add(address)
-    for telecom in _dicts(person.get("telecom")):
+    for telecom in dicts_in(person.get("telecom")):
         value = telecom.get("value")
         if telecom.get("system") != EMAIL_TELECOM_SYSTEM or not isinstance(value, str):
             continue
@@ -242,13 +241,3 @@ def _escape_search_value(value: str) -> str:
     for special in ("\\", "|", ",", "$"):
         value = value.replace(special, "\\" + special)
     return value
-
-
-def dicts_in(value: Any) -> list[Mapping[str, Any]]:
-    """The mappings in a JSON list (FHIR arrays from elsewhere may hold anything)."""
-    if isinstance(value, list):
-        return [item for item in value if isinstance(item, Mapping)]
-    return []
-
-
-_dicts = dicts_in

@@ -12,7 +12,6 @@ worker reaches every worker through Synapse's replication.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -26,10 +25,10 @@ from synapse_fhir_module.fhir.care_team import (
     AccountsOf,
     TeamMembership,
     explicit_accounts,
-    reference_of,
     resolve_membership,
 )
 from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.conventions import is_fhir_id, reference_of
 from synapse_fhir_module.fhir.errors import FhirError, FhirTransientError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +56,6 @@ async def explicit_only(resources: dict[str, dict[str, Any]]) -> tuple[AccountsO
 
 # Stands for "a care-team room whose team cannot be named": it has no members.
 UNRESOLVED_TEAM = "CareTeam/#unresolved"
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 MEMBERSHIP_INCLUDES = [
     ("_include", "CareTeam:participant"),
@@ -236,7 +234,7 @@ class CareTeamDirectory:
         """Load these teams' answers with one search per ``PREFETCH_BATCH`` teams, for a
         sync about to apply them all (a full reconcile would otherwise search per team)."""
         ids = [ref.split("/", 1)[1] for ref in dict.fromkeys(team_refs)]
-        ids = [team_id for team_id in ids if _FHIR_ID.match(team_id)]
+        ids = [team_id for team_id in ids if is_fhir_id(team_id)]
         for start in range(0, len(ids), PREFETCH_BATCH):
             chunk = ids[start : start + PREFETCH_BATCH]
             # One page: HAPI's default page size would split the batch into five, each
@@ -263,7 +261,7 @@ class CareTeamDirectory:
 
     async def _load(self, team_ref: str) -> _Fetched:
         team_id = team_ref.split("/", 1)[1]
-        if not _FHIR_ID.match(team_id):
+        if not is_fhir_id(team_id):
             membership = TeamMembership(team=team_ref, status="missing", members={})
             return _Fetched(membership, self._monotonic(), frozenset())
         resources = await self._fhir.search_json(

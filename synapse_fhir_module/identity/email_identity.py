@@ -23,8 +23,9 @@ from typing import Any
 from synapse.module_api import ModuleApi
 
 from synapse_fhir_module.fhir.care_team import AccountsOf, Resources
+from synapse_fhir_module.fhir.conventions import PERSON_TYPES
 from synapse_fhir_module.fhir.person_directory import PersonDirectory
-from synapse_fhir_module.fhir.persons import PERSON_TYPES, is_active, matrix_ids_of, normalise_email
+from synapse_fhir_module.fhir.persons import is_active, matrix_ids_of, normalise_email
 from synapse_fhir_module.identity import account_email_store
 from synapse_fhir_module.identity.registered_accounts import RegisteredAccounts
 from synapse_fhir_module.identity.verified_emails import VerifiedEmails

@@ -23,7 +23,12 @@ from typing import Any
 import attr
 
 from synapse_fhir_module.config import CommunicationProfile
-from synapse_fhir_module.fhir.care_team import reference_of
+from synapse_fhir_module.fhir.conventions import (
+    EVENT_ID_SYSTEM,
+    ORIGIN_TAG,
+    ROOM_ID_SYSTEM,
+    reference_of,
+)
 from synapse_fhir_module.fhir.dates import format_fhir_instant
 from synapse_fhir_module.fhir.thread_teams import request_teams
 from synapse_fhir_module.mapping.profile import (
@@ -35,11 +40,6 @@ from synapse_fhir_module.mapping.profile import (
     declares,
 )
 
-EVENT_ID_SYSTEM = "https://matrix.org/event-id"
-# Identifies the CommunicationRequest the module opened for a room (its thread).
-ROOM_ID_SYSTEM = "https://matrix.org/room-id"
-# Marks what this module wrote, so it is never relayed back into Matrix (no loops).
-ORIGIN_TAG = {"system": "urn:synapse-fhir-module:origin", "code": "matrix"}
 # Marks a Communication recorded from an encrypted event: it has no payload on purpose
 # (under the OZO profile, a placeholder).
 ENCRYPTED_TAG = {"system": "urn:synapse-fhir-module:content", "code": "encrypted"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from synapse_fhir_module.fhir.persons import PERSON_TYPES
+from synapse_fhir_module.fhir.conventions import PERSON_TYPES
 
 OZO_COMMUNICATION = "http://ozoverbindzorg.nl/fhir/StructureDefinition/OZOCommunication"
 OZO_COMMUNICATION_REQUEST = (

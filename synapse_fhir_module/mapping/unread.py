@@ -16,7 +16,7 @@ from typing import Any
 import attr
 
 from synapse_fhir_module.config import CommunicationProfile
-from synapse_fhir_module.mapping.communication import ORIGIN_TAG
+from synapse_fhir_module.fhir.conventions import ORIGIN_TAG
 from synapse_fhir_module.mapping.profile import declare
 
 UNREAD_TASK_SYSTEM = "urn:synapse-fhir-module:unread"

@@ -29,13 +29,11 @@ from typing import Any
 import attr
 
 from synapse_fhir_module.config import CommunicationProfile, RedactionPolicy
-from synapse_fhir_module.fhir.care_team import reference_of
 from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM, ORIGIN_TAG, reference_of
 from synapse_fhir_module.fhir.errors import FhirPermanentError
 from synapse_fhir_module.mapping.communication import (
     ENCRYPTED_TAG,
-    EVENT_ID_SYSTEM,
-    ORIGIN_TAG,
     WITHDRAWN,
     Redaction,
     has_tag,

@@ -57,13 +57,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile, RecordedRooms
 from synapse_fhir_module.enforcement.room_bindings import THREAD_STATE, RoomBindings
-from synapse_fhir_module.fhir.care_team import reference_of
 from synapse_fhir_module.fhir.client import FhirClient, to_json
+from synapse_fhir_module.fhir.conventions import ROOM_ID_SYSTEM, reference_of
 from synapse_fhir_module.fhir.errors import FhirError, FhirPermanentError, FhirTransientError
 from synapse_fhir_module.fhir.person_directory import PersonDirectory
 from synapse_fhir_module.fhir.team_directory import CareTeamDirectory, DirectoryUnavailable
 from synapse_fhir_module.mapping.communication import (
-    ROOM_ID_SYSTEM,
     WITHDRAWN,
     CommunicationWrite,
     NotRecorded,

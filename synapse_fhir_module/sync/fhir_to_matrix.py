@@ -44,15 +44,21 @@ from synapse_fhir_module.enforcement.binding_state import (
 )
 from synapse_fhir_module.enforcement.binding_store import Binding
 from synapse_fhir_module.enforcement.room_bindings import RoomBindings
-from synapse_fhir_module.fhir.care_team import MAX_NESTING, Member, TeamMembership, reference_of
+from synapse_fhir_module.fhir.care_team import MAX_NESTING, Member, TeamMembership
 from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.conventions import (
+    EVENT_ID_SYSTEM,
+    MEMBER_TYPES,
+    ORIGIN_TAG,
+    ROOM_ID_SYSTEM,
+    reference_of,
+)
 from synapse_fhir_module.fhir.dates import parse_fhir_datetime
 from synapse_fhir_module.fhir.errors import FhirError, FhirNotFoundError
 from synapse_fhir_module.fhir.person_directory import PersonDirectory
 from synapse_fhir_module.fhir.team_directory import CareTeamDirectory
 from synapse_fhir_module.fhir.thread_teams import further_teams, request_teams
 from synapse_fhir_module.identity.registered_accounts import RegisteredAccounts
-from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM, ORIGIN_TAG, ROOM_ID_SYSTEM
 from synapse_fhir_module.mapping.relay_content import RelayMessage, RelayPlan, relay_messages
 from synapse_fhir_module.mapping.thread_status import (
     ThreadMode,
@@ -84,8 +90,7 @@ logger = logging.getLogger(__name__)
 # (cursor, room id, message) → None: a relayed part noted as the room's latest message.
 NoteRelayed = Callable[[sync_store.Cursor, str, LatestMessage], None]
 
-PERSON_TYPES = ("Practitioner", "PractitionerRole", "RelatedPerson", "Patient")
-SYNCED_TYPES = ("CareTeam", "CommunicationRequest", "Communication", *PERSON_TYPES)
+SYNCED_TYPES = ("CareTeam", "CommunicationRequest", "Communication", *MEMBER_TYPES)
 # Team statuses under which the team's rooms are emptied (DESIGN: entered-in-error, deleted).
 EMPTIED_STATUSES = frozenset({"entered-in-error", "missing"})
 DEFAULT_ROOM_NAME = "Conversation"
@@ -171,7 +176,7 @@ class FhirSync:
             await self._apply_request(reference)
         elif resource_type == "Communication":
             await self._relay(reference)
-        elif resource_type in PERSON_TYPES:
+        elif resource_type in MEMBER_TYPES:
             for team_ref in await self._teams_listing(reference):
                 await self._apply_fresh(team_ref)
 
@@ -614,7 +619,7 @@ class FhirSync:
         communication_ref = f"Communication/{communication.get('id')}"
         if communication.get("status") == "entered-in-error":
             return
-        sender_ref = _reference(communication.get("sender"))
+        sender_ref = reference_of(communication.get("sender"))
         sender = await self._read(sender_ref) if sender_ref else None
         plan = relay_messages(
             communication.get("payload"),
@@ -738,7 +743,7 @@ class FhirSync:
         identifier alone proves nothing — anyone writing FHIR could name any room.
         """
         for item in part_of if isinstance(part_of, list) else []:
-            reference = _reference(item)
+            reference = reference_of(item)
             if not reference or not reference.startswith("CommunicationRequest/"):
                 continue
             room_id = await self._room_of(reference)
@@ -812,12 +817,6 @@ def _is_own(resource: Mapping[str, Any]) -> bool:
         and tag.get("code") == ORIGIN_TAG["code"]
         for tag in tags or []
     )
-
-
-def _reference(value: Any) -> str | None:
-    if isinstance(value, Mapping) and isinstance(value.get("reference"), str):
-        return str(value["reference"])
-    return None
 
 
 def _request_name(request: Mapping[str, Any]) -> str:

@@ -27,13 +27,9 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM, ORIGIN_TAG
 from synapse_fhir_module.fhir.dates import parse_fhir_datetime
-from synapse_fhir_module.mapping.communication import (
-    EVENT_ID_SYSTEM,
-    ORIGIN_TAG,
-    has_tag,
-    is_event_id,
-)
+from synapse_fhir_module.mapping.communication import has_tag, is_event_id
 
 # In-reply-to is how Matrix clients show a reply (no fallback text: the quoted message
 # may no longer be what FHIR says).

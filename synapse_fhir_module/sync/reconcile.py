@@ -26,9 +26,9 @@ from synapse.module_api import ModuleApi
 
 from synapse_fhir_module.enforcement import binding_store
 from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.conventions import ORIGIN_TAG
 from synapse_fhir_module.fhir.dates import format_fhir_instant, parse_fhir_datetime
 from synapse_fhir_module.fhir.errors import FhirError
-from synapse_fhir_module.mapping.communication import ORIGIN_TAG
 from synapse_fhir_module.sync import store as sync_store
 from synapse_fhir_module.sync.change_queue import ChangeQueue
 from synapse_fhir_module.sync.fhir_to_matrix import SYNCED_TYPES

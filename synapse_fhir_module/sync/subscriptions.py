@@ -30,8 +30,8 @@ from synapse.module_api import ModuleApi
 
 from synapse_fhir_module.config import ModuleConfig
 from synapse_fhir_module.fhir.client import FHIR_JSON, FhirClient, parse_resource
+from synapse_fhir_module.fhir.conventions import ORIGIN_TAG
 from synapse_fhir_module.fhir.errors import FhirTransientError
-from synapse_fhir_module.mapping.communication import ORIGIN_TAG
 from synapse_fhir_module.sync.fhir_to_matrix import SYNCED_TYPES
 
 # Where FHIR Subscriptions post their notifications (the webhook resource, web/).

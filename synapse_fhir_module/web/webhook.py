@@ -32,6 +32,7 @@ import attr
 from synapse.module_api import DirectServeJsonResource, SynapseRequest
 from synapse.module_api.errors import Codes, SynapseError
 
+from synapse_fhir_module.fhir.conventions import FHIR_ID, RESOURCE_TYPE
 from synapse_fhir_module.sync.subscriptions import NOTIFY_PATH
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ HANDLED_RESOURCE_TYPES = frozenset(
     }
 )
 
-_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _VERSION = re.compile(r"[0-9]{1,18}")
 # HAPI's rest-hook client sends the delivered version as a weak ETag.
 _IF_MATCH_VERSION = re.compile(r'(?:W/)?"([0-9]{1,18})"')
@@ -264,13 +263,13 @@ def _string_field(content: Mapping[str, Any], key: str) -> str:
 
 
 def _resource_type(value: str) -> str:
-    if not _RESOURCE_TYPE.fullmatch(value):
+    if not RESOURCE_TYPE.fullmatch(value):
         raise _invalid("The resource type must be a FHIR resource type name, e.g. CareTeam")
     return value
 
 
 def _resource_id(value: str) -> str:
-    if not _FHIR_ID.fullmatch(value):
+    if not FHIR_ID.fullmatch(value):
         raise _invalid("The id must be a FHIR id: 1-64 of A-Z, a-z, 0-9, '-' and '.'")
     return value
 

@@ -16,7 +16,7 @@ from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.rooms import create_bound_space, create_room_in_space, service_session
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM
 from tests.integration.care_network import CareNetwork, via_telecom
 
 DEAD_LETTERS = "/_synapse/client/fhir/outbox/dead"

@@ -17,8 +17,8 @@ from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
 from synapse_fhir_module.config import RedactionPolicy
 from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM
 from synapse_fhir_module.mapping.communication import (
-    EVENT_ID_SYSTEM,
     Redaction,
     RoomContext,
     communication_reference,

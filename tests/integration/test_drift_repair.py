@@ -20,7 +20,7 @@ import requests
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, login_as, register_user
 from devstack.waiting import wait_until
-from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM
 from tests.integration.matrix_views import invited_space, membership, open_invites
 from tests.integration.quiet_stack import QuietStack, quiet_stack
 

@@ -22,11 +22,8 @@ from devstack.rooms import create_bound_space, create_room_in_space, service_ses
 from devstack.synapse import SERVER_NAME, SynapseServer, module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module.config import CommunicationProfile
-from synapse_fhir_module.mapping.communication import (
-    ENCRYPTED_TAG,
-    ROOM_ID_SYSTEM,
-    thread_request,
-)
+from synapse_fhir_module.fhir.conventions import ROOM_ID_SYSTEM
+from synapse_fhir_module.mapping.communication import ENCRYPTED_TAG, thread_request
 from synapse_fhir_module.mapping.profile import (
     ENCRYPTED_PLACEHOLDER,
     OZO_COMMUNICATION,

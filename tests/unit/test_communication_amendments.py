@@ -13,12 +13,11 @@ import pytest_twisted
 from fhir.resources.R4B.communication import Communication
 
 from synapse_fhir_module.config import CommunicationProfile, RedactionPolicy
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM, ORIGIN_TAG
 from synapse_fhir_module.fhir.errors import FhirPermanentError, error_for_status
 from synapse_fhir_module.mapping.communication import (
     ENCRYPTED_TAG,
-    EVENT_ID_SYSTEM,
     MODERATOR_NOTE,
-    ORIGIN_TAG,
     WITHDRAWN,
     Redaction,
     RoomContext,

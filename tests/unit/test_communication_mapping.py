@@ -10,13 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from synapse_fhir_module.config import CommunicationProfile
-from synapse_fhir_module.fhir.care_team import reference_of
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM, ORIGIN_TAG, reference_of
 from synapse_fhir_module.fhir.thread_teams import request_teams
 from synapse_fhir_module.mapping.communication import (
     ENCRYPTED_TAG,
-    EVENT_ID_SYSTEM,
     MODERATOR_NOTE,
-    ORIGIN_TAG,
     WITHDRAWN,
     NotRecorded,
     Redaction,

@@ -19,15 +19,11 @@ from twisted.internet.task import Clock
 
 from synapse_fhir_module.config import CommunicationConfig, CommunicationProfile
 from synapse_fhir_module.fhir.client import parse_resource, to_json
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM, ORIGIN_TAG, ROOM_ID_SYSTEM
 from synapse_fhir_module.fhir.errors import FhirTransientError, error_for_status
 from synapse_fhir_module.fhir.person_directory import PersonRecord
 from synapse_fhir_module.fhir.team_directory import DirectoryUnavailable
-from synapse_fhir_module.mapping.communication import (
-    EVENT_ID_SYSTEM,
-    ORIGIN_TAG,
-    ROOM_ID_SYSTEM,
-    thread_request,
-)
+from synapse_fhir_module.mapping.communication import thread_request
 from synapse_fhir_module.recording import outbox_store
 from synapse_fhir_module.recording import position_store as recording_log_store
 from synapse_fhir_module.recording.recent_writes import RecentWrites

@@ -11,8 +11,8 @@ from typing import Any
 import pytest_twisted
 from synapse.spam_checker_api import RegistrationBehaviour
 
+from synapse_fhir_module.fhir.conventions import MATRIX_ID_SYSTEM
 from synapse_fhir_module.fhir.person_directory import PersonDirectory
-from synapse_fhir_module.fhir.persons import MATRIX_ID_SYSTEM
 from synapse_fhir_module.identity.email_identity import EmailIdentity
 from synapse_fhir_module.identity.verified_emails import VerifiedEmails
 

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synapse_fhir_module.mapping.communication import EVENT_ID_SYSTEM, ORIGIN_TAG
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM, ORIGIN_TAG
 from synapse_fhir_module.sync.foreign_messages import (
     answered,
     conditional_event_id,

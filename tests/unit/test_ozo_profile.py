@@ -16,9 +16,9 @@ from synapse.module_api.errors import ConfigError
 
 from synapse_fhir_module import FhirModule
 from synapse_fhir_module.config import CommunicationProfile, RedactionPolicy
+from synapse_fhir_module.fhir.conventions import ORIGIN_TAG
 from synapse_fhir_module.mapping.communication import (
     ENCRYPTED_TAG,
-    ORIGIN_TAG,
     WITHDRAWN,
     NotRecorded,
     Redaction,

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest_twisted
 
+from synapse_fhir_module.fhir.conventions import MATRIX_ID_SYSTEM
 from synapse_fhir_module.fhir.person_directory import PersonDirectory
-from synapse_fhir_module.fhir.persons import MATRIX_ID_SYSTEM
 
 
 class PersonsInFhir:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from synapse_fhir_module.fhir.conventions import PERSON_TYPES
 from synapse_fhir_module.fhir.persons import (
-    PERSON_TYPES,
     email_searches,
     emails_of,
     identity_searches,
