@@ -10,7 +10,7 @@ MVN_TEST := mvn -B -ntp -f hapi/pom.xml
 HAPI_JARS := hapi/interceptor/target/synapse-notify-interceptor.jar hapi/server/target/fhir-dev-server.jar
 HAPI_SOURCES := $(shell find hapi -name pom.xml -o -path '*/src/*' -type f 2>/dev/null | grep -v /target/)
 
-.PHONY: demo test test-python test-java lint bench bench-smoke setup clean
+.PHONY: demo test test-python test-java lint fuzz bench bench-smoke setup clean
 
 demo: setup
 	$(PY) -m demo
@@ -24,6 +24,11 @@ test-python: setup
 
 test-java:
 	$(MVN_TEST) verify
+
+# Every property test with FUZZ_EXAMPLES inputs (CI: a short run); prints the total.
+FUZZ_EXAMPLES ?= 1000
+fuzz: setup
+	$(PY) -m tests.fuzz --examples $(FUZZ_EXAMPLES)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -79,7 +79,7 @@ class TeamMembership:
 
     @property
     def admits_members(self) -> bool:
-        return self.status in ADMITTING_STATUSES and self.in_period
+        return _admits(self.status) and self.in_period
 
     def is_member(self, user_id: str, now: float | None = None) -> bool:
         member = self.members.get(user_id)
@@ -102,6 +102,12 @@ class _Walk:
         self.inactive: set[str] = set()
         self.without_account: set[str] = set()
         self.next_change: datetime | None = None
+
+    def resource(self, reference: str) -> Mapping[str, Any] | None:
+        """The resource read for ``reference``; None when absent or not a JSON object
+        (what another FHIR server sent may be anything)."""
+        found = self.resources.get(reference)
+        return found if isinstance(found, Mapping) else None
 
     def covers(self, period: Any, until: datetime | None) -> tuple[bool, datetime | None]:
         """Whether ``period`` covers now, and the end of coverage given the end so far.
@@ -127,8 +133,8 @@ def resolve_membership(
 ) -> TeamMembership:
     """The current members of ``team_ref`` (which must be in ``resources``); a person's
     accounts are what ``accounts_of`` says (the person directory's one resolution)."""
-    team = resources[team_ref]
     walk = _Walk(resources, now, accounts_of)
+    team = walk.resource(team_ref) or {}  # (not a JSON object: a team that admits nobody)
     in_period, until = walk.covers(team.get("period"), None)
     if in_period:
         _collect(team_ref, walk, until, visiting=set(), depth=0)
@@ -144,7 +150,7 @@ def resolve_membership(
             walk.found.pop(user_id, None)
     return TeamMembership(
         team=team_ref,
-        status=str(team.get("status") or "unknown"),
+        status=team["status"] if isinstance(team.get("status"), str) else "unknown",
         members=walk.found,
         inactive=frozenset(walk.inactive - walk.found.keys()),
         without_account=frozenset(walk.without_account),
@@ -165,11 +171,11 @@ def _collect(
 ) -> None:
     if team_ref in visiting or depth > MAX_NESTING:
         return  # a cycle, or nesting deeper than any real care network
-    team = walk.resources.get(team_ref)
+    team = walk.resource(team_ref)
     if team is None:
         return
     if depth > 0:
-        if team.get("status") not in ADMITTING_STATUSES:
+        if not _admits(team.get("status")):
             return  # an inactive nested team lends nobody to the outer team
         covered, until = walk.covers(team.get("period"), until)
         if not covered:
@@ -187,7 +193,7 @@ def _collect(
         if member_type == "CareTeam":
             _collect(member_ref, walk, participant_until, visiting=visiting, depth=depth + 1)
         elif member_type == "PractitionerRole":
-            role = walk.resources.get(member_ref)
+            role = walk.resource(member_ref)
             if role is None or not is_active(role):
                 continue
             covered, role_until = walk.covers(role.get("period"), participant_until)
@@ -201,7 +207,7 @@ def _collect(
 def _add_person(
     person_ref: str, walk: _Walk, roles: frozenset[str], until: datetime | None
 ) -> None:
-    person = walk.resources.get(person_ref)
+    person = walk.resource(person_ref)
     if person is None:
         return
     accounts = walk.accounts_of(person_ref, person)
@@ -232,6 +238,10 @@ def _add_person(
             else:
                 member = Member(user_id, person_ref, member_type, merged_roles, last)
         walk.found[user_id] = member
+
+
+def _admits(status: Any) -> bool:
+    return isinstance(status, str) and status in ADMITTING_STATUSES
 
 
 def _earlier(a: datetime | None, b: datetime | None) -> datetime | None:

@@ -34,9 +34,10 @@ FROM_THE_RECORD = " (care record)"
 FILE_MSGTYPES = {"image": "m.image", "audio": "m.audio", "video": "m.video"}
 DEFAULT_FILE_NAME = "attachment"
 # Synapse refuses an event over 64 KiB, and would refuse it on every retry: a text is cut
-# to this many bytes of UTF-8 (its HTML copy can be six times longer), a file name or a
-# URL too long to cut is not posted.
-TEXT_BYTES = 8_000
+# to this many bytes of UTF-8 (in the event's JSON it appears twice, and a '"' takes 2
+# bytes in the body and 6 in its HTML copy: 8 in all), a file name is cut, and a URL too
+# long to cut is not posted.
+TEXT_BYTES = 6_000
 NAME_BYTES = 1_000
 URL_BYTES = 4_000
 SHORTENED = " … (shortened: the full text is in the care record)"

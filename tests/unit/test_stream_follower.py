@@ -166,7 +166,7 @@ def test_memory_full_turns_to_reading_the_stream_and_holds_aside_into_the_table(
     assert log.pending == 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=max(300, settings.default.max_examples))
 @given(
     st.lists(
         st.one_of(
@@ -230,7 +230,7 @@ def test_the_saved_position_never_passes_a_message_fhir_lacks_and_none_is_lost(
     assert position == f"p{len(stream.events)}"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=max(300, settings.default.max_examples))
 @given(
     st.lists(
         st.one_of(
