@@ -25,3 +25,19 @@ async def ensure_service_user(api: ModuleApi, localpart: str) -> str:
         if e.errcode != Codes.USER_IN_USE:
             raise
     return user_id
+
+
+RETRY_MS = 30_000
+
+
+def register_service_user_soon(api: ModuleApi, localpart: str) -> None:
+    """In the background, until it works (the database may not be ready at start-up)."""
+
+    async def register() -> None:
+        try:
+            await ensure_service_user(api, localpart)
+        except Exception:
+            logger.exception("Could not register the service user; trying again in 30 s")
+            api.delayed_background_call(RETRY_MS, register, desc="fhir_service_user")
+
+    api.delayed_background_call(0, register, desc="fhir_service_user")

@@ -3,5 +3,5 @@ data (the third-party-rules, spam-checker and account-validity callbacks), the m
 record of which room belongs to which team (bindings), the power levels that guard what
 callbacks cannot, registration, and the reasons given for a refusal.
 
-May import: ``fhir``, ``identity``, ``storage``, ``config``.
+May import: ``fhir``, ``identity``, ``storage``, ``callback_safety``, ``config``.
 """

@@ -1,5 +1,5 @@
-"""One place where an unexpected error in a callback is logged and turned into a safe answer,
-instead of a try/except in every callback."""
+"""One place where an unexpected error in an access-deciding callback is logged and turned
+into a safe answer (fail closed, or open as configured), instead of a try/except in each."""
 
 from __future__ import annotations
 
@@ -33,21 +33,5 @@ def access_decision(
             if fail_closed:
                 raise Denied(Reason.DIRECTORY_UNAVAILABLE) from None
             return allow
-
-    return guarded
-
-
-def never_raises(
-    callback: Callable[..., Awaitable[T]], *, fallback: T
-) -> Callable[..., Awaitable[T]]:
-    """Wrap a callback whose failure must not disturb Synapse (e.g. account validity)."""
-
-    @functools.wraps(callback)
-    async def guarded(*args: Any, **kwargs: Any) -> T:
-        try:
-            return await callback(*args, **kwargs)
-        except Exception:
-            logger.exception("Unexpected error in %s", callback.__qualname__)
-            return fallback
 
     return guarded

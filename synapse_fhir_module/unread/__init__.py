@@ -2,5 +2,5 @@
 Matrix read marker, written in the background.
 
 May import: ``fhir``, ``mapping``, ``enforcement``, ``sync`` (its table), ``storage``,
-``config``.
+``callback_safety``, ``config``.
 """

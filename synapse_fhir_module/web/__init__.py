@@ -1,5 +1,5 @@
 """The HTTP resources the module adds to Synapse: ``/notify`` (the HAPI shim and FHIR
 Subscriptions), ``/health``, and the admin API for dead letters.
 
-May import anything below it; nothing imports it but ``module``.
+May import every other part; nothing imports it but ``module``.
 """

@@ -26,27 +26,13 @@ from synapse.module_api import DirectServeJsonResource, SynapseRequest
 
 from synapse_fhir_module.fhir.client import FhirClient
 from synapse_fhir_module.fhir.errors import FhirError
+from synapse_fhir_module.identity.counts import IdentityCounts
 from synapse_fhir_module.recording.counts import OutboxCounts
+from synapse_fhir_module.sync.counts import SyncCounts
 
 logger = logging.getLogger(__name__)
 
 HEALTH_PATH = "/_synapse/client/fhir/health"
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class SyncCounts:
-    running: bool = False
-    queued: int = 0
-    retrying: int = 0
-    scheduled_boundaries: int = 0
-    binding_incidents: int = 0
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class IdentityCounts:
-    email: bool = False  # identity by email on
-    # Addresses an account holds that several FHIR persons carry (they map nobody).
-    ambiguous_emails: int = 0
 
 
 def no_identity() -> IdentityCounts:

@@ -29,17 +29,41 @@ JSON = st.recursive(
     max_leaves=30,
 )
 # FHIR-shaped garbage: the right keys, anything in them.
-FIELDS = ["resourceType", "status", "period", "participant", "member", "reference", "telecom",
-          "identifier", "system", "value", "active", "practitioner", "start", "end", "role"]
+FIELDS = [
+    "resourceType",
+    "status",
+    "period",
+    "participant",
+    "member",
+    "reference",
+    "telecom",
+    "identifier",
+    "system",
+    "value",
+    "active",
+    "practitioner",
+    "start",
+    "end",
+    "role",
+]
 SHAPED = st.recursive(
     SCALARS,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=6)
+    ),
     max_leaves=40,
 )
 REFERENCES = st.sampled_from(
-    ["CareTeam/t", "CareTeam/u", "Practitioner/p", "PractitionerRole/r", "Patient/q",
-     "RelatedPerson/s", "Practitioner/p/_history/1", "http://evil.example/Practitioner/p"]
+    [
+        "CareTeam/t",
+        "CareTeam/u",
+        "Practitioner/p",
+        "PractitionerRole/r",
+        "Patient/q",
+        "RelatedPerson/s",
+        "Practitioner/p/_history/1",
+        "http://evil.example/Practitioner/p",
+    ]
 )
 
 
@@ -84,9 +108,7 @@ def test_garbage_never_yields_a_member(team: Any, others: dict[str, Any]) -> Non
     only an account some resource here names explicitly can be a member."""
     resources = {**others, "CareTeam/t": team if isinstance(team, dict) else {"x": team}}
     membership = resolve_membership("CareTeam/t", resources, NOW)
-    named = set().union(
-        *(matrix_ids_of(r) for r in resources.values() if isinstance(r, dict))
-    )
+    named = set().union(*(matrix_ids_of(r) for r in resources.values() if isinstance(r, dict)))
     assert set(membership.members) <= named
     assert all(is_user_id(user_id) for user_id in membership.members)
 

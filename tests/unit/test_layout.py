@@ -9,20 +9,21 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "synapse_fhir_module"
-BASE = {"config", "storage", "http_exchange", "service_user"}
+BASE = {"config", "storage", "http_exchange", "service_user", "callback_safety"}
 MAY_IMPORT: dict[str, set[str]] = {
     "config": set(),
     "storage": set(),
     "http_exchange": set(),
     "service_user": set(),
+    "callback_safety": set(),
     "fhir": {"config", "http_exchange"},
     "mapping": {"config", "fhir"},
-    "identity": {"config", "fhir", "storage", "http_exchange"},
-    "enforcement": {"config", "fhir", "identity", "storage"},
-    "sync": {"config", "fhir", "mapping", "identity", "enforcement", "storage"},
+    "identity": {"config", "fhir", "storage", "http_exchange", "callback_safety"},
+    "enforcement": {"config", "fhir", "identity", "storage", "callback_safety"},
+    "sync": {"config", "fhir", "mapping", "identity", "enforcement", "storage", "service_user"},
     "recording": {"fhir", "mapping", "enforcement", "sync"} | BASE,
-    "unread": {"config", "fhir", "mapping", "enforcement", "sync", "storage"},
-    "web": {"fhir", "recording", "sync"} | BASE,
+    "unread": {"config", "fhir", "mapping", "enforcement", "sync", "storage", "callback_safety"},
+    "web": {"fhir", "mapping", "identity", "enforcement", "sync", "recording", "unread"} | BASE,
 }
 
 

@@ -1,0 +1,56 @@
+"""The module's HTTP resources on Synapse's listener, on every instance: ``/notify`` (the
+shim and FHIR Subscriptions), ``/health``, and the dead letters (server admins only)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from synapse.module_api import ModuleApi
+
+from synapse_fhir_module.config import ModuleConfig
+from synapse_fhir_module.fhir.client import FhirClient
+from synapse_fhir_module.identity.counts import IdentityCounts
+from synapse_fhir_module.recording.recorder import CommunicationRecorder, now_ms
+from synapse_fhir_module.sync.counts import SyncCounts
+from synapse_fhir_module.sync.subscriptions import NOTIFY_PATH
+from synapse_fhir_module.web.dead_letters import (
+    DEAD_LETTERS_PATH,
+    RETRY_PATH,
+    DeadLettersResource,
+    RetryDeadLettersResource,
+)
+from synapse_fhir_module.web.health import HEALTH_PATH, FhirReachability, HealthResource, no_outbox
+from synapse_fhir_module.web.webhook import Notification, NotifyResource
+
+
+def register_resources(
+    api: ModuleApi,
+    config: ModuleConfig,
+    *,
+    fhir: FhirClient,
+    recorder: CommunicationRecorder | None,
+    drains_here: bool,
+    sync_counts: Callable[[], Awaitable[SyncCounts]],
+    identity_counts: Callable[[], IdentityCounts],
+    on_notification: Callable[[Notification], None],
+) -> None:
+    api.register_web_resource(
+        HEALTH_PATH,
+        HealthResource(
+            FhirReachability(fhir),
+            recorder.counts if recorder else no_outbox,
+            sync_counts,
+            identity_counts,
+        ),
+    )
+    if recorder is not None:
+        api.register_web_resource(DEAD_LETTERS_PATH, DeadLettersResource(api))
+        # Only the instance that drains is woken; elsewhere its 1 s wake-up finds the rows.
+        wake = recorder.table_changed if drains_here else _do_nothing
+        api.register_web_resource(RETRY_PATH, RetryDeadLettersResource(api, now_ms, wake))
+    # FHIR says what changed (DESIGN §5); the background instance makes Matrix match.
+    api.register_web_resource(NOTIFY_PATH, NotifyResource(config.webhook.secret, on_notification))
+
+
+def _do_nothing() -> None:
+    pass
