@@ -334,7 +334,7 @@ def _parse_json(payload: bytes) -> Any:
         return None
     try:
         return json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # (not JSON; nested deeper than Python reads)
         return None
 
 

@@ -17,6 +17,7 @@ name in FHIR cannot pass for a Matrix user of that name.
 from __future__ import annotations
 
 import html
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +42,12 @@ TEXT_BYTES = 6_000
 NAME_BYTES = 1_000
 URL_BYTES = 4_000
 SHORTENED = " … (shortened: the full text is in the care record)"
+# The most a message's content may take as JSON (Synapse adds the event's own fields).
+CONTENT_BYTES = 60_000
+TOO_LARGE = "A message from the care record too large to show here: see the record itself."
+# Characters FHIR strings may not hold and JSON would write six bytes each for.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_MIMETYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}")
 # mxc://<server name>/<media id> (the media id's grammar from the spec).
 _MXC = re.compile(r"mxc://[A-Za-z0-9.\-:\[\]]+/[A-Za-z0-9_\-]+")
 
@@ -100,8 +107,8 @@ def _attributed(
     # (The claim key, so the recorder can check this very part was the module's post.)
     content = {**content, SOURCE_KEY: key}
     if not sender_name:
-        return content
-    sender_name = _profile_field(sender_name)
+        return _fitting(content)
+    sender_name = _profile_field(clean_text(sender_name))
     if content["msgtype"] == "m.text":
         text = content["body"]
         content["body"] = f"{sender_name}: {text}"
@@ -113,7 +120,23 @@ def _attributed(
         "id": _profile_field(sender_ref or sender_name),
         "displayname": _profile_field(sender_name, suffix=FROM_THE_RECORD),
     }
-    return content
+    return _fitting(content)
+
+
+def _fitting(content: dict[str, Any]) -> dict[str, Any]:
+    """``content``, or a short notice in its place when its JSON would still be too large
+    for one event (Synapse would refuse it on every retry)."""
+    size = len(json.dumps(content, ensure_ascii=False).encode("utf-8"))
+    if size <= CONTENT_BYTES:
+        return content
+    return {"msgtype": "m.notice", "body": TOO_LARGE, SOURCE_KEY: content[SOURCE_KEY]}
+
+
+def clean_text(text: str) -> str:
+    """``text`` without what FHIR strings may not hold: control characters (but tab and
+    line breaks) and lone surrogates, which no event could carry."""
+    text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return _CONTROL.sub("", text)
 
 
 def source_of(content: Mapping[str, Any]) -> str | None:
@@ -144,6 +167,7 @@ def _profile_field(text: str, *, suffix: str = "") -> str:
 def _content_of(item: Mapping[str, Any]) -> dict[str, Any] | None:
     text = item.get("contentString")
     if isinstance(text, str):
+        text = clean_text(text)
         return {"msgtype": "m.text", "body": _cut(text, TEXT_BYTES)} if text.strip() else None
     attachment = item.get("contentAttachment")
     if not isinstance(attachment, Mapping):
@@ -152,7 +176,8 @@ def _content_of(item: Mapping[str, Any]) -> dict[str, Any] | None:
     if isinstance(url, str) and len(url.encode("utf-8")) > URL_BYTES:
         return None  # (a cut URL leads nowhere: counted as not posted)
     title = attachment.get("title")
-    title = _cut(title.strip(), NAME_BYTES) if isinstance(title, str) and title.strip() else None
+    title = clean_text(title).strip() if isinstance(title, str) else None
+    title = _cut(title, NAME_BYTES) if title else None
     if is_mxc_uri(url):
         return _file(str(url), title, attachment)
     if is_web_url(url):
@@ -163,7 +188,7 @@ def _content_of(item: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _file(url: str, title: str | None, attachment: Mapping[str, Any]) -> dict[str, Any]:
     mimetype = attachment.get("contentType")
-    mimetype = mimetype if isinstance(mimetype, str) and "/" in mimetype else None
+    mimetype = mimetype if isinstance(mimetype, str) and _MIMETYPE.fullmatch(mimetype) else None
     major = mimetype.split("/", 1)[0] if mimetype else ""
     info: dict[str, Any] = {}
     if mimetype:

@@ -141,6 +141,9 @@ AUTHORISATION_STATUSES = frozenset({401, 403, 407})
 RENEW_INTERVAL_S = 60.0
 # Failed batches in a row before the recorder asks whether FHIR answers at all.
 STUCK_AFTER = 5
+# Attempts after which a message in the table that fails while FHIR answers becomes a dead
+# letter (about five minutes at RETRY_CAP_MS apart).
+DEAD_AFTER = 30
 # Reading the stream failed: say so in the log at most this often.
 STREAM_WARNING_INTERVAL_S = 60.0
 ROOM_CREATE = ("m.room.create", "")
@@ -715,6 +718,21 @@ class CommunicationRecorder:
             )
             return
         self._table_limit = 1
+        if len(rows) == 1 and rows[0].attempts + 1 >= DEAD_AFTER and await self._fhir_answers():
+            # FHIR answers, yet this one message failed this often: a dead letter (kept, with
+            # the reason; the admin's retry brings it back), so its room's later messages
+            # go on instead of waiting behind it for ever.
+            reason = f"kept failing while FHIR answered: {_without_outcome(error)}"
+            await self._api.run_db_interaction(
+                "fhir_outbox_dead", outbox_store.mark_dead, rows[0].event_id, reason
+            )
+            self._table_pending = max(0, self._table_pending - 1)
+            self._table_dead += 1
+            logger.warning(
+                "Recording: %s kept failing while FHIR answered; now a dead letter",
+                rows[0].event_id,
+            )
+            return
         delay = outbox_store.retry_delay_ms(rows[0].attempts, cap_ms=RETRY_CAP_MS)
         logger.warning("Outbox: %d rows wait %d ms (%s)", len(rows), delay, _without_outcome(error))
         await self._api.run_db_interaction(

@@ -26,6 +26,7 @@ from synapse_fhir_module.enforcement.binding_state import (
 )
 from synapse_fhir_module.enforcement.power_levels import creation_levels, power_levels_content
 from synapse_fhir_module.fhir.care_team import Member
+from synapse_fhir_module.mapping.relay_content import clean_text
 from synapse_fhir_module.sync.membership_plan import MembershipPlan
 from synapse_fhir_module.sync.metrics import MATRIX_ACTIONS_FAILED
 
@@ -239,6 +240,7 @@ def _privileged_creators(create_event: Any) -> frozenset[str]:
 def fitting_name(name: str) -> str:
     """A name from FHIR within the 255 bytes Matrix allows a room name (a longer one is
     refused by clients, or makes the event too large to send at all)."""
+    name = clean_text(name)
     encoded = name.encode("utf-8")
     if len(encoded) <= ROOM_NAME_BYTES:
         return name

@@ -27,7 +27,7 @@ from synapse_fhir_module.mapping.communication import thread_request
 from synapse_fhir_module.recording import outbox_store
 from synapse_fhir_module.recording import position_store as recording_log_store
 from synapse_fhir_module.recording.recent_writes import RecentWrites
-from synapse_fhir_module.recording.recorder import CommunicationRecorder
+from synapse_fhir_module.recording.recorder import DEAD_AFTER, CommunicationRecorder
 from synapse_fhir_module.recording.stream_reader import StreamRead
 from synapse_fhir_module.sync import store as sync_store
 
@@ -718,6 +718,18 @@ async def test_one_message_fhir_keeps_failing_on_waits_alone_and_the_rest_goes_o
     waiting = {row.event_id for row in outbox_store.due_rows(db, 2**62, 100)}
     assert "$stuck" in waiting
     assert waiting == {"$stuck"} | {e.event_id for e in others[1:] if e.room_id == ROOM}
+    assert stand.fhir.communication("$stuck") is None
+
+    # It keeps failing while FHIR answers: a dead letter after DEAD_AFTER attempts, with
+    # the reason; its room's later messages are written.
+    for _ in range(DEAD_AFTER + 5):
+        db.execute("UPDATE synapse_fhir_outbox SET next_attempt_ms = 0")  # (no waiting)
+        await stand.recorder._read_table()
+        stand.recorder.wake()
+        await stand.api.drain()
+    assert stand.dead() == {"$stuck": stand.dead()["$stuck"]}
+    assert stand.dead()["$stuck"].startswith("kept failing while FHIR answered")
+    assert all(stand.fhir.communication(e.event_id) for e in others)
     assert stand.fhir.communication("$stuck") is None
 
 

@@ -94,7 +94,7 @@ TEAM = st.builds(
 
 
 @given(
-    team=st.one_of(TEAM, SHAPED),
+    team=st.one_of(TEAM, SHAPED, JSON),
     others=st.fixed_dictionaries(
         {"Practitioner/p": st.one_of(NAMING, SHAPED)},
         optional={
@@ -106,11 +106,17 @@ TEAM = st.builds(
 def test_garbage_never_yields_a_member(team: Any, others: dict[str, Any]) -> None:
     """A team and the resources it names, in any shape: resolving it never raises, and
     only an account some resource here names explicitly can be a member."""
-    resources = {**others, "CareTeam/t": team if isinstance(team, dict) else {"x": team}}
+    resources = {**others, "CareTeam/t": team}
     membership = resolve_membership("CareTeam/t", resources, NOW)
     named = set().union(*(matrix_ids_of(r) for r in resources.values() if isinstance(r, dict)))
     assert set(membership.members) <= named
     assert all(is_user_id(user_id) for user_id in membership.members)
+    # Fail closed: a team that is no object, or whose own period cannot be read, admits
+    # nobody; one whose status is not active or proposed lets nobody act.
+    if not isinstance(team, dict) or period_bounds(team.get("period")) is None:
+        assert membership.members == {}
+    if not isinstance(team, dict) or team.get("status") not in ("active", "proposed"):
+        assert not membership.admits_members
 
 
 @given(SHAPED | JSON)
