@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM, ORIGIN_TAG
+from synapse_fhir_module.fhir.conventions import EVENT_ID_SYSTEM, ORIGIN_TAG, reference_of
 from synapse_fhir_module.fhir.dates import parse_fhir_datetime
 from synapse_fhir_module.mapping.communication import has_tag, is_event_id
 
@@ -53,10 +53,7 @@ def recorded_event_id(resource: Mapping[str, Any]) -> str | None:
 
 def part_of(resource: Mapping[str, Any], thread: str) -> bool:
     """Whether the Communication says it belongs to ``thread`` (``CommunicationRequest/<id>``)."""
-    return any(
-        isinstance(item, Mapping) and item.get("reference") == thread
-        for item in _items(resource.get("partOf"))
-    )
+    return any(reference_of(item) == thread for item in _items(resource.get("partOf")))
 
 
 def relay_order(resources: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -135,3 +135,10 @@ def test_any_json_is_read_without_error(resources: list[dict[str, Any]]) -> None
         if reference is not None:
             literal_id(reference)
             conditional_event_id(reference)
+
+
+def test_part_of_reads_the_thread_reference_as_every_part_of_the_module_does() -> None:
+    thread = "CommunicationRequest/cr-1"
+    assert part_of({"partOf": [{"reference": f"{thread}/_history/2"}]}, thread)
+    assert not part_of({"partOf": [{"reference": f"https://elsewhere.example/{thread}"}]}, thread)
+    assert not part_of({"partOf": "CommunicationRequest/cr-1"}, thread)
