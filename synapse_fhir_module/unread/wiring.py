@@ -20,19 +20,10 @@ RETRY_MS = 5_000
 
 
 class UnreadPart:
-    def __init__(
-        self,
-        api: ModuleApi,
-        config: ModuleConfig,
-        *,
-        fhir: FhirClient,
-        bindings: RoomBindings,
-        teams: CareTeamDirectory,
-        runs_here: bool,
-    ) -> None:
+    def __init__(self, api: ModuleApi, tasks: UnreadTasks, *, runs_here: bool) -> None:
         self._api = api
         self._runs_here = runs_here
-        self.tasks = UnreadTasks(api, fhir, bindings, teams, profile=config.communication.profile)
+        self.tasks = tasks
         api.register_account_data_callbacks(
             on_account_data_updated=never_raises(self.tasks.on_account_data_updated, fallback=None)
         )
@@ -80,4 +71,5 @@ def register_unread(
     """The markers, when ``communication.unread_tasks`` is on."""
     if not config.communication.unread_tasks:
         return None
-    return UnreadPart(api, config, fhir=fhir, bindings=bindings, teams=teams, runs_here=runs_here)
+    tasks = UnreadTasks(api, fhir, bindings, teams, profile=config.communication.profile)
+    return UnreadPart(api, tasks, runs_here=runs_here)
