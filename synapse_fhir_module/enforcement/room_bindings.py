@@ -118,12 +118,10 @@ class RoomBindings:
             self._thread_of_room[room_id] = thread
         return thread
 
-    def remembered(self, room_id: str) -> str | bool | None:
-        """The remembered answer for a room, or False when there is none (no I/O)."""
-        teams = self._team_of_room.get(room_id)
-        if teams is None:
-            return False
-        return teams[0] if teams else None
+    def remembered(self, room_id: str) -> tuple[str, ...] | None:
+        """The teams remembered for a room (``()``: an ordinary room), or None when nothing
+        is remembered (no I/O)."""
+        return self._team_of_room.get(room_id)
 
     async def binding_event_ids(self, room_id: str) -> set[str]:
         """Ids of the current state events that bind this room (to redact-protect them)."""

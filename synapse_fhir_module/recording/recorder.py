@@ -317,7 +317,7 @@ class CommunicationRecorder:
             # that are not relays from FHIR.)
             return False
         # (An unknown room is looked up by the drain.)
-        return self._all_rooms or self._bindings.remembered(room_id) is not None
+        return self._all_rooms or self._bindings.remembered(room_id) != ()
 
     async def counts(self) -> OutboxCounts:
         """``pending``: messages read from Synapse (or handed over) that FHIR does not

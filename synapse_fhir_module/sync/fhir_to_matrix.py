@@ -81,7 +81,7 @@ from synapse_fhir_module.sync.foreign_messages import (
     relay_order,
     with_reply,
 )
-from synapse_fhir_module.sync.membership_plan import plan_membership
+from synapse_fhir_module.sync.membership_plan import MembershipPlan, plan_membership
 from synapse_fhir_module.sync.metrics import BINDING_INCIDENTS, PAYLOAD_PARTS_SKIPPED
 from synapse_fhir_module.sync.team_boundaries import TeamBoundaries
 
@@ -394,7 +394,7 @@ class FhirSync:
         finally:
             await self._apply_plan(room_id, teams[0].team, plan)
 
-    async def _apply_plan(self, room_id: str, team_ref: str, plan: Any) -> None:
+    async def _apply_plan(self, room_id: str, team_ref: str, plan: MembershipPlan) -> None:
         if not plan.empty:
             logger.info(
                 "%s: inviting %d, removing %d in %s",

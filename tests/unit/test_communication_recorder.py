@@ -201,8 +201,8 @@ class Bindings:
     def __init__(self, threads: Mapping[str, str] | None = None) -> None:
         self._threads = dict(threads or {})
 
-    def remembered(self, room_id: str) -> str | None:
-        return ROOMS[room_id][0]
+    def remembered(self, room_id: str) -> tuple[str, ...] | None:
+        return ROOMS[room_id]
 
     async def care_teams_of(self, room_id: str) -> tuple[str, ...]:
         return ROOMS[room_id]
