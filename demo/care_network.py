@@ -3,7 +3,7 @@ one outsider; a thread for the team, and a message from another system.
 
 Names are invented; Matrix identities use the MSC2312 ``matrix:u/`` telecom form for
 practitioners and the ``https://matrix.org/user-id`` identifier for the family, so both
-forms DESIGN §3 names are present.
+forms design.md: mapping names are present.
 """
 
 from __future__ import annotations

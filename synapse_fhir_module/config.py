@@ -1,4 +1,4 @@
-"""The module's configuration (DESIGN §4): frozen attrs classes and their parser.
+"""The module's configuration (design.md: configuration): frozen attrs classes and their parser.
 
 Every problem is reported as a ``ConfigError`` whose ``path`` names the offending
 key (``fhir.base_url``); Synapse prefixes it with ``modules.<n>.config`` so the
@@ -31,7 +31,7 @@ class EncryptedRoomsPolicy(str, Enum):
 class RecordedRooms(str, Enum):
     """Whose messages become Communications."""
 
-    CARE_TEAM = "care_team"  # rooms bound to a CareTeam (DESIGN §3)
+    CARE_TEAM = "care_team"  # rooms bound to a CareTeam (design.md: mapping)
     ALL = "all"  # every room on this server (senders still need a FHIR person)
 
 
@@ -45,7 +45,7 @@ class RedactionPolicy(str, Enum):
 class CommunicationProfile(str, Enum):
     """The form of what recording writes."""
 
-    BASE = "base"  # R4 Communications as DESIGN §3 describes them
+    BASE = "base"  # R4 Communications as design.md: mapping describes them
     OZO = "ozo"  # also meets (and declares) the OZO guide's OZOCommunication(Request)
 
 
@@ -120,7 +120,7 @@ class SyncConfig:
     subscription_base_url: str | None = None
     # Space name when the CareTeam has none (CareTeam.name is used when present).
     default_space_name: str = "Care team"
-    # DESIGN §3 defaults, by member type; role codes ("system|code") take precedence.
+    # design.md: mapping defaults, by member type; role codes ("system|code") take precedence.
     power_levels: Mapping[str, int] = attr.Factory(lambda: dict(DEFAULT_POWER_LEVELS))
     role_power_levels: Mapping[str, int] = attr.Factory(dict)
 

@@ -2,7 +2,7 @@
 
 Room state says which care team a room belongs to, but room state can change behind the
 module's back: an admin acting as the service user, state resolution after a fork, a state
-reset. The module's record is authoritative (DESIGN §3): a room the module bound belongs to
+reset. The module's record is authoritative (design.md: mapping): a room the module bound belongs to
 that team whatever its state says now, and state that disagrees is repaired.
 
 One row per room: a care team's space (``space_id`` NULL; ``thread`` set once messages

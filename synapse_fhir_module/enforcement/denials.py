@@ -1,4 +1,4 @@
-"""How the module says no (DESIGN §5): HTTP 403, ``M_FORBIDDEN``, a reason code in
+"""How the module says no (design.md: endpoints): HTTP 403, ``M_FORBIDDEN``, a reason code in
 ``org.synapse_fhir.reason`` and a sentence a clinician understands. No patient data."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@
   are the friendly answer, the power levels what state resolution obeys.
 - Third-party (email) invites are refused in care-team rooms: members come from FHIR.
 
-Every "no" to a local user is a ``Denied`` carrying its reason (DESIGN §5).
+Every "no" to a local user is a ``Denied`` carrying its reason (design.md: endpoints).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The power levels of a care-team space or room, from the FHIR members (pure).
 
-DESIGN §3 defaults: service user 100, practitioners 50, related persons and patients 0;
+design.md: mapping defaults: service user 100, practitioners 50, related persons and patients 0;
 configurable by member type and by ``participant.role`` code. While a team is inactive
 or suspended its rooms are read-only: sending needs a level no member has.
 

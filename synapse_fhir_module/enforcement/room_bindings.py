@@ -1,4 +1,4 @@
-"""Which care team a room belongs to (DESIGN §3).
+"""Which care team a room belongs to (design.md: mapping).
 
 First the module's own record (``binding_store``): a room the module bound belongs to that
 team whatever its state says now. Other rooms (bound by an operator acting as the service

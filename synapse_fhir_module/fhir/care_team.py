@@ -1,4 +1,4 @@
-"""Who belongs to a CareTeam right now (DESIGN §3), as a pure function of FHIR JSON.
+"""Who belongs to a CareTeam right now (design.md: mapping), as a pure function of FHIR JSON.
 
 The input is the CareTeam and every resource it reaches (persons, PractitionerRoles,
 nested CareTeams) keyed by ``Type/id``; the output is the Matrix user ids of the

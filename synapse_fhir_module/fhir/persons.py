@@ -1,4 +1,4 @@
-"""Matrix user ids ↔ FHIR persons (DESIGN §3), as pure functions on FHIR JSON.
+"""Matrix user ids ↔ FHIR persons (design.md: mapping), as pure functions on FHIR JSON.
 
 A person (Practitioner, RelatedPerson or Patient) names its Matrix account explicitly as
 ``telecom {system: "url", value: "matrix:u/alice:example.org"}`` (MSC2312 URI), as

@@ -1,4 +1,4 @@
-"""A Matrix message as a FHIR ``Communication`` (DESIGN §3, OZO ``OZOCommunication``), as
+"""A Matrix message as a FHIR ``Communication`` (design.md: mapping, OZO ``OZOCommunication``), as
 pure functions: plain event data and the room's care-team context in, FHIR JSON out.
 
 What the outbox writes for an event is a :class:`CommunicationWrite`: a conditional

@@ -83,7 +83,7 @@ class CareRooms:
 
     async def create_thread_room(self, space_id: str, thread_ref: str) -> str:
         """A room bound to the thread and pointing at the space (the space lists it in
-        ``link_to_space``; that listing is what binds it to the team, DESIGN §3)."""
+        ``link_to_space``; that listing is what binds it to the team, design.md: mapping)."""
         room_id, _ = await self._api.create_room(
             self._service_user_id,
             {

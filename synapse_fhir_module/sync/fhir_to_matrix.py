@@ -1,4 +1,4 @@
-"""FHIR drives Matrix (DESIGN §3): what a changed FHIR resource means for the rooms.
+"""FHIR drives Matrix (design.md: mapping): what a changed FHIR resource means for the rooms.
 
 Given a reference — from the webhook, a Subscription, or the reconcile sweep — the sync
 reads the resource's *current* state from FHIR (a notification is only a hint) and makes
@@ -91,7 +91,7 @@ logger = logging.getLogger(__name__)
 NoteRelayed = Callable[[sync_store.Cursor, str, LatestMessage], None]
 
 SYNCED_TYPES = ("CareTeam", "CommunicationRequest", "Communication", *MEMBER_TYPES)
-# Team statuses under which the team's rooms are emptied (DESIGN: entered-in-error, deleted).
+# Team statuses under which the team's rooms are emptied (design.md: entered-in-error, deleted).
 EMPTIED_STATUSES = frozenset({"entered-in-error", "missing"})
 DEFAULT_ROOM_NAME = "Conversation"
 # How a relayed message's sender without a name in FHIR is shown.

@@ -1,5 +1,6 @@
 """``sync.subscription: true``: FHIR notifies the module through rest-hook Subscriptions, for a
-FHIR server without the HAPI shim (DESIGN §5, the ``PUT|DELETE /notify/<type>/<id>`` form).
+FHIR server without the HAPI shim (design.md: endpoints, the
+``PUT|DELETE /notify/<type>/<id>`` form).
 
 Once the sync has started, the background instance makes sure FHIR holds exactly one
 Subscription of this homeserver per synced type: criteria ``<Type>?``, a rest-hook to

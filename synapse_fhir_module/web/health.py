@@ -1,4 +1,4 @@
-"""``GET /_synapse/client/fhir/health`` (DESIGN §5).
+"""``GET /_synapse/client/fhir/health`` (design.md: endpoints).
 
 Answers ``{"status": "ok"|"degraded", "fhir": {"reachable": bool},
 "outbox": {"pending": int, "dead": int}, "sync": {...}}`` (and, with

@@ -1,4 +1,4 @@
-"""``/_synapse/client/fhir/notify``: FHIR tells the module what changed (DESIGN §5).
+"""``/_synapse/client/fhir/notify``: FHIR tells the module what changed (design.md: endpoints).
 
 Two forms reach this one resource:
 

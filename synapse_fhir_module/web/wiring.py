@@ -48,7 +48,7 @@ def register_resources(
         # Only the instance that drains is woken; elsewhere its 1 s wake-up finds the rows.
         wake = recorder.table_changed if drains_here else _do_nothing
         api.register_web_resource(RETRY_PATH, RetryDeadLettersResource(api, now_ms, wake))
-    # FHIR says what changed (DESIGN §5); the background instance makes Matrix match.
+    # FHIR says what changed (design.md: endpoints); the background instance makes Matrix match.
     api.register_web_resource(NOTIFY_PATH, NotifyResource(config.webhook.secret, on_notification))
 
 

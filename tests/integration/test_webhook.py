@@ -1,4 +1,4 @@
-"""The notify webhook (DESIGN §5) on a real Synapse: what a caller is told, and that a
+"""The notify webhook (design.md: endpoints) on a real Synapse: what a caller is told, and that a
 notification reaches the module (for now it refreshes the care-team caches)."""
 
 from __future__ import annotations

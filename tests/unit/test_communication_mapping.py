@@ -1,4 +1,4 @@
-"""Matrix events → FHIR Communications (DESIGN §3), checked against the R4 models."""
+"""Matrix events → FHIR Communications (design.md: mapping), checked against the R4 models."""
 
 from __future__ import annotations
 

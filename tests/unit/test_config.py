@@ -1,4 +1,5 @@
-"""parse_config: every key of DESIGN §4, defaults, durations, and errors naming the key path."""
+"""parse_config: every key (design.md: configuration), defaults, durations, and errors naming
+the key path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Power levels of a care-team room from its FHIR members (DESIGN §3)."""
+"""Power levels of a care-team room from its FHIR members (design.md: mapping)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The notify webhook (DESIGN §5), driven through Synapse's own request pipeline in-process.
+"""The notify webhook (design.md: endpoints), driven through Synapse's own request pipeline
+in-process.
 
 Each request is raw HTTP fed to a Twisted ``HTTPChannel`` whose requests are real
 ``SynapseRequest``s, over a resource tree built by Synapse's ``create_resource_tree`` (as
