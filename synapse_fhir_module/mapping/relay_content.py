@@ -106,9 +106,9 @@ def _attributed(
 ) -> dict[str, Any]:
     # (The claim key, so the recorder can check this very part was the module's post.)
     content = {**content, SOURCE_KEY: key}
+    sender_name = _profile_field(clean_text(sender_name)).strip() if sender_name else None
     if not sender_name:
         return _fitting(content)
-    sender_name = _profile_field(clean_text(sender_name))
     if content["msgtype"] == "m.text":
         text = content["body"]
         content["body"] = f"{sender_name}: {text}"
@@ -173,7 +173,7 @@ def _content_of(item: Mapping[str, Any]) -> dict[str, Any] | None:
     if not isinstance(attachment, Mapping):
         return None  # (a contentReference: nothing a member could open)
     url = attachment.get("url")
-    if isinstance(url, str) and len(url.encode("utf-8")) > URL_BYTES:
+    if isinstance(url, str) and len(url) > URL_BYTES:
         return None  # (a cut URL leads nowhere: counted as not posted)
     title = attachment.get("title")
     title = clean_text(title).strip() if isinstance(title, str) else None
@@ -213,7 +213,10 @@ def is_mxc_uri(value: Any) -> bool:
 
 
 def is_web_url(value: Any) -> bool:
-    if not isinstance(value, str) or any(c.isspace() for c in value):
+    # (Printable ASCII only: what a link can be, and nothing an event could not carry.)
+    if not isinstance(value, str) or not (value.isascii() and value.isprintable()):
+        return False
+    if any(c.isspace() for c in value):
         return False
     parsed = urlsplit(value)
     return parsed.scheme in ("http", "https") and bool(parsed.netloc)

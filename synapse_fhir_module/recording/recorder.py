@@ -258,6 +258,9 @@ class CommunicationRecorder:
         # A table batch that failed is retried one row at a time: a row that keeps
         # failing must not hold other rooms' rows with it.
         self._table_limit = config.batch_size
+        # Per message in the table: its failures while FHIR answered (in memory: a restart
+        # gives it a fresh start).
+        self._failed_while_answering: dict[str, int] = {}
         self._table_read_at = 0.0
         self._failures = 0
         self._backoff_until = 0.0
@@ -686,6 +689,28 @@ class CommunicationRecorder:
             return False
         return True
 
+    async def _given_up(self, rows: list[outbox_store.OutboxRow], error: Exception) -> bool:
+        """A message alone in the table that failed DEAD_AFTER times while FHIR answered
+        becomes a dead letter (kept, with the reason; the admin's retry brings it back), so
+        its room's later messages go on. Failures while FHIR was away do not count, nor do
+        edits and redactions (a redaction given up would leave the withdrawn text in FHIR)."""
+        if len(rows) != 1 or _amends_a_message(rows[0]) or not await self._fhir_answers():
+            return False
+        event_id = rows[0].event_id
+        self._failed_while_answering[event_id] = self._failed_while_answering.get(event_id, 0) + 1
+        if self._failed_while_answering[event_id] < DEAD_AFTER:
+            return False
+        del self._failed_while_answering[event_id]
+        reason = f"kept failing while FHIR answered: {_without_outcome(error)}"
+        await self._api.run_db_interaction(
+            "fhir_outbox_dead", outbox_store.mark_dead, event_id, reason
+        )
+        logger.warning(
+            "Recording: %s kept failing while FHIR answered; now a dead letter", event_id
+        )
+        await self._read_table()  # (its room no longer waits; the figures move)
+        return True
+
     async def _retry_later(
         self, rows: list[outbox_store.OutboxRow], error: Exception, from_table: bool
     ) -> None:
@@ -718,20 +743,7 @@ class CommunicationRecorder:
             )
             return
         self._table_limit = 1
-        if len(rows) == 1 and rows[0].attempts + 1 >= DEAD_AFTER and await self._fhir_answers():
-            # FHIR answers, yet this one message failed this often: a dead letter (kept, with
-            # the reason; the admin's retry brings it back), so its room's later messages
-            # go on instead of waiting behind it for ever.
-            reason = f"kept failing while FHIR answered: {_without_outcome(error)}"
-            await self._api.run_db_interaction(
-                "fhir_outbox_dead", outbox_store.mark_dead, rows[0].event_id, reason
-            )
-            self._table_pending = max(0, self._table_pending - 1)
-            self._table_dead += 1
-            logger.warning(
-                "Recording: %s kept failing while FHIR answered; now a dead letter",
-                rows[0].event_id,
-            )
+        if await self._given_up(rows, error):
             return
         delay = outbox_store.retry_delay_ms(rows[0].attempts, cap_ms=RETRY_CAP_MS)
         logger.warning("Outbox: %d rows wait %d ms (%s)", len(rows), delay, _without_outcome(error))
@@ -770,6 +782,8 @@ class CommunicationRecorder:
             await self._api.run_db_interaction(
                 "fhir_outbox_done", outbox_store.mark_written, finished
             )
+        for event_id in finished:
+            self._failed_while_answering.pop(event_id, None)
         committed_ms = now_ms()
         COMMUNICATIONS_REPLAYED.inc(len(outcome.already_there))
         for event_id in outcome.written:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -371,6 +372,35 @@ def test_room_bound_by_its_thread_belongs_to_the_request_s_care_team(
     carla = users("carla")
     service.invite(room, carla.user_id)
     carla.join(room)
+
+
+def test_knocking_is_an_entry_and_only_members_may_knock(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser]
+) -> None:
+    room = create_room_in_space(service, space)
+    service.send_state(room, "m.room.join_rules", {"join_rule": "knock"})
+    mallory = users("mallory")
+    error = refused(lambda: mallory.request("POST", f"/_matrix/client/v3/knock/{quote(room)}", {}))
+    assert_denied(error, "not_in_care_team")
+    assert membership(service, room, mallory.user_id) is None
+    carla = users("carla")  # a member: her knock stands, for the service user to answer
+    carla.request("POST", f"/_matrix/client/v3/knock/{quote(room)}", {})
+    assert membership(service, room, carla.user_id) == "knock"
+
+
+def test_a_team_that_is_not_active_admits_nobody_and_says_so(
+    hapi: HapiDevServer, service: MatrixUser, users: Callable[..., MatrixUser], network: CareNetwork
+) -> None:
+    """A suspended team's rooms take no one new, even its own members: care_team_inactive."""
+    suspended = network.care_team(*network.standard_participants(), status="suspended")
+    suspended["id"] = f"suspended-{network.tag}"
+    FhirSeeder(hapi.base_url).put(suspended)
+    room = create_room_in_space(
+        service, create_bound_space(service, f"CareTeam/suspended-{network.tag}")
+    )
+    anna = users("anna")  # a participant of that team
+    assert_denied(refused(lambda: service.invite(room, anna.user_id)), "care_team_inactive")
+    assert membership(service, room, anna.user_id) is None
 
 
 def _expired_error(user: MatrixUser) -> MatrixError | None:

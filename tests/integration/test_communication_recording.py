@@ -320,10 +320,26 @@ def test_a_message_that_cannot_be_written_yet_is_a_dead_letter_and_the_rest_are_
     assert communication_of(hapi, unattributed) is None
     assert health(synapse)["outbox"]["dead"] >= 1
 
-    # Dead letters are for admins only.
+    # Dead letters are for admins only: to list, and to retry.
     with pytest.raises(MatrixError) as caught:
         gp.request("GET", DEAD_LETTERS)
     assert caught.value.status == 403
+    with pytest.raises(MatrixError) as caught:
+        gp.request("POST", RETRY_DEAD_LETTERS, {})
+    assert caught.value.status == 403
+
+    # Listed oldest first, as many as `limit` asks.
+    later_notes = [audit.send_text(room, f"audit note {n}") for n in range(2)]
+    wait_until(lambda: len(dead_letters(ops)) == 3, timeout=30, what="three dead letters listed")
+    listed = ops.request("GET", DEAD_LETTERS + "?limit=2")["dead"]
+    assert [d["event_id"] for d in listed] == [unattributed, later_notes[0]]
+    # Retry all (`{}`): every one is pending again; with still no person, each comes back.
+    assert ops.request("POST", RETRY_DEAD_LETTERS, {}) == {"requeued": 3}
+    wait_until(
+        lambda: {d["event_id"] for d in dead_letters(ops)} == {unattributed, *later_notes},
+        timeout=30,
+        what="the retried messages back as dead letters (their sender still has no person)",
+    )
 
 
 def test_all_rooms_are_recorded_when_configured_and_dead_letters_can_be_retried(

@@ -688,9 +688,14 @@ async def test_a_message_fhir_has_is_never_withdrawn_by_reading_it_back_redacted
 
 
 class StuckFhir(Fhir):
-    """Answers, but every transaction holding ``$stuck`` times out (a 5xx, for good)."""
+    """Answers (unless not ``answering``), but every transaction holding ``$stuck`` times
+    out (a 5xx, for good)."""
+
+    answering = True
 
     async def capabilities(self, timeout: float) -> dict[str, Any]:
+        if not self.answering:
+            raise FhirTransientError("metadata: FHIR server unreachable (refused)")
         return {"resourceType": "CapabilityStatement"}
 
     async def transaction_json(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
@@ -720,10 +725,22 @@ async def test_one_message_fhir_keeps_failing_on_waits_alone_and_the_rest_goes_o
     assert waiting == {"$stuck"} | {e.event_id for e in others[1:] if e.room_id == ROOM}
     assert stand.fhir.communication("$stuck") is None
 
+    def retry_all_now() -> None:
+        db.execute("UPDATE synapse_fhir_outbox SET next_attempt_ms = 0")  # (no waiting)
+
+    # Failures while FHIR does not even answer do not count: it waits, however long.
+    stand.fhir.answering = False  # type: ignore[attr-defined]
+    for _ in range(DEAD_AFTER + 5):
+        retry_all_now()
+        await stand.recorder._read_table()
+        stand.recorder.wake()
+        await stand.api.drain()
+    assert stand.dead() == {}
     # It keeps failing while FHIR answers: a dead letter after DEAD_AFTER attempts, with
     # the reason; its room's later messages are written.
+    stand.fhir.answering = True  # type: ignore[attr-defined]
     for _ in range(DEAD_AFTER + 5):
-        db.execute("UPDATE synapse_fhir_outbox SET next_attempt_ms = 0")  # (no waiting)
+        retry_all_now()
         await stand.recorder._read_table()
         stand.recorder.wake()
         await stand.api.drain()

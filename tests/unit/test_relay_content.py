@@ -220,6 +220,7 @@ def test_a_relayed_message_always_fits_in_one_matrix_event(
     payload = [
         {"contentString": text},
         {"contentAttachment": {"title": name, "url": "https://x.example/" + "a" * url_length}},
+        {"contentAttachment": {"title": name, "url": "https://x.example/" + name[:url_length]}},
         {
             "contentAttachment": {
                 "title": name,
