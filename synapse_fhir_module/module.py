@@ -56,7 +56,7 @@ class FhirModule:
         )
         # What the recorder wrote, so the sync skips the shim's echo of it without a read.
         self._recent_writes = RecentWrites()
-        recorder = register_recording(
+        recording = register_recording(
             api,
             config,
             fhir=fhir,
@@ -100,8 +100,7 @@ class FhirModule:
             api,
             config,
             fhir=fhir,
-            recorder=recorder,
-            drains_here=background,
+            recording=recording,
             sync_counts=self._sync.counts,
             identity_counts=people.counts,
             on_notification=self._on_notification,
@@ -115,9 +114,9 @@ class FhirModule:
         ]
         if unread is not None:
             self._listeners.append(unread.on_event)
-        if recorder is not None and background:
-            self._listeners.append(recorder.on_new_event)
-        if config.enforcement.enabled or recorder is not None:
+        if recording is not None and recording.on_event is not None:
+            self._listeners.append(recording.on_event)
+        if config.enforcement.enabled or recording is not None:
             # (Synapse loads a room's state for every event once any module listens here:
             # register only when needed.)
             api.register_third_party_rules_callbacks(on_new_event=self._on_new_event)

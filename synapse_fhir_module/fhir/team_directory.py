@@ -202,7 +202,7 @@ class CareTeamDirectory:
             raise DirectoryUnavailable(f"{team_ref}: FHIR was unreachable moments ago")
         try:
             # (mypy does not see through `@cached`; Synapse types it with its own plugin)
-            return await self.care_team_membership(team_ref)  # type: ignore[call-arg, arg-type]
+            return await self.care_team_membership(team_ref)  # type: ignore[call-arg, arg-type, misc]
         except FhirTransientError as e:
             self._unreachable_until = self._monotonic() + UNREACHABLE_BACKOFF
             raise DirectoryUnavailable(f"{team_ref}: {e}") from e

@@ -204,14 +204,12 @@ class CommunicationRecorder:
         service_user_id: str,
         exempt_users: Collection[str] = (),
         recent_writes: RecentWrites,
-        drains: bool = True,
         note_messages: NoteMessages | None = None,
         reader: StreamReader | None = None,
         clock: IReactorTime = reactor,
     ) -> None:
         self._api = api
         self._clock = clock  # (the linger's and the backoff's: tests pass their own)
-        self._drains = drains  # False: this instance only answers for the figures
         self._recent_writes = recent_writes
         # Told, in the outbox's own transaction, of each message FHIR now has.
         self._note_messages = note_messages
@@ -278,24 +276,23 @@ class CommunicationRecorder:
         await self._api.run_db_interaction(
             "fhir_recording_schema", recording_log_store.create_schema
         )
-        if self._drains:
-            # (The relay's table too: the drain asks it which messages came from FHIR.)
-            await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
-            # (Its device is made below: the account must exist first.)
-            await ensure_service_user(self._api, self._service_user_id[1:].split(":", 1)[0])
-            row = await self._api.run_db_interaction(
-                "fhir_recording_position", recording_log_store.load
-            )
-            self._position = row.stream_token
-            _warn_if_exposed(self._config.client_url, self._api.public_baseurl)
-            await self._read_table()
-            await self._session.open()
+        # (The relay's table too: the drain asks it which messages came from FHIR.)
+        await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
+        # (Its device is made below: the account must exist first.)
+        await ensure_service_user(self._api, self._service_user_id[1:].split(":", 1)[0])
+        row = await self._api.run_db_interaction(
+            "fhir_recording_position", recording_log_store.load
+        )
+        self._position = row.stream_token
+        _warn_if_exposed(self._config.client_url, self._api.public_baseurl)
+        await self._read_table()
+        await self._session.open()
         self._schema_ready = True
         self.wake()
 
     def on_new_event(self, event: EventBase) -> None:
         """Hand a message of a (possibly) care-team room to the drain: memory only."""
-        if not self._drains or event.type not in RECORDED_TYPES:
+        if event.type not in RECORDED_TYPES:
             return
         if not self._recordable(event.sender, event.type, event.room_id):
             self._log.settle_now(event.event_id, now_ms())
@@ -329,16 +326,10 @@ class CommunicationRecorder:
             table_pending, dead = await self._api.run_db_interaction(
                 "fhir_outbox_counts", outbox_store.counts
             )
-            if self._drains:
-                in_memory = self._log.pending
-            else:  # (reported by the instance that runs the drain, about once a second)
-                in_memory = await self._api.run_db_interaction(
-                    "fhir_recording_counts", recording_log_store.pending
-                )
-        except Exception:  # e.g. the background instance has not created the tables yet
+        except Exception:  # e.g. the tables are not there yet
             logger.debug("Outbox counts unavailable", exc_info=True)
             return OutboxCounts(not_written_profile=self._not_written)
-        pending = table_pending + in_memory
+        pending = table_pending + self._log.pending
         OUTBOX_PENDING.set(pending)
         OUTBOX_DEAD.set(dead)
         return OutboxCounts(pending=pending, dead=dead, not_written_profile=self._not_written)
@@ -360,7 +351,7 @@ class CommunicationRecorder:
 
     def wake(self) -> None:
         """Drain now (or again right after the drain under way)."""
-        if not self._drains or not self._schema_ready:
+        if not self._schema_ready:
             return
         if self._clock.seconds() < self._backoff_until:
             return  # FHIR was unreachable: the periodic wake-up tries again in time
@@ -379,7 +370,7 @@ class CommunicationRecorder:
     async def step(self) -> None:
         """Read on in Synapse's stream and save the position FHIR has everything before
         (with the notes for the unread Tasks), about once a second."""
-        if not self._drains or not self._schema_ready or self._stepping:
+        if not self._schema_ready or self._stepping:
             return
         self._stepping = True
         try:

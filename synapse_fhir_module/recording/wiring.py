@@ -7,13 +7,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from synapse.module_api import ModuleApi
+import attr
+from synapse.module_api import EventBase, ModuleApi
 
-from synapse_fhir_module.config import ModuleConfig
+from synapse_fhir_module.config import CommunicationProfile, ModuleConfig
 from synapse_fhir_module.enforcement.room_bindings import RoomBindings
 from synapse_fhir_module.fhir.client import FhirClient
 from synapse_fhir_module.fhir.person_directory import PersonDirectory
 from synapse_fhir_module.fhir.team_directory import CareTeamDirectory
+from synapse_fhir_module.recording.counts import OutboxCounts
+from synapse_fhir_module.recording.figures import RecordingFigures
 from synapse_fhir_module.recording.recent_writes import RecentWrites
 from synapse_fhir_module.recording.recorder import CommunicationRecorder, NoteMessages
 
@@ -21,6 +24,17 @@ logger = logging.getLogger(__name__)
 
 RETRY_MS = 5_000
 WAKE_INTERVAL_MS = 1_000
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class RecordingPart:
+    """What the rest of the module asks of recording on this instance."""
+
+    counts: Callable[[], Awaitable[OutboxCounts]]
+    # Dead letters were made pending again (the admin's retry).
+    table_changed: Callable[[], None]
+    # The draining instance only: each event Synapse reports.
+    on_event: Callable[[EventBase], None] | None
 
 
 def register_recording(
@@ -36,11 +50,18 @@ def register_recording(
     runs_here: bool,
     note_messages: NoteMessages | None,
     first: Callable[[], Awaitable[None]] | None,
-) -> CommunicationRecorder | None:
-    """The recorder, when ``communication.enabled``; ``first``: what must be ready before
-    it starts (the unread markers' tables, which it writes notes into)."""
+) -> RecordingPart | None:
+    """Recording, when ``communication.enabled``: the recorder where background work runs,
+    the tables' figures elsewhere. ``first``: what must be ready before the recorder starts
+    (the unread markers' tables, which it writes notes into)."""
     if not config.communication.enabled:
         return None
+    if not runs_here:
+        figures = RecordingFigures(
+            api, ozo=config.communication.profile is CommunicationProfile.OZO
+        )
+        # (The draining instance's 1 s wake-up finds the retried rows.)
+        return RecordingPart(figures.counts, table_changed=_do_nothing, on_event=None)
     recorder = CommunicationRecorder(
         api,
         config.communication,
@@ -51,11 +72,8 @@ def register_recording(
         service_user_id=service_user_id,
         exempt_users=config.enforcement.exempt_users,
         recent_writes=recent_writes,
-        drains=runs_here,
         note_messages=note_messages,
     )
-    if not runs_here:
-        return recorder
 
     async def start() -> None:
         try:
@@ -81,4 +99,8 @@ def register_recording(
         desc="fhir_recording_step",
         run_on_all_instances=True,
     )
-    return recorder
+    return RecordingPart(recorder.counts, recorder.table_changed, recorder.on_new_event)
+
+
+def _do_nothing() -> None:
+    pass

@@ -10,7 +10,8 @@ from synapse.module_api import ModuleApi
 from synapse_fhir_module.config import ModuleConfig
 from synapse_fhir_module.fhir.client import FhirClient
 from synapse_fhir_module.identity.counts import IdentityCounts
-from synapse_fhir_module.recording.recorder import CommunicationRecorder, now_ms
+from synapse_fhir_module.recording.recorder import now_ms
+from synapse_fhir_module.recording.wiring import RecordingPart
 from synapse_fhir_module.sync.counts import SyncCounts
 from synapse_fhir_module.sync.subscriptions import NOTIFY_PATH
 from synapse_fhir_module.web.dead_letters import (
@@ -28,8 +29,7 @@ def register_resources(
     config: ModuleConfig,
     *,
     fhir: FhirClient,
-    recorder: CommunicationRecorder | None,
-    drains_here: bool,
+    recording: RecordingPart | None,
     sync_counts: Callable[[], Awaitable[SyncCounts]],
     identity_counts: Callable[[], IdentityCounts],
     on_notification: Callable[[Notification], None],
@@ -38,19 +38,15 @@ def register_resources(
         HEALTH_PATH,
         HealthResource(
             FhirReachability(fhir),
-            recorder.counts if recorder else no_outbox,
+            recording.counts if recording else no_outbox,
             sync_counts,
             identity_counts,
         ),
     )
-    if recorder is not None:
+    if recording is not None:
         api.register_web_resource(DEAD_LETTERS_PATH, DeadLettersResource(api))
-        # Only the instance that drains is woken; elsewhere its 1 s wake-up finds the rows.
-        wake = recorder.table_changed if drains_here else _do_nothing
-        api.register_web_resource(RETRY_PATH, RetryDeadLettersResource(api, now_ms, wake))
+        api.register_web_resource(
+            RETRY_PATH, RetryDeadLettersResource(api, now_ms, recording.table_changed)
+        )
     # FHIR says what changed (design.md: endpoints); the background instance makes Matrix match.
     api.register_web_resource(NOTIFY_PATH, NotifyResource(config.webhook.secret, on_notification))
-
-
-def _do_nothing() -> None:
-    pass

@@ -1,0 +1,38 @@
+"""Recording's ``/health`` figures on an instance that does not drain: read from the
+tables (the draining instance reports how many messages it holds in memory there, about
+once a second)."""
+
+from __future__ import annotations
+
+import logging
+
+from synapse.module_api import ModuleApi
+
+from synapse_fhir_module.recording import outbox_store, position_store
+from synapse_fhir_module.recording.counts import OutboxCounts
+from synapse_fhir_module.recording.metrics import OUTBOX_DEAD, OUTBOX_PENDING
+
+logger = logging.getLogger(__name__)
+
+
+class RecordingFigures:
+    def __init__(self, api: ModuleApi, *, ozo: bool) -> None:
+        self._api = api
+        # (This instance writes nothing, so leaves nothing unwritten for the profile.)
+        self._not_written = 0 if ozo else None
+
+    async def counts(self) -> OutboxCounts:
+        try:
+            table_pending, dead = await self._api.run_db_interaction(
+                "fhir_outbox_counts", outbox_store.counts
+            )
+            in_memory = await self._api.run_db_interaction(
+                "fhir_recording_counts", position_store.pending
+            )
+        except Exception:  # e.g. the draining instance has not created the tables yet
+            logger.debug("Outbox counts unavailable", exc_info=True)
+            return OutboxCounts(not_written_profile=self._not_written)
+        pending = table_pending + in_memory
+        OUTBOX_PENDING.set(pending)
+        OUTBOX_DEAD.set(dead)
+        return OutboxCounts(pending=pending, dead=dead, not_written_profile=self._not_written)
