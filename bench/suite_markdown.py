@@ -58,21 +58,17 @@ def machine_line(machine: dict[str, Any]) -> str:
 
 
 def table(result: dict[str, Any], *, headline_only: bool) -> list[str]:
-    """One line per measure, grouped by the issue's rows. Headline: measures with a
-    baseline or a target (the rest break a headline down)."""
+    """One line per measure, grouped by the issue's rows. Headline: the measures with a
+    target (the whole report has every measure, each with its baseline)."""
     lines = [
         "| # | measure | n | median | min - max | baseline (same run) | ratio | target | "
         "pinned (CPUs) | Synapse DB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        shown = [
-            r
-            for r in row["table"]
-            if not headline_only or r["baseline"] or r["target"] or r["ratio"] is not None
-        ]
+        shown = [r for r in row["table"] if not headline_only or r["target"]]
         lines.append(f"| **{row['row']}** | **{row['title']}** | | | | | | | | |")
-        if not shown:
+        if not row["table"]:
             lines.append(f"| {row['row']} | (no result: see Runs) | | | | | | | | |")
         for r in shown:
             unit = r["unit"]

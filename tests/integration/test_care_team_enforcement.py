@@ -374,6 +374,22 @@ def test_room_bound_by_its_thread_belongs_to_the_request_s_care_team(
     carla.join(room)
 
 
+def test_a_server_admin_cannot_force_an_outsider_into_a_care_team_room(
+    service: MatrixUser, space: str, users: Callable[..., MatrixUser]
+) -> None:
+    """Synapse's admin API joins a user on their behalf; the join is still an event the
+    care-team rules decide on."""
+    room = create_room_in_space(service, space, public=True)
+    mallory = users("mallory")
+    error = refused(
+        lambda: users("root", admin=True).request(
+            "POST", f"/_synapse/admin/v1/join/{quote(room)}", {"user_id": mallory.user_id}
+        )
+    )
+    assert_denied(error, "not_in_care_team")
+    assert membership(service, room, mallory.user_id) is None
+
+
 def test_knocking_is_an_entry_and_only_members_may_knock(
     service: MatrixUser, space: str, users: Callable[..., MatrixUser]
 ) -> None:
