@@ -313,6 +313,40 @@ def test_a_pushed_body_is_never_trusted(stack: ShimStack) -> None:
     assert membership(anna, joined, team.users["mallory"].user_id) is None
 
 
+def test_a_person_or_role_changed_in_fhir_resyncs_the_teams_that_list_them(
+    stack: ShimStack,
+) -> None:
+    """No CareTeam write: the nurse's PractitionerRole ends, then the GP's Practitioner is
+    made inactive. The shim reports those resources; the sync follows every team listing
+    them and removes whom they no longer make members."""
+    team = Team(stack)
+    team.seed()
+    space = joined_space(team, "anna")
+    bram = team.users["bram"]  # the nurse, a member through her PractitionerRole
+    bram.join(
+        wait_until(
+            lambda: invited_space(bram, team.network.team),
+            timeout=APPLIED_WITHIN,
+            what="bram invited",
+        )
+    )
+    role = team.fhir.read(team.network.ref("PractitionerRole", "nurse-role"))
+    team.fhir.put({**role, "active": False})
+    wait_until(
+        lambda: membership(team.users["anna"], space, bram.user_id) == "leave",
+        timeout=APPLIED_WITHIN,
+        what="the nurse removed once her role ended",
+    )
+    gp = team.fhir.read(team.network.ref("Practitioner", "gp"))
+    team.fhir.put({**gp, "active": False})
+    anna = team.users["anna"]
+    wait_until(
+        lambda: membership(anna, space, anna.user_id) == "leave",
+        timeout=APPLIED_WITHIN,
+        what="the GP removed once her Practitioner became inactive",
+    )
+
+
 def test_a_request_whose_payload_is_larger_than_an_event_still_opens_its_room(
     stack: ShimStack,
 ) -> None:
