@@ -215,12 +215,20 @@ class SynapseServer:
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
 
-    def notify(self, reference: str, *, action: str = "update", version: str = "1") -> None:
+    def notify(
+        self,
+        reference: str,
+        *,
+        action: str = "update",
+        version: str = "1",
+        via: str | None = None,
+    ) -> None:
         """What the HAPI shim says after a commit (``CareTeam/12`` changed), with the
-        module's webhook secret; the module answers 202 at once and queues the work."""
+        module's webhook secret, to this server (or the listener at ``via``: a worker);
+        the module answers 202 at once and queues the work."""
         resource_type, resource_id = reference.split("/")
         response = requests.post(
-            self.url("/_synapse/client/fhir/notify"),
+            (via or self.base_url) + "/_synapse/client/fhir/notify",
             json={
                 "resourceType": resource_type,
                 "id": resource_id,

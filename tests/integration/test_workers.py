@@ -17,6 +17,7 @@ reads on from its saved position, and nothing is lost or written twice.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -26,12 +27,16 @@ from typing import Any
 import pytest
 import requests
 
+from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
+from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.postgres import PostgresDatabase
 from devstack.redis import RedisServer
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
+from tests.integration.care_network import CareNetwork
+from tests.integration.matrix_views import invited_space, membership
 from tests.integration.test_communication_recording import (
     care_room,
     communication_of,
@@ -71,6 +76,29 @@ def synapse_with_worker(
         redis=redis,
         worker=WORKER,
         metrics=True,
+    )
+    with running(server):
+        yield server
+
+
+@pytest.fixture
+def synapse_syncing_on_worker(
+    hapi_running: HapiDevServer,
+    run_dir: Path,
+    postgres_database: PostgresDatabase,
+    redis: RedisServer,
+) -> Iterator[SynapseServer]:
+    """The FHIR → Matrix sync on the worker, Synapse on PostgreSQL, on the HAPI the outage
+    tests share (the session's holds every test's teams, and the first sweep makes a space
+    for each)."""
+    server = SynapseServer(
+        run_dir / f"synapse-sync-{postgres_database.dbname}",
+        module_config(
+            hapi_running.base_url, worker=WORKER, sync={"enabled": True, "poll_interval": "1h"}
+        ),
+        postgres=postgres_database,
+        redis=redis,
+        worker=WORKER,
     )
     with running(server):
         yield server
@@ -235,3 +263,53 @@ def test_messages_persisted_by_the_worker_while_the_main_process_is_down_are_wri
     assert metric(server.metrics_url, "synapse_fhir_communications_failed_total") == 0.0
     ids = event_ids_in_thread(hapi, thread)
     assert sorted(ids) == sorted([first, *sent]), "missing or duplicate Communications"
+
+
+def test_a_change_notified_to_the_worker_is_forgotten_by_the_main_process_at_once(
+    synapse_with_worker: SynapseServer, hapi: HapiDevServer
+) -> None:
+    """Decisions on the main process come from its cache (5 minutes by default); the shim's
+    notification reaches the worker (``/notify`` routed there), whose invalidation Synapse
+    replicates: the main process asks FHIR again long before its answer would expire."""
+    server = synapse_with_worker
+    network, service, room, _ = care_room(server, hapi.base_url)
+    lena = register_user(server, network.localpart("lena"))
+    with pytest.raises(MatrixError) as caught:
+        service.invite(room, lena.user_id)  # (the team is now cached on the main process)
+    assert caught.value.reason == "not_in_care_team"
+
+    leaver = network.participant(network.ref("Practitioner", "leaver"))
+    FhirSeeder(hapi.base_url).put(network.care_team(*network.standard_participants(), leaver))
+    server.notify(network.team, via=server.worker_url)
+    wait_until(
+        lambda: _invites(service, room, lena.user_id),
+        timeout=30,
+        what="the main process admitting the new participant after the worker's notification",
+    )
+
+
+def _invites(service: MatrixUser, room: str, user_id: str) -> bool:
+    try:
+        service.invite(room, user_id)
+    except MatrixError as e:
+        if e.reason == "not_in_care_team":
+            return False
+        raise
+    return True
+
+
+def test_the_sync_on_a_worker_with_postgresql_gives_a_team_its_space_and_invites(
+    synapse_syncing_on_worker: SynapseServer, hapi_running: HapiDevServer
+) -> None:
+    server = synapse_syncing_on_worker
+    network = CareNetwork(uuid.uuid4().hex[:8])
+    anna = register_user(server, network.localpart("anna"))  # the GP, named by FHIR
+    network.seed(FhirSeeder(hapi_running.base_url))
+    server.notify(network.team, via=server.worker_url)
+    space = wait_until(
+        lambda: invited_space(anna, network.team),
+        timeout=60,
+        what="the GP invited to the team's space, made by the sync on the worker",
+    )
+    anna.join(space)
+    assert membership(anna, space, anna.user_id) == "join"
