@@ -228,7 +228,7 @@ def thread_request(
 
     Under ``ozo`` it declares OZOCommunicationRequest and names ``requester`` (a person
     reference); whether it then meets the profile (a patient, a requester, a team) is
-    ``communication_profile.request_problems``' to say.
+    ``mapping.profile.request_problems``' to say.
     """
     request: dict[str, Any] = {
         "resourceType": "CommunicationRequest",

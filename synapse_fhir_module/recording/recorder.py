@@ -25,7 +25,7 @@ another room's record would tie it to another patient's thread.
 
 A room's thread is the request bound to it, or the one the module opens for it under the
 room's id. A request that FHIR already holds under that id is taken only when it is one the
-module opens (``communication_mapping.unadoptable``): anyone who writes FHIR can create one
+module opens (``mapping.communication.unadoptable``): anyone who writes FHIR can create one
 naming another team or patient. Otherwise the room's messages become dead letters. Edits
 and redactions look further: a recorded message is in a thread under the room's id, so any
 such request counts for them (the one the module opened may no longer pass that test).
@@ -80,8 +80,7 @@ from synapse_fhir_module.mapping.communication import (
 from synapse_fhir_module.mapping.profile import request_problems
 from synapse_fhir_module.mapping.relay_content import resource_of_key, source_of
 from synapse_fhir_module.mapping.unread import LatestMessage
-from synapse_fhir_module.recording import fault_hooks, outbox_store
-from synapse_fhir_module.recording import position_store as recording_log_store
+from synapse_fhir_module.recording import fault_hooks, outbox_store, position_store
 from synapse_fhir_module.recording.amendments import (
     Amended,
     CommunicationAmender,
@@ -141,7 +140,7 @@ AUTHORISATION_STATUSES = frozenset({401, 403, 407})
 RENEW_INTERVAL_S = 60.0
 # Failed batches in a row before the recorder asks whether FHIR answers at all.
 STUCK_AFTER = 5
-# Attempts after which a message in the table that fails while FHIR answers becomes a dead
+# Failures while FHIR answered after which a message alone in the table becomes a dead
 # letter (about five minutes at RETRY_CAP_MS apart).
 DEAD_AFTER = 30
 # Reading the stream failed: say so in the log at most this often.
@@ -273,16 +272,12 @@ class CommunicationRecorder:
         """Create the tables if needed, then write whatever a restart left: the messages
         after the saved stream position, and the table's pending rows."""
         await self._api.run_db_interaction("fhir_outbox_schema", outbox_store.create_schema)
-        await self._api.run_db_interaction(
-            "fhir_recording_schema", recording_log_store.create_schema
-        )
+        await self._api.run_db_interaction("fhir_recording_schema", position_store.create_schema)
         # (The relay's table too: the drain asks it which messages came from FHIR.)
         await self._api.run_db_interaction("fhir_sync_schema", sync_store.create_schema)
         # (Its device is made below: the account must exist first.)
         await ensure_service_user(self._api, self._service_user_id[1:].split(":", 1)[0])
-        row = await self._api.run_db_interaction(
-            "fhir_recording_position", recording_log_store.load
-        )
+        row = await self._api.run_db_interaction("fhir_recording_position", position_store.load)
         self._position = row.stream_token
         _warn_if_exposed(self._config.client_url, self._api.public_baseurl)
         await self._read_table()
@@ -443,9 +438,9 @@ class CommunicationRecorder:
             if notes and note is not None:
                 note(txn, notes)
             if candidate is not None:
-                recording_log_store.save_position(txn, candidate.token, now)
+                position_store.save_position(txn, candidate.token, now)
             if report:
-                recording_log_store.report(txn, figures[0], figures[1], now)
+                position_store.report(txn, figures[0], figures[1], now)
 
         try:
             await self._api.run_db_interaction("fhir_recording_save", save)

@@ -12,7 +12,7 @@ import logging
 
 from synapse.module_api import ModuleApi
 
-from synapse_fhir_module.recording import position_store as recording_log_store
+from synapse_fhir_module.recording import position_store
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class RecordingSession:
 
     async def open(self) -> None:
         """The kept token, or a new one if none is kept."""
-        row = await self._api.run_db_interaction("fhir_recording_session", recording_log_store.load)
+        row = await self._api.run_db_interaction("fhir_recording_session", position_store.load)
         if row.access_token:
             self._token = row.access_token
         else:
@@ -42,7 +42,7 @@ class RecordingSession:
             self._user_id, DEVICE_ID, DEVICE_NAME
         )
         await self._api.run_db_interaction(
-            "fhir_recording_session", recording_log_store.save_session, device_id, token
+            "fhir_recording_session", position_store.save_session, device_id, token
         )
         self._token = token
         logger.info("Recording: a new access token for %s (device %s)", self._user_id, device_id)

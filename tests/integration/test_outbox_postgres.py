@@ -12,7 +12,7 @@ from devstack.hapi import HapiDevServer
 from devstack.postgres import PostgresDatabase
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
-from synapse_fhir_module.recording import position_store as recording_log_store
+from synapse_fhir_module.recording import position_store
 from synapse_fhir_module.recording.outbox_store import TABLE
 from tests.integration.test_communication_recording import care_room, communication_of, health
 
@@ -35,7 +35,7 @@ def saved_position(database: PostgresDatabase) -> str | None:
     conn = database.connect()
     try:
         with conn.cursor() as cur:
-            cur.execute(f"SELECT stream_token FROM {recording_log_store.TABLE}")
+            cur.execute(f"SELECT stream_token FROM {position_store.TABLE}")
             (token,) = cur.fetchone()
         return None if token is None else str(token)
     finally:

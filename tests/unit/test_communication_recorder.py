@@ -24,8 +24,7 @@ from synapse_fhir_module.fhir.errors import FhirTransientError, error_for_status
 from synapse_fhir_module.fhir.person_directory import PersonRecord
 from synapse_fhir_module.fhir.team_directory import DirectoryUnavailable
 from synapse_fhir_module.mapping.communication import thread_request
-from synapse_fhir_module.recording import outbox_store
-from synapse_fhir_module.recording import position_store as recording_log_store
+from synapse_fhir_module.recording import outbox_store, position_store
 from synapse_fhir_module.recording.recent_writes import RecentWrites
 from synapse_fhir_module.recording.recorder import DEAD_AFTER, CommunicationRecorder
 from synapse_fhir_module.recording.stream_reader import StreamRead
@@ -634,8 +633,8 @@ async def test_a_message_redacted_before_it_was_read_back_is_written_withdrawn(
 ) -> None:
     """Read from Synapse's stream after a restart, a redacted message comes without its
     content: it is written withdrawn, and nothing of what it said."""
-    recording_log_store.create_schema(db)
-    recording_log_store.save_position(db, "s1", 0)  # (saved before the crash)
+    position_store.create_schema(db)
+    position_store.save_position(db, "s1", 0)  # (saved before the crash)
     stream = Stream()
     redaction_event = {"sender": "@carla:example.org", "origin_server_ts": 1_779_000_000_500}
     stream.stored = [
@@ -656,9 +655,9 @@ async def test_a_message_redacted_before_it_was_read_back_is_written_withdrawn(
     assert "payload" not in written
     assert written["note"][0]["authorReference"]["reference"] == "RelatedPerson/d-1"
     assert stand.fhir.communication("$kept")["payload"] == [{"contentString": "BP 150/95"}]
-    assert recording_log_store.load(db).stream_token == "s1"  # (saved on the next step)
+    assert position_store.load(db).stream_token == "s1"  # (saved on the next step)
     await stand.recorder.step()
-    assert recording_log_store.load(db).stream_token == "s2"
+    assert position_store.load(db).stream_token == "s2"
 
 
 @pytest_twisted.ensureDeferred
@@ -673,7 +672,7 @@ async def test_a_message_fhir_has_is_never_withdrawn_by_reading_it_back_redacted
     before = copy.deepcopy(stand.fhir.communication("$had"))
     assert before is not None and before["status"] == "completed"
 
-    recording_log_store.save_position(db, "s1", 0)  # (as if the position had not moved)
+    position_store.save_position(db, "s1", 0)  # (as if the position had not moved)
     redaction_event = {"sender": "@carla:example.org", "origin_server_ts": 1_779_000_000_500}
     stream.stored = [
         {
