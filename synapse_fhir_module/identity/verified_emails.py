@@ -29,9 +29,9 @@ class VerifiedEmails:
 
     async def check_registration_for_spam(
         self,
-        email_threepid: dict[str, Any] | None,
+        _email_threepid: dict[str, Any] | None,
         username: str | None,
-        request_info: Collection[tuple[str, str]],
+        _request_info: Collection[tuple[str, str]],
         auth_provider_id: str | None = None,
     ) -> RegistrationBehaviour:
         """Note whether an account is made through single sign-on (before Synapse stores

@@ -221,14 +221,14 @@ def test_recording_is_visible_in_prometheus_metrics(
 
     wait_until(
         lambda: metric("synapse_fhir_communications_written_total") == 3.0,
-        timeout=15,
+        timeout=30,
         what="3 written Communications counted",
     )
     assert metric("synapse_fhir_communication_lag_seconds_count") == 3.0
     assert metric("synapse_fhir_communications_failed_total") == 0.0
     wait_until(
         lambda: metric("synapse_fhir_outbox_pending") == 0.0,
-        timeout=15,
+        timeout=30,
         what="the pending gauge back at 0",
     )
 
