@@ -19,6 +19,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +43,10 @@ TEXT_BYTES = 6_000
 NAME_BYTES = 1_000
 URL_BYTES = 4_000
 SHORTENED = " … (shortened: the full text is in the care record)"
+# Who wrote it, when FHIR's name for them holds nothing that can be shown.
+SOMEONE = "Someone"
+# The largest integer canonical JSON carries: Synapse refuses an event with a larger one.
+MAX_JSON_INT = 2**53 - 1
 # The most a message's content may take as JSON (Synapse adds the event's own fields).
 CONTENT_BYTES = 60_000
 TOO_LARGE = "A message from the care record too large to show here: see the record itself."
@@ -106,9 +111,9 @@ def _attributed(
 ) -> dict[str, Any]:
     # (The claim key, so the recorder can check this very part was the module's post.)
     content = {**content, SOURCE_KEY: key}
-    sender_name = _profile_field(clean_text(sender_name)).strip() if sender_name else None
     if not sender_name:
         return _fitting(content)
+    sender_name = _profile_field(_visible(sender_name)).strip() or SOMEONE
     if content["msgtype"] == "m.text":
         text = content["body"]
         content["body"] = f"{sender_name}: {text}"
@@ -130,6 +135,12 @@ def _fitting(content: dict[str, Any]) -> dict[str, Any]:
     if size <= CONTENT_BYTES:
         return content
     return {"msgtype": "m.notice", "body": TOO_LARGE, SOURCE_KEY: content[SOURCE_KEY]}
+
+
+def _visible(text: str) -> str:
+    """``text`` without control and format characters (zero-width, bidi overrides): what
+    is left is what a reader sees."""
+    return "".join(c for c in clean_text(text) if unicodedata.category(c) not in ("Cc", "Cf"))
 
 
 def clean_text(text: str) -> str:
@@ -194,7 +205,7 @@ def _file(url: str, title: str | None, attachment: Mapping[str, Any]) -> dict[st
     if mimetype:
         info["mimetype"] = mimetype
     size = attachment.get("size")
-    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+    if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_JSON_INT:
         info["size"] = size
     name = title or DEFAULT_FILE_NAME
     content: dict[str, Any] = {
@@ -218,5 +229,8 @@ def is_web_url(value: Any) -> bool:
         return False
     if any(c.isspace() for c in value):
         return False
-    parsed = urlsplit(value)
+    try:
+        parsed = urlsplit(value)
+    except ValueError:  # (e.g. an unclosed "[" where a host should be)
+        return False
     return parsed.scheme in ("http", "https") and bool(parsed.netloc)

@@ -679,8 +679,9 @@ class CommunicationRecorder:
         """A message alone in the table that failed DEAD_AFTER times while FHIR answered
         becomes a dead letter (kept, with the reason; the admin's retry brings it back), so
         its room's later messages go on. Failures while FHIR was away do not count, nor do
-        edits and redactions (a redaction given up would leave the withdrawn text in FHIR)."""
-        if len(rows) != 1 or _amends_a_message(rows[0]) or not await self._fhir_answers():
+        a redaction's (given up, it would leave the withdrawn text in FHIR: it waits)."""
+        redaction = rows[0].event["type"] == "m.room.redaction"
+        if len(rows) != 1 or redaction or not await self._fhir_answers():
             return False
         event_id = rows[0].event_id
         self._failed_while_answering[event_id] = self._failed_while_answering.get(event_id, 0) + 1
@@ -768,7 +769,7 @@ class CommunicationRecorder:
             await self._api.run_db_interaction(
                 "fhir_outbox_done", outbox_store.mark_written, finished
             )
-        for event_id in finished:
+        for event_id in [*finished, *outcome.dead]:
             self._failed_while_answering.pop(event_id, None)
         committed_ms = now_ms()
         COMMUNICATIONS_REPLAYED.inc(len(outcome.already_there))

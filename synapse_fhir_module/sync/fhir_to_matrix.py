@@ -511,8 +511,10 @@ class FhirSync:
         # and words that cannot be posted (too long, say) hold no status or team back.
         unposted: Exception | None = None
         if mode is ThreadMode.OPEN:
-            opening = relay_messages(request.get("payload"), source=request_ref, sender_name=None)
             try:
+                opening = relay_messages(
+                    request.get("payload"), source=request_ref, sender_name=None
+                )
                 await self._post_parts(request_ref, room_id, opening)
             except Exception as e:
                 unposted = e

@@ -9,7 +9,7 @@ from typing import Any
 from devstack.synapse import module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module.mapping.communication import ENCRYPTED_TAG
-from tests.integration.test_communication_recording import care_room, communication_of
+from tests.integration.test_communication_recording import care_room, communication_of, health
 
 MEGOLM = {
     "algorithm": "m.megolm.v1.aes-sha2",
@@ -82,3 +82,9 @@ def test_encrypted_rooms_skip_records_no_encrypted_event_and_the_rest_as_ever(
     # would have been too.
     wait_until(lambda: communication_of(hapi, after), timeout=WITHIN, what="the later message")
     assert communication_of(hapi, secret) is None
+    # Nor kept aside as a dead letter: nothing pending, nothing dead, once settled.
+    wait_until(
+        lambda: health(server)["outbox"] == {"pending": 0, "dead": 0},
+        timeout=WITHIN,
+        what="the outbox empty, no dead letter",
+    )

@@ -240,3 +240,13 @@ def test_a_text_too_long_is_cut_and_says_so() -> None:
     assert content["body"].startswith("x" * 5_000)
     assert content["body"].endswith(SHORTENED)
     assert len(content["body"].encode("utf-8")) <= TEXT_BYTES
+
+
+def test_a_url_python_cannot_split_a_name_of_nothing_visible_and_a_huge_size_are_safe() -> None:
+    assert not is_web_url("http://[x")
+    (text,) = contents([{"contentString": "hi"}], sender_name="\x01\u200b\u202e")
+    assert text["body"] == "Someone: hi"  # (never passed off as the care network's own)
+    (file,) = contents(
+        [{"contentAttachment": {"url": "mxc://example.org/f", "size": 2**60, "title": "x"}}]
+    )
+    assert "size" not in file.get("info", {})
