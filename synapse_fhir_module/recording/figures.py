@@ -22,17 +22,22 @@ class RecordingFigures:
         self._not_written = 0 if ozo else None
 
     async def counts(self) -> OutboxCounts:
-        try:
-            table_pending, dead = await self._api.run_db_interaction(
-                "fhir_outbox_counts", outbox_store.counts
-            )
-            in_memory = await self._api.run_db_interaction(
-                "fhir_recording_counts", position_store.pending
-            )
-        except Exception:  # e.g. the draining instance has not created the tables yet
-            logger.debug("Outbox counts unavailable", exc_info=True)
-            return OutboxCounts(not_written_profile=self._not_written)
-        pending = table_pending + in_memory
-        OUTBOX_PENDING.set(pending)
-        OUTBOX_DEAD.set(dead)
-        return OutboxCounts(pending=pending, dead=dead, not_written_profile=self._not_written)
+        return await read_counts(self._api, held=None, not_written=self._not_written)
+
+
+async def read_counts(api: ModuleApi, *, held: int | None, not_written: int | None) -> OutboxCounts:
+    """The table's figures plus the messages held in memory: ``held`` where the drain runs,
+    else what the draining instance last reported in its table."""
+    try:
+        table_pending, dead = await api.run_db_interaction(
+            "fhir_outbox_counts", outbox_store.counts
+        )
+        if held is None:
+            held = await api.run_db_interaction("fhir_recording_counts", position_store.pending)
+    except Exception:  # e.g. the tables are not there yet
+        logger.debug("Outbox counts unavailable", exc_info=True)
+        return OutboxCounts(not_written_profile=not_written)
+    pending = table_pending + held
+    OUTBOX_PENDING.set(pending)
+    OUTBOX_DEAD.set(dead)
+    return OutboxCounts(pending=pending, dead=dead, not_written_profile=not_written)

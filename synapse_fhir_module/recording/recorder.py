@@ -97,6 +97,7 @@ from synapse_fhir_module.recording.amendments import (
     withdrawn,
 )
 from synapse_fhir_module.recording.counts import OutboxCounts
+from synapse_fhir_module.recording.figures import read_counts
 from synapse_fhir_module.recording.message_log import Candidate, PendingEvent, RecordingLog
 from synapse_fhir_module.recording.metrics import (
     COMMUNICATION_LAG,
@@ -317,17 +318,7 @@ class CommunicationRecorder:
     async def counts(self) -> OutboxCounts:
         """``pending``: messages read from Synapse (or handed over) that FHIR does not
         have yet, and the table's waiting rows; ``dead``: dead letters."""
-        try:
-            table_pending, dead = await self._api.run_db_interaction(
-                "fhir_outbox_counts", outbox_store.counts
-            )
-        except Exception:  # e.g. the tables are not there yet
-            logger.debug("Outbox counts unavailable", exc_info=True)
-            return OutboxCounts(not_written_profile=self._not_written)
-        pending = table_pending + self._log.pending
-        OUTBOX_PENDING.set(pending)
-        OUTBOX_DEAD.set(dead)
-        return OutboxCounts(pending=pending, dead=dead, not_written_profile=self._not_written)
+        return await read_counts(self._api, held=self._log.pending, not_written=self._not_written)
 
     def _wake_soon(self) -> None:
         """Drain now, or, when a message comes closer than ``batch_linger`` after the

@@ -105,3 +105,14 @@ def member_invites(team: Team, timeout: float) -> dict[str, str]:
         )
         for name in CURRENT_MEMBERS
     }
+
+
+def expired_error(user: MatrixUser) -> MatrixError | None:
+    """The module's "account expired" answer to the user's next request, or None."""
+    try:
+        user.whoami()
+    except MatrixError as e:
+        if e.errcode == "ORG_MATRIX_EXPIRED_ACCOUNT":
+            return e
+        raise
+    return None

@@ -8,22 +8,13 @@ from collections.abc import Callable
 
 from devstack.fhir_seed import FhirSeeder
 from devstack.hapi import HapiDevServer
-from devstack.matrix_client import MatrixError, MatrixUser, register_user
+from devstack.matrix_client import register_user
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.integration.care_network import CareNetwork
+from tests.integration.matrix_views import expired_error
 
 WITHIN = 30.0
-
-
-def expired(user: MatrixUser) -> bool:
-    try:
-        user.whoami()
-    except MatrixError as e:
-        if e.errcode == "ORG_MATRIX_EXPIRED_ACCOUNT":
-            return True
-        raise
-    return False
 
 
 def test_expire_unmapped_expires_accounts_no_person_names_and_only_those(
@@ -36,7 +27,7 @@ def test_expire_unmapped_expires_accounts_no_person_names_and_only_those(
     )
     gp = register_user(strict, network.localpart("anna"))  # named by a Practitioner
     stranger = register_user(strict, f"stranger_{network.tag}")  # named by nobody
-    wait_until(lambda: expired(stranger), timeout=WITHIN, what="the unmapped account expired")
+    wait_until(lambda: expired_error(stranger), timeout=WITHIN, what="the unmapped account expired")
     # The mapped account was looked up in the same way, and stays usable.
     assert gp.whoami() == gp.user_id
 
@@ -51,5 +42,7 @@ def test_without_expire_unmapped_an_account_no_person_names_stays_usable(
     inactive = register_user(lenient, network.localpart("ivo"))  # an inactive Practitioner
     # Looked up in the order they registered: once the inactive practitioner's account is
     # expired, the stranger's lookup is done too.
-    wait_until(lambda: expired(inactive), timeout=WITHIN, what="the inactive person's account")
+    wait_until(
+        lambda: expired_error(inactive), timeout=WITHIN, what="the inactive person's account"
+    )
     assert stranger.whoami() == stranger.user_id

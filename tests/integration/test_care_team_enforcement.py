@@ -19,7 +19,7 @@ from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
 from tests.integration.care_network import CareNetwork
-from tests.integration.matrix_views import membership
+from tests.integration.matrix_views import expired_error, membership
 
 CACHE_TTL = 2.0  # seconds: FHIR changes show within a few seconds without a push
 
@@ -157,7 +157,7 @@ def test_inactive_person_is_expired_until_reactivated(
 ) -> None:
     ivo = users("ivo")  # active: false in FHIR
     expired = wait_until(
-        lambda: _expired_error(ivo),
+        lambda: expired_error(ivo),
         timeout=15,
         what="the inactive practitioner's account reported expired",
     )
@@ -417,16 +417,6 @@ def test_a_team_that_is_not_active_admits_nobody_and_says_so(
     anna = users("anna")  # a participant of that team
     assert_denied(refused(lambda: service.invite(room, anna.user_id)), "care_team_inactive")
     assert membership(service, room, anna.user_id) is None
-
-
-def _expired_error(user: MatrixUser) -> MatrixError | None:
-    try:
-        user.whoami()
-    except MatrixError as e:
-        if e.errcode == "ORG_MATRIX_EXPIRED_ACCOUNT":
-            return e
-        raise
-    return None
 
 
 def _send_error(user: MatrixUser, room: str) -> MatrixError | None:

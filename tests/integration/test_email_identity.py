@@ -28,7 +28,7 @@ from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixError, MatrixUser, register_user
 from devstack.synapse import SynapseServer
 from devstack.waiting import wait_until
-from tests.integration.matrix_views import invited_space, membership, open_invites
+from tests.integration.matrix_views import expired_error, invited_space, membership, open_invites
 from tests.integration.quiet_stack import QuietStack, quiet_stack
 from tests.integration.test_communication_recording import communication_of
 
@@ -311,13 +311,3 @@ def test_a_person_found_by_email_made_inactive_loses_the_account_and_the_room(
         what="the inactive nurse's account answered as expired",
     )
     assert expired.status == 403
-
-
-def expired_error(user: MatrixUser) -> MatrixError | None:
-    try:
-        user.whoami()
-    except MatrixError as e:
-        if e.errcode == "ORG_MATRIX_EXPIRED_ACCOUNT":
-            return e
-        raise
-    return None

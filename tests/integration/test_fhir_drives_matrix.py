@@ -213,17 +213,7 @@ def test_a_communication_request_opens_a_room_and_outside_communications_appear_
     bram.join(room)
 
     # Another system writes a Communication in that thread.
-    lab = f"Communication/lab-{team.network.tag}"
-    team.fhir.put(
-        {
-            "resourceType": "Communication",
-            "id": lab.split("/")[1],
-            "status": "completed",
-            "partOf": [{"reference": thread}],
-            "sender": {"reference": team.network.ref("Practitioner", "nurse")},
-            "payload": [{"contentString": "Photo taken, looks better"}],
-        }
-    )
+    lab = outside_message(team, thread, f"lab-{team.network.tag}", "Photo taken, looks better")
     wait_until(lambda: len(messages(anna, room)) == 2, timeout=FOLLOWS_WITHIN, what="the relay")
     relayed_event = events(anna, room)[1]
     # Posted by the service user, attributed to the FHIR sender — never through the
@@ -256,17 +246,7 @@ def test_a_communication_request_opens_a_room_and_outside_communications_appear_
     assert communication_of(stack.hapi, relayed_event["event_id"]) is None
     # Neither is the reply's Communication relayed back into the room. A later outside
     # message, changed in FHIR after it, shows whatever the first would have shown.
-    later = f"Communication/lab-later-{team.network.tag}"
-    team.fhir.put(
-        {
-            "resourceType": "Communication",
-            "id": later.split("/")[1],
-            "status": "completed",
-            "partOf": [{"reference": thread}],
-            "sender": {"reference": team.network.ref("Practitioner", "nurse")},
-            "payload": [{"contentString": "Dressing changed"}],
-        }
-    )
+    outside_message(team, thread, f"lab-later-{team.network.tag}", "Dressing changed")
     wait_until(
         lambda: "A practitioner: Dressing changed" in messages(anna, room),
         timeout=FOLLOWS_WITHIN,
@@ -433,6 +413,21 @@ def test_changes_made_while_synapse_is_down_are_applied_after_restart(
         # The pharmacist has an account but is not in this room: the service user posts it.
         "A practitioner: Sent while Matrix was down",
     ]
+
+
+def outside_message(team: Team, thread: str, resource_id: str, text: str) -> str:
+    """A Communication another system writes into the thread, from the team's nurse."""
+    team.fhir.put(
+        {
+            "resourceType": "Communication",
+            "id": resource_id,
+            "status": "completed",
+            "partOf": [{"reference": thread}],
+            "sender": {"reference": team.network.ref("Practitioner", "nurse")},
+            "payload": [{"contentString": text}],
+        }
+    )
+    return f"Communication/{resource_id}"
 
 
 def request_room(team: Team, user: MatrixUser, **fields: Any) -> tuple[str, str]:

@@ -10,14 +10,8 @@ from devstack.synapse import module_config
 from devstack.waiting import wait_until
 from synapse_fhir_module.mapping.communication import ENCRYPTED_TAG
 from tests.integration.test_communication_recording import care_room, communication_of, health
+from tests.integration.test_ozo_recording import MEGOLM
 
-MEGOLM = {
-    "algorithm": "m.megolm.v1.aes-sha2",
-    "ciphertext": "AwgAEnACgAkLmt6qF84IK++J7UDH2Za1YVchHyprqTqsg",
-    "device_id": "RJYKSTBOIE",
-    "sender_key": "IlRMeOPX2e0MurIyfWEucYBRVOEEUMrOHqn/8mLqMjA",
-    "session_id": "X3lUlvLELLYxeTx4yOVu6UDpasGEVO0Jbu+QFnm0cKQ",
-}
 WITHIN = 30.0
 
 

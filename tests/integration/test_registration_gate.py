@@ -29,6 +29,7 @@ from devstack.waiting import wait_until
 from synapse_fhir_module.identity import account_store
 from tests.conftest import SERVER_LOGS
 from tests.integration.care_network import CareNetwork, via_identifier, via_telecom
+from tests.integration.matrix_views import expired_error
 
 CACHE_TTL = "2s"  # account validity re-reads FHIR persons this often
 
@@ -154,16 +155,6 @@ def assert_refused(
     # Nobody got the username, and no person was recorded for it.
     assert username_available(server, localpart)
     assert recorded_account(server, server.user_id(localpart)) is None
-
-
-def expired_error(user: MatrixUser) -> MatrixError | None:
-    try:
-        user.whoami()
-    except MatrixError as e:
-        if e.errcode == "ORG_MATRIX_EXPIRED_ACCOUNT":
-            return e
-        raise
-    return None
 
 
 def test_a_person_registers_the_username_their_record_names_with_their_own_email(
