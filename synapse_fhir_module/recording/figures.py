@@ -1,6 +1,6 @@
-"""Recording's ``/health`` figures on an instance that does not drain: read from the
-tables (the draining instance reports how many messages it holds in memory there, about
-once a second)."""
+"""Recording's ``/health`` figures: the tables' counts plus the messages held in memory —
+the drain's own count where it runs; elsewhere what it reports in its table about once a
+second (``RecordingFigures``)."""
 
 from __future__ import annotations
 
