@@ -36,6 +36,10 @@ class StreamFollower:
     async def step(self, position: str, now_ms: int) -> Candidate | None:
         """Read on from ``position``; the candidate to save when one is all settled."""
         log = self._log
+        if self._candidate is not None and log.catching_up and not self._full:
+            # Memory filled (or too many callbacks went missing) since this read of ids:
+            # it cannot settle now; read back in full from the saved position instead.
+            self._candidate = None
         if self._candidate is None:
             if log.catching_up and log.room_for() == 0:
                 return None  # memory is full: the drain first
