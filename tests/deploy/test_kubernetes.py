@@ -36,10 +36,20 @@ from synapse_fhir_module.web.health import HEALTH_PATH
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 # The oldest Kubernetes release still widely run, and the newest kubectl here talks to.
 K8S_VERSIONS = ("1.30.0", "1.33.0")
-# The config generator's convention: worker i (0-based, SYNAPSE_WORKERS order) serves
-# clients on 8083 + i; the main process serves replication on 9093.
+# The config generator's (sfm-generate-config) defaults: worker i (0-based, SYNAPSE_WORKERS
+# order) serves clients on 8083 + i and metrics on SYNAPSE_METRICS_PORT + 1 + i; the main
+# process serves replication on 9093, reached at the host SYNAPSE_MAIN_HOST ("synapse").
 FIRST_WORKER_PORT = 8083
 REPLICATION_PORT = 9093
+MAIN_HOST = "synapse"
+# Secrets the generator makes up when they are not given: every pod generates its own
+# config, so each must come from a Secret, or the pods would disagree.
+SYNAPSE_SECRETS = (
+    "SYNAPSE_MACAROON_SECRET_KEY",
+    "SYNAPSE_FORM_SECRET",
+    "SYNAPSE_REGISTRATION_SHARED_SECRET",
+    "SYNAPSE_WORKER_REPLICATION_SECRET",
+)
 PINNED_IMAGES = {"synapse-fhir": "0.1.0", "synapse-fhir-hapi": "0.1.0"}
 # Made by the cluster's certificate tooling (cert-manager) or by the operator, never here.
 TLS_SECRETS = {"synapse-tls"}
@@ -372,15 +382,24 @@ def test_worker_list_matches_the_deployments_services_and_ports(rendered: Render
         ]
         assert [s["metadata"]["name"] for s in services] == [f"synapse-{name}"]
 
-    # Workers reach the main process over HTTP replication through the Service `synapse`.
-    main_service = rendered.named("Service", "synapse")
+    env = rendered.synapse_env()
+    metrics = int(env["SYNAPSE_METRICS_PORT"])
+    assert port_number(container(deployments["main"], "synapse"), "metrics") == metrics
+    for index, name in enumerate(workers):
+        assert port_number(container(deployments[name], "synapse"), "metrics") == (
+            metrics + 1 + index
+        )
+
+    # Workers reach the main process over HTTP replication through its Service.
+    main_service = rendered.named("Service", env.get("SYNAPSE_MAIN_HOST", MAIN_HOST))
     assert main_service is not None
     assert rendered.workloads_selected_by(main_service) == [deployments["main"]]
     (replication,) = [p for p in main_service["spec"]["ports"] if p["name"] == "replication"]
-    assert replication["port"] == REPLICATION_PORT
-    assert port_number(container(deployments["main"], "synapse"), "replication") == REPLICATION_PORT
+    replication_port = int(env.get("SYNAPSE_REPLICATION_PORT", REPLICATION_PORT))
+    assert replication["port"] == replication_port
+    main_synapse = container(deployments["main"], "synapse")
+    assert port_number(main_synapse, "replication") == replication_port
 
-    env = rendered.synapse_env()
     if workers:
         redis = rendered.named("Service", env["REDIS_HOST"])
         assert redis is not None, env["REDIS_HOST"]
@@ -431,12 +450,40 @@ def test_database_is_external_unless_the_component_is_on(rendered: Rendered) -> 
         assert synapse_db["POSTGRES_HOST"] == hapi_db.hostname == "postgres.example.internal"
 
 
-def config_script(rendered: Rendered, data: Path, secrets: Path) -> str:
+def test_every_pod_gets_the_same_secrets_and_signing_key(rendered: Rendered) -> None:
+    """Each Synapse pod generates its own config: what the generator would otherwise make up
+    (secrets, the signing key) must come from the Secrets, the same for every pod."""
+    env_sources: set[tuple[str, str]] = set()
+    for deployment in rendered.synapse_deployments():
+        config = container(deployment, "config", init=True)
+        sources = tuple(sorted(next(iter(ref.values()))["name"] for ref in config["envFrom"]))
+        env_sources.add(sources)
+        provided: dict[str, str] = {}
+        for ref in config["envFrom"]:
+            kind = "Secret" if "secretRef" in ref else "ConfigMap"
+            obj = rendered.named(kind, next(iter(ref.values()))["name"])
+            assert obj is not None
+            provided.update(obj["data"])
+        assert set(SYNAPSE_SECRETS) <= set(provided), deployment["metadata"]["name"]
+
+        key_path = Path(rendered.synapse_env()["SYNAPSE_SIGNING_KEY_PATH"])
+        volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+        for c in (config, container(deployment, "synapse")):
+            (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(key_path.parent)]
+            secret = volumes[mount["name"]]["secret"]["secretName"]
+            assert secret.startswith("synapse-signing-key-")
+            key_secret = rendered.named("Secret", secret)
+            assert key_secret is not None
+            assert key_path.name in key_secret["data"]
+    assert len(env_sources) == 1, env_sources
+
+
+def config_script(rendered: Rendered, data: Path) -> str:
     main = rendered.named("Deployment", "synapse-main")
     assert main is not None
     command = container(main, "config", init=True)["command"]
     assert command[:2] == ["sh", "-ec"]
-    return command[2].replace("/secrets/signing-key", str(secrets)).replace("/data", str(data))
+    return command[2].replace("/data", str(data))
 
 
 def run_config_script(
@@ -455,8 +502,8 @@ def test_config_init_refuses_placeholders_then_generates_with_the_signing_key(
     tmp_path: Path,
 ) -> None:
     """The init container's script, run here with sh: while a Secret still says change-me it
-    stops with the setting's name; with real values it puts the signing key where the
-    generator looks for it and runs the generator over /data."""
+    stops with the setting's name, before the generator runs; with real values it runs the
+    generator over /data."""
     rendered = Rendered("single", False, render(DEPLOY / "overlays" / "single"))
     data, secrets, bin_dir = tmp_path / "data", tmp_path / "secrets", tmp_path / "bin"
     for d in (data, secrets, bin_dir):
@@ -465,13 +512,14 @@ def test_config_init_refuses_placeholders_then_generates_with_the_signing_key(
     generator = bin_dir / "sfm-generate-config"
     generator.write_text(f'#!/bin/sh\necho "$@" > {calls}\n')
     generator.chmod(0o755)
-    script = config_script(rendered, data, secrets)
+    script = config_script(rendered, data)
 
     env = {
         **rendered.synapse_env(),
         **rendered.secret("synapse-secrets"),
         **rendered.secret("fhir-webhook"),
         **rendered.secret("synapse-database"),
+        "SYNAPSE_SIGNING_KEY_PATH": str(secrets / "signing.key"),
     }
     (secrets / "signing.key").write_text(rendered.secret("synapse-signing-key")["signing.key"])
     refused = run_config_script(script, env, bin_dir)
@@ -488,5 +536,4 @@ def test_config_init_refuses_placeholders_then_generates_with_the_signing_key(
     (secrets / "signing.key").write_text(key)
     done = run_config_script(script, env, bin_dir)
     assert done.returncode == 0, done.stderr
-    assert (data / f"{env['SYNAPSE_SERVER_NAME']}.signing.key").read_text() == key
     assert calls.read_text().split() == ["--out", str(data), "--overwrite"]
