@@ -537,3 +537,33 @@ def test_config_init_refuses_placeholders_then_generates_with_the_signing_key(
     done = run_config_script(script, env, bin_dir)
     assert done.returncode == 0, done.stderr
     assert calls.read_text().split() == ["--out", str(data), "--overwrite"]
+
+
+def test_a_site_overlay_replaces_every_placeholder_as_documented(tmp_path: Path) -> None:
+    """The site overlay of docs/kubernetes.md ("Before you apply", step 3), beside a copy of
+    the repository: its Secrets replace every change-me and its image names apply."""
+    shutil.copytree(DEPLOY, tmp_path / "synapse-fhir-module" / "deploy" / "k8s")
+    site = tmp_path / "my-site"
+    site.mkdir()
+    docs = (DEPLOY.parents[1] / "docs" / "kubernetes.md").read_text()
+    start = docs.index("# my-site/kustomization.yaml\n")
+    (site / "kustomization.yaml").write_text(docs[start : docs.index("```", start)])
+    for name in ("synapse.env", "webhook.env", "synapse-database.env", "hapi-database.env"):
+        placeholder = (DEPLOY / "base" / "secrets" / name).read_text()
+        (site / name).write_text(placeholder.replace("change-me", f"site-{name}"))
+    (site / "signing.key").write_text("ed25519 a_site c2l0ZS1rZXk\n")
+
+    rendered = Rendered("workers", False, render(site))
+
+    for secret in rendered.of_kind("Secret"):
+        for key, value in secret["data"].items():
+            decoded = base64.b64decode(value).decode()
+            assert "change-me" not in decoded, (secret["metadata"]["name"], key)
+    assert rendered.secret("synapse-signing-key")["signing.key"].startswith("ed25519 a_site")
+    images = {c["image"] for w in rendered.workloads() for c, _ in containers(w)}
+    assert "registry.example.org/synapse-fhir:0.1.0" in images
+    assert "registry.example.org/synapse-fhir-hapi:0.1.0" in images
+    assert not {i for i in images if i.startswith("synapse-fhir")}
+    # The pods read the replaced Secrets (by their new hashed names).
+    test_every_secret_and_config_map_a_pod_reads_exists_with_its_keys(rendered)
+    test_every_pod_gets_the_same_secrets_and_signing_key(rendered)
