@@ -54,6 +54,7 @@ ROW_TITLES = {
     9: "Period end → member removed, no FHIR write (issue 11)",
     10: "Identity by email: address → account from memory; decisions (issue 12)",
     11: "Unread markers as FHIR Tasks: sends with unread_tasks off vs on; Task lags",
+    12: "Footprint: memory and CPU idle and at 50 msg/s, Synapse ± module, PostgreSQL, HAPI",
 }
 
 
@@ -94,6 +95,10 @@ STEPS = [
     Step(10, "identity_resolution"),
     # --smoke: 10 messages and 2 timed read markers (the Tasks follow every 2 s).
     Step(11, "unread_tasks"),
+    # A HAPI of its own (its memory is this benchmark's alone) and nothing pinned: a footprint
+    # is what a process takes, which one CPU each would cap. SQLite and PostgreSQL in one run
+    # (~5 min); --smoke: windows of a few seconds.
+    Step(12, "footprint", shared_hapi=False),
 ]
 
 
