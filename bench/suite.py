@@ -188,17 +188,20 @@ def merge_runs(earlier: dict[str, Any], fresh: list[dict[str, Any]]) -> list[dic
     """The earlier report's runs (with their benchmarks' results), the fresh ones in place
     of those they repeat."""
     by_step = {(r["bench"], r["database"]): r for r in fresh}
+    steps = {(r["bench"], r["database"]) for r in earlier["runs"]}
+
+    def step_of(part: dict[str, Any]) -> tuple[str, str]:
+        key = (part["bench"], part.get("synapse_database", "sqlite"))
+        # A benchmark that measures both databases in one run (footprint) is one step.
+        return key if key in steps else (part["bench"], "sqlite")
+
     merged = []
     for run in earlier["runs"]:
         key = (run["bench"], run["database"])
         if key in by_step:
             merged.append(by_step.pop(key))
             continue
-        parts = [
-            part
-            for part in earlier["benchmarks"]
-            if (part["bench"], part.get("synapse_database", "sqlite")) == key
-        ]
+        parts = [part for part in earlier["benchmarks"] if step_of(part) == key]
         merged.append(run | {"parts": parts})
     return merged + list(by_step.values())
 
