@@ -134,6 +134,15 @@ def memory_bytes(pids: list[int], *, proportional: bool) -> int:
     return total * 1024
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every CPU of the machine spent on anything but idling (``/proc/stat``), in
+    seconds: whether a window had CPU to spare."""
+    with open("/proc/stat") as f:
+        ticks = [int(n) for n in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 # --- Sampling a window -------------------------------------------------------------------
 
 
@@ -178,6 +187,8 @@ class Sampler:
         self.tick = tick
         self.interval = interval
         self.series = {w.key: Series() for w in watched}
+        self.machine_cores = 0.0  # the machine's CPUs busy over the window, on average
+        self.generator_cores = 0.0  # ... of which this process (the load generator)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="footprint-sampler", daemon=True)
         self._error: BaseException | None = None
@@ -196,6 +207,7 @@ class Sampler:
         try:
             started = interval_start = time.monotonic()
             first = interval_cpu = self._cpu()
+            machine, generator = machine_busy_seconds(), _own_cpu_seconds()
             next_tick = started
             while True:
                 self._sample_memory()
@@ -212,6 +224,8 @@ class Sampler:
                     break
             ended = time.monotonic()
             last = self._cpu()
+            self.machine_cores = (machine_busy_seconds() - machine) / (ended - started)
+            self.generator_cores = (_own_cpu_seconds() - generator) / (ended - started)
             for key, series in self.series.items():
                 series.cpu_seconds = last[key] - first[key]
                 series.seconds = ended - started
@@ -231,6 +245,11 @@ class Sampler:
         if self._thread.is_alive():
             raise RuntimeError("the sampler did not stop")
         return self.series
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 @contextlib.contextmanager
@@ -335,7 +354,8 @@ def send_at_rate(arm: Arm, rate: float, seconds: float) -> dict[str, Any]:
         "first_error": errors[0] if errors else None,
         "achieved_msg_per_s": round((count - len(errors)) / elapsed, 2),
         "start_late_p99_ms": round(late[int(0.99 * (len(late) - 1))] * 1000, 1),
-        "send_seconds_p50": round(statistics.median(s.seconds for s in sends), 4),
+        "send_ms_p50": round(statistics.median(s.seconds for s in sends) * 1000, 1),
+        "send_ms_p99": round(sorted(s.seconds for s in sends)[int(0.99 * (count - 1))] * 1000, 1),
     }
 
 
@@ -389,6 +409,7 @@ def measure_database(
     with window(watched(None), tick=sizes.tick, interval=sizes.interval) as sampler:
         time.sleep(sizes.idle)  # the idle window's length: nothing is sent meanwhile
     idle = sampler.series
+    machine = {"idle": _machine(sampler)}
     heap[f"{database}: after idle"] = parse_heap_info(jcmd(hapi.process.pid, "GC.heap_info"))
 
     loaded: dict[str, dict[str, Series]] = {}
@@ -396,6 +417,8 @@ def measure_database(
         with window(watched(arm), tick=sizes.tick, interval=sizes.interval) as sampler:
             arm.load = send_at_rate(arm, sizes.rate, sizes.load)
         loaded[arm.name] = sampler.series
+        machine[f"load, {arm.name}"] = _machine(sampler)
+        arm.load["machine_cores_busy"] = round(sampler.machine_cores, 2)
         wait_recorded(the_stack, arm)
         heap[f"{database}: after load, {arm.name}"] = parse_heap_info(
             jcmd(hapi.process.pid, "GC.heap_info")
@@ -412,12 +435,25 @@ def measure_database(
             for (name, series), arm_load in zip(loaded.items(), (a.load for a in arms), strict=True)
         },
         "messages_recorded": arms[1].recorded,
+        "machine_cores_busy": machine,
     }
     return rows, details
 
 
+def _machine(sampler: Sampler) -> dict[str, float]:
+    return {
+        "all_processes": round(sampler.machine_cores, 3),
+        "load_generator": round(sampler.generator_cores, 3),
+        "cpus": float(os.cpu_count() or 0),
+    }
+
+
 def _load_note(load: dict[str, Any], rate: float) -> str:
-    note = f"{load['achieved_msg_per_s']:g} msg/s achieved of {rate:g}, {load['errors']} errors"
+    note = (
+        f"{load['achieved_msg_per_s']:g} msg/s achieved of {rate:g}, {load['errors']} errors,"
+        f" send p99 {load['send_ms_p99']:g} ms; the machine's CPUs busy:"
+        f" {load['machine_cores_busy']:g} of {os.cpu_count()}"
+    )
     if load["achieved_msg_per_s"] < 0.95 * rate:
         note += " (sends fell behind: the machine was out of CPU; CPU figure a lower bound)"
     return note
