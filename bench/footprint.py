@@ -534,6 +534,7 @@ def hapi_rows(idle: dict[str, Series], load: dict[str, Series], sizes: Sizes) ->
 
 
 def run(args: argparse.Namespace, sizes: Sizes) -> None:
+    clock = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{NAME}-"))
     pinning = Pinning(None, None, NOT_PINNED)
     # Every CPU for what runs here (the suite starts a benchmark on all of them).
@@ -579,6 +580,7 @@ def run(args: argparse.Namespace, sizes: Sizes) -> None:
                 details=details | {"hapi_heap": heap, "hapi_max_heap_mib": max_heap},
             )
         print(f"HAPI heap (jcmd GC.heap_info): {heap}; max heap {max_heap} MiB")
+        print(f"{NAME}: {time.monotonic() - clock:.0f} s")
         ok = True
     finally:
         for cleanup in reversed(cleanups):
