@@ -2,7 +2,7 @@
 figures Kubernetes resource requests are derived from.
 
     python -m bench.footprint [--smoke] [--databases sqlite postgres] [--rate 50]
-        [--warmup-seconds 10] [--idle-seconds 30] [--load-seconds 30]
+        [--warmup-seconds 10] [--idle-seconds 30] [--load-seconds 30] [--hapi-heap 512m]
 
 One HAPI dev server (H2, started here: its history is this run's alone) and, per Synapse
 database, two Synapse subprocesses side by side, same version, same config but for the module:
@@ -37,7 +37,8 @@ a process at one CPU and hide what it needs. Load generator, HAPI, PostgreSQL an
 share the machine's CPUs; when a window's sends fall behind ``--rate`` (the machine is out
 of CPU), its note says so and its CPU figure is a lower bound. Also recorded for HAPI
 (``details``): its JVM heap after each window and, at the end, after a full GC (the live
-set; ``jcmd GC.heap_info``), and its maximum heap (JVM ergonomics: a quarter of the RAM).
+set; ``jcmd GC.heap_info``), and its maximum heap (JVM ergonomics: a quarter of the RAM;
+``--hapi-heap`` sets it, to see HAPI keep up within a heap a container would give it).
 """
 
 from __future__ import annotations
@@ -541,7 +542,8 @@ def run(args: argparse.Namespace, sizes: Sizes) -> None:
     cleanups: list[Callable[[], None]] = []
     ok = False
     try:
-        hapi = HapiDevServer(workdir)
+        java_options = [f"-Xmx{args.hapi_heap}"] if args.hapi_heap else []
+        hapi = HapiDevServer(workdir, java_options=java_options)
         cleanups.append(hapi.stop)
         hapi.start()
         print(f"HAPI ready in {hapi.start_seconds:.0f} s", flush=True)
@@ -567,7 +569,8 @@ def run(args: argparse.Namespace, sizes: Sizes) -> None:
             "load_seconds": sizes.load,
             "memory_sample_every_s": sizes.tick,
             "cpu_interval_s": sizes.interval,
-            "hapi": "dev server (H2 in memory), JVM ergonomics (no -Xmx)",
+            "hapi": "dev server (H2 in memory), "
+            + (f"-Xmx{args.hapi_heap}" if args.hapi_heap else "JVM ergonomics (no -Xmx)"),
         }
         for the_stack, rows, details in results:
             report(
@@ -608,6 +611,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="messages per second")
     parser.add_argument("--warmup-seconds", type=float, default=10.0)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--hapi-heap", help="HAPI's maximum heap (-Xmx, e.g. 512m); default: the JVM's choice"
+    )
     parser.add_argument("--load-seconds", type=float, default=30.0)
     args = parser.parse_args()
     sizes = Sizes(args.rate, args.warmup_seconds, args.idle_seconds, args.load_seconds, 1.0, 5.0)
