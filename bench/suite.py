@@ -54,6 +54,7 @@ ROW_TITLES = {
     9: "Period end → member removed, no FHIR write (issue 11)",
     10: "Identity by email: address → account from memory; decisions (issue 12)",
     11: "Unread markers as FHIR Tasks: sends with unread_tasks off vs on; Task lags",
+    12: "Footprint: memory and CPU idle and at 50 msg/s, Synapse ± module, PostgreSQL, HAPI",
 }
 
 
@@ -94,6 +95,10 @@ STEPS = [
     Step(10, "identity_resolution"),
     # --smoke: 10 messages and 2 timed read markers (the Tasks follow every 2 s).
     Step(11, "unread_tasks"),
+    # A HAPI of its own (its memory is this benchmark's alone) and nothing pinned: a footprint
+    # is what a process takes, which one CPU each would cap. SQLite and PostgreSQL in one run
+    # (~5 min); --smoke: windows of a few seconds.
+    Step(12, "footprint", shared_hapi=False),
 ]
 
 
@@ -183,17 +188,20 @@ def merge_runs(earlier: dict[str, Any], fresh: list[dict[str, Any]]) -> list[dic
     """The earlier report's runs (with their benchmarks' results), the fresh ones in place
     of those they repeat."""
     by_step = {(r["bench"], r["database"]): r for r in fresh}
+    steps = {(r["bench"], r["database"]) for r in earlier["runs"]}
+
+    def step_of(part: dict[str, Any]) -> tuple[str, str]:
+        key = (part["bench"], part.get("synapse_database", "sqlite"))
+        # A benchmark that measures both databases in one run (footprint) is one step.
+        return key if key in steps else (part["bench"], "sqlite")
+
     merged = []
     for run in earlier["runs"]:
         key = (run["bench"], run["database"])
         if key in by_step:
             merged.append(by_step.pop(key))
             continue
-        parts = [
-            part
-            for part in earlier["benchmarks"]
-            if (part["bench"], part.get("synapse_database", "sqlite")) == key
-        ]
+        parts = [part for part in earlier["benchmarks"] if step_of(part) == key]
         merged.append(run | {"parts": parts})
     return merged + list(by_step.values())
 

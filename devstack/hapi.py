@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import requests
@@ -27,6 +28,7 @@ class HapiDevServer:
     ``database_file``: an H2 file database that survives restarts; None keeps
     everything in memory. ``notify_url``/``notify_secret`` switch the shim on.
     ``integrity_on_delete`` False lets a resource others refer to be deleted.
+    ``java_options`` go to the JVM (e.g. ``-Xmx512m``; none: the JVM's own ergonomics).
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class HapiDevServer:
         notify_secret: str | None = None,
         integrity_on_delete: bool = True,
         jar: Path = DEV_SERVER_JAR,
+        java_options: Sequence[str] = (),
     ) -> None:
         if not jar.exists():
             raise FileNotFoundError(
@@ -46,7 +49,7 @@ class HapiDevServer:
             )
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/fhir"
-        argv = ["java", "-jar", str(jar), f"--server.port={self.port}"]
+        argv = ["java", *java_options, "-jar", str(jar), f"--server.port={self.port}"]
         if database_file is not None:
             argv.append(f"--spring.datasource.url=jdbc:h2:file:{database_file}")
         if not integrity_on_delete:
