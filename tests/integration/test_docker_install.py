@@ -1,0 +1,288 @@
+"""What the Docker images do, done here without a Docker engine.
+
+- docker/Dockerfile's install step: the wheel built as its first stage builds it (from the files
+  it copies), installed as its second stage installs it (with .ci/constraints.txt, so the pinned
+  Synapse) into a clean venv outside the repository; sfm-generate-config writes the config
+  from the variables Compose gives it; that venv's Synapse starts on it against PostgreSQL and
+  the HAPI dev server, and the module answers with FHIR reachable and the webhook secret set.
+- docker/postgres-init/10-hapi-database.sh, run as the postgres image runs it, leaves HAPI a
+  role and database of its own.
+- docker/HapiHealthCheck.java, compiled as docker/hapi.Dockerfile compiles it, tells a FHIR
+  server that answers from one that does not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg2
+import pytest
+import requests
+from dockerfile_parse import DockerfileParser
+
+from devstack.hapi import HapiDevServer
+from devstack.ports import free_port
+from devstack.postgres import PostgresCluster, PostgresDatabase
+from devstack.processes import ManagedProcess
+from devstack.waiting import wait_until
+from tests.conftest import SERVER_LOGS
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+WEBHOOK_SECRET = "compose-webhook-secret-5c1d"
+
+
+def run(argv: list[str], *, cwd: Path, timeout: float, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, f"{argv[:4]} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def stage(dockerfile: Path, name: str) -> list[dict]:
+    """The instructions of one build stage (``FROM ... AS name`` up to the next FROM)."""
+    instructions = DockerfileParser(path=str(dockerfile)).structure
+    start = next(
+        i
+        for i, x in enumerate(instructions)
+        if x["instruction"] == "FROM" and x["value"].lower().endswith(f" as {name}")
+    )
+    end = next(
+        (
+            i
+            for i in range(start + 1, len(instructions))
+            if instructions[i]["instruction"] == "FROM"
+        ),
+        len(instructions),
+    )
+    return instructions[start + 1 : end]
+
+
+def replay_copies(instructions: list[dict], into: Path) -> None:
+    """The stage's ``COPY <repo paths> <dest>``, into a directory standing for its image."""
+    for x in instructions:
+        if x["instruction"] != "COPY":
+            continue
+        *sources, dest = [w for w in x["value"].split() if not w.startswith("--")]
+        target = into / dest.lstrip("/")
+        for source in sources:
+            path = REPO / source
+            where = target / path.name if dest.endswith("/") else target
+            if path.is_dir():
+                shutil.copytree(path, where, ignore=shutil.ignore_patterns("__pycache__", "target"))
+            else:
+                where.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, where)
+
+
+@pytest.mark.slow
+def test_the_dockerfile_install_step_loads_the_module(
+    tmp_path_factory: pytest.TempPathFactory,
+    hapi: HapiDevServer,
+    postgres_database: PostgresDatabase,
+) -> None:
+    root = tmp_path_factory.mktemp("docker-install")  # outside the repository
+    # Stage "wheel": its COPYs, then its RUN, word for word.
+    wheel_stage = stage(DOCKER / "Dockerfile", "wheel")
+    replay_copies(wheel_stage, root)
+    (command,) = [x["value"] for x in wheel_stage if x["instruction"] == "RUN"]
+    assert command == "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels /src"
+    wheels = root / "wheels"
+    run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels)]
+        + [str(root / "src")],
+        cwd=root,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("synapse_fhir_module-*.whl")
+
+    # Stage 2's install, into a clean venv. (The image has Synapse's own psycopg2; the venv
+    # gets the same module from psycopg2-binary.)
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir -c /tmp/constraints.txt /tmp/wheels/*.whl" in dockerfile
+    venv = root / "venv"
+    run([sys.executable, "-m", "venv", str(venv)], cwd=root, timeout=120)
+    python = str(venv / "bin" / "python")
+    run(
+        [python, "-m", "pip", "install", "-q", "-c", str(REPO / ".ci" / "constraints.txt")]
+        + [str(wheel), "psycopg2-binary"],
+        cwd=root,
+        timeout=600,
+    )
+    where = run(
+        [
+            python,
+            "-c",
+            "import synapse, synapse_fhir_module as m; print(synapse.__version__, m.__file__)",
+        ],
+        cwd=root,
+        timeout=60,
+    ).split()
+    constraints = (REPO / ".ci" / "constraints.txt").read_text()
+    assert f"matrix-synapse=={where[0]}\n" in constraints
+    assert Path(where[1]).is_relative_to(venv), "the module came from elsewhere than the venv"
+
+    # sfm-generate-config (the image runs it with its Python), as synapse-init calls it.
+    data = root / "data"
+    port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "SYNAPSE_SERVER_NAME": "compose.test",
+        "SYNAPSE_PUBLIC_BASEURL": f"http://127.0.0.1:{port}/",
+        "SYNAPSE_HTTP_PORT": str(port),
+        "SYNAPSE_BIND_ADDRESS": "127.0.0.1",
+        "POSTGRES_HOST": postgres_database.host,
+        "POSTGRES_PORT": str(postgres_database.port),
+        "POSTGRES_DB": postgres_database.dbname,
+        "POSTGRES_USER": postgres_database.user,
+        "POSTGRES_PASSWORD": postgres_database.password,
+        "FHIR_BASE_URL": hapi.base_url,
+        "FHIR_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        # (The session's HAPI is shared: no sync making spaces for every team in it.)
+        "FHIR_MODULE_CONFIG_EXTRA": '{"sync": {"enabled": false}}',
+    }
+    printed = run(
+        [python, str(DOCKER / "generate_config.py"), "--out", str(data)],
+        cwd=root,
+        timeout=60,
+        env=env,
+    )
+    assert postgres_database.password not in printed and WEBHOOK_SECRET not in printed
+
+    synapse = ManagedProcess(
+        "synapse-from-wheel",
+        [python, "-m", "synapse.app.homeserver", "-c", str(data / "homeserver.yaml")],
+        root / "synapse.log",
+        cwd=data,
+        env={"PATH": os.environ["PATH"]},
+    )
+    SERVER_LOGS.append(synapse.log_path)
+    base = f"http://127.0.0.1:{port}"
+    synapse.start()
+    try:
+        wait_until(
+            lambda: _answers(synapse, f"{base}/health"),
+            timeout=180,
+            what=f"the venv's Synapse answering {base}/health (log: {synapse.log_path})",
+            interval=0.2,
+        )
+        health = wait_until(
+            lambda: _fhir_reachable(f"{base}/_synapse/client/fhir/health"),
+            timeout=60,
+            what="the module reporting FHIR reachable",
+            interval=0.5,
+        )
+        assert health["fhir"] == {"reachable": True}
+        # The webhook secret the generator wrote is the one the module checks.
+        notify = f"{base}/_synapse/client/fhir/notify"
+        body = {"resourceType": "CareTeam", "id": "compose-1", "versionId": "1", "action": "update"}
+        wrong = requests.post(
+            notify, json=body, headers={"Authorization": "Bearer nope"}, timeout=10
+        )
+        right = requests.post(
+            notify, json=body, headers={"Authorization": f"Bearer {WEBHOOK_SECRET}"}, timeout=10
+        )
+        assert (wrong.status_code, right.status_code) == (401, 202)
+    finally:
+        synapse.stop()
+
+
+def _answers(process: ManagedProcess, url: str) -> bool:
+    assert process.running, (
+        f"Synapse exited ({process.exit_code()}):\n{process.log_path.read_text()[-3000:]}"
+    )
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _fhir_reachable(url: str) -> dict | None:
+    health = requests.get(url, timeout=10).json()
+    return health if health["fhir"]["reachable"] else None
+
+
+def test_the_postgres_init_script_gives_hapi_its_own_database(postgres: PostgresCluster) -> None:
+    psql = postgres.bindir / "psql"
+    if not psql.exists():
+        psql = Path(shutil.which("psql") or psql)
+    assert psql.exists(), f"psql not found beside {postgres.bindir}/postgres or on PATH"
+    password = "hapi-db-password-2e9a"
+    env = {
+        "PATH": f"{psql.parent}:{os.environ['PATH']}",
+        # As the postgres image runs it: the superuser, over the socket.
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_DB": "postgres",
+        "PGHOST": str(postgres.socket_dir),
+        "PGPORT": str(postgres.port),
+        "HAPI_POSTGRES_PASSWORD": password,
+    }
+    if os.geteuid() == 0:
+        # (The cluster runs as the postgres system user; its socket directory is theirs.)
+        argv = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+    else:
+        argv = []
+    run(
+        argv + ["sh", str(DOCKER / "postgres-init" / "10-hapi-database.sh")],
+        cwd=Path("/"),
+        timeout=60,
+        env=env,
+    )
+    conn = psycopg2.connect(
+        host=postgres.host,
+        port=postgres.port,
+        dbname="hapi",
+        user="hapi",
+        password=password,
+        connect_timeout=10,
+    )
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT current_user, pg_encoding_to_char(encoding) FROM pg_database"
+                " WHERE datname = current_database()"
+            )
+            assert cur.fetchone() == ("hapi", "UTF8")
+            cur.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'hapi'")
+            assert cur.fetchone() == (False,)
+    finally:
+        conn.close()
+
+
+def test_the_hapi_health_check_tells_up_from_down(hapi: HapiDevServer, tmp_path: Path) -> None:
+    (javac,) = [
+        x["value"] for x in stage(DOCKER / "hapi.Dockerfile", "shim") if "javac" in x["value"]
+    ]
+    assert javac == "javac --release 17 -d /build/healthcheck /build/HapiHealthCheck.java"
+    classes = tmp_path / "healthcheck"
+    run(
+        ["javac", "--release", "17", "-d", str(classes), str(DOCKER / "HapiHealthCheck.java")],
+        cwd=tmp_path,
+        timeout=120,
+    )
+
+    def check(url: str) -> int:
+        return subprocess.run(
+            [
+                "java",
+                "-XX:TieredStopAtLevel=1",
+                "-XX:+UseSerialGC",
+                "-Xmx32m",
+                "-cp",
+                str(classes),
+                "HapiHealthCheck",
+                url,
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        ).returncode
+
+    assert check(f"{hapi.base_url}/metadata") == 0
+    assert check(f"{hapi.base_url}/no-such-thing") == 1
+    assert check(f"http://127.0.0.1:{free_port()}/fhir/metadata") == 1
