@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import psycopg2
@@ -63,13 +64,18 @@ def stage(dockerfile: Path, name: str) -> list[dict]:
     return instructions[start + 1 : end]
 
 
-def replay_copies(instructions: list[dict], into: Path) -> None:
-    """The stage's ``COPY <repo paths> <dest>``, into a directory standing for its image."""
+def replay_copies(instructions: list[dict], into: Path) -> Path:
+    """The stage's ``WORKDIR`` and ``COPY <repo paths> <dest>``, into a directory standing
+    for its image's file system; returns the working directory."""
+    workdir = into
     for x in instructions:
-        if x["instruction"] != "COPY":
+        if x["instruction"] == "WORKDIR":
+            workdir = into / x["value"].lstrip("/")
+            workdir.mkdir(parents=True, exist_ok=True)
+        if x["instruction"] != "COPY" or "--from=" in x["value"]:
             continue
         *sources, dest = [w for w in x["value"].split() if not w.startswith("--")]
-        target = into / dest.lstrip("/")
+        target = into / dest.lstrip("/") if dest.startswith("/") else workdir / dest
         for source in sources:
             path = REPO / source
             where = target / path.name if dest.endswith("/") else target
@@ -78,6 +84,7 @@ def replay_copies(instructions: list[dict], into: Path) -> None:
             else:
                 where.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, where)
+    return workdir
 
 
 @pytest.mark.slow
@@ -89,12 +96,22 @@ def test_the_dockerfile_install_step_loads_the_module(
     root = tmp_path_factory.mktemp("docker-install")  # outside the repository
     # Stage "wheel": its COPYs, then its RUN, word for word.
     wheel_stage = stage(DOCKER / "Dockerfile", "wheel")
-    replay_copies(wheel_stage, root)
+    assert replay_copies(wheel_stage, root) == root  # (no WORKDIR: /)
     (command,) = [x["value"] for x in wheel_stage if x["instruction"] == "RUN"]
     assert command == "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels /src"
     wheels = root / "wheels"
     run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels)]
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-cache-dir",
+            "--no-deps",
+            "--wheel-dir",
+            str(wheels),
+        ]
         + [str(root / "src")],
         cwd=root,
         timeout=300,
@@ -109,7 +126,16 @@ def test_the_dockerfile_install_step_loads_the_module(
     run([sys.executable, "-m", "venv", str(venv)], cwd=root, timeout=120)
     python = str(venv / "bin" / "python")
     run(
-        [python, "-m", "pip", "install", "-q", "-c", str(REPO / ".ci" / "constraints.txt")]
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-cache-dir",
+            "-c",
+            str(REPO / ".ci" / "constraints.txt"),
+        ]
         + [str(wheel), "psycopg2-binary"],
         cwd=root,
         timeout=600,
@@ -286,3 +312,33 @@ def test_the_hapi_health_check_tells_up_from_down(hapi: HapiDevServer, tmp_path:
     assert check(f"{hapi.base_url}/metadata") == 0
     assert check(f"{hapi.base_url}/no-such-thing") == 1
     assert check(f"http://127.0.0.1:{free_port()}/fhir/metadata") == 1
+
+
+@pytest.mark.slow
+def test_the_shim_stage_builds_the_jar_from_what_it_copies(tmp_path: Path) -> None:
+    """docker/hapi.Dockerfile's Maven stage, replayed from its own COPYs and RUN: the files it
+    copies are all the build needs. (Offline, from the Maven repository `make setup` filled;
+    in Docker the same command downloads.)"""
+    shim = stage(DOCKER / "hapi.Dockerfile", "shim")
+    workdir = replay_copies(shim, tmp_path)
+    (mvn,) = [
+        x["value"] for x in shim if x["instruction"] == "RUN" and x["value"].startswith("mvn")
+    ]
+    assert mvn == "mvn -B -ntp -f hapi/pom.xml -pl interceptor package -DskipTests"
+    run([*mvn.split(), "-o", "-q"], cwd=workdir, timeout=300)
+    jar = workdir / "hapi" / "interceptor" / "target" / "synapse-notify-interceptor.jar"
+    (copy_jar,) = [
+        x["value"]
+        for x in stage_after(DOCKER / "hapi.Dockerfile", "shim")
+        if "interceptor.jar" in x["value"]
+    ]
+    assert copy_jar.split()[1] == "/build/" + str(jar.relative_to(workdir))
+    with zipfile.ZipFile(jar) as contents:
+        assert "org/synapse_fhir/notify/SynapseNotifyInterceptor.class" in contents.namelist()
+
+
+def stage_after(dockerfile: Path, name: str) -> list[dict]:
+    """The instructions after stage ``name`` (the final image's)."""
+    instructions = DockerfileParser(path=str(dockerfile)).structure
+    froms = [i for i, x in enumerate(instructions) if x["instruction"] == "FROM"]
+    return instructions[froms[-1] + 1 :]
