@@ -23,7 +23,6 @@ from pathlib import Path
 import psycopg2
 import pytest
 import requests
-from dockerfile_parse import DockerfileParser
 
 from devstack.hapi import HapiDevServer
 from devstack.ports import free_port
@@ -31,9 +30,8 @@ from devstack.postgres import PostgresCluster, PostgresDatabase
 from devstack.processes import ManagedProcess
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
+from tests.docker_files import DOCKER, REPO, build_context, final_stage, stage
 
-REPO = Path(__file__).resolve().parents[2]
-DOCKER = REPO / "docker"
 WEBHOOK_SECRET = "compose-webhook-secret-5c1d"
 
 
@@ -45,29 +43,11 @@ def run(argv: list[str], *, cwd: Path, timeout: float, env: dict[str, str] | Non
     return result.stdout + result.stderr
 
 
-def stage(dockerfile: Path, name: str) -> list[dict]:
-    """The instructions of one build stage (``FROM ... AS name`` up to the next FROM)."""
-    instructions = DockerfileParser(path=str(dockerfile)).structure
-    start = next(
-        i
-        for i, x in enumerate(instructions)
-        if x["instruction"] == "FROM" and x["value"].lower().endswith(f" as {name}")
-    )
-    end = next(
-        (
-            i
-            for i in range(start + 1, len(instructions))
-            if instructions[i]["instruction"] == "FROM"
-        ),
-        len(instructions),
-    )
-    return instructions[start + 1 : end]
-
-
 def replay_copies(instructions: list[dict], into: Path) -> Path:
     """The stage's ``WORKDIR`` and ``COPY <repo paths> <dest>``, into a directory standing
     for its image's file system; returns the working directory."""
     workdir = into
+    context = build_context()
     for x in instructions:
         if x["instruction"] == "WORKDIR":
             workdir = into / x["value"].lstrip("/")
@@ -78,12 +58,16 @@ def replay_copies(instructions: list[dict], into: Path) -> Path:
         target = into / dest.lstrip("/") if dest.startswith("/") else workdir / dest
         for source in sources:
             path = REPO / source
-            where = target / path.name if dest.endswith("/") else target
-            if path.is_dir():
-                shutil.copytree(path, where, ignore=shutil.ignore_patterns("__pycache__", "target"))
-            else:
-                where.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, where)
+            # (Docker copies a directory's contents, and a file into a destination "dir/".)
+            where = target / path.name if dest.endswith("/") and not path.is_dir() else target
+            # What the build context holds of it (.dockerignore applied), nothing else.
+            for included in sorted(context):
+                if included == source or included.startswith(source.rstrip("/") + "/"):
+                    file = REPO / included
+                    if file.is_file():
+                        copied = where / file.relative_to(path) if path.is_dir() else where
+                        copied.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(file, copied)
     return workdir
 
 
@@ -329,16 +313,9 @@ def test_the_shim_stage_builds_the_jar_from_what_it_copies(tmp_path: Path) -> No
     jar = workdir / "hapi" / "interceptor" / "target" / "synapse-notify-interceptor.jar"
     (copy_jar,) = [
         x["value"]
-        for x in stage_after(DOCKER / "hapi.Dockerfile", "shim")
+        for x in final_stage(DOCKER / "hapi.Dockerfile")
         if "interceptor.jar" in x["value"]
     ]
     assert copy_jar.split()[1] == "/build/" + str(jar.relative_to(workdir))
     with zipfile.ZipFile(jar) as contents:
         assert "org/synapse_fhir/notify/SynapseNotifyInterceptor.class" in contents.namelist()
-
-
-def stage_after(dockerfile: Path, name: str) -> list[dict]:
-    """The instructions after stage ``name`` (the final image's)."""
-    instructions = DockerfileParser(path=str(dockerfile)).structure
-    froms = [i for i, x in enumerate(instructions) if x["instruction"] == "FROM"]
-    return instructions[froms[-1] + 1 :]

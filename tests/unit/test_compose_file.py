@@ -22,7 +22,8 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-DOCKER = Path(__file__).resolve().parents[2] / "docker"
+from tests.docker_files import DOCKER, build_context
+
 COMPOSE = DOCKER / "docker-compose.yml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 GENERATOR = DOCKER / "generate_config.py"
@@ -323,3 +324,17 @@ def test_the_image_installs_the_generator_where_the_init_service_calls_it() -> N
     assert "--chmod=0755" in " ".join(copies)
     init = yaml.safe_load(COMPOSE.read_text())["services"]["synapse-init"]
     assert init["entrypoint"] == ["sfm-generate-config"]
+
+
+def test_the_build_context_holds_what_the_dockerfiles_copy_and_little_else() -> None:
+    context = build_context()
+    for dockerfile in DOCKERFILES:
+        for instruction in DockerfileParser(path=str(dockerfile)).structure:
+            if instruction["instruction"] != "COPY" or "--from=" in instruction["value"]:
+                continue
+            *sources, _ = [w for w in instruction["value"].split() if not w.startswith("--")]
+            for source in sources:
+                assert source in context, f"{dockerfile.name} copies {source}: not in the context"
+    assert "synapse_fhir_module/module.py" in context
+    assert not [p for p in context if p.startswith((".venv", ".git/", "tests", "bench"))]
+    assert not [p for p in context if "/target/" in p or "__pycache__" in p]
