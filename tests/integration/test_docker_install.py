@@ -8,7 +8,10 @@
 - docker/postgres-init/10-hapi-database.sh, run as the postgres image runs it, leaves HAPI a
   role and database of its own.
 - docker/HapiHealthCheck.java, compiled as docker/hapi.Dockerfile compiles it, tells a FHIR
-  server that answers from one that does not.
+  server that answers from one that does not; that file's Maven stage builds the shim jar from
+  what it copies.
+- The workers profile's files (main + one generic worker, Redis) run: the worker takes the
+  module's background work and /notify.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from devstack.hapi import HapiDevServer
 from devstack.ports import free_port
 from devstack.postgres import PostgresCluster, PostgresDatabase
 from devstack.processes import ManagedProcess
+from devstack.redis import RedisServer
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
 from tests.docker_files import DOCKER, REPO, build_context, final_stage, stage
@@ -298,7 +302,6 @@ def test_the_hapi_health_check_tells_up_from_down(hapi: HapiDevServer, tmp_path:
     assert check(f"http://127.0.0.1:{free_port()}/fhir/metadata") == 1
 
 
-@pytest.mark.slow
 def test_the_shim_stage_builds_the_jar_from_what_it_copies(tmp_path: Path) -> None:
     """docker/hapi.Dockerfile's Maven stage, replayed from its own COPYs and RUN: the files it
     copies are all the build needs. (Offline, from the Maven repository `make setup` filled;
@@ -319,3 +322,89 @@ def test_the_shim_stage_builds_the_jar_from_what_it_copies(tmp_path: Path) -> No
     assert copy_jar.split()[1] == "/build/" + str(jar.relative_to(workdir))
     with zipfile.ZipFile(jar) as contents:
         assert "org/synapse_fhir/notify/SynapseNotifyInterceptor.class" in contents.namelist()
+
+
+def test_the_generated_worker_setup_gives_the_worker_the_background_work(
+    tmp_path: Path,
+    quiet_hapi: HapiDevServer,
+    postgres_database: PostgresDatabase,
+    run_dir: Path,
+) -> None:
+    """What the workers profile runs, from sfm-generate-config's files: main and the worker
+    replicate through Redis, and the worker — where HAPI's notifications go — runs the sync."""
+    redis = RedisServer(run_dir)
+    SERVER_LOGS.append(redis.process.log_path)
+    main_port, replication_port, worker_port = free_port(), free_port(), free_port()
+    data = tmp_path / "data"
+    env = {
+        "PATH": os.environ["PATH"],
+        "SYNAPSE_SERVER_NAME": "workers.compose.test",
+        "SYNAPSE_PUBLIC_BASEURL": f"http://127.0.0.1:{main_port}/",
+        "SYNAPSE_HTTP_PORT": str(main_port),
+        "SYNAPSE_BIND_ADDRESS": "127.0.0.1",
+        "POSTGRES_HOST": postgres_database.host,
+        "POSTGRES_PORT": str(postgres_database.port),
+        "POSTGRES_DB": postgres_database.dbname,
+        "POSTGRES_USER": postgres_database.user,
+        "POSTGRES_PASSWORD": postgres_database.password,
+        "FHIR_BASE_URL": quiet_hapi.base_url,
+        "FHIR_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "SYNAPSE_WORKERS": "synapse-worker",
+        "REDIS_HOST": redis.host,
+        "REDIS_PORT": str(redis.port),
+        "SYNAPSE_MAIN_HOST": "127.0.0.1",
+        "SYNAPSE_REPLICATION_PORT": str(replication_port),
+        "SYNAPSE_WORKER_PORT_BASE": str(worker_port),
+    }
+    generator = [sys.executable, str(DOCKER / "generate_config.py"), "--out", str(data)]
+    run(generator, cwd=tmp_path, timeout=60, env=env)
+    config = str(data / "homeserver.yaml")
+    main = ManagedProcess(
+        "synapse-generated-main",
+        [sys.executable, "-m", "synapse.app.homeserver", "-c", config],
+        tmp_path / "main.log",
+        cwd=data,
+    )
+    worker = ManagedProcess(
+        "synapse-generated-worker",
+        [sys.executable, "-m", "synapse.app.generic_worker", "-c", config]
+        + ["-c", str(data / "workers" / "synapse-worker.yaml")],
+        tmp_path / "worker.log",
+        cwd=data,
+    )
+    SERVER_LOGS.extend([main.log_path, worker.log_path])
+    main_url, worker_url = f"http://127.0.0.1:{main_port}", f"http://127.0.0.1:{worker_port}"
+    try:
+        redis.start()
+        for process, url in ((main, main_url), (worker, worker_url)):
+            process.start()
+            wait_until(
+                lambda p=process, u=url: _answers(p, f"{u}/health"),
+                timeout=180,
+                what=f"{process.name} answering {url}/health (log: {process.log_path})",
+                interval=0.2,
+            )
+        on_worker = wait_until(
+            lambda: _fhir_reachable(f"{worker_url}/_synapse/client/fhir/health"),
+            timeout=60,
+            what="the worker's module reporting FHIR reachable",
+            interval=0.5,
+        )
+        on_main = requests.get(f"{main_url}/_synapse/client/fhir/health", timeout=10).json()
+        assert (on_worker["sync"]["running"], on_main["sync"]["running"]) == (True, False)
+        notified = requests.post(
+            f"{worker_url}/_synapse/client/fhir/notify",
+            json={
+                "resourceType": "CareTeam",
+                "id": "compose-2",
+                "versionId": "1",
+                "action": "update",
+            },
+            headers={"Authorization": f"Bearer {WEBHOOK_SECRET}"},
+            timeout=10,
+        )
+        assert notified.status_code == 202
+    finally:
+        worker.stop()
+        main.stop()
+        redis.stop()
