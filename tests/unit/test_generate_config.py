@@ -1,0 +1,206 @@
+"""docker/generate_config.py (``sfm-generate-config`` in the image): the files it writes are a
+config Synapse and the module accept, it keeps what must stay stable, refuses a missing
+variable by name, and never prints a secret."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from signedjson.key import read_signing_keys
+from synapse.config.homeserver import HomeServerConfig
+
+from synapse_fhir_module.module import FhirModule
+
+GENERATOR = Path(__file__).resolve().parents[2] / "docker" / "generate_config.py"
+SECRETS = {
+    "POSTGRES_PASSWORD": "pg-password-4f1c9a",
+    "FHIR_WEBHOOK_SECRET": "webhook-secret-8d2e7b",
+}
+ENV = {
+    "SYNAPSE_SERVER_NAME": "care.example.org",
+    "POSTGRES_HOST": "postgres",
+    "FHIR_BASE_URL": "http://hapi:8080/fhir",
+    **SECRETS,
+}
+
+
+def generate(out: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The generator as the image runs it: a program of its own, only ``env`` set."""
+    return subprocess.run(
+        [sys.executable, str(GENERATOR), "--out", str(out), *args],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def generated(out: Path, env: dict[str, str], *args: str) -> dict[str, Any]:
+    result = generate(out, env, *args)
+    assert result.returncode == 0, result.stderr
+    assert_no_secret(result, env)
+    return yaml.safe_load((out / "homeserver.yaml").read_text())
+
+
+def assert_no_secret(result: subprocess.CompletedProcess[str], env: dict[str, str]) -> None:
+    printed = result.stdout + result.stderr
+    for name, value in env.items():
+        if "SECRET" in name or "PASSWORD" in name or "TOKEN" in name:
+            assert value not in printed, f"{name}'s value was printed"
+
+
+def module_entry(config: dict[str, Any]) -> dict[str, Any]:
+    (entry,) = [m for m in config["modules"] if m["module"] == "synapse_fhir_module.FhirModule"]
+    return entry["config"]
+
+
+def test_missing_variables_are_named_and_exit_2(tmp_path: Path) -> None:
+    env = {"SYNAPSE_SERVER_NAME": "care.example.org", **SECRETS}
+    result = generate(tmp_path / "data", env)
+    assert result.returncode == 2
+    assert "POSTGRES_HOST" in result.stderr and "FHIR_BASE_URL" in result.stderr
+    assert "SYNAPSE_SERVER_NAME" not in result.stderr  # it was given
+    assert_no_secret(result, env)
+    assert not (tmp_path / "data" / "homeserver.yaml").exists()
+
+
+def test_a_blank_required_variable_counts_as_missing(tmp_path: Path) -> None:
+    result = generate(tmp_path / "data", {**ENV, "FHIR_WEBHOOK_SECRET": "  "})
+    assert result.returncode == 2
+    assert "FHIR_WEBHOOK_SECRET" in result.stderr
+
+
+def test_workers_need_redis(tmp_path: Path) -> None:
+    result = generate(tmp_path / "data", {**ENV, "SYNAPSE_WORKERS": "synapse-worker"})
+    assert result.returncode == 2
+    assert "REDIS_HOST" in result.stderr
+
+
+def test_unparseable_module_extra_is_refused_without_showing_it(tmp_path: Path) -> None:
+    extra = "fhir: {auth: {bearer_token: token-6a1f, [unclosed"
+    result = generate(tmp_path / "data", {**ENV, "FHIR_MODULE_CONFIG_EXTRA": extra})
+    assert result.returncode == 2
+    assert "FHIR_MODULE_CONFIG_EXTRA" in result.stderr
+    assert "token-6a1f" not in result.stdout + result.stderr
+
+
+def test_the_module_entry_is_a_config_the_module_accepts(tmp_path: Path) -> None:
+    config = generated(
+        tmp_path / "data",
+        {**ENV, "FHIR_MODULE_CONFIG_EXTRA": '{"sync": {"poll_interval": "30s"}}'},
+    )
+    module = module_entry(config)
+    parsed = FhirModule.parse_config(module)
+    assert parsed.fhir.base_url == "http://hapi:8080/fhir"
+    assert parsed.webhook.secret == SECRETS["FHIR_WEBHOOK_SECRET"]
+    assert parsed.worker is None
+    # Without workers the main process records, reading its own listener.
+    assert module["communication"]["client_url"] == "http://127.0.0.1:8008"
+    assert module["sync"] == {"poll_interval": "30s"}
+    assert config["database"]["args"]["password"] == SECRETS["POSTGRES_PASSWORD"]
+    assert config["database"]["args"]["host"] == "postgres"
+    assert "redis" not in config and "instance_map" not in config
+
+
+def test_synapse_loads_the_config_it_writes(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    generated(out, {**ENV, "SYNAPSE_PUBLIC_BASEURL": "https://matrix.example.org/"})
+    config = HomeServerConfig.load_config("test", ["-c", str(out / "homeserver.yaml")])
+    assert config.server.server_name == "care.example.org"
+    assert config.server.public_baseurl == "https://matrix.example.org/"
+    assert [listener.port for listener in config.server.listeners] == [8008]
+    assert not config.metrics.enable_metrics
+    with open(out / "care.example.org.signing.key") as f:
+        (key,) = read_signing_keys(f)
+    assert key.alg == "ed25519"
+
+
+def test_worker_files_are_configs_synapse_loads(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    env = {
+        **ENV,
+        "SYNAPSE_WORKERS": "synapse-worker, second-worker",
+        "REDIS_HOST": "redis",
+        "SYNAPSE_METRICS_PORT": "9000",
+    }
+    config = generated(out, env)
+    assert config["redis"] == {"enabled": True, "host": "redis", "port": 6379}
+    assert config["instance_map"] == {"main": {"host": "synapse", "port": 9093}}
+    assert config["enable_metrics"] is True
+    assert config["worker_replication_secret"]
+    module = module_entry(config)
+    assert module["worker"] == "synapse-worker"
+    assert module["communication"]["client_url"] == "http://127.0.0.1:8083"
+
+    main = HomeServerConfig.load_config("test", ["-c", str(out / "homeserver.yaml")])
+    assert sorted(listener.port for listener in main.server.listeners) == [8008, 9000, 9093]
+    for index, name in enumerate(["synapse-worker", "second-worker"]):
+        worker = HomeServerConfig.load_config(
+            "test",
+            ["-c", str(out / "homeserver.yaml"), "-c", str(out / "workers" / f"{name}.yaml")],
+        )
+        assert worker.worker.worker_name == name
+        assert worker.worker.worker_app == "synapse.app.generic_worker"
+        ports = sorted(listener.port for listener in worker.worker.worker_listeners)
+        assert ports == [8083 + index, 9001 + index]
+        (client,) = [x for x in worker.worker.worker_listeners if x.port == 8083 + index]
+        assert client.http_options is not None
+        assert [r.names for r in client.http_options.resources] == [["client"]]
+
+
+def test_an_existing_config_is_kept_and_overwrite_keeps_its_secrets(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    first = generated(out, ENV)
+    key = (out / "care.example.org.signing.key").read_text()
+    edited = (out / "homeserver.yaml").read_text() + "enable_registration: false\n"
+    (out / "homeserver.yaml").write_text(edited)
+
+    again = generate(out, ENV)
+    assert again.returncode == 0 and "kept" in again.stdout
+    assert (out / "homeserver.yaml").read_text() == edited  # the operator's edit stays
+
+    rewritten = generated(out, {**ENV, "FHIR_BASE_URL": "http://fhir.internal/fhir"}, "--overwrite")
+    assert module_entry(rewritten)["fhir"]["base_url"] == "http://fhir.internal/fhir"
+    assert "enable_registration" not in rewritten
+    for secret in ("macaroon_secret_key", "form_secret", "registration_shared_secret"):
+        assert rewritten[secret] == first[secret]
+    assert (out / "care.example.org.signing.key").read_text() == key  # never replaced
+
+
+def test_secrets_from_the_environment_win(tmp_path: Path) -> None:
+    env = {**ENV, "SYNAPSE_MACAROON_SECRET_KEY": "macaroon-secret-1b7e"}
+    config = generated(tmp_path / "data", env)
+    assert config["macaroon_secret_key"] == "macaroon-secret-1b7e"
+
+
+def test_a_kept_config_for_other_workers_is_a_conflict(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    generated(out, ENV)
+    env = {**ENV, "SYNAPSE_WORKERS": "synapse-worker", "REDIS_HOST": "redis"}
+    result = generate(out, env)
+    assert result.returncode == 1
+    assert "--overwrite" in result.stderr and "synapse-worker" in result.stderr
+    assert not (out / "workers").exists()
+    assert module_entry(generated(out, env, "--overwrite"))["worker"] == "synapse-worker"
+
+
+def test_files_holding_secrets_are_not_readable_by_others(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    generated(out, ENV)
+    assert (out / "homeserver.yaml").stat().st_mode & 0o777 == 0o640
+    assert (out / "care.example.org.signing.key").stat().st_mode & 0o777 == 0o640
+    assert (out / "log.config").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "http"])
+def test_a_port_that_is_no_port_is_refused(tmp_path: Path, port: str) -> None:
+    result = generate(tmp_path / "data", {**ENV, "POSTGRES_PORT": port})
+    assert result.returncode == 2
+    assert "POSTGRES_PORT" in result.stderr
