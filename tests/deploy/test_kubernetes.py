@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -563,3 +564,84 @@ def test_a_site_overlay_replaces_every_placeholder_as_documented(tmp_path: Path)
     # The pods read the replaced Secrets (by their new hashed names).
     test_every_secret_and_config_map_a_pod_reads_exists_with_its_keys(rendered)
     test_every_pod_gets_the_same_secrets_and_signing_key(rendered)
+
+
+GENERATOR = DEPLOY.parents[1] / "docker" / "generate_config.py"
+
+
+@pytest.mark.parametrize("overlay", ["single", "workers"])
+def test_the_real_generator_listens_where_the_manifests_expect(
+    overlay: str, tmp_path: Path
+) -> None:
+    """The init container's ``sfm-generate-config``, run here on the rendered settings and
+    Secrets: every Synapse pod's container ports are the listeners its generated config opens,
+    the module's background instance is the worker the Ingress sends ``/notify`` to, and
+    HAPI's notify URL reaches that instance's client listener."""
+    rendered = Rendered(overlay, False, render(DEPLOY / "overlays" / overlay))
+    key = tmp_path / "signing.key"
+    key.write_text("ed25519 a_test 1n6iE1N0q3yIA8cG2yC3T6xK1n3Jf6u7cG2yC3T6xK0\n")
+    settings = {
+        **rendered.synapse_env(),
+        **rendered.secret("synapse-secrets"),
+        **rendered.secret("fhir-webhook"),
+        **rendered.secret("synapse-database"),
+        "SYNAPSE_SIGNING_KEY_PATH": str(key),
+    }
+    data = tmp_path / "data"
+    result = subprocess.run(
+        [sys.executable, str(GENERATOR), "--out", str(data), "--overwrite"],
+        env={"PATH": os.environ["PATH"], **settings},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+    main = yaml.safe_load((data / "homeserver.yaml").read_text())
+    background = "main"
+    for deployment in rendered.synapse_deployments():
+        instance = instance_of(deployment)
+        config = main
+        if instance != "main":
+            config = yaml.safe_load((data / "workers" / f"{instance}.yaml").read_text())
+        opened = {
+            (
+                "metrics" if listener["type"] == "metrics" else listener["resources"][0]["names"][0]
+            ): listener["port"]
+            for listener in config.get("listeners") or config.get("worker_listeners")
+        }
+        synapse = container(deployment, "synapse")
+        expected = {
+            "client": port_number(synapse, "http"),
+            "metrics": port_number(synapse, "metrics"),
+        }
+        if instance == "main" and overlay == "workers":
+            expected["replication"] = port_number(synapse, "replication")
+        assert opened == expected, f"{instance}: config opens {opened}, pod exposes {expected}"
+
+    (module,) = [m for m in main["modules"] if m["module"] == "synapse_fhir_module.FhirModule"]
+    if overlay == "workers":
+        background = module["config"]["worker"]
+        assert background == rendered.workers()[0]
+    else:
+        assert module["config"].get("worker") is None
+    notify = urlsplit(
+        rendered.named("ConfigMap", _hapi_env_name(rendered))["data"]["SYNAPSE_NOTIFY_URL"]
+    )
+    target = f"synapse-{background}" if overlay == "workers" else "synapse"
+    assert notify.hostname == target
+    service = rendered.named("Service", target)
+    assert service is not None
+    (deployment,) = rendered.workloads_selected_by(service)
+    assert instance_of(deployment) == background
+    assert notify.port == port_number(container(deployment, "synapse"), "http")
+
+
+def _hapi_env_name(rendered: Rendered) -> str:
+    (name,) = [
+        c["metadata"]["name"]
+        for c in rendered.of_kind("ConfigMap")
+        if "SYNAPSE_NOTIFY_URL" in c.get("data", {})
+    ]
+    return name
