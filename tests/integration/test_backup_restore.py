@@ -41,20 +41,20 @@ class Sender(threading.Thread):
         self._room = room
         self.sent: list[str] = []
         self.error: BaseException | None = None
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
         try:
             n = 0
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 self.sent.append(self._user.send_text(self._room, f"Controle {n}: RR 130/85"))
                 n += 1
-                self._stop.wait(0.05)  # (a steady flow, about 15 a second at most)
+                self._stopping.wait(0.05)  # (a steady flow, about 15 a second at most)
         except BaseException as e:  # (reported by the test)
             self.error = e
 
     def finish(self) -> list[str]:
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout=60)
         assert not self.is_alive(), "the sender did not stop"
         assert self.error is None, f"sending failed: {self.error!r}"
@@ -161,6 +161,10 @@ def test_a_dump_taken_mid_traffic_restores_and_records_every_message_once(
         after_dump = [e for e in everything if e not in in_restored]
         assert after_dump, "the sender went on after the dump: some messages are not in it"
         assert set(everything[during_dump:]) <= set(after_dump)
+        print(
+            f"sent {len(everything)}: {len(acknowledged_before_dump)} acknowledged before"
+            f" pg_dump, {len(in_restored)} in the dump, {len(after_dump)} after it"
+        )
 
         workdir = run_dir / f"restored-synapse-{restored.port}"
         workdir.mkdir()
