@@ -47,8 +47,8 @@ class Migration:
     """One step forward: ``apply`` brings the tables from ``version - 1`` to ``version``.
 
     A step must leave the tables usable by the release before it (instances are restarted
-    one at a time, and an operator may go back one release), and must hold whatever
-    shape it finds: a part creates its own tables, in their newest shape, when it starts,
+    one at a time: those not yet restarted run that release's code on the migrated
+    tables), and must hold whatever shape it finds: a part creates its own tables, in their newest shape, when it starts,
     so a table may already be newer than the step, or not exist yet."""
 
     version: int
