@@ -48,8 +48,9 @@ class Migration:
 
     A step must leave the tables usable by the release before it (instances are restarted
     one at a time: those not yet restarted run that release's code on the migrated
-    tables), and must hold whatever shape it finds: a part creates its own tables, in their newest shape, when it starts,
-    so a table may already be newer than the step, or not exist yet."""
+    tables), and must hold whatever shape it finds: a part creates its own tables, in
+    their newest shape, when it starts, so a table may already be newer than the step, or
+    not exist yet."""
 
     version: int
     purpose: str
