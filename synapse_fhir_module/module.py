@@ -4,10 +4,11 @@ callbacks, loops and resources; where it runs is decided here, once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from synapse.module_api import EventBase, ModuleApi, StateMap
+from twisted.internet import reactor
 
 from synapse_fhir_module.config import ModuleConfig, parse_module_config
 from synapse_fhir_module.enforcement.room_bindings import RoomBindings
@@ -19,16 +20,32 @@ from synapse_fhir_module.enforcement.wiring import (
 from synapse_fhir_module.fhir.client import FhirClient
 from synapse_fhir_module.fhir.team_directory import CareTeamDirectory
 from synapse_fhir_module.identity.wiring import register_people
-from synapse_fhir_module.recording import fault_hooks
+from synapse_fhir_module.recording import fault_hooks, outbox_store
 from synapse_fhir_module.recording.recent_writes import RecentWrites
 from synapse_fhir_module.recording.recorder import now_ms
 from synapse_fhir_module.recording.wiring import register_recording
 from synapse_fhir_module.service_user import register_service_user_soon
+from synapse_fhir_module.storage import Migration, SchemaUpgrade
 from synapse_fhir_module.sync.wiring import SyncPart
 from synapse_fhir_module.unread.tasks import note_messages_txn, note_relayed_txn
 from synapse_fhir_module.unread.wiring import register_unread
 from synapse_fhir_module.web.webhook import Notification
 from synapse_fhir_module.web.wiring import register_resources
+
+
+def _first_release(txn: object) -> None:
+    """Nothing to do: each part creates its own tables when it starts."""
+
+
+# The module's tables, version by version: append a step, never change one (docs/operations.md).
+MIGRATIONS = (
+    Migration(1, "the tables of the first release", _first_release),
+    Migration(
+        2,
+        "the outbox keeps a message's failures while FHIR answers (a restart kept none)",
+        outbox_store.add_failed_answering,
+    ),
+)
 
 
 class FhirModule:
@@ -39,6 +56,11 @@ class FhirModule:
         # instance, `worker`; callbacks and resources run wherever Synapse serves them.
         background = api.worker_name == config.worker
         fault_hooks.warn_if_armed()
+        # (Migrated where background work runs, before recording starts; checked elsewhere.)
+        schema = SchemaUpgrade(
+            api, MIGRATIONS, runs_here=background, now_ms=now_ms, stop=_stop_synapse
+        )
+        schema.start()
         fhir = FhirClient(config.fhir)
         service_user = api.get_qualified_user_id(config.service_user)
         exempt = frozenset({service_user, *config.enforcement.exempt_users})
@@ -67,7 +89,7 @@ class FhirModule:
             recent_writes=self._recent_writes,
             runs_here=background,
             note_messages=note_messages_txn if unread else None,
-            first=unread.tasks.start if unread else None,
+            first=_in_turn(schema.ready, unread.tasks.start if unread else None),
         )
         self._sync = SyncPart(
             api,
@@ -142,3 +164,16 @@ class FhirModule:
         fault_hooks.in_callback(event.content)  # (test-only: inert unless armed)
         for listener in self._listeners:
             listener(event)
+
+
+def _in_turn(*steps: Callable[[], Awaitable[None]] | None) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        for step in steps:
+            if step is not None:
+                await step()
+
+    return run
+
+
+def _stop_synapse() -> None:
+    reactor.stop()

@@ -20,12 +20,15 @@ from typing import Any
 
 import attr
 
-from synapse_fhir_module.storage import Cursor
+from synapse_fhir_module.storage import Cursor, columns
 
 TABLE = "synapse_fhir_outbox"
 PENDING = "pending"
 DEAD = "dead"
 MAX_ERROR_LENGTH = 1000
+# A pending row's failures while FHIR answered (schema version 2; the recorder makes it
+# a dead letter after enough of them). Kept here, so a restart does not reset it.
+FAILED_ANSWERING = "failed_answering"
 
 SCHEMA = (
     f"""
@@ -37,7 +40,8 @@ SCHEMA = (
         state TEXT NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
         next_attempt_ms BIGINT NOT NULL,
-        last_error TEXT
+        last_error TEXT,
+        failed_answering INTEGER NOT NULL DEFAULT 0
     )
     """,
     f"CREATE INDEX IF NOT EXISTS {TABLE}_due ON {TABLE} (state, next_attempt_ms)",
@@ -57,6 +61,14 @@ class OutboxRow:
 def create_schema(txn: Cursor) -> None:
     for statement in SCHEMA:
         txn.execute(statement)
+
+
+def add_failed_answering(txn: Cursor) -> None:
+    """Schema version 2: the failures-while-FHIR-answered count, on the table. (An
+    earlier release's code never names the column: its rows get the default.)"""
+    create_schema(txn)  # (a database the outbox never started on gets it in its newest shape)
+    if FAILED_ANSWERING not in columns(txn, TABLE):
+        txn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {FAILED_ANSWERING} INTEGER NOT NULL DEFAULT 0")
 
 
 def enqueue(txn: Cursor, event: dict[str, Any], now_ms: int) -> bool:
@@ -141,9 +153,23 @@ def mark_retry(txn: Cursor, event_ids: Iterable[str], next_attempt_ms: int, erro
         )
 
 
-def mark_dead(txn: Cursor, event_id: str, reason: str) -> None:
+def failed_answering(txn: Cursor, event_id: str) -> int:
+    """Count one more failure of a pending row while FHIR answered; how many now."""
     txn.execute(
-        f"UPDATE {TABLE} SET state = ?, attempts = attempts + 1, last_error = ? WHERE event_id = ?",
+        f"UPDATE {TABLE} SET {FAILED_ANSWERING} = {FAILED_ANSWERING} + 1"
+        " WHERE event_id = ? AND state = ?",
+        (event_id, PENDING),
+    )
+    txn.execute(f"SELECT {FAILED_ANSWERING} FROM {TABLE} WHERE event_id = ?", (event_id,))
+    found = txn.fetchone()
+    return 0 if found is None else int(found[0])
+
+
+def mark_dead(txn: Cursor, event_id: str, reason: str) -> None:
+    """A dead letter (its failure count starts again should the admin retry it)."""
+    txn.execute(
+        f"UPDATE {TABLE} SET state = ?, attempts = attempts + 1, last_error = ?,"
+        f" {FAILED_ANSWERING} = 0 WHERE event_id = ?",
         (DEAD, _storable(reason), event_id),
     )
 

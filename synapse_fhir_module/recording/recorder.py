@@ -256,9 +256,6 @@ class CommunicationRecorder:
         # A table batch that failed is retried one row at a time: a row that keeps
         # failing must not hold other rooms' rows with it.
         self._table_limit = config.batch_size
-        # Per message in the table: its failures while FHIR answered (in memory: a restart
-        # gives it a fresh start).
-        self._failed_while_answering: dict[str, int] = {}
         self._table_read_at = 0.0
         self._failures = 0
         self._backoff_until = 0.0
@@ -675,10 +672,12 @@ class CommunicationRecorder:
         if len(rows) != 1 or redaction or not await self._fhir_answers():
             return False
         event_id = rows[0].event_id
-        self._failed_while_answering[event_id] = self._failed_while_answering.get(event_id, 0) + 1
-        if self._failed_while_answering[event_id] < DEAD_AFTER:
+        # (Counted in the row: a restart does not start the count again.)
+        failures = await self._api.run_db_interaction(
+            "fhir_outbox_failed", outbox_store.failed_answering, event_id
+        )
+        if failures < DEAD_AFTER:
             return False
-        del self._failed_while_answering[event_id]
         reason = f"kept failing while FHIR answered: {_without_outcome(error)}"
         await self._api.run_db_interaction(
             "fhir_outbox_dead", outbox_store.mark_dead, event_id, reason
@@ -760,8 +759,6 @@ class CommunicationRecorder:
             await self._api.run_db_interaction(
                 "fhir_outbox_done", outbox_store.mark_written, finished
             )
-        for event_id in [*finished, *outcome.dead]:
-            self._failed_while_answering.pop(event_id, None)
         committed_ms = now_ms()
         COMMUNICATIONS_REPLAYED.inc(len(outcome.already_there))
         for event_id in outcome.written:

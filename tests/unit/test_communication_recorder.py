@@ -26,7 +26,7 @@ from synapse_fhir_module.fhir.team_directory import DirectoryUnavailable
 from synapse_fhir_module.mapping.communication import thread_request
 from synapse_fhir_module.recording import outbox_store, position_store
 from synapse_fhir_module.recording.recent_writes import RecentWrites
-from synapse_fhir_module.recording.recorder import DEAD_AFTER, CommunicationRecorder
+from synapse_fhir_module.recording.recorder import DEAD_AFTER, STUCK_AFTER, CommunicationRecorder
 from synapse_fhir_module.recording.stream_reader import StreamRead
 from synapse_fhir_module.sync import store as sync_store
 
@@ -753,6 +753,48 @@ async def test_one_message_fhir_keeps_failing_on_waits_alone_and_the_rest_goes_o
     assert stand.dead()["$stuck"].startswith("kept failing while FHIR answered")
     assert all(stand.fhir.communication(e.event_id) for e in others)
     assert stand.fhir.communication("$stuck") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restart_does_not_start_the_count_of_failures_while_fhir_answers_again(
+    db: sqlite3.Cursor,
+) -> None:
+    """The count is kept in the outbox row (schema version 2): a message FHIR keeps
+    failing on becomes a dead letter after DEAD_AFTER failures in all, restarts or not."""
+    stuck = StuckFhir()
+    stand = await started(stand_in(db, BASE, fhir=stuck))
+    await stand.send(text("$stuck"))
+
+    async def fail_once(recorder: CommunicationRecorder, api: Api) -> None:
+        db.execute("UPDATE synapse_fhir_outbox SET next_attempt_ms = 0")  # (no waiting)
+        await recorder._read_table()
+        recorder._backoff_until = 0.0
+        recorder.wake()
+        await api.drain()
+
+    for _ in range(STUCK_AFTER + 2):  # (until it waits alone in the table)
+        await fail_once(stand.recorder, stand.api)
+    assert "$stuck" in {row.event_id for row in outbox_store.due_rows(db, 2**62, 10)}
+
+    def failures() -> int:
+        return int(
+            db.execute(
+                "SELECT failed_answering FROM synapse_fhir_outbox WHERE event_id = '$stuck'"
+            ).fetchone()[0]
+        )
+
+    while failures() < DEAD_AFTER - 1:
+        await fail_once(stand.recorder, stand.api)
+    assert stand.dead() == {}
+    # A new process, on the same table: one more failure, and it is a dead letter.
+    restarted = await started(stand_in(db, BASE, fhir=stuck))
+    assert restarted.dead() == {}
+    await fail_once(restarted.recorder, restarted.api)
+    assert restarted.dead() == {"$stuck": restarted.dead()["$stuck"]}
+    assert restarted.dead()["$stuck"].startswith("kept failing while FHIR answered")
+    # Retried by the admin, it starts from nothing.
+    assert outbox_store.requeue_dead(db, ["$stuck"], 0) == 1
+    assert outbox_store.failed_answering(db, "$stuck") == 1
 
 
 @pytest_twisted.ensureDeferred
