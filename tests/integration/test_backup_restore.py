@@ -17,7 +17,7 @@ from typing import Any
 
 from devstack.hapi import HapiDevServer
 from devstack.matrix_client import MatrixUser
-from devstack.postgres import PostgresCluster, PostgresDatabase, find_bindir
+from devstack.postgres import PostgresCluster, PostgresDatabase, find_program
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
@@ -63,8 +63,7 @@ class Sender(threading.Thread):
 
 def pg_tool(name: str, *args: str, password: str) -> None:
     """Run a PostgreSQL client tool from the server's own directory (same version)."""
-    tool = find_bindir() / name
-    assert tool.is_file(), f"{tool} missing: the PostgreSQL client tools come with the server"
+    tool = find_program(name)
     result = subprocess.run(
         [str(tool), *args],
         env={**os.environ, "PGPASSWORD": password},
