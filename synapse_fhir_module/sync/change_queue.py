@@ -7,7 +7,8 @@ References are taken in batches: the batch's caches are invalidated, then ``prep
 reference, then each is applied in turn.
 
 A reference whose sync fails is tried again, backing off from 5 s to 5 minutes, never
-dropped (``retrying`` counts them, for ``/health`` and a metric). Whoever needs to know
+dropped (``retrying`` counts them, for ``/health`` and a metric). When the oldest reference
+not yet applied was queued is a metric too (how far the sync is behind). Whoever needs to know
 that everything queued has been applied (the reconcile sweep, before it moves its
 watermark) registers ``when_idle``.
 
@@ -20,11 +21,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from synapse.module_api import ModuleApi
 
-from synapse_fhir_module.sync.metrics import SYNC_QUEUED, SYNC_RETRYING
+from synapse_fhir_module.sync.metrics import SYNC_OLDEST_WAITING, SYNC_QUEUED, SYNC_RETRYING
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +43,10 @@ class ChangeQueue:
         apply: Callable[[str, bool], Awaitable[None]],
         invalidate: Callable[[str], Awaitable[None]],
         prepare: Callable[[list[str]], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._api = api
+        self._clock = clock
         self._apply = apply
         self._invalidate = invalidate
         self._prepare = prepare
@@ -50,6 +55,9 @@ class ChangeQueue:
         self._failures: dict[str, int] = {}  # reference -> failed attempts in a row
         self._waiting: set[str] = set()  # scheduled for a retry
         self._retry_changed: set[str] = set()  # of those, the ones that changed (not checks)
+        # Not applied yet (queued, running or waiting for a retry) -> when it was first
+        # queued; in that order, so the first is the oldest.
+        self._since: OrderedDict[str, float] = OrderedDict()
         self._idle_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._running = False
         self._open = False  # until the sync's tables exist, changes only gather
@@ -90,8 +98,14 @@ class ChangeQueue:
 
     def _enqueue(self, reference: str) -> None:
         self._pending.setdefault(reference, None)
+        if reference not in self._since:
+            self._since[reference] = self._clock()
+            self._report_oldest()
         SYNC_QUEUED.set(len(self._pending))
         self._run_soon()
+
+    def _report_oldest(self) -> None:
+        SYNC_OLDEST_WAITING.set(next(iter(self._since.values()), 0))
 
     def _run_soon(self) -> None:
         if self._open and self._pending and not self._running:
@@ -154,6 +168,14 @@ class ChangeQueue:
             self._retry_later(reference, e, changed)
         else:
             self._failures.pop(reference, None)
+            if reference in self._pending:
+                # Queued again while it was applied: that change waits from now (when
+                # it came is not kept: at most this sync's time is left out).
+                self._since.pop(reference, None)
+                self._since[reference] = self._clock()
+            elif reference not in self._waiting:
+                self._since.pop(reference, None)
+            self._report_oldest()
 
     def _retry_later(self, reference: str, e: Exception, changed: bool = True) -> None:
         failures = self._failures.get(reference, 0) + 1

@@ -14,6 +14,13 @@ SYNC_RETRYING = Gauge(
     "FHIR resources whose sync into Matrix failed and waits for another attempt",
 )
 SYNC_QUEUED = Gauge("synapse_fhir_sync_queued", "FHIR resources waiting to be synced into Matrix")
+# A time rather than an age: it is right between updates (none come while the sync is
+# stuck), and Prometheus computes the age (``time() - ...``).
+SYNC_OLDEST_WAITING = Gauge(
+    "synapse_fhir_sync_oldest_waiting_timestamp_seconds",
+    "When the oldest FHIR resource not yet synced into Matrix (queued, or waiting for"
+    " another attempt) was queued, as a Unix time; 0 when none waits",
+)
 BINDING_INCIDENTS = Counter(
     "synapse_fhir_binding_incidents",
     "Binding state of a room the module bound, changed behind its back (then repaired)",

@@ -29,6 +29,7 @@ from synapse_fhir_module.fhir.errors import FhirError
 from synapse_fhir_module.identity.counts import IdentityCounts
 from synapse_fhir_module.recording.counts import OutboxCounts
 from synapse_fhir_module.sync.counts import SyncCounts
+from synapse_fhir_module.web.metrics import FHIR_UP
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ async def no_outbox() -> OutboxCounts:
 
 
 class FhirReachability:
-    """Whether FHIR answered ``/metadata`` lately; probes at most once per ``cache_for``."""
+    """Whether FHIR answered ``/metadata`` lately; probes at most once per ``cache_for``.
+    Each probe's answer is the ``synapse_fhir_fhir_up`` gauge (``probe`` keeps it fresh
+    while nobody asks ``/health``)."""
 
     def __init__(
         self,
@@ -79,7 +82,12 @@ class FhirReachability:
             reachable = False
         self._checked_at = self._clock()
         self._reachable = reachable
+        FHIR_UP.set(1 if reachable else 0)
         return reachable
+
+    async def probe(self) -> None:
+        """For a periodic call: the gauge follows FHIR even on an idle instance."""
+        await self.is_reachable()
 
 
 class HealthResource(DirectServeJsonResource):

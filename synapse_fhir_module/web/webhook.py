@@ -24,7 +24,8 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any
 
@@ -34,6 +35,7 @@ from synapse.module_api.errors import Codes, SynapseError
 
 from synapse_fhir_module.fhir.conventions import FHIR_ID, RESOURCE_TYPE
 from synapse_fhir_module.sync.subscriptions import NOTIFY_PATH
+from synapse_fhir_module.web.metrics import NOTIFY_REJECTED
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,13 @@ HANDLED_RESOURCE_TYPES = frozenset(
 _VERSION = re.compile(r"[0-9]{1,18}")
 # HAPI's rest-hook client sends the delivered version as a weak ETag.
 _IF_MATCH_VERSION = re.compile(r'(?:W/)?"([0-9]{1,18})"')
+# The rejection metric's reason, by status (401 tells a missing header from a wrong secret).
+_REJECTION_REASONS = {
+    400: "malformed",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
 
 
 class Action(str, Enum):
@@ -94,17 +103,20 @@ class NotifyResource(DirectServeJsonResource):
         self._on_notification = on_notification
 
     async def _async_render_POST(self, request: SynapseRequest) -> tuple[int, dict]:
-        if _segments(request):
-            raise _method_not_allowed("POST", "/notify/<type>/<id>")
-        self._authenticate(request)
-        handled = self._hand_on(_parse_shim_body(_read_body(request)))
-        return 202, {"status": "accepted" if handled else "ignored"}
+        with _counting_rejections():
+            if _segments(request):
+                raise _method_not_allowed("POST", "/notify/<type>/<id>")
+            self._authenticate(request)
+            handled = self._hand_on(_parse_shim_body(_read_body(request)))
+            return 202, {"status": "accepted" if handled else "ignored"}
 
     async def _async_render_PUT(self, request: SynapseRequest) -> tuple[int, dict]:
-        return self._subscription_form(request, Action.UPDATE)
+        with _counting_rejections():
+            return self._subscription_form(request, Action.UPDATE)
 
     async def _async_render_DELETE(self, request: SynapseRequest) -> tuple[int, dict]:
-        return self._subscription_form(request, Action.DELETE)
+        with _counting_rejections():
+            return self._subscription_form(request, Action.DELETE)
 
     def _subscription_form(self, request: SynapseRequest, action: Action) -> tuple[int, dict]:
         """``PUT|DELETE /notify/<type>/<id>[/_history/<version>]``; the body only counts
@@ -156,6 +168,22 @@ class NotifyResource(DirectServeJsonResource):
         logger.debug("Notification: %s %s", notification.action.value, notification.reference)
         self._on_notification(notification)
         return True
+
+
+@contextmanager
+def _counting_rejections() -> Iterator[None]:
+    """Every refusal is counted once, by reason (``synapse_fhir_notify_rejected``)."""
+    try:
+        yield
+    except SynapseError as e:
+        NOTIFY_REJECTED.labels(reason=_rejection_reason(e)).inc()
+        raise
+
+
+def _rejection_reason(error: SynapseError) -> str:
+    if error.code == 401:
+        return "missing_secret" if error.errcode == Codes.MISSING_TOKEN else "wrong_secret"
+    return _REJECTION_REASONS.get(error.code, "other")
 
 
 def _operation_outcome(diagnostics: str) -> dict[str, Any]:

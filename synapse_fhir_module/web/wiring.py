@@ -1,5 +1,7 @@
 """The module's HTTP resources on Synapse's listener, on every instance: ``/notify`` (the
-shim and FHIR Subscriptions), ``/health``, and the dead letters (server admins only)."""
+shim and FHIR Subscriptions), ``/health``, and the dead letters (server admins only); and
+the probe of FHIR behind ``/health`` and ``synapse_fhir_fhir_up``, on every instance too
+(each serves requests that read FHIR, so each says whether it reaches it)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ from synapse_fhir_module.web.dead_letters import (
 from synapse_fhir_module.web.health import HEALTH_PATH, FhirReachability, HealthResource, no_outbox
 from synapse_fhir_module.web.webhook import Notification, NotifyResource
 
+# How often each instance asks FHIR's /metadata, asked or not (a scrape every 15-30 s
+# sees a fresh answer; the probe's own cache keeps /health polling from adding load).
+PROBE_INTERVAL_MS = 10_000
+
 
 def register_resources(
     api: ModuleApi,
@@ -34,10 +40,18 @@ def register_resources(
     identity_counts: Callable[[], IdentityCounts],
     on_notification: Callable[[Notification], None],
 ) -> None:
+    reachability = FhirReachability(fhir)
+    api.delayed_background_call(0, reachability.probe, desc="fhir_reachability_probe")
+    api.looping_background_call(
+        reachability.probe,
+        PROBE_INTERVAL_MS,
+        desc="fhir_reachability_probe",
+        run_on_all_instances=True,
+    )
     api.register_web_resource(
         HEALTH_PATH,
         HealthResource(
-            FhirReachability(fhir),
+            reachability,
             recording.counts if recording else no_outbox,
             sync_counts,
             identity_counts,

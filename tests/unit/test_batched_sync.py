@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest_twisted
+from prometheus_client import REGISTRY
 from twisted.internet import defer
 
 from synapse_fhir_module.fhir.team_directory import _reachable
@@ -220,3 +221,98 @@ async def test_a_failed_check_is_retried_as_a_check_and_a_failed_change_as_a_cha
     # The check is retried without forgetting anyone's cached answer; the change is not.
     assert calls == [("check", "CareTeam/a"), ("invalidate", "CareTeam/b"), ("apply", "CareTeam/b")]
     assert queue.retrying == 0 and queue.idle
+
+
+def oldest_waiting() -> float | None:
+    return REGISTRY.get_sample_value("synapse_fhir_sync_oldest_waiting_timestamp_seconds")
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_oldest_waiting_time_stays_while_a_change_is_retried_and_clears_once_applied():
+    failing = {"CareTeam/a"}
+
+    async def apply(reference: str, changed: bool) -> None:
+        if reference in failing:
+            raise RuntimeError("FHIR away")
+
+    async def invalidate(reference: str) -> None:
+        pass
+
+    api, clock = DelayedApi(), StepClock()
+    queue = ChangeQueue(api, apply, invalidate, clock=clock)  # type: ignore[arg-type]
+    queue.open()
+    first_queued = clock.now
+    queue.push("CareTeam/a")  # fails: waits for a retry
+    assert queue.retrying == 1
+    assert oldest_waiting() == first_queued
+
+    clock.now += 60
+    queue.push("CareTeam/b")  # applied at once
+    clock.now += 60
+    api.run_delayed()  # the retry fails again: still the first time
+    assert oldest_waiting() == first_queued
+
+    failing.clear()
+    api.run_delayed()
+    assert queue.idle
+    assert oldest_waiting() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_once_the_oldest_is_applied_the_next_oldest_is_reported():
+    release = defer.Deferred()
+
+    async def apply(reference: str, changed: bool) -> None:
+        if reference == "CareTeam/a":
+            await release  # still running when b is queued
+
+    async def invalidate(reference: str) -> None:
+        pass
+
+    clock = StepClock()
+    queue = ChangeQueue(InlineApi(), apply, invalidate, clock=clock)  # type: ignore[arg-type]
+    queue.open()
+    queue.push("CareTeam/a")
+    clock.now += 30
+    second_queued = clock.now
+    queue.push("CareTeam/b")
+    assert oldest_waiting() == second_queued - 30
+    release.callback(None)
+    assert queue.idle
+    assert oldest_waiting() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_queued_again_while_it_is_applied_waits_from_the_end_of_that_sync():
+    first, second = defer.Deferred(), defer.Deferred()
+    runs = [first, second]
+
+    async def apply(reference: str, changed: bool) -> None:
+        await runs.pop(0)
+
+    async def invalidate(reference: str) -> None:
+        pass
+
+    clock = StepClock()
+    queue = ChangeQueue(InlineApi(), apply, invalidate, clock=clock)  # type: ignore[arg-type]
+    queue.open()
+    queue.push("CareTeam/a")
+    clock.now += 30
+    queue.push("CareTeam/a")  # changed again while its first sync runs
+    clock.now += 30
+    first_ended = clock.now
+    # The second change waits from the end of the first sync, not from the first change
+    # (not from when it came either: at most one sync's time is left out).
+    first.callback(None)
+    assert oldest_waiting() == first_ended
+    second.callback(None)
+    assert queue.idle
+    assert oldest_waiting() == 0

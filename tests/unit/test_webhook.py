@@ -20,6 +20,7 @@ from urllib.parse import quote
 import attr
 import pytest
 import pytest_twisted
+from prometheus_client import REGISTRY
 from synapse.http.site import SynapseRequest
 from synapse.util.httpresourcetree import create_resource_tree
 from twisted.internet import reactor
@@ -570,3 +571,45 @@ async def test_body_is_never_logged_nor_echoed(caplog: pytest.LogCaptureFixture)
     assert PATIENT_NAME not in caplog.text
     assert all(PATIENT_NAME not in json.dumps(a.body) for a in answers)
     assert "update CareTeam/team-12" in caplog.text  # type, id and action only
+
+
+# --- what Prometheus sees: rejections counted by reason ----------------------------
+
+
+def rejected(reason: str) -> float:
+    value = REGISTRY.get_sample_value("synapse_fhir_notify_rejected_total", {"reason": reason})
+    return value or 0.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_refusal_is_counted_once_by_its_reason_and_an_accepted_call_is_not() -> None:
+    reasons = [
+        "missing_secret",
+        "wrong_secret",
+        "malformed",
+        "not_found",
+        "method_not_allowed",
+        "too_large",
+    ]
+    before = {reason: rejected(reason) for reason in reasons}
+    hook = Webhook()
+
+    assert (await hook.post(shim_body(), headers={})).code == 401
+    assert (await hook.post(shim_body(), headers={"Authorization": "Bearer nope"})).code == 401
+    assert (await hook.post(b"{not json")).code == 400
+    assert (await hook.request("PUT", "/CareTeam", b"", AUTH)).code == 404
+    assert (await hook.request("POST", "/CareTeam/12", b"{}", AUTH)).code == 405
+    too_long = b"x" * (MAX_BODY_BYTES + 1)
+    assert (await hook.request("POST", "", too_long, AUTH)).code == 413
+    assert (await hook.post(shim_body())).code == 202
+
+    assert {reason: rejected(reason) - before[reason] for reason in reasons} == dict.fromkeys(
+        reasons, 1.0
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_no_secret_configured_every_call_counts_as_a_wrong_secret() -> None:
+    before = rejected("wrong_secret")
+    assert (await Webhook(secret=None).post(shim_body())).code == 401
+    assert rejected("wrong_secret") - before == 1.0
