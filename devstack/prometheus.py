@@ -6,8 +6,9 @@ directory (deleted at ``stop``), scraping and evaluating its rules at ``interval
 a test waits seconds, not minutes), stopped by its PID. What it knows is read through its
 own HTTP API (``/api/v1/...``), as an operator's tools read it.
 
-The binary comes from Debian's ``prometheus`` package (``.ci/run`` installs it without
-starting a service): ``prometheus`` on ``PATH``, or the file ``SFM_PROMETHEUS`` names.
+The binary comes from Debian's ``prometheus`` package (``make setup`` installs it when missing,
+without starting a service: devstack/tools.py), or is the file ``SFM_PROMETHEUS`` names.
+
 """
 
 from __future__ import annotations
@@ -24,27 +25,21 @@ import yaml
 
 from devstack.ports import free_port
 from devstack.processes import ManagedProcess
+from devstack.tools import ToolNotInstalled, find_tool
 from devstack.waiting import StopWaiting, wait_until
 
 START_TIMEOUT = 60.0
 
 
-class PrometheusNotInstalled(RuntimeError):
-    pass
-
-
 def find_prometheus() -> str:
+    """``SFM_PROMETHEUS`` when set, else :func:`devstack.tools.find_tool`'s (which names the
+    package ``make setup`` installs when it is missing)."""
     configured = os.environ.get("SFM_PROMETHEUS")
-    found = configured if configured and os.path.isfile(configured) else None
-    found = found or (None if configured else shutil.which("prometheus"))
-    if found is None:
-        raise PrometheusNotInstalled(
-            "prometheus not found"
-            + (f" at SFM_PROMETHEUS={configured}" if configured else " on PATH")
-            + ": install Debian's package (`apt-get install prometheus`, as .ci/run does)"
-            " or point SFM_PROMETHEUS at the binary."
-        )
-    return found
+    if configured:
+        if not os.path.isfile(configured):
+            raise ToolNotInstalled(f"prometheus not found at SFM_PROMETHEUS={configured}")
+        return configured
+    return find_tool("prometheus")
 
 
 class PrometheusServer:

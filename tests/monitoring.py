@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import importlib
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import yaml
 from prometheus_client import REGISTRY
+
+from devstack.tools import ToolNotInstalled, find_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "synapse-fhir.rules.yml"
@@ -40,13 +41,10 @@ _SUFFIXES = {
 
 def tool(name: str) -> str:
     """The path of ``name`` (``promtool``, ``prometheus``); a missing one fails the test."""
-    path = shutil.which(name)
-    if path is None:
-        raise AssertionError(
-            f"{name} is not installed: it comes with Debian's 'prometheus' package"
-            " (apt-get install prometheus; .ci/run installs it)"
-        )
-    return path
+    try:
+        return find_tool(name)
+    except ToolNotInstalled as missing:
+        raise AssertionError(str(missing)) from None
 
 
 def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
