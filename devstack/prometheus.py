@@ -8,7 +8,6 @@ own HTTP API (``/api/v1/...``), as an operator's tools read it.
 
 The binary comes from Debian's ``prometheus`` package (``make setup`` installs it when missing,
 without starting a service: devstack/tools.py), or is the file ``SFM_PROMETHEUS`` names.
-
 """
 
 from __future__ import annotations
