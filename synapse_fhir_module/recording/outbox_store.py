@@ -242,8 +242,12 @@ def dead_letters(txn: Cursor, limit: int = 100) -> list[DeadLetter]:
 
 
 def requeue_dead(txn: Cursor, event_ids: Iterable[str] | None, now_ms: int) -> int:
-    """Make dead letters pending again (all of them when ``event_ids`` is None); how many."""
-    reset = f"UPDATE {TABLE} SET state = ?, attempts = 0, next_attempt_ms = ? WHERE state = ?"
+    """Make dead letters pending again (all of them when ``event_ids`` is None), their failure
+    counts back at 0 (a row older code dead-lettered may still carry one); how many."""
+    reset = (
+        f"UPDATE {TABLE} SET state = ?, attempts = 0, next_attempt_ms = ?, {FAILED_ANSWERING} = 0"
+        " WHERE state = ?"
+    )
     if event_ids is None:
         txn.execute(reset, (PENDING, now_ms, DEAD))
         return txn.rowcount

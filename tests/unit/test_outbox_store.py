@@ -89,6 +89,17 @@ def test_dead_letters_can_be_requeued_one_by_one_or_all(txn: sqlite3.Cursor) -> 
     assert store.requeue_dead(txn, ["$1"], 9000) == 0  # already pending: untouched
 
 
+def test_a_requeued_dead_letter_starts_its_failure_count_again(txn: sqlite3.Cursor) -> None:
+    """A row dead-lettered by code that did not reset the count (the first release never
+    touched the column; a rolling upgrade runs both) gets a fresh count when retried."""
+    store.enqueue(txn, event("$1"), 1000)
+    for _ in range(5):
+        store.failed_answering(txn, "$1")
+    txn.execute(f"UPDATE {store.TABLE} SET state = ? WHERE event_id = ?", (store.DEAD, "$1"))
+    assert store.requeue_dead(txn, None, 2000) == 1
+    assert store.failed_answering(txn, "$1") == 1
+
+
 def test_a_row_can_be_read_and_rewritten_in_place(txn: sqlite3.Cursor) -> None:
     store.enqueue(txn, event("$1"), 1000)
     store.mark_dead(txn, "$1", "HTTP 422: quoting the message")
