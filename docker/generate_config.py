@@ -16,6 +16,9 @@ at ``homeserver.yaml``, ``log.config``, ``workers/``, a worker file or a new sig
 refused (exit 2), temporary files are created afresh (never opened if they exist), and
 ``--owner`` changes only the directory and files the generator opened itself.
 
+Exit 1: a kept ``homeserver.yaml`` (no ``--overwrite``) names another module worker than
+SYNAPSE_WORKERS, or, with workers, another Redis password than REDIS_PASSWORD.
+
 Required: SYNAPSE_SERVER_NAME, POSTGRES_HOST, POSTGRES_PASSWORD, FHIR_BASE_URL,
 FHIR_WEBHOOK_SECRET (and REDIS_HOST with SYNAPSE_WORKERS). Missing ones: exit code 2 and a
 message naming them. Nothing secret is ever printed.
@@ -436,6 +439,15 @@ def _check_same_workers(existing: dict[str, Any], s: Settings, path: Path) -> No
         raise Conflict(
             f"{path} was generated with the module's worker {kept_worker or '(main process)'},"
             f" SYNAPSE_WORKERS now says {s.worker or '(main process)'}: run again with"
+            " --overwrite (secrets and the signing key are kept; edits to the file are not)"
+            " or edit the file"
+        )
+    redis = existing.get("redis")
+    kept_password = redis.get("password") if isinstance(redis, dict) else None
+    if s.workers and s.redis_password and kept_password != s.redis_password:
+        # (Redis would refuse Synapse: replication would fail after the start.)
+        raise Conflict(
+            f"{path} does not have REDIS_PASSWORD as redis.password: run again with"
             " --overwrite (secrets and the signing key are kept; edits to the file are not)"
             " or edit the file"
         )

@@ -225,6 +225,19 @@ def test_the_redis_password_reaches_main_and_the_workers(tmp_path: Path) -> None
     assert main.redis.redis_password == worker.redis.redis_password == "redis-password-93c0d1"
 
 
+def test_a_kept_config_without_the_redis_password_is_a_conflict(tmp_path: Path) -> None:
+    """(An existing volume, then REDIS_PASSWORD set: Redis would refuse the kept file.)"""
+    out = tmp_path / "data"
+    generated(out, WORKERS_ENV)
+    env = {**WORKERS_ENV, "REDIS_PASSWORD": "redis-password-93c0d1"}
+    result = generate(out, env)
+    assert result.returncode == 1
+    assert "REDIS_PASSWORD" in result.stderr and "--overwrite" in result.stderr
+    assert_no_secret(result, env)
+    assert generated(out, env, "--overwrite")["redis"]["password"] == "redis-password-93c0d1"
+    assert generate(out, env).returncode == 0  # kept, and now it agrees
+
+
 def test_without_a_redis_password_none_is_written(tmp_path: Path) -> None:
     config = generated(tmp_path / "data", WORKERS_ENV)
     assert "password" not in config["redis"]
