@@ -139,7 +139,9 @@ class PostgresDatabase:
 class PostgresCluster:
     """A cluster of our own; ``log_dir`` keeps its server log (the data goes at ``stop``)."""
 
-    def __init__(self, log_dir: Path, *, port: int | None = None) -> None:
+    def __init__(self, log_dir: Path, *, port: int | None = None, with_role: bool = True) -> None:
+        # with_role=False: only the superuser, as the postgres image's fresh volume.
+        self.with_role = with_role
         self.bindir = find_bindir()
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -196,6 +198,8 @@ class PostgresCluster:
             f" (log: {self.process.log_path})",
             interval=0.05,
         )
+        if not self.with_role:
+            return
         with self._admin() as conn, conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (ROLE,))
             if cur.fetchone() is None:

@@ -65,9 +65,13 @@ def _wheel_redis_server() -> str | None:
 class RedisServer:
     """One ``redis-server``; ``log_dir`` keeps its log (its directory goes at ``stop``)."""
 
-    def __init__(self, log_dir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, *, port: int | None = None, password: str | None = None
+    ) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
+        # With a password (``requirepass``), every client must AUTH first.
+        self.password = password
         self.root = Path(tempfile.mkdtemp(prefix="sfm-redis-"))
         self.process = ManagedProcess(
             "redis",
@@ -87,6 +91,7 @@ class RedisServer:
                 str(self.root),
                 "--logfile",
                 "",  # to stdout: the process log
+                *(["--requirepass", password] if password else []),
             ],
             log_dir / f"redis-{self.port}.log",
             cwd=self.root,
@@ -94,7 +99,31 @@ class RedisServer:
 
     def synapse_config(self) -> dict[str, object]:
         """The ``redis:`` section of ``homeserver.yaml``."""
-        return {"enabled": True, "host": self.host, "port": self.port}
+        config: dict[str, object] = {"enabled": True, "host": self.host, "port": self.port}
+        if self.password:
+            config["password"] = self.password
+        return config
+
+    def command(self, *words: str) -> bytes:
+        """One command (after AUTH, with a password); Redis' raw reply to it."""
+        with socket.create_connection((self.host, self.port), timeout=5) as conn:
+            if self.password:
+                conn.sendall(_resp("AUTH", self.password))
+                assert conn.recv(64) == b"+OK\r\n", "Redis refused the password"
+            conn.sendall(_resp(*words))
+            reply = b""
+            conn.settimeout(2)
+            while True:
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                reply += chunk
+                if _complete(reply):
+                    break
+            return reply
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         self.process.start()
@@ -117,4 +146,24 @@ class RedisServer:
             )
         with socket.create_connection((self.host, self.port), timeout=2) as conn:
             conn.sendall(b"PING\r\n")
-            return conn.recv(64).startswith(b"+PONG")
+            # (With a password, NOAUTH also says it is up.)
+            return conn.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+
+
+def _resp(*words: str) -> bytes:
+    """A command in Redis' protocol (an array of bulk strings: any bytes in a word)."""
+    out = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _complete(reply: bytes) -> bool:
+    """Whether a simple, error or bulk string reply has arrived whole."""
+    if reply[:1] in (b"+", b"-", b":"):
+        return reply.endswith(b"\r\n")
+    if reply[:1] == b"$":
+        head, _, rest = reply.partition(b"\r\n")
+        return int(head[1:]) < 0 or len(rest) >= int(head[1:]) + 2
+    return False

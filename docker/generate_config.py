@@ -3,18 +3,34 @@
 
 Installed in the ``synapse-fhir`` image as ``sfm-generate-config``; Docker Compose runs it once
 (an existing ``homeserver.yaml`` is kept, so an operator may edit it), Kubernetes at every start
-with ``--overwrite`` (the Secrets are the truth). Only the standard library and PyYAML, which
-every Synapse installation has.
+with ``--overwrite --require-secrets`` (the Secrets are the truth). Only the standard library
+and PyYAML, which every Synapse installation has.
 
-    sfm-generate-config --out DIR [--overwrite] [--owner UID:GID]
+    sfm-generate-config --out DIR [--overwrite] [--owner UID:GID] [--require-secrets]
 
 Writes ``DIR/homeserver.yaml``, ``DIR/log.config`` (to standard output, as containers log),
 ``DIR/workers/<name>.yaml`` per worker, and the signing key ``DIR/<server_name>.signing.key``
-when there is none (never replaced, not even with ``--overwrite``).
+when there is none (never replaced, not even with ``--overwrite``). It never reads or writes
+through a symbolic link in DIR (it may run as root on a volume another user can write): a link
+at ``homeserver.yaml``, ``log.config``, ``workers/``, a worker file or a new signing key is
+refused (exit 2), temporary files are created afresh (never opened if they exist), and
+``--owner`` changes only the directory and files the generator opened itself.
+
+Exit 1: a kept ``homeserver.yaml`` (no ``--overwrite``) names another module worker than
+SYNAPSE_WORKERS, or, with workers, another Redis password than REDIS_PASSWORD.
 
 Required: SYNAPSE_SERVER_NAME, POSTGRES_HOST, POSTGRES_PASSWORD, FHIR_BASE_URL,
 FHIR_WEBHOOK_SECRET (and REDIS_HOST with SYNAPSE_WORKERS). Missing ones: exit code 2 and a
 message naming them. Nothing secret is ever printed.
+
+Secrets are checked (exit 2, naming the variable and what is wrong, never the value): a
+secret that is given must not be a placeholder (``change-me``, ``changeme``, ``secret``,
+``password`` ..., any case) nor shorter than 16 characters -- POSTGRES_PASSWORD,
+FHIR_WEBHOOK_SECRET, REDIS_PASSWORD and the SYNAPSE_*_SECRET* variables below. With
+``--require-secrets`` (for generation at every start, as on Kubernetes, where a random secret
+would differ between pods and restarts) each of POSTGRES_PASSWORD, FHIR_WEBHOOK_SECRET,
+SYNAPSE_MACAROON_SECRET_KEY, SYNAPSE_FORM_SECRET, SYNAPSE_REGISTRATION_SHARED_SECRET, and with
+SYNAPSE_WORKERS also SYNAPSE_WORKER_REPLICATION_SECRET and REDIS_PASSWORD, must be given.
 
 Optional (default):
   SYNAPSE_PUBLIC_BASEURL (Synapse's: https://<server_name>/)
@@ -22,9 +38,15 @@ Optional (default):
   SYNAPSE_MACAROON_SECRET_KEY, SYNAPSE_FORM_SECRET, SYNAPSE_REGISTRATION_SHARED_SECRET,
   SYNAPSE_WORKER_REPLICATION_SECRET (with workers)
       (random at the first generation, then kept: read back from the existing file)
+  SYNAPSE_BEHIND_PROXY (false): true sets ``x_forwarded`` on the client listeners (main's
+      client/federation listener, each worker's client listener; never replication or
+      metrics), so Synapse takes the client's address from X-Forwarded-For. Only behind a
+      reverse proxy that OVERWRITES that header with the address it sees (Synapse trusts the
+      leftmost entry), and only if nothing else can reach those ports.
   SYNAPSE_METRICS_PORT: a metrics listener on that port (workers: port + 1 + i), enable_metrics
   SYNAPSE_WORKERS: comma list of generic worker names; with it Redis replication
-      (REDIS_HOST, REDIS_PORT 6379), main's replication listener (SYNAPSE_REPLICATION_PORT 9093)
+      (REDIS_HOST, REDIS_PORT 6379, REDIS_PASSWORD: ``redis.password``, which the workers read
+      from homeserver.yaml too), main's replication listener (SYNAPSE_REPLICATION_PORT 9093)
       in instance_map as SYNAPSE_MAIN_HOST (synapse), the module's ``worker`` = the first
       worker, and worker i's client listener on SYNAPSE_WORKER_PORT_BASE (8083) + i
   SYNAPSE_HTTP_PORT (8008), SYNAPSE_BIND_ADDRESS (0.0.0.0): the main client listener
@@ -41,6 +63,7 @@ import argparse
 import base64
 import os
 import secrets
+import stat
 import string
 import sys
 from collections.abc import Mapping
@@ -65,7 +88,40 @@ KEPT_SECRETS = {
     # (Only with workers: what they present to main's replication listener.)
     "worker_replication_secret": "SYNAPSE_WORKER_REPLICATION_SECRET",
 }
+# Checked whenever given; with --require-secrets they must be given (the last two only with
+# workers).
+CHECKED_SECRETS = (
+    "POSTGRES_PASSWORD",
+    "FHIR_WEBHOOK_SECRET",
+    "SYNAPSE_MACAROON_SECRET_KEY",
+    "SYNAPSE_FORM_SECRET",
+    "SYNAPSE_REGISTRATION_SHARED_SECRET",
+    "SYNAPSE_WORKER_REPLICATION_SECRET",
+    "REDIS_PASSWORD",
+)
+WORKER_SECRETS = ("SYNAPSE_WORKER_REPLICATION_SECRET", "REDIS_PASSWORD")
+MIN_SECRET_LENGTH = 16
+# What examples and templates put where a secret goes (compared lower-case, without
+# punctuation or spaces).
+PLACEHOLDERS = {
+    "changeme",
+    "changethis",
+    "replaceme",
+    "setme",
+    "secret",
+    "password",
+    "passw0rd",
+    "placeholder",
+    "example",
+    "todo",
+    "fixme",
+    "xxx",
+    "none",
+    "null",
+    "default",
+}
 MODULE = "synapse_fhir_module.FhirModule"
+GENERATE_HINT = 'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
 EXIT_USAGE = 2  # a variable missing or unusable
 EXIT_CONFLICT = 1  # the existing configuration disagrees with the environment
 
@@ -93,10 +149,16 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser.add_argument(
         "--owner", help="UID:GID to give the directory and the files written (as root)"
     )
+    parser.add_argument(
+        "--require-secrets",
+        action="store_true",
+        help="refuse to run unless every secret is given in the environment (no random"
+        " ones): for configs generated at every start, as on Kubernetes",
+    )
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
     try:
-        settings = Settings.from_env(env)
+        settings = Settings.from_env(env, require_secrets=args.require_secrets)
         owner = _parse_owner(args.owner)
         for line in generate(settings, args.out, overwrite=args.overwrite, owner=owner):
             print(line)
@@ -141,6 +203,8 @@ class Settings:
                 )
         self.redis_host = get("REDIS_HOST")
         self.redis_port = _port(env, "REDIS_PORT", 6379)
+        self.redis_password = env.get("REDIS_PASSWORD", "")
+        self.behind_proxy = _boolean(env, "SYNAPSE_BEHIND_PROXY", False)
         self.main_host = get("SYNAPSE_MAIN_HOST", "synapse")
         self.replication_port = _port(env, "SYNAPSE_REPLICATION_PORT", 9093)
         self.worker_port_base = _port(env, "SYNAPSE_WORKER_PORT_BASE", 8083)
@@ -148,12 +212,35 @@ class Settings:
         self.media_store_path = get("SYNAPSE_MEDIA_STORE_PATH")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
-        missing = [name for name in REQUIRED if not env.get(name, "").strip()]
-        if env.get("SYNAPSE_WORKERS", "").strip() and not env.get("REDIS_HOST", "").strip():
-            missing.append("REDIS_HOST")
+    def from_env(cls, env: Mapping[str, str], *, require_secrets: bool = False) -> Settings:
+        workers = bool(env.get("SYNAPSE_WORKERS", "").strip())
+        required = list(REQUIRED)
+        if workers:
+            required.append("REDIS_HOST")
+        if require_secrets:
+            required += [
+                name
+                for name in CHECKED_SECRETS
+                if name not in required and (workers or name not in WORKER_SECRETS)
+            ]
+        missing = [name for name in required if not env.get(name, "").strip()]
         if missing:
-            raise UsageError("missing required environment variables: " + ", ".join(missing))
+            raise UsageError(
+                "missing required environment variables: "
+                + ", ".join(missing)
+                + (" (--require-secrets: every secret must be given)" if require_secrets else "")
+            )
+        weak = [
+            f"{name} {problem}"
+            for name in CHECKED_SECRETS
+            if (problem := _weak_secret(env.get(name, "")))
+        ]
+        if weak:
+            raise UsageError(
+                "unusable secrets: "
+                + "; ".join(weak)
+                + f" (use long random values, e.g. {GENERATE_HINT})"
+            )
         return cls(env)
 
     @property
@@ -168,41 +255,51 @@ def generate(
     """Write the files; returns what was done, one line per file (no secret in them)."""
     done: list[str] = []
     out.mkdir(parents=True, exist_ok=True)
-    _chown(out, owner)
-    config_path = out / "homeserver.yaml"
-    existing = _read_yaml(config_path)
-    if existing is not None and not overwrite:
-        _check_same_workers(existing, settings, config_path)
+    # DIR itself is the operator's choice (a volume's mount point); inside it nothing is
+    # followed: every file is opened relative to DIR's descriptor, without following links.
+    out_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if owner is not None:
+            os.fchown(out_fd, *owner)
+        config_path = out / "homeserver.yaml"
+        existing = _read_yaml(out_fd, config_path)
+        if existing is not None and not overwrite:
+            _check_same_workers(existing, settings, config_path)
 
-    signing_key = Path(settings.signing_key_path or out / f"{settings.server_name}.signing.key")
-    if signing_key.exists():
-        done.append(f"kept {signing_key}")
-    else:
-        signing_key.parent.mkdir(parents=True, exist_ok=True)
-        _write(signing_key, _new_signing_key() + "\n", private=True, owner=owner)
-        done.append(f"wrote {signing_key}")
+        signing_key = Path(settings.signing_key_path or out / f"{settings.server_name}.signing.key")
+        if signing_key.exists():
+            done.append(f"kept {signing_key}")
+        else:
+            _write_signing_key(out, out_fd, signing_key, owner)
+            done.append(f"wrote {signing_key}")
 
-    log_config = out / "log.config"
-    files: list[tuple[Path, dict[str, Any], bool]] = [
-        (log_config, _log_config(), False),
-        (
-            config_path,
-            _homeserver(settings, out, signing_key, log_config, existing or {}),
-            True,
-        ),
-    ]
-    for index, name in enumerate(settings.workers):
-        files.append(
-            (out / "workers" / f"{name}.yaml", _worker(settings, index, log_config), False)
-        )
-    for path, content, private in files:
-        if path.exists() and not overwrite:
-            done.append(f"kept {path} (exists; --overwrite rewrites it)")
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _chown(path.parent, owner)
-        _write(path, _dump(content), private=private, owner=owner)
-        done.append(f"wrote {path}")
+        log_config = out / "log.config"
+        files: list[tuple[Path, dict[str, Any], bool]] = [
+            (log_config, _log_config(), False),
+            (
+                config_path,
+                _homeserver(settings, out, signing_key, log_config, existing or {}),
+                True,
+            ),
+        ]
+        for index, name in enumerate(settings.workers):
+            files.append(
+                (out / "workers" / f"{name}.yaml", _worker(settings, index, log_config), False)
+            )
+        for path, content, private in files:
+            if os.path.lexists(path) and not overwrite:
+                _refuse_link(path)
+                done.append(f"kept {path} (exists; --overwrite rewrites it)")
+                continue
+            dir_fd = out_fd if path.parent == out else _subdirectory(out_fd, path.parent, owner)
+            try:
+                _write(dir_fd, path, _dump(content), private=private, owner=owner)
+            finally:
+                if dir_fd != out_fd:
+                    os.close(dir_fd)
+            done.append(f"wrote {path}")
+    finally:
+        os.close(out_fd)
     return done
 
 
@@ -210,7 +307,9 @@ def _homeserver(
     s: Settings, out: Path, signing_key: Path, log_config: Path, existing: dict[str, Any]
 ) -> dict[str, Any]:
     listeners: list[dict[str, Any]] = [
-        _http_listener(s.http_port, s.bind_address, ["client", "federation"])
+        _http_listener(
+            s.http_port, s.bind_address, ["client", "federation"], x_forwarded=s.behind_proxy
+        )
     ]
     config: dict[str, Any] = {
         "server_name": s.server_name,
@@ -237,9 +336,14 @@ def _homeserver(
         config["enable_metrics"] = True
         listeners.append(_metrics_listener(s.metrics_port, s.bind_address))
     if s.workers:
-        listeners.append(_http_listener(s.replication_port, s.bind_address, ["replication"]))
+        listeners.append(
+            _http_listener(s.replication_port, s.bind_address, ["replication"], x_forwarded=False)
+        )
         config["instance_map"] = {"main": {"host": s.main_host, "port": s.replication_port}}
         config["redis"] = {"enabled": True, "host": s.redis_host, "port": s.redis_port}
+        if s.redis_password:
+            # (Workers load homeserver.yaml before their own file: they get it too.)
+            config["redis"]["password"] = s.redis_password
     # Recommended beside the module (homeserver.module.yaml): an invite shows its care team.
     config["room_prejoin_state"] = {
         "additional_event_types": ["org.synapse_fhir.care_team", "org.synapse_fhir.thread"]
@@ -266,7 +370,11 @@ def _module_config(s: Settings) -> dict[str, Any]:
 
 def _worker(s: Settings, index: int, log_config: Path) -> dict[str, Any]:
     """A generic worker's own file, read after homeserver.yaml (``-c`` twice)."""
-    listeners = [_http_listener(s.worker_port_base + index, s.bind_address, ["client"])]
+    listeners = [
+        _http_listener(
+            s.worker_port_base + index, s.bind_address, ["client"], x_forwarded=s.behind_proxy
+        )
+    ]
     if s.metrics_port is not None:
         listeners.append(_metrics_listener(s.metrics_port + 1 + index, s.bind_address))
     return {
@@ -277,15 +385,16 @@ def _worker(s: Settings, index: int, log_config: Path) -> dict[str, Any]:
     }
 
 
-def _http_listener(port: int, bind: str, names: list[str]) -> dict[str, Any]:
-    # /health is served on every HTTP listener. x_forwarded: behind a reverse proxy, the
-    # client's address comes from X-Forwarded-For.
+def _http_listener(port: int, bind: str, names: list[str], *, x_forwarded: bool) -> dict[str, Any]:
+    # /health is served on every HTTP listener. x_forwarded: Synapse takes the client's
+    # address from the leftmost X-Forwarded-For entry, whoever sent it, so only where a
+    # reverse proxy (which overwrites the header) is the only way in.
     return {
         "port": port,
         "bind_addresses": [bind],
         "type": "http",
         "tls": False,
-        "x_forwarded": True,
+        "x_forwarded": x_forwarded,
         "resources": [{"names": names, "compress": False}],
     }
 
@@ -333,6 +442,15 @@ def _check_same_workers(existing: dict[str, Any], s: Settings, path: Path) -> No
             " --overwrite (secrets and the signing key are kept; edits to the file are not)"
             " or edit the file"
         )
+    redis = existing.get("redis")
+    kept_password = redis.get("password") if isinstance(redis, dict) else None
+    if s.workers and s.redis_password and kept_password != s.redis_password:
+        # (Redis would refuse Synapse: replication would fail after the start.)
+        raise Conflict(
+            f"{path} does not have REDIS_PASSWORD as redis.password: run again with"
+            " --overwrite (secrets and the signing key are kept; edits to the file are not)"
+            " or edit the file"
+        )
 
 
 def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -356,6 +474,31 @@ def _mapping(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UsageError("FHIR_MODULE_CONFIG_EXTRA must be a mapping of module config keys")
     return value
+
+
+def _weak_secret(value: str) -> str | None:
+    """Why a given secret is unusable (None: it is fine, or not given)."""
+    if not value.strip():
+        return None
+    folded = "".join(c for c in value.lower() if c.isalnum())
+    if folded in PLACEHOLDERS or "changeme" in folded or "replaceme" in folded:
+        return "is a placeholder"
+    if len(set(value)) == 1:
+        return "is one character repeated"
+    if len(value) < MIN_SECRET_LENGTH:
+        return f"is shorter than {MIN_SECRET_LENGTH} characters"
+    return None
+
+
+def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("true", "yes", "1", "on"):
+        return True
+    if raw in ("false", "no", "0", "off"):
+        return False
+    raise UsageError(f"{name} must be true or false")
 
 
 def _port(env: Mapping[str, str], name: str, default: int | None) -> Any:
@@ -383,11 +526,25 @@ def _new_signing_key() -> str:
     return f"ed25519 {version} {seed}"
 
 
-def _read_yaml(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise UsageError(f"{path} is a symbolic link: refusing to follow it (remove it)")
+
+
+def _read_yaml(out_fd: int, path: Path) -> dict[str, Any] | None:
     try:
-        value = yaml.safe_load(path.read_text())
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=out_fd)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        _refuse_link(path)
+        raise
+    with os.fdopen(fd) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise UsageError(f"{path} is not a regular file")
+        text = f.read()
+    try:
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         raise UsageError(f"{path} exists but is not valid YAML") from None
     return value if isinstance(value, dict) else {}
@@ -399,27 +556,84 @@ def _dump(content: dict[str, Any]) -> str:
     )
 
 
-def _write(path: Path, text: str, *, private: bool, owner: tuple[int, int] | None) -> None:
-    """Replace ``path`` atomically; private files (secrets) are never readable by others."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640 if private else 0o644)
+def _subdirectory(out_fd: int, path: Path, owner: tuple[int, int] | None) -> int:
+    """DIR's subdirectory ``path`` (made if missing), opened without following a link."""
+    name = path.name
     try:
-        os.fchmod(fd, 0o640 if private else 0o644)
+        os.mkdir(name, 0o755, dir_fd=out_fd)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=out_fd
+        )
+    except OSError:
+        _refuse_link(path)
+        raise
+    if owner is not None:
+        os.fchown(fd, *owner)
+    return fd
+
+
+def _write(
+    dir_fd: int, path: Path, text: str, *, private: bool, owner: tuple[int, int] | None
+) -> None:
+    """Replace ``path`` (a name in ``dir_fd``) atomically, through a temporary file made
+    afresh; private files (secrets) are never readable by others. The rename replaces a
+    link at ``path`` itself, never what it points to."""
+    if path.is_symlink():
+        _refuse_link(path)
+    tmp = f".{path.name}.tmp"
+    try:
+        os.unlink(tmp, dir_fd=dir_fd)  # (a leftover, or a planted link: removed, not followed)
+    except FileNotFoundError:
+        pass
+    _create(dir_fd, tmp, text, private=private, owner=owner)
+    try:
+        os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def _write_signing_key(out: Path, out_fd: int, path: Path, owner: tuple[int, int] | None) -> None:
+    """A new signing key, in a file that must not exist yet (not even as a dangling link)."""
+    if path.is_symlink():
+        raise UsageError(f"{path} is a symbolic link to nothing: refusing to follow it (remove it)")
+    if path.parent == out:
+        dir_fd = out_fd
+    else:
+        # (Elsewhere: SYNAPSE_SIGNING_KEY_PATH, the operator's choice of directory.)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _create(dir_fd, path.name, _new_signing_key() + "\n", private=True, owner=owner)
+    except FileExistsError:
+        raise UsageError(f"{path} appeared while it was being written: run again") from None
+    finally:
+        if dir_fd != out_fd:
+            os.close(dir_fd)
+
+
+def _create(
+    dir_fd: int, name: str, text: str, *, private: bool, owner: tuple[int, int] | None
+) -> None:
+    """A new file ``name`` in ``dir_fd``: O_EXCL (it must not exist, not even as a link)."""
+    mode = 0o640 if private else 0o644
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, mode, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
         if owner is not None:
             os.fchown(fd, *owner)
         with os.fdopen(fd, "w") as f:
             fd = -1
             f.write(text)
-        os.replace(tmp, path)
-    finally:
+    except BaseException:
         if fd != -1:
             os.close(fd)
-        tmp.unlink(missing_ok=True)
-
-
-def _chown(path: Path, owner: tuple[int, int] | None) -> None:
-    if owner is not None:
-        os.chown(path, *owner)
+        os.unlink(name, dir_fd=dir_fd)
+        raise
 
 
 if __name__ == "__main__":

@@ -740,6 +740,10 @@ def test_the_real_generator_listens_where_the_manifests_expect(
         **rendered.secret("synapse-database"),
         "SYNAPSE_SIGNING_KEY_PATH": str(key),
     }
+    # (As a site fills them in: the generator refuses change-me.)
+    settings = {
+        k: f"site-value-{k.lower()}" if v == "change-me" else v for k, v in settings.items()
+    }
     data = tmp_path / "data"
     result = subprocess.run(
         [sys.executable, str(GENERATOR), "--out", str(data), "--overwrite"],

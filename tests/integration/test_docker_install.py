@@ -5,38 +5,46 @@
   Synapse) into a clean venv outside the repository; sfm-generate-config writes the config
   from the variables Compose gives it; that venv's Synapse starts on it against PostgreSQL and
   the HAPI dev server, and the module answers with FHIR reachable and the webhook secret set.
-- docker/postgres-init/10-hapi-database.sh, run as the postgres image runs it, leaves HAPI a
-  role and database of its own.
+- docker/postgres-init/10-databases.sh, run as the postgres image runs it on a fresh volume
+  (only the superuser exists), leaves Synapse and HAPI each a role (no superuser) owning a
+  database of its own, C collation.
 - docker/HapiHealthCheck.java, compiled as docker/hapi.Dockerfile compiles it, tells a FHIR
   server that answers from one that does not; that file's Maven stage builds the shim jar from
   what it copies.
-- The workers profile's files (main + one generic worker, Redis) run: the worker takes the
-  module's background work and /notify.
+- The workers profile's files (main + one generic worker, Redis with a password) run: both
+  authenticate to Redis, the worker takes the module's background work and /notify.
+- The redis service's entrypoint starts Redis with the password, and its health check
+  authenticates.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import psycopg2
 import pytest
 import requests
+import yaml
 
 from devstack.hapi import HapiDevServer
 from devstack.ports import free_port
 from devstack.postgres import PostgresCluster, PostgresDatabase
 from devstack.processes import ManagedProcess
-from devstack.redis import RedisServer
+from devstack.redis import RedisServer, find_redis_server
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
 from tests.docker_files import DOCKER, REPO, build_context, final_stage, stage
 
 WEBHOOK_SECRET = "compose-webhook-secret-5c1d"
+REDIS_PASSWORD = "compose-redis-password-8a4e"
 
 
 def run(argv: list[str], *, cwd: Path, timeout: float, env: dict[str, str] | None = None) -> str:
@@ -216,25 +224,45 @@ def _answers(process: ManagedProcess, url: str) -> bool:
         return False
 
 
+def _subscribers(redis: RedisServer) -> int:
+    """Redis' clients subscribed to a channel (CLIENT LIST's sub=N)."""
+    listing = redis.command("CLIENT", "LIST").decode()
+    return sum(1 for line in listing.splitlines() if re.search(r" sub=[1-9]", line))
+
+
 def _fhir_reachable(url: str) -> dict | None:
     health = requests.get(url, timeout=10).json()
     return health if health["fhir"]["reachable"] else None
 
 
-def test_the_postgres_init_script_gives_hapi_its_own_database(postgres: PostgresCluster) -> None:
+def test_the_postgres_init_script_gives_synapse_and_hapi_their_own_databases(
+    run_dir: Path,
+) -> None:
+    # A cluster of its own: as the postgres image's fresh volume, only the superuser.
+    postgres = PostgresCluster(run_dir, with_role=False)
+    SERVER_LOGS.append(postgres.process.log_path)
+    postgres.start()
+    try:
+        _run_init_script(postgres)
+    finally:
+        postgres.stop()
+
+
+def _run_init_script(postgres: PostgresCluster) -> None:
     psql = postgres.bindir / "psql"
     if not psql.exists():
         psql = Path(shutil.which("psql") or psql)
     assert psql.exists(), f"psql not found beside {postgres.bindir}/postgres or on PATH"
-    password = "hapi-db-password-2e9a"
+    passwords = {"synapse": "synapse-db-password-7b3f", "hapi": "hapi-db-password-2e9a"}
     env = {
         "PATH": f"{psql.parent}:{os.environ['PATH']}",
-        # As the postgres image runs it: the superuser, over the socket.
+        # As the postgres image runs it (docker-compose.yml): the superuser, over the socket.
         "POSTGRES_USER": "postgres",
         "POSTGRES_DB": "postgres",
         "PGHOST": str(postgres.socket_dir),
         "PGPORT": str(postgres.port),
-        "HAPI_POSTGRES_PASSWORD": password,
+        "SYNAPSE_POSTGRES_PASSWORD": passwords["synapse"],
+        "HAPI_POSTGRES_PASSWORD": passwords["hapi"],
     }
     if os.geteuid() == 0:
         # (The cluster runs as the postgres system user; its socket directory is theirs.)
@@ -242,30 +270,41 @@ def test_the_postgres_init_script_gives_hapi_its_own_database(postgres: Postgres
     else:
         argv = []
     run(
-        argv + ["sh", str(DOCKER / "postgres-init" / "10-hapi-database.sh")],
+        argv + ["sh", str(DOCKER / "postgres-init" / "10-databases.sh")],
         cwd=Path("/"),
         timeout=60,
         env=env,
     )
-    conn = psycopg2.connect(
-        host=postgres.host,
-        port=postgres.port,
-        dbname="hapi",
-        user="hapi",
-        password=password,
-        connect_timeout=10,
-    )
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT current_user, pg_encoding_to_char(encoding) FROM pg_database"
-                " WHERE datname = current_database()"
-            )
-            assert cur.fetchone() == ("hapi", "UTF8")
-            cur.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'hapi'")
-            assert cur.fetchone() == (False,)
-    finally:
-        conn.close()
+    for role, password in passwords.items():
+        conn = psycopg2.connect(
+            host=postgres.host,
+            port=postgres.port,
+            dbname=role,
+            user=role,
+            password=password,
+            connect_timeout=10,
+        )
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT current_user, pg_get_userbyid(datdba),"
+                    " pg_encoding_to_char(encoding), datcollate, datctype"
+                    " FROM pg_database WHERE datname = current_database()"
+                )
+                assert cur.fetchone() == (role, role, "UTF8", "C", "C")
+                cur.execute(
+                    "SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles"
+                    " WHERE rolname = current_user"
+                )
+                assert cur.fetchone() == (False, False, False), f"{role} has powers"
+                # The owner makes its tables (PostgreSQL 15+: public belongs to the owner).
+                cur.execute("CREATE TABLE made_by_owner (x int)")
+                # And cannot reach the other's database.
+                other = "hapi" if role == "synapse" else "synapse"
+                cur.execute("SELECT has_database_privilege(%s, 'CREATE')", (other,))
+                assert cur.fetchone() == (False,)
+        finally:
+            conn.close()
 
 
 def test_the_hapi_health_check_tells_up_from_down(hapi: HapiDevServer, tmp_path: Path) -> None:
@@ -332,7 +371,7 @@ def test_the_generated_worker_setup_gives_the_worker_the_background_work(
 ) -> None:
     """What the workers profile runs, from sfm-generate-config's files: main and the worker
     replicate through Redis, and the worker — where HAPI's notifications go — runs the sync."""
-    redis = RedisServer(run_dir)
+    redis = RedisServer(run_dir, password=REDIS_PASSWORD)
     SERVER_LOGS.append(redis.process.log_path)
     main_port, replication_port, worker_port = free_port(), free_port(), free_port()
     data = tmp_path / "data"
@@ -352,6 +391,7 @@ def test_the_generated_worker_setup_gives_the_worker_the_background_work(
         "SYNAPSE_WORKERS": "synapse-worker",
         "REDIS_HOST": redis.host,
         "REDIS_PORT": str(redis.port),
+        "REDIS_PASSWORD": REDIS_PASSWORD,
         "SYNAPSE_MAIN_HOST": "127.0.0.1",
         "SYNAPSE_REPLICATION_PORT": str(replication_port),
         "SYNAPSE_WORKER_PORT_BASE": str(worker_port),
@@ -384,6 +424,14 @@ def test_the_generated_worker_setup_gives_the_worker_the_background_work(
                 what=f"{process.name} answering {url}/health (log: {process.log_path})",
                 interval=0.2,
             )
+        # Both replicate through Redis, which takes only authenticated clients: each has
+        # subscribed (a client that did not AUTH could not).
+        wait_until(
+            lambda: _subscribers(redis) >= 2,
+            timeout=60,
+            what="main and the worker subscribed to Redis with the generated password",
+            interval=0.5,
+        )
         on_worker = wait_until(
             lambda: _fhir_reachable(f"{worker_url}/_synapse/client/fhir/health"),
             timeout=60,
@@ -407,4 +455,64 @@ def test_the_generated_worker_setup_gives_the_worker_the_background_work(
     finally:
         worker.stop()
         main.stop()
+        redis.stop()
+
+
+def test_the_compose_redis_demands_its_password_and_its_health_check_gives_it(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    """docker-compose.yml's redis entrypoint and health check, run with sh against a real
+    redis-server: the image's docker-entrypoint.sh and redis-cli are stood in for by ones that
+    add only a free port on 127.0.0.1 (the container has its own network)."""
+    service = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())["services"]["redis"]
+    server = Path(find_redis_server())
+    cli = server.parent / "redis-cli"
+    if not cli.exists():
+        cli = Path(shutil.which("redis-cli") or cli)
+    assert cli.exists(), f"redis-cli not found beside {server} or on PATH"
+    port = free_port()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker-entrypoint.sh").write_text(
+        f'#!/bin/sh\n[ "$1" = redis-server ] && shift\nexec {server} "$@"'
+        f" --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir {tmp_path}\n"
+    )
+    (bin_dir / "redis-cli").write_text(f'#!/bin/sh\nexec {cli} -p {port} "$@"\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    # Compose's $$ is a $ in the container.
+    entrypoint = [word.replace("$$", "$") for word in service["entrypoint"]]
+    check = service["healthcheck"]["test"][1].replace("$$", "$")
+
+    def healthy(password: str) -> bool:
+        result = subprocess.run(
+            ["sh", "-c", check],
+            env={"PATH": path, "REDIS_PASSWORD": password},
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        return result.returncode == 0
+
+    redis = ManagedProcess(
+        "compose-redis",
+        entrypoint,
+        tmp_path / "redis.log",
+        env={"PATH": path, "REDIS_PASSWORD": REDIS_PASSWORD},
+    )
+    SERVER_LOGS.append(redis.log_path)
+    redis.start()
+    try:
+        wait_until(
+            partial(healthy, REDIS_PASSWORD),
+            timeout=30,
+            what=f"the health check passing (log: {redis.log_path})",
+            interval=0.2,
+        )
+        assert not healthy("wrong-password-0000")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as anonymous:
+            anonymous.sendall(b"PING\r\n")
+            assert anonymous.recv(64).startswith(b"-NOAUTH")
+    finally:
         redis.stop()

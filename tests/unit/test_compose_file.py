@@ -30,6 +30,13 @@ GENERATOR = DOCKER / "generate_config.py"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "hapi.Dockerfile"]
 # The images compose builds itself (their tags name this project's version).
 OWN_IMAGES = {"synapse-fhir:0.1.0", "synapse-fhir-hapi:0.1.0"}
+# What docker/.env must give in every profile.
+REQUIRED_SECRETS = (
+    "POSTGRES_SUPERUSER_PASSWORD",
+    "POSTGRES_PASSWORD",
+    "HAPI_POSTGRES_PASSWORD",
+    "FHIR_WEBHOOK_SECRET",
+)
 
 
 def check_against_compose_spec(path: Path) -> subprocess.CompletedProcess[str]:
@@ -104,7 +111,7 @@ def example_env(*, workers: bool) -> dict[str, str]:
             if re.match(r"# [A-Z_]+=", line) and not line.startswith("#   ")
         )
     env = read_env_file(text)
-    for name in ("POSTGRES_PASSWORD", "HAPI_POSTGRES_PASSWORD", "FHIR_WEBHOOK_SECRET"):
+    for name in REQUIRED_SECRETS + (("REDIS_PASSWORD",) if workers else ()):
         assert name in env, f".env.example does not mention {name}"
         env[name] = f"filled-in-{name.lower()}"
     return env
@@ -260,26 +267,32 @@ def test_synapse_health_checks_ask_synapse_and_the_module(
 
 
 def test_a_missing_secret_stops_compose_naming_it() -> None:
-    for name in ("POSTGRES_PASSWORD", "HAPI_POSTGRES_PASSWORD", "FHIR_WEBHOOK_SECRET"):
+    for name in REQUIRED_SECRETS:
         env = example_env(workers=False)
         env[name] = ""
         with pytest.raises(MissingVariable, match=name):
             effective(env, set())
 
 
-def generated_listeners(env: dict[str, str], tmp_path: Path) -> dict[str, int]:
-    """What sfm-generate-config writes for synapse-init's environment: host -> client port."""
-    init_env = effective(env, profiles_of(env))["services"]["synapse-init"]["environment"]
+def generated_config(env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
+    """homeserver.yaml as sfm-generate-config writes it from synapse-init's environment."""
+    init = effective(env, profiles_of(env))["services"]["synapse-init"]
+    assert init["entrypoint"] == ["sfm-generate-config"]
     result = subprocess.run(
         [sys.executable, str(GENERATOR), "--out", str(tmp_path / "data")],
-        env={"PATH": os.environ["PATH"], **{k: str(v) for k, v in init_env.items()}},
+        env={"PATH": os.environ["PATH"], **{k: str(v) for k, v in init["environment"].items()}},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    config = yaml.safe_load((tmp_path / "data" / "homeserver.yaml").read_text())
+    return yaml.safe_load((tmp_path / "data" / "homeserver.yaml").read_text())
+
+
+def generated_listeners(env: dict[str, str], tmp_path: Path) -> dict[str, int]:
+    """What sfm-generate-config writes for synapse-init's environment: host -> client port."""
+    config = generated_config(env, tmp_path)
     (module,) = config["modules"]
     worker = module["config"]["worker"]
     if worker is None:
@@ -338,3 +351,108 @@ def test_the_build_context_holds_what_the_dockerfiles_copy_and_little_else() -> 
     assert "synapse_fhir_module/module.py" in context
     assert not [p for p in context if p.startswith((".venv", ".git/", "tests", "bench"))]
     assert not [p for p in context if "/target/" in p or "__pycache__" in p]
+
+
+# -- hardening ----------------------------------------------------------------------------------
+
+
+def test_synapse_is_not_the_postgres_superuser(
+    project: tuple[dict[str, str], dict[str, Any]],
+) -> None:
+    """The image's superuser (POSTGRES_USER) is not the role Synapse logs in as, nor its
+    password Synapse's; the init script gets Synapse's own password to create its role."""
+    env, model = project
+    postgres = model["services"]["postgres"]["environment"]
+    synapse = model["services"]["synapse-init"]["environment"]
+    assert postgres["POSTGRES_USER"] == "postgres" != synapse["POSTGRES_USER"] == "synapse"
+    assert postgres["POSTGRES_PASSWORD"] == env["POSTGRES_SUPERUSER_PASSWORD"]
+    assert postgres["POSTGRES_PASSWORD"] != synapse["POSTGRES_PASSWORD"]
+    assert postgres["SYNAPSE_POSTGRES_PASSWORD"] == synapse["POSTGRES_PASSWORD"]
+    assert synapse["POSTGRES_DB"] == "synapse"
+    # (tests/integration/test_docker_install.py runs the script against PostgreSQL.)
+    script = (DOCKER / "postgres-init" / "10-databases.sh").read_text()
+    assert "CREATE ROLE synapse LOGIN NOSUPERUSER" in script
+    assert "CREATE DATABASE synapse OWNER synapse" in script
+
+
+def run_redis_entrypoint(
+    env: dict[str, str], tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], list[str] | None]:
+    """The redis service's entrypoint, run with sh as the container would; the image's
+    docker-entrypoint.sh is replaced by one that records what it was asked to run."""
+    model = effective(env, {"workers"})
+    redis = model["services"]["redis"]
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "docker-entrypoint.sh"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\n')
+    stub.chmod(0o755)
+    argv = ["sh" if a == "/bin/sh" else a for a in redis["entrypoint"]]
+    result = subprocess.run(
+        argv,
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **redis["environment"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return result, calls.read_text().splitlines() if calls.exists() else None
+
+
+def test_redis_demands_the_password_synapse_is_given(tmp_path: Path) -> None:
+    env = example_env(workers=True)
+    result, ran = run_redis_entrypoint(env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ran == ["redis-server", "--requirepass", env["REDIS_PASSWORD"]]
+    # The generator gives Synapse (main, and the workers through homeserver.yaml) the same.
+    assert generated_config(env, tmp_path)["redis"]["password"] == env["REDIS_PASSWORD"]
+    # Its health check authenticates (Redis answers NOAUTH to a bare PING).
+    (check,) = yaml.safe_load(COMPOSE.read_text())["services"]["redis"]["healthcheck"]["test"][1:]
+    assert check.startswith('REDISCLI_AUTH="$$REDIS_PASSWORD" redis-cli ping')
+
+
+def test_redis_without_a_password_refuses_to_start_saying_why(tmp_path: Path) -> None:
+    env = example_env(workers=True)
+    env["REDIS_PASSWORD"] = ""
+    result, ran = run_redis_entrypoint(env, tmp_path)
+    assert result.returncode == 1
+    assert ran is None
+    assert "REDIS_PASSWORD is empty" in result.stderr and "docker/.env" in result.stderr
+
+
+def test_the_single_profile_needs_no_redis_password() -> None:
+    env = example_env(workers=False)
+    assert "REDIS_PASSWORD" not in env
+    effective(env, profiles_of(env))  # no MissingVariable
+
+
+def test_fhir_auth_extra_module_config_and_the_proxy_setting_reach_the_generator(
+    tmp_path: Path,
+) -> None:
+    env = example_env(workers=False) | {
+        "FHIR_BEARER_TOKEN": "fhir-bearer-token-6e2a90",
+        "FHIR_MODULE_CONFIG_EXTRA": '{"sync": {"poll_interval": "30s"}}',
+        "SYNAPSE_BEHIND_PROXY": "true",
+    }
+    config = generated_config(env, tmp_path)
+    (module,) = config["modules"]
+    assert module["config"]["fhir"]["auth"] == {"bearer_token": "fhir-bearer-token-6e2a90"}
+    assert module["config"]["sync"] == {"poll_interval": "30s"}
+    assert config["listeners"][0]["x_forwarded"] is True
+
+
+def test_by_default_synapse_trusts_no_x_forwarded_for(tmp_path: Path) -> None:
+    config = generated_config(example_env(workers=False), tmp_path)
+    assert [listener["x_forwarded"] for listener in config["listeners"]] == [False]
+
+
+def test_the_env_file_with_real_secrets_is_ignored_by_git() -> None:
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", "docker/.env", "docker/.env.example"],
+        cwd=DOCKER.parent,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert ignored.stdout.split() == ["docker/.env"]

@@ -5,6 +5,7 @@ variable by name, and never prints a secret."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +205,247 @@ def test_a_port_that_is_no_port_is_refused(tmp_path: Path, port: str) -> None:
     result = generate(tmp_path / "data", {**ENV, "POSTGRES_PORT": port})
     assert result.returncode == 2
     assert "POSTGRES_PORT" in result.stderr
+
+
+# -- Redis' password --------------------------------------------------------------------------
+
+WORKERS_ENV = {**ENV, "SYNAPSE_WORKERS": "synapse-worker", "REDIS_HOST": "redis"}
+
+
+def test_the_redis_password_reaches_main_and_the_workers(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    config = generated(out, {**WORKERS_ENV, "REDIS_PASSWORD": "redis-password-93c0d1"})
+    assert config["redis"]["password"] == "redis-password-93c0d1"
+    # Synapse reads it so on main and, through homeserver.yaml, on the worker.
+    main = HomeServerConfig.load_config("test", ["-c", str(out / "homeserver.yaml")])
+    worker = HomeServerConfig.load_config(
+        "test",
+        ["-c", str(out / "homeserver.yaml"), "-c", str(out / "workers" / "synapse-worker.yaml")],
+    )
+    assert main.redis.redis_password == worker.redis.redis_password == "redis-password-93c0d1"
+
+
+def test_a_kept_config_without_the_redis_password_is_a_conflict(tmp_path: Path) -> None:
+    """(An existing volume, then REDIS_PASSWORD set: Redis would refuse the kept file.)"""
+    out = tmp_path / "data"
+    generated(out, WORKERS_ENV)
+    env = {**WORKERS_ENV, "REDIS_PASSWORD": "redis-password-93c0d1"}
+    result = generate(out, env)
+    assert result.returncode == 1
+    assert "REDIS_PASSWORD" in result.stderr and "--overwrite" in result.stderr
+    assert_no_secret(result, env)
+    assert generated(out, env, "--overwrite")["redis"]["password"] == "redis-password-93c0d1"
+    assert generate(out, env).returncode == 0  # kept, and now it agrees
+
+
+def test_without_a_redis_password_none_is_written(tmp_path: Path) -> None:
+    config = generated(tmp_path / "data", WORKERS_ENV)
+    assert "password" not in config["redis"]
+
+
+# -- x_forwarded --------------------------------------------------------------------------------
+
+
+def forwarded_ports(out: Path, workers: list[str]) -> dict[int, bool]:
+    """Every listener Synapse opens (main and workers): port -> whether it trusts
+    X-Forwarded-For."""
+    ports = {}
+    main = HomeServerConfig.load_config("test", ["-c", str(out / "homeserver.yaml")])
+    listeners = list(main.server.listeners)
+    for name in workers:
+        worker = HomeServerConfig.load_config(
+            "test",
+            ["-c", str(out / "homeserver.yaml"), "-c", str(out / "workers" / f"{name}.yaml")],
+        )
+        listeners += worker.worker.worker_listeners
+    for listener in listeners:
+        options = listener.http_options
+        ports[listener.port] = bool(options and options.x_forwarded)
+    return ports
+
+
+def test_no_listener_trusts_x_forwarded_for_by_default(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    generated(out, {**WORKERS_ENV, "SYNAPSE_METRICS_PORT": "9000"})
+    assert forwarded_ports(out, ["synapse-worker"]) == {
+        8008: False,
+        9000: False,
+        9093: False,
+        8083: False,
+        9001: False,
+    }
+
+
+def test_behind_a_proxy_only_the_client_listeners_trust_x_forwarded_for(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    env = {**WORKERS_ENV, "SYNAPSE_METRICS_PORT": "9000", "SYNAPSE_BEHIND_PROXY": "true"}
+    generated(out, env)
+    # Main's client/federation listener and the worker's client listener; never replication
+    # (9093) or metrics.
+    assert forwarded_ports(out, ["synapse-worker"]) == {
+        8008: True,
+        9000: False,
+        9093: False,
+        8083: True,
+        9001: False,
+    }
+
+
+def test_behind_proxy_must_be_a_boolean(tmp_path: Path) -> None:
+    result = generate(tmp_path / "data", {**ENV, "SYNAPSE_BEHIND_PROXY": "maybe"})
+    assert result.returncode == 2
+    assert "SYNAPSE_BEHIND_PROXY" in result.stderr
+
+
+# -- secrets ------------------------------------------------------------------------------------
+
+ALL_SECRETS = {
+    **SECRETS,
+    "SYNAPSE_MACAROON_SECRET_KEY": "macaroon-secret-key-0a4f2c",
+    "SYNAPSE_FORM_SECRET": "form-secret-value-71b3e9",
+    "SYNAPSE_REGISTRATION_SHARED_SECRET": "registration-secret-5d8a60",
+}
+WORKER_SECRETS = {
+    "SYNAPSE_WORKER_REPLICATION_SECRET": "replication-secret-2c9e47",
+    "REDIS_PASSWORD": "redis-password-93c0d1",
+}
+
+
+@pytest.mark.parametrize(
+    "name", ["POSTGRES_PASSWORD", "FHIR_WEBHOOK_SECRET", "REDIS_PASSWORD", "SYNAPSE_FORM_SECRET"]
+)
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("change-me", "placeholder"),
+        ("CHANGE_ME", "placeholder"),
+        ("ChangeMe", "placeholder"),
+        ("please-change-me-now", "placeholder"),
+        ("password", "placeholder"),
+        ("0123456789abcde", "shorter than 16"),
+        ("x" * 40, "repeated"),
+    ],
+)
+def test_a_placeholder_or_short_secret_is_refused_by_name(
+    tmp_path: Path, name: str, value: str, problem: str
+) -> None:
+    """Without --require-secrets too (Compose): a secret that is given must be a secret."""
+    env = {**WORKERS_ENV, **WORKER_SECRETS, name: value}
+    result = generate(tmp_path / "data", env)
+    assert result.returncode == 2
+    assert f"{name} is " in result.stderr and problem in result.stderr
+    assert value not in result.stdout + result.stderr.replace(name, "")
+    assert not (tmp_path / "data" / "homeserver.yaml").exists()
+
+
+def test_without_require_secrets_synapse_secrets_may_be_left_to_chance(tmp_path: Path) -> None:
+    config = generated(tmp_path / "data", ENV)
+    assert len(config["macaroon_secret_key"]) >= 32
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["single", "workers"])
+def test_require_secrets_names_every_secret_missing(tmp_path: Path, workers: bool) -> None:
+    env = {**(WORKERS_ENV if workers else ENV), "SYNAPSE_FORM_SECRET": "  "}
+    result = generate(tmp_path / "data", env, "--require-secrets")
+    assert result.returncode == 2
+    expected = {
+        "SYNAPSE_MACAROON_SECRET_KEY",
+        "SYNAPSE_FORM_SECRET",
+        "SYNAPSE_REGISTRATION_SHARED_SECRET",
+    }
+    if workers:
+        expected |= set(WORKER_SECRETS)
+    named = set(re.findall(r"\b[A-Z][A-Z_]+[A-Z]\b", result.stderr))
+    assert named == expected
+    assert_no_secret(result, env)
+    assert not (tmp_path / "data" / "homeserver.yaml").exists()
+
+
+def test_require_secrets_refuses_a_placeholder_among_them(tmp_path: Path) -> None:
+    env = {**ENV, **ALL_SECRETS, "SYNAPSE_REGISTRATION_SHARED_SECRET": "change-me"}
+    result = generate(tmp_path / "data", env, "--require-secrets")
+    assert result.returncode == 2
+    assert "SYNAPSE_REGISTRATION_SHARED_SECRET is a placeholder" in result.stderr
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["single", "workers"])
+def test_require_secrets_with_every_secret_given_writes_them(tmp_path: Path, workers: bool) -> None:
+    env = {**ENV, **ALL_SECRETS}
+    if workers:
+        env |= {**WORKERS_ENV, **WORKER_SECRETS}
+    config = generated(tmp_path / "data", env, "--overwrite", "--require-secrets")
+    assert config["macaroon_secret_key"] == ALL_SECRETS["SYNAPSE_MACAROON_SECRET_KEY"]
+    assert config["form_secret"] == ALL_SECRETS["SYNAPSE_FORM_SECRET"]
+    assert (
+        config["registration_shared_secret"] == (ALL_SECRETS["SYNAPSE_REGISTRATION_SHARED_SECRET"])
+    )
+    if workers:
+        assert (
+            config["worker_replication_secret"]
+            == (WORKER_SECRETS["SYNAPSE_WORKER_REPLICATION_SECRET"])
+        )
+        assert config["redis"]["password"] == WORKER_SECRETS["REDIS_PASSWORD"]
+
+
+# -- symbolic links (the generator may run as root on a volume uid 991 writes) -----------------
+
+
+def owner_args() -> list[str]:
+    """--owner as Compose gives it when we are root (then chown is real), else our own ids."""
+    uid, gid = (991, 991) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    return ["--owner", f"{uid}:{gid}"]
+
+
+def test_a_link_planted_as_the_temporary_file_is_not_written_through(tmp_path: Path) -> None:
+    out, victim = tmp_path / "data", tmp_path / "victim"
+    out.mkdir()
+    victim.write_text("root's file\n")
+    (out / ".homeserver.yaml.tmp").symlink_to(victim)
+    (out / ".log.config.tmp").symlink_to(victim)
+    generated(out, ENV, "--overwrite", *owner_args())
+    assert victim.read_text() == "root's file\n"
+    assert victim.stat().st_uid == os.getuid()
+    assert not (out / "homeserver.yaml").is_symlink()
+    assert (out / "homeserver.yaml").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("name", ["homeserver.yaml", "log.config"])
+@pytest.mark.parametrize("overwrite", [False, True], ids=["keep", "overwrite"])
+def test_a_link_in_place_of_a_config_file_is_refused(
+    tmp_path: Path, name: str, overwrite: bool
+) -> None:
+    out, victim = tmp_path / "data", tmp_path / "victim.yaml"
+    out.mkdir()
+    victim.write_text("macaroon_secret_key: root-only-secret-8e1f\n")
+    (out / name).symlink_to(victim)
+    flags = ["--overwrite"] if overwrite else []
+    result = generate(out, ENV, *flags, *owner_args())
+    assert result.returncode == 2
+    assert f"{out / name} is a symbolic link" in result.stderr
+    assert victim.read_text() == "macaroon_secret_key: root-only-secret-8e1f\n"
+    assert victim.stat().st_uid == os.getuid()
+    if (out / "homeserver.yaml").is_file() and not (out / "homeserver.yaml").is_symlink():
+        # (Nothing read through the link was copied out.)
+        assert "root-only-secret-8e1f" not in (out / "homeserver.yaml").read_text()
+
+
+def test_a_link_in_place_of_the_workers_directory_is_refused(tmp_path: Path) -> None:
+    out, elsewhere = tmp_path / "data", tmp_path / "etc"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "workers").symlink_to(elsewhere, target_is_directory=True)
+    result = generate(out, WORKERS_ENV, *owner_args())
+    assert result.returncode == 2
+    assert f"{out / 'workers'} is a symbolic link" in result.stderr
+    assert list(elsewhere.iterdir()) == []
+    assert elsewhere.stat().st_uid == os.getuid()  # not chowned through the link
+
+
+def test_a_dangling_link_in_place_of_a_new_signing_key_is_refused(tmp_path: Path) -> None:
+    out, target = tmp_path / "data", tmp_path / "planted.key"
+    out.mkdir()
+    (out / "care.example.org.signing.key").symlink_to(target)
+    result = generate(out, ENV, *owner_args())
+    assert result.returncode == 2
+    assert "signing.key is a symbolic link" in result.stderr
+    assert not target.exists()
