@@ -733,20 +733,20 @@ def test_the_real_generator_listens_where_the_manifests_expect(
     rendered = Rendered(overlay, False, render(DEPLOY / "overlays" / overlay))
     key = tmp_path / "signing.key"
     key.write_text("ed25519 a_test 1n6iE1N0q3yIA8cG2yC3T6xK1n3Jf6u7cG2yC3T6xK0\n")
+    main_pod = rendered.named("Deployment", "synapse-main")
+    assert main_pod is not None
+    init = container(main_pod, "config", init=True)
+    # The init container's own environment, its placeholders filled in as a site does (the
+    # generator refuses change-me), and the arguments its script passes.
     settings = {
-        **rendered.synapse_env(),
-        **rendered.secret("synapse-secrets"),
-        **rendered.secret("fhir-webhook"),
-        **rendered.secret("synapse-database"),
-        "SYNAPSE_SIGNING_KEY_PATH": str(key),
+        k: f"site-value-{k.lower()}" if v == "change-me" else v
+        for k, v in container_env(rendered, init).items()
     }
-    # (As a site fills them in: the generator refuses change-me.)
-    settings = {
-        k: f"site-value-{k.lower()}" if v == "change-me" else v for k, v in settings.items()
-    }
+    settings["SYNAPSE_SIGNING_KEY_PATH"] = str(key)
     data = tmp_path / "data"
+    assert "sfm-generate-config --out /data --overwrite --require-secrets" in init["command"][2]
     result = subprocess.run(
-        [sys.executable, str(GENERATOR), "--out", str(data), "--overwrite"],
+        [sys.executable, str(GENERATOR), "--out", str(data), "--overwrite", "--require-secrets"],
         env={"PATH": os.environ["PATH"], **settings},
         capture_output=True,
         text=True,
@@ -781,6 +781,7 @@ def test_the_real_generator_listens_where_the_manifests_expect(
     if overlay == "workers":
         background = module["config"]["worker"]
         assert background == rendered.workers()[0]
+        assert main["redis"]["password"] == settings["REDIS_PASSWORD"]
     else:
         assert module["config"].get("worker") is None
     notify = urlsplit(
@@ -992,11 +993,12 @@ def test_synapse_can_be_given_a_fhir_bearer_token(tmp_path: Path) -> None:
     assert main is not None
     env = container_env(site_rendered, container(main, "config", init=True))
     assert env["FHIR_BEARER_TOKEN"] == "token-for-fhir"
+    env = {k: f"site-value-{k.lower()}" if v == "change-me" else v for k, v in env.items()}
     key = tmp_path / "signing.key"
     key.write_text("ed25519 a_test 1n6iE1N0q3yIA8cG2yC3T6xK1n3Jf6u7cG2yC3T6xK0\n")
     data = tmp_path / "data"
     result = subprocess.run(
-        [sys.executable, str(GENERATOR), "--out", str(data), "--overwrite"],
+        [sys.executable, str(GENERATOR), "--out", str(data), "--overwrite", "--require-secrets"],
         env={"PATH": os.environ["PATH"], **env, "SYNAPSE_SIGNING_KEY_PATH": str(key)},
         capture_output=True,
         text=True,
