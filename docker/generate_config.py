@@ -66,6 +66,7 @@ import secrets
 import stat
 import string
 import sys
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ CHECKED_SECRETS = (
 )
 WORKER_SECRETS = ("SYNAPSE_WORKER_REPLICATION_SECRET", "REDIS_PASSWORD")
 MIN_SECRET_LENGTH = 16
+# A random secret of 16+ characters has far more; "abababab…" does not.
+MIN_DISTINCT_CHARACTERS = 6
+# Refused inside a secret too ("change-me-please"); the other words only as the whole value.
+PLACEHOLDERS_INSIDE = ("changeme", "changethis", "replaceme", "placeholder")
 # What examples and templates put where a secret goes (compared lower-case, without
 # punctuation or spaces).
 PLACEHOLDERS = {
@@ -477,14 +482,17 @@ def _mapping(text: str) -> dict[str, Any]:
 
 
 def _weak_secret(value: str) -> str | None:
-    """Why a given secret is unusable (None: it is fine, or not given)."""
-    if not value.strip():
+    """Why a given secret is unusable (None: it is fine, or not given at all)."""
+    if not value:
         return None
-    folded = "".join(c for c in value.lower() if c.isalnum())
-    if folded in PLACEHOLDERS or "changeme" in folded or "replaceme" in folded:
+    if not value.strip():
+        return "is blank"
+    # (Compatibility forms folded: a full-width "ｃｈａｎｇｅｍｅ" is still "changeme".)
+    folded = "".join(c for c in unicodedata.normalize("NFKC", value).casefold() if c.isalnum())
+    if folded in PLACEHOLDERS or any(word in folded for word in PLACEHOLDERS_INSIDE):
         return "is a placeholder"
-    if len(set(value)) == 1:
-        return "is one character repeated"
+    if len(set(value)) < MIN_DISTINCT_CHARACTERS:
+        return f"is made of fewer than {MIN_DISTINCT_CHARACTERS} different characters"
     if len(value) < MIN_SECRET_LENGTH:
         return f"is shorter than {MIN_SECRET_LENGTH} characters"
     return None

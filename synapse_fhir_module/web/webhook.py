@@ -198,6 +198,10 @@ def _segments(request: SynapseRequest) -> list[str]:
     segments = [s.decode("utf-8", "replace") for s in request.postpath or []]
     if segments and segments[-1] == "":
         segments.pop()
+    # An encoded "/" or a dot segment: a proxy that routes on the decoded, dot-resolved path
+    # saw another path than this one. Refused before the secret is looked at.
+    if any("/" in s or s in (".", "..") for s in segments):
+        raise _invalid("Encoded '/' or dot segments in the notify path")
     return segments
 
 

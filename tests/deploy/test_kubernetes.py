@@ -776,6 +776,11 @@ def test_the_real_generator_listens_where_the_manifests_expect(
         if instance == "main" and overlay == "workers":
             expected["replication"] = port_number(synapse, "replication")
         assert opened == expected, f"{instance}: config opens {opened}, pod exposes {expected}"
+        # Only client listeners, which the Ingress controller alone reaches, trust
+        # X-Forwarded-For; replication and metrics never do.
+        for listener in config.get("listeners") or config.get("worker_listeners"):
+            is_client = listener["type"] == "http" and "client" in listener["resources"][0]["names"]
+            assert listener.get("x_forwarded", False) is is_client, (instance, listener)
 
     (module,) = [m for m in main["modules"] if m["module"] == "synapse_fhir_module.FhirModule"]
     if overlay == "workers":

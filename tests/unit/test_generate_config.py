@@ -323,7 +323,10 @@ WORKER_SECRETS = {
         ("please-change-me-now", "placeholder"),
         ("password", "placeholder"),
         ("0123456789abcde", "shorter than 16"),
-        ("x" * 40, "repeated"),
+        ("x" * 40, "different characters"),
+        ("ab" * 20, "different characters"),
+        ("change-me ", "placeholder"),
+        ("\uff43\uff48\uff41\uff4e\uff47\uff45\uff4d\uff45" * 2, "placeholder"),
     ],
 )
 def test_a_placeholder_or_short_secret_is_refused_by_name(
@@ -335,6 +338,15 @@ def test_a_placeholder_or_short_secret_is_refused_by_name(
     assert result.returncode == 2
     assert f"{name} is " in result.stderr and problem in result.stderr
     assert value not in result.stdout + result.stderr.replace(name, "")
+    assert not (tmp_path / "data" / "homeserver.yaml").exists()
+
+
+@pytest.mark.parametrize("name", ["REDIS_PASSWORD", "SYNAPSE_FORM_SECRET"])
+def test_a_blank_optional_secret_is_refused_not_taken_as_unset(tmp_path: Path, name: str) -> None:
+    """(Required ones that are blank are refused as missing.)"""
+    result = generate(tmp_path / "data", {**WORKERS_ENV, **WORKER_SECRETS, name: "    "})
+    assert result.returncode == 2
+    assert f"{name} is blank" in result.stderr
     assert not (tmp_path / "data" / "homeserver.yaml").exists()
 
 

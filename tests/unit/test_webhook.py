@@ -520,6 +520,30 @@ async def test_subscription_form_bad_syntax_is_refused(path: str) -> None:
     assert hook.received == []
 
 
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "POST"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/CareTeam%2F..%2F..%2F..%2F..%2F_matrix/x",
+        "/%2E%2E%2F%2E%2E%2F_matrix",
+        "/../x",
+        "/CareTeam/..",
+        "/./CareTeam/team-12",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_encoded_slashes_and_dot_segments_are_refused_before_the_secret(
+    method: str, path: str
+) -> None:
+    """A proxy that routes on the decoded, dot-resolved path (``/_matrix/...``) would pass
+    these to /notify: they are refused as malformed, never answered 401 (no secret guessing
+    from outside, no alert raised from outside)."""
+    hook = Webhook()
+    answer = await hook.request(method, path, None, {"Authorization": "Bearer wrong"})
+    assert (answer.code, answer.body["errcode"]) == (400, "M_INVALID_PARAM")
+    assert hook.received == []
+
+
 @pytest.mark.parametrize(
     "path", ["/CareTeam", "/CareTeam/1/_history", "/CareTeam/1/_version/2", "/a/b/c/d/e"]
 )
