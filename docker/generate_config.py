@@ -487,7 +487,7 @@ def _weak_secret(value: str) -> str | None:
         return None
     if not value.strip():
         return "is blank"
-    # (Compatibility forms folded: a full-width "ｃｈａｎｇｅｍｅ" is still "changeme".)
+    # (Compatibility forms folded: "changeme" in full-width letters is still "changeme".)
     folded = "".join(c for c in unicodedata.normalize("NFKC", value).casefold() if c.isalnum())
     if folded in PLACEHOLDERS or any(word in folded for word in PLACEHOLDERS_INSIDE):
         return "is a placeholder"
