@@ -661,7 +661,11 @@ def test_config_init_refuses_placeholders_empty_and_missing_secrets(
     assert refused.returncode == 1
     assert f"{guarded[0]} is still change-me" in refused.stderr
     for name in guarded:
-        for value, problem in (("change-me", "is still change-me"), ("", "is empty")):
+        for value, problem in (
+            ("change-me", "is still change-me"),
+            ("", "is empty"),
+            ("change-me ", "is shorter than 16 characters"),
+        ):
             refused = run_config_script(script, {**real, name: value}, bin_dir)
             assert refused.returncode == 1, (name, value)
             assert f"{name} {problem}" in refused.stderr
@@ -1097,10 +1101,10 @@ def test_postgres_refuses_placeholder_passwords(tmp_path: Path) -> None:
     real = {k: ("a-long-real-secret-value" if v == "change-me" else v) for k, v in env.items()}
     for name in ("POSTGRES_PASSWORD", "SYNAPSE_DB_PASSWORD", "HAPI_DB_PASSWORD"):
         assert env[name] == "change-me"
-        for value in ("change-me", ""):
+        for value in ("change-me", "", "short-password"):
             refused = run_config_script(c["command"][2], {**real, name: value}, bin_dir)
             assert refused.returncode == 1
-            assert f"{name} is empty or still change-me" in refused.stderr
+            assert f"{name} is empty, still change-me or shorter than 16" in refused.stderr
     assert not calls.exists()
     done = run_config_script(c["command"][2], real, bin_dir)
     assert done.returncode == 0, done.stderr
