@@ -197,12 +197,9 @@ class Stack:
         return name if self.database == "sqlite" else f"{name}-{self.database}"
 
 
-def process_group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU time of a server we started (it leads a process group): the live
-    processes of its group, its live children wherever they are (a PostgreSQL backend
-    leads a session of its own: ``setsid`` in every postmaster child), and the children it
-    has already reaped (its cutime + cstime)."""
-    ticks = 0
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """Every live process's ``/proc/<pid>/stat`` fields after the command name (state,
+    ppid, pgrp, ...), by pid; a process gone meanwhile is skipped."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -211,11 +208,20 @@ def process_group_cpu_seconds(pgid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:  # gone meanwhile
             continue
-        # After the command: state, ppid, pgrp, ... utime (14th field), stime (15th),
-        # cutime, cstime.
+        yield int(entry.name), fields
+
+
+def process_group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU time of a server we started (it leads a process group): the live
+    processes of its group, its live children wherever they are (a PostgreSQL backend
+    leads a session of its own: ``setsid`` in every postmaster child), and the children it
+    has already reaped (its cutime + cstime)."""
+    ticks = 0
+    for pid, fields in proc_stats():
+        # utime (14th field), stime (15th), cutime, cstime.
         if int(fields[2]) == pgid or int(fields[1]) == pgid:
             ticks += int(fields[11]) + int(fields[12])
-        if int(entry.name) == pgid:
+        if pid == pgid:
             ticks += int(fields[13]) + int(fields[14])
     return ticks / os.sysconf("SC_CLK_TCK")
 

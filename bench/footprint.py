@@ -67,6 +67,7 @@ from bench._common import (
     care_room,
     count_communications,
     open_loop,
+    proc_stats,
     process_group_cpu_seconds,
     report,
     text_message,
@@ -97,18 +98,11 @@ def group_pids(leader: int) -> list[int]:
     """The live processes of a server we started (it leads a process group): the leader,
     its group and its children wherever they are (PostgreSQL backends lead sessions of
     their own)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(entry.name) == leader or int(fields[2]) == leader or int(fields[1]) == leader:
-            pids.append(int(entry.name))
-    return pids
+    return [
+        pid
+        for pid, fields in proc_stats()
+        if pid == leader or int(fields[2]) == leader or int(fields[1]) == leader
+    ]
 
 
 def _status_kib(path: str, key: str) -> int:

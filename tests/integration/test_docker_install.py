@@ -47,6 +47,26 @@ WEBHOOK_SECRET = "compose-webhook-secret-5c1d"
 REDIS_PASSWORD = "compose-redis-password-8a4e"
 
 
+def generator_env(
+    server_name: str, port: int, database: PostgresDatabase, fhir_base_url: str
+) -> dict[str, str]:
+    """What sfm-generate-config reads, for a Synapse on 127.0.0.1:``port`` and ``database``."""
+    return {
+        "PATH": os.environ["PATH"],
+        "SYNAPSE_SERVER_NAME": server_name,
+        "SYNAPSE_PUBLIC_BASEURL": f"http://127.0.0.1:{port}/",
+        "SYNAPSE_HTTP_PORT": str(port),
+        "SYNAPSE_BIND_ADDRESS": "127.0.0.1",
+        "POSTGRES_HOST": database.host,
+        "POSTGRES_PORT": str(database.port),
+        "POSTGRES_DB": database.dbname,
+        "POSTGRES_USER": database.user,
+        "POSTGRES_PASSWORD": database.password,
+        "FHIR_BASE_URL": fhir_base_url,
+        "FHIR_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
+
+
 def run(argv: list[str], *, cwd: Path, timeout: float, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
         argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -153,18 +173,7 @@ def test_the_dockerfile_install_step_loads_the_module(
     data = root / "data"
     port = free_port()
     env = {
-        "PATH": os.environ["PATH"],
-        "SYNAPSE_SERVER_NAME": "compose.test",
-        "SYNAPSE_PUBLIC_BASEURL": f"http://127.0.0.1:{port}/",
-        "SYNAPSE_HTTP_PORT": str(port),
-        "SYNAPSE_BIND_ADDRESS": "127.0.0.1",
-        "POSTGRES_HOST": postgres_database.host,
-        "POSTGRES_PORT": str(postgres_database.port),
-        "POSTGRES_DB": postgres_database.dbname,
-        "POSTGRES_USER": postgres_database.user,
-        "POSTGRES_PASSWORD": postgres_database.password,
-        "FHIR_BASE_URL": hapi.base_url,
-        "FHIR_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        **generator_env("compose.test", port, postgres_database, hapi.base_url),
         # (The session's HAPI is shared: no sync making spaces for every team in it.)
         "FHIR_MODULE_CONFIG_EXTRA": '{"sync": {"enabled": false}}',
     }
@@ -373,18 +382,7 @@ def test_the_generated_worker_setup_gives_the_worker_the_background_work(
     main_port, replication_port, worker_port = free_port(), free_port(), free_port()
     data = tmp_path / "data"
     env = {
-        "PATH": os.environ["PATH"],
-        "SYNAPSE_SERVER_NAME": "workers.compose.test",
-        "SYNAPSE_PUBLIC_BASEURL": f"http://127.0.0.1:{main_port}/",
-        "SYNAPSE_HTTP_PORT": str(main_port),
-        "SYNAPSE_BIND_ADDRESS": "127.0.0.1",
-        "POSTGRES_HOST": postgres_database.host,
-        "POSTGRES_PORT": str(postgres_database.port),
-        "POSTGRES_DB": postgres_database.dbname,
-        "POSTGRES_USER": postgres_database.user,
-        "POSTGRES_PASSWORD": postgres_database.password,
-        "FHIR_BASE_URL": quiet_hapi.base_url,
-        "FHIR_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        **generator_env("workers.compose.test", main_port, postgres_database, quiet_hapi.base_url),
         "SYNAPSE_WORKERS": "synapse-worker",
         "REDIS_HOST": redis.host,
         "REDIS_PORT": str(redis.port),
