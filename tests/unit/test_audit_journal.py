@@ -190,7 +190,7 @@ async def test_a_batch_the_database_refused_is_kept_and_written_on_the_retry(
     for i in range(MAX_BATCH + 3):
         refused(journal, user_id=f"@u{i}:a.org")
     api.failing = True
-    msec, flush = api.calls.pop(0)
+    _, flush = api.calls.pop(0)
     await flush()
     assert store.count_unshipped(txn)[0] == 0
     assert journal.unwritten == MAX_BATCH + 3
