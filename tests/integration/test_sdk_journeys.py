@@ -72,7 +72,10 @@ def test_journey(stack: ShimStack, journey: str, accounts: tuple[str, ...]) -> N
         "NO_COLOR": "1",
     }
     returncode, output = run_node(
-        [node, "--test", "--test-reporter=spec", str(JOURNEYS / journey)], env
+        # --test-force-exit: the SDK's request timeouts are timers it never clears (up to
+        # 110 s after a /sync), which would keep Node alive long after the clients stopped.
+        [node, "--test", "--test-force-exit", "--test-reporter=spec", str(JOURNEYS / journey)],
+        env,
     )
     print(output)  # (node's step-by-step report: shown with `pytest -rP`)
     assert returncode == 0, f"{journey} failed (node exit {returncode}):\n{output}"
