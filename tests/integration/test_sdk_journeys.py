@@ -48,9 +48,12 @@ def stack(run_dir: Path) -> Iterator[ShimStack]:
 @pytest.mark.parametrize(
     ("journey", "accounts"),
     [
-        ("gp_joins_the_care_network.test.js", ("gp", "nurse")),
-        ("neighbour_is_refused.test.js", ("gp", "neighbour")),
-        ("message_from_another_system.test.js", ("gp",)),
+        pytest.param(f"{name}.test.js", accounts, id=name)
+        for name, accounts in [
+            ("gp_joins_the_care_network", ("gp", "nurse")),
+            ("neighbour_is_refused", ("gp", "neighbour")),
+            ("message_from_another_system", ("gp",)),
+        ]
     ],
 )
 def test_journey(stack: ShimStack, journey: str, accounts: tuple[str, ...]) -> None:
@@ -85,7 +88,7 @@ def node_and_sdk() -> str:
     """Node's path, once Node and the SDK are there; a clear failure otherwise (never a skip)."""
     node = shutil.which("node")
     if node is None:
-        pytest.fail("node is not on PATH: install Node.js 20 or later to run the SDK journeys")
+        pytest.fail("node is not on PATH: install Node.js 20.14 or later to run the SDK journeys")
     if not SDK.is_file():
         pytest.fail(f"{SDK.parent} is missing: run `make setup` (it runs `npm ci`)")
     return node
@@ -110,3 +113,23 @@ def run_node(command: list[str], env: dict[str, str]) -> tuple[int, str]:
         output, _ = process.communicate()
         pytest.fail(f"node still running after {NODE_TIMEOUT} s, killed:\n{output}")
     return process.returncode, output
+
+
+def test_without_node_the_journeys_fail_saying_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # (an empty directory: no node on it)
+    with pytest.raises(pytest.fail.Exception, match="node is not on PATH"):
+        node_and_sdk()
+
+
+def test_without_node_modules_the_journeys_fail_saying_what_to_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if shutil.which("node") is None:
+        pytest.fail("node is not on PATH: install Node.js 20.14 or later")
+    monkeypatch.setattr(
+        "tests.integration.test_sdk_journeys.SDK", tmp_path / "matrix-js-sdk" / "package.json"
+    )
+    with pytest.raises(pytest.fail.Exception, match=r"run `make setup` \(it runs `npm ci`\)"):
+        node_and_sdk()

@@ -6,12 +6,12 @@ import * as sdk from "matrix-js-sdk";
 import { logger as sdkLogger } from "matrix-js-sdk/lib/logger.js";
 
 // Generous: these journeys say what happens, not how fast (the benchmarks measure that).
-export const DEADLINE_MS = 60_000;
+const DEADLINE_MS = 60_000;
 
 function required(name) {
   const value = process.env[name];
   if (!value) {
-    throw new Error(`${name} is not set: run these journeys through pytest (tests/integration/test_sdk_journeys.py)`);
+    throw new Error(`${name} is not set: run the journeys with pytest (test_sdk_journeys.py)`);
   }
   return value;
 }

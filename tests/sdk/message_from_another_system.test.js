@@ -68,58 +68,68 @@ before(async () => {
     recipient: [ref("CareTeam", id("team"))],
     category: [{ text: "Wound care" }],
   });
-  threadRoom = (await invitedRoom(gp, "org.synapse_fhir.thread", `CommunicationRequest/${id("wound")}`)).roomId;
+  threadRoom = (
+    await invitedRoom(gp, "org.synapse_fhir.thread", `CommunicationRequest/${id("wound")}`)
+  ).roomId;
   await gp.joinRoom(threadRoom);
 });
 
 after(() => gp?.stopClient());
 
-test("the other system's Communication appears in the room under the nurse's name", STEP, async () => {
-  // Written to FHIR by the other system (no Matrix involved).
-  await fhirPut({
-    resourceType: "Communication",
-    id: id("photo"),
-    status: "completed",
-    partOf: [ref("CommunicationRequest", id("wound"))],
-    sender: ref("Practitioner", id("nurse")),
-    payload: [{ contentString: TEXT }],
-  });
-  // Element's timeline gets it live (no reload).
-  relayed = await waitFor("the relayed message in the GP's timeline", () =>
-    gp
-      .getRoom(threadRoom)
-      .getLiveTimeline()
-      .getEvents()
-      .find((event) => event.getType() === sdk.EventType.RoomMessage),
-  );
-  const content = relayed.getContent();
-  // Posted by the care network's service account, never through anyone's own account...
-  assert.equal(relayed.getSender(), stack.serviceUserId);
-  // ...and every client shows who wrote it, in front of the text...
-  assert.equal(content.body, `Bram de Vries: ${TEXT}`);
-  assert.equal(content.formatted_body, `<strong>Bram de Vries</strong>: ${TEXT}`);
-  // ...while clients that show per-message profiles (MSC4144) show her name as the sender,
-  // marked as coming from the care record (a FHIR name cannot pass for a Matrix user).
-  assert.deepEqual(content[PROFILE], {
-    id: `Practitioner/${id("nurse")}`,
-    displayname: "Bram de Vries (care record)",
-  });
-});
+test(
+  "the other system's Communication appears in the room under the nurse's name",
+  STEP,
+  async () => {
+    // Written to FHIR by the other system (no Matrix involved).
+    await fhirPut({
+      resourceType: "Communication",
+      id: id("photo"),
+      status: "completed",
+      partOf: [ref("CommunicationRequest", id("wound"))],
+      sender: ref("Practitioner", id("nurse")),
+      payload: [{ contentString: TEXT }],
+    });
+    // Element's timeline gets it live (no reload).
+    relayed = await waitFor("the relayed message in the GP's timeline", () =>
+      gp
+        .getRoom(threadRoom)
+        .getLiveTimeline()
+        .getEvents()
+        .find((event) => event.getType() === sdk.EventType.RoomMessage),
+    );
+    const content = relayed.getContent();
+    // Posted by the care network's service account, never through anyone's own account...
+    assert.equal(relayed.getSender(), stack.serviceUserId);
+    // ...and every client shows who wrote it, in front of the text...
+    assert.equal(content.body, `Bram de Vries: ${TEXT}`);
+    assert.equal(content.formatted_body, `<strong>Bram de Vries</strong>: ${TEXT}`);
+    // ...while clients that show per-message profiles (MSC4144) show her name as the sender,
+    // marked as coming from the care record (a FHIR name cannot pass for a Matrix user).
+    assert.deepEqual(content[PROFILE], {
+      id: `Practitioner/${id("nurse")}`,
+      displayname: "Bram de Vries (care record)",
+    });
+  },
+);
 
-test("the GP's reply is recorded in response to the other system's Communication itself", STEP, async () => {
-  const reply = (
-    await gp.sendMessage(threadRoom, {
-      msgtype: "m.text",
-      body: "Thanks, keep the dressing dry",
-      "m.relates_to": { "m.in_reply_to": { event_id: relayed.getId() } },
-    })
-  ).event_id;
-  const recorded = await recordedCommunication(reply, "the GP's reply in FHIR");
-  assert.deepEqual(recorded.inResponseTo, [ref("Communication", id("photo"))]);
-  assert.deepEqual(recorded.sender, ref("Practitioner", id("gp")));
-  // The relayed message itself is not written back to FHIR as a second Communication.
-  const echoes = await fhirSearch("Communication", {
-    identifier: `https://matrix.org/event-id|${relayed.getId()}`,
-  });
-  assert.deepEqual(echoes, []);
-});
+test(
+  "the GP's reply is recorded in response to the other system's Communication itself",
+  STEP,
+  async () => {
+    const reply = (
+      await gp.sendMessage(threadRoom, {
+        msgtype: "m.text",
+        body: "Thanks, keep the dressing dry",
+        "m.relates_to": { "m.in_reply_to": { event_id: relayed.getId() } },
+      })
+    ).event_id;
+    const recorded = await recordedCommunication(reply, "the GP's reply in FHIR");
+    assert.deepEqual(recorded.inResponseTo, [ref("Communication", id("photo"))]);
+    assert.deepEqual(recorded.sender, ref("Practitioner", id("gp")));
+    // The relayed message itself is not written back to FHIR as a second Communication.
+    const echoes = await fhirSearch("Communication", {
+      identifier: `https://matrix.org/event-id|${relayed.getId()}`,
+    });
+    assert.deepEqual(echoes, []);
+  },
+);

@@ -9,8 +9,10 @@ import { after, before, test } from "node:test";
 import { fhirPut, invitedRoom, matrixTelecom, ref, refusal, signIn, stack } from "./journey.js";
 
 const STEP = { timeout: 120_000 };
+// The module's words (synapse_fhir_module/enforcement/denials.py), exactly.
 const NOT_IN_CARE_TEAM =
-  "This room belongs to a care team, and this person is not a current member of it in the care record.";
+  "This room belongs to a care team, and this person is not a current member of it " +
+  "in the care record.";
 
 const { gp: gpAccount, neighbour: neighbourAccount } = stack.accounts;
 const id = (name) => `${name}-${stack.tag}`;
