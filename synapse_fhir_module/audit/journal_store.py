@@ -174,7 +174,7 @@ def retry_refused(txn: Cursor) -> int:
     return int(txn.rowcount)
 
 
-def prune(txn: Cursor, before_ms: int, *, keep_unshipped: bool, limit: int) -> int:
+def prune(txn: Cursor, before_ms: int, keep_unshipped: bool, limit: int) -> int:
     """Delete up to ``limit`` rows recorded before ``before_ms`` (with ``keep_unshipped``:
     only those FHIR has, or refused for good); how many went."""
     waiting = f" AND NOT ({_WAITING})" if keep_unshipped else ""

@@ -163,8 +163,8 @@ class AuditShipper:
                 "fhir_audit_prune",
                 journal_store.prune,
                 before,
-                keep_unshipped=self._config.enabled,
-                limit=PRUNE_CHUNK,
+                self._config.enabled,
+                PRUNE_CHUNK,
             )
             total += gone
             if gone < PRUNE_CHUNK:
