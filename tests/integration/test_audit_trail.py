@@ -37,6 +37,7 @@ from synapse_fhir_module.audit.decision import DecisionKind, Outcome
 from synapse_fhir_module.audit.journal_store import JournalRow
 from synapse_fhir_module.fhir.conventions import AUDIT_ID_SYSTEM, ORIGIN_TAG
 from tests.conftest import SERVER_LOGS
+from tests.integration.matrix_views import open_invites
 
 SHIPPED_WITHIN = 60.0
 APPLIED_WITHIN = 60.0
@@ -296,11 +297,10 @@ def entities(event: dict[str, Any]) -> list[str]:
 # -- Matrix ----------------------------------------------------------------------------
 
 
-def invited_to(user: MatrixUser, room_id: str | None = None) -> str | None:
-    rooms = user.request("GET", "/_matrix/client/v3/sync?timeout=0")["rooms"].get("invite", {})
-    if room_id is not None:
-        return room_id if room_id in rooms else None
-    return next(iter(sorted(rooms)), None)
+def invited_to(user: MatrixUser, reference: str) -> str | None:
+    """The room ``user`` is invited to that is bound to ``reference`` (team or thread)."""
+    invites = open_invites(user)
+    return next((room for room, ref in sorted(invites.items()) if ref == reference), None)
 
 
 def membership_on(viewer: MatrixUser, room_id: str, user_id: str) -> str | None:
@@ -355,9 +355,13 @@ def test_each_kind_of_decision_is_one_valid_audit_event_in_fhir(
 
     # FHIR → Matrix: the team's space, each member invited.
     a.notify(network.team)
-    space = wait_until(lambda: invited_to(anna), timeout=APPLIED_WITHIN, what="anna invited")
+    space = wait_until(
+        lambda: invited_to(anna, network.team), timeout=APPLIED_WITHIN, what="anna invited"
+    )
     anna.join(space)
-    wait_until(lambda: invited_to(lena, space), timeout=APPLIED_WITHIN, what="lena invited")
+    wait_until(
+        lambda: invited_to(lena, network.team) == space, timeout=APPLIED_WITHIN, what="lena invited"
+    )
     lena.join(space)
     anna.send_text(space, SENT_TEXT)
 
@@ -381,7 +385,7 @@ def test_each_kind_of_decision_is_one_valid_audit_event_in_fhir(
     )
     a.notify(thread)
     room = wait_until(
-        lambda: next((r for r in [invited_to(anna)] if r is not None and r != space), None),
+        lambda: invited_to(anna, thread),
         timeout=APPLIED_WITHIN,
         what="anna invited to the thread's room",
     )
@@ -438,6 +442,13 @@ def test_each_kind_of_decision_is_one_valid_audit_event_in_fhir(
         outcome_desc: str | None = None,
     ) -> dict[str, Any]:
         event = the_event(hapi, row)
+        if row.room_id == space and row.decision.request is not None:
+            assert row.decision.request.startswith("CommunicationRequest/")
+            expected_entities = [
+                *expected_entities[:2],
+                row.decision.request,
+                *expected_entities[2:],
+            ]
         assert codes(event) == expected
         assert agents(event) == expected_agents
         assert entities(event) == expected_entities
@@ -449,6 +460,8 @@ def test_each_kind_of_decision_is_one_valid_audit_event_in_fhir(
     def row(kind: DecisionKind, what: str, **fields: Any) -> JournalRow:
         return one_row(a, kind, what, **fields)
 
+    # (Once a message was recorded in the space, the space has a thread the module opened
+    # for it in FHIR: decisions about the space then name that thread too.)
     space_entities = [network.patient, network.team, f"room:{space}"]
     check(
         row(DecisionKind.REGISTRATION, "anna's registration", user_id=anna.user_id),
