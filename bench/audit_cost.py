@@ -48,6 +48,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import requests
 
@@ -75,6 +76,7 @@ from synapse_fhir_module.fhir.conventions import AUDIT_ID_SYSTEM
 NAME = "audit_cost"
 OFF, ON = "audit off", "audit on"
 OUTSIDERS = 4
+MIN_DECISIONS = 4  # in a turn, however short
 ROOMS = 4  # besides the GP's room: the outsiders' refused joins go to these too
 
 
@@ -167,6 +169,10 @@ def journal_rows(server: SynapseServer, since_ms: int) -> list[tuple[str, int, i
         connection.close()
 
 
+def journaled_at_least(server: SynapseServer, since_ms: int, count: int) -> bool:
+    return len(journal_rows(server, since_ms)) >= count
+
+
 def audit_pending(server: SynapseServer) -> int:
     health = requests.get(server.url("/_synapse/client/fhir/health"), timeout=10).json()
     return int(health["audit"]["pending"])
@@ -227,28 +233,38 @@ def run(the_stack: Stack, *, messages: int, rate: float, rounds: int) -> None:
             turn = time.perf_counter()
             with Decisions(arm, rate, arm.decisions) as decisions:
                 throughput_now, durations = send_sequentially(arm.room, count, sent)
+                # (A short turn — the smoke run's — still makes a few decisions to time.)
+                wait_until(
+                    lambda: decisions.made >= MIN_DECISIONS,
+                    timeout=60,
+                    what=f"{MIN_DECISIONS} decisions made",
+                    interval=0.05,
+                )
             made = decisions.made
             sent += count
+            # The journal writes what it noted within 200 ms; then nothing may be left.
+            wait_until(
+                partial(journaled_at_least, arm.room.server, since_ms, made),
+                timeout=60,
+                what=f"{made} decisions journaled",
+                interval=0.05,
+            )
             wait_quiet(arm, audited=name == ON)
             if not counted:
                 continue
             throughput[name].append(throughput_now)
             send_p50[name].append(percentile(durations, 50) * 1000)
             send_p99[name].append(percentile(durations, 99) * 1000)
-            decision_rate[name].append(made / (time.perf_counter() - turn))
-            rows = journal_rows(arm.room.server, since_ms)
-            if len(rows) < made:
-                raise AssertionError(f"{name}: {made} decisions made, {len(rows)} journaled")
+            decision_rate[name].append(made / (time.perf_counter() - turn))  # (incl. waits)
+            journaled = journal_rows(arm.room.server, since_ms)
+            arm.audit_ids.extend(a for a, _, _ in journaled)
             if name == ON:
-                lags = [(shipped - recorded) for _, recorded, shipped in rows if shipped]
-                if len(lags) != len(rows):
-                    raise AssertionError(f"{len(rows) - len(lags)} decisions not shipped")
+                lags = [(shipped - recorded) for _, recorded, shipped in journaled if shipped]
+                if len(lags) != len(journaled):
+                    raise AssertionError(f"{len(journaled) - len(lags)} decisions not shipped")
                 lag_p50.append(percentile(lags, 50))
                 lag_p99.append(percentile(lags, 99))
                 lags_pooled.extend(lags)
-                arm.audit_ids.extend(a for a, _, _ in rows)
-            else:
-                arm.audit_ids.extend(a for a, _, _ in rows)
     seconds = time.monotonic() - clock
 
     # Correctness: each decision of the measured arm in HAPI exactly once, none of the other.
