@@ -282,6 +282,8 @@ class CareRoom:
     network: CareNetwork
     room_id: str
     sender: MatrixUser  # the GP, a member of the care team
+    space_id: str = ""  # the space bound to the team, listing the room
+    service: MatrixUser | None = None  # who made them (the service user, with the module)
 
 
 def care_room(server: SynapseServer, fhir_url: str, *, module: bool) -> CareRoom:
@@ -296,11 +298,12 @@ def care_room(server: SynapseServer, fhir_url: str, *, module: bool) -> CareRoom
         service = service_session(register_user(server, network.localpart("root"), admin=True))
     else:
         service = register_user(server, "fhir")
-    room_id = create_room_in_space(service, create_bound_space(service, network.team))
+    space_id = create_bound_space(service, network.team)
+    room_id = create_room_in_space(service, space_id)
     sender = register_user(server, network.localpart("anna"))
     service.invite(room_id, sender.user_id)
     sender.join(room_id)
-    return CareRoom(server, network, room_id, sender)
+    return CareRoom(server, network, room_id, sender, space_id, service)
 
 
 def message_body(n: int) -> str:

@@ -55,6 +55,7 @@ ROW_TITLES = {
     10: "Identity by email: address → account from memory; decisions (issue 12)",
     11: "Unread markers as FHIR Tasks: sends with unread_tasks off vs on; Task lags",
     12: "Footprint: memory and CPU idle and at 50 msg/s, Synapse ± module, PostgreSQL, HAPI",
+    13: "Audit trail: sends with audit.enabled off vs on while decisions are made; audit lag",
 }
 
 
@@ -95,6 +96,8 @@ STEPS = [
     Step(10, "identity_resolution"),
     # --smoke: 10 messages and 2 timed read markers (the Tasks follow every 2 s).
     Step(11, "unread_tasks"),
+    # --smoke: 10 messages a round, one round, decisions at the default rate.
+    Step(13, "audit_cost"),
     # A HAPI of its own (its memory is this benchmark's alone) and nothing pinned: a footprint
     # is what a process takes, which one CPU each would cap. SQLite and PostgreSQL in one run
     # (~5 min); --smoke: windows of a few seconds.

@@ -171,6 +171,21 @@ class IdentityConfig:
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class AuditConfig:
+    # Write the audit journal to FHIR as AuditEvents (the journal itself is always kept).
+    enabled: bool = False
+    # AuditEvents in one FHIR transaction.
+    batch_size: int = 100
+    # How often the shipper looks for rows other instances journaled (seconds).
+    poll_interval: float = 5.0
+    # Journal rows older than this are deleted (with ``enabled``: once FHIR has them).
+    retention: float = 30 * 86400.0  # seconds
+    # Refusals of one user (a remote server's users: of that server, ten times this) noted
+    # per minute at most; the rest are counted, not journaled (a flood stays bounded).
+    max_refusals_per_minute: int = 30
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class ModuleConfig:
     fhir: FhirConfig
     service_user: str = "fhir"
@@ -181,6 +196,7 @@ class ModuleConfig:
     account_validity: AccountValidityConfig = AccountValidityConfig()
     registration: RegistrationConfig = RegistrationConfig()
     identity: IdentityConfig = IdentityConfig()
+    audit: AuditConfig = AuditConfig()
     # Name of the Synapse worker that runs background work; None = main process.
     worker: str | None = None
 
@@ -202,6 +218,7 @@ def parse_module_config(raw: Any) -> ModuleConfig:
             )
         ),
         identity=_parse_identity(section.section("identity")),
+        audit=_parse_audit(section.section("audit")),
         worker=section.value("worker", _nonempty_string, None),
     )
     section.reject_unknown_keys()
@@ -354,6 +371,20 @@ def _parse_sync(section: _Section) -> SyncConfig:
             **section.value("power_levels", _levels_by_type, {}),
         },
         role_power_levels=section.value("role_power_levels", _levels_by_role, {}),
+    )
+    section.reject_unknown_keys()
+    return config
+
+
+def _parse_audit(section: _Section) -> AuditConfig:
+    config = AuditConfig(
+        enabled=section.flag("enabled", False),
+        batch_size=section.value("batch_size", _int_between(1, 1000), 100),
+        poll_interval=section.value("poll_interval", _audit_poll_interval, 5.0),
+        retention=section.value("retention", _audit_retention, 30 * 86400.0),
+        max_refusals_per_minute=section.value(
+            "max_refusals_per_minute", _int_between(1, 10_000), 30
+        ),
     )
     section.reject_unknown_keys()
     return config
@@ -546,6 +577,21 @@ def _checkpoint_interval(value: Any) -> float:
     if not 0.1 <= seconds <= 60:
         # Shorter costs Synapse a stream read that often; longer replays more after a crash.
         raise ValueError(f"expected between 100ms and 60s, got {value!r}")
+    return seconds
+
+
+def _audit_poll_interval(value: Any) -> float:
+    seconds = _positive_duration(value)
+    if not 0.1 <= seconds <= 3600:
+        raise ValueError(f"expected between 100ms and 1h, got {value!r}")
+    return seconds
+
+
+def _audit_retention(value: Any) -> float:
+    seconds = _positive_duration(value)
+    if seconds < 3600:
+        # The console's recent refusals, and rows FHIR has yet to take, need some time.
+        raise ValueError(f"expected at least 1h, got {value!r}")
     return seconds
 
 

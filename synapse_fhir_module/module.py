@@ -10,7 +10,7 @@ from typing import Any
 from synapse.module_api import EventBase, ModuleApi, StateMap
 from twisted.internet import reactor
 
-from synapse_fhir_module.audit.wiring import register_journal
+from synapse_fhir_module.audit.wiring import register_journal, register_shipping
 from synapse_fhir_module.config import ModuleConfig, parse_module_config
 from synapse_fhir_module.enforcement.room_bindings import RoomBindings
 from synapse_fhir_module.enforcement.wiring import (
@@ -67,7 +67,9 @@ class FhirModule:
         exempt = frozenset({service_user, *config.enforcement.exempt_users})
 
         # Every refusal and every change the module makes, on whichever instance decides.
-        journal = register_journal(api, now_ms=now_ms)
+        journal = register_journal(
+            api, now_ms=now_ms, max_refusals_per_minute=config.audit.max_refusals_per_minute
+        )
         people = register_people(api, config, fhir)
         teams = CareTeamDirectory(
             api, fhir, ttl=config.enforcement.cache_ttl, resolver=people.identity.resolver_for
@@ -115,6 +117,18 @@ class FhirModule:
             invalidate=Forgetting(teams, bindings, people.persons, validity).forget,
             note_relayed=note_relayed_txn if unread else None,
             now_ms=now_ms,
+            journal=journal,
+        )
+        # The journal to FHIR as AuditEvents (audit.enabled), and pruned, in the background.
+        audit_counts = register_shipping(
+            api,
+            config,
+            journal=journal,
+            fhir=fhir,
+            persons=people.persons,
+            service_user_id=service_user,
+            runs_here=background,
+            now_ms=now_ms,
         )
         register_care_team_rules(
             api,
@@ -134,6 +148,7 @@ class FhirModule:
             recording=recording,
             sync_counts=self._sync.counts,
             identity_counts=people.counts,
+            audit_counts=audit_counts,
             on_notification=self._on_notification,
         )
 

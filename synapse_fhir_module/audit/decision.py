@@ -24,6 +24,8 @@ class DecisionKind(str, Enum):
     MEMBER_INVITED = "member_invited"
     MEMBER_REMOVED = "member_removed"
     MEMBER_BANNED = "member_banned"
+    # A ban the module had set lifted (someone FHIR admits again).
+    MEMBER_UNBANNED = "member_unbanned"
     POWER_LEVELS_SET = "power_levels_set"
     # A Communication written to FHIR by another system was posted into its room.
     MESSAGE_RELAYED = "message_relayed"

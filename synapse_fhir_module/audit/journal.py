@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from prometheus_client import Counter
 from synapse.module_api import ModuleApi
 
 from synapse_fhir_module.audit import journal_store
@@ -28,12 +29,34 @@ MAX_PENDING = 50_000
 # The same decision noted again this soon is one decision: Synapse may ask two callbacks
 # about one attempt (a spam check, then the event rule), and both refuse it.
 SAME_DECISION_MS = 2_000
+# Refusals of one user noted per minute at most (``audit.max_refusals_per_minute``); a
+# remote server's users share REMOTE_FACTOR times that (they can mint users at will).
+REFUSAL_WINDOW_MS = 60_000
+REMOTE_FACTOR = 10
+
+SUPPRESSED = Counter(
+    "synapse_fhir_audit_suppressed",
+    "Refusals not journaled: beyond audit.max_refusals_per_minute for their user or server",
+)
 
 
 class AuditJournal:
-    def __init__(self, api: ModuleApi, *, now_ms: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        api: ModuleApi,
+        *,
+        now_ms: Callable[[], int],
+        max_refusals_per_minute: int | None = None,
+        is_local: Callable[[str], bool] = lambda user_id: True,
+    ) -> None:
         self._api = api
         self._now_ms = now_ms
+        self._max_refusals = max_refusals_per_minute
+        self._is_local = is_local
+        # Whose refusals (a local user, or a remote server) were noted this window, how many.
+        self._refusals: dict[str, int] = {}
+        self._window_start = 0
+        self.suppressed = 0
         self._pending: list[Decision] = []
         self._recent: dict[tuple, int] = {}
         self._scheduled = False
@@ -65,6 +88,10 @@ class AuditJournal:
         if len(self._recent) > 1000:
             self._recent = {k: t for k, t in self._recent.items() if now - t < SAME_DECISION_MS}
         self._recent[key] = now
+        if outcome is Outcome.REFUSED and self._over_refusal_bound(actor_id or user_id, now):
+            self.suppressed += 1
+            SUPPRESSED.inc()
+            return
         if len(self._pending) >= MAX_PENDING:
             self.dropped += 1
             return
@@ -83,6 +110,24 @@ class AuditJournal:
             )
         )
         self._schedule(FLUSH_DELAY_MS)
+
+    def _over_refusal_bound(self, who: str | None, now: int) -> bool:
+        """Whether ``who`` (the refused one) had their share of refusals this minute: a
+        flood of refusals (one user's, or one remote server's made-up users') fills
+        neither the journal nor FHIR, and cannot crowd out anyone else's decisions."""
+        if self._max_refusals is None or who is None:
+            return False
+        if now - self._window_start >= REFUSAL_WINDOW_MS:
+            self._window_start, self._refusals = now, {}
+        if self._is_local(who):
+            key, bound = who, self._max_refusals
+        else:
+            key, bound = "server:" + who.partition(":")[2], self._max_refusals * REMOTE_FACTOR
+        count = self._refusals.get(key, 0)
+        if count >= bound:
+            return True
+        self._refusals[key] = count + 1
+        return False
 
     async def start(self) -> None:
         """Make sure the table exists, then write whatever was noted meanwhile."""

@@ -33,13 +33,15 @@ SCHEMA = (
         detail TEXT,
         shipped_ms BIGINT,
         attempts INTEGER NOT NULL DEFAULT 0,
-        failure TEXT
+        failure TEXT,
+        refused_ms BIGINT
     )
     """,
     f"CREATE INDEX IF NOT EXISTS {TABLE}_recorded ON {TABLE} (recorded_ms)",
     # What is still to go to FHIR, oldest first (partial: shipped rows drop out of it).
     f"CREATE INDEX IF NOT EXISTS {TABLE}_unshipped ON {TABLE} (recorded_ms)"
     " WHERE shipped_ms IS NULL",
+    # (A row FHIR refused for good, ``refused_ms``, waits for no shipper: see mark_refused.)
 )
 
 _DECISION_COLUMNS = (
@@ -131,20 +133,57 @@ def recent_refusals(txn: Cursor, limit: int) -> list[JournalRow]:
     return [_row(r) for r in txn.fetchall()]
 
 
+_WAITING = "shipped_ms IS NULL AND refused_ms IS NULL"
+
+
 def unshipped(txn: Cursor, limit: int) -> list[JournalRow]:
-    """The oldest ``limit`` rows FHIR does not have yet."""
-    txn.execute(
-        f"{_SELECT} WHERE shipped_ms IS NULL ORDER BY recorded_ms, audit_id LIMIT ?", (limit,)
-    )
+    """The oldest ``limit`` rows FHIR does not have yet (and has not refused for good)."""
+    txn.execute(f"{_SELECT} WHERE {_WAITING} ORDER BY recorded_ms, audit_id LIMIT ?", (limit,))
     return [_row(r) for r in txn.fetchall()]
 
 
 def count_unshipped(txn: Cursor) -> tuple[int, int | None]:
     """(how many rows FHIR does not have yet, the oldest one's ``recorded_ms``)."""
-    txn.execute(f"SELECT COUNT(*), MIN(recorded_ms) FROM {TABLE} WHERE shipped_ms IS NULL")
+    txn.execute(f"SELECT COUNT(*), MIN(recorded_ms) FROM {TABLE} WHERE {_WAITING}")
     found = txn.fetchone()
     assert found is not None
     return int(found[0]), None if found[1] is None else int(found[1])
+
+
+def count_refused(txn: Cursor) -> int:
+    """Rows FHIR refused for good (their ``failure`` says why, without content)."""
+    txn.execute(f"SELECT COUNT(*) FROM {TABLE} WHERE refused_ms IS NOT NULL")
+    found = txn.fetchone()
+    assert found is not None
+    return int(found[0])
+
+
+def mark_refused(txn: Cursor, audit_id: str, failure: str, refused_ms: int) -> None:
+    """FHIR refused this row's AuditEvent for good: it leaves the queue (so it blocks no
+    other), keeping why (``failure``: a status and codes, never content)."""
+    txn.execute(
+        f"UPDATE {TABLE} SET attempts = attempts + 1, failure = ?, refused_ms = ?"
+        " WHERE audit_id = ?",
+        (failure, refused_ms, audit_id),
+    )
+
+
+def retry_refused(txn: Cursor) -> int:
+    """Put the rows FHIR refused back in the queue (after the cause was fixed)."""
+    txn.execute(f"UPDATE {TABLE} SET refused_ms = NULL WHERE refused_ms IS NOT NULL")
+    return int(txn.rowcount)
+
+
+def prune(txn: Cursor, before_ms: int, keep_unshipped: bool, limit: int) -> int:
+    """Delete up to ``limit`` rows recorded before ``before_ms`` (with ``keep_unshipped``:
+    only those FHIR has, or refused for good); how many went."""
+    waiting = f" AND NOT ({_WAITING})" if keep_unshipped else ""
+    txn.execute(
+        f"DELETE FROM {TABLE} WHERE audit_id IN (SELECT audit_id FROM {TABLE}"
+        f" WHERE recorded_ms < ?{waiting} LIMIT ?)",
+        (before_ms, limit),
+    )
+    return int(txn.rowcount)
 
 
 def mark_shipped(txn: Cursor, audit_ids: Sequence[str], shipped_ms: int) -> None:

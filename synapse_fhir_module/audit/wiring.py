@@ -1,22 +1,33 @@
 """The audit journal on every instance (each notes the decisions it makes there); shipping
-the journal to FHIR as AuditEvents runs where background work runs, with ``audit.enabled``."""
+the journal to FHIR as AuditEvents runs where background work runs, with ``audit.enabled``;
+pruning the journal after ``audit.retention`` runs there too, always."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from synapse.module_api import ModuleApi
 
 from synapse_fhir_module.audit.journal import AuditJournal
+from synapse_fhir_module.audit.shipper import PRUNE_INTERVAL_MS, AuditCounts, AuditShipper, Persons
+from synapse_fhir_module.config import ModuleConfig
+from synapse_fhir_module.fhir.client import FhirClient
 
 logger = logging.getLogger(__name__)
 
 RETRY_MS = 5_000
 
 
-def register_journal(api: ModuleApi, *, now_ms: Callable[[], int]) -> AuditJournal:
-    journal = AuditJournal(api, now_ms=now_ms)
+def register_journal(
+    api: ModuleApi, *, now_ms: Callable[[], int], max_refusals_per_minute: int | None = None
+) -> AuditJournal:
+    journal = AuditJournal(
+        api,
+        now_ms=now_ms,
+        max_refusals_per_minute=max_refusals_per_minute,
+        is_local=api.is_mine,
+    )
 
     async def start() -> None:
         try:
@@ -27,3 +38,61 @@ def register_journal(api: ModuleApi, *, now_ms: Callable[[], int]) -> AuditJourn
 
     api.delayed_background_call(0, start, desc="fhir_audit_start")
     return journal
+
+
+def register_shipping(
+    api: ModuleApi,
+    config: ModuleConfig,
+    *,
+    journal: AuditJournal,
+    fhir: FhirClient,
+    persons: Persons,
+    service_user_id: str,
+    runs_here: bool,
+    now_ms: Callable[[], int],
+) -> Callable[[], Awaitable[AuditCounts]]:
+    """Ship (with ``audit.enabled``) and prune the journal where background work runs;
+    the figures ``/health`` shows, on every instance."""
+    shipper = AuditShipper(
+        api,
+        fhir,
+        config.audit,
+        service_user_id=service_user_id,
+        persons=persons,
+        now_ms=now_ms,
+    )
+    if runs_here:
+        api.looping_background_call(
+            _quietly(shipper.prune, "pruning"),
+            PRUNE_INTERVAL_MS,
+            desc="fhir_audit_prune",
+            run_on_all_instances=True,
+        )
+        if config.audit.enabled:
+            journal.add_listener(shipper.wake)
+            api.looping_background_call(
+                shipper.ship,
+                int(config.audit.poll_interval * 1000),
+                desc="fhir_audit_ship",
+                run_on_all_instances=True,
+            )
+
+    async def counts() -> AuditCounts:
+        if not config.audit.enabled:
+            return AuditCounts(enabled=False)
+        try:
+            return await shipper.counts()
+        except Exception:  # (the table not there yet, the database away)
+            return AuditCounts(enabled=True)
+
+    return counts
+
+
+def _quietly(step: Callable[[], Awaitable[object]], what: str) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        try:
+            await step()
+        except Exception as e:
+            logger.warning("Audit journal %s failed (%s); trying again later", what, e)
+
+    return run

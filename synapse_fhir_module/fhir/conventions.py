@@ -15,6 +15,11 @@ EVENT_ID_SYSTEM = "https://matrix.org/event-id"
 ROOM_ID_SYSTEM = "https://matrix.org/room-id"
 # A person's identifier naming their Matrix account.
 MATRIX_ID_SYSTEM = "https://matrix.org/user-id"
+# A homeserver's server name (an AuditEvent's observer: the homeserver that decided).
+SERVER_NAME_SYSTEM = "https://matrix.org/server-name"
+# Names one audit journal row; an AuditEvent carries it as a tag (R4's AuditEvent has no
+# identifier), which the conditional create searches on so a retry never writes twice.
+AUDIT_ID_SYSTEM = "urn:synapse-fhir-module:audit-id"
 # Marks what this module wrote, so it is never relayed back into Matrix (no loops).
 ORIGIN_TAG = {"system": "urn:synapse-fhir-module:origin", "code": "matrix"}
 

@@ -12,8 +12,11 @@ import logging
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import attr
 from synapse.module_api import ModuleApi
 
+from synapse_fhir_module.audit.decision import DecisionKind, Outcome
+from synapse_fhir_module.audit.journal import AuditJournal
 from synapse_fhir_module.config import SyncConfig
 from synapse_fhir_module.enforcement.binding_state import (
     BINDING_STATE_TYPES,
@@ -42,6 +45,12 @@ POWER_LEVELS = "m.room.power_levels"
 CREATORS_PRIVILEGED = frozenset({"12", "org.matrix.hydra.11"})
 # Said to whoever is removed: the rule, never the patient.
 REMOVAL_REASON = "No longer a member of this care team in the care record"
+# A membership change made, as the audit trail names it.
+AUDITED_ACTIONS = {
+    "invite": DecisionKind.MEMBER_INVITED,
+    "remove": DecisionKind.MEMBER_REMOVED,
+    "unban": DecisionKind.MEMBER_UNBANNED,
+}
 
 
 class MatrixActionsFailed(Exception):
@@ -60,11 +69,14 @@ class CareRooms:
         *,
         service_user_id: str,
         exempt_users: Collection[str],
+        journal: AuditJournal | None = None,
     ) -> None:
         self._api = api
         self._config = config
         self._service_user_id = service_user_id
         self._exempt_users = frozenset(exempt_users)
+        # Each change made is noted for the audit trail (none when None: tests, tools).
+        self._journal = journal
 
     async def create_space(self, team_ref: str, name: str) -> str:
         room_id, _ = await self._api.create_room(
@@ -139,24 +151,39 @@ class CareRooms:
         )
         return {key: event.content for key, event in state.items()}
 
-    async def apply_plan(self, room_id: str, plan: MembershipPlan) -> None:
+    async def apply_plan(
+        self,
+        room_id: str,
+        plan: MembershipPlan,
+        *,
+        care_team: str | None = None,
+        request: str | None = None,
+    ) -> None:
         """Each action on its own: one refused invite must not stop the rest. Raises
-        MatrixActionsFailed afterwards if any failed."""
+        MatrixActionsFailed afterwards if any failed. (``care_team``, ``request``: whose
+        room this is, for the audit trail.)"""
         failed: list[str] = []
+        about = Audited(room_id, care_team, request)
         for user_id in plan.unban:
             # (Lifting a ban is a leave.)
-            await self._membership(room_id, user_id, "leave", None, "unban", failed)
+            await self._membership(about, user_id, "leave", None, "unban", failed)
         for user_id in plan.invite:
-            await self._membership(room_id, user_id, "invite", None, "invite", failed)
+            await self._membership(about, user_id, "invite", None, "invite", failed)
         for user_id in plan.remove:
             await self._membership(
-                room_id, user_id, "leave", {"reason": REMOVAL_REASON}, "remove", failed
+                about, user_id, "leave", {"reason": REMOVAL_REASON}, "remove", failed
             )
         if failed:
             raise MatrixActionsFailed(room_id, failed)
 
     async def set_power_levels(
-        self, room_id: str, members: Collection[Member], *, read_only: bool
+        self,
+        room_id: str,
+        members: Collection[Member],
+        *,
+        read_only: bool,
+        care_team: str | None = None,
+        request: str | None = None,
     ) -> None:
         state = await self._api.get_room_state(room_id, [(POWER_LEVELS, ""), ("m.room.create", "")])
         current_event = state.get((POWER_LEVELS, ""))
@@ -179,6 +206,32 @@ class CareRooms:
         )
         if content != current:
             await self.send_state(room_id, POWER_LEVELS, "", content)
+            self.note(
+                DecisionKind.POWER_LEVELS_SET,
+                Audited(room_id, care_team, request),
+                detail="read_only" if read_only else None,
+            )
+
+    def note(
+        self,
+        kind: DecisionKind,
+        about: Audited,
+        *,
+        user_id: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """A change the service user made, for the audit trail."""
+        if self._journal is not None:
+            self._journal.note(
+                kind,
+                Outcome.SUCCESS,
+                user_id=user_id,
+                actor_id=self._service_user_id,
+                room_id=about.room_id,
+                care_team=about.care_team,
+                request=about.request,
+                detail=detail,
+            )
 
     async def send_state(
         self, room_id: str, event_type: str, state_key: str, content: dict[str, Any]
@@ -205,7 +258,7 @@ class CareRooms:
 
     async def _membership(
         self,
-        room_id: str,
+        about: Audited,
         user_id: str,
         membership: str,
         content: dict | None,
@@ -214,13 +267,24 @@ class CareRooms:
     ) -> None:
         try:
             await self._api.update_room_membership(
-                self._service_user_id, user_id, room_id, membership, content
+                self._service_user_id, user_id, about.room_id, membership, content
             )
         except Exception as e:
             # (The user id stays out of the log: it can name a patient.)
-            logger.warning("Could not %s a user in %s: %s", action, room_id, type(e).__name__)
+            logger.warning("Could not %s a user in %s: %s", action, about.room_id, type(e).__name__)
             MATRIX_ACTIONS_FAILED.labels(action=action).inc()
             failed.append(action)
+            return
+        self.note(AUDITED_ACTIONS[action], about, user_id=user_id)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Audited:
+    """Where a change is made, as the audit trail records it."""
+
+    room_id: str
+    care_team: str | None = None
+    request: str | None = None
 
 
 def _state(event_type: str, state_key: str, content: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from typing import Any
 import attr
 from synapse.module_api import EventBase, ModuleApi
 
+from synapse_fhir_module.audit.decision import DecisionKind
 from synapse_fhir_module.config import SyncConfig
 from synapse_fhir_module.enforcement import binding_store
 from synapse_fhir_module.enforcement.binding_state import (
@@ -69,7 +70,7 @@ from synapse_fhir_module.mapping.thread_status import (
 )
 from synapse_fhir_module.mapping.unread import LatestMessage
 from synapse_fhir_module.sync import store as sync_store
-from synapse_fhir_module.sync.care_rooms import CareRooms, MatrixActionsFailed
+from synapse_fhir_module.sync.care_rooms import Audited, CareRooms, MatrixActionsFailed
 from synapse_fhir_module.sync.email_invites import EmailInvites
 from synapse_fhir_module.sync.foreign_messages import (
     answered,
@@ -387,14 +388,21 @@ class FhirSync:
         )
         # Power levels first, so an invitee arrives with theirs (a removal still happens
         # if setting them fails: apply_plan runs in `finally`).
+        request = await self._request_of(room_id)
         try:
             await self._rooms.set_power_levels(
-                room_id, list(members.values()), read_only=not (kept and writable)
+                room_id,
+                list(members.values()),
+                read_only=not (kept and writable),
+                care_team=teams[0].team,
+                request=request,
             )
         finally:
-            await self._apply_plan(room_id, teams[0].team, plan)
+            await self._apply_plan(room_id, teams[0].team, plan, request)
 
-    async def _apply_plan(self, room_id: str, team_ref: str, plan: MembershipPlan) -> None:
+    async def _apply_plan(
+        self, room_id: str, team_ref: str, plan: MembershipPlan, request: str | None = None
+    ) -> None:
         if not plan.empty:
             logger.info(
                 "%s: inviting %d, removing %d in %s",
@@ -403,7 +411,23 @@ class FhirSync:
                 len(plan.remove),
                 room_id,
             )
-            await self._rooms.apply_plan(room_id, plan)
+            await self._rooms.apply_plan(room_id, plan, care_team=team_ref, request=request)
+
+    async def _team_of(self, room_id: str) -> str | None:
+        """The room's (first) team, for the audit trail (None when it cannot be told now)."""
+        try:
+            teams = await self._bindings.care_teams_of(room_id)
+        except Exception:
+            return None
+        return teams[0] if teams else None
+
+    async def _request_of(self, room_id: str) -> str | None:
+        """The thread a room is bound to, for the audit trail (None for a space, or when
+        it cannot be told now: the audit then names the team and the room only)."""
+        try:
+            return await self._bindings.thread_of(room_id)
+        except Exception:
+            return None
 
     async def _record_made_rooms(self) -> None:
         """Spaces and rooms made before the module kept its binding record: recorded once,
@@ -643,6 +667,12 @@ class FhirSync:
 
         if await self._post_parts(communication_ref, room_id, plan, as_latest):
             logger.info("Relayed %s into %s", communication_ref, room_id)
+            # For the audit trail: which Communication went into which room (never its text).
+            self._rooms.note(
+                DecisionKind.MESSAGE_RELAYED,
+                Audited(room_id, await self._team_of(room_id), thread),
+                detail=communication_ref,
+            )
 
     async def _reply_target(
         self, communication: Mapping[str, Any], thread: str, room_id: str

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 
 from synapse.module_api import EventBase, ModuleApi
 
+from synapse_fhir_module.audit.decision import DecisionKind, Outcome
+from synapse_fhir_module.audit.journal import AuditJournal
 from synapse_fhir_module.config import ModuleConfig
 from synapse_fhir_module.enforcement.binding_state import BINDING_STATE_TYPES
 from synapse_fhir_module.enforcement.room_bindings import RoomBindings
@@ -61,6 +63,7 @@ class SyncPart:
         invalidate: Callable[[str], Awaitable[None]],
         note_relayed: NoteRelayed | None,
         now_ms: Callable[[], int],
+        journal: AuditJournal | None = None,
     ) -> None:
         self._api = api
         self._config = config
@@ -71,6 +74,7 @@ class SyncPart:
         self._service_user_id = service_user_id
         self._exempt = exempt
         self._invalidate = invalidate
+        self._journal = journal
         self.boundaries = TeamBoundaries(api, self._check_team)
         self._sync: FhirSync | None = None
         self._changes: ChangeQueue | None = None
@@ -78,7 +82,13 @@ class SyncPart:
             # (The syncing instance opens it with the sync's tables.)
             api.delayed_background_call(0, self._start_bindings, desc="fhir_bindings_start")
             return
-        rooms = CareRooms(api, config.sync, service_user_id=service_user_id, exempt_users=exempt)
+        rooms = CareRooms(
+            api,
+            config.sync,
+            service_user_id=service_user_id,
+            exempt_users=exempt,
+            journal=journal,
+        )
         invites = None
         if config.identity.invite_by_email:
             invites = EmailInvites(api, config.identity, persons, emails)
@@ -217,6 +227,17 @@ class SyncPart:
         except Exception as e:  # e.g. the room is gone: nothing to undo
             # (The user id is left out: it can name a patient.)
             logger.warning("Could not ban a non-member from %s: %s", room_id, type(e).__name__)
+            return
+        if self._journal is not None:
+            remembered = self._bindings.remembered(room_id)
+            self._journal.note(
+                DecisionKind.MEMBER_BANNED,
+                Outcome.SUCCESS,
+                user_id=user_id,
+                actor_id=self._service_user_id,
+                room_id=room_id,
+                care_team=remembered[0] if remembered else None,
+            )
 
     async def _check_membership(self, event: EventBase) -> None:
         """Membership that got past the callbacks — an event whose content hash failed

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import attr
 from synapse.module_api import DirectServeJsonResource, SynapseRequest
 
+from synapse_fhir_module.audit.shipper import AuditCounts
 from synapse_fhir_module.fhir.client import FhirClient
 from synapse_fhir_module.fhir.errors import FhirError
 from synapse_fhir_module.identity.counts import IdentityCounts
@@ -97,17 +98,22 @@ class HealthResource(DirectServeJsonResource):
         outbox_counts: Callable[[], Awaitable[OutboxCounts]] = no_outbox,
         sync_counts: Callable[[], Awaitable[SyncCounts]] = no_sync,
         identity_counts: Callable[[], IdentityCounts] = no_identity,
+        audit_counts: Callable[[], Awaitable[AuditCounts]] | None = None,
     ) -> None:
         super().__init__()
         self._reachability = reachability
         self._outbox_counts = outbox_counts
         self._sync_counts = sync_counts
         self._identity_counts = identity_counts
+        self._audit_counts = audit_counts
 
     async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
         reachable = await self._reachability.is_reachable()
         outbox = await self._outbox_counts()
         sync = await self._sync_counts()
+        audit = (
+            {} if self._audit_counts is None else {"audit": attr.asdict(await self._audit_counts())}
+        )
         return 200, {
             "status": "ok" if reachable and not sync.retrying else "degraded",
             "fhir": {"reachable": reachable},
@@ -115,6 +121,7 @@ class HealthResource(DirectServeJsonResource):
             **_recording(outbox),
             "sync": attr.asdict(sync),
             "identity": attr.asdict(self._identity_counts()),
+            **audit,
         }
 
 

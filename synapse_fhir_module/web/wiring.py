@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from synapse.module_api import ModuleApi
 
+from synapse_fhir_module.audit.shipper import AuditCounts
 from synapse_fhir_module.config import ModuleConfig
 from synapse_fhir_module.fhir.client import FhirClient
 from synapse_fhir_module.identity.counts import IdentityCounts
@@ -39,6 +40,7 @@ def register_resources(
     sync_counts: Callable[[], Awaitable[SyncCounts]],
     identity_counts: Callable[[], IdentityCounts],
     on_notification: Callable[[Notification], None],
+    audit_counts: Callable[[], Awaitable[AuditCounts]] | None = None,
 ) -> None:
     reachability = FhirReachability(fhir)
     api.delayed_background_call(0, reachability.probe, desc="fhir_reachability_probe")
@@ -55,6 +57,7 @@ def register_resources(
             recording.counts if recording else no_outbox,
             sync_counts,
             identity_counts,
+            audit_counts,
         ),
     )
     if recording is not None:

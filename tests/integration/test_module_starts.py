@@ -35,6 +35,8 @@ def test_health_reports_fhir_reachable(synapse: SynapseServer) -> None:
         },
         # Identity by email is on by default; no address of this server's is ambiguous.
         "identity": {"email": True, "ambiguous_emails": 0},
+        # Audit off by default: nothing to ship (the journal is still kept).
+        "audit": {"enabled": False, "pending": 0, "oldest_age_seconds": None, "refused": 0},
     }
 
 

@@ -56,6 +56,10 @@ def test_minimal_config_takes_the_documented_defaults() -> None:
     assert config.sync.full_reconcile_interval == 3600.0
     assert config.account_validity.enabled is True
     assert config.registration.require_fhir_identity is False
+    assert config.audit.enabled is False
+    assert (config.audit.batch_size, config.audit.poll_interval) == (100, 5.0)
+    assert config.audit.retention == 30 * 86400.0
+    assert config.audit.max_refusals_per_minute == 30
     assert config.worker is None
 
 
@@ -104,6 +108,13 @@ def test_every_key_is_read() -> None:
         },
         "account_validity": {"enabled": False, "expire_unmapped": True},
         "registration": {"require_fhir_identity": True},
+        "audit": {
+            "enabled": True,
+            "batch_size": 20,
+            "poll_interval": "250ms",
+            "retention": "7d",
+            "max_refusals_per_minute": 5,
+        },
         "worker": "background_worker",
     }
     config = parse(raw)
@@ -130,6 +141,30 @@ def test_every_key_is_read() -> None:
     assert config.account_validity.expire_unmapped is True
     assert config.registration.require_fhir_identity is True
     assert config.worker == "background_worker"
+    assert config.audit.enabled is True
+    assert (config.audit.batch_size, config.audit.poll_interval) == (20, 0.25)
+    assert (config.audit.retention, config.audit.max_refusals_per_minute) == (7 * 86400.0, 5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("enabled", "yes"),
+        ("batch_size", 0),
+        ("batch_size", 1001),
+        ("batch_size", "10"),
+        ("poll_interval", 5),
+        ("poll_interval", "50ms"),
+        ("poll_interval", "2h"),
+        ("retention", "30m"),
+        ("retention", "forever"),
+        ("max_refusals_per_minute", 0),
+        ("max_refusals_per_minute", True),
+        ("batchsize", 10),
+    ],
+)
+def test_bad_audit_values_name_their_key(key: str, value: Any) -> None:
+    assert error_path(with_key("audit", key, value)) == ("audit", key)
 
 
 def test_basic_auth() -> None:
