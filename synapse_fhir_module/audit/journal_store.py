@@ -136,6 +136,12 @@ def recent_refusals(txn: Cursor, limit: int) -> list[JournalRow]:
 _WAITING = "shipped_ms IS NULL AND refused_ms IS NULL"
 
 
+def every_row(txn: Cursor) -> list[JournalRow]:
+    """The whole journal, oldest first (for tests and one-off inspection: unbounded)."""
+    txn.execute(f"{_SELECT} ORDER BY recorded_ms, audit_id")
+    return [_row(r) for r in txn.fetchall()]
+
+
 def unshipped(txn: Cursor, limit: int) -> list[JournalRow]:
     """The oldest ``limit`` rows FHIR does not have yet (and has not refused for good)."""
     txn.execute(f"{_SELECT} WHERE {_WAITING} ORDER BY recorded_ms, audit_id LIMIT ?", (limit,))

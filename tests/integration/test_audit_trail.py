@@ -197,18 +197,12 @@ def journal(server: SynapseServer) -> list[JournalRow]:
     """Every journal row of ``server``, oldest first (read from its SQLite file)."""
     connection = sqlite3.connect(f"file:{server.workdir / 'homeserver.db'}?mode=ro", uri=True)
     try:
-        cursor = connection.cursor()
         try:
-            cursor.execute(
-                f"SELECT audit_id, recorded_ms, kind, outcome, user_id, actor_id, room_id,"
-                f" care_team, request, reason, detail, shipped_ms, attempts, failure"
-                f" FROM {journal_store.TABLE} ORDER BY recorded_ms, audit_id"
-            )
+            return journal_store.every_row(connection.cursor())
         except sqlite3.OperationalError as e:
             if "no such table" in str(e):
                 return []
             raise
-        return [journal_store._row(r) for r in cursor.fetchall()]
     finally:
         connection.close()
 
