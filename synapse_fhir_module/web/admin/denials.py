@@ -1,0 +1,60 @@
+"""``GET …/admin/api/denials?limit=N``: the latest refusals the module decided, newest
+first, from its audit journal: the rule (reason code), the room, the user, the time.
+
+Nothing about the patient: no names, no message text; the journal holds none either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from synapse.module_api import DirectServeJsonResource, ModuleApi, SynapseRequest
+
+from synapse_fhir_module.web.admin.access import require_admin
+from synapse_fhir_module.web.admin.limits import parse_limit
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+
+
+class Refusal(Protocol):
+    """What the console reads of a journal row."""
+
+    recorded_ms: int
+    kind: str
+    reason: str | None
+    room_id: str | None
+    user_id: str | None
+    actor_id: str | None
+
+
+# (cursor, limit) → the latest refusals, newest first.
+RecentRefusals = Callable[[Any, int], Sequence[Refusal]]
+
+
+def refusal_json(row: Refusal) -> dict[str, Any]:
+    """The fields the console shows (a journal row may carry more: none of it goes out)."""
+    return {
+        "ts": row.recorded_ms,
+        "kind": row.kind,
+        "rule": row.reason,
+        "room_id": row.room_id,
+        "user_id": row.user_id,
+        "actor_id": row.actor_id,
+    }
+
+
+class DenialsResource(DirectServeJsonResource):
+    def __init__(self, api: ModuleApi, recent_refusals: RecentRefusals) -> None:
+        super().__init__()
+        self._api = api
+        self._recent_refusals = recent_refusals
+
+    async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
+        await require_admin(self._api, request)
+        limit = parse_limit(request.args, default=DEFAULT_LIMIT, maximum=MAX_LIMIT)
+        rows = await self._api.run_db_interaction(
+            "fhir_admin_refusals", self._recent_refusals, limit
+        )
+        return 200, {"denials": [refusal_json(row) for row in rows]}
