@@ -10,6 +10,7 @@ from typing import Any
 from synapse.module_api import EventBase, ModuleApi, StateMap
 from twisted.internet import reactor
 
+from synapse_fhir_module.audit.wiring import register_journal
 from synapse_fhir_module.config import ModuleConfig, parse_module_config
 from synapse_fhir_module.enforcement.room_bindings import RoomBindings
 from synapse_fhir_module.enforcement.wiring import (
@@ -65,13 +66,20 @@ class FhirModule:
         service_user = api.get_qualified_user_id(config.service_user)
         exempt = frozenset({service_user, *config.enforcement.exempt_users})
 
+        # Every refusal and every change the module makes, on whichever instance decides.
+        journal = register_journal(api, now_ms=now_ms)
         people = register_people(api, config, fhir)
         teams = CareTeamDirectory(
             api, fhir, ttl=config.enforcement.cache_ttl, resolver=people.identity.resolver_for
         )
         bindings = RoomBindings(api, fhir, service_user)
         validity = register_accounts(
-            api, config, persons=people.persons, accounts=people.accounts, exempt=exempt
+            api,
+            config,
+            persons=people.persons,
+            accounts=people.accounts,
+            exempt=exempt,
+            journal=journal,
         )
         unread = register_unread(
             api, config, fhir=fhir, bindings=bindings, teams=teams, runs_here=background
@@ -117,6 +125,7 @@ class FhirModule:
             service_user_id=service_user,
             exempt=exempt,
             remove_member_soon=self._sync.remove_member_soon,
+            journal=journal,
         )
         register_resources(
             api,

@@ -20,7 +20,8 @@
   are the friendly answer, the power levels what state resolution obeys.
 - Third-party (email) invites are refused in care-team rooms: members come from FHIR.
 
-Every "no" to a local user is a ``Denied`` carrying its reason (design.md: endpoints).
+Every "no" to a local user is a ``Denied`` carrying its reason (design.md: endpoints), and
+every refusal, local or received, is noted in the audit journal (``audit``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import Any
 from synapse.module_api import NOT_SPAM, EventBase, StateMap
 from synapse.module_api.errors import Codes
 
+from synapse_fhir_module.audit.decision import DecisionKind, Outcome
+from synapse_fhir_module.audit.journal import AuditJournal
 from synapse_fhir_module.enforcement.denials import Denied, Reason
 from synapse_fhir_module.enforcement.power_levels import RESERVED_EVENTS
 from synapse_fhir_module.enforcement.room_bindings import RoomBindings
@@ -66,6 +69,7 @@ class CareTeamGate:
         is_local: Callable[[str], bool],
         remove_member_soon: RemoveMember,
         forbid_encryption: bool = False,
+        journal: AuditJournal | None = None,
     ) -> None:
         self._bindings = bindings
         self._teams = teams
@@ -76,13 +80,16 @@ class CareTeamGate:
         self._is_local = is_local
         self._remove_member_soon = remove_member_soon
         self._forbid_encryption = forbid_encryption
+        self._journal = journal
 
     async def user_may_invite(self, inviter: str, invitee: str, room_id: str) -> str:
-        _raise_if(await self._entry_refusal(room_id, entering=invitee, inviter=inviter))
+        reason = await self._entry_refusal(room_id, entering=invitee, inviter=inviter)
+        self._refuse(reason, room_id, user_id=invitee, actor_id=inviter, attempt="invite")
         return NOT_SPAM
 
     async def user_may_join_room(self, user_id: str, room_id: str, is_invited: bool) -> str:
-        _raise_if(await self._entry_refusal(room_id, entering=user_id))
+        reason = await self._entry_refusal(room_id, entering=user_id)
+        self._refuse(reason, room_id, user_id=user_id, actor_id=user_id, attempt="join")
         return NOT_SPAM
 
     async def user_may_create_room(self, user_id: str, room_config: dict[str, Any]) -> str:
@@ -92,7 +99,13 @@ class CareTeamGate:
                 if isinstance(state, dict) and str(state.get("type", "")).startswith(
                     PROTECTED_PREFIX
                 ):
-                    raise Denied(Reason.PROTECTED_STATE)
+                    self._refuse(
+                        Reason.PROTECTED_STATE,
+                        None,
+                        user_id=user_id,
+                        actor_id=user_id,
+                        attempt="create_room",
+                    )
         return NOT_SPAM
 
     async def check_event_for_spam(self, event: EventBase) -> str | Codes:
@@ -118,6 +131,13 @@ class CareTeamGate:
             event.room_id,
             reason.value,
         )
+        self._note_refusal(
+            reason,
+            event.room_id,
+            user_id=event.state_key if entering else event.sender,
+            actor_id=event.sender,
+            attempt=f"federated_{_attempt(event)}",
+        )
         if entering and event.state_key == event.sender:
             # Soft-failing keeps them out of this server's view; the ban tells theirs.
             # (The sync lifts the ban if FHIR admits them.) Someone already joined (a
@@ -136,15 +156,25 @@ class CareTeamGate:
             return True, None
         if _is_entry(event) and not _is_profile_change(event, state_events):
             inviter = event.sender if event.content["membership"] == "invite" else None
-            _raise_if(
-                await self._entry_refusal(event.room_id, entering=event.state_key, inviter=inviter)
+            reason = await self._entry_refusal(
+                event.room_id, entering=event.state_key, inviter=inviter
+            )
+            self._refuse(
+                reason,
+                event.room_id,
+                user_id=event.state_key,
+                actor_id=event.sender,
+                attempt=_attempt(event),
             )
             return True, None
+        refusal = {"user_id": event.sender, "actor_id": event.sender, "attempt": _attempt(event)}
         if self._is_local(event.sender) and not _is_free(event):
             # Someone who left the care team (or whose person is inactive) and is still
             # joined: nothing but leaving.
-            _raise_if(await self._acting_refusal(event.room_id, event.sender))
-        _raise_if(await self._protected_change_refusal(event))
+            self._refuse(
+                await self._acting_refusal(event.room_id, event.sender), event.room_id, **refusal
+            )
+        self._refuse(await self._protected_change_refusal(event), event.room_id, **refusal)
         return True, None
 
     async def _received_refusal(self, event: EventBase) -> tuple[Reason | None, bool]:
@@ -191,6 +221,37 @@ class CareTeamGate:
             ) and await self._is_bound(event.room_id):
                 return Reason.PROTECTED_STATE
         return None
+
+    def _refuse(
+        self,
+        reason: Reason | None,
+        room_id: str | None,
+        *,
+        user_id: str,
+        actor_id: str,
+        attempt: str,
+    ) -> None:
+        """Say no (when there is a ``reason``), noting it in the audit journal first."""
+        if reason is not None:
+            self._note_refusal(reason, room_id, user_id=user_id, actor_id=actor_id, attempt=attempt)
+            raise Denied(reason)
+
+    def _note_refusal(
+        self, reason: Reason, room_id: str | None, *, user_id: str, actor_id: str, attempt: str
+    ) -> None:
+        if self._journal is None:
+            return
+        remembered = self._bindings.remembered(room_id) if room_id else None
+        self._journal.note(
+            DecisionKind.ACCESS_REFUSED,
+            Outcome.REFUSED,
+            user_id=user_id,
+            actor_id=actor_id,
+            room_id=room_id,
+            care_team=remembered[0] if remembered else None,
+            reason=reason.value,
+            detail=attempt,
+        )
 
     async def _is_bound(self, room_id: str) -> bool:
         try:
@@ -271,9 +332,14 @@ def _deciding_team(teams: list[TeamMembership], user_id: str) -> TeamMembership:
     return (admitting or listing or teams)[0]
 
 
-def _raise_if(reason: Reason | None) -> None:
-    if reason is not None:
-        raise Denied(reason)
+def _attempt(event: EventBase) -> str:
+    """What an event tried, for the audit journal: join, invite, knock, leave, a state
+    change, a redaction or a message (never its content)."""
+    if event.type == "m.room.member":
+        return str(event.content.get("membership", "membership"))
+    if event.type == "m.room.redaction":
+        return "redact"
+    return "state" if event.is_state() else "send"
 
 
 def _is_entry(event: EventBase) -> bool:

@@ -18,6 +18,8 @@ import attr
 from synapse.module_api import ModuleApi
 from synapse.spam_checker_api import RegistrationBehaviour
 
+from synapse_fhir_module.audit.decision import DecisionKind, Outcome
+from synapse_fhir_module.audit.journal import AuditJournal
 from synapse_fhir_module.enforcement.denials import Denied, Reason
 from synapse_fhir_module.enforcement.registration_rule import (
     Candidate,
@@ -51,12 +53,14 @@ class RegistrationGate:
         *,
         exempt_users: Collection[str],
         monotonic: Callable[[], float] = time.monotonic,
+        journal: AuditJournal | None = None,
     ) -> None:
         self._api = api
         self._persons = persons
         self._accounts = accounts
         self._exempt = frozenset(exempt_users)
         self._monotonic = monotonic
+        self._journal = journal
         # Matrix id → (the person its registration identified, when that was decided).
         self._pending: dict[str, tuple[Identified, float]] = {}
 
@@ -72,7 +76,7 @@ class RegistrationGate:
         if username is None:
             # (A guest, or a username Synapse would make up: no account to tie to anyone.)
             logger.info("Refusing a registration without a username")
-            raise Denied(Reason.NO_FHIR_IDENTITY)
+            raise self._refused(Reason.NO_FHIR_IDENTITY, None)
         user_id = self._api.get_qualified_user_id(username)
         if user_id in self._exempt:
             if request_info:
@@ -80,7 +84,7 @@ class RegistrationGate:
                 # user's or an exempt account's name: only the module and Synapse's admin
                 # APIs make those (they pass none).
                 logger.warning("Refusing a client's registration of an exempt account's name")
-                raise Denied(Reason.NO_FHIR_IDENTITY)
+                raise self._refused(Reason.NO_FHIR_IDENTITY, user_id)
             return RegistrationBehaviour.ALLOW
         email = verified_email(email_threepid)
         try:
@@ -99,7 +103,7 @@ class RegistrationGate:
                 type(e).__name__,
                 e.status,
             )
-            raise Denied(Reason.DIRECTORY_UNAVAILABLE) from None
+            raise self._refused(Reason.DIRECTORY_UNAVAILABLE, user_id) from None
         decision = identify(named_by, carriers)
         if isinstance(decision, Refusal):
             # Resource ids and counts only: never the username or the address.
@@ -110,8 +114,9 @@ class RegistrationGate:
                 decision.value,
                 ", ".join(involved) or "none",
             )
-            raise Denied(Reason.NO_FHIR_IDENTITY)
+            raise self._refused(Reason.NO_FHIR_IDENTITY, user_id)
         self._hold(user_id, decision)
+        self._note(Outcome.SUCCESS, user_id, reason=None, detail=decision.established_by.value)
         logger.info(
             "Allowing a registration as %s (%s)", decision.person, decision.established_by.value
         )
@@ -139,8 +144,26 @@ class RegistrationGate:
                 decision.person,
                 held[0].person,
             )
-            raise Denied(Reason.NO_FHIR_IDENTITY)
+            raise self._refused(Reason.NO_FHIR_IDENTITY, user_id)
         self._pending[user_id] = (decision, now)
+
+    def _refused(self, reason: Reason, user_id: str | None) -> Denied:
+        """The refusal to raise, noted in the audit journal."""
+        self._note(Outcome.REFUSED, user_id, reason=reason.value, detail=None)
+        return Denied(reason)
+
+    def _note(
+        self, outcome: Outcome, user_id: str | None, *, reason: str | None, detail: str | None
+    ) -> None:
+        if self._journal is not None:
+            self._journal.note(
+                DecisionKind.REGISTRATION,
+                outcome,
+                user_id=user_id,
+                actor_id=user_id,
+                reason=reason,
+                detail=detail,
+            )
 
     async def _persons_carrying(self, email: str) -> list[Candidate]:
         carriers = (await self._persons.persons_carrying([email]))[normalise_email(email)]

@@ -9,6 +9,7 @@ from typing import Any
 from synapse.module_api import NOT_SPAM, ModuleApi
 from synapse.spam_checker_api import RegistrationBehaviour
 
+from synapse_fhir_module.audit.journal import AuditJournal
 from synapse_fhir_module.callback_safety import never_raises
 from synapse_fhir_module.config import EncryptedRoomsPolicy, ModuleConfig
 from synapse_fhir_module.enforcement.account_validity import AccountValidity
@@ -31,11 +32,12 @@ def register_accounts(
     persons: PersonDirectory,
     accounts: RegisteredAccounts,
     exempt: frozenset[str],
+    journal: AuditJournal,
 ) -> AccountValidity | None:
     """Registration only for people FHIR knows (``registration.require_fhir_identity``),
     and accounts that expire while their person is inactive (``account_validity``)."""
     if config.registration.require_fhir_identity:
-        gate = RegistrationGate(api, persons, accounts, exempt_users=exempt)
+        gate = RegistrationGate(api, persons, accounts, exempt_users=exempt, journal=journal)
         api.register_spam_checker_callbacks(
             check_registration_for_spam=access_decision(
                 gate.check_registration_for_spam,
@@ -77,6 +79,7 @@ def register_care_team_rules(
     service_user_id: str,
     exempt: frozenset[str],
     remove_member_soon: RemoveMember,
+    journal: AuditJournal,
 ) -> None:
     """Only the current care team joins, reads and acts in its rooms (``enforcement``)."""
     if not config.enforcement.enabled:
@@ -92,6 +95,7 @@ def register_care_team_rules(
         is_local=api.is_mine,
         remove_member_soon=remove_member_soon,
         forbid_encryption=config.communication.encrypted_rooms is EncryptedRoomsPolicy.FORBID,
+        journal=journal,
     )
 
     def decision(callback: Any, allow: Any = NOT_SPAM) -> Any:

@@ -86,6 +86,14 @@ def test_sfm_redis_server_wins_over_the_wheel(
         redis.find_redis_server()
 
 
+def test_a_missing_chromium_fails_naming_its_debian_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(tools.ToolNotInstalled, match=r"chromium not found .*`chromium` package"):
+        tools.find_tool("chromium")
+
+
 @pytest.mark.parametrize("tool", ["prometheus", "promtool"])
 def test_a_missing_prometheus_fails_naming_its_debian_package(
     tool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -93,7 +101,7 @@ def test_a_missing_prometheus_fails_naming_its_debian_package(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(tools.ToolNotInstalled, match=rf"{tool} not found .*`prometheus` package"):
         tools.find_tool(tool)
-    assert tools.missing_packages() == ["prometheus"]
+    assert tools.missing_packages() == ["chromium", "prometheus"]
 
 
 def test_a_tool_on_path_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,7 +110,8 @@ def test_a_tool_on_path_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     promtool.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert tools.find_tool("promtool") == str(promtool)
-    assert tools.missing_packages() == ["prometheus"]  # prometheus itself is still missing
+    # prometheus itself is still missing (and so is chromium)
+    assert tools.missing_packages() == ["chromium", "prometheus"]
 
 
 def test_make_setup_put_a_kubectl_with_a_current_kustomize_in_the_venv(

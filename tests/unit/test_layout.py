@@ -19,11 +19,22 @@ MAY_IMPORT: dict[str, set[str]] = {
     "fhir": {"config", "http_exchange"},
     "mapping": {"config", "fhir"},
     "identity": {"config", "fhir", "storage", "http_exchange", "callback_safety"},
-    "enforcement": {"config", "fhir", "identity", "storage", "callback_safety"},
-    "sync": {"config", "fhir", "mapping", "identity", "enforcement", "storage", "service_user"},
-    "recording": {"fhir", "mapping", "enforcement", "sync"} | BASE,
+    "audit": {"fhir", "identity"} | BASE,
+    "enforcement": {"config", "fhir", "identity", "audit", "storage", "callback_safety"},
+    "sync": {
+        "config",
+        "fhir",
+        "mapping",
+        "identity",
+        "audit",
+        "enforcement",
+        "storage",
+        "service_user",
+    },
+    "recording": {"fhir", "mapping", "audit", "enforcement", "sync"} | BASE,
     "unread": {"config", "fhir", "mapping", "enforcement", "sync", "storage", "callback_safety"},
-    "web": {"fhir", "mapping", "identity", "enforcement", "sync", "recording", "unread"} | BASE,
+    "web": {"fhir", "mapping", "identity", "audit", "enforcement", "sync", "recording", "unread"}
+    | BASE,
 }
 
 

@@ -11,6 +11,7 @@ import pytest
 import pytest_twisted
 from synapse.spam_checker_api import RegistrationBehaviour
 
+from synapse_fhir_module.audit.decision import DecisionKind, Outcome
 from synapse_fhir_module.enforcement.denials import Denied, Reason
 from synapse_fhir_module.enforcement.registration_gate import (
     PENDING_SECONDS,
@@ -76,8 +77,20 @@ class Clock:
         return self.now
 
 
+class Journal:
+    def __init__(self) -> None:
+        self.noted: list[tuple[str, str | None, str | None, str | None]] = []
+
+    def note(self, kind: DecisionKind, outcome: Outcome, **fields: Any) -> None:
+        assert kind is DecisionKind.REGISTRATION
+        self.noted.append((outcome.value, fields["user_id"], fields["reason"], fields["detail"]))
+
+
 def gate(
-    fhir: Fhir, accounts: Accounts | None = None, clock: Clock | None = None
+    fhir: Fhir,
+    accounts: Accounts | None = None,
+    clock: Clock | None = None,
+    journal: Journal | None = None,
 ) -> RegistrationGate:
     return RegistrationGate(
         Api(),  # type: ignore[arg-type]
@@ -85,6 +98,7 @@ def gate(
         accounts or Accounts(),  # type: ignore[arg-type]
         exempt_users={f"@audit:{SERVER}"},
         monotonic=clock or Clock(),
+        journal=journal,  # type: ignore[arg-type]
     )
 
 
@@ -126,6 +140,22 @@ async def test_two_registrations_of_one_username_for_different_persons_at_once()
     assert await check(g, verified("henk@example.org"), "newname") is RegistrationBehaviour.ALLOW
     clock.now += PENDING_SECONDS + 1
     assert await check(g, verified("anne@example.org"), "newname") is RegistrationBehaviour.ALLOW
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_gated_registration_is_noted_for_the_audit_trail_once() -> None:
+    journal = Journal()
+    g = gate(Fhir(HENK), journal=journal)
+    assert await check(g, verified("henk@example.org"), "henk") is RegistrationBehaviour.ALLOW
+    assert await refusal(g, None, "piet") == "no_fhir_identity"
+    assert await refusal(g, verified("henk@example.org"), None) == "no_fhir_identity"
+    # Exempt, made by the module or an admin (no client): not gated.
+    await g.check_registration_for_spam(None, "audit", [])
+    assert journal.noted == [
+        ("success", f"@henk:{SERVER}", None, "email"),
+        ("refused", f"@piet:{SERVER}", "no_fhir_identity", None),
+        ("refused", None, "no_fhir_identity", None),
+    ]
 
 
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,271 @@
+"""The audit journal: what the deciding code notes, how it reaches the journal table (in
+batches, retried, never twice), and what the table answers (SQLite; PostgreSQL runs the
+same statements through Synapse). tests/integration/test_audit_trail.py runs it for real."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from synapse_fhir_module.audit import journal_store as store
+from synapse_fhir_module.audit.decision import Decision, DecisionKind, Outcome
+from synapse_fhir_module.audit.journal import (
+    MAX_BATCH,
+    RETRY_MS,
+    SAME_DECISION_MS,
+    AuditJournal,
+)
+from synapse_fhir_module.enforcement.denials import Denied, Reason
+from synapse_fhir_module.enforcement.gate import CareTeamGate
+from tests.unit.test_enforcement_rules import (
+    MEMBER_LOCAL,
+    OUTSIDER_LOCAL,
+    OUTSIDER_REMOTE,
+    ROOM,
+    SERVICE,
+    Bindings,
+    Teams,
+    member_event,
+)
+
+
+@pytest.fixture
+def txn() -> Iterator[sqlite3.Cursor]:
+    connection = sqlite3.connect(":memory:")
+    cursor = connection.cursor()
+    store.create_tables(cursor)
+    store.create_tables(cursor)  # idempotent: every instance runs it at start
+    yield cursor
+    connection.close()
+
+
+def decision(at: int, **fields: Any) -> Decision:
+    return Decision(
+        kind=fields.pop("kind", DecisionKind.ACCESS_REFUSED),
+        outcome=fields.pop("outcome", Outcome.REFUSED),
+        recorded_ms=at,
+        **fields,
+    )
+
+
+def test_the_table_keeps_every_field_and_answers_refusals_newest_first(
+    txn: sqlite3.Cursor,
+) -> None:
+    refused = decision(
+        10,
+        user_id="@olga:a.org",
+        actor_id="@olga:a.org",
+        room_id=ROOM,
+        care_team="CareTeam/t",
+        request="CommunicationRequest/7",
+        reason="not_in_care_team",
+        detail="join",
+    )
+    invited = decision(20, kind=DecisionKind.MEMBER_INVITED, outcome=Outcome.SUCCESS)
+    later = decision(30, reason="care_team_inactive")
+    store.insert_decisions(txn, [refused, invited, later])
+    store.insert_decisions(txn, [refused])  # a flush retried after its commit: no second row
+    rows = store.recent_refusals(txn, 10)
+    assert [r.decision for r in rows] == [later, refused]
+    assert (rows[1].reason, rows[1].room_id, rows[1].user_id, rows[1].kind) == (
+        "not_in_care_team",
+        ROOM,
+        "@olga:a.org",
+        "access_refused",
+    )
+    assert [r.decision for r in store.recent_refusals(txn, 1)] == [later]
+
+
+def test_shipped_rows_leave_the_unshipped_list_and_failures_are_counted(
+    txn: sqlite3.Cursor,
+) -> None:
+    first, second = decision(1), decision(2)
+    store.insert_decisions(txn, [second, first])
+    assert [r.decision for r in store.unshipped(txn, 10)] == [first, second]
+    assert store.count_unshipped(txn) == (2, 1)
+    store.note_failure(txn, [first.audit_id], "HTTP 503")
+    store.note_failure(txn, [first.audit_id], "HTTP 503")
+    row = store.unshipped(txn, 1)[0]
+    assert (row.attempts, row.failure) == (2, "HTTP 503")
+    store.mark_shipped(txn, [first.audit_id], 99)
+    assert [r.decision for r in store.unshipped(txn, 10)] == [second]
+    assert store.count_unshipped(txn) == (1, 2)
+    store.mark_shipped(txn, [second.audit_id], 100)
+    assert store.count_unshipped(txn) == (0, None)
+
+
+class Api:
+    """Runs database work on an SQLite cursor and holds background calls until told."""
+
+    def __init__(self, txn: sqlite3.Cursor) -> None:
+        self.txn = txn
+        self.calls: list[tuple[int, Callable[[], Awaitable[None]]]] = []
+        self.failing = False
+
+    async def run_db_interaction(self, desc: str, func: Callable, *args: Any) -> Any:
+        if self.failing:
+            raise OSError("database away")
+        return func(self.txn, *args)
+
+    def delayed_background_call(self, msec: int, f: Callable, *args: Any, desc: str) -> None:
+        self.calls.append((msec, f))
+
+    async def run_calls(self) -> list[int]:
+        delays = []
+        while self.calls:
+            msec, f = self.calls.pop(0)
+            delays.append(msec)
+            await f()
+        return delays
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def refused(journal: AuditJournal, user_id: str = "@olga:a.org") -> None:
+    journal.note(
+        DecisionKind.ACCESS_REFUSED,
+        Outcome.REFUSED,
+        user_id=user_id,
+        room_id=ROOM,
+        reason="not_in_care_team",
+        detail="join",
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_decisions_noted_before_the_table_exists_are_written_once_it_does(
+    txn: sqlite3.Cursor,
+) -> None:
+    api, clock = Api(txn), Clock()
+    journal = AuditJournal(api, now_ms=clock)  # type: ignore[arg-type]
+    refused(journal)
+    assert api.calls == []  # nothing scheduled before start
+    flushed: list[int] = []
+    journal.add_listener(lambda: flushed.append(journal.unwritten))
+    await journal.start()
+    await api.run_calls()
+    assert [(r.user_id, r.recorded_ms) for r in store.recent_refusals(txn, 10)] == [
+        ("@olga:a.org", 1_000)
+    ]
+    assert flushed == [0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_attempt_seen_by_two_callbacks_is_one_decision_but_a_retry_later_is_another(
+    txn: sqlite3.Cursor,
+) -> None:
+    api, clock = Api(txn), Clock()
+    journal = AuditJournal(api, now_ms=clock)  # type: ignore[arg-type]
+    await journal.start()
+    refused(journal)
+    refused(journal)  # the spam check, then the event rule, about the same join
+    refused(journal, user_id="@piet:a.org")  # someone else: a decision of its own
+    clock.now += SAME_DECISION_MS
+    refused(journal)  # they try again
+    await api.run_calls()
+    assert sorted(r.user_id or "" for r in store.recent_refusals(txn, 10)) == [
+        "@olga:a.org",
+        "@olga:a.org",
+        "@piet:a.org",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_the_database_refused_is_kept_and_written_on_the_retry(
+    txn: sqlite3.Cursor,
+) -> None:
+    api, clock = Api(txn), Clock()
+    journal = AuditJournal(api, now_ms=clock)  # type: ignore[arg-type]
+    await journal.start()
+    for i in range(MAX_BATCH + 3):
+        refused(journal, user_id=f"@u{i}:a.org")
+    api.failing = True
+    _, flush = api.calls.pop(0)
+    await flush()
+    assert store.count_unshipped(txn)[0] == 0
+    assert journal.unwritten == MAX_BATCH + 3
+    assert [m for m, _ in api.calls] == [RETRY_MS]
+    api.failing = False
+    await api.run_calls()
+    assert store.count_unshipped(txn)[0] == MAX_BATCH + 3  # in two batches
+    assert journal.unwritten == 0
+
+
+class Journal:
+    def __init__(self) -> None:
+        self.noted: list[dict[str, Any]] = []
+
+    def note(self, kind: DecisionKind, outcome: Outcome, **fields: Any) -> None:
+        self.noted.append({"kind": kind, "outcome": outcome, **fields})
+
+
+class RememberingBindings(Bindings):
+    def remembered(self, room_id: str) -> tuple[str, ...] | None:
+        return (self.team,) if self.team else ()
+
+
+def gate_with(journal: Journal) -> CareTeamGate:
+    return CareTeamGate(
+        RememberingBindings(),  # type: ignore[arg-type]
+        Teams(),  # type: ignore[arg-type]
+        service_user_id=SERVICE,
+        exempt_users=(),
+        fail_closed=True,
+        is_local=lambda user_id: user_id.endswith(":a.org"),
+        remove_member_soon=lambda room, user: None,
+        journal=journal,  # type: ignore[arg-type]
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_is_noted_with_its_rule_room_person_and_attempt() -> None:
+    journal = Journal()
+    g = gate_with(journal)
+    with pytest.raises(Denied):
+        await g.user_may_join_room(OUTSIDER_LOCAL, ROOM, is_invited=False)
+    with pytest.raises(Denied):
+        await g.user_may_invite(OUTSIDER_LOCAL, MEMBER_LOCAL, ROOM)
+    assert journal.noted == [
+        {
+            "kind": DecisionKind.ACCESS_REFUSED,
+            "outcome": Outcome.REFUSED,
+            "user_id": OUTSIDER_LOCAL,
+            "actor_id": OUTSIDER_LOCAL,
+            "room_id": ROOM,
+            "care_team": "CareTeam/t",
+            "reason": Reason.NOT_IN_CARE_TEAM.value,
+            "detail": "join",
+        },
+        {
+            "kind": DecisionKind.ACCESS_REFUSED,
+            "outcome": Outcome.REFUSED,
+            "user_id": MEMBER_LOCAL,
+            "actor_id": OUTSIDER_LOCAL,
+            "room_id": ROOM,
+            "care_team": "CareTeam/t",
+            "reason": Reason.INVITER_NOT_IN_CARE_TEAM.value,
+            "detail": "invite",
+        },
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_is_allowed_is_not_noted_and_a_received_refusal_is() -> None:
+    journal = Journal()
+    g = gate_with(journal)
+    await g.user_may_join_room(MEMBER_LOCAL, ROOM, is_invited=True)
+    assert journal.noted == []
+    await g.check_event_for_spam(member_event(OUTSIDER_REMOTE, OUTSIDER_REMOTE, "join"))
+    assert [(n["user_id"], n["detail"], n["reason"]) for n in journal.noted] == [
+        (OUTSIDER_REMOTE, "federated_join", Reason.NOT_IN_CARE_TEAM.value)
+    ]
