@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Collection
 
 from synapse.module_api import ModuleApi
 
+from synapse_fhir_module.audit import journal_store
 from synapse_fhir_module.config import ModuleConfig
 from synapse_fhir_module.fhir.client import FhirClient
 from synapse_fhir_module.fhir.team_directory import CareTeamDirectory
@@ -76,14 +77,9 @@ def register_resources(
         report=report,
         teams=teams,
         keep=keep,
-        recent_refusals=no_refusals,
+        recent_refusals=journal_store.recent_refusals,
         now_ms=now_ms,
         outbox_changed=recording.table_changed if recording else None,
     )
     # FHIR says what changed (design.md: endpoints); the background instance makes Matrix match.
     api.register_web_resource(NOTIFY_PATH, NotifyResource(config.webhook.secret, on_notification))
-
-
-def no_refusals(txn: object, limit: int) -> list:
-    """Until the audit journal is merged: nothing to list. (Placeholder.)"""
-    return []

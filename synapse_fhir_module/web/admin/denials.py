@@ -1,5 +1,6 @@
 """``GET …/admin/api/denials?limit=N``: the latest refusals the module decided, newest
-first, from its audit journal: the rule (reason code), the room, the user, the time.
+first, from its audit journal (``audit.journal_store.recent_refusals``): the rule (reason
+code), the room, the user, the time.
 
 Nothing about the patient: no names, no message text; the journal holds none either.
 """
@@ -7,10 +8,12 @@ Nothing about the patient: no names, no message text; the journal holds none eit
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from synapse.module_api import DirectServeJsonResource, ModuleApi, SynapseRequest
 
+from synapse_fhir_module.audit.journal_store import JournalRow
+from synapse_fhir_module.storage import Cursor
 from synapse_fhir_module.web.admin.access import require_admin
 from synapse_fhir_module.web.admin.limits import parse_limit
 
@@ -18,22 +21,11 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 
 
-class Refusal(Protocol):
-    """What the console reads of a journal row."""
-
-    recorded_ms: int
-    kind: str
-    reason: str | None
-    room_id: str | None
-    user_id: str | None
-    actor_id: str | None
-
-
 # (cursor, limit) → the latest refusals, newest first.
-RecentRefusals = Callable[[Any, int], Sequence[Refusal]]
+RecentRefusals = Callable[[Cursor, int], Sequence[JournalRow]]
 
 
-def refusal_json(row: Refusal) -> dict[str, Any]:
+def refusal_json(row: JournalRow) -> dict[str, Any]:
     """The fields the console shows (a journal row may carry more: none of it goes out)."""
     return {
         "ts": row.recorded_ms,
