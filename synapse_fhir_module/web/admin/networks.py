@@ -1,5 +1,6 @@
-"""``GET …/admin/api/networks?limit=N&from=…``: care teams ↔ spaces ↔ rooms, each room's
-Matrix members next to who FHIR says belongs there.
+"""``GET …/admin/api/networks?limit=N&from=…`` (or ``?care_team=CareTeam/12``: that team
+alone): care teams ↔ spaces ↔ rooms, each room's Matrix members next to who FHIR says
+belongs there.
 
 Per CareTeam the module made a space for (its own record, ``binding_store``): the team's
 reference and status, the space, and each of its rooms (the space first, then the thread
@@ -31,7 +32,7 @@ from synapse_fhir_module.mapping.thread_status import ThreadMode, parse_mode
 from synapse_fhir_module.sync import store as sync_store
 from synapse_fhir_module.sync.membership_plan import RoomTarget, plan_membership, room_target
 from synapse_fhir_module.web.admin.access import require_admin
-from synapse_fhir_module.web.admin.limits import parse_from, parse_limit
+from synapse_fhir_module.web.admin.limits import parse_care_team, parse_from, parse_limit
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +82,17 @@ class NetworksResource(DirectServeJsonResource):
     async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
         await require_admin(self._api, request)
         limit = parse_limit(request.args, default=DEFAULT_LIMIT, maximum=MAX_LIMIT)
-        after = parse_from(request.args)
-        spaces = await self._api.run_db_interaction(
-            "fhir_admin_spaces", binding_store.spaces_page, after, limit + 1
-        )
-        page, more = spaces[:limit], len(spaces) > limit
+        team_ref = parse_care_team(request.args)
+        if team_ref is not None:
+            page = await self._api.run_db_interaction(
+                "fhir_admin_space", binding_store.spaces_of_team, team_ref
+            )
+            more = False
+        else:
+            spaces = await self._api.run_db_interaction(
+                "fhir_admin_spaces", binding_store.spaces_page, parse_from(request.args), limit + 1
+            )
+            page, more = spaces[:limit], len(spaces) > limit
         networks = [await self._network(team_ref, space_id) for team_ref, space_id in page]
         return 200, {
             "networks": networks,

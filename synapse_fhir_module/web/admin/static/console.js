@@ -263,9 +263,13 @@
     );
   }
 
+  // The care team asked for (a reference), or null: every team, page by page.
+  let teamShown = null;
+
   async function loadNetworks(from) {
     const query = new URLSearchParams({ limit: String(NETWORKS_PAGE) });
     if (from) query.set("from", from);
+    if (teamShown) query.set("care_team", teamShown);
     let page;
     try {
       page = await call(`${API}networks?${query}`);
@@ -276,7 +280,8 @@
     if (!from) body.replaceChildren();
     body.querySelector("[data-testid=networks-more]")?.remove();
     if (!from && page.networks.length === 0) {
-      body.append(h("p", { class: "muted", testid: "networks-empty" }, "No care team has a space yet."));
+      body.append(h("p", { class: "muted", testid: "networks-empty" },
+        teamShown ? "The module has no space for this care team." : "No care team has a space yet."));
     }
     for (const network of page.networks) body.append(showNetwork(network));
     if (page.next) {
@@ -420,6 +425,16 @@
     $("token-form").addEventListener("submit", useToken);
     $("logout").addEventListener("click", logOut);
     $("refresh").addEventListener("click", () => refresh());
+    $("team-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      teamShown = $("team").value.trim() || null;
+      loadNetworks(null);
+    });
+    $("all-teams").addEventListener("click", () => {
+      teamShown = null;
+      $("team").value = "";
+      loadNetworks(null);
+    });
     if (token()) enter();
     else showLogin("");
   });
