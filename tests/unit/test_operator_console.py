@@ -8,6 +8,8 @@ import re
 import pytest
 from synapse.module_api.errors import SynapseError
 
+from synapse_fhir_module.audit.decision import Decision, DecisionKind, Outcome
+from synapse_fhir_module.audit.journal_store import JournalRow
 from synapse_fhir_module.fhir.care_team import Member, TeamMembership
 from synapse_fhir_module.mapping.thread_status import ThreadMode
 from synapse_fhir_module.sync.membership_plan import room_target
@@ -134,22 +136,31 @@ def test_a_from_that_no_page_gives_is_a_400(raw: bytes) -> None:
 
 
 def test_a_refusal_goes_out_with_its_rule_room_user_and_time_only() -> None:
-    class Row:
-        recorded_ms = 1_700_000_000_000
-        kind = "join_refused"
-        reason = "not_in_care_team"
-        room_id = "!r:x"
-        user_id = "@mallory:x"
-        actor_id = "@mallory:x"
-        subject = "Patient/secret"  # (were a row to carry more, it would not go out)
-
-    assert refusal_json(Row()) == {  # type: ignore[arg-type]
+    row = JournalRow(
+        decision=Decision(
+            kind=DecisionKind.ACCESS_REFUSED,
+            outcome=Outcome.REFUSED,
+            recorded_ms=1_700_000_000_000,
+            user_id="@mallory:x",
+            actor_id="@anna:x",
+            room_id="!r:x",
+            care_team="CareTeam/1",
+            request="CommunicationRequest/2",
+            reason="not_in_care_team",
+            detail="invite",
+        ),
+        shipped_ms=None,
+        attempts=0,
+        failure=None,
+    )
+    assert refusal_json(row) == {
         "ts": 1_700_000_000_000,
-        "kind": "join_refused",
+        "kind": "access_refused",
+        "action": "invite",
         "rule": "not_in_care_team",
         "room_id": "!r:x",
         "user_id": "@mallory:x",
-        "actor_id": "@mallory:x",
+        "actor_id": "@anna:x",
     }
 
 

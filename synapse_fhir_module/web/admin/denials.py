@@ -30,6 +30,8 @@ def refusal_json(row: JournalRow) -> dict[str, Any]:
     return {
         "ts": row.recorded_ms,
         "kind": row.kind,
+        # What was attempted (join, invite, send...): a short code, never content.
+        "action": row.decision.detail,
         "rule": row.reason,
         "room_id": row.room_id,
         "user_id": row.user_id,

@@ -349,7 +349,7 @@
             { testid: "denial" },
             h("td", {}, when(d.ts)),
             h("td", { testid: "denial-rule" }, id(d.rule)),
-            h("td", {}, d.kind),
+            h("td", { testid: "denial-action" }, d.action ? `${d.action} (${d.kind})` : d.kind),
             h("td", { testid: "denial-room" }, id(d.room_id)),
             h("td", { testid: "denial-user" }, id(d.user_id)),
             h("td", {}, id(d.actor_id)),
