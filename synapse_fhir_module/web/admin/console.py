@@ -1,7 +1,8 @@
 """The console's addresses, registered on Synapse's listener (every instance: each reads
 the same tables; the lags are the answering instance's, as ``/health``'s are).
 
-- ``/_synapse/client/fhir/admin/``: the page, ``console.js``, ``console.css`` (anyone);
+- ``/_synapse/client/fhir/admin/`` (with its slash): the page, ``console.js``,
+  ``console.css`` (anyone);
 - ``/_synapse/client/fhir/admin/api/…``: ``health``, ``networks``, ``denials``,
   ``dead-letters`` and ``dead-letters/retry`` (server admins: ``access.require_admin``).
 """
@@ -16,7 +17,7 @@ from synapse_fhir_module.fhir.team_directory import CareTeamDirectory
 from synapse_fhir_module.web.admin.denials import DenialsResource, RecentRefusals
 from synapse_fhir_module.web.admin.health import AdminHealthResource
 from synapse_fhir_module.web.admin.networks import NetworksResource
-from synapse_fhir_module.web.admin.page import FILES, StaticFile, ToConsole
+from synapse_fhir_module.web.admin.page import FILES, StaticFile
 from synapse_fhir_module.web.dead_letters import DeadLettersResource, RetryDeadLettersResource
 from synapse_fhir_module.web.health import HealthReport
 
@@ -35,7 +36,8 @@ def register_console(
     outbox_changed: Callable[[], None] | None,
 ) -> None:
     """``outbox_changed`` None: recording is off, there are no dead letters to show."""
-    api.register_web_resource(CONSOLE_PATH, ToConsole())
+    # (Nothing at CONSOLE_PATH itself: a resource there would have children, which Synapse
+    # cannot attach twice when it builds the tree for each of several listeners.)
     api.register_web_resource(f"{CONSOLE_PATH}/", StaticFile("index.html"))
     for name in FILES:
         if name != "index.html":

@@ -74,14 +74,3 @@ class StaticFile(Resource):
 
     def render_HEAD(self, request: Request) -> bytes:
         return self.render_GET(request)
-
-
-class ToConsole(Resource):
-    """``…/admin`` without its slash: to the page (whose relative links need it). Not a
-    leaf: the page and the API are its children."""
-
-    def render_GET(self, request: Request) -> bytes:
-        set_security_headers(request)
-        request.setResponseCode(308)
-        request.setHeader(b"Location", b"admin/")
-        return b""
