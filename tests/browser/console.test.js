@@ -111,7 +111,19 @@ test("a server admin sees health, the network, the refusal and the dead letter, 
     assert.deepEqual(stored.local, []);
     assert.equal(stored.cookies, "");
 
-    // Care networks: the team, its space, the thread room, who is in, who is pending.
+    // Care networks, every team page by page (the HAPI may hold other tests' teams too)...
+    await page.waitForSelector("[data-testid=network]", { timeout: WAIT });
+    // ...or the one asked for: the team, its space, the thread room, who is in, who is pending.
+    await page.fill("#team", expected.team);
+    await page.click("#team-form button[type=submit]");
+    await page.waitForFunction(
+      (team) => {
+        const shown = [...document.querySelectorAll("[data-testid=care-team]")];
+        return shown.length === 1 && shown[0].textContent === team;
+      },
+      expected.team,
+      { timeout: WAIT },
+    );
     const network = page.locator("[data-testid=network]", {
       has: page.locator("[data-testid=care-team]", { hasText: expected.team }),
     });

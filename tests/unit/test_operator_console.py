@@ -7,6 +7,7 @@ import re
 
 import pytest
 from synapse.module_api.errors import SynapseError
+from twisted.web.test.requesthelper import DummyRequest
 
 from synapse_fhir_module.audit.decision import Decision, DecisionKind, Outcome
 from synapse_fhir_module.audit.journal_store import JournalRow
@@ -16,7 +17,12 @@ from synapse_fhir_module.sync.membership_plan import room_target
 from synapse_fhir_module.web.admin.denials import refusal_json
 from synapse_fhir_module.web.admin.limits import MAX_FROM_LENGTH, parse_from, parse_limit
 from synapse_fhir_module.web.admin.networks import room_view
-from synapse_fhir_module.web.admin.page import CONTENT_SECURITY_POLICY, read_static
+from synapse_fhir_module.web.admin.page import (
+    CONTENT_SECURITY_POLICY,
+    FILES,
+    StaticFile,
+    read_static,
+)
 
 SERVICE = "@fhir:example.org"
 
@@ -181,3 +187,17 @@ def test_the_page_has_no_inline_script_or_style_and_the_script_no_html_from_stri
     script = read_static("console.js").decode()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in script, sink
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_each_file_of_the_page_goes_out_with_the_security_headers(name: str) -> None:
+    request = DummyRequest([b""])
+    body = StaticFile(name).render_GET(request)
+    assert body == read_static(name)
+    headers = {k.lower(): v for k, v in request.responseHeaders.getAllRawHeaders()}
+    assert headers[b"content-type"] == [FILES[name]]
+    assert headers[b"content-security-policy"] == [CONTENT_SECURITY_POLICY.encode()]
+    assert headers[b"x-content-type-options"] == [b"nosniff"]
+    assert headers[b"referrer-policy"] == [b"no-referrer"]
+    assert headers[b"cache-control"] == [b"no-store"]
+    assert headers[b"x-frame-options"] == [b"DENY"]
