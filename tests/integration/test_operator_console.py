@@ -31,9 +31,11 @@ from tests.integration.care_network import MATRIX_ID_SYSTEM
 from tests.integration.quiet_stack import QuietStack, quiet_stack
 from tests.integration.test_communication_recording import communication_of
 from tests.integration.test_rooms_the_module_makes import join_space_and_room
+from tests.integration.test_sdk_journeys import node_and_sdk, run_node
 
 REPO = Path(__file__).resolve().parents[2]
 BROWSER_TEST = REPO / "tests" / "browser" / "console.test.js"
+PLAYWRIGHT = REPO / "node_modules" / "playwright-core" / "package.json"
 API = "/_synapse/client/fhir/admin/api"
 # In every care-team room, with no FHIR person: what they write cannot be attributed.
 AUDIT_LOCALPART = "console_audit"
@@ -43,7 +45,6 @@ AUDIT = f"@{AUDIT_LOCALPART}:{SERVER_NAME}"
 # blocks inline handlers besides.)
 ODD_ID = "@<img src=x onerror=window.sfmInjected=1>:evil.example"
 SETTLES_WITHIN = 60.0
-NODE_TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
@@ -86,18 +87,18 @@ def room_of(admin: MatrixUser, team: str, room_id: str) -> dict[str, Any] | None
     return next((r for r in network["rooms"] if r["room_id"] == room_id), None)
 
 
-def run_node(test_file: Path, env: dict[str, str]) -> None:
-    """``node --test`` on the file; its output printed when it fails."""
-    node = find_tool("node")
-    result = subprocess.run(
-        [node, "--test", "--test-reporter=spec", str(test_file)],
-        cwd=REPO,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=NODE_TIMEOUT,
+def run_browser_test(env: dict[str, str]) -> None:
+    """``node --test`` on the browser test (the SDK journeys' runner: its own process group,
+    killed whole on timeout, Chromium included); its report printed when it fails."""
+    node = node_and_sdk()
+    if not PLAYWRIGHT.is_file():
+        pytest.fail(f"{PLAYWRIGHT.parent} is missing: run `make setup` (it runs `npm ci`)")
+    returncode, output = run_node(
+        [node, "--test", "--test-force-exit", "--test-reporter=spec", str(BROWSER_TEST)],
+        {**os.environ, **env, "NO_COLOR": "1"},
     )
-    assert result.returncode == 0, f"node --test failed:\n{result.stdout}\n{result.stderr}"
+    print(output)  # (shown with `pytest -rP`)
+    assert returncode == 0, f"the browser test failed (node exit {returncode}):\n{output}"
 
 
 def test_an_admin_sees_the_network_refusals_and_dead_letters_and_nobody_else_sees_anything(
@@ -200,8 +201,7 @@ def test_an_admin_sees_the_network_refusals_and_dead_letters_and_nobody_else_see
             "mallory_id": mallory.user_id,
             "dead_event_id": dead_event,
         }
-        run_node(
-            BROWSER_TEST,
+        run_browser_test(
             {
                 "SFM_BASE_URL": server.url("").rstrip("/"),
                 "SFM_CHROMIUM": chromium,
