@@ -17,6 +17,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -179,6 +180,33 @@ def test_an_admin_sees_the_network_refusals_and_dead_letters_and_nobody_else_see
             timeout=SETTLES_WITHIN,
             what="Carla (and the odd id) pending invitation",
         )
+        # Every team, page by page (a second team of Anna's; other tests' teams may share
+        # this HAPI): one per page when asked, and each once.
+        second = f"CareTeam/console-b-{tag}"
+        console.fhir.put(care_team(second.split("/")[1], f"anna-{tag}"))
+        console.notify(second)
+        wait_until(
+            lambda: admin_api(ops, f"networks?care_team={second}")["networks"],
+            timeout=SETTLES_WITHIN,
+            what="a space for the second team",
+        )
+        first = admin_api(ops, "networks?limit=1")
+        assert len(first["networks"]) == 1 and first["next"] is not None
+        after = admin_api(ops, f"networks?limit=1&from={quote(first['next'], safe='')}")
+        assert after["networks"][0]["care_team"] > first["networks"][0]["care_team"]
+        seen: list[str] = []
+        page = admin_api(ops, "networks?limit=20")
+        while True:
+            assert len(page["networks"]) <= 20
+            seen += [n["care_team"] for n in page["networks"]]
+            if page["next"] is None:
+                break
+            page = admin_api(ops, f"networks?limit=20&from={quote(page['next'], safe='')}")
+        assert team in seen and len(seen) == len(set(seen))
+        with pytest.raises(MatrixError) as too_many:
+            admin_api(ops, "networks?limit=51")
+        assert too_many.value.status == 400
+
         # The dead letter's cause fixed: the account gets a FHIR person (then the retry in
         # the browser writes the message).
         console.fhir.put(practitioner(f"audit-{tag}", audit.user_id))
@@ -221,7 +249,8 @@ def test_an_admin_sees_the_network_refusals_and_dead_letters_and_nobody_else_see
     finally:
         # (The session's quiet HAPI outlives this module: the team and its odd member must
         # not follow the other homeservers that sync every team they find there.)
-        requests.delete(f"{console.hapi.base_url}/{team}", timeout=30)
+        for created in (team, f"CareTeam/console-b-{tag}"):
+            requests.delete(f"{console.hapi.base_url}/{created}", timeout=30)
 
 
 def test_a_wheel_carries_the_console_page(tmp_path: Path) -> None:
