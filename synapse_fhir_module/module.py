@@ -145,6 +145,8 @@ class FhirModule:
             api,
             config,
             fhir=fhir,
+            teams=teams,
+            keep=exempt,
             recording=recording,
             sync_counts=self._sync.counts,
             identity_counts=people.counts,

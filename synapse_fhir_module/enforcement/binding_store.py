@@ -133,6 +133,27 @@ def bound_teams(txn: Cursor) -> list[str]:
     return [str(team) for (team,) in txn.fetchall()]
 
 
+def spaces_page(txn: Cursor, after: str | None, limit: int) -> list[tuple[str, str]]:
+    """(care team, space id) of the teams the module made a space for, by reference,
+    ``limit`` of them from after ``after`` (a page of the operator console)."""
+    txn.execute(
+        f"SELECT care_team, room_id FROM {TABLE} WHERE space_id IS NULL AND care_team > ?"
+        " ORDER BY care_team, room_id LIMIT ?",
+        ("" if after is None else after, limit),
+    )
+    return [(str(team), str(room_id)) for team, room_id in txn.fetchall()]
+
+
+def spaces_of_team(txn: Cursor, care_team: str) -> list[tuple[str, str]]:
+    """(care team, space id) of one team's space (none, or one: the module makes one)."""
+    txn.execute(
+        f"SELECT care_team, room_id FROM {TABLE} WHERE space_id IS NULL AND care_team = ?"
+        " ORDER BY room_id",
+        (care_team,),
+    )
+    return [(str(team), str(room_id)) for team, room_id in txn.fetchall()]
+
+
 def _with_teams(txn: Cursor, binding: Binding) -> Binding:
     txn.execute(
         f"SELECT care_team FROM {TEAMS} WHERE room_id = ? ORDER BY care_team",

@@ -12,3 +12,6 @@ class OutboxCounts:
     # Messages communication.profile: ozo left unwritten since start (the service user's);
     # None under the base profile, which leaves nothing unwritten for its sake.
     not_written_profile: int | None = None
+    # How long the oldest message not yet in FHIR has waited (0: none waits); None where
+    # it is not known (the tables not there yet). Not part of /health's outbox keys.
+    behind_ms: int | None = None

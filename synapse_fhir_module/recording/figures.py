@@ -25,19 +25,27 @@ class RecordingFigures:
         return await read_counts(self._api, held=None, not_written=self._not_written)
 
 
-async def read_counts(api: ModuleApi, *, held: int | None, not_written: int | None) -> OutboxCounts:
-    """The table's figures plus the messages held in memory: ``held`` where the drain runs,
-    else what the draining instance last reported in its table."""
+async def read_counts(
+    api: ModuleApi,
+    *,
+    held: tuple[int, int] | None,
+    not_written: int | None,
+) -> OutboxCounts:
+    """The table's figures plus the messages held in memory: ``held`` (how many, and how
+    long the oldest has waited, in ms) where the drain runs, else what the draining
+    instance last reported in its table."""
     try:
         table_pending, dead = await api.run_db_interaction(
             "fhir_outbox_counts", outbox_store.counts
         )
         if held is None:
-            held = await api.run_db_interaction("fhir_recording_counts", position_store.pending)
+            held = await api.run_db_interaction("fhir_recording_counts", position_store.reported)
     except Exception:  # e.g. the tables are not there yet
         logger.debug("Outbox counts unavailable", exc_info=True)
         return OutboxCounts(not_written_profile=not_written)
-    pending = table_pending + held
+    pending = table_pending + held[0]
     OUTBOX_PENDING.set(pending)
     OUTBOX_DEAD.set(dead)
-    return OutboxCounts(pending=pending, dead=dead, not_written_profile=not_written)
+    return OutboxCounts(
+        pending=pending, dead=dead, not_written_profile=not_written, behind_ms=held[1]
+    )

@@ -69,11 +69,12 @@ def load(txn: Cursor) -> LogRow:
     )
 
 
-def pending(txn: Cursor) -> int:
-    """What the recording instance last reported holding (and nothing secret)."""
-    txn.execute(f"SELECT pending FROM {TABLE} WHERE id = ?", (ROW_ID,))
+def reported(txn: Cursor) -> tuple[int, int]:
+    """(pending, behind ms) as the recording instance last reported them (nothing
+    secret: other instances answer /health with it)."""
+    txn.execute(f"SELECT pending, behind_ms FROM {TABLE} WHERE id = ?", (ROW_ID,))
     found = txn.fetchone()
-    return 0 if found is None else int(found[0])
+    return (0, 0) if found is None else (int(found[0]), int(found[1]))
 
 
 def save_position(txn: Cursor, stream_token: str, now_ms: int) -> None:

@@ -315,7 +315,11 @@ class CommunicationRecorder:
     async def counts(self) -> OutboxCounts:
         """``pending``: messages read from Synapse (or handed over) that FHIR does not
         have yet, and the table's waiting rows; ``dead``: dead letters."""
-        return await read_counts(self._api, held=self._log.pending, not_written=self._not_written)
+        oldest = self._log.oldest_ms()
+        behind = 0 if oldest is None else max(0, now_ms() - oldest)
+        return await read_counts(
+            self._api, held=(self._log.pending, behind), not_written=self._not_written
+        )
 
     def _wake_soon(self) -> None:
         """Drain now, or, when a message comes closer than ``batch_linger`` after the

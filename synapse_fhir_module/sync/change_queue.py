@@ -71,6 +71,11 @@ class ChangeQueue:
         return len(self._waiting)
 
     @property
+    def oldest_waiting(self) -> float | None:
+        """When (Unix seconds) the oldest reference not applied yet was queued."""
+        return next(iter(self._since.values()), None)
+
+    @property
     def idle(self) -> bool:
         """Nothing queued, running or waiting for a retry."""
         return not (self._pending or self._waiting or self._running)

@@ -45,7 +45,7 @@ from synapse_fhir_module.enforcement.binding_state import (
 )
 from synapse_fhir_module.enforcement.binding_store import Binding
 from synapse_fhir_module.enforcement.room_bindings import RoomBindings
-from synapse_fhir_module.fhir.care_team import MAX_NESTING, Member, TeamMembership
+from synapse_fhir_module.fhir.care_team import MAX_NESTING, TeamMembership
 from synapse_fhir_module.fhir.client import FhirClient
 from synapse_fhir_module.fhir.conventions import (
     EVENT_ID_SYSTEM,
@@ -65,7 +65,6 @@ from synapse_fhir_module.mapping.thread_status import (
     ThreadMode,
     opens_room,
     parse_mode,
-    room_rules,
     thread_mode,
 )
 from synapse_fhir_module.mapping.unread import LatestMessage
@@ -82,7 +81,7 @@ from synapse_fhir_module.sync.foreign_messages import (
     relay_order,
     with_reply,
 )
-from synapse_fhir_module.sync.membership_plan import MembershipPlan, plan_membership
+from synapse_fhir_module.sync.membership_plan import MembershipPlan, plan_membership, room_target
 from synapse_fhir_module.sync.metrics import BINDING_INCIDENTS, PAYLOAD_PARTS_SKIPPED
 from synapse_fhir_module.sync.team_boundaries import TeamBoundaries
 
@@ -92,8 +91,6 @@ logger = logging.getLogger(__name__)
 NoteRelayed = Callable[[sync_store.Cursor, str, LatestMessage], None]
 
 SYNCED_TYPES = ("CareTeam", "CommunicationRequest", "Communication", *MEMBER_TYPES)
-# Team statuses under which the team's rooms are emptied (design.md: entered-in-error, deleted).
-EMPTIED_STATUSES = frozenset({"entered-in-error", "missing"})
 DEFAULT_ROOM_NAME = "Conversation"
 # How a relayed message's sender without a name in FHIR is shown.
 UNNAMED = {
@@ -348,26 +345,8 @@ class FhirSync:
     ) -> None:
         """Make the room's members and power levels match its teams (one, or several for a
         thread addressed to several: their union) and its thread's status."""
-        members: dict[str, Member] = {}
-        invitable: set[str] = set()
-        writable = True
-        kept = False  # some team not emptied
-        for team in teams:
-            rules = room_rules(
-                team_admits=team.admits_members,
-                team_emptied=team.status in EMPTIED_STATUSES,
-                mode=mode,
-            )
-            if rules.emptied:
-                continue  # its members go, unless another of the room's teams lists them
-            kept = True
-            current = team.current_members()
-            for user_id, member in current.items():
-                members.setdefault(user_id, member)  # (the level of the first team listing them)
-            if rules.admit_new:
-                invitable |= set(current)
-            # The stricter wins: one team closed makes the shared room read-only.
-            writable = writable and not rules.read_only
+        target = room_target(teams, mode)
+        members = dict(target.members)
         if members and self._accounts is not None:
             # An account registered as somebody else's before a record named it: nobody's.
             for user_id in await self._accounts.conflicting(
@@ -383,8 +362,8 @@ class FhirSync:
             members,
             await self._rooms.memberships(room_id),
             keep=self._keep,
-            admit_new=bool(invitable),
-            invitable=invitable,
+            admit_new=bool(target.invitable),
+            invitable=target.invitable,
         )
         # Power levels first, so an invitee arrives with theirs (a removal still happens
         # if setting them fails: apply_plan runs in `finally`).
@@ -393,7 +372,7 @@ class FhirSync:
             await self._rooms.set_power_levels(
                 room_id,
                 list(members.values()),
-                read_only=not (kept and writable),
+                read_only=not (target.kept and target.writable),
                 care_team=teams[0].team,
                 request=request,
             )

@@ -131,12 +131,14 @@ class SyncPart:
     async def counts(self) -> SyncCounts:
         if self._sync is None or self._changes is None:
             return SyncCounts(running=False)
+        oldest = self._changes.oldest_waiting
         return SyncCounts(
             running=True,
             queued=len(self._changes),
             retrying=self._changes.retrying,
             scheduled_boundaries=len(self.boundaries),
             binding_incidents=self._sync.binding_incidents,
+            oldest_waiting_ms=None if oldest is None else int(oldest * 1000),
         )
 
     def remove_member_soon(self, room_id: str, user_id: str) -> None:

@@ -9,6 +9,9 @@ it again once the cause is fixed (e.g. the sender was given a FHIR person).
 Server admins only: the reasons name rooms and events, and FHIR's own reason can quote
 what a message held (until the message is redacted: then only the HTTP status stays, see
 ``recording.amendments``).
+
+The operator console serves the same two resources under its own API
+(``web.admin.console``): one implementation, two addresses.
 """
 
 from __future__ import annotations
@@ -25,17 +28,13 @@ from synapse.module_api import (
 from synapse.module_api.errors import Codes, SynapseError
 
 from synapse_fhir_module.recording import outbox_store
+from synapse_fhir_module.web.admin.access import require_admin
+from synapse_fhir_module.web.admin.limits import parse_limit
 
 DEAD_LETTERS_PATH = "/_synapse/client/fhir/outbox/dead"
 RETRY_PATH = "/_synapse/client/fhir/outbox/dead/retry"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-
-
-async def _require_admin(api: ModuleApi, request: SynapseRequest) -> None:
-    requester = await api.get_user_by_req(request)
-    if not await api.is_user_admin(requester.user.to_string()):
-        raise SynapseError(403, "Only server admins may see the FHIR outbox", Codes.FORBIDDEN)
 
 
 class DeadLettersResource(DirectServeJsonResource):
@@ -44,8 +43,8 @@ class DeadLettersResource(DirectServeJsonResource):
         self._api = api
 
     async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
-        await _require_admin(self._api, request)
-        limit = _limit(request)
+        await require_admin(self._api, request)
+        limit = parse_limit(request.args, default=DEFAULT_LIMIT, maximum=MAX_LIMIT)
         rows = await self._api.run_db_interaction(
             "fhir_outbox_dead_letters", outbox_store.dead_letters, limit
         )
@@ -71,7 +70,7 @@ class RetryDeadLettersResource(DirectServeJsonResource):
         self._wake = wake
 
     async def _async_render_POST(self, request: SynapseRequest) -> tuple[int, dict]:
-        await _require_admin(self._api, request)
+        await require_admin(self._api, request)
         body = parse_json_object_from_request(request)
         event_ids = _event_ids(body)
         requeued = await self._api.run_db_interaction(
@@ -79,19 +78,6 @@ class RetryDeadLettersResource(DirectServeJsonResource):
         )
         self._wake()
         return 200, {"requeued": requeued}
-
-
-def _limit(request: SynapseRequest) -> int:
-    raw = (request.args or {}).get(b"limit")
-    if not raw:
-        return DEFAULT_LIMIT
-    try:
-        limit = int(raw[0])
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_LIMIT:
-        raise SynapseError(400, f"limit must be 1-{MAX_LIMIT}", Codes.INVALID_PARAM)
-    return limit
 
 
 def _event_ids(body: dict[str, Any]) -> list[str] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attr
 from synapse.module_api import DirectServeJsonResource, SynapseRequest
@@ -91,7 +92,10 @@ class FhirReachability:
         await self.is_reachable()
 
 
-class HealthResource(DirectServeJsonResource):
+class HealthReport:
+    """What ``/health`` answers, and the lags the operator console adds to it: computed
+    once per request, for either."""
+
     def __init__(
         self,
         reachability: FhirReachability,
@@ -100,29 +104,61 @@ class HealthResource(DirectServeJsonResource):
         identity_counts: Callable[[], IdentityCounts] = no_identity,
         audit_counts: Callable[[], Awaitable[AuditCounts]] | None = None,
     ) -> None:
-        super().__init__()
         self._reachability = reachability
         self._outbox_counts = outbox_counts
         self._sync_counts = sync_counts
         self._identity_counts = identity_counts
         self._audit_counts = audit_counts
 
-    async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
+    async def health(self) -> dict[str, Any]:
+        return (await self.with_lags())[0]
+
+    async def with_lags(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(``/health``'s answer, the lags: how long the oldest message not in FHIR yet
+        has waited, when the oldest FHIR change not yet in Matrix was queued)."""
         reachable = await self._reachability.is_reachable()
         outbox = await self._outbox_counts()
         sync = await self._sync_counts()
         audit = (
             {} if self._audit_counts is None else {"audit": attr.asdict(await self._audit_counts())}
         )
-        return 200, {
+        health = {
             "status": "ok" if reachable and not sync.retrying else "degraded",
             "fhir": {"reachable": reachable},
             "outbox": {"pending": outbox.pending, "dead": outbox.dead},
             **_recording(outbox),
-            "sync": attr.asdict(sync),
+            "sync": attr.asdict(sync, filter=_in_health),
             "identity": attr.asdict(self._identity_counts()),
             **audit,
         }
+        lags = {
+            "recording": {
+                "pending": outbox.pending,
+                "dead": outbox.dead,
+                "behind_ms": outbox.behind_ms,
+            },
+            "sync": {
+                "running": sync.running,
+                "queued": sync.queued,
+                "retrying": sync.retrying,
+                "oldest_waiting_ms": sync.oldest_waiting_ms,
+            },
+            "fhir_reachable": reachable,
+        }
+        return health, lags
+
+
+class HealthResource(DirectServeJsonResource):
+    def __init__(self, report: HealthReport) -> None:
+        super().__init__()
+        self._report = report
+
+    async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
+        return 200, await self._report.health()
+
+
+def _in_health(attribute: attr.Attribute, value: object) -> bool:
+    return bool(attribute.metadata.get("health", True))
 
 
 def _recording(outbox: OutboxCounts) -> dict[str, dict[str, int]]:

@@ -39,6 +39,7 @@ import yaml
 
 from devstack.tools import ToolNotInstalled, find_tool
 from synapse_fhir_module.sync.subscriptions import NOTIFY_PATH
+from synapse_fhir_module.web.admin.console import API_PATH, CONSOLE_PATH
 from synapse_fhir_module.web.dead_letters import DEAD_LETTERS_PATH, RETRY_PATH
 from synapse_fhir_module.web.health import HEALTH_PATH
 
@@ -431,7 +432,14 @@ def test_ingress_routes_synapse_pages_but_not_the_module_health_or_admin_api(
         assert route is not None, f"{page} is not routed"
         assert route["backend"]["service"]["name"] == "synapse", page
     assert ingress_route(rendered, "/_matrix/client/v3/login") is not None
-    for private in (HEALTH_PATH, DEAD_LETTERS_PATH, RETRY_PATH, "/_synapse/admin/v1/users"):
+    console = (f"{CONSOLE_PATH}/", f"{API_PATH}/health", f"{API_PATH}/dead-letters/retry")
+    for private in (
+        HEALTH_PATH,
+        DEAD_LETTERS_PATH,
+        RETRY_PATH,
+        *console,
+        "/_synapse/admin/v1/users",
+    ):
         assert ingress_route(rendered, private) is None, f"{private} is public"
 
 
