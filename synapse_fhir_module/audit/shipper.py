@@ -46,6 +46,14 @@ from synapse_fhir_module.fhir.errors import FhirError, FhirPermanentError
 logger = logging.getLogger(__name__)
 
 BACKOFF_BASE_MS = 1_000
+# Woken passes start at most this often: while decisions keep coming (a refusal every
+# 200 ms, say) one pass a second ships them all in one Bundle, instead of a pass, a
+# Bundle and their database round trips per decision. (It bounds the audit lag's p50
+# near half of it; the send path never waits for either.)
+SHIP_GAP_MS = 1_000
+# The queue's gauges are counted at most this often (a count per pass costs more than
+# the pass at a steady trickle).
+GAUGE_INTERVAL_MS = 5_000
 BACKOFF_CAP_MS = 60_000
 PRUNE_INTERVAL_MS = 10 * 60_000
 PRUNE_CHUNK = 5_000
@@ -96,6 +104,8 @@ class AuditShipper:
         self._scheduled = False
         self._failures = 0
         self._not_before = 0
+        self._last_pass_ms: int | None = None
+        self._gauges_due_ms = 0
         self._patients: dict[str, str | None] = {}
 
     def wake(self) -> None:
@@ -106,7 +116,9 @@ class AuditShipper:
         if self._scheduled:
             return
         self._scheduled = True
-        delay = max(0, self._not_before - self._now_ms())
+        now = self._now_ms()
+        next_pass = now if self._last_pass_ms is None else self._last_pass_ms + SHIP_GAP_MS
+        delay = max(0, self._not_before - now, next_pass - now)
         self._api.delayed_background_call(delay, self._woken, desc="fhir_audit_ship")
 
     async def _woken(self) -> None:
@@ -122,6 +134,7 @@ class AuditShipper:
         if self._now_ms() < self._not_before:
             return 0
         self._running = True
+        self._last_pass_ms = self._now_ms()
         shipped = 0
         try:
             while True:
@@ -135,11 +148,15 @@ class AuditShipper:
                 if taken is None:  # FHIR away: wait, then try again
                     break
                 shipped += taken
+                if len(rows) < self._config.batch_size:
+                    break  # that was all (rows journaled since woke us: `_again`)
         except Exception as e:  # (the database away: the loop tries again)
             logger.warning("Shipping the audit journal failed (%s)", type(e).__name__)
         finally:
             self._running = False
-        await self._update_gauges()
+        if self._now_ms() >= self._gauges_due_ms:
+            self._gauges_due_ms = self._now_ms() + GAUGE_INTERVAL_MS
+            await self._update_gauges()
         if self._again:
             self.wake()
         return shipped

@@ -16,7 +16,7 @@ import pytest_twisted
 from synapse_fhir_module.audit import journal_store as store
 from synapse_fhir_module.audit.decision import Decision, DecisionKind, Outcome
 from synapse_fhir_module.audit.journal import REFUSAL_WINDOW_MS, AuditJournal
-from synapse_fhir_module.audit.shipper import AuditShipper
+from synapse_fhir_module.audit.shipper import SHIP_GAP_MS, AuditShipper
 from synapse_fhir_module.config import AuditConfig
 from synapse_fhir_module.fhir.conventions import AUDIT_ID_SYSTEM
 from synapse_fhir_module.fhir.errors import FhirPermanentError, FhirTransientError
@@ -276,6 +276,35 @@ async def test_a_wake_during_a_pass_runs_another_and_wakes_do_not_pile_up(
     assert [m for m, _ in api.calls] == [0]
     await api.run_calls()
     assert store.count_unshipped(txn) == (0, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_decisions_arriving_one_by_one_are_shipped_together_at_most_once_a_gap(
+    txn: sqlite3.Cursor,
+) -> None:
+    api, clock = ShipApi(txn), Clock()
+    fhir = Fhir()
+    shipper = AuditShipper(
+        api,  # type: ignore[arg-type]
+        fhir,  # type: ignore[arg-type]
+        AuditConfig(enabled=True),
+        service_user_id=SERVICE,
+        persons=Persons({}, {}),
+        now_ms=clock,
+    )
+    store.insert_decisions(txn, [decision(1)])
+    shipper.wake()
+    assert [m for m, _ in api.calls] == [0]  # the first at once
+    await api.run_calls()
+    for i in range(4):  # a refusal every 200 ms
+        clock.now += 200
+        store.insert_decisions(txn, [decision(10 + i)])
+        shipper.wake()
+    # One pass, SHIP_GAP_MS after the last one began, for all four.
+    assert [m for m, _ in api.calls] == [SHIP_GAP_MS - 200]
+    await api.run_calls()
+    assert store.count_unshipped(txn) == (0, None)
+    assert len(fhir.bundles) == 2
 
 
 def test_refusal_spam_is_bounded_per_user_and_per_remote_server() -> None:
