@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from synapse.module_api import ModuleApi
 
 from synapse_fhir_module.audit import journal_store
@@ -29,14 +29,33 @@ MAX_PENDING = 50_000
 # The same decision noted again this soon is one decision: Synapse may ask two callbacks
 # about one attempt (a spam check, then the event rule), and both refuse it.
 SAME_DECISION_MS = 2_000
-# Refusals of one user noted per minute at most (``audit.max_refusals_per_minute``); a
-# remote server's users share REMOTE_FACTOR times that (they can mint users at will).
+# Refusals of one user noted per minute at most (``audit.max_refusals_per_minute``), and
+# of all remote users together REMOTE_FACTOR times that (remote servers mint users at
+# will). What goes beyond is not lost without a trace: at the end of the minute one
+# summary row per user says how many of their refusals were not journaled one by one.
 REFUSAL_WINDOW_MS = 60_000
 REMOTE_FACTOR = 10
+SUMMARY_REASON = "refusals_suppressed"
+# Users with a summary owed, at most; beyond, their counts go to one row naming nobody.
+MAX_SUMMARISED_USERS = 10_000
+# What a journal field may hold: Matrix ids and references are ASCII, at most 255 bytes
+# (the spec's bound); a received event can carry anything, so longer values are cut and
+# control characters (NUL, which PostgreSQL refuses, among them) replaced.
+MAX_FIELD = 255
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F], "?")
 
 SUPPRESSED = Counter(
     "synapse_fhir_audit_suppressed",
-    "Refusals not journaled: beyond audit.max_refusals_per_minute for their user or server",
+    "Refusals not journaled one by one (beyond audit.max_refusals_per_minute; summarised)",
+)
+DROPPED = Counter(
+    "synapse_fhir_audit_dropped",
+    "Decisions lost: beyond MAX_PENDING while the database did not take them, or a row"
+    " the database refused even alone",
+)
+UNWRITTEN = Gauge(
+    "synapse_fhir_audit_unwritten",
+    "Decisions noted in memory, not yet in the journal table (this instance)",
 )
 
 
@@ -53,9 +72,12 @@ class AuditJournal:
         self._now_ms = now_ms
         self._max_refusals = max_refusals_per_minute
         self._is_local = is_local
-        # Whose refusals (a local user, or a remote server) were noted this window, how many.
+        # Whose refusals were noted this window, how many ("" counts all remote users'),
+        # and whose were not (a summary row each at the window's end).
         self._refusals: dict[str, int] = {}
+        self._suppressed_of: dict[str | None, int] = {}
         self._window_start = 0
+        self._summary_scheduled = False
         self.suppressed = 0
         self._pending: list[Decision] = []
         self._recent: dict[tuple, int] = {}
@@ -82,20 +104,26 @@ class AuditJournal:
         detail: str | None = None,
     ) -> None:
         now = self._now_ms()
+        user_id, actor_id, room_id = _field(user_id), _field(actor_id), _field(room_id)
+        care_team, request = _field(care_team), _field(request)
+        reason, detail = _field(reason), _field(detail)
         key = (kind, outcome, user_id, actor_id, room_id, care_team, request, reason, detail)
         if now - self._recent.get(key, -SAME_DECISION_MS) < SAME_DECISION_MS:
             return
         if len(self._recent) > 1000:
             self._recent = {k: t for k, t in self._recent.items() if now - t < SAME_DECISION_MS}
         self._recent[key] = now
-        if outcome is Outcome.REFUSED and self._over_refusal_bound(actor_id or user_id, now):
-            self.suppressed += 1
-            SUPPRESSED.inc()
+        bounded = outcome is Outcome.REFUSED or (
+            # (a remote server's refused entries each make the module ban that user)
+            kind is DecisionKind.MEMBER_BANNED
+            and user_id is not None
+            and not self._is_local(user_id)
+        )
+        who = user_id if kind is DecisionKind.MEMBER_BANNED else actor_id or user_id
+        if bounded and self._over_refusal_bound(who, now):
+            self._suppress(who)
             return
-        if len(self._pending) >= MAX_PENDING:
-            self.dropped += 1
-            return
-        self._pending.append(
+        self._append(
             Decision(
                 kind=kind,
                 outcome=outcome,
@@ -109,24 +137,72 @@ class AuditJournal:
                 detail=detail,
             )
         )
+
+    def _append(self, decision: Decision) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            DROPPED.inc()
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning(
+                    "Dropped %d audit decisions: the database has not taken the last %d",
+                    self.dropped,
+                    len(self._pending),
+                )
+            return
+        self._pending.append(decision)
+        UNWRITTEN.set(len(self._pending))
         self._schedule(FLUSH_DELAY_MS)
 
+    def _suppress(self, who: str | None) -> None:
+        self.suppressed += 1
+        SUPPRESSED.inc()
+        if who not in self._suppressed_of and len(self._suppressed_of) >= MAX_SUMMARISED_USERS:
+            who = None
+        self._suppressed_of[who] = self._suppressed_of.get(who, 0) + 1
+        if not self._summary_scheduled:
+            self._summary_scheduled = True
+            delay = max(0, self._window_start + REFUSAL_WINDOW_MS - self._now_ms())
+            self._api.delayed_background_call(
+                delay, self._summarise, desc="fhir_audit_refusal_summary"
+            )
+
+    async def _summarise(self) -> None:
+        """One row per user whose refusals went beyond the bound: how many were not
+        journaled one by one (``detail`` ``suppressed_<n>``)."""
+        self._summary_scheduled = False
+        owed, self._suppressed_of = self._suppressed_of, {}
+        now = self._now_ms()
+        for who, count in owed.items():
+            self._append(
+                Decision(
+                    kind=DecisionKind.ACCESS_REFUSED,
+                    outcome=Outcome.REFUSED,
+                    recorded_ms=now,
+                    user_id=who,
+                    actor_id=who,
+                    reason=SUMMARY_REASON,
+                    detail=f"suppressed_{count}",
+                )
+            )
+
     def _over_refusal_bound(self, who: str | None, now: int) -> bool:
-        """Whether ``who`` (the refused one) had their share of refusals this minute: a
-        flood of refusals (one user's, or one remote server's made-up users') fills
-        neither the journal nor FHIR, and cannot crowd out anyone else's decisions."""
+        """Whether ``who`` (the refused one) had their share of refusals this minute, or
+        remote users all together theirs: a flood of refusals (one user's, or made-up
+        remote users') fills neither the journal nor FHIR; each user's own share is
+        journaled one by one whatever others do, and the rest is summarised."""
         if self._max_refusals is None or who is None:
             return False
         if now - self._window_start >= REFUSAL_WINDOW_MS:
             self._window_start, self._refusals = now, {}
-        if self._is_local(who):
-            key, bound = who, self._max_refusals
-        else:
-            key, bound = "server:" + who.partition(":")[2], self._max_refusals * REMOTE_FACTOR
-        count = self._refusals.get(key, 0)
-        if count >= bound:
+        count = self._refusals.get(who, 0)
+        if count >= self._max_refusals:
             return True
-        self._refusals[key] = count + 1
+        if not self._is_local(who):
+            remote = self._refusals.get("", 0)
+            if remote >= self._max_refusals * REMOTE_FACTOR:
+                return True
+            self._refusals[""] = remote + 1
+        self._refusals[who] = count + 1
         return False
 
     async def start(self) -> None:
@@ -155,13 +231,43 @@ class AuditJournal:
                 "fhir_audit_journal", journal_store.insert_decisions, batch
             )
         except Exception as e:
-            logger.warning("Could not journal %d audit decisions (%s); trying again", len(batch), e)
-            self._scheduled = True
-            self._api.delayed_background_call(RETRY_MS, self._flush, desc="fhir_audit_journal")
-            return
+            if not await self._one_by_one(batch):
+                logger.warning(
+                    "Could not journal %d audit decisions (%s); trying again",
+                    len(batch),
+                    type(e).__name__,
+                )
+                self._scheduled = True
+                self._api.delayed_background_call(RETRY_MS, self._flush, desc="fhir_audit_journal")
+                return
         del self._pending[: len(batch)]
-        if self.dropped:
-            logger.warning("Dropped %d audit decisions while the database lagged", self.dropped)
+        UNWRITTEN.set(len(self._pending))
         for listener in self._listeners:
             listener()
         self._schedule(0)
+
+    async def _one_by_one(self, batch: list[Decision]) -> bool:
+        """After a batch failed: each decision alone. One the database refuses while
+        others go in is dropped (counted; its id logged), so one bad row never holds up
+        the journal; False when none went in (the database away: the batch waits)."""
+        refused = []
+        for decision in batch:
+            try:
+                await self._api.run_db_interaction(
+                    "fhir_audit_journal_one", journal_store.insert_decisions, [decision]
+                )
+            except Exception:
+                refused.append(decision)
+        if len(refused) == len(batch):
+            return False
+        for decision in refused:
+            self.dropped += 1
+            DROPPED.inc()
+            logger.warning("The database refused audit decision %s; dropped", decision.audit_id)
+        return True
+
+
+def _field(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return str(value)[:MAX_FIELD].translate(_CONTROL)

@@ -332,11 +332,17 @@ def _deciding_team(teams: list[TeamMembership], user_id: str) -> TeamMembership:
     return (admitting or listing or teams)[0]
 
 
+# Memberships the audit journal names; any other value (a received event may carry
+# anything) is noted as "membership".
+_MEMBERSHIPS = frozenset({"join", "invite", "knock", "leave", "ban"})
+
+
 def _attempt(event: EventBase) -> str:
-    """What an event tried, for the audit journal: join, invite, knock, leave, a state
-    change, a redaction or a message (never its content)."""
+    """What an event tried, for the audit journal, from a fixed set of codes: a
+    membership, a state change, a redaction or a message (never its content)."""
     if event.type == "m.room.member":
-        return str(event.content.get("membership", "membership"))
+        membership = event.content.get("membership")
+        return membership if membership in _MEMBERSHIPS else "membership"
     if event.type == "m.room.redaction":
         return "redact"
     return "state" if event.is_state() else "send"

@@ -15,8 +15,10 @@ from synapse_fhir_module.audit import journal_store as store
 from synapse_fhir_module.audit.decision import Decision, DecisionKind, Outcome
 from synapse_fhir_module.audit.journal import (
     MAX_BATCH,
+    MAX_FIELD,
     RETRY_MS,
     SAME_DECISION_MS,
+    SUMMARY_REASON,
     AuditJournal,
 )
 from synapse_fhir_module.enforcement.denials import Denied, Reason
@@ -269,3 +271,115 @@ async def test_what_is_allowed_is_not_noted_and_a_received_refusal_is() -> None:
     assert [(n["user_id"], n["detail"], n["reason"]) for n in journal.noted] == [
         (OUTSIDER_REMOTE, "federated_join", Reason.NOT_IN_CARE_TEAM.value)
     ]
+
+
+def bounded_journal(api: Api, clock: Clock) -> AuditJournal:
+    return AuditJournal(
+        api,  # type: ignore[arg-type]
+        now_ms=clock,
+        max_refusals_per_minute=3,
+        is_local=lambda user: user.endswith(":a.org"),
+    )
+
+
+def refuse(journal: AuditJournal, user: str, room: str) -> None:
+    journal.note(
+        DecisionKind.ACCESS_REFUSED,
+        Outcome.REFUSED,
+        user_id=user,
+        actor_id=user,
+        room_id=room,
+        reason="not_in_care_team",
+        detail="join",
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_beyond_the_bound_leave_a_summary_row_and_never_hide_someone_elses(
+    txn: sqlite3.Cursor,
+) -> None:
+    api, clock = Api(txn), Clock()
+    journal = bounded_journal(api, clock)
+    await journal.start()
+    for i in range(10):  # an insider's cheap refusals, to hide what follows
+        refuse(journal, "@spam:a.org", f"!r{i}:a.org")
+    refuse(journal, "@spam:a.org", "!patient:a.org")  # the probe they wanted hidden
+    for i in range(10):  # one user of a partner server uses up her share...
+        refuse(journal, "@mallory:partner.org", f"!r{i}:a.org")
+    refuse(journal, "@bob:partner.org", "!r0:a.org")  # ...and his is still journaled
+    await api.run_calls()  # (the flushes, and the summary at the minute's end)
+    rows = [r.decision for r in store.every_row(txn)]
+    one_by_one = [(d.user_id, d.room_id) for d in rows if d.reason == "not_in_care_team"]
+    assert one_by_one.count(("@bob:partner.org", "!r0:a.org")) == 1
+    assert sum(1 for user, _ in one_by_one if user == "@spam:a.org") == 3
+    assert sum(1 for user, _ in one_by_one if user == "@mallory:partner.org") == 3
+    summaries = {d.user_id: d.detail for d in rows if d.reason == SUMMARY_REASON}
+    assert summaries == {"@spam:a.org": "suppressed_8", "@mallory:partner.org": "suppressed_7"}
+    assert journal.suppressed == 15
+
+
+@pytest_twisted.ensureDeferred
+async def test_remote_users_together_are_bounded_too_and_module_bans_of_them_count(
+    txn: sqlite3.Cursor,
+) -> None:
+    api, clock = Api(txn), Clock()
+    journal = bounded_journal(api, clock)
+    await journal.start()
+    for i in range(40):  # made-up users of servers minted at will
+        refuse(journal, f"@bot{i}:evil{i}.org", "!r0:a.org")
+        journal.note(DecisionKind.MEMBER_BANNED, Outcome.SUCCESS, user_id=f"@bot{i}:evil{i}.org")
+    journal.note(DecisionKind.MEMBER_INVITED, Outcome.SUCCESS, user_id="@anna:a.org")
+    refuse(journal, "@olga:a.org", "!r0:a.org")  # local users keep their own share
+    await api.run_calls()
+    rows = [r.decision for r in store.every_row(txn)]
+    remote = [d for d in rows if d.user_id and ":evil" in d.user_id and d.reason != SUMMARY_REASON]
+    assert len(remote) == 3 * 10  # REMOTE_FACTOR times the bound, refusals and bans together
+    assert any(d.kind is DecisionKind.MEMBER_INVITED for d in rows)  # never bounded
+    assert any(d.user_id == "@olga:a.org" for d in rows)
+    assert (
+        sum(int((d.detail or "_0").split("_")[1]) for d in rows if d.reason == SUMMARY_REASON) == 50
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_remote_server_put_in_an_event_cannot_stop_the_journal(
+    txn: sqlite3.Cursor,
+) -> None:
+    api, clock = Api(txn), Clock()
+    journal = AuditJournal(api, now_ms=clock)  # type: ignore[arg-type]
+    await journal.start()
+    refuse(journal, "@x\x00y:evil.org", "!r" + "z" * 10_000)
+    await api.run_calls()
+    (row,) = store.every_row(txn)
+    assert row.user_id == "@x?y:evil.org"
+    assert row.room_id is not None and len(row.room_id) == MAX_FIELD
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_row_the_database_refuses_even_alone_is_dropped_and_the_rest_go_in(
+    txn: sqlite3.Cursor,
+) -> None:
+    class Picky(Api):
+        async def run_db_interaction(self, desc: str, func: Callable, *args: Any) -> Any:
+            if args and any(d.user_id == "@bad:a.org" for d in args[0]):
+                raise ValueError("refused")
+            return await super().run_db_interaction(desc, func, *args)
+
+    api, clock = Picky(txn), Clock()
+    journal = AuditJournal(api, now_ms=clock)  # type: ignore[arg-type]
+    await journal.start()
+    for user in ("@a:a.org", "@bad:a.org", "@b:a.org"):
+        refuse(journal, user, "!r:a.org")
+    await api.run_calls()
+    assert sorted(r.user_id or "" for r in store.every_row(txn)) == ["@a:a.org", "@b:a.org"]
+    assert (journal.dropped, journal.unwritten) == (1, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_received_membership_outside_the_known_ones_is_noted_as_a_code() -> None:
+    journal = Journal()
+    g = gate_with(journal)
+    event = member_event(OUTSIDER_REMOTE, OUTSIDER_REMOTE, "join")
+    event.content["membership"] = "join\x00<script>"
+    await g.check_event_for_spam(event)
+    assert [n["detail"] for n in journal.noted] == ["federated_membership"]
