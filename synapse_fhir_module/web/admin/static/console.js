@@ -1,5 +1,6 @@
 // The FHIR module's operator console: reads the admin API with a server admin's Matrix
-// access token (kept in this tab's sessionStorage only) and shows what it answers.
+// access token (kept in this tab's sessionStorage only) and shows what it answers. After
+// 15 minutes without interaction it logs out (a session it made) or forgets the token.
 //
 // Every value from the server is put in the page as text (textContent, text nodes):
 // a room id, a user id or a reason is never parsed as HTML. The page's CSP forbids inline
