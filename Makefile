@@ -49,9 +49,10 @@ bench-smoke: setup
 
 setup: $(VENV)/.installed $(HAPI_JARS) node_modules/.installed tools
 
-# The test-only JavaScript (Element's SDK, playwright-core) exactly as the lock file says.
+# The test-only JavaScript (Element's SDK, playwright-core) exactly as the lock file says
+# (no install scripts run: none of these packages needs one).
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt

@@ -120,7 +120,7 @@ class FhirModule:
             journal=journal,
         )
         # The journal to FHIR as AuditEvents (audit.enabled), and pruned, in the background.
-        audit_counts = register_shipping(
+        audit = register_shipping(
             api,
             config,
             journal=journal,
@@ -150,7 +150,8 @@ class FhirModule:
             recording=recording,
             sync_counts=self._sync.counts,
             identity_counts=people.counts,
-            audit_counts=audit_counts,
+            audit_counts=audit.counts,
+            retry_refused_audit=audit.retry_refused,
             on_notification=self._on_notification,
         )
 

@@ -41,7 +41,10 @@ SCHEMA = (
     # What is still to go to FHIR, oldest first (partial: shipped rows drop out of it).
     f"CREATE INDEX IF NOT EXISTS {TABLE}_unshipped ON {TABLE} (recorded_ms)"
     " WHERE shipped_ms IS NULL",
-    # (A row FHIR refused for good, ``refused_ms``, waits for no shipper: see mark_refused.)
+    # The rows FHIR refused, set aside (``refused_ms``: see mark_refused), for /health's
+    # count and the retry (partial: only those rows are in it).
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_refused ON {TABLE} (refused_ms)"
+    " WHERE refused_ms IS NOT NULL",
 )
 
 _DECISION_COLUMNS = (
@@ -165,8 +168,8 @@ def count_refused(txn: Cursor) -> int:
 
 
 def mark_refused(txn: Cursor, audit_id: str, failure: str, refused_ms: int) -> None:
-    """FHIR refused this row's AuditEvent for good: it leaves the queue (so it blocks no
-    other), keeping why (``failure``: a status and codes, never content)."""
+    """FHIR refused this row's AuditEvent: it leaves the queue (so it blocks no other),
+    keeping why (``failure``: a status, never content), until ``retry_refused``."""
     txn.execute(
         f"UPDATE {TABLE} SET attempts = attempts + 1, failure = ?, refused_ms = ?"
         " WHERE audit_id = ?",
@@ -182,8 +185,9 @@ def retry_refused(txn: Cursor) -> int:
 
 def prune(txn: Cursor, before_ms: int, keep_unshipped: bool, limit: int) -> int:
     """Delete up to ``limit`` rows recorded before ``before_ms`` (with ``keep_unshipped``:
-    only those FHIR has, or refused for good); how many went."""
-    waiting = f" AND NOT ({_WAITING})" if keep_unshipped else ""
+    only those FHIR has; a row waiting, or set aside after a refusal, stays until FHIR has
+    it); how many went."""
+    waiting = " AND shipped_ms IS NOT NULL" if keep_unshipped else ""
     txn.execute(
         f"DELETE FROM {TABLE} WHERE audit_id IN (SELECT audit_id FROM {TABLE}"
         f" WHERE recorded_ms < ?{waiting} LIMIT ?)",

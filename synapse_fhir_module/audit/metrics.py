@@ -16,8 +16,9 @@ AUDIT_OLDEST_PENDING = Gauge(
 AUDIT_SHIPPED = Counter("synapse_fhir_audit_shipped", "Decisions written to FHIR as AuditEvents")
 AUDIT_FAILED = Counter(
     "synapse_fhir_audit_failed",
-    "AuditEvents FHIR did not take: transient (tried again) or refused (kept, not retried)",
-    ["kind"],  # transient | refused
+    "AuditEvents FHIR did not take: transient (tried again), unable (FHIR refused entry"
+    " after entry alike: tried again) or refused (set aside until an admin retries them)",
+    ["kind"],  # transient | unable | refused
 )
 AUDIT_LAG = Histogram(
     "synapse_fhir_audit_lag_seconds",

@@ -11,14 +11,24 @@ Synapse's background processes.
 
 FHIR away (or refusing the module itself: 401/403) → the batch waits, with exponential
 backoff and jitter. FHIR refusing one entry (another 4xx) → the batch is halved until that
-entry is alone; its row is set aside with the status and FHIR's issue codes (never FHIR's
-diagnostics, which may quote what was sent) and the rest go on.
+entry is alone; its row is set aside with the status (never FHIR's diagnostics, which may
+quote what was sent) and the rest go on. But FHIR refusing entry after entry with the same
+status (or more than ``MAX_SET_ASIDE_PER_PASS`` in a pass) is FHIR unable to take
+AuditEvents at all (a gateway's 404, no conditional create on ``_tag``...), not bad
+entries: the rows stay queued, as when FHIR is away. Set-aside rows stay in the journal
+(never pruned with audit on) until an admin puts them back (``retry_refused``).
+
+Users of other homeservers are named by their Matrix id only: their persons are not looked
+up (a remote server can mint user ids at will). Local users unknown to the person
+directory are asked about without growing it (``Persons.ask``), remembered here in a small
+bounded memory.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +36,7 @@ import attr
 from fhir.resources.R4B.auditevent import AuditEvent
 from pydantic import ValidationError
 from synapse.module_api import ModuleApi
+from twisted.internet import defer
 
 from synapse_fhir_module.audit import journal_store
 from synapse_fhir_module.audit.audit_event import audit_event, bundle_entry
@@ -57,6 +68,14 @@ GAUGE_INTERVAL_MS = 5_000
 BACKOFF_CAP_MS = 60_000
 PRUNE_INTERVAL_MS = 10 * 60_000
 PRUNE_CHUNK = 5_000
+# A pass that sets aside more single entries than this is FHIR unable, not bad entries.
+MAX_SET_ASIDE_PER_PASS = 3
+# /health's audit figures are counted at most this often (anyone may ask /health).
+COUNTS_INTERVAL_MS = 5_000
+# Local users the person directory does not remember: their persons, asked of FHIR by the
+# shipper, kept this long, this many at most (least recently used dropped first).
+PERSON_MEMORY_MS = 5 * 60_000
+MAX_PERSONS_REMEMBERED = 1_000
 # Care teams whose subject is remembered (a team's patient does not change in practice;
 # the memory is dropped whole when full).
 MAX_REMEMBERED_TEAMS = 10_000
@@ -67,7 +86,8 @@ class Persons(Protocol):
 
     def remembered(self, user_id: str) -> Any: ...
 
-    async def refresh(self, user_ids: Sequence[str]) -> list[Any]: ...
+    async def ask(self, user_ids: Sequence[str]) -> list[Any]:
+        """FHIR's answers for these users, not remembered by the directory."""
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -78,6 +98,23 @@ class AuditCounts:
     pending: int = 0
     oldest_age_seconds: float | None = None
     refused: int = 0
+
+
+class FhirUnable(Exception):
+    """FHIR refused single entries again and again with one status: not the entries."""
+
+    def __init__(self, status: int | None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+@attr.s(auto_attribs=True)
+class _Written:
+    """What one batch came to, as the halving goes."""
+
+    taken: list[JournalRow] = attr.Factory(list)
+    # The single entries FHIR refused, with its answer.
+    refused: list[tuple[JournalRow, FhirPermanentError]] = attr.Factory(list)
 
 
 class AuditShipper:
@@ -107,6 +144,14 @@ class AuditShipper:
         self._last_pass_ms: int | None = None
         self._gauges_due_ms = 0
         self._patients: dict[str, str | None] = {}
+        # user id → (person or None, until when), for local users the directory lacks.
+        self._persons_seen: OrderedDict[str, tuple[str | None, int]] = OrderedDict()
+        # The statuses of the single entries set aside in this pass.
+        self._pass_refusals: list[int | None] = []
+        # The status that made FHIR unable, until a batch goes through whole.
+        self._unable_status: int | None = None
+        self._counted: tuple[int, int, int | None, int] | None = None
+        self._counting: list[defer.Deferred] | None = None
 
     def wake(self) -> None:
         """Rows were journaled here: ship them soon (at once unless backing off)."""
@@ -135,6 +180,7 @@ class AuditShipper:
             return 0
         self._running = True
         self._last_pass_ms = self._now_ms()
+        self._pass_refusals = []
         shipped = 0
         try:
             while True:
@@ -144,10 +190,10 @@ class AuditShipper:
                 )
                 if not rows:
                     break
-                taken = await self._ship_batch(rows)
-                if taken is None:  # FHIR away: wait, then try again
-                    break
+                taken, went_on = await self._ship_batch(rows)
                 shipped += taken
+                if not went_on:  # FHIR away (or unable): wait, then try again
+                    break
                 if len(rows) < self._config.batch_size:
                     break  # that was all (rows journaled since woke us: `_again`)
         except Exception as e:  # (the database away: the loop tries again)
@@ -162,17 +208,47 @@ class AuditShipper:
         return shipped
 
     async def counts(self) -> AuditCounts:
-        pending, oldest = await self._api.run_db_interaction(
-            "fhir_audit_count", journal_store.count_unshipped
-        )
-        refused = await self._api.run_db_interaction(
-            "fhir_audit_count_refused", journal_store.count_refused
-        )
+        """The queue, as counted at most every ``COUNTS_INTERVAL_MS`` (requests meanwhile,
+        and those arriving while it is counted, share one count)."""
+        now = self._now_ms()
+        if self._counted is None or now >= self._counted[0] + COUNTS_INTERVAL_MS:
+            if self._counting is not None:
+                waiter: defer.Deferred = defer.Deferred()
+                self._counting.append(waiter)
+                await waiter
+            else:
+                self._counting = []
+                try:
+                    pending, oldest = await self._api.run_db_interaction(
+                        "fhir_audit_count", journal_store.count_unshipped
+                    )
+                    refused = await self._api.run_db_interaction(
+                        "fhir_audit_count_refused", journal_store.count_refused
+                    )
+                    self._counted = (self._now_ms(), pending, oldest, refused)
+                finally:
+                    waiters, self._counting = self._counting, None
+                    for waiter in waiters:
+                        waiter.callback(None)
+            if self._counted is None:  # (the count failed)
+                raise RuntimeError("the audit journal could not be counted")
+        _, pending, oldest, refused = self._counted
         age = None if oldest is None else max(0.0, (self._now_ms() - oldest) / 1000)
         return AuditCounts(enabled=True, pending=pending, oldest_age_seconds=age, refused=refused)
 
+    async def retry_refused(self) -> int:
+        """Put the rows FHIR refused back in the queue (the cause fixed); how many."""
+        requeued = await self._api.run_db_interaction(
+            "fhir_audit_retry_refused", journal_store.retry_refused
+        )
+        self._counted = None
+        self._unable_status = None
+        logger.info("%d refused AuditEvents put back in the queue", requeued)
+        return int(requeued)
+
     async def prune(self) -> int:
-        """Delete the rows older than ``audit.retention`` that FHIR has (or refused)."""
+        """Delete the rows older than ``audit.retention`` that FHIR has (with audit off:
+        every one)."""
         before = self._now_ms() - int(self._config.retention * 1000)
         total = 0
         while True:
@@ -189,8 +265,9 @@ class AuditShipper:
         AUDIT_PRUNED.inc(total)
         return total
 
-    async def _ship_batch(self, rows: list[JournalRow]) -> int | None:
-        """One batch: how many FHIR took, or None when FHIR could not be reached."""
+    async def _ship_batch(self, rows: list[JournalRow]) -> tuple[int, bool]:
+        """One batch: how many FHIR took, and whether it took the rest or set it aside
+        (False: FHIR could not be reached, or was unable; the rest waits)."""
         persons = await self._persons_of(rows)
         patients = await self._patients_of(rows)
         entries: list[tuple[JournalRow, dict[str, Any]]] = []
@@ -207,44 +284,66 @@ class AuditShipper:
                 await self._refused(row, problem)
             else:
                 entries.append((row, bundle_entry(row.decision, resource)))
+        written = _Written()
         try:
-            taken = await self._write(entries)
-        except FhirError as e:
+            await self._write(entries, written)
+        except (FhirError, FhirUnable) as e:
+            # (What FHIR took before it failed is shipped; the rest, refused ones included,
+            # waits.)
+            await self._mark_shipped(written.taken)
+            done = {row.decision.audit_id for row in written.taken}
+            waiting = [
+                row.decision.audit_id for row, _ in entries if row.decision.audit_id not in done
+            ]
             self._back_off()
-            AUDIT_FAILED.labels(kind="transient").inc(len(entries))
-            failure = f"HTTP {e.status}" if e.status else "FHIR unreachable"
+            if isinstance(e, FhirUnable):
+                self._unable_status = e.status
+                AUDIT_FAILED.labels(kind="unable").inc(len(waiting))
+                failure = f"HTTP {e.status} (every entry refused)"
+            else:
+                AUDIT_FAILED.labels(kind="transient").inc(len(waiting))
+                failure = f"HTTP {e.status}" if e.status else "FHIR unreachable"
             logger.info(
                 "FHIR did not take %d AuditEvents (%s); trying again in %d ms",
-                len(entries),
+                len(waiting),
                 failure,
                 self._not_before - self._now_ms(),
             )
             await self._api.run_db_interaction(
-                "fhir_audit_failure",
-                journal_store.note_failure,
-                [row.decision.audit_id for row, _ in entries],
-                failure,
+                "fhir_audit_failure", journal_store.note_failure, waiting, failure
             )
-            return None
+            return len(written.taken), False
         self._failures, self._not_before = 0, 0
-        if taken:
-            now = self._now_ms()
-            await self._api.run_db_interaction(
-                "fhir_audit_shipped",
-                journal_store.mark_shipped,
-                [row.decision.audit_id for row in taken],
-                now,
-            )
-            AUDIT_SHIPPED.inc(len(taken))
-            for row in taken:
-                AUDIT_LAG.observe(max(0, now - row.recorded_ms) / 1000)
-        return len(taken)
+        if not written.refused:
+            self._unable_status = None
+        for row, error in written.refused:
+            await self._refused(row, refusal_reason(error))
+        await self._mark_shipped(written.taken)
+        return len(written.taken), True
 
-    async def _write(self, entries: list[tuple[JournalRow, dict[str, Any]]]) -> list[JournalRow]:
+    async def _mark_shipped(self, taken: Sequence[JournalRow]) -> None:
+        if not taken:
+            return
+        now = self._now_ms()
+        await self._api.run_db_interaction(
+            "fhir_audit_shipped",
+            journal_store.mark_shipped,
+            [row.decision.audit_id for row in taken],
+            now,
+        )
+        AUDIT_SHIPPED.inc(len(taken))
+        for row in taken:
+            AUDIT_LAG.observe(max(0, now - row.recorded_ms) / 1000)
+
+    async def _write(
+        self, entries: list[tuple[JournalRow, dict[str, Any]]], written: _Written
+    ) -> None:
         """Write ``entries`` as one transaction; halves on a refusal until the refused
-        entry is alone. Raises FhirError when FHIR is away (or refuses the module)."""
+        entry is alone (noted in ``written``, with what FHIR took). Raises FhirError when
+        FHIR is away (or refuses the module), FhirUnable when single entries keep being
+        refused alike."""
         if not entries:
-            return []
+            return
         bundle = {
             "resourceType": "Bundle",
             "type": "transaction",
@@ -256,11 +355,26 @@ class AuditShipper:
             if e.status in (401, 403, 407):
                 raise  # FHIR refuses the module, not an entry: everything waits
             if len(entries) == 1:
-                await self._refused(entries[0][0], refusal_reason(e))
-                return []
+                self._refused_alone(e.status)
+                written.refused.append((entries[0][0], e))
+                return
             middle = len(entries) // 2
-            return [*await self._write(entries[:middle]), *await self._write(entries[middle:])]
-        return [row for row, _ in entries]
+            await self._write(entries[:middle], written)
+            await self._write(entries[middle:], written)
+            return
+        written.taken.extend(row for row, _ in entries)
+
+    def _refused_alone(self, status: int | None) -> None:
+        """A single entry refused: raises FhirUnable when that is FHIR, not the entry —
+        the status that made FHIR unable before (no batch went through whole since), one
+        refused earlier in this pass, or one refusal too many for a pass."""
+        if (
+            status == self._unable_status
+            or status in self._pass_refusals
+            or len(self._pass_refusals) >= MAX_SET_ASIDE_PER_PASS
+        ):
+            raise FhirUnable(status)
+        self._pass_refusals.append(status)
 
     async def _refused(self, row: JournalRow, failure: str) -> None:
         logger.warning("FHIR refused the AuditEvent of %s (%s)", row.decision.audit_id, failure)
@@ -279,29 +393,44 @@ class AuditShipper:
         self._not_before = self._now_ms() + int(ceiling * (0.5 + 0.5 * self._rng.random()))
 
     async def _persons_of(self, rows: Sequence[JournalRow]) -> dict[str, str]:
-        """Matrix user id → FHIR person, for the users of ``rows`` FHIR names (asked of
-        FHIR for those the directory does not remember; unknown when it cannot say)."""
+        """Matrix user id → FHIR person, for the local users of ``rows`` FHIR names: as
+        the directory remembers them, else asked of FHIR (without growing the directory);
+        unknown when FHIR cannot say. Users of other servers: none (never looked up)."""
         users = {
             user
             for row in rows
             for user in (row.decision.user_id, row.decision.actor_id)
-            if user and user != self._service_user_id
+            if user and user != self._service_user_id and self._api.is_mine(user)
         }
+        now = self._now_ms()
         found: dict[str, str] = {}
         unknown = []
         for user in sorted(users):
             record = self._persons.remembered(user)
-            if record is None:
+            seen = self._persons_seen.get(user)
+            if record is not None:
+                person = record.person
+            elif seen is not None and now < seen[1]:
+                self._persons_seen.move_to_end(user)
+                person = seen[0]
+            else:
                 unknown.append(user)
-            elif record.person is not None:
-                found[user] = record.person
+                continue
+            if person is not None:
+                found[user] = person
         if unknown:
             try:
-                for record in await self._persons.refresh(unknown):
-                    if record.person is not None:
-                        found[record.user_id] = record.person
+                records = await self._persons.ask(unknown)
             except FhirError as e:
                 logger.info("Could not look up the persons of audited users (%s)", e)
+                records = []
+            for record in records:
+                self._persons_seen[record.user_id] = (record.person, now + PERSON_MEMORY_MS)
+                self._persons_seen.move_to_end(record.user_id)
+                if record.person is not None:
+                    found[record.user_id] = record.person
+            while len(self._persons_seen) > MAX_PERSONS_REMEMBERED:
+                self._persons_seen.popitem(last=False)
         return found
 
     async def _patients_of(self, rows: Sequence[JournalRow]) -> Mapping[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+import attr
 from synapse.module_api import ModuleApi
 
 from synapse_fhir_module.audit.journal import AuditJournal
@@ -40,6 +41,14 @@ def register_journal(
     return journal
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class AuditPart:
+    # The figures ``/health`` shows (counted at most every 5 s).
+    counts: Callable[[], Awaitable[AuditCounts]]
+    # Put the rows FHIR refused back in the queue; how many (the admin API's retry).
+    retry_refused: Callable[[], Awaitable[int]]
+
+
 def register_shipping(
     api: ModuleApi,
     config: ModuleConfig,
@@ -50,9 +59,9 @@ def register_shipping(
     service_user_id: str,
     runs_here: bool,
     now_ms: Callable[[], int],
-) -> Callable[[], Awaitable[AuditCounts]]:
+) -> AuditPart:
     """Ship (with ``audit.enabled``) and prune the journal where background work runs;
-    the figures ``/health`` shows, on every instance."""
+    the figures ``/health`` shows and the retry of refused rows, on every instance."""
     shipper = AuditShipper(
         api,
         fhir,
@@ -85,7 +94,14 @@ def register_shipping(
         except Exception:  # (the table not there yet, the database away)
             return AuditCounts(enabled=True)
 
-    return counts
+    async def retry_refused() -> int:
+        requeued = await shipper.retry_refused()
+        if runs_here and config.audit.enabled:
+            shipper.wake()
+        # (Elsewhere the shipping instance finds them within audit.poll_interval.)
+        return requeued
+
+    return AuditPart(counts=counts, retry_refused=retry_refused)
 
 
 def _quietly(step: Callable[[], Awaitable[object]], what: str) -> Callable[[], Awaitable[None]]:

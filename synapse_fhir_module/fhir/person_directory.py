@@ -211,12 +211,19 @@ class PersonDirectory:
 
     async def refresh(self, user_ids: Iterable[str]) -> list[PersonRecord]:
         """Ask FHIR about these users, in batches; remember and return the answers."""
+        records = await self.ask(user_ids)
+        for record in records:
+            self._records[record.user_id] = record
+        return records
+
+    async def ask(self, user_ids: Iterable[str]) -> list[PersonRecord]:
+        """Ask FHIR about these users, in batches, and return the answers without
+        remembering them (``remembered_users``, which account validity re-asks about,
+        does not grow)."""
         users = list(dict.fromkeys(user_ids))
         records = []
         for start in range(0, len(users), USERS_PER_BATCH):
             records.extend(await self._lookup_batch(users[start : start + USERS_PER_BATCH]))
-        for record in records:
-            self._records[record.user_id] = record
         return records
 
     async def persons_naming(self, user_id: str) -> dict[str, dict[str, Any]]:

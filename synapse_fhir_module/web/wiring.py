@@ -53,6 +53,7 @@ def register_resources(
     identity_counts: Callable[[], IdentityCounts],
     on_notification: Callable[[Notification], None],
     audit_counts: Callable[[], Awaitable[AuditCounts]] | None = None,
+    retry_refused_audit: Callable[[], Awaitable[int]] | None = None,
 ) -> None:
     reachability = FhirReachability(fhir)
     api.delayed_background_call(0, reachability.probe, desc="fhir_reachability_probe")
@@ -83,6 +84,7 @@ def register_resources(
         recent_refusals=journal_store.recent_refusals,
         now_ms=now_ms,
         outbox_changed=recording.table_changed if recording else None,
+        retry_refused_audit=retry_refused_audit,
     )
     # FHIR says what changed (design.md: endpoints); the background instance makes Matrix match.
     api.register_web_resource(NOTIFY_PATH, NotifyResource(config.webhook.secret, on_notification))

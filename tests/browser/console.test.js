@@ -37,9 +37,11 @@ after(async () => {
   await browser?.close();
 });
 
-// A new browser context (its own sessionStorage), the console opened, the API answers seen.
-async function openConsole() {
+// A new browser context (its own sessionStorage), the console opened, the API answers seen
+// (with `fakeClock`, the page's timers and Date run on Playwright's clock).
+async function openConsole({ fakeClock = false } = {}) {
   const context = await browser.newContext({ viewport: { width: 1400, height: 1000 } });
+  if (fakeClock) await context.clock.install();
   const page = await context.newPage();
   const apiAnswers = [];
   page.on("response", (response) => {
@@ -85,12 +87,14 @@ test("without a token every endpoint answers 401 M_MISSING_TOKEN, and a retry to
     assert.equal((await answer.json()).errcode, "M_MISSING_TOKEN", name);
   }
   // A cross-site form or fetch carries no Authorization header (the API reads no cookie).
-  const retry = await fetch(`${API}dead-letters/retry`, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: "{}",
-  });
-  assert.equal(retry.status, 401);
+  for (const path of ["dead-letters/retry", "audit/retry-refused"]) {
+    const retry = await fetch(`${API}${path}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: "{}",
+    });
+    assert.equal(retry.status, 401, path);
+  }
 });
 
 test("a server admin sees health, the network, the refusal and the dead letter, and retries it", async () => {
@@ -189,6 +193,35 @@ test("a server admin sees health, the network, the refusal and the dead letter, 
   }
 });
 
+test("a console left alone for 15 minutes logs itself out and ends its session", async () => {
+  const { context, page, errors } = await openConsole({ fakeClock: true });
+  try {
+    await signIn(page, expected.admin_localpart, expected.admin_password);
+    await page.waitForSelector("[data-testid=health-status]", { timeout: WAIT });
+    const token = await page.evaluate(() => sessionStorage.getItem("sfm-console-token"));
+    assert.ok(token);
+    // Ten quiet minutes, a key pressed, ten more: still signed in (idle is since the last
+    // interaction, not since signing in).
+    await page.clock.fastForward("10:00");
+    await page.keyboard.press("Shift");
+    await page.clock.fastForward("10:00");
+    assert.equal(await page.isVisible("#session"), true);
+    assert.equal(await page.evaluate(() => sessionStorage.getItem("sfm-console-token")), token);
+    // Five more without a touch: fifteen since the key. The page logs out and says why.
+    await page.clock.fastForward("05:10");
+    await page.waitForSelector("#login:not([hidden])", { timeout: WAIT });
+    assert.match(await page.textContent("#notice"), /Logged out after 15 minutes without activity/);
+    assert.equal(await page.evaluate(() => sessionStorage.length), 0);
+    assert.equal(await page.locator("[data-testid=network]").count(), 0);
+    // The session the console made is over on the homeserver too.
+    const stale = await fetch(`${API}health`, { headers: { Authorization: `Bearer ${token}` } });
+    assert.equal(stale.status, 401);
+    assert.deepEqual(errors, []);
+  } finally {
+    await context.close();
+  }
+});
+
 test("a member who is not a server admin is told so and sees no data", async () => {
   const { context, page, apiAnswers } = await openConsole();
   try {
@@ -223,12 +256,14 @@ test("a member who is not a server admin is told so and sees no data", async () 
       assert.deepEqual(Object.keys(body).sort(), ["errcode", "error"]);
       assert.equal(body.errcode, "M_FORBIDDEN");
     }
-    const retry = await fetch(`${API}dead-letters/retry`, {
-      method: "POST",
-      headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
-      body: "{}",
-    });
-    assert.equal(retry.status, 403);
+    for (const path of ["dead-letters/retry", "audit/retry-refused"]) {
+      const retry = await fetch(`${API}${path}`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+        body: "{}",
+      });
+      assert.equal(retry.status, 403, path);
+    }
   } finally {
     await context.close();
   }

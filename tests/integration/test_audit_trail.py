@@ -503,7 +503,8 @@ def test_each_kind_of_decision_is_one_valid_audit_event_in_fhir(
             DecisionKind.MEMBER_INVITED, "the remote GP's invite", user_id=gp.user_id, room_id=space
         ),
         ("110136", "member_invited", "C", "0"),
-        [(service_id, None, True), (gp.user_id, network.ref("Practitioner", "gp"), False)],
+        # (Another server's user: named by Matrix id only, their person never looked up.)
+        [(service_id, None, True), (gp.user_id, None, False)],
         space_entities,
     )
     check(
@@ -604,6 +605,72 @@ def test_every_journal_row_is_exactly_one_audit_event(audited: Audited) -> None:
     assert rows
     for row in rows:
         assert len(events_of(audited.hapi, row.decision.audit_id)) == 1, row.decision
+
+
+RETRY_REFUSED = "/_synapse/client/fhir/admin/api/audit/retry-refused"
+
+
+def audit_health(server: SynapseServer) -> dict[str, Any]:
+    health = requests.get(server.url("/_synapse/client/fhir/health"), timeout=10).json()
+    return dict(health["audit"])
+
+
+def refused_ms_of(server: SynapseServer, audit_id: str) -> int | None:
+    connection = sqlite3.connect(f"file:{server.workdir / 'homeserver.db'}?mode=ro", uri=True)
+    try:
+        found = connection.execute(
+            f"SELECT refused_ms FROM {journal_store.TABLE} WHERE audit_id = ?", (audit_id,)
+        ).fetchone()
+    finally:
+        connection.close()
+    return None if found is None else found[0]
+
+
+def test_an_admin_puts_refused_audit_events_back_in_the_queue_and_nobody_else_can(
+    audited: Audited, root: MatrixUser
+) -> None:
+    a = audited.a
+    network = Network(uuid.uuid4().hex[:8], a.server_name, audited.b.server_name)
+    FhirSeeder(audited.hapi.base_url).put_all(network.resources())
+    olga = registered(audited, network, "olga")
+    space = create_bound_space(service_session(root), network.team)
+    refuse_outsider(a, space, olga)
+    row = one_row(a, DecisionKind.ACCESS_REFUSED, "olga's refused join", user_id=olga.user_id)
+    audit_id = row.decision.audit_id
+    # The row as the shipper leaves one FHIR refused: set aside with the status (written
+    # into Synapse's database while it runs, as another process would).
+    connection = sqlite3.connect(a.workdir / "homeserver.db", timeout=30)
+    try:
+        with connection:
+            connection.execute(
+                f"UPDATE {journal_store.TABLE} SET shipped_ms = NULL, refused_ms = 1,"
+                " failure = 'HTTP 422' WHERE audit_id = ?",
+                (audit_id,),
+            )
+    finally:
+        connection.close()
+    wait_until(
+        lambda: audit_health(a)["refused"] == 1,
+        timeout=SHIPPED_WITHIN,
+        what="/health counting the row set aside",
+    )
+    # Nobody but a server admin may put it back: no token 401, a member 403.
+    assert requests.post(a.url(RETRY_REFUSED), json={}, timeout=10).status_code == 401
+    forbidden = refused(lambda: olga.request("POST", RETRY_REFUSED, {}))
+    assert (forbidden.status, forbidden.errcode) == (403, "M_FORBIDDEN")
+    assert refused_ms_of(a, audit_id) == 1
+    # A server admin: it goes back in the queue and ships (the conditional create finds
+    # the AuditEvent FHIR already had: still one).
+    assert root.request("POST", RETRY_REFUSED, {}) == {"requeued": 1}
+    assert refused_ms_of(a, audit_id) is None
+    one_row(a, DecisionKind.ACCESS_REFUSED, "olga's refusal, retried", user_id=olga.user_id)
+    assert len(events_of(audited.hapi, audit_id)) == 1
+    wait_until(
+        lambda: audit_health(a)["refused"] == 0,
+        timeout=SHIPPED_WITHIN,
+        what="/health counting no row set aside",
+    )
+    assert root.request("POST", RETRY_REFUSED, {}) == {"requeued": 0}
 
 
 def refuse_outsider(server: SynapseServer, space: str, outsider: MatrixUser) -> None:

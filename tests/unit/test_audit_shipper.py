@@ -12,14 +12,24 @@ from typing import Any
 import attr
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from synapse_fhir_module.audit import journal_store as store
 from synapse_fhir_module.audit.decision import Decision, DecisionKind, Outcome
 from synapse_fhir_module.audit.journal import REFUSAL_WINDOW_MS, AuditJournal
-from synapse_fhir_module.audit.shipper import SHIP_GAP_MS, AuditShipper
+from synapse_fhir_module.audit.metrics import AUDIT_FAILED
+from synapse_fhir_module.audit.shipper import (
+    COUNTS_INTERVAL_MS,
+    MAX_PERSONS_REMEMBERED,
+    MAX_SET_ASIDE_PER_PASS,
+    PERSON_MEMORY_MS,
+    SHIP_GAP_MS,
+    AuditShipper,
+)
 from synapse_fhir_module.config import AuditConfig
 from synapse_fhir_module.fhir.conventions import AUDIT_ID_SYSTEM
 from synapse_fhir_module.fhir.errors import FhirPermanentError, FhirTransientError
+from synapse_fhir_module.fhir.person_directory import PersonDirectory
 from tests.unit.test_audit_journal import Api, Clock
 
 SERVICE = "@fhir:a.org"
@@ -37,6 +47,9 @@ def txn() -> Iterator[sqlite3.Cursor]:
 
 class ShipApi(Api):
     server_name = "a.org"
+
+    def is_mine(self, user_id: str) -> bool:
+        return user_id.endswith(":a.org")
 
 
 @attr.s(auto_attribs=True)
@@ -56,18 +69,20 @@ class Persons:
             return None
         return Record(user_id, self._remembered[user_id])
 
-    async def refresh(self, user_ids: Sequence[str]) -> list[Record]:
+    async def ask(self, user_ids: Sequence[str]) -> list[Record]:
         self.asked.append(list(user_ids))
         return [Record(u, self._in_fhir.get(u)) for u in user_ids]
 
 
 class Fhir:
     """Answers transactions as HAPI would; refuses entries for ``refused`` audit ids (one
-    bad entry fails the whole transaction), or everything with ``status``."""
+    bad entry fails the whole transaction; ``refused_with`` a status per id, else 422), or
+    everything with ``status``."""
 
     def __init__(self) -> None:
         self.bundles: list[dict[str, Any]] = []
         self.refused: set[str] = set()
+        self.refused_with: dict[str, int] = {}
         self.status: int | None = None
         self.searches: list[tuple[str, Any]] = []
 
@@ -78,7 +93,8 @@ class Fhir:
             raise error("transaction failed", status=self.status, outcome=SECRET)
         ids = {audit_id_of(e) for e in bundle["entry"]}
         if ids & self.refused:
-            raise FhirPermanentError("transaction failed", status=422, outcome=SECRET)
+            status = min(self.refused_with.get(i, 422) for i in ids & self.refused)
+            raise FhirPermanentError("transaction failed", status=status, outcome=SECRET)
         return {
             "resourceType": "Bundle",
             "entry": [{"response": {"status": "201 Created"}} for _ in bundle["entry"]],
@@ -215,7 +231,8 @@ async def test_agents_and_patients_are_resolved_when_shipped(txn: sqlite3.Cursor
     persons = Persons({"@anna:a.org": "Practitioner/7"}, {"@olga:a.org": "RelatedPerson/3"})
     shipper = shipper_with(txn, fhir, clock, persons)
     assert await shipper.ship() == 3
-    assert persons.asked == [["@mallory:b.org", "@olga:a.org"]]  # Anna was remembered
+    # Anna was remembered; Mallory is another server's user: never looked up.
+    assert persons.asked == [["@olga:a.org"]]
     assert fhir.searches == [("CareTeam", [("_id", "12"), ("_elements", "subject")])]
     invited, refused, remote = (e["resource"] for e in fhir.bundles[0]["entry"])
     assert [a["who"].get("reference") for a in invited["agent"]] == [None, "Practitioner/7"]
@@ -240,9 +257,14 @@ async def test_pruning_keeps_what_fhir_lacks_unless_audit_is_off(txn: sqlite3.Cu
     clock = Clock()
     clock.now = 41 * day
     shipper = shipper_with(txn, Fhir(), clock, retention=30 * 86_400.0)
-    assert await shipper.prune() == 2
+    # (A row set aside stays until it is retried and shipped.)
+    assert await shipper.prune() == 1
     txn.execute(f"SELECT audit_id FROM {store.TABLE} ORDER BY recorded_ms")
-    assert [r[0] for r in txn.fetchall()] == [old_waiting.audit_id, recent.audit_id]
+    assert [r[0] for r in txn.fetchall()] == [
+        old_waiting.audit_id,
+        old_refused.audit_id,
+        recent.audit_id,
+    ]
     off = AuditShipper(
         ShipApi(txn),  # type: ignore[arg-type]
         Fhir(),  # type: ignore[arg-type]
@@ -251,7 +273,7 @@ async def test_pruning_keeps_what_fhir_lacks_unless_audit_is_off(txn: sqlite3.Cu
         persons=Persons({}, {}),
         now_ms=clock,
     )
-    assert await off.prune() == 1
+    assert await off.prune() == 2
     txn.execute(f"SELECT audit_id FROM {store.TABLE}")
     assert [r[0] for r in txn.fetchall()] == [recent.audit_id]
 
@@ -341,3 +363,235 @@ def test_refusal_spam_is_bounded_per_user_and_per_remote_server() -> None:
     clock.now += REFUSAL_WINDOW_MS  # a new minute
     refuse("@spam:a.org", "!again:a.org")
     assert journal._pending[-1].room_id == "!again:a.org"
+
+
+# -- persons: remote users never looked up, the shared directory never grown ------------
+
+
+class DirectoryFhir:
+    """FHIR for a real PersonDirectory: knows nobody; records what was searched."""
+
+    def __init__(self) -> None:
+        self.searched: list[str] = []
+
+    async def search_json(self, resource_type: str, params: Any) -> list[dict[str, Any]]:
+        self.searched.append(repr(params))
+        return []
+
+
+@pytest_twisted.ensureDeferred
+async def test_remote_users_are_never_looked_up_and_unknown_local_ones_do_not_grow_the_directory(
+    txn: sqlite3.Cursor,
+) -> None:
+    directory_fhir = DirectoryFhir()
+    directory = PersonDirectory(directory_fhir)  # type: ignore[arg-type]
+    flood = MAX_PERSONS_REMEMBERED + 500
+    store.insert_decisions(
+        txn,
+        [decision(i, user_id=f"@new{i}:a.org", detail=f"d{i}") for i in range(flood)]
+        + [decision(flood + i, user_id=f"@bot{i}:evil.org") for i in range(300)],
+    )
+    fhir, clock = Fhir(), Clock()
+    shipper = AuditShipper(
+        ShipApi(txn),  # type: ignore[arg-type]
+        fhir,  # type: ignore[arg-type]
+        AuditConfig(enabled=True, batch_size=1000),
+        service_user_id=SERVICE,
+        persons=directory,
+        now_ms=clock,
+    )
+    assert await shipper.ship() == flood + 300
+    # Every local user was asked about (FHIR knows none of them)...
+    assert any("@new0:a.org" in s for s in directory_fhir.searched)
+    # ...no remote one ever was, and the directory account validity re-asks about
+    # remembers none of them; the shipper's own memory is bounded.
+    assert not any("evil.org" in s for s in directory_fhir.searched)
+    assert directory.remembered_users() == []
+    assert len(shipper._persons_seen) == MAX_PERSONS_REMEMBERED
+    # The remote users' AuditEvents name them by Matrix id only.
+    remote = [
+        e["resource"]
+        for b in fhir.bundles
+        for e in b["entry"]
+        if e["resource"]["agent"][0].get("altId", "").endswith(":evil.org")
+    ]
+    assert len(remote) == 300
+    assert all("reference" not in e["agent"][0]["who"] for e in remote)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_local_user_asked_about_is_remembered_by_the_shipper_for_a_while(
+    txn: sqlite3.Cursor,
+) -> None:
+    persons = Persons({}, {"@olga:a.org": "Practitioner/3"})
+    fhir, clock = Fhir(), Clock()
+    shipper = shipper_with(txn, fhir, clock, persons)
+    store.insert_decisions(txn, [decision(1, user_id="@olga:a.org")])
+    await shipper.ship()
+    clock.now += SHIP_GAP_MS
+    store.insert_decisions(txn, [decision(2, user_id="@olga:a.org")])
+    await shipper.ship()
+    assert persons.asked == [["@olga:a.org"]]  # the second batch did not ask
+    assert all(
+        e["resource"]["agent"][0]["who"]["reference"] == "Practitioner/3"
+        for b in fhir.bundles
+        for e in b["entry"]
+    )
+    clock.now += PERSON_MEMORY_MS
+    store.insert_decisions(txn, [decision(3, user_id="@olga:a.org")])
+    await shipper.ship()
+    assert persons.asked == [["@olga:a.org"], ["@olga:a.org"]]  # forgotten: asked again
+
+
+# -- FHIR refusing every entry alike is FHIR unable, not bad entries -------------------
+
+
+def failures(txn: sqlite3.Cursor) -> list[tuple[str | None, int]]:
+    return [(r.failure, r.attempts) for r in store.unshipped(txn, 1000)]
+
+
+@pytest.mark.parametrize("status", [400, 404, 412, 413])
+@pytest_twisted.ensureDeferred
+async def test_fhir_refusing_every_entry_alike_sets_none_aside_and_the_rows_wait(
+    txn: sqlite3.Cursor, status: int
+) -> None:
+    rows = [decision(i, user_id="@u:a.org", detail=f"try{i}") for i in range(8)]
+    store.insert_decisions(txn, rows)
+    fhir, clock = Fhir(), Clock()
+    # The first four go; from the fifth on FHIR refuses each (a gateway's 404, no
+    # conditional create on _tag, ...).
+    fhir.refused = {r.audit_id for r in rows[4:]}
+    fhir.refused_with = {r.audit_id: status for r in rows[4:]}
+    shipper = shipper_with(txn, fhir, clock, batch_size=8)
+    unable = AUDIT_FAILED.labels(kind="unable")._value.get()
+    assert await shipper.ship() == 4  # what FHIR took before is shipped
+    assert store.count_refused(txn) == 0
+    assert failures(txn) == [(f"HTTP {status} (every entry refused)", 1)] * 4
+    assert AUDIT_FAILED.labels(kind="unable")._value.get() == unable + 4
+    tries = len(fhir.bundles)
+    assert await shipper.ship() == 0  # backing off: not even tried
+    assert len(fhir.bundles) == tries
+    # Still refused after the backoff: the first single refusal is FHIR again; nothing
+    # set aside, ever.
+    clock.now += 60_000
+    assert await shipper.ship() == 0
+    assert store.count_refused(txn) == 0
+    assert [a for _, a in failures(txn)] == [2] * 4
+    # FHIR fixed: everything goes.
+    fhir.refused = set()
+    clock.now += 120_000
+    assert await shipper.ship() == 4
+    assert store.count_unshipped(txn) == (0, None)
+    assert store.count_refused(txn) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_entry_at_a_time_refused_alike_sets_at_most_one_aside(
+    txn: sqlite3.Cursor,
+) -> None:
+    rows = [decision(i, user_id="@u:a.org", detail=f"try{i}") for i in range(5)]
+    store.insert_decisions(txn, rows)
+    fhir, clock = Fhir(), Clock()
+    fhir.refused = {r.audit_id for r in rows}
+    shipper = shipper_with(txn, fhir, clock, batch_size=1)
+    for _ in range(4):
+        await shipper.ship()
+        clock.now += 120_000
+    # The first could have been a bad entry; the second said it was FHIR.
+    assert store.count_refused(txn) == 1
+    assert store.count_unshipped(txn)[0] == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_more_refusals_in_a_pass_than_the_bound_is_fhir_unable(
+    txn: sqlite3.Cursor,
+) -> None:
+    rows = [decision(i, user_id="@u:a.org", detail=f"try{i}") for i in range(6)]
+    store.insert_decisions(txn, rows)
+    fhir, clock = Fhir(), Clock()
+    fhir.refused = {r.audit_id for r in rows}
+    statuses = [400, 404, 409, 410, 412, 422]  # all different
+    fhir.refused_with = {r.audit_id: s for r, s in zip(rows, statuses, strict=True)}
+    shipper = shipper_with(txn, fhir, clock, batch_size=1)
+    assert await shipper.ship() == 0
+    assert store.count_refused(txn) == MAX_SET_ASIDE_PER_PASS
+    assert store.count_unshipped(txn)[0] == 6 - MAX_SET_ASIDE_PER_PASS
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_rows_retried_go_back_in_the_queue_and_ship(txn: sqlite3.Cursor) -> None:
+    rows = [decision(i, user_id="@u:a.org", detail=f"try{i}") for i in range(3)]
+    store.insert_decisions(txn, rows)
+    fhir, clock = Fhir(), Clock()
+    fhir.refused = {rows[1].audit_id}
+    shipper = shipper_with(txn, fhir, clock)
+    assert await shipper.ship() == 2
+    assert (await shipper.counts()).refused == 1
+    fhir.refused = set()
+    assert await shipper.retry_refused() == 1
+    # The figures are counted afresh after a retry (not the cached ones).
+    assert (await shipper.counts()).refused == 0
+    assert (await shipper.counts()).pending == 1
+    assert await shipper.ship() == 1
+    assert await shipper.retry_refused() == 0
+
+
+def test_the_refused_rows_are_counted_from_their_own_index(txn: sqlite3.Cursor) -> None:
+    txn.execute(
+        f"EXPLAIN QUERY PLAN SELECT COUNT(*) FROM {store.TABLE} WHERE refused_ms IS NOT NULL"
+    )
+    assert any(f"{store.TABLE}_refused" in str(step) for step in txn.fetchall())
+
+
+# -- /health's figures: counted at most every COUNTS_INTERVAL_MS ------------------------
+
+
+class CountingApi(ShipApi):
+    """Counts the database round trips; holds the counts until ``gate`` fires."""
+
+    def __init__(self, txn: sqlite3.Cursor) -> None:
+        super().__init__(txn)
+        self.counted = 0
+        self.gate: defer.Deferred | None = None
+
+    async def run_db_interaction(self, desc: str, func: Any, *args: Any) -> Any:
+        if desc == "fhir_audit_count":
+            self.counted += 1
+            if self.gate is not None:
+                await self.gate
+        return await super().run_db_interaction(desc, func, *args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_counts_are_cached_and_requests_meanwhile_share_one_count(
+    txn: sqlite3.Cursor,
+) -> None:
+    api, clock = CountingApi(txn), Clock()
+    shipper = AuditShipper(
+        api,  # type: ignore[arg-type]
+        Fhir(),  # type: ignore[arg-type]
+        AuditConfig(enabled=True),
+        service_user_id=SERVICE,
+        persons=Persons({}, {}),
+        now_ms=clock,
+    )
+    store.insert_decisions(txn, [decision(500)])
+    first = await shipper.counts()
+    assert (first.pending, api.counted) == (1, 1)
+    store.insert_decisions(txn, [decision(600)])
+    clock.now += COUNTS_INTERVAL_MS - 1
+    later = await shipper.counts()
+    assert (later.pending, api.counted) == (1, 1)  # cached...
+    assert later.oldest_age_seconds == first.oldest_age_seconds + (COUNTS_INTERVAL_MS - 1) / 1000
+    clock.now += 1
+    assert (await shipper.counts()).pending == 2  # ...for COUNTS_INTERVAL_MS
+    assert api.counted == 2
+    # Requests arriving while a count runs wait for it: one count for all.
+    clock.now += COUNTS_INTERVAL_MS
+    api.gate = defer.Deferred()
+    waiting = [defer.ensureDeferred(shipper.counts()) for _ in range(5)]
+    assert not any(w.called for w in waiting)
+    api.gate.callback(None)
+    answers = [await w for w in waiting]
+    assert {a.pending for a in answers} == {2}
+    assert api.counted == 3

@@ -1,5 +1,6 @@
 // The FHIR module's operator console: reads the admin API with a server admin's Matrix
-// access token (kept in this tab's sessionStorage only) and shows what it answers.
+// access token (kept in this tab's sessionStorage only) and shows what it answers. After
+// 15 minutes without interaction it logs out (a session it made) or forgets the token.
 //
 // Every value from the server is put in the page as text (textContent, text nodes):
 // a room id, a user id or a reason is never parsed as HTML. The page's CSP forbids inline
@@ -18,6 +19,11 @@
   const NETWORKS_PAGE = 10;
   const DENIALS_SHOWN = 50;
   const DEAD_LETTERS_SHOWN = 100;
+  // Signed in, the page ends the session after this long without anyone touching it (an
+  // admin's token is not left open in an unattended browser); checked this often.
+  const IDLE_MS = 15 * 60 * 1000;
+  const IDLE_CHECK_MS = 10 * 1000;
+  const ACTIVITY = ["pointerdown", "pointermove", "keydown", "wheel", "touchstart", "scroll"];
 
   const $ = (id) => document.getElementById(id);
 
@@ -119,7 +125,38 @@
 
   // ---- sessions ----
 
+  // ---- ending an idle session ----
+
+  let lastActive = Date.now();
+  let idleTimer = null;
+
+  function touched() {
+    lastActive = Date.now();
+  }
+
+  function watchIdle() {
+    touched();
+    if (idleTimer === null) idleTimer = setInterval(checkIdle, IDLE_CHECK_MS);
+  }
+
+  function stopWatchingIdle() {
+    if (idleTimer !== null) clearInterval(idleTimer);
+    idleTimer = null;
+  }
+
+  async function checkIdle() {
+    if (idleTimer === null || !token()) return;
+    if (Date.now() - lastActive < IDLE_MS) return;
+    stopWatchingIdle();
+    const minutes = Math.round(IDLE_MS / 60000);
+    await endSession(
+      `Logged out after ${minutes} minutes without activity.`,
+      `Token forgotten after ${minutes} minutes without activity (its session was not ended).`,
+    );
+  }
+
   function showLogin(message) {
+    stopWatchingIdle();
     sessionStorage.removeItem(TOKEN_KEY);
     sessionStorage.removeItem(OWN_SESSION_KEY);
     clearData();
@@ -178,7 +215,8 @@
     await enter();
   }
 
-  async function logOut() {
+  // Ends the session the console made (its token forgotten either way); says so.
+  async function endSession(ownMessage, pastedMessage) {
     const own = sessionStorage.getItem(OWN_SESSION_KEY) === "1";
     if (own && token()) {
       try {
@@ -187,7 +225,11 @@
         // (Expired already: nothing to end.)
       }
     }
-    showLogin(own ? "Logged out." : "Token forgotten (its session was not ended).");
+    showLogin(own ? ownMessage : pastedMessage);
+  }
+
+  function logOut() {
+    return endSession("Logged out.", "Token forgotten (its session was not ended).");
   }
 
   function expired() {
@@ -208,6 +250,7 @@
     $("logout").textContent =
       sessionStorage.getItem(OWN_SESSION_KEY) === "1" ? "Log out" : "Forget token";
     notice("");
+    watchIdle();
     await refresh();
   }
 
@@ -252,15 +295,46 @@
     if (health.identity) {
       figures.push(["Ambiguous e-mail addresses", health.identity.ambiguous_emails]);
     }
+    const audit = health.audit && health.audit.enabled ? health.audit : null;
+    if (audit) {
+      figures.push(["AuditEvents not in FHIR yet", audit.pending]);
+      figures.push([
+        "Oldest of them has waited",
+        audit.oldest_age_seconds === null ? "none waits" : `${audit.oldest_age_seconds.toFixed(1)} s`,
+      ]);
+      figures.push(["AuditEvents FHIR refused (set aside)", audit.refused, "audit-refused"]);
+    }
     fill(
       "health",
       h("p", {}, "Status: ", h("span", { class: status, testid: "health-status" }, health.status)),
       h(
         "dl",
         { class: "figures", testid: "health-figures" },
-        figures.map(([label, value]) => h("div", {}, h("dt", {}, label), h("dd", {}, String(value)))),
+        figures.map(([label, value, testid]) =>
+          h("div", {}, h("dt", {}, label), h("dd", testid ? { testid } : {}, String(value)))),
       ),
+      audit && audit.refused > 0
+        ? h("p", {}, h("button", { type: "button", testid: "audit-retry", onclick: retryAudit },
+          "Retry refused AuditEvents"))
+        : null,
     );
+  }
+
+  async function retryAudit() {
+    let answer;
+    let health;
+    try {
+      answer = await call(`${API}audit/retry-refused`, { method: "POST", body: {} });
+      health = await call(`${API}health`);
+    } catch (e) {
+      return failed(e, "health");
+    }
+    showHealth(health);
+    $("health").querySelector(".body").prepend(
+      h("p", { class: "status-ok", testid: "audit-retried" },
+        `AuditEvents back in the queue: ${answer.requeued}`),
+    );
+    return undefined;
   }
 
   // The care team asked for (a reference), or null: every team, page by page.
@@ -421,6 +495,10 @@
   // ---- start ----
 
   document.addEventListener("DOMContentLoaded", () => {
+    for (const type of ACTIVITY) {
+      document.addEventListener(type, touched, { capture: true, passive: true });
+    }
+    document.addEventListener("visibilitychange", checkIdle);
     $("password-form").addEventListener("submit", signIn);
     $("token-form").addEventListener("submit", useToken);
     $("logout").addEventListener("click", logOut);
