@@ -178,6 +178,31 @@ async def test_an_entry_fhir_refuses_is_set_aside_with_its_status_and_the_rest_g
     assert await shipper.ship() == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_entry_fhir_refuses_is_checked_then_and_its_failure_names_the_field(
+    txn: sqlite3.Cursor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import synapse_fhir_module.audit.shipper as shipper_module
+
+    broken = decision(1, user_id="@u:a.org")
+    store.insert_decisions(txn, [broken])
+    real = shipper_module.audit_event
+
+    def without_recorded(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        event = dict(real(*args, **kwargs))
+        del event["recorded"]  # (a mapping bug: R4 requires it)
+        return event
+
+    monkeypatch.setattr(shipper_module, "audit_event", without_recorded)
+    fhir, clock = Fhir(), Clock()
+    fhir.refused = {broken.audit_id}
+    assert await shipper_with(txn, fhir, clock).ship() == 0
+    txn.execute(f"SELECT failure FROM {store.TABLE}")
+    assert txn.fetchall() == [
+        ("HTTP 422; not valid FHIR: recorded: model_field_validation.missing",)
+    ]
+
+
 @pytest.mark.parametrize("status", [503, 401, None])
 @pytest_twisted.ensureDeferred
 async def test_fhir_away_or_refusing_the_module_keeps_the_rows_and_backs_off(
