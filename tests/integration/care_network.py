@@ -22,6 +22,32 @@ def via_identifier(localpart: str) -> dict[str, Any]:
     return {"identifier": [{"system": MATRIX_ID_SYSTEM, "value": f"@{localpart}:{SERVER_NAME}"}]}
 
 
+@attr.s(auto_attribs=True, frozen=True)
+class TwoServerNames:
+    """Ids and Matrix ids of a network spread over two homeservers, A and B, each carrying
+    ``tag`` so tests sharing a HAPI never collide."""
+
+    tag: str
+    a_name: str
+    b_name: str
+
+    def localpart(self, name: str) -> str:
+        return f"{name}_{self.tag}"
+
+    def on_a(self, name: str) -> str:
+        return f"@{self.localpart(name)}:{self.a_name}"
+
+    def on_b(self, name: str) -> str:
+        return f"@{self.localpart(name)}:{self.b_name}"
+
+    def ref(self, resource_type: str, name: str) -> str:
+        return f"{resource_type}/{name}-{self.tag}"
+
+    @property
+    def team(self) -> str:
+        return self.ref("CareTeam", "team")
+
+
 @attr.s(auto_attribs=True)
 class CareNetwork:
     """Ids and Matrix localparts carry ``tag`` so tests sharing a HAPI never collide."""

@@ -37,6 +37,7 @@ from synapse_fhir_module.audit.decision import DecisionKind, Outcome
 from synapse_fhir_module.audit.journal_store import JournalRow
 from synapse_fhir_module.fhir.conventions import AUDIT_ID_SYSTEM, ORIGIN_TAG
 from tests.conftest import SERVER_LOGS
+from tests.integration.care_network import TwoServerNames
 from tests.integration.matrix_views import open_invites
 
 SHIPPED_WITHIN = 60.0
@@ -57,31 +58,11 @@ def telecom(user_id: str, email: str | None = None) -> dict[str, Any]:
 
 
 @attr.s(auto_attribs=True, frozen=True)
-class Network:
+class Network(TwoServerNames):
     """A care team whose patient and nurses are on A and whose GP is on B."""
-
-    tag: str
-    a_name: str
-    b_name: str
-
-    def localpart(self, name: str) -> str:
-        return f"{name}_{self.tag}"
-
-    def on_a(self, name: str) -> str:
-        return f"@{self.localpart(name)}:{self.a_name}"
-
-    def on_b(self, name: str) -> str:
-        return f"@{self.localpart(name)}:{self.b_name}"
 
     def email(self, name: str) -> str:
         return f"{name}.{self.tag}@example.org"
-
-    def ref(self, resource_type: str, name: str) -> str:
-        return f"{resource_type}/{name}-{self.tag}"
-
-    @property
-    def team(self) -> str:
-        return self.ref("CareTeam", "team")
 
     @property
     def patient(self) -> str:

@@ -42,7 +42,7 @@ from devstack.rooms import create_bound_space, create_room_in_space, service_ses
 from devstack.synapse import SynapseServer, module_config
 from devstack.waiting import wait_until
 from tests.conftest import SERVER_LOGS
-from tests.integration.care_network import MATRIX_ID_SYSTEM
+from tests.integration.care_network import MATRIX_ID_SYSTEM, TwoServerNames
 from tests.integration.test_communication_recording import communication_of
 
 FEDERATION_TIMEOUT = 30.0
@@ -56,28 +56,8 @@ class Federation:
 
 
 @attr.s(auto_attribs=True, frozen=True)
-class RemoteCareNetwork:
+class RemoteCareNetwork(TwoServerNames):
     """A care team in FHIR whose patient is on A and whose GP's account is on B."""
-
-    tag: str
-    a_name: str
-    b_name: str
-
-    def localpart(self, name: str) -> str:
-        return f"{name}_{self.tag}"
-
-    def on_a(self, name: str) -> str:
-        return f"@{self.localpart(name)}:{self.a_name}"
-
-    def on_b(self, name: str) -> str:
-        return f"@{self.localpart(name)}:{self.b_name}"
-
-    def ref(self, resource_type: str, name: str) -> str:
-        return f"{resource_type}/{name}-{self.tag}"
-
-    @property
-    def team(self) -> str:
-        return self.ref("CareTeam", "team")
 
     def resources(self) -> list[dict[str, Any]]:
         def person(resource_type: str, name: str, identity: dict[str, Any]) -> dict[str, Any]:
