@@ -1,7 +1,7 @@
 """The audit journal's SQL on a real PostgreSQL, through Synapse's own database layer
 (``LoggingTransaction`` over psycopg2, as ``run_db_interaction`` runs it): the same
 statements the SQLite unit tests run — insert (twice), the queue, shipped and refused
-rows, pruning after retention, recent refusals."""
+rows, pruning after retention, recent refusals, the retry of set-aside rows."""
 
 from __future__ import annotations
 
@@ -56,9 +56,12 @@ def test_the_journal_queue_on_postgresql(db: SynapseStyleDb) -> None:
     assert db.run(store.count_unshipped) == (2, 2)
     assert db.run(store.count_refused) == 1
 
-    # Retention: with audit on, only what FHIR has (or refused) goes; off, everything old.
-    assert db.run(store.prune, 4, True, 100) == 2
+    # Retention: with audit on, only what FHIR has goes (a row set aside after a refusal
+    # stays until an admin retries it); off, everything old.
+    assert db.run(store.prune, 4, True, 100) == 1
+    assert db.run(store.count_refused) == 1
     assert [r.decision for r in db.run(store.unshipped, 10)] == [rows[1], rows[3]]
-    assert db.run(store.prune, 3, False, 1) == 1  # (at most `limit` at a time)
+    assert db.run(store.prune, 3, False, 1) == 1  # rows[1], the one left recorded before 3
     assert [r.decision for r in db.run(store.unshipped, 10)] == [rows[3]]
-    assert db.run(store.retry_refused) == 0
+    assert db.run(store.retry_refused) == 1
+    assert [r.decision for r in db.run(store.unshipped, 10)] == [rows[2], rows[3]]
