@@ -147,11 +147,24 @@ class StandInRooms:
         self._state.setdefault(room_id, {})[(event_type, state_key)] = content
 
     async def set_power_levels(
-        self, room_id: str, members: Collection[Member], *, read_only: bool
+        self,
+        room_id: str,
+        members: Collection[Member],
+        *,
+        read_only: bool,
+        care_team: str | None = None,
+        request: str | None = None,
     ) -> None:
         pass
 
-    async def apply_plan(self, room_id: str, plan: MembershipPlan) -> None:
+    async def apply_plan(
+        self,
+        room_id: str,
+        plan: MembershipPlan,
+        *,
+        care_team: str | None = None,
+        request: str | None = None,
+    ) -> None:
         self.invites += len(plan.invite)
         self.removals += len(plan.remove)
         room = self._members.setdefault(room_id, {})
