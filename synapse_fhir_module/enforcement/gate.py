@@ -159,22 +159,13 @@ class CareTeamGate:
             reason = await self._entry_refusal(
                 event.room_id, entering=event.state_key, inviter=inviter
             )
-            self._refuse(
-                reason,
-                event.room_id,
-                user_id=event.state_key,
-                actor_id=event.sender,
-                attempt=_attempt(event),
-            )
+            self._refuse_event(reason, event, user_id=event.state_key)
             return True, None
-        refusal = {"user_id": event.sender, "actor_id": event.sender, "attempt": _attempt(event)}
         if self._is_local(event.sender) and not _is_free(event):
             # Someone who left the care team (or whose person is inactive) and is still
             # joined: nothing but leaving.
-            self._refuse(
-                await self._acting_refusal(event.room_id, event.sender), event.room_id, **refusal
-            )
-        self._refuse(await self._protected_change_refusal(event), event.room_id, **refusal)
+            self._refuse_event(await self._acting_refusal(event.room_id, event.sender), event)
+        self._refuse_event(await self._protected_change_refusal(event), event)
         return True, None
 
     async def _received_refusal(self, event: EventBase) -> tuple[Reason | None, bool]:
@@ -235,6 +226,20 @@ class CareTeamGate:
         if reason is not None:
             self._note_refusal(reason, room_id, user_id=user_id, actor_id=actor_id, attempt=attempt)
             raise Denied(reason)
+
+    def _refuse_event(
+        self, reason: Reason | None, event: EventBase, *, user_id: str | None = None
+    ) -> None:
+        """``_refuse`` for an event: what it tried is worked out only when it is refused
+        (this runs for every event Synapse builds)."""
+        if reason is not None:
+            self._refuse(
+                reason,
+                event.room_id,
+                user_id=user_id or event.sender,
+                actor_id=event.sender,
+                attempt=_attempt(event),
+            )
 
     def _note_refusal(
         self, reason: Reason, room_id: str | None, *, user_id: str, actor_id: str, attempt: str
