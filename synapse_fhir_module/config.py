@@ -180,8 +180,8 @@ class AuditConfig:
     poll_interval: float = 5.0
     # Journal rows older than this are deleted (with ``enabled``: once FHIR has them).
     retention: float = 30 * 86400.0  # seconds
-    # Refusals of one user (a remote server's users: of that server, ten times this) noted
-    # per minute at most; the rest are counted, not journaled (a flood stays bounded).
+    # Refusals of one user journaled one by one per minute at most (all remote users
+    # together: ten times this); the rest go into one summary row per user and minute.
     max_refusals_per_minute: int = 30
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 from synapse.module_api import ModuleApi
@@ -29,6 +30,7 @@ MAX_PENDING = 50_000
 # The same decision noted again this soon is one decision: Synapse may ask two callbacks
 # about one attempt (a spam check, then the event rule), and both refuse it.
 SAME_DECISION_MS = 2_000
+MAX_RECENT = 10_000
 # Refusals of one user noted per minute at most (``audit.max_refusals_per_minute``), and
 # of all remote users together REMOTE_FACTOR times that (remote servers mint users at
 # will). What goes beyond is not lost without a trace: at the end of the minute one
@@ -110,8 +112,10 @@ class AuditJournal:
         key = (kind, outcome, user_id, actor_id, room_id, care_team, request, reason, detail)
         if now - self._recent.get(key, -SAME_DECISION_MS) < SAME_DECISION_MS:
             return
-        if len(self._recent) > 1000:
-            self._recent = {k: t for k, t in self._recent.items() if now - t < SAME_DECISION_MS}
+        if len(self._recent) > MAX_RECENT:
+            # (Cleared, not filtered: filtering at every note of a flood would be quadratic,
+            # on the event path. At worst one attempt is then noted twice.)
+            self._recent.clear()
         self._recent[key] = now
         bounded = outcome is Outcome.REFUSED or (
             # (a remote server's refused entries each make the module ban that user)
@@ -156,7 +160,14 @@ class AuditJournal:
     def _suppress(self, who: str | None) -> None:
         self.suppressed += 1
         SUPPRESSED.inc()
-        if who not in self._suppressed_of and len(self._suppressed_of) >= MAX_SUMMARISED_USERS:
+        if (
+            who is not None
+            and who not in self._suppressed_of
+            and len(self._suppressed_of) >= MAX_SUMMARISED_USERS
+            and not self._is_local(who)
+        ):
+            # Made-up remote users beyond the cap share one row; local users (bounded by
+            # registration) always keep their own.
             who = None
         self._suppressed_of[who] = self._suppressed_of.get(who, 0) + 1
         if not self._summary_scheduled:
@@ -246,10 +257,19 @@ class AuditJournal:
             listener()
         self._schedule(0)
 
+    async def _database_answers(self) -> bool:
+        """Whether the database takes a trivial query (then rows it refused are at fault)."""
+        try:
+            await self._api.run_db_interaction("fhir_audit_probe", _select_one)
+        except Exception:
+            return False
+        return True
+
     async def _one_by_one(self, batch: list[Decision]) -> bool:
         """After a batch failed: each decision alone. One the database refuses while
         others go in is dropped (counted; its id logged), so one bad row never holds up
-        the journal; False when none went in (the database away: the batch waits)."""
+        the journal, nor do rows it refuses all alike while it answers; False when none
+        went in and it does not answer (the database away: the batch waits)."""
         refused = []
         for decision in batch:
             try:
@@ -258,7 +278,7 @@ class AuditJournal:
                 )
             except Exception:
                 refused.append(decision)
-        if len(refused) == len(batch):
+        if len(refused) == len(batch) and not await self._database_answers():
             return False
         for decision in refused:
             self.dropped += 1
@@ -267,7 +287,13 @@ class AuditJournal:
         return True
 
 
+def _select_one(txn: Any) -> None:
+    txn.execute("SELECT 1")
+
+
 def _field(value: str | None) -> str | None:
     if value is None:
         return None
-    return str(value)[:MAX_FIELD].translate(_CONTROL)
+    # (Lone surrogates, which JSON lets through, cannot be stored as UTF-8: replaced too.)
+    text = str(value)[:MAX_FIELD].translate(_CONTROL)
+    return text.encode("utf-8", "replace").decode("utf-8")

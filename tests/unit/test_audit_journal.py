@@ -383,3 +383,38 @@ async def test_a_received_membership_outside_the_known_ones_is_noted_as_a_code()
     event.content["membership"] = "join\x00<script>"
     await g.check_event_for_spam(event)
     assert [n["detail"] for n in journal.noted] == ["federated_membership"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lone_surrogate_from_a_request_is_replaced_not_stored(
+    txn: sqlite3.Cursor,
+) -> None:
+    api, clock = Api(txn), Clock()
+    journal = AuditJournal(api, now_ms=clock)  # type: ignore[arg-type]
+    await journal.start()
+    refuse(journal, "@\ud800x:evil.example", "!r:a.org")
+    await api.run_calls()
+    (row,) = store.every_row(txn)
+    assert row.user_id == "@?x:evil.example"
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_the_database_refuses_all_alike_while_it_answers_are_dropped(
+    txn: sqlite3.Cursor,
+) -> None:
+    class Refusing(Api):
+        async def run_db_interaction(self, desc: str, func: Callable, *args: Any) -> Any:
+            if func is store.insert_decisions and any(d.user_id == "@bad:a.org" for d in args[0]):
+                raise ValueError("refused")
+            return await super().run_db_interaction(desc, func, *args)
+
+    api, clock = Refusing(txn), Clock()
+    journal = AuditJournal(api, now_ms=clock)  # type: ignore[arg-type]
+    await journal.start()
+    refuse(journal, "@bad:a.org", "!r1:a.org")
+    refuse(journal, "@bad:a.org", "!r2:a.org")
+    await api.run_calls()
+    assert (journal.dropped, journal.unwritten) == (2, 0)
+    refuse(journal, "@good:a.org", "!r1:a.org")  # the journal goes on
+    await api.run_calls()
+    assert [r.user_id for r in store.every_row(txn)] == ["@good:a.org"]
