@@ -293,10 +293,16 @@ class AuditShipper:
         try:
             await self._write(entries, written)
         except (FhirError, FhirUnable) as e:
-            # (What FHIR took before it failed is shipped; the rest, refused ones included,
-            # waits.)
+            # (What FHIR took before it failed is shipped. FHIR unable: the entries refused
+            # alone before the one that showed it are set aside — or that one, when it was
+            # the first: every pass moves the queue by one at least, so two bad entries at
+            # its head cannot hold it up for good (an admin's retry brings them back). The
+            # rest waits.)
             await self._mark_shipped(written.taken)
-            done = {row.decision.audit_id for row in written.taken}
+            aside = (written.refused[:-1] or written.refused) if isinstance(e, FhirUnable) else []
+            for row, error in aside:
+                await self._refused(row, refusal_reason(error))
+            done = {row.decision.audit_id for row in [*written.taken, *(r for r, _ in aside)]}
             waiting = [
                 row.decision.audit_id for row, _ in entries if row.decision.audit_id not in done
             ]
@@ -363,8 +369,8 @@ class AuditShipper:
             if e.status in (401, 403, 407):
                 raise  # FHIR refuses the module, not an entry: everything waits
             if len(entries) == 1:
-                self._refused_alone(e.status)
                 written.refused.append((entries[0][0], e))
+                self._refused_alone(e.status)
                 return
             middle = len(entries) // 2
             await self._write(entries[:middle], written)

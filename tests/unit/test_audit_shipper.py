@@ -477,7 +477,7 @@ def failures(txn: sqlite3.Cursor) -> list[tuple[str | None, int]]:
 
 @pytest.mark.parametrize("status", [400, 404, 412, 413])
 @pytest_twisted.ensureDeferred
-async def test_fhir_refusing_every_entry_alike_sets_none_aside_and_the_rows_wait(
+async def test_fhir_refusing_every_entry_alike_sets_one_aside_per_pass_and_the_rows_wait(
     txn: sqlite3.Cursor, status: int
 ) -> None:
     rows = [decision(i, user_id="@u:a.org", detail=f"try{i}") for i in range(8)]
@@ -490,41 +490,47 @@ async def test_fhir_refusing_every_entry_alike_sets_none_aside_and_the_rows_wait
     shipper = shipper_with(txn, fhir, clock, batch_size=8)
     unable = AUDIT_FAILED.labels(kind="unable")._value.get()
     assert await shipper.ship() == 4  # what FHIR took before is shipped
-    assert store.count_refused(txn) == 0
-    assert failures(txn) == [(f"HTTP {status} (every entry refused)", 1)] * 4
-    assert AUDIT_FAILED.labels(kind="unable")._value.get() == unable + 4
+    # The second refusal alike said it was FHIR: the first is set aside all the same (the
+    # queue moves by one a pass), the rest waits.
+    assert store.count_refused(txn) == 1
+    assert failures(txn) == [(f"HTTP {status} (every entry refused)", 1)] * 3
+    assert AUDIT_FAILED.labels(kind="unable")._value.get() == unable + 3
     tries = len(fhir.bundles)
     assert await shipper.ship() == 0  # backing off: not even tried
     assert len(fhir.bundles) == tries
-    # Still refused after the backoff: the first single refusal is FHIR again; nothing
-    # set aside, ever.
+    # Still refused after the backoff: FHIR again; one more set aside.
     clock.now += 60_000
     assert await shipper.ship() == 0
-    assert store.count_refused(txn) == 0
-    assert [a for _, a in failures(txn)] == [2] * 4
-    # FHIR fixed: everything goes.
+    assert store.count_refused(txn) == 2
+    assert [a for _, a in failures(txn)] == [2] * 2
+    # FHIR fixed: everything waiting goes, and an admin's retry brings the rest.
     fhir.refused = set()
     clock.now += 120_000
-    assert await shipper.ship() == 4
+    assert await shipper.ship() == 2
+    assert await shipper.retry_refused() == 2
+    assert await shipper.ship() == 2
     assert store.count_unshipped(txn) == (0, None)
     assert store.count_refused(txn) == 0
 
 
 @pytest_twisted.ensureDeferred
-async def test_one_entry_at_a_time_refused_alike_sets_at_most_one_aside(
+async def test_entries_refused_alike_at_the_head_never_hold_up_the_queue(
     txn: sqlite3.Cursor,
 ) -> None:
+    # Two (or more) entries FHIR itself refuses alike (e.g. they name a Practitioner a FHIR
+    # writer deleted) at the head of the queue: each pass sets one aside at least.
     rows = [decision(i, user_id="@u:a.org", detail=f"try{i}") for i in range(5)]
-    store.insert_decisions(txn, rows)
+    fresh = decision(10, user_id="@v:a.org")
+    store.insert_decisions(txn, [*rows, fresh])
     fhir, clock = Fhir(), Clock()
     fhir.refused = {r.audit_id for r in rows}
     shipper = shipper_with(txn, fhir, clock, batch_size=1)
-    for _ in range(4):
+    for _ in range(5):
         await shipper.ship()
         clock.now += 120_000
-    # The first could have been a bad entry; the second said it was FHIR.
-    assert store.count_refused(txn) == 1
-    assert store.count_unshipped(txn)[0] == 4
+    assert store.count_refused(txn) == 5
+    assert store.count_unshipped(txn) == (0, None)  # the fresh one went too
+    assert fresh.audit_id in {audit_id_of(e) for b in fhir.bundles for e in b["entry"]}
 
 
 @pytest_twisted.ensureDeferred
@@ -539,8 +545,9 @@ async def test_more_refusals_in_a_pass_than_the_bound_is_fhir_unable(
     fhir.refused_with = {r.audit_id: s for r, s in zip(rows, statuses, strict=True)}
     shipper = shipper_with(txn, fhir, clock, batch_size=1)
     assert await shipper.ship() == 0
-    assert store.count_refused(txn) == MAX_SET_ASIDE_PER_PASS
-    assert store.count_unshipped(txn)[0] == 6 - MAX_SET_ASIDE_PER_PASS
+    # The bound's worth, and the one that showed FHIR unable (each pass moves by one).
+    assert store.count_refused(txn) == MAX_SET_ASIDE_PER_PASS + 1
+    assert store.count_unshipped(txn)[0] == 6 - MAX_SET_ASIDE_PER_PASS - 1
 
 
 @pytest_twisted.ensureDeferred
